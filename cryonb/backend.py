@@ -1,0 +1,189 @@
+"""Array backends: NumPy on the CPU, CuPy on NVIDIA GPUs.
+
+The array module is chosen per call from the data (``xp = array_module(x)``), never fixed at
+import. Whether CuPy is *usable* is decided lazily, once, by touching a device: ``import cupy``
+succeeds on machines without a GPU and only device calls fail there.
+
+The environment variable ``CRYONB_BACKEND`` (``auto`` | ``cpu`` | ``gpu``) overrides the probe:
+``cpu`` never uses CuPy, ``gpu`` raises if no GPU is usable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import threading
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from .errors import ResourceError
+
+__all__ = [
+    "add_rows_at",
+    "array_module",
+    "device_count",
+    "gpu_available",
+    "is_gpu_array",
+    "to_device",
+    "to_numpy",
+    "use_device",
+]
+
+_local = threading.local()
+
+
+@functools.cache
+def _probe_cupy() -> tuple[bool, str]:
+    if importlib.util.find_spec("cupy") is None:
+        return False, "CuPy is not installed (pip install 'cryonb[gpu]')"
+    try:
+        import cupy
+
+        n = cupy.cuda.runtime.getDeviceCount()
+        if n < 1:
+            return False, "no CUDA device visible"
+        cupy.zeros(1, dtype=cupy.float32).sum().item()
+    except Exception as exc:  # any failure means: not usable
+        return False, f"CuPy cannot use a GPU here ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+def gpu_available() -> bool:
+    """Whether a CUDA GPU is usable through CuPy (cached; honours ``CRYONB_BACKEND``).
+
+    Returns
+    -------
+    bool
+        ``False`` when ``CRYONB_BACKEND=cpu``, when CuPy is missing, or when no device answers.
+
+    Raises
+    ------
+    ResourceError
+        When ``CRYONB_BACKEND=gpu`` but no GPU is usable.
+    """
+    mode = os.environ.get("CRYONB_BACKEND", "auto").lower()
+    if mode == "cpu":
+        return False
+    ok, why = _probe_cupy()
+    if mode == "gpu" and not ok:
+        raise ResourceError(f"CRYONB_BACKEND=gpu but {why}")
+    return ok
+
+
+def device_count() -> int:
+    """Number of visible CUDA devices (0 without a usable GPU)."""
+    if not gpu_available():
+        return 0
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceCount())
+
+
+def is_gpu_array(x: Any) -> bool:
+    """True if ``x`` is a CuPy array (checked without importing CuPy)."""
+    return type(x).__module__.split(".")[0] == "cupy"
+
+
+def array_module(*arrays: Any) -> ModuleType:
+    """The array module (``numpy`` or ``cupy``) of the given arrays.
+
+    Parameters
+    ----------
+    *arrays
+        Arrays or scalars; if any is a CuPy array the result is ``cupy``.
+
+    Returns
+    -------
+    module
+        ``numpy`` or ``cupy``.
+    """
+    for a in arrays:
+        if is_gpu_array(a):
+            import cupy
+
+            return cupy
+    return np
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """Copy ``x`` to host memory as a NumPy array (no copy if it already is one)."""
+    if is_gpu_array(x):
+        return x.get()
+    return np.asarray(x)
+
+
+def to_device(x: Any, xp: ModuleType | str | None = None) -> Any:
+    """Move ``x`` to the backend ``xp`` (``numpy``, ``cupy``, ``"cpu"`` or ``"gpu"``).
+
+    With ``xp=None`` the GPU is used when available. The CuPy device is the calling thread's
+    current device (see :func:`use_device`).
+    """
+    if isinstance(xp, str):
+        xp = None if xp == "auto" else xp
+        if xp == "cpu":
+            return to_numpy(x)
+        if xp == "gpu" and not gpu_available():
+            raise ResourceError("a GPU array was asked for but no GPU is usable")
+    if xp is np:
+        return to_numpy(x)
+    if xp is None and not gpu_available():
+        return to_numpy(x)
+    import cupy
+
+    return cupy.asarray(x)
+
+
+@contextlib.contextmanager
+def use_device(device: int | None):
+    """Make ``device`` the current CUDA device of this thread inside the block.
+
+    ``None`` (CPU work) is a no-op. Each thread keeps its own current device, so threads of one
+    rank can drive different GPUs.
+    """
+    if device is None or not gpu_available():
+        yield None
+        return
+    import cupy
+
+    prev = getattr(_local, "device", None)
+    with cupy.cuda.Device(int(device)) as dev:
+        _local.device = int(device)
+        try:
+            yield dev
+        finally:
+            _local.device = prev
+
+
+def add_rows_at(acc, idx, rows) -> None:
+    """``acc[idx[i]] += rows[i]`` for every ``i``, with repeated indices summed (in place).
+
+    Parameters
+    ----------
+    acc : array of shape (M, ...)
+    idx : int array of shape (n,)
+    rows : array of shape (n, ...)
+        Cast to ``acc.dtype`` before summing (so float32 rows add into a float64 ``acc``).
+
+    Notes
+    -----
+    NumPy: rows are sorted by index and summed with ``add.reduceat`` (one pass, deterministic
+    order). CuPy: ``cupyx.scatter_add`` (atomic adds; float64 makes the order irrelevant to
+    ~1e-16).
+    """
+    xp = array_module(acc)
+    if len(idx) == 0:
+        return
+    if xp is np:
+        order = np.argsort(idx, kind="stable")
+        sidx = idx[order]
+        starts = np.flatnonzero(np.r_[True, sidx[1:] != sidx[:-1]])
+        sums = np.add.reduceat(rows[order].astype(acc.dtype, copy=False), starts, axis=0)
+        acc[sidx[starts]] += sums
+        return
+    import cupyx
+
+    cupyx.scatter_add(acc, idx, rows.astype(acc.dtype, copy=False))

@@ -1,0 +1,150 @@
+"""Contrast transfer function exactly as RELION computes it (``src/ctf.h``, ``CTF::getCTF``).
+
+Conventions: defocus U/V in Angstrom (positive = underfocus), astigmatism angle in degrees from
+the x axis, Cs in mm, voltage in kV, amplitude contrast as a fraction, phase shift in degrees,
+B-factor in A^2. Spatial frequencies in 1/A: ``k / (n * pixel_size)`` for Fourier index ``k``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import array_module
+from .fourier import frequency_grid_2d
+
+__all__ = ["CTFParams", "ctf_2d", "ctf_at", "electron_wavelength"]
+
+
+def electron_wavelength(voltage_kv):
+    """Relativistic electron wavelength in Angstrom (RELION's formula).
+
+    Parameters
+    ----------
+    voltage_kv : float or array
+        Acceleration voltage in kV.
+    """
+    v = voltage_kv * 1e3
+    return 12.2643247 / np.sqrt(v * (1.0 + v * 0.978466e-6))
+
+
+@dataclass
+class CTFParams:
+    """Per-particle CTF parameters (arrays of shape (m,), or scalars).
+
+    Attributes mirror RELION's columns: ``defocus_u``/``defocus_v`` (rlnDefocusU/V, A),
+    ``defocus_angle`` (rlnDefocusAngle, deg), ``voltage`` (rlnVoltage, kV), ``cs``
+    (rlnSphericalAberration, mm), ``amplitude_contrast`` (rlnAmplitudeContrast), ``phase_shift``
+    (rlnPhaseShift, deg), ``bfactor`` (rlnCtfBfactor, A^2), ``scale`` (rlnCtfScalefactor).
+    """
+
+    defocus_u: object
+    defocus_v: object
+    defocus_angle: object = 0.0
+    voltage: object = 300.0
+    cs: object = 2.7
+    amplitude_contrast: object = 0.1
+    phase_shift: object = 0.0
+    bfactor: object = 0.0
+    scale: object = 1.0
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CTFParams:
+        """Build from a mapping with the attribute names (extra keys are ignored)."""
+        names = cls.__dataclass_fields__.keys() - {"extra"}
+        return cls(**{k: d[k] for k in names if k in d})
+
+    def subset(self, idx) -> CTFParams:
+        """Parameters of the particles ``idx`` (scalars are kept)."""
+        vals = {}
+        for k in self.__dataclass_fields__:
+            if k == "extra":
+                continue
+            v = getattr(self, k)
+            vals[k] = np.asarray(v)[idx] if np.ndim(v) else v
+        return CTFParams(**vals)
+
+
+def ctf_2d(params: CTFParams, n: int, pixel_size, xp=np, *, intact_first_peak: bool = False,
+           dtype="float32"):
+    """CTF images on the half-plane Fourier grid of an ``n x n`` box.
+
+    Parameters
+    ----------
+    params : CTFParams
+        Scalars or arrays of shape (m,).
+    n : int
+        Box size (pixels).
+    pixel_size : float or array of shape (m,)
+        Angstrom per pixel.
+    xp : module
+        ``numpy`` or ``cupy`` (where the result lives).
+    intact_first_peak : bool
+        See :func:`ctf_at`.
+
+    Returns
+    -------
+    array of shape (m, n, n // 2 + 1) (or (n, n // 2 + 1) for scalar parameters)
+    """
+    kx, ky = frequency_grid_2d(n, xp, dtype="float64")
+    return ctf_at(params, kx, ky, n, pixel_size, xp, intact_first_peak=intact_first_peak,
+                  dtype=dtype)
+
+
+def ctf_at(params: CTFParams, kx, ky, n: int, pixel_size, xp=np, *,
+           intact_first_peak: bool = False, dtype="float32"):
+    """CTF values at given Fourier indices (RELION's ``CTF::getCTF``).
+
+    Parameters
+    ----------
+    params : CTFParams
+        Scalars or arrays of shape (m,).
+    kx, ky : arrays of shape S
+        Fourier indices (pixels of an ``n``-box); frequency = ``k / (n * pixel_size)``.
+    n : int
+        Box size the indices refer to.
+    pixel_size : float or array of shape (m,)
+    xp : module
+    intact_first_peak : bool
+        Set the CTF to 1 where ``|argument| < pi/2`` (RELION's ``--ctf_intact_first_peak``):
+        low frequencies up to the first peak are left uncorrected.
+
+    Returns
+    -------
+    array of shape (m, *S) (or S for scalar parameters)
+        ``-sin(K1 df u^2 + K2 u^4 - K5 - K3) * exp(K4 u^2) * scale`` with RELION's constants
+        ``K1 = pi lambda``, ``K2 = pi/2 Cs lambda^3``, ``K3 = atan(Q/sqrt(1-Q^2))``,
+        ``K4 = -B/4``, ``K5 = phase shift``, ``df`` the astigmatic defocus (negative for
+        underfocus) along the direction of ``(kx, ky)``.
+    """
+    names = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amplitude_contrast",
+             "phase_shift", "bfactor", "scale")
+    vals = {k: np.atleast_1d(np.asarray(getattr(params, k), dtype=np.float64)) for k in names}
+    vals["pixel_size"] = np.atleast_1d(np.asarray(pixel_size, dtype=np.float64))
+    m = max(v.shape[0] for v in vals.values())
+    scalar = all(np.ndim(getattr(params, k)) == 0 for k in names) and np.ndim(pixel_size) == 0
+    vals["wavelength"] = electron_wavelength(vals["voltage"])
+    extra = (1,) * kx.ndim
+    v = {k: xp.asarray(np.broadcast_to(a, (m,))).reshape((m, *extra)) for k, a in vals.items()}
+    lam = v["wavelength"]
+    q = v["amplitude_contrast"]
+    k1 = np.pi * lam
+    k2 = np.pi / 2 * v["cs"] * 1e7 * lam**3
+    k3 = xp.arctan(q / xp.sqrt(1 - q * q))
+    k4 = -v["bfactor"] / 4.0
+    k5 = xp.deg2rad(v["phase_shift"])
+    fx = xp.asarray(kx, dtype=xp.float64)[None] / (n * v["pixel_size"])
+    fy = xp.asarray(ky, dtype=xp.float64)[None] / (n * v["pixel_size"])
+    u2 = fx * fx + fy * fy
+    ang = xp.arctan2(fy, fx) - xp.deg2rad(v["defocus_angle"])
+    df_avg = -(v["defocus_u"] + v["defocus_v"]) * 0.5
+    df_dev = -(v["defocus_u"] - v["defocus_v"]) * 0.5
+    deltaf = df_avg + df_dev * xp.cos(2 * ang)
+    arg = k1 * deltaf * u2 + k2 * u2 * u2 - k5 - k3
+    ctf = -xp.sin(arg)
+    if intact_first_peak:
+        ctf = xp.where(xp.abs(arg) < np.pi / 2, 1.0, ctf)
+    ctf = (ctf * xp.exp(k4 * u2) * v["scale"]).astype(dtype)
+    return ctf[0] if scalar else ctf

@@ -1,0 +1,492 @@
+"""The E-step of 2D classification as batched matrix products (one code path, NumPy or CuPy).
+
+For a pool of B particles the coarse pass computes, for every particle i, translation t, class
+k and in-plane angle psi,
+
+    diff2 = 0.5 * sum_n |X_i(n) e^{2 pi i n.t/N} - CTF_i(n) A_k,psi(n)|^2 / sigma2(n)
+          = 0.5 * (||X_i||^2 + ||CTF_i A_k,psi||^2) - Re <X_i(t) CTF_i / sigma2, A_k,psi>
+
+over the Fourier pixels ``0 < |n| < size/2`` of the current (coarse) image size. The cross term
+is one real matrix product: rows (particles x translations) with ``[Re, Im]`` of
+``X e^{...} CTF / sigma2``, columns (classes x angles) with ``[Re, Im]`` of the rotated
+references; ``||CTF A||^2`` is a second, smaller product ``(CTF^2 / sigma2) @ |A|^2``. The fine
+pass evaluates the oversampled grid (RELION's adaptive oversampling) around each particle's
+significant coarse samples as batched matrix products over padded per-particle blocks, and the
+back-projection sums are batched products of the weights with the shifted images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import add_rows_at, array_module
+from ..ctf import CTFParams, ctf_at
+from ..data.conventions import inplane_matrix
+from ..fourier import Projector, fft2_centered, ifft2_centered
+from ..kernels import insert_slices_2d
+from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch, Sampling
+
+__all__ = ["EStepContext", "coarse_image_size", "soft_circular_mask"]
+
+
+def soft_circular_mask(n: int, radius: float, edge: float = 5.0, xp=np):
+    """RELION's soft circular mask: 1 inside ``radius``, raised-cosine edge of ``edge`` pixels.
+
+    Returns
+    -------
+    array of shape (n, n), float32, centred at ``n // 2``.
+    """
+    ax = xp.arange(n, dtype=xp.float32) - n // 2
+    r = xp.sqrt(ax[:, None] ** 2 + ax[None, :] ** 2)
+    m = 0.5 + 0.5 * xp.cos(np.pi * (r - radius) / edge)
+    m = xp.where(r < radius, 1.0, xp.where(r > radius + edge, 0.0, m))
+    return m.astype(xp.float32)
+
+
+def coarse_image_size(psi_step: float, particle_diameter: float, ori_size: int,
+                      pixel_size: float, current_size: int) -> int:
+    """RELION's coarse image size for adaptive oversampling.
+
+    The resolution at which the coarse angular step displaces the particle's edge by
+    ``1.5`` pixels: ``2 * ceil(N * apix / (psi_step/360 * pi * D / 1.5))``, at most the
+    current size.
+    """
+    rotated_distance = (psi_step / 360.0) * np.pi * particle_diameter
+    coarse_res = rotated_distance / 1.5
+    size = 2 * math.ceil(pixel_size * ori_size / coarse_res)
+    return int(min(current_size, max(size, 8)))
+
+
+def _pixels(n: int, size: int):
+    """Half-plane Fourier pixels of an ``n``-box with ``0 < |k| < size / 2``.
+
+    Returns flat indices into the ``(n, n//2+1)`` grid, kx, ky (float) and shell numbers.
+    """
+    ky = np.fft.fftfreq(n, 1.0 / n)
+    kx = np.arange(n // 2 + 1)
+    KX, KY = np.meshgrid(kx, ky, indexing="xy")
+    r2 = KX**2 + KY**2
+    keep = (r2 > 0) & (r2 < (size / 2.0) ** 2)
+    flat = np.flatnonzero(keep.ravel())
+    shells = np.rint(np.sqrt(r2.ravel()[flat])).astype(np.int64)
+    return flat, KX.ravel()[flat].astype(np.float64), KY.ravel()[flat].astype(np.float64), shells
+
+
+@dataclass
+class _Grid:
+    """One pass's pixel set and the tables derived from it (on the device)."""
+
+    size: int
+    flat: object  # (P,) indices into the (N, N//2+1) grid
+    kx: np.ndarray
+    ky: np.ndarray
+    shells: object  # (P,) int
+    onehot: object  # (P, nsh) float32 (shell sums by matrix product)
+    invsig: object  # (G, P) float32  1 / sigma2
+    refs: object  # (M, P) complex64 rotated references
+    refs_ri: object  # (M, 2P) float32 [Re | Im]
+    refs_a2: object  # (M, P) float32 |A|^2
+    phases: object  # (T, P) complex64: shifts by -t
+
+
+class EStepContext:
+    """Everything one device needs for the E-step of one iteration.
+
+    Built once per iteration per device (thread) from the broadcast model: rotated reference
+    tables for the coarse and fine passes, phase tables of the translation grids, noise
+    weights, the particle mask. :meth:`expectation` processes pools of particles and
+    accumulates their sums; :meth:`finish` back-rotates the accumulated slices into the
+    oversampled class grids and returns a :class:`Class2DSums`.
+
+    Parameters
+    ----------
+    model : Class2DModel
+    config : Class2DConfig
+    xp : module
+        ``numpy`` or ``cupy`` (the current CuPy device of the calling thread is used).
+    """
+
+    def __init__(self, model: Class2DModel, config, xp=np, *, n_optics: int | None = None,
+                 n_groups: int | None = None):
+        self.xp = xp
+        self.model = model
+        self.config = config
+        self.N = N = model.ori_size
+        self.K = model.K
+        self.apix = model.pixel_size
+        self.sampling = Sampling.build(config.psi_step, config.offset_range, config.offset_step,
+                                       config.oversampling)
+        s = self.sampling
+        self.n_psi, self.n_psi_f = len(s.psi), len(s.psi_fine)
+        self.n_optics = n_optics or model.sigma2_noise.shape[0]
+        self.n_groups = n_groups or len(model.scale)
+        self.nsh = N // 2 + 1
+        diameter = config.particle_diameter or 0.9 * N * self.apix
+        self.mask_radius = diameter / (2 * self.apix)
+        self.mask = soft_circular_mask(N, self.mask_radius, 5.0, xp)
+        cur = int(model.current_size)
+        coarse = int(model.coarse_size) if config.oversampling else cur
+        projs = [Projector(xp.asarray(c, dtype=xp.float32), config.pad) for c in model.classes]
+        self.coarse = self._grid(coarse, projs, s.psi, s.trans)
+        self.fine = (self.coarse if (coarse == cur and config.oversampling == 0)
+                     else self._grid(cur, projs, s.psi_fine, s.trans_fine))
+        with np.errstate(divide="ignore"):
+            self.log_pdf = xp.asarray(np.log(np.maximum(model.pdf_class, 0)), dtype=xp.float32)
+        self.prior_offset = xp.asarray(model.prior_offset, dtype=xp.float32)
+        self.inv2_sig_off = np.float32(1.0 / (2 * max(model.sigma2_offset, 1e-6)))
+        # shells beyond the current size: residual = image power (references are zero there)
+        self.full_shells = xp.asarray(np.rint(np.sqrt(
+            np.fft.fftfreq(N, 1.0 / N)[:, None] ** 2 + np.arange(N // 2 + 1)[None] ** 2)
+        ).astype(np.int64).ravel())
+        self._acc_data = xp.zeros((self.K * self.n_psi_f, len(self.fine.kx)), xp.complex128)
+        self._acc_weight = xp.zeros((self.K * self.n_psi_f, len(self.fine.kx)), xp.float64)
+        self.sums = Class2DSums.zeros(self.K, N, config.pad, self.n_optics, self.n_groups, xp)
+        self.sums.data = None  # filled by finish()
+        self.sums.weight = None
+        self.n_done = 0
+
+    # ------------------------------------------------------------------ set-up
+    def _grid(self, size, projs, psi, trans) -> _Grid:
+        xp = self.xp
+        flat, kx, ky, shells = _pixels(self.N, size)
+        k = np.stack([kx, ky], axis=-1)
+        rots = inplane_matrix(psi)  # (R, 2, 2)
+        coords = xp.asarray(np.einsum("pi,rij->rpj", k, rots), dtype=xp.float32)
+        refs = xp.concatenate([pr.sample(coords) for pr in projs], axis=0).astype(xp.complex64)
+        refs_ri = xp.concatenate([refs.real, refs.imag], axis=1)
+        sig = np.maximum(self.model.sigma2_noise[:, shells], 1e-30)
+        ph = 2 * np.pi / self.N * (trans[:, 0:1] * kx[None] + trans[:, 1:2] * ky[None])
+        onehot = np.zeros((len(flat), self.nsh), np.float32)
+        onehot[np.arange(len(flat)), shells] = 1
+        return _Grid(size, xp.asarray(flat), kx, ky, xp.asarray(shells), xp.asarray(onehot),
+                     xp.asarray(1.0 / sig, dtype=xp.float32), refs,
+                     xp.ascontiguousarray(refs_ri),
+                     (refs.real**2 + refs.imag**2).astype(xp.float32),
+                     xp.asarray(np.exp(1j * ph), dtype=xp.complex64))
+
+    # ------------------------------------------------------------------ helpers
+    def _ctf(self, batch: ParticleBatch, grid: _Grid):
+        xp = self.xp
+        B = len(batch)
+        if not self.config.ctf:
+            out = xp.ones((B, len(grid.kx)), xp.float32)
+        else:
+            out = ctf_at(CTFParams.from_dict(batch.ctf), xp.asarray(grid.kx),
+                         xp.asarray(grid.ky), self.N, self.apix, xp,
+                         intact_first_peak=self.config.ctf_intact_first_peak)
+            out = out.reshape(B, -1)
+        if self.config.scale:
+            out = out * xp.asarray(self.model.scale[batch.group], dtype=xp.float32)[:, None]
+        return out
+
+    def _prepare_images(self, batch: ParticleBatch):
+        """Norm-correct, centre on the rounded previous offset, mask, Fourier transform."""
+        xp = self.xp
+        N = self.N
+        imgs = xp.asarray(batch.images, dtype=xp.float32)
+        if self.config.norm:
+            f = self.model.avg_norm / np.maximum(batch.norm, 1e-6)
+            imgs = imgs * xp.asarray(f, dtype=xp.float32)[:, None, None]
+        r = np.rint(batch.offset).astype(np.int64)
+        # content moves by -r: out[y, x] = in[y + ry, x + rx] (circular; the mask hides the wrap)
+        ar = np.arange(N)
+        rows = xp.asarray((ar[None, :] + r[:, 1:2]) % N)
+        cols = xp.asarray((ar[None, :] + r[:, 0:1]) % N)
+        imgs = xp.take_along_axis(imgs, rows[:, :, None], axis=1)
+        imgs = xp.take_along_axis(imgs, cols[:, None, :], axis=2)
+        masked = imgs * self.mask
+        if not self.config.zero_mask:
+            masked = masked + self._noise(batch) * (1 - self.mask)
+        F = fft2_centered(masked).reshape(len(batch), -1)
+        frac = batch.offset - r
+        return F, frac
+
+    def _noise(self, batch: ParticleBatch):
+        """Coloured noise with the model's spectrum (seeded per particle and iteration)."""
+        xp = self.xp
+        N = self.N
+        shells = self.full_shells.get() if hasattr(self.full_shells, "get") else self.full_shells
+        out = np.empty((len(batch), N, N), np.float32)
+        for b, (idx, g) in enumerate(zip(batch.index, batch.optics)):
+            rng = np.random.default_rng([int(self.config.random_seed) & 0xFFFFFFFF,
+                                         int(self.model.iteration), int(idx)])
+            sd = np.sqrt(self.model.sigma2_noise[g][np.minimum(shells, self.nsh - 1)])
+            f = (rng.normal(size=shells.size) + 1j * rng.normal(size=shells.size)) * sd
+            out[b] = ifft2_centered(f.reshape(N, N // 2 + 1).astype(np.complex64), N)
+        return xp.asarray(out)
+
+    # ------------------------------------------------------------------ the E-step
+    def expectation(self, batch: ParticleBatch):
+        """Process one pool of particles: accumulate its sums, return per-particle results.
+
+        Parameters
+        ----------
+        batch : ParticleBatch
+
+        Returns
+        -------
+        ndarray of shape (B, len(RESULT_COLUMNS)), float64 (host)
+            Best class (0-based), psi (deg), offset x/y (pixels), max probability,
+            log-likelihood, number of significant coarse samples, new norm correction, and
+            the posterior's angular (deg) / translational (px) spread.
+        """
+        xp = self.xp
+        B = len(batch)
+        F, frac = self._prepare_images(batch)
+        c, f = self.coarse, self.fine
+        ph_frac_c = self._frac_phase(frac, c)
+        Xc = F[:, c.flat] * ph_frac_c
+        ctf_c = self._ctf(batch, c)
+        inv_c = c.invsig[xp.asarray(batch.optics)]
+        sig = self._coarse_pass(batch, Xc, ctf_c, inv_c)
+        Xf = F[:, f.flat] * self._frac_phase(frac, f) if f is not c else Xc
+        ctf_f = self._ctf(batch, f) if f is not c else ctf_c
+        inv_f = f.invsig[xp.asarray(batch.optics)] if f is not c else inv_c
+        res = np.zeros((B, len(RESULT_COLUMNS)))
+        power_full = self._power_beyond(F)
+        sig_t = sig.any(axis=2)  # (B, T)
+        sig_r = sig.any(axis=1)  # (B, M)
+        n_t = _to_host(sig_t.sum(axis=1))
+        n_r = _to_host(sig_r.sum(axis=1))
+        res[:, RESULT_COLUMNS.index("n_sig")] = _to_host(sig.reshape(B, -1).sum(axis=1))
+        for sub in self._fine_groups(n_t, n_r):
+            self._fine_pass(batch, sub, sig[sub], sig_t[sub], sig_r[sub], int(n_t[sub].max()),
+                            int(n_r[sub].max()), Xf[sub], ctf_f[sub], inv_f[sub],
+                            power_full[sub], res)
+        self.n_done += B
+        return res
+
+    def _frac_phase(self, frac, grid: _Grid):
+        xp = self.xp
+        ph = 2 * np.pi / self.N * (frac[:, 0:1] * grid.kx[None] + frac[:, 1:2] * grid.ky[None])
+        return xp.asarray(np.exp(1j * ph), dtype=xp.complex64)
+
+    def _power_beyond(self, F):
+        """|X|^2 shell sums over the whole box (for shells beyond the current size)."""
+        xp = self.xp
+        p = (F.real**2 + F.imag**2).astype(xp.float32)
+        out = xp.zeros((F.shape[0], self.nsh), xp.float64)
+        keep = self.full_shells < self.nsh
+        onehot = (self.full_shells[keep][:, None] == xp.arange(self.nsh)[None]).astype(xp.float32)
+        out += p[:, keep] @ onehot
+        return out
+
+    def _offset_logprior(self, offsets):
+        """log pdf_offset for offsets (..., 2) against every class prior -> (..., K)."""
+        d = offsets[..., None, :] - self.prior_offset
+        return -(d * d).sum(axis=-1) * self.inv2_sig_off
+
+    def _coarse_pass(self, batch, Xc, ctf, inv):
+        xp = self.xp
+        c = self.coarse
+        B, P = Xc.shape
+        T, M = c.phases.shape[0], c.refs.shape[0]
+        Y = Xc * (ctf * inv)
+        Yt = Y[:, None, :] * c.phases[None]  # (B, T, P)
+        Yri = xp.concatenate([Yt.real, Yt.imag], axis=2).reshape(B * T, 2 * P)
+        cross = (Yri @ c.refs_ri.T).reshape(B, T, M)
+        a2 = (ctf * ctf * inv) @ c.refs_a2.T  # (B, M)
+        x2 = ((Xc.real**2 + Xc.imag**2) * inv).sum(axis=1)
+        lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
+        offs = xp.asarray(batch.offset[:, None, :] + self.sampling.trans[None], dtype=xp.float32)
+        prior = self._offset_logprior(offs)[..., None] + self.log_pdf[:, None]  # (B, T, K, R)
+        lw = lw.reshape(B, T, self.K, self.n_psi) + prior
+        seed = xp.asarray(batch.seed_class)
+        restrict = (seed[:, None] >= 0) & (xp.arange(self.K)[None] != seed[:, None])
+        lw = xp.where(restrict[:, None, :, None], -xp.inf, lw).reshape(B, T, M)
+        return self._significant(lw)
+
+    def _significant(self, lw):
+        """RELION's significant samples: the fewest holding ``adaptive_fraction`` of the weight."""
+        xp = self.xp
+        B = lw.shape[0]
+        flat = lw.reshape(B, -1)
+        w = xp.exp(flat - flat.max(axis=1, keepdims=True))
+        srt = -xp.sort(-w, axis=1)
+        cs = xp.cumsum(srt, axis=1)
+        nsig = (cs < self.config.adaptive_fraction * cs[:, -1:]).sum(axis=1) + 1
+        if self.config.maxsig > 0:
+            nsig = xp.minimum(nsig, self.config.maxsig)
+        nsig = xp.minimum(nsig, srt.shape[1])
+        thr = xp.take_along_axis(srt, (nsig - 1)[:, None], axis=1)
+        return (w >= thr).reshape(lw.shape)
+
+    def _fine_groups(self, n_t, n_r, budget_bytes: float | None = None):
+        """Split a pool into groups of particles with similar significant-set sizes."""
+        ts, ps = self.sampling.trans_sub, self.sampling.psi_sub
+        P = len(self.fine.kx)
+        if budget_bytes is None:
+            budget_bytes = 256e6 if self.xp is np else 2e9
+        order = np.argsort(n_t * n_r, kind="stable")
+        groups, cur, mt, mr = [], [], 0, 0
+        for i in order:
+            t2, r2 = max(mt, n_t[i]), max(mr, n_r[i])
+            cost = (len(cur) + 1) * (t2 * ts + r2 * ps * 2) * P * 8 * 3
+            if cur and cost > budget_bytes:
+                groups.append(np.array(cur))
+                cur, t2, r2 = [], n_t[i], n_r[i]
+            cur.append(i)
+            mt, mr = t2, r2
+        if cur:
+            groups.append(np.array(cur))
+        return groups
+
+    def _fine_pass(self, batch, sub, sig, sig_t, sig_r, nT, nR, Xf, ctf, inv, power_full, res):
+        xp = self.xp
+        f = self.fine
+        s = self.sampling
+        ts, ps = s.trans_sub, s.psi_sub
+        Bs, P = Xf.shape
+        # significant coarse translations / rotations per particle, padded
+        t_idx = xp.argsort(~sig_t, axis=1, kind="stable")[:, :nT]  # (Bs, nT)
+        t_ok = xp.take_along_axis(sig_t, t_idx, axis=1)
+        r_idx = xp.argsort(~sig_r, axis=1, kind="stable")[:, :nR]
+        r_ok = xp.take_along_axis(sig_r, r_idx, axis=1)
+        pair = xp.take_along_axis(sig, t_idx[:, :, None], axis=1)
+        pair = xp.take_along_axis(pair, r_idx[:, None, :], axis=2) & t_ok[:, :, None] & r_ok[:, None]
+        # fine indices: translation j -> j*ts + q; rotation m = k*R + r -> (k*R + r)*ps + q
+        tf = (t_idx[:, :, None] * ts + xp.arange(ts)[None, None]).reshape(Bs, nT * ts)
+        rf = (r_idx[:, :, None] * ps + xp.arange(ps)[None, None]).reshape(Bs, nR * ps)
+        valid = xp.repeat(xp.repeat(pair, ts, axis=1), ps, axis=2)  # (Bs, Tf, Rf)
+        ph = f.phases[tf]  # (Bs, Tf, P)
+        A = f.refs[rf]  # (Bs, Rf, P)
+        Y = Xf * (ctf * inv)
+        Yt = Y[:, None, :] * ph
+        cross = (xp.concatenate([Yt.real, Yt.imag], axis=2)
+                 @ xp.concatenate([A.real, A.imag], axis=2).transpose(0, 2, 1))
+        a2 = (f.refs_a2[rf] @ (ctf * ctf * inv)[:, :, None])[..., 0]  # (Bs, Rf)
+        x2 = ((Xf.real**2 + Xf.imag**2) * inv).sum(axis=1)
+        lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
+        cls = rf // self.n_psi_f  # (Bs, Rf)
+        offs = xp.asarray(batch.offset[sub][:, None, :], dtype=xp.float32) + xp.asarray(
+            s.trans_fine, dtype=xp.float32)[tf]  # (Bs, Tf, 2)
+        d = offs[:, :, None, :] - self.prior_offset[cls][:, None, :, :]  # (Bs, Tf, Rf, 2)
+        d2 = (d * d).sum(axis=-1)
+        lw = lw + self.log_pdf[cls][:, None, :] - d2 * self.inv2_sig_off
+        lw = xp.where(valid, lw, -xp.inf)
+        mx = lw.reshape(Bs, -1).max(axis=1)
+        w = xp.exp(lw - mx[:, None, None])
+        tot = w.reshape(Bs, -1).sum(axis=1)
+        loglik = mx + xp.log(tot)
+        w = w / tot[:, None, None]
+        keep = self._significant(xp.log(xp.maximum(w, 1e-38)) + xp.where(valid, 0, -xp.inf))
+        w = xp.where(keep, w, 0)
+        w = w / w.reshape(Bs, -1).sum(axis=1)[:, None, None]
+        # per-particle results
+        best = xp.argmax(w.reshape(Bs, -1), axis=1)
+        bt, br = best // w.shape[2], best % w.shape[2]
+        ar = xp.arange(Bs)
+        best_tf, best_rf = tf[ar, bt], rf[ar, br]
+        psi_f = xp.asarray(s.psi_fine, dtype=xp.float64)
+        best_off = offs[ar, bt]
+        omega = w.sum(axis=1)  # (Bs, Rf)
+        wt = w.sum(axis=2)  # (Bs, Tf)
+        dpsi = (psi_f[rf % self.n_psi_f] - psi_f[best_rf % self.n_psi_f][:, None] + 180) % 360 - 180
+        acc_rot = xp.sqrt((omega * dpsi**2).sum(axis=1))
+        dt = offs - best_off[:, None, :]
+        acc_tr = xp.sqrt((wt * (dt * dt).sum(axis=-1)).sum(axis=1))
+        # accumulate: G = w^T @ X(t)  (weighted sums of shifted images per rotation)
+        Xt = Xf[:, None, :] * ph
+        wT = w.transpose(0, 2, 1)
+        G = (wT @ Xt.real) + 1j * (wT @ Xt.imag)  # (Bs, Rf, P)
+        rows = (omega > 0).reshape(-1)
+        slots = rf.reshape(-1)[rows]
+        cinv = (ctf * inv)[:, None, :]
+        add_rows_at(self._acc_data, slots, (G * cinv).reshape(-1, P)[rows])
+        add_rows_at(self._acc_weight, slots,
+                    (omega[:, :, None] * (ctf * ctf * inv)[:, None, :]).reshape(-1, P)[rows])
+        # residuals per shell (noise model), scale and norm corrections
+        crossn = ((G * xp.conj(A)).real.sum(axis=1) * ctf) @ f.onehot  # (Bs, nsh)
+        a2n = ((omega[:, None, :] @ f.refs_a2[rf])[:, 0, :] * ctf * ctf) @ f.onehot
+        x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
+        resid = x2n - 2 * crossn + a2n
+        beyond = xp.arange(self.nsh) >= f.size // 2
+        resid = xp.where(beyond[None], power_full, resid)
+        resid[:, 0] = power_full[:, 0]
+        optics = xp.asarray(batch.optics[sub])
+        S = self.sums
+        for g in np.unique(batch.optics[sub]):
+            sel = optics == int(g)
+            S.sigma2_noise[int(g)] += resid[sel].sum(axis=0)
+            S.sumw_optics[int(g)] += int(sel.sum())
+        groups = xp.asarray(batch.group[sub])
+        for g in np.unique(batch.group[sub]):
+            sel = groups == int(g)
+            S.scale_xa[int(g)] += crossn[sel].sum(axis=0)
+            S.scale_aa[int(g)] += a2n[sel].sum(axis=0)
+        # norm: residual power relative to the noise model over the fine shells
+        sig2 = xp.asarray(self.model.sigma2_noise, dtype=xp.float64)[optics]  # (Bs, nsh)
+        npix = f.onehot.sum(axis=0).astype(xp.float64)
+        inner = (xp.arange(self.nsh) > 0) & (xp.arange(self.nsh) < f.size // 2)
+        ratio = (resid * inner).sum(axis=1) / (2 * sig2 * npix * inner).sum(axis=1)
+        old_norm = xp.asarray(batch.norm[sub], dtype=xp.float64)
+        new_norm = old_norm * xp.sqrt(xp.maximum(ratio, 1e-12)) if self.config.norm else old_norm
+        S.norm_sum += new_norm.sum()
+        # class priors, offsets
+        S.pdf_class += xp.bincount(cls.reshape(-1), weights=omega.reshape(-1).astype(xp.float64),
+                                   minlength=self.K)
+        wo = (wT @ offs)  # (Bs, Rf, 2) = sum_t w * offset
+        for a in range(2):
+            S.prior_offset[:, a] += xp.bincount(cls.reshape(-1), weights=wo[..., a].reshape(-1)
+                                                .astype(xp.float64), minlength=self.K)
+        S.sigma2_offset += (w * d2).sum()
+        S.acc_rot += xp.bincount(cls.reshape(-1), weights=(omega * acc_rot[:, None]).reshape(-1)
+                                 .astype(xp.float64), minlength=self.K)
+        S.acc_trans += xp.bincount(cls.reshape(-1), weights=(omega * acc_tr[:, None]).reshape(-1)
+                                   .astype(xp.float64), minlength=self.K)
+        pmax = w.reshape(Bs, -1).max(axis=1)
+        S.loglik += loglik.sum()
+        S.pmax += pmax.sum()
+        S.n += Bs
+        cols = {"class": best_rf // self.n_psi_f, "psi": psi_f[best_rf % self.n_psi_f],
+                "offset_x": best_off[:, 0], "offset_y": best_off[:, 1], "pmax": pmax,
+                "loglik": loglik, "norm": new_norm, "acc_rot": acc_rot, "acc_trans": acc_tr}
+        for name, v in cols.items():
+            res[sub, RESULT_COLUMNS.index(name)] = _to_host(v)
+
+    # ------------------------------------------------------------------ finish
+    def finish(self) -> Class2DSums:
+        """Back-rotate the accumulated slices into the class grids; return all sums.
+
+        The returned sums live on this context's device; call ``.to_host()`` to combine them.
+        """
+        xp = self.xp
+        f = self.fine
+        pad = self.config.pad
+        S = self.sums
+        S.data = xp.zeros((self.K, pad * self.N, pad * self.N // 2 + 1), xp.complex128)
+        S.weight = xp.zeros(S.data.shape, xp.float64)
+        k = np.stack([f.kx, f.ky], axis=-1)
+        rots = inplane_matrix(self.sampling.psi_fine)
+        coords = xp.asarray(np.einsum("pi,rij->rpj", k, rots) * pad, dtype=xp.float32)
+        rows = xp.flatnonzero(self._acc_weight.any(axis=1))
+        if rows.size:
+            r = rows % self.n_psi_f
+            insert_slices_2d(S.data, S.weight, self._acc_data[rows], self._acc_weight[rows],
+                             coords[r], rows // self.n_psi_f, pad * (f.size / 2.0))
+        self._acc_data = self._acc_weight = None
+        return S
+
+
+def _to_host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def estep_array_module(use_gpu: bool):
+    """``cupy`` when ``use_gpu`` and a GPU is usable, else ``numpy``."""
+    if use_gpu:
+        from ..backend import gpu_available
+
+        if gpu_available():
+            import cupy
+
+            return cupy
+    return np
+
+
+def batch_array_module(batch: ParticleBatch):
+    """The array module of a batch's images."""
+    return array_module(batch.images)

@@ -1,0 +1,365 @@
+"""2D classification by maximum-likelihood EM, as ``relion_refine`` does it (see CLASS2D.md).
+
+The algorithm is split into the pieces that the parallel runtime (:mod:`cryonb.parallel`)
+places on ranks, so that one implementation serves one process, several threads and many
+engines:
+
+- :class:`Class2DJob` (the leader, rank 0): reads the particle table, builds the initial model,
+  hands out pools of particles with their metadata, stores per-particle results, runs the
+  M-step (:func:`cryonb.em._mstep.maximization`), re-seeds classes, writes RELION's files.
+- :class:`cryonb.em._estep.EStepContext` (workers, one per thread and device): the E-step on
+  pools of particles, as batched matrix products on NumPy (BLAS) or CuPy (cuBLAS).
+- :class:`cryonb.em._model.Class2DSums`: the partial sums combined between them.
+
+Class re-seeding (cryonb's addition, ``--reseed``): ML 2D classification can settle in a local
+optimum where two classes describe the same view while another view has no class of its own
+(its particles are spread over the others). During the first ``reseed_until`` part of the run,
+after each M-step the leader looks for empty classes and for pairs of classes that are the
+same image up to an in-plane rotation; the smaller class of each pair is re-seeded, as in the
+first iteration, from the particles that fit their current class worst (lowest
+log-likelihood relative to their class): for one iteration those particles may only go to the
+re-seeded class, which starts from the average of all particles. This is how cryoSPARC
+handles empty classes, aimed at the duplicate-class optimum that RELION does not escape.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError, InputError
+from ._config import Class2DConfig
+from ._estep import EStepContext, soft_circular_mask
+from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch
+from ._mstep import InitSums, initial_model, maximization
+
+__all__ = ["Class2DJob", "ParticleState", "class_similarity"]
+
+
+def _group_ids(df: pd.DataFrame):
+    """Scale groups: rlnGroupNumber, else rlnGroupName, else micrograph, else one group."""
+    for col in ("rlnGroupNumber", "rlnGroupName", "rlnMicrographName"):
+        if col in df.columns:
+            codes, names = pd.factorize(df[col].astype(str), sort=True)
+            return codes.astype(np.int64), [str(x) for x in names]
+    return np.zeros(len(df), np.int64), ["group_1"]
+
+
+@dataclass
+class ParticleState:
+    """Per-particle results the leader keeps between iterations (arrays of shape (n,))."""
+
+    offset: np.ndarray  # (n, 2) pixels
+    norm: np.ndarray
+    cls: np.ndarray
+    psi: np.ndarray
+    pmax: np.ndarray
+    loglik: np.ndarray
+    n_sig: np.ndarray
+    acc_rot: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    acc_trans: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @classmethod
+    def initial(cls, n: int, offset=None, norm=None) -> ParticleState:
+        """Starting state: offsets/norms from the input table when present."""
+        return cls(offset=np.zeros((n, 2)) if offset is None else np.asarray(offset, float),
+                   norm=np.ones(n) if norm is None else np.asarray(norm, float),
+                   cls=np.full(n, -1), psi=np.zeros(n), pmax=np.zeros(n),
+                   loglik=np.zeros(n), n_sig=np.zeros(n), acc_rot=np.zeros(n),
+                   acc_trans=np.zeros(n))
+
+    def store(self, index: np.ndarray, res: np.ndarray) -> None:
+        """Write E-step results (columns of ``RESULT_COLUMNS``) for rows ``index``."""
+        c = {name: res[:, i] for i, name in enumerate(RESULT_COLUMNS)}
+        self.cls[index] = c["class"].astype(np.int64)
+        self.psi[index] = c["psi"]
+        self.offset[index, 0] = c["offset_x"]
+        self.offset[index, 1] = c["offset_y"]
+        self.pmax[index] = c["pmax"]
+        self.loglik[index] = c["loglik"]
+        self.n_sig[index] = c["n_sig"]
+        self.norm[index] = c["norm"]
+        self.acc_rot[index] = c["acc_rot"]
+        self.acc_trans[index] = c["acc_trans"]
+
+
+def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | None = None):
+    """Normalised correlation of every pair of class images, maximised over in-plane angles.
+
+    Parameters
+    ----------
+    classes : ndarray of shape (K, N, N)
+    n_psi : int
+        In-plane angles tried.
+    max_res_px : int, optional
+        Fourier radius (pixels) compared (default N // 4: the overall shape).
+
+    Returns
+    -------
+    ndarray of shape (K, K)
+        1 on the diagonal; ``sim[a, b]`` = max over psi of corr(A_a, rot(A_b, psi)).
+    """
+    from ..data.conventions import inplane_matrix
+    from ..fourier import Projector
+    from ._estep import _pixels
+
+    K, N = classes.shape[0], classes.shape[-1]
+    r = max_res_px or max(4, N // 4)
+    flat, kx, ky, _ = _pixels(N, 2 * r)
+    k = np.stack([kx, ky], axis=-1)
+    psi = np.arange(n_psi) * 360.0 / n_psi
+    coords = np.einsum("pi,rij->rpj", k, inplane_matrix(psi)).astype(np.float32)
+    refs = np.stack([Projector(c.astype(np.float32)).sample(coords) for c in classes])  # K,R,P
+    refs = refs / np.maximum(np.linalg.norm(refs, axis=-1, keepdims=True), 1e-30)
+    base = refs[:, 0, :]  # (K, P) at psi = 0
+    sim = np.einsum("ap,brp->abr", base.conj(), refs).real.max(axis=2)
+    return np.maximum(sim, sim.T)
+
+
+class Class2DJob:
+    """The leader of a 2D classification: data, model, per-particle state, output files.
+
+    Parameters
+    ----------
+    config : Class2DConfig
+    table : cryonb.io.ParticleTable, optional
+        Already-read particle table (default: read ``config.i``).
+    """
+
+    def __init__(self, config: Class2DConfig, table=None):
+        from ..io import read_particles
+
+        self.config = config.validate()
+        if not config.i and table is None:
+            raise ConfigError("--i is required: the particles STAR file")
+        if not config.o:
+            raise ConfigError("--o is required: the output rootname, e.g. Class2D/run")
+        self.table = table if table is not None else read_particles(config.i)
+        t = self.table
+        if t.n == 0:
+            raise InputError("the particle table has no particles", config.i)
+        self.N = int(t.box)
+        ps = t.pixel_sizes
+        if ps is None or not np.all(np.isfinite(ps)):
+            raise InputError("no pixel size: the optics group needs rlnImagePixelSize", config.i)
+        if np.ptp(ps) > 1e-4 * ps.max():
+            raise InputError(f"particles have different pixel sizes ({sorted(set(ps))}): "
+                             "2D classification needs one pixel size; rescale first", config.i)
+        self.pixel_size = float(ps[0])
+        if config.ctf and not t.has_ctf:
+            raise InputError("--ctf was asked for but the STAR file has no CTF columns "
+                             "(rlnDefocusU, rlnDefocusV, ...): run CTF estimation or drop --ctf",
+                             config.i)
+        df = t.particles
+        self.n = len(df)
+        codes, names = pd.factorize(df["rlnOpticsGroup"].astype(int), sort=True)
+        self.optics = codes.astype(np.int64)
+        opt_names = []
+        for g in names:
+            row = t.optics[t.optics["rlnOpticsGroup"].astype(int) == int(g)]
+            opt_names.append(str(row["rlnOpticsGroupName"].iloc[0])
+                             if "rlnOpticsGroupName" in row and len(row) else f"opticsGroup{g}")
+        self.optics_names = opt_names
+        self.groups, self.group_names = _group_ids(df)
+        self.ctf = self._ctf_arrays() if config.ctf else {}
+        off = None
+        if "rlnOriginXAngst" in df and "rlnOriginYAngst" in df:
+            off = np.stack([df["rlnOriginXAngst"], df["rlnOriginYAngst"]], 1) / self.pixel_size
+        elif "rlnOriginX" in df and "rlnOriginY" in df:
+            off = np.stack([df["rlnOriginX"], df["rlnOriginY"]], 1)
+        norm = df["rlnNormCorrection"].to_numpy(float) if "rlnNormCorrection" in df else None
+        self.state = ParticleState.initial(self.n, off, norm)
+        seed = config.random_seed if config.random_seed >= 0 else int(time.time()) & 0x7FFFFFFF
+        self.seed = int(seed)
+        self.model: Class2DModel | None = None
+        self.iteration = 0
+        self.seed_class = np.full(self.n, -1)
+        self.history: list[dict] = []
+        self.mask = soft_circular_mask(self.N, self.mask_radius_px, 5.0)
+        Path(config.o).parent.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def mask_radius_px(self) -> float:
+        """Radius of the particle mask in pixels."""
+        d = self.config.particle_diameter or 0.9 * self.N * self.pixel_size
+        return d / (2 * self.pixel_size)
+
+    def _ctf_arrays(self) -> dict:
+        p = self.table.ctf_params()
+        out = {k: np.asarray(p[k], float) for k in
+               ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs",
+                "amplitude_contrast", "phase_shift", "bfactor")}
+        out["scale"] = np.asarray(p.get("ctf_scalefactor", np.ones(self.n)), float)
+        return out
+
+    def batch_meta(self, index: np.ndarray) -> dict:
+        """What a worker needs besides the images for the particles ``index``."""
+        index = np.asarray(index, np.int64)
+        return {"index": index, "offset": self.state.offset[index].copy(),
+                "norm": self.state.norm[index].copy(), "optics": self.optics[index],
+                "group": self.groups[index], "ctf": {k: v[index] for k, v in self.ctf.items()},
+                "seed_class": self.seed_class[index].copy()}
+
+    @staticmethod
+    def make_batch(meta: dict, images: np.ndarray) -> ParticleBatch:
+        """A :class:`ParticleBatch` from :meth:`batch_meta` output and the images."""
+        return ParticleBatch(images=images, **meta)
+
+    def pools(self, pool_size: int, iteration: int) -> list[np.ndarray]:
+        """Particle indices in pools of ``pool_size``, shuffled per iteration (seeded)."""
+        rng = np.random.default_rng([self.seed, iteration])
+        order = rng.permutation(self.n)
+        return [order[i : i + pool_size] for i in range(0, self.n, pool_size)]
+
+    # ------------------------------------------------------------------ initial pass
+    def init_accumulate(self, meta: dict, images: np.ndarray) -> InitSums:
+        """Worker side of the initial pass: sums of masked images and their power spectra."""
+        from ..ctf import CTFParams, ctf_2d
+        from ._mstep import _shell_mean
+
+        B = len(meta["index"])
+        if self.config.ctf:
+            c = ctf_2d(CTFParams.from_dict(meta["ctf"]), self.N, self.pixel_size)
+            ctf2 = _shell_mean(c.astype(np.float64) ** 2, self.N)
+        else:
+            ctf2 = np.ones((B, self.N // 2 + 1))
+        return InitSums.accumulate(np.asarray(images, np.float32), meta["optics"], ctf2,
+                                   len(self.optics_names), self.mask)
+
+    def init_sums_template(self) -> InitSums:
+        """Zero :class:`InitSums` (shapes for reductions)."""
+        G, N = len(self.optics_names), self.N
+        return InitSums(np.zeros((N, N)), np.zeros((G, N // 2 + 1)), np.zeros(N // 2 + 1),
+                        np.zeros(G))
+
+    def start(self, init: InitSums) -> Class2DModel:
+        """Build the initial model (iteration 0) and the first iteration's random seeds."""
+        counts = np.bincount(self.groups, minlength=len(self.group_names))
+        self.model = initial_model(init, self.config, self.pixel_size, len(self.group_names),
+                                   self.optics_names, self.group_names, counts)
+        self.iteration = 0
+        rng = np.random.default_rng([self.seed, 0])
+        self.seed_class = rng.integers(0, self.config.K, self.n) if self.config.K > 1 else \
+            np.full(self.n, -1)
+        return self.model
+
+    # ------------------------------------------------------------------ E-step side
+    def estep_context(self, xp=np) -> EStepContext:
+        """An E-step context for the current model (call once per iteration per device)."""
+        return EStepContext(self.model, self.config, xp, n_optics=len(self.optics_names),
+                            n_groups=len(self.group_names))
+
+    def sums_template(self) -> Class2DSums:
+        """Zero sums of the right shapes (host)."""
+        return Class2DSums.zeros(self.config.K, self.N, self.config.pad,
+                                 len(self.optics_names), len(self.group_names))
+
+    def store_results(self, index: np.ndarray, res: np.ndarray) -> None:
+        """Keep one pool's per-particle results."""
+        self.state.store(np.asarray(index, np.int64), res)
+
+    # ------------------------------------------------------------------ M-step side
+    def maximize(self, sums: Class2DSums) -> Class2DModel:
+        """M-step, optional re-seeding; advances the iteration."""
+        self.model = maximization(self.model, sums, self.config)
+        self.iteration = self.model.iteration
+        self.seed_class = np.full(self.n, -1)
+        self._maybe_reseed()
+        pdf = self.model.pdf_class
+        self.history.append({
+            "iteration": self.iteration, "log_likelihood": self.model.log_likelihood,
+            "avg_pmax": self.model.avg_pmax, "current_resolution":
+                self.model.current_resolution, "current_size": self.model.current_size,
+            "n_empty": int((pdf <= 0).sum()), "reseeded": list(self.model.reseeded),
+        })
+        return self.model
+
+    def _maybe_reseed(self) -> None:
+        cfg = self.config
+        m = self.model
+        K = cfg.K
+        if not cfg.reseed or K < 2 or self.iteration < 2:
+            return
+        if self.iteration >= max(2, int(round(cfg.reseed_until * cfg.iter))):
+            return
+        counts = np.bincount(self.state.cls[self.state.cls >= 0], minlength=K)
+        empty = [k for k in range(K) if counts[k] < max(2, 0.2 * self.n / K)]
+        sim = class_similarity(m.classes, n_psi=max(12, int(round(360 / cfg.psi_step))))
+        np.fill_diagonal(sim, -1)
+        dup = []
+        taken = set(empty)
+        for a, b in sorted(zip(*np.triu_indices(K, 1)), key=lambda ab: -sim[ab[0], ab[1]]):
+            if sim[a, b] < 0.95 or a in taken or b in taken:
+                continue
+            small = a if counts[a] < counts[b] else b
+            dup.append(int(small))
+            taken.update((int(a), int(b)))
+        slots = sorted(set(empty) | set(dup))
+        if not slots:
+            return
+        # the worst-fitting particles (log-likelihood z-score within their class)
+        ll, cls = self.state.loglik, self.state.cls
+        z = np.zeros(self.n)
+        for k in range(K):
+            sel = cls == k
+            if sel.sum() > 1:
+                z[sel] = (ll[sel] - ll[sel].mean()) / (ll[sel].std() + 1e-12)
+        n_take = max(1, int(round(self.n / K)))
+        worst = np.argsort(z, kind="stable")[: n_take * len(slots)]
+        rng = np.random.default_rng([self.seed, self.iteration, 7])
+        worst = rng.permutation(worst)
+        avg = m.classes[counts.argmax()] * 0
+        avg = np.mean(m.classes[[k for k in range(K) if k not in slots]], axis=0) \
+            if len(slots) < K else m.classes.mean(axis=0)
+        blob = _rotational_average(avg)
+        for i, k in enumerate(slots):
+            self.seed_class[worst[i::len(slots)]] = k
+            m.classes[k] = blob
+            m.pdf_class[k] = 1.0 / K
+            m.prior_offset[k] = 0
+            m.tau2[k] = np.mean(m.tau2[[j for j in range(K) if j not in slots]], axis=0) \
+                if len(slots) < K else m.tau2[k]
+        m.pdf_class /= m.pdf_class.sum()
+        m.reseeded = slots
+
+    # ------------------------------------------------------------------ outputs
+    def output_root(self) -> str:
+        """The ``--o`` rootname."""
+        return self.config.o
+
+    def write_iteration(self, final: bool = False) -> dict:
+        """Write the current iteration's RELION files; returns their paths."""
+        from ._output import write_iteration_files
+
+        it = self.iteration
+        if not final and it > 0 and self.config.write_every > 1 and it % self.config.write_every:
+            return {}
+        return write_iteration_files(self, it)
+
+    def summary(self) -> dict:
+        """A compact description of the current model (for progress views)."""
+        m = self.model
+        return {"iteration": self.iteration, "classes": m.classes,
+                "pdf_class": m.pdf_class.copy(), "current_resolution": m.current_resolution,
+                "log_likelihood": m.log_likelihood, "avg_pmax": m.avg_pmax,
+                "acc_rot": m.acc_rot.copy(), "reseeded": list(m.reseeded)}
+
+
+def _rotational_average(img: np.ndarray) -> np.ndarray:
+    """The rotational average of an image about its centre (a featureless seed)."""
+    N = img.shape[-1]
+    ax = np.arange(N) - N // 2
+    r = np.rint(np.sqrt(ax[:, None] ** 2 + ax[None, :] ** 2)).astype(int)
+    prof = np.bincount(r.ravel(), img.ravel()) / np.maximum(np.bincount(r.ravel()), 1)
+    return prof[r].astype(np.float32)
+
+
+def output_dir_of(root: str) -> str:
+    """The folder of an output rootname."""
+    return os.path.dirname(os.path.abspath(root))
