@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import array_module
 from .fourier import frequency_grid_2d
 
 __all__ = ["CTFParams", "ctf_2d", "ctf_at", "electron_wavelength"]

@@ -163,7 +163,8 @@ class SimulatedParticles:
         RELION 3.1 columns (optics merged), CTF but no poses: rlnImageName is filled by
         :func:`write_particle_set`.
     truth : DataFrame
-        Per particle: view (or -1), rot, tilt, psi (deg), origin_x/y (px), defocus_u/v.
+        Per particle: view (or -1), rot, tilt, psi (deg), origin_x/y (px, RELION's sign: the
+        particle's centre is at ``box//2 - origin``), defocus_u/v.
     pixel_size : float
     volume : ndarray of shape (box, box, box)
     """
@@ -276,7 +277,8 @@ def simulate_particles(volume=None, *, n: int = 1000, box: int | None = None,
     for s in tqdm(range(0, n, chunk), desc="projecting", disable=not progress, unit="chunk"):
         sl = slice(s, min(n, s + chunk))
         f = proj.project(euler_to_matrix(rot[sl], tilt[sl], psi[sl]), box)
-        f = f * shift_phases_2d(box, np.stack([ox[sl], oy[sl]], axis=1))
+        # RELION origins: the particle is the centred projection shifted by -origin
+        f = f * shift_phases_2d(box, -np.stack([ox[sl], oy[sl]], axis=1))
         if params is not None:
             f = f * ctf_2d(params.subset(sl), box, pixel_size)
         clean[sl] = ifft2_centered(f.astype(np.complex64), box)

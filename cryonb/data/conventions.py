@@ -11,9 +11,11 @@ In-plane rotation (2D classification)
     ``rlnAnglePsi`` estimated by 2D classification and the ``psi`` a projection was made with
     have the same sign.
 Origins
-    ``rlnOriginXAngst``/``rlnOriginYAngst`` (RELION 3.1+): the particle's centre sits at
-    ``box//2 + origin / pixel_size`` (pixels, x then y); the particle is the centred projection
-    shifted by ``+origin``. RELION 3.0 files give ``rlnOriginX``/``rlnOriginY`` in pixels.
+    ``rlnOriginXAngst``/``rlnOriginYAngst`` (RELION 3.1+) are the shift that CENTRES the
+    particle: its centre sits at ``box//2 - origin / pixel_size`` (pixels, x then y), i.e. the
+    particle is the centred projection shifted by ``-origin`` (``relion_project`` applies
+    ``shiftImageInFourierTransform(..., -xoff, -yoff)``; checked against it in the tests).
+    RELION 3.0 files give ``rlnOriginX``/``rlnOriginY`` in pixels.
 Image centre
     The centre of a box of ``n`` pixels is index ``n // 2`` (RELION's ``FIRST_XMIPP_INDEX``),
     for even and odd ``n``.

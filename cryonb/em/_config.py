@@ -52,6 +52,9 @@ class Class2DConfig(JobConfig):
                                       group="sampling", relion_default=0.999)
     maxsig: int = option(-1, "--maxsig", "at most this many significant coarse samples "
                          "(-1 = no limit)", group="sampling", relion_default=-1)
+    perturb: float = option(0.5, "--perturb", "random perturbation of the sampling grids "
+                            "each iteration (fraction of a step)", group="sampling",
+                            relion_default=0.5)
     norm: bool = option(True, "--norm", "per-particle normalisation correction")
     scale: bool = option(True, "--scale", "per-group intensity scale correction")
     pad: int = option(2, "--pad", "oversampling of the Fourier grids", relion_default=2)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import add_rows_at, array_module
+from ..backend import array_module
 from ..ctf import CTFParams, ctf_at
 from ..data.conventions import inplane_matrix
 from ..fourier import Projector, fft2_centered, ifft2_centered
@@ -60,8 +60,11 @@ def coarse_image_size(psi_step: float, particle_diameter: float, ori_size: int,
     return int(min(current_size, max(size, 8)))
 
 
-def _pixels(n: int, size: int):
+def _pixels(n: int, size: int, include_dc: bool = False):
     """Half-plane Fourier pixels of an ``n``-box with ``0 < |k| < size / 2``.
+
+    As RELION, the ``ky < 0`` half of the ``kx = 0`` column (the conjugates of the other half)
+    is left out, so that every independent Fourier component counts once.
 
     Returns flat indices into the ``(n, n//2+1)`` grid, kx, ky (float) and shell numbers.
     """
@@ -69,7 +72,7 @@ def _pixels(n: int, size: int):
     kx = np.arange(n // 2 + 1)
     KX, KY = np.meshgrid(kx, ky, indexing="xy")
     r2 = KX**2 + KY**2
-    keep = (r2 > 0) & (r2 < (size / 2.0) ** 2)
+    keep = ((r2 > 0) | include_dc) & (r2 < (size / 2.0) ** 2) & ~((KX == 0) & (KY < 0))
     flat = np.flatnonzero(keep.ravel())
     shells = np.rint(np.sqrt(r2.ravel()[flat])).astype(np.int64)
     return flat, KX.ravel()[flat].astype(np.float64), KY.ravel()[flat].astype(np.float64), shells
@@ -89,7 +92,8 @@ class _Grid:
     refs: object  # (M, P) complex64 rotated references
     refs_ri: object  # (M, 2P) float32 [Re | Im]
     refs_a2: object  # (M, P) float32 |A|^2
-    phases: object  # (T, P) complex64: shifts by -t
+    phases: object  # (T, P) complex64: shifts by +t (RELION origins)
+    phases_ri: object  # (T, 2P) float32 [Re | Im]
 
 
 class EStepContext:
@@ -118,7 +122,7 @@ class EStepContext:
         self.K = model.K
         self.apix = model.pixel_size
         self.sampling = Sampling.build(config.psi_step, config.offset_range, config.offset_step,
-                                       config.oversampling)
+                                       config.oversampling, perturb=model.perturb)
         s = self.sampling
         self.n_psi, self.n_psi_f = len(s.psi), len(s.psi_fine)
         self.n_optics = n_optics or model.sigma2_noise.shape[0]
@@ -133,6 +137,13 @@ class EStepContext:
         self.coarse = self._grid(coarse, projs, s.psi, s.trans)
         self.fine = (self.coarse if (coarse == cur and config.oversampling == 0)
                      else self._grid(cur, projs, s.psi_fine, s.trans_fine))
+        self.trans_fine = xp.asarray(s.trans_fine, dtype=xp.float32)
+        self.trans_coarse = xp.asarray(s.trans, dtype=xp.float32)
+        self.psi_fine_dev = xp.asarray(s.psi_fine, dtype=xp.float64)
+        # sum over the fine pass's pixels of log(2 pi sigma2), per optics group (log-likelihood)
+        sh = _to_host(self.fine.shells)
+        self.logsigma2 = xp.asarray(np.log(2 * np.pi * np.maximum(
+            model.sigma2_noise[:, sh], 1e-30)).sum(axis=1))
         with np.errstate(divide="ignore"):
             self.log_pdf = xp.asarray(np.log(np.maximum(model.pdf_class, 0)), dtype=xp.float32)
         self.prior_offset = xp.asarray(model.prior_offset, dtype=xp.float32)
@@ -141,7 +152,8 @@ class EStepContext:
         self.full_shells = xp.asarray(np.rint(np.sqrt(
             np.fft.fftfreq(N, 1.0 / N)[:, None] ** 2 + np.arange(N // 2 + 1)[None] ** 2)
         ).astype(np.int64).ravel())
-        self._acc_data = xp.zeros((self.K * self.n_psi_f, len(self.fine.kx)), xp.complex128)
+        # back-projection slices per (class, fine angle), [Re | Im], float64
+        self._acc_data = xp.zeros((self.K * self.n_psi_f, 2 * len(self.fine.kx)), xp.float64)
         self._acc_weight = xp.zeros((self.K * self.n_psi_f, len(self.fine.kx)), xp.float64)
         self.sums = Class2DSums.zeros(self.K, N, config.pad, self.n_optics, self.n_groups, xp)
         self.sums.data = None  # filled by finish()
@@ -158,14 +170,17 @@ class EStepContext:
         refs = xp.concatenate([pr.sample(coords) for pr in projs], axis=0).astype(xp.complex64)
         refs_ri = xp.concatenate([refs.real, refs.imag], axis=1)
         sig = np.maximum(self.model.sigma2_noise[:, shells], 1e-30)
-        ph = 2 * np.pi / self.N * (trans[:, 0:1] * kx[None] + trans[:, 1:2] * ky[None])
+        # shifting by +t multiplies by exp(-2 pi i k.t / N)
+        ph = -2 * np.pi / self.N * (trans[:, 0:1] * kx[None] + trans[:, 1:2] * ky[None])
         onehot = np.zeros((len(flat), self.nsh), np.float32)
         onehot[np.arange(len(flat)), shells] = 1
         return _Grid(size, xp.asarray(flat), kx, ky, xp.asarray(shells), xp.asarray(onehot),
                      xp.asarray(1.0 / sig, dtype=xp.float32), refs,
                      xp.ascontiguousarray(refs_ri),
                      (refs.real**2 + refs.imag**2).astype(xp.float32),
-                     xp.asarray(np.exp(1j * ph), dtype=xp.complex64))
+                     xp.asarray(np.exp(1j * ph), dtype=xp.complex64),
+                     xp.asarray(np.concatenate([np.cos(ph), np.sin(ph)], axis=1),
+                                dtype=xp.float32))
 
     # ------------------------------------------------------------------ helpers
     def _ctf(self, batch: ParticleBatch, grid: _Grid):
@@ -191,15 +206,20 @@ class EStepContext:
             f = self.model.avg_norm / np.maximum(batch.norm, 1e-6)
             imgs = imgs * xp.asarray(f, dtype=xp.float32)[:, None, None]
         r = np.rint(batch.offset).astype(np.int64)
-        # content moves by -r: out[y, x] = in[y + ry, x + rx] (circular; the mask hides the wrap)
+        # RELION origins centre the particle when it is shifted by +origin: content moves by
+        # +r, out[y, x] = in[y - ry, x - rx] (circular; the mask hides the wrapped edge)
         ar = np.arange(N)
-        rows = xp.asarray((ar[None, :] + r[:, 1:2]) % N)
-        cols = xp.asarray((ar[None, :] + r[:, 0:1]) % N)
+        rows = xp.asarray((ar[None, :] - r[:, 1:2]) % N)
+        cols = xp.asarray((ar[None, :] - r[:, 0:1]) % N)
         imgs = xp.take_along_axis(imgs, rows[:, :, None], axis=1)
         imgs = xp.take_along_axis(imgs, cols[:, None, :], axis=2)
-        masked = imgs * self.mask
-        if not self.config.zero_mask:
-            masked = masked + self._noise(batch) * (1 - self.mask)
+        if self.config.zero_mask:
+            # RELION's softMaskOutsideMap: the background becomes its own (weighted) mean
+            outside = 1 - self.mask
+            bg = (imgs * outside).sum(axis=(1, 2)) / outside.sum()
+            masked = imgs * self.mask + bg[:, None, None] * outside
+        else:
+            masked = imgs * self.mask + self._noise(batch) * (1 - self.mask)
         F = fft2_centered(masked).reshape(len(batch), -1)
         frac = batch.offset - r
         return F, frac
@@ -241,27 +261,25 @@ class EStepContext:
         Xc = F[:, c.flat] * ph_frac_c
         ctf_c = self._ctf(batch, c)
         inv_c = c.invsig[xp.asarray(batch.optics)]
-        sig = self._coarse_pass(batch, Xc, ctf_c, inv_c)
+        sig, best = self._coarse_pass(batch, Xc, ctf_c, inv_c)
         Xf = F[:, f.flat] * self._frac_phase(frac, f) if f is not c else Xc
         ctf_f = self._ctf(batch, f) if f is not c else ctf_c
         inv_f = f.invsig[xp.asarray(batch.optics)] if f is not c else inv_c
         res = np.zeros((B, len(RESULT_COLUMNS)))
         power_full = self._power_beyond(F)
-        sig_t = sig.any(axis=2)  # (B, T)
-        sig_r = sig.any(axis=1)  # (B, M)
-        n_t = _to_host(sig_t.sum(axis=1))
-        n_r = _to_host(sig_r.sum(axis=1))
         res[:, RESULT_COLUMNS.index("n_sig")] = _to_host(sig.reshape(B, -1).sum(axis=1))
-        for sub in self._fine_groups(n_t, n_r):
-            self._fine_pass(batch, sub, sig[sub], sig_t[sub], sig_r[sub], int(n_t[sub].max()),
-                            int(n_r[sub].max()), Xf[sub], ctf_f[sub], inv_f[sub],
-                            power_full[sub], res)
+        groups = self._fine_groups(_to_host(sig.any(axis=2)), _to_host(sig.any(axis=1)),
+                                   _to_host(best))
+        for sub, r_union in groups:
+            isub = xp.asarray(sub)
+            self._fine_pass(batch, sub, r_union, sig[isub], Xf[isub], ctf_f[isub], inv_f[isub],
+                            power_full[isub], res)
         self.n_done += B
         return res
 
     def _frac_phase(self, frac, grid: _Grid):
         xp = self.xp
-        ph = 2 * np.pi / self.N * (frac[:, 0:1] * grid.kx[None] + frac[:, 1:2] * grid.ky[None])
+        ph = -2 * np.pi / self.N * (frac[:, 0:1] * grid.kx[None] + frac[:, 1:2] * grid.ky[None])
         return xp.asarray(np.exp(1j * ph), dtype=xp.complex64)
 
     def _power_beyond(self, F):
@@ -291,13 +309,14 @@ class EStepContext:
         a2 = (ctf * ctf * inv) @ c.refs_a2.T  # (B, M)
         x2 = ((Xc.real**2 + Xc.imag**2) * inv).sum(axis=1)
         lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
-        offs = xp.asarray(batch.offset[:, None, :] + self.sampling.trans[None], dtype=xp.float32)
+        offs = xp.asarray(batch.offset[:, None, :], dtype=xp.float32) + self.trans_coarse
         prior = self._offset_logprior(offs)[..., None] + self.log_pdf[:, None]  # (B, T, K, R)
         lw = lw.reshape(B, T, self.K, self.n_psi) + prior
         seed = xp.asarray(batch.seed_class)
         restrict = (seed[:, None] >= 0) & (xp.arange(self.K)[None] != seed[:, None])
         lw = xp.where(restrict[:, None, :, None], -xp.inf, lw).reshape(B, T, M)
-        return self._significant(lw)
+        best = lw.max(axis=1).argmax(axis=1)
+        return self._significant(lw), best
 
     def _significant(self, lw):
         """RELION's significant samples: the fewest holding ``adaptive_fraction`` of the weight."""
@@ -314,129 +333,156 @@ class EStepContext:
         thr = xp.take_along_axis(srt, (nsig - 1)[:, None], axis=1)
         return (w >= thr).reshape(lw.shape)
 
-    def _fine_groups(self, n_t, n_r, budget_bytes: float | None = None):
-        """Split a pool into groups of particles with similar significant-set sizes."""
+    def _fine_groups(self, sig_t, sig_r, best, budget_bytes: float | None = None):
+        """Split a pool into groups for the fine pass.
+
+        Particles are sorted by their best coarse rotation, so that neighbours in a group
+        share most of their significant rotations; each group is then evaluated against the
+        union of its particles' significant rotations with one matrix product (rows: the
+        particles' significant translations). Early iterations, where everything is
+        significant, become dense products over the whole fine grid.
+
+        Parameters
+        ----------
+        sig_t : bool ndarray of shape (B, T)  (host)
+        sig_r : bool ndarray of shape (B, M)  (host)
+        best : int ndarray of shape (B,)
+            Best coarse rotation of each particle.
+
+        Returns
+        -------
+        list of (particle indices, coarse rotation indices of the union)
+        """
         ts, ps = self.sampling.trans_sub, self.sampling.psi_sub
         P = len(self.fine.kx)
         if budget_bytes is None:
-            budget_bytes = 256e6 if self.xp is np else 2e9
-        order = np.argsort(n_t * n_r, kind="stable")
-        groups, cur, mt, mr = [], [], 0, 0
+            budget_bytes = 160e6 if self.xp is np else 1.5e9
+        n_t = sig_t.sum(axis=1)
+        order = np.lexsort((n_t, best))
+        groups = []
+        cur: list[int] = []
+        union = np.zeros(sig_r.shape[1], bool)
+        mt = 0
         for i in order:
-            t2, r2 = max(mt, n_t[i]), max(mr, n_r[i])
-            cost = (len(cur) + 1) * (t2 * ts + r2 * ps * 2) * P * 8 * 3
-            if cur and cost > budget_bytes:
-                groups.append(np.array(cur))
-                cur, t2, r2 = [], n_t[i], n_r[i]
-            cur.append(i)
-            mt, mr = t2, r2
+            u2 = union | sig_r[i]
+            t2 = max(mt, int(n_t[i]))
+            nb = len(cur) + 1
+            ru = int(u2.sum()) * ps
+            rows = nb * t2 * ts
+            cost = 4 * (rows * 2 * P * 3 + rows * ru * 6 + ru * 2 * P * 2)
+            if cur and (cost > budget_bytes or nb > 512):
+                groups.append((np.array(cur), np.flatnonzero(union)))
+                cur, u2, t2 = [], sig_r[i].copy(), int(n_t[i])
+            cur.append(int(i))
+            union, mt = u2, t2
         if cur:
-            groups.append(np.array(cur))
+            groups.append((np.array(cur), np.flatnonzero(union)))
         return groups
 
-    def _fine_pass(self, batch, sub, sig, sig_t, sig_r, nT, nR, Xf, ctf, inv, power_full, res):
+    def _fine_pass(self, batch, sub, r_union, sig, Xf, ctf, inv, power_full, res):
+        """Fine pass + accumulation for the particles ``sub`` against rotations ``r_union``."""
         xp = self.xp
         f = self.fine
         s = self.sampling
         ts, ps = s.trans_sub, s.psi_sub
         Bs, P = Xf.shape
-        # significant coarse translations / rotations per particle, padded
+        T, M = sig.shape[1], sig.shape[2]
+        ru = xp.asarray(r_union)
+        sig_u = sig[:, :, ru]  # (Bs, T, Ru)
+        sig_t = sig_u.any(axis=2)
+        nT = int(_to_host(sig_t.sum(axis=1)).max())
         t_idx = xp.argsort(~sig_t, axis=1, kind="stable")[:, :nT]  # (Bs, nT)
         t_ok = xp.take_along_axis(sig_t, t_idx, axis=1)
-        r_idx = xp.argsort(~sig_r, axis=1, kind="stable")[:, :nR]
-        r_ok = xp.take_along_axis(sig_r, r_idx, axis=1)
-        pair = xp.take_along_axis(sig, t_idx[:, :, None], axis=1)
-        pair = xp.take_along_axis(pair, r_idx[:, None, :], axis=2) & t_ok[:, :, None] & r_ok[:, None]
-        # fine indices: translation j -> j*ts + q; rotation m = k*R + r -> (k*R + r)*ps + q
+        pair = xp.take_along_axis(sig_u, t_idx[:, :, None], axis=1) & t_ok[:, :, None]
+        # fine indices: translation j -> j*ts + q; rotation m = k*R + r -> m*ps + q
         tf = (t_idx[:, :, None] * ts + xp.arange(ts)[None, None]).reshape(Bs, nT * ts)
-        rf = (r_idx[:, :, None] * ps + xp.arange(ps)[None, None]).reshape(Bs, nR * ps)
+        rf = (ru[:, None] * ps + xp.arange(ps)[None]).reshape(-1)  # (Rf,) shared by the group
         valid = xp.repeat(xp.repeat(pair, ts, axis=1), ps, axis=2)  # (Bs, Tf, Rf)
-        ph = f.phases[tf]  # (Bs, Tf, P)
-        A = f.refs[rf]  # (Bs, Rf, P)
-        Y = Xf * (ctf * inv)
-        Yt = Y[:, None, :] * ph
-        cross = (xp.concatenate([Yt.real, Yt.imag], axis=2)
-                 @ xp.concatenate([A.real, A.imag], axis=2).transpose(0, 2, 1))
-        a2 = (f.refs_a2[rf] @ (ctf * ctf * inv)[:, :, None])[..., 0]  # (Bs, Rf)
+        Tf, Rf = tf.shape[1], rf.shape[0]
+        # shifted images X(t) as contiguous [Re | Im] rows; Y = X(t) CTF / sigma2
+        ph = f.phases_ri[tf]  # (Bs, Tf, 2P)
+        Xt = _cmul_ri(_ri(Xf)[:, None, :], ph, P)  # (Bs, Tf, 2P)
+        cinv = ctf * inv
+        cinv2 = xp.concatenate([cinv, cinv], axis=1)
+        Y = Xt * cinv2[:, None, :]
+        Ari = f.refs_ri[rf]  # (Rf, 2P)
+        A2 = f.refs_a2[rf]  # (Rf, P)
+        Y2 = Y.reshape(Bs * Tf, 2 * P)
+        cross = (Y2 @ Ari.T).reshape(Bs, Tf, Rf)
+        a2 = (ctf * cinv) @ A2.T  # (Bs, Rf)
         x2 = ((Xf.real**2 + Xf.imag**2) * inv).sum(axis=1)
         lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
-        cls = rf // self.n_psi_f  # (Bs, Rf)
-        offs = xp.asarray(batch.offset[sub][:, None, :], dtype=xp.float32) + xp.asarray(
-            s.trans_fine, dtype=xp.float32)[tf]  # (Bs, Tf, 2)
-        d = offs[:, :, None, :] - self.prior_offset[cls][:, None, :, :]  # (Bs, Tf, Rf, 2)
-        d2 = (d * d).sum(axis=-1)
-        lw = lw + self.log_pdf[cls][:, None, :] - d2 * self.inv2_sig_off
+        del cross
+        offs = xp.asarray(batch.offset[sub][:, None, :], dtype=xp.float32) + self.trans_fine[tf]
+        # |offset - class prior|^2 per (particle, translation, class), then per rotation
+        po = self.prior_offset  # (K, 2)
+        d2k = ((offs * offs).sum(axis=-1)[:, :, None] - 2 * (offs @ po.T)
+               + (po * po).sum(axis=1)[None, None, :])  # (Bs, Tf, K)
+        rcls = rf // self.n_psi_f
+        lw = lw + (self.log_pdf[None, None, :] - d2k * self.inv2_sig_off)[:, :, rcls]
         lw = xp.where(valid, lw, -xp.inf)
         mx = lw.reshape(Bs, -1).max(axis=1)
         w = xp.exp(lw - mx[:, None, None])
+        del lw
         tot = w.reshape(Bs, -1).sum(axis=1)
-        loglik = mx + xp.log(tot)
-        w = w / tot[:, None, None]
-        keep = self._significant(xp.log(xp.maximum(w, 1e-38)) + xp.where(valid, 0, -xp.inf))
-        w = xp.where(keep, w, 0)
-        w = w / w.reshape(Bs, -1).sum(axis=1)[:, None, None]
+        loglik = mx + xp.log(tot) - self.logsigma2[xp.asarray(batch.optics[sub])]
+        # (RELION drops fine weights below its significance threshold; with dense matrix
+        # products that saves nothing, so every fine weight of a significant coarse sample
+        # is kept: at most 1 - adaptive_fraction of the weight differs)
+        w = (w / tot[:, None, None]).astype(xp.float32)
         # per-particle results
         best = xp.argmax(w.reshape(Bs, -1), axis=1)
-        bt, br = best // w.shape[2], best % w.shape[2]
+        bt, br = best // Rf, best % Rf
         ar = xp.arange(Bs)
-        best_tf, best_rf = tf[ar, bt], rf[ar, br]
-        psi_f = xp.asarray(s.psi_fine, dtype=xp.float64)
+        best_rf = rf[br]
         best_off = offs[ar, bt]
         omega = w.sum(axis=1)  # (Bs, Rf)
         wt = w.sum(axis=2)  # (Bs, Tf)
-        dpsi = (psi_f[rf % self.n_psi_f] - psi_f[best_rf % self.n_psi_f][:, None] + 180) % 360 - 180
+        psi_f = self.psi_fine_dev
+        dpsi = (psi_f[rf % self.n_psi_f][None] - psi_f[best_rf % self.n_psi_f][:, None] + 180
+                ) % 360 - 180
         acc_rot = xp.sqrt((omega * dpsi**2).sum(axis=1))
         dt = offs - best_off[:, None, :]
         acc_tr = xp.sqrt((wt * (dt * dt).sum(axis=-1)).sum(axis=1))
-        # accumulate: G = w^T @ X(t)  (weighted sums of shifted images per rotation)
-        Xt = Xf[:, None, :] * ph
-        wT = w.transpose(0, 2, 1)
-        G = (wT @ Xt.real) + 1j * (wT @ Xt.imag)  # (Bs, Rf, P)
-        rows = (omega > 0).reshape(-1)
-        slots = rf.reshape(-1)[rows]
-        cinv = (ctf * inv)[:, None, :]
-        add_rows_at(self._acc_data, slots, (G * cinv).reshape(-1, P)[rows])
-        add_rows_at(self._acc_weight, slots,
-                    (omega[:, :, None] * (ctf * ctf * inv)[:, None, :]).reshape(-1, P)[rows])
-        # residuals per shell (noise model), scale and norm corrections
-        crossn = ((G * xp.conj(A)).real.sum(axis=1) * ctf) @ f.onehot  # (Bs, nsh)
-        a2n = ((omega[:, None, :] @ f.refs_a2[rf])[:, 0, :] * ctf * ctf) @ f.onehot
+        # back-projection sums (data: sum_t w Y(t) per rotation; weight: sum w CTF^2/sigma2)
+        # and H(t) = sum_rot w A_rot, which gives the residual's cross term per shell
+        W2 = w.reshape(Bs * Tf, Rf)
+        self._acc_data[rf] += W2.T @ Y2
+        self._acc_weight[rf] += omega.T @ (ctf * cinv)
+        H = (W2 @ Ari).reshape(Bs, Tf, 2 * P)
+        a2pix = omega @ A2  # (Bs, P)
+        del W2, Y2
+        XH = (Xt * H).sum(axis=1)  # (Bs, 2P)
+        del H, Xt, Y
+        crossn = ((XH[:, :P] + XH[:, P:]) * ctf) @ f.onehot
+        a2n = (a2pix * ctf * ctf) @ f.onehot
         x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
-        resid = x2n - 2 * crossn + a2n
-        beyond = xp.arange(self.nsh) >= f.size // 2
+        resid = x2n - 2 * crossn + a2n  # (Bs, nsh): weighted |X - CTF A|^2 per shell
+        beyond = xp.arange(self.nsh) > f.size // 2
         resid = xp.where(beyond[None], power_full, resid)
-        resid[:, 0] = power_full[:, 0]
-        optics = xp.asarray(batch.optics[sub])
+        self._accumulate_stats(batch, sub, resid, crossn, a2n)
         S = self.sums
-        for g in np.unique(batch.optics[sub]):
-            sel = optics == int(g)
-            S.sigma2_noise[int(g)] += resid[sel].sum(axis=0)
-            S.sumw_optics[int(g)] += int(sel.sum())
-        groups = xp.asarray(batch.group[sub])
-        for g in np.unique(batch.group[sub]):
-            sel = groups == int(g)
-            S.scale_xa[int(g)] += crossn[sel].sum(axis=0)
-            S.scale_aa[int(g)] += a2n[sel].sum(axis=0)
-        # norm: residual power relative to the noise model over the fine shells
-        sig2 = xp.asarray(self.model.sigma2_noise, dtype=xp.float64)[optics]  # (Bs, nsh)
-        npix = f.onehot.sum(axis=0).astype(xp.float64)
-        inner = (xp.arange(self.nsh) > 0) & (xp.arange(self.nsh) < f.size // 2)
-        ratio = (resid * inner).sum(axis=1) / (2 * sig2 * npix * inner).sum(axis=1)
+        # norm correction (RELION): real-space std of the residual of the current image
         old_norm = xp.asarray(batch.norm[sub], dtype=xp.float64)
-        new_norm = old_norm * xp.sqrt(xp.maximum(ratio, 1e-12)) if self.config.norm else old_norm
+        if self.config.norm:
+            new_norm = old_norm / self.model.avg_norm * xp.sqrt(2 * xp.maximum(
+                resid.sum(axis=1), 1e-30))
+        else:
+            new_norm = old_norm
         S.norm_sum += new_norm.sum()
-        # class priors, offsets
-        S.pdf_class += xp.bincount(cls.reshape(-1), weights=omega.reshape(-1).astype(xp.float64),
+        # class priors and offsets (RELION sums prior offsets over all weight; see M-step)
+        flat_cls = xp.broadcast_to(rcls[None], (Bs, Rf)).reshape(-1)
+        S.pdf_class += xp.bincount(flat_cls, weights=omega.reshape(-1).astype(xp.float64),
                                    minlength=self.K)
-        wo = (wT @ offs)  # (Bs, Rf, 2) = sum_t w * offset
+        wo = xp.einsum("btr,btc->brc", w, offs)  # (Bs, Rf, 2) = sum_t w * offset
         for a in range(2):
-            S.prior_offset[:, a] += xp.bincount(cls.reshape(-1), weights=wo[..., a].reshape(-1)
+            S.prior_offset[:, a] += xp.bincount(flat_cls, weights=wo[..., a].reshape(-1)
                                                 .astype(xp.float64), minlength=self.K)
-        S.sigma2_offset += (w * d2).sum()
-        S.acc_rot += xp.bincount(cls.reshape(-1), weights=(omega * acc_rot[:, None]).reshape(-1)
-                                 .astype(xp.float64), minlength=self.K)
-        S.acc_trans += xp.bincount(cls.reshape(-1), weights=(omega * acc_tr[:, None]).reshape(-1)
-                                   .astype(xp.float64), minlength=self.K)
+        S.sigma2_offset += (w * d2k[:, :, rcls]).sum()
+        for name, v in (("acc_rot", acc_rot), ("acc_trans", acc_tr)):
+            getattr(S, name)[...] += xp.bincount(
+                flat_cls, weights=(omega * v[:, None]).reshape(-1).astype(xp.float64),
+                minlength=self.K)
         pmax = w.reshape(Bs, -1).max(axis=1)
         S.loglik += loglik.sum()
         S.pmax += pmax.sum()
@@ -446,6 +492,21 @@ class EStepContext:
                 "loglik": loglik, "norm": new_norm, "acc_rot": acc_rot, "acc_trans": acc_tr}
         for name, v in cols.items():
             res[sub, RESULT_COLUMNS.index(name)] = _to_host(v)
+
+    def _accumulate_stats(self, batch, sub, resid, crossn, a2n):
+        """Noise spectra per optics group, scale sums per group."""
+        xp = self.xp
+        S = self.sums
+        optics = batch.optics[sub]
+        groups = batch.group[sub]
+        for g in np.unique(optics):
+            sel = xp.asarray(optics == g)
+            S.sigma2_noise[int(g)] += resid[sel].sum(axis=0)
+            S.sumw_optics[int(g)] += int((optics == g).sum())
+        for g in np.unique(groups):
+            sel = xp.asarray(groups == g)
+            S.scale_xa[int(g)] += crossn[sel].sum(axis=0)
+            S.scale_aa[int(g)] += a2n[sel].sum(axis=0)
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> Class2DSums:
@@ -465,10 +526,26 @@ class EStepContext:
         rows = xp.flatnonzero(self._acc_weight.any(axis=1))
         if rows.size:
             r = rows % self.n_psi_f
-            insert_slices_2d(S.data, S.weight, self._acc_data[rows], self._acc_weight[rows],
+            P = len(f.kx)
+            vals = self._acc_data[rows, :P] + 1j * self._acc_data[rows, P:]
+            insert_slices_2d(S.data, S.weight, vals, self._acc_weight[rows],
                              coords[r], rows // self.n_psi_f, pad * (f.size / 2.0))
         self._acc_data = self._acc_weight = None
         return S
+
+
+def _ri(z):
+    """Complex (..., P) -> contiguous real (..., 2P) as [Re | Im]."""
+    xp = array_module(z)
+    return xp.concatenate([z.real, z.imag], axis=-1).astype(xp.float32, copy=False)
+
+
+def _cmul_ri(a, b, P: int):
+    """Product of two [Re | Im] arrays (broadcasting), result [Re | Im] (..., 2P)."""
+    xp = array_module(a, b)
+    ar, ai = a[..., :P], a[..., P:]
+    br, bi = b[..., :P], b[..., P:]
+    return xp.concatenate([ar * br - ai * bi, ar * bi + ai * br], axis=-1)
 
 
 def _to_host(a):

@@ -37,8 +37,13 @@ class Sampling:
 
     @classmethod
     def build(cls, psi_step: float, offset_range: float, offset_step: float,
-              oversampling: int = 1) -> Sampling:
-        """RELION's 2D sampling: psi every ``360/ceil(360/psi_step)`` degrees, offsets on a disc."""
+              oversampling: int = 1, perturb: float = 0.0) -> Sampling:
+        """RELION's 2D sampling: psi every ``360/ceil(360/psi_step)`` degrees, offsets on a disc.
+
+        ``perturb`` (a fraction of a step, RELION's per-iteration random perturbation) shifts
+        all angles and translations by ``perturb`` steps, so that successive iterations do not
+        sample the same grid points.
+        """
         n_psi = max(1, math.ceil(360.0 / psi_step - 1e-9))
         dpsi = 360.0 / n_psi
         psi = np.arange(n_psi) * dpsi
@@ -47,6 +52,8 @@ class Sampling:
         tx, ty = np.meshgrid(g, g, indexing="xy")
         keep = tx**2 + ty**2 <= offset_range**2 + 1e-6
         trans = np.stack([tx[keep], ty[keep]], axis=1).astype(np.float64)
+        psi = psi + perturb * dpsi
+        trans = trans + perturb * offset_step
         if oversampling == 0:
             return cls(psi, psi.copy(), trans, trans.copy(), 0)
         npsi_sub = 2**oversampling
@@ -116,6 +123,7 @@ class Class2DModel:
     sigma2_class: np.ndarray
     data_vs_prior: np.ndarray
     fourier_coverage: np.ndarray
+    perturb: float = 0.0
     log_likelihood: float = 0.0
     avg_pmax: float = 0.0
     acc_rot: np.ndarray = field(default_factory=lambda: np.zeros(0))

@@ -10,7 +10,7 @@ from ..fourier import fft2_centered, radial_index_2d
 from ._estep import coarse_image_size, soft_circular_mask
 from ._model import Class2DModel, Class2DSums
 
-__all__ = ["InitSums", "initial_model", "maximization", "shell_pixel_counts"]
+__all__ = ["InitSums", "initial_model", "initial_pass_sums", "maximization", "shell_pixel_counts"]
 
 MINRES_MAP = 5  # RELION: no regularisation below this shell
 
@@ -32,77 +32,128 @@ def _shell_mean(power2d, n):
 
 @dataclass
 class InitSums:
-    """Sums of the initial pass over all particles.
+    """Sums of the initial pass over all particles (RELION's initial references and noise).
 
     Attributes
     ----------
     image_sum : (N, N)
-        Sum of masked particle images.
+        Sum of the (masked with ``--zero_mask``) particle images.
     power_sum : (G, N//2+1)
-        Sum of per-shell mean power of the masked images' transforms, per optics group.
-    ctf2_sum : (N//2+1,)
-        Sum of per-shell mean CTF^2 (to estimate the first SSNR).
+        Sum of per-shell mean power of those images' transforms, per optics group.
     count : (G,)
         Particles per optics group.
+    data, weight : (K, pad*N, pad*N//2+1) complex128 / float64
+        Random-subset class sums: every particle is inserted, CTF-weighted, into a random
+        class at a random in-plane angle (RELION's initial references without ``--ref``).
     """
 
     image_sum: np.ndarray
     power_sum: np.ndarray
-    ctf2_sum: np.ndarray
     count: np.ndarray
+    data: np.ndarray
+    weight: np.ndarray
+
+    _FIELDS = ("image_sum", "power_sum", "count", "data", "weight")
+
+    @classmethod
+    def zeros(cls, K: int, N: int, pad: int, n_optics: int) -> InitSums:
+        """Empty sums."""
+        P = pad * N
+        return cls(np.zeros((N, N)), np.zeros((n_optics, N // 2 + 1)), np.zeros(n_optics),
+                   np.zeros((K, P, P // 2 + 1), np.complex128), np.zeros((K, P, P // 2 + 1)))
 
     def to_vector(self):
         """Pack into one float64 vector."""
-        return np.concatenate([np.asarray(getattr(self, k), np.float64).ravel()
-                               for k in ("image_sum", "power_sum", "ctf2_sum", "count")])
+        return np.concatenate([
+            (a.view(np.float64) if np.iscomplexobj(a) else np.asarray(a, np.float64)).ravel()
+            for a in (getattr(self, k) for k in self._FIELDS)])
 
     def shapes(self):
         """Shapes for :meth:`from_vector`."""
-        return [(k, getattr(self, k).shape, False)
-                for k in ("image_sum", "power_sum", "ctf2_sum", "count")]
+        return [(k, getattr(self, k).shape, bool(np.iscomplexobj(getattr(self, k))))
+                for k in self._FIELDS]
 
     @classmethod
     def from_vector(cls, vec, shapes):
         """Unpack :meth:`to_vector`."""
         out, o = {}, 0
-        for name, shape, _ in shapes:
-            size = int(np.prod(shape))
-            out[name] = vec[o : o + size].reshape(shape).copy()
+        for name, shape, cplx in shapes:
+            size = int(np.prod(shape)) * (2 if cplx else 1)
+            a = vec[o : o + size]
             o += size
+            out[name] = (a.view(np.complex128) if cplx else a).reshape(shape).copy()
         return cls(**out)
 
-    @classmethod
-    def accumulate(cls, images, optics, ctf2_shell, n_optics: int, mask):
-        """Sums of one pool.
-
-        Parameters
-        ----------
-        images : (B, N, N) float32 (host)
-        optics : (B,) int
-        ctf2_shell : (B, N//2+1)
-            Per-shell mean CTF^2 of each particle (ones without CTF).
-        n_optics : int
-        mask : (N, N)
-        """
-        N = images.shape[-1]
-        masked = images * mask
-        F = fft2_centered(masked)
-        ps = _shell_mean((F.real**2 + F.imag**2).astype(np.float64), N)
-        power = np.zeros((n_optics, N // 2 + 1))
-        count = np.zeros(n_optics)
-        np.add.at(power, optics, ps)
-        np.add.at(count, optics, 1)
-        return cls(masked.sum(axis=0, dtype=np.float64), power, ctf2_shell.sum(axis=0), count)
+    def add_(self, other: InitSums) -> InitSums:
+        """In-place sum."""
+        for k in self._FIELDS:
+            getattr(self, k)[...] += getattr(other, k)
+        return self
 
 
-def _current_size(dvp, pdf, N, incr_size, strict_highres_px=None):
-    """RELION's next image size: 2 * (first shell with SSNR < 1 + incr_size), even, <= N."""
-    maxres = 1
+def initial_pass_sums(images, meta: dict, config, pixel_size: float, n_optics: int,
+                      mask) -> InitSums:
+    """Worker side of the initial pass for one pool (host arrays).
+
+    Parameters
+    ----------
+    images : (B, N, N) float32
+    meta : dict
+        ``optics`` (B,), ``ctf`` (dict of (B,) arrays), ``init_class`` (B,), ``init_psi`` (B,).
+    config : Class2DConfig
+    pixel_size : float
+    n_optics : int
+    mask : (N, N)
+        Particle mask (applied with ``--zero_mask``, background set to its mean).
+    """
+    from ..ctf import CTFParams, ctf_at
+    from ..data.conventions import inplane_matrix
+    from ..kernels import insert_slices_2d
+    from ._estep import _pixels
+
+    imgs = np.asarray(images, np.float32)
+    B, N = imgs.shape[0], imgs.shape[-1]
+    if config.zero_mask:
+        outside = 1 - mask
+        bg = (imgs * outside).sum(axis=(1, 2)) / outside.sum()
+        imgs = imgs * mask + bg[:, None, None] * outside
+    F = fft2_centered(imgs)
+    ps = _shell_mean((F.real**2 + F.imag**2).astype(np.float64), N)
+    out = InitSums.zeros(config.K, N, config.pad, n_optics)
+    np.add.at(out.power_sum, meta["optics"], ps)
+    np.add.at(out.count, meta["optics"], 1)
+    out.image_sum += imgs.sum(axis=0, dtype=np.float64)
+    cur = initial_size(N, config.incr_size)
+    flat, kx, ky, _ = _pixels(N, cur, include_dc=True)
+    X = F.reshape(B, -1)[:, flat]
+    if config.ctf:
+        c = ctf_at(CTFParams.from_dict(meta["ctf"]), kx, ky, N, pixel_size,
+                   intact_first_peak=config.ctf_intact_first_peak).reshape(B, -1)
+    else:
+        c = np.ones((B, len(flat)), np.float32)
+    k = np.stack([kx, ky], axis=-1)
+    coords = np.einsum("pi,bij->bpj", k, inplane_matrix(meta["init_psi"])) * config.pad
+    insert_slices_2d(out.data, out.weight, (X * c).astype(np.complex128), (c * c).astype(
+        np.float64), coords.astype(np.float32), np.asarray(meta["init_class"], np.int64),
+        config.pad * cur / 2.0)
+    return out
+
+
+def initial_size(N: int, incr_size: int) -> int:
+    """RELION's first image size without ``--ini_high``: ``2 * (round(0.07 N) + incr_size)``."""
+    return int(min(N, 2 * (round(0.07 * N) + incr_size)))
+
+
+def _current_size(dvp, N, incr_size, strict_highres_px=None):
+    """RELION's next image size from the SSNR (``updateCurrentResolution``).
+
+    Per class the last shell before the SSNR drops below 1; the maximum over classes (at
+    least shell 5); then ``2 * (maxres + incr_size)``, even, at most ``N``.
+    """
+    maxres = MINRES_MAP
     for k in range(dvp.shape[0]):
-        if pdf[k] <= 0:
-            continue
         below = np.flatnonzero(dvp[k, 1:] < 1.0)
-        ires = (below[0] + 1) if below.size else dvp.shape[1] - 1
+        ires = below[0] if below.size else dvp.shape[1] - 1  # first ires with SSNR<1, minus 1
         maxres = max(maxres, int(ires))
     size = min(N, 2 * (maxres + incr_size))
     if strict_highres_px:
@@ -118,41 +169,70 @@ def _strict_px(config, N, apix):
 
 def initial_model(sums: InitSums, config, pixel_size: float, n_groups: int,
                   optics_names=None, group_names=None, group_counts=None) -> Class2DModel:
-    """The iteration-0 model from the initial pass (RELION's initialisation for 2D).
+    """The iteration-0 model from the initial pass, as RELION 3.1 makes it for 2D.
 
-    Every class starts as the (masked) average of all particles; the noise spectrum per optics
-    group is half the difference between the mean particle power spectrum and the power
-    spectrum of the average; ``tau2`` is the power spectrum of the average.
+    Classes are CTF-weighted averages of random subsets at random in-plane angles, low-pass
+    filtered at the first image size; the noise spectrum per optics group is half the mean
+    particle power spectrum minus half the power spectrum of the average particle; the offset
+    prior has RELION's default width (10 A).
     """
     N = sums.image_sum.shape[-1]
-    K = config.K
+    K, pad = config.K, config.pad
     n = sums.count.sum()
     diameter = config.particle_diameter or 0.9 * N * pixel_size
     mask = soft_circular_mask(N, diameter / (2 * pixel_size), 5.0).astype(np.float64)
     avg = sums.image_sum / max(n, 1)
     F = fft2_centered(avg)
     ps_avg = _shell_mean((F.real**2 + F.imag**2), N)
-    sigma2 = 0.5 * (sums.power_sum / np.maximum(sums.count, 1)[:, None] - ps_avg[None])
-    sigma2 = np.maximum(sigma2, 1e-12 * max(float(sigma2.max()), 1e-30))
-    tau2 = np.repeat(ps_avg[None], K, axis=0)
-    ctf2 = sums.ctf2_sum / max(n, 1)
-    mean_inv_sig = (sums.count[:, None] / np.maximum(sigma2, 1e-30)).sum(axis=0) / max(n, 1)
-    dvp = tau2 * (n / K) * ctf2[None] * mean_inv_sig[None]
-    pdf = np.full(K, 1.0 / K)
-    cur = _current_size(dvp, pdf, N, config.incr_size, _strict_px(config, N, pixel_size))
-    classes = np.repeat((avg * mask)[None].astype(np.float32), K, axis=0)
-    sigma_offset_px = max(config.offset_range, config.offset_step) / 3.0 * 2
+    sigma2 = sums.power_sum / (2 * np.maximum(sums.count, 1)[:, None]) - 0.5 * ps_avg[None]
+    for g in range(sigma2.shape[0]):  # RELION: non-positive values take a neighbour's value
+        row = sigma2[g]
+        good = np.flatnonzero(row > 0)
+        if good.size:
+            row[row <= 0] = row[good[np.minimum(np.searchsorted(good, np.flatnonzero(
+                row <= 0)), good.size - 1)]]
+        else:
+            row[:] = 1.0
+    cur = initial_size(N, config.incr_size)
+    strict = _strict_px(config, N, pixel_size)
+    if strict:
+        cur = min(cur, 2 * strict)
+    ini_shell = round(0.07 * N)
+    classes = np.empty((K, N, N), np.float32)
+    for k in range(K):
+        img, _, _ = _reconstruct(sums.data[k], sums.weight[k], None, 1.0, pad, N, pad * cur / 2)
+        classes[k] = _lowpass(img, ini_shell) * (mask if config.flatten_solvent else 1)
+    F = fft2_centered(classes.astype(np.float64))
+    tau2 = _shell_mean(F.real**2 + F.imag**2, N) / 2
+    inv_sig = (sums.count[:, None] / np.maximum(sigma2, 1e-30)).sum(axis=0) / max(n, 1)
+    dvp = (n / K) * inv_sig[None] * tau2 * config.tau2_fudge
+    sigma_offset_px = 10.0 / pixel_size  # RELION's --offset default: 10 A
     return Class2DModel(
-        iteration=0, pixel_size=float(pixel_size), classes=classes, pdf_class=pdf,
+        iteration=0, pixel_size=float(pixel_size), classes=classes, pdf_class=np.full(K, 1 / K),
         prior_offset=np.zeros((K, 2)), sigma2_noise=sigma2, sigma2_offset=sigma_offset_px**2,
         scale=np.ones(n_groups), avg_norm=1.0, current_size=cur,
         coarse_size=coarse_image_size(config.psi_step, diameter, N, pixel_size, cur),
-        tau2=tau2, sigma2_class=tau2.copy(), data_vs_prior=dvp,
+        tau2=tau2, sigma2_class=tau2 * 2, data_vs_prior=dvp,
         fourier_coverage=np.zeros_like(tau2), acc_rot=np.zeros(K), acc_trans=np.zeros(K),
         optics_names=list(optics_names or [f"opticsGroup{g + 1}" for g in range(len(sums.count))]),
         group_names=list(group_names or [f"group_{g + 1}" for g in range(n_groups)]),
         group_counts=np.asarray(group_counts if group_counts is not None else np.zeros(n_groups)),
     )
+
+
+def _lowpass(img, shell: float, width: float = 2.0):
+    """Raised-cosine low-pass at ``shell`` (Fourier pixels), RELION's initial filter."""
+    N = img.shape[-1]
+    F = fft2_centered(img.astype(np.float64))
+    ky = np.fft.fftfreq(N, 1.0 / N)
+    kx = np.arange(N // 2 + 1)
+    r = np.sqrt(kx[None, :] ** 2 + ky[:, None] ** 2)
+    lo = shell - width / 2
+    filt = np.where(r < lo, 1.0, np.where(r > lo + width, 0.0,
+                                         0.5 + 0.5 * np.cos(np.pi * (r - lo) / width)))
+    from ..fourier import ifft2_centered
+
+    return ifft2_centered(F * filt, N)
 
 
 def _reconstruct(data, weight, tau2, tau2_fudge, pad, N, r_max):
@@ -169,17 +249,22 @@ def _reconstruct(data, weight, tau2, tau2_fudge, pad, N, r_max):
     ires = np.rint(r / pad).astype(np.int64)
     nsh = N // 2 + 1
     inside = r <= r_max
-    t2 = tau2[np.minimum(ires, nsh - 1)]
-    with np.errstate(divide="ignore"):
-        invtau2 = np.where((ires >= MINRES_MAP) & (t2 > 0), 1.0 / (pad**2 * tau2_fudge * t2), 0.0)
-    invtau2 = np.where((ires >= MINRES_MAP) & (t2 <= 0), np.inf, invtau2)
-    denom = weight + invtau2
-    A = np.where(inside & (denom > 1e-20) & np.isfinite(denom),
-                 data / np.where(denom > 1e-20, denom, 1), 0)
-    # mean weight per 1x shell, in 1x units (pad^2 more grid points share each sample)
     sel = inside & (ires < nsh)
     counts = np.bincount(ires[sel], minlength=nsh).astype(np.float64)
     wsum = np.bincount(ires[sel], weights=weight[sel], minlength=nsh)
+    if tau2 is None:
+        # plain weighted average (RELION's reconstruct without MAP, --skip_gridding guard)
+        radavg = wsum / np.maximum(counts, 1)
+        denom = np.maximum(weight, radavg[np.minimum(ires, nsh - 1)] / 1000.0)
+    else:
+        t2 = tau2[np.minimum(ires, nsh - 1)]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            invtau2 = np.where(t2 > 0, 1.0 / (pad**2 * tau2_fudge * t2),
+                               1.0 / np.maximum(1e-3 * weight, 1e-30))
+        denom = weight + np.where(ires >= MINRES_MAP, invtau2, 0.0)
+    A = np.where(inside & (denom > 1e-20) & np.isfinite(denom),
+                 data / np.where(denom > 1e-20, denom, 1), 0)
+    # mean weight per 1x shell, in 1x units (pad^2 more grid points share each sample)
     covered = np.bincount(ires[sel], weights=(weight[sel] > 0).astype(float), minlength=nsh)
     mean_w = pad**2 * wsum / np.maximum(counts, 1)
     coverage = covered / np.maximum(counts, 1)
@@ -216,28 +301,32 @@ def maximization(model: Class2DModel, sums: Class2DSums, config) -> Class2DModel
     n = float(sums.n)
     wk = sums.pdf_class
     new.pdf_class = wk / max(wk.sum(), 1e-30)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        po = np.where(wk[:, None] > 0, sums.prior_offset / wk[:, None], 0.0)
-    new.prior_offset = po
+    # RELION 3.1 divides the class's offset sum by the TOTAL weight, which keeps the class
+    # priors near the centre (classes do not drift); cryonb does the same
+    new.prior_offset = np.where(wk[:, None] > 0, sums.prior_offset / max(wk.sum(), 1e-30), 0.0)
     new.sigma2_offset = float(sums.sigma2_offset / (2.0 * max(n, 1e-30)))
     npix = shell_pixel_counts(N)
     s2 = sums.sigma2_noise / (2.0 * np.maximum(sums.sumw_optics, 1e-30)[:, None]
                               * np.maximum(npix, 1)[None])
-    keep_old = sums.sumw_optics <= 0
-    s2[keep_old] = model.sigma2_noise[keep_old]
-    new.sigma2_noise = np.maximum(s2, 1e-30)
+    keep_old = (sums.sumw_optics[:, None] <= 0) | (s2 < 1e-14)
+    new.sigma2_noise = np.where(keep_old, model.sigma2_noise, s2)
     if config.norm and n > 0:
         new.avg_norm = float(sums.norm_sum / n)
-    if config.scale:
-        cur_shells = slice(1, model.current_size // 2)
-        xa = sums.scale_xa[:, cur_shells].sum(axis=1)
-        aa = sums.scale_aa[:, cur_shells].sum(axis=1)
+    if config.scale and len(model.scale) > 1:
+        # RELION: per-group XA/AA over shells with SSNR > 3, clamped to [median/5, 5 median],
+        # normalised to a particle-weighted mean of 1; off with a single group
+        good = (model.data_vs_prior * model.pdf_class[:, None]).sum(axis=0) > 3
+        good[0] = False
+        xa = (sums.scale_xa[:, good]).sum(axis=1)
+        aa = (sums.scale_aa[:, good]).sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             sc = np.where(aa > 0, xa / aa * model.scale, model.scale)
-        active = aa > 0
-        if active.any():
-            sc = sc / np.mean(sc[active])
-        new.scale = np.where(active, sc, model.scale)
+        med = np.median(sc)
+        sc = np.clip(sc, med / 5, med * 5)
+        counts = np.maximum(np.asarray(model.group_counts, float), 0)
+        if counts.sum() > 0:
+            sc = sc / (np.sum(counts * sc) / counts.sum())
+        new.scale = sc
     diameter = config.particle_diameter or 0.9 * N * apix
     mask = soft_circular_mask(N, diameter / (2 * apix), 5.0).astype(np.float64)
     r_max = pad * model.current_size / 2.0
@@ -245,9 +334,8 @@ def maximization(model: Class2DModel, sums: Class2DSums, config) -> Class2DModel
     dvp = np.zeros_like(model.data_vs_prior)
     cov = np.zeros_like(model.fourier_coverage)
     for k in range(K):
-        if wk[k] <= 0:
-            classes[k] = model.classes[k]
-            dvp[k] = 0
+        if wk[k] <= 0 or sums.weight[k].sum() <= 0:
+            classes[k] = 0 if wk[k] <= 0 else model.classes[k]  # RELION zeroes empty classes
             continue
         img, mean_w, cov[k] = _reconstruct(sums.data[k], sums.weight[k], model.tau2[k],
                                            config.tau2_fudge, pad, N, r_max)
@@ -259,10 +347,11 @@ def maximization(model: Class2DModel, sums: Class2DSums, config) -> Class2DModel
     F = fft2_centered(classes.astype(np.float64))
     ps = _shell_mean(F.real**2 + F.imag**2, N)
     new.sigma2_class = ps
-    new.tau2 = np.where(wk[:, None] > 0, ps, model.tau2)
-    new.data_vs_prior = dvp
+    # RELION: tau2 = half the power spectrum of the reference (per real/imaginary part)
+    new.tau2 = np.where(wk[:, None] > 0, ps / 2, model.tau2)
+    new.data_vs_prior = np.where(wk[:, None] > 0, dvp, model.data_vs_prior)
     new.fourier_coverage = cov
-    new.current_size = _current_size(dvp, new.pdf_class, N, config.incr_size,
+    new.current_size = _current_size(new.data_vs_prior, N, config.incr_size,
                                      _strict_px(config, N, apix))
     new.coarse_size = coarse_image_size(config.psi_step, diameter, N, apix, new.current_size)
     new.log_likelihood = float(sums.loglik)

@@ -36,7 +36,7 @@ from ..errors import ConfigError, InputError
 from ._config import Class2DConfig
 from ._estep import EStepContext, soft_circular_mask
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch
-from ._mstep import InitSums, initial_model, maximization
+from ._mstep import InitSums, initial_model, initial_pass_sums, maximization
 
 __all__ = ["Class2DJob", "ParticleState", "class_similarity"]
 
@@ -179,6 +179,9 @@ class Class2DJob:
         self.model: Class2DModel | None = None
         self.iteration = 0
         self.seed_class = np.full(self.n, -1)
+        rng = np.random.default_rng([self.seed, 0])
+        self.init_psi = rng.uniform(0, 360, self.n)
+        self.init_class = rng.integers(0, config.K, self.n)
         self.history: list[dict] = []
         self.mask = soft_circular_mask(self.N, self.mask_radius_px, 5.0)
         Path(config.o).parent.mkdir(parents=True, exist_ok=True)
@@ -218,36 +221,35 @@ class Class2DJob:
         return [order[i : i + pool_size] for i in range(0, self.n, pool_size)]
 
     # ------------------------------------------------------------------ initial pass
-    def init_accumulate(self, meta: dict, images: np.ndarray) -> InitSums:
-        """Worker side of the initial pass: sums of masked images and their power spectra."""
-        from ..ctf import CTFParams, ctf_2d
-        from ._mstep import _shell_mean
+    def init_meta(self, index: np.ndarray) -> dict:
+        """Metadata of the initial pass: optics group, CTF, random class and angle."""
+        index = np.asarray(index, np.int64)
+        return {"index": index, "optics": self.optics[index],
+                "ctf": {k: v[index] for k, v in self.ctf.items()},
+                "init_class": self.init_class[index], "init_psi": self.init_psi[index]}
 
-        B = len(meta["index"])
-        if self.config.ctf:
-            c = ctf_2d(CTFParams.from_dict(meta["ctf"]), self.N, self.pixel_size)
-            ctf2 = _shell_mean(c.astype(np.float64) ** 2, self.N)
-        else:
-            ctf2 = np.ones((B, self.N // 2 + 1))
-        return InitSums.accumulate(np.asarray(images, np.float32), meta["optics"], ctf2,
-                                   len(self.optics_names), self.mask)
+    def init_accumulate(self, meta: dict, images: np.ndarray) -> InitSums:
+        """Worker side of the initial pass (see :func:`cryonb.em._mstep.initial_pass_sums`)."""
+        return initial_pass_sums(images, meta, self.config, self.pixel_size,
+                                 len(self.optics_names), self.mask)
 
     def init_sums_template(self) -> InitSums:
         """Zero :class:`InitSums` (shapes for reductions)."""
-        G, N = len(self.optics_names), self.N
-        return InitSums(np.zeros((N, N)), np.zeros((G, N // 2 + 1)), np.zeros(N // 2 + 1),
-                        np.zeros(G))
+        return InitSums.zeros(self.config.K, self.N, self.config.pad, len(self.optics_names))
 
     def start(self, init: InitSums) -> Class2DModel:
-        """Build the initial model (iteration 0) and the first iteration's random seeds."""
+        """Build the initial model (iteration 0) from the summed initial pass."""
         counts = np.bincount(self.groups, minlength=len(self.group_names))
         self.model = initial_model(init, self.config, self.pixel_size, len(self.group_names),
                                    self.optics_names, self.group_names, counts)
         self.iteration = 0
-        rng = np.random.default_rng([self.seed, 0])
-        self.seed_class = rng.integers(0, self.config.K, self.n) if self.config.K > 1 else \
-            np.full(self.n, -1)
+        self._perturb()
         return self.model
+
+    def _perturb(self) -> None:
+        """RELION's random perturbation of the sampling grids, new every iteration."""
+        rng = np.random.default_rng([self.seed, self.iteration, 3])
+        self.model.perturb = float(rng.uniform(-self.config.perturb, self.config.perturb))
 
     # ------------------------------------------------------------------ E-step side
     def estep_context(self, xp=np) -> EStepContext:
@@ -271,6 +273,7 @@ class Class2DJob:
         self.iteration = self.model.iteration
         self.seed_class = np.full(self.n, -1)
         self._maybe_reseed()
+        self._perturb()
         pdf = self.model.pdf_class
         self.history.append({
             "iteration": self.iteration, "log_likelihood": self.model.log_likelihood,

@@ -124,6 +124,7 @@ def atomic_write(
     if mode not in ("w", "wt", "wb"):
         raise ConfigError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
     with atomic_path(path) as tmp:
+        f: IO[Any]
         if "b" in mode:
             f = open(tmp, "wb")
         else:

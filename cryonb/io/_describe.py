@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,12 @@ import numpy as np
 from ..errors import InputError
 from ._files import check_input_file, human_bytes, looks_like_text
 from ._mrc import MrcVolume, read_mrc, read_mrc_header
-from ._particles import read_micrographs, read_particles
+from ._particles import (
+    MicrographTable,
+    ParticleTable,
+    _micrographs_from_blocks,
+    _particles_from_blocks,
+)
 from ._star import read_star
 
 __all__ = ["describe"]
@@ -48,12 +54,17 @@ def _describe_star(path: Path) -> list[str]:
     lines = [f"STAR file {path} ({len(blocks)} block{'s' * (len(blocks) != 1)})"]
     for name, df in blocks.items():
         what = "loop" if df.attrs.get("star_loop", True) else "key-value"
-        lines.append(f"  data_{name}: {what}, {len(df)} rows x {len(df.columns)} columns")
-    for reader, what in ((read_particles, "particles"), (read_micrographs, "micrographs")):
+        rows = f"{len(df)} row{'s' * (len(df) != 1)}"
+        lines.append(f"  data_{name}: {what}, {rows} x {len(df.columns)} columns")
+    readers: dict[str, Callable[..., ParticleTable | MicrographTable]] = {
+        "particles": _particles_from_blocks,
+        "micrographs": _micrographs_from_blocks,
+    }
+    for what, reader in readers.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                table = reader(path)
+                table = reader(blocks, path)
         except InputError:
             continue
         groups = len(table.optics)
@@ -61,15 +72,14 @@ def _describe_star(path: Path) -> list[str]:
             f"RELION {table.version} {what}: {table.n} {what}, {groups} optics "
             f"group{'s' * (groups != 1)}"
         )
-        rows = getattr(table, what)
-        label = "rlnImagePixelSize" if what == "particles" else "rlnMicrographPixelSize"
-        if label in rows.columns:
-            sizes = np.unique(rows[label].dropna().to_numpy(dtype=float))
+        if table.pixel_sizes is not None:
+            sizes = np.unique(table.pixel_sizes[np.isfinite(table.pixel_sizes)])
             lines.append("  pixel size: " + ", ".join(f"{v:.4g}" for v in sizes[:8]) + " A")
-        if what == "particles":
+        if isinstance(table, ParticleTable):
             lines.append(f"  stacks: {len(table.stacks)}; CTF parameters: {table.has_ctf}")
-            if "rlnImageSize" in rows.columns:
-                boxes = sorted(int(b) for b in rows["rlnImageSize"].dropna().unique())
+            if "rlnImageSize" in table.particles.columns:
+                sizes = table.particles["rlnImageSize"].dropna().unique()
+                boxes = sorted(int(b) for b in sizes)
                 lines.append("  box: " + ", ".join(map(str, boxes)) + " px")
         break
     return lines
@@ -142,6 +152,12 @@ def describe(path: str | os.PathLike) -> str:
     and min/max/mean/std computed from the data when it is under 64 MiB (else the header's
     statistics). An invalid MRC file is described from its header with the reason it is
     invalid.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A STAR file (``.star``) or an MRC file (``.mrc``, ``.mrcs``, ``.map``, ``.ccp4``...,
+        optionally ``.gz``/``.bz2``); other names are recognised from their content.
 
     Returns
     -------

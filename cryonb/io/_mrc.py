@@ -21,6 +21,7 @@ import gzip
 import math
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ __all__ = [
 
 _HEADER_BYTES = HEADER_DTYPE.itemsize  # 1024
 _MODES = {0: "int8", 1: "int16", 2: "float32", 4: "complex64", 6: "uint16", 12: "float16"}
-_OPENERS = {"gzip": gzip.open, "bzip2": bz2.open}
+_OPENERS: dict[str, Callable[..., Any]] = {"gzip": gzip.open, "bzip2": bz2.open}
 _DV_ID = -16224  # DeltaVision files carry 0xC0A0 at byte 96
 _RECOPY = "re-copy the file, or pass permissive=True to read what can be read"
 
@@ -430,6 +431,7 @@ def _read_raw(hdr: _Header, mmap: bool) -> np.ndarray | None:
     if not _shape_known(hdr):
         return None
     dtype = hdr.dtype
+    assert dtype is not None
     shape = hdr.raw_shape
     count = math.prod(shape)
     try:
@@ -440,7 +442,7 @@ def _read_raw(hdr: _Header, mmap: bool) -> np.ndarray | None:
                 return np.memmap(hdr.path, dtype=dtype, mode="r", offset=hdr.offset, shape=shape)
             return np.fromfile(hdr.path, dtype=dtype, count=count, offset=hdr.offset).reshape(shape)
         out = np.empty(count, dtype=dtype)
-        buf = memoryview(out).cast("B")
+        buf = out.data.cast("B")
         with _OPENERS[hdr.compression](hdr.path, "rb") as f:
             f.seek(hdr.offset)
             filled = 0
@@ -565,6 +567,13 @@ def read_mrc_header(path: str | os.PathLike, *, permissive: bool = False) -> Mrc
     Same checks as :func:`read_mrc` (for compressed files the data size cannot be checked
     without decompressing, so truncation shows only when the data are read).
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The MRC file.
+    permissive : bool
+        Warn instead of raising for an invalid header (e.g. describe a truncated file).
+
     Returns
     -------
     MrcVolume
@@ -579,6 +588,11 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
 
     A single 2D image gives ``(1, y, x)``. Files whose header says image stack are read the
     same way (their sections become z).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The MRC/CCP4 map (plain, ``.gz`` or ``.bz2``).
 
     Returns
     -------

@@ -161,6 +161,15 @@ def resolve_stack_path(
     STAR file's folder and then each of its parent folders up to the file-system root;
     relative to the current directory.
 
+    Parameters
+    ----------
+    stack : str or os.PathLike
+        The file name as the STAR file gives it (the part after ``@`` of ``rlnImageName``).
+    star_path : str or os.PathLike, optional
+        The STAR file that names it.
+    project_dir : str or os.PathLike, optional
+        The RELION project folder.
+
     Returns
     -------
     pathlib.Path
@@ -617,28 +626,28 @@ class ParticleTable:
             else None
         )
         groups: dict[str, list[tuple[int, int]]] = {}
-        for pos, (row, name) in enumerate(zip(positions, names)):
-            index0, stack = parse_image_name(name, row=int(row), path=self.star_path)
-            groups.setdefault(stack, []).append((pos, index0))
+        for i, (row, name) in enumerate(zip(positions, names)):
+            k, stack = parse_image_name(name, row=int(row), path=self.star_path)
+            groups.setdefault(stack, []).append((i, k))
         box, first = 0, ""
         parts = []
         for stack, items in groups.items():
             data = self._open_stack(stack)
             _, ny, nx = data.shape
-            pos = np.array([p for p, _ in items])
-            index0 = np.array([k for _, k in items])
-            self._check_stack(stack, data.shape, pos, index0, positions, names, sizes)
+            where = np.array([i for i, _ in items])  # positions in the output
+            index0 = np.array([k for _, k in items])  # images in the stack
+            self._check_stack(stack, data.shape, where, index0, positions, names, sizes)
             if first and ny != box:
                 raise InputError(
                     f"wrong box size: {stack} has {ny} x {nx} images but {first} has {box} x {box}",
                     self.star_path,
                 )
             box, first = ny, first or stack
-            order = np.argsort(index0, kind="stable")
-            parts.append((pos[order], data[index0[order]]))
+            order = np.argsort(index0, kind="stable")  # read each stack front to back
+            parts.append((where[order], data[index0[order]]))
         out = np.empty((len(positions), box, box), dtype=np.float32)
-        for pos, imgs in parts:
-            out[pos] = imgs
+        for where, images in parts:
+            out[where] = images  # converts the file's dtype to float32
         return out
 
     def _check_stack(self, stack, shape, pos, index0, positions, names, sizes) -> None:
@@ -719,40 +728,66 @@ class MicrographTable:
         return _pixel_size(self.micrographs, "rlnMicrographPixelSize", self.star_path)
 
     def micrograph_path(self, row: int) -> Path:
-        """Where the micrograph of row ``row`` (0-based) is on disc."""
+        """Where the micrograph of row ``row`` (0-based) is on disc.
+
+        Raises
+        ------
+        InputError
+            If it is not found (see :func:`resolve_stack_path`).
+        """
         name = self.micrographs[_MICROGRAPH].iloc[row]
         return resolve_stack_path(name, self.star_path, self.project_dir)
 
 
-def _read_table(
-    path, project_dir, preferred: str, label: str, pixel_label: str, needs: str, avoid=None
+def _table_fields(
+    blocks: dict[str, pd.DataFrame],
+    path: Path,
+    project_dir,
+    preferred: str,
+    label: str,
+    pixel_label: str,
+    needs: str,
+    avoid: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, str, Path, Path | None, tuple[str, ...]]:
-    """Pick the table block, merge or synthesise optics.
+    """Pick the table block of a read STAR file, merge or synthesise its optics.
 
-    Returns (rows, optics, version, path, project_dir, overrides), the fields of the tables.
+    Returns (rows, optics, version, path, project_dir, overrides): the table's fields.
     """
-    p = Path(path)
-    blocks = read_star(p)
-    name = _pick_block(blocks, preferred, label, p, avoid)
+    name = _pick_block(blocks, preferred, label, path, avoid)
     if name is None or label not in blocks[name].columns:
         where = (
             f"data_{name}"
             if name is not None
             else "this file (blocks " + ", ".join(f"data_{k}" for k in blocks) + ")"
         )
-        raise InputError(f"{where} has no {label} column: {needs}", p)
+        raise InputError(f"{where} has no {label} column: {needs}", path)
     df = blocks[name].reset_index(drop=True)
     df.attrs = {}
     if "optics" in blocks and name != "optics":
         optics = blocks["optics"].reset_index(drop=True)
         optics.attrs = {}
-        merged, version = _merge_optics(df, optics, p, name), "3.1+"
+        merged, version = _merge_optics(df, optics, path, name), "3.1+"
         overrides = tuple(c for c in optics.columns if c != _GROUP and c in df.columns)
     else:
-        (merged, optics), version = _synthesize_optics(df, pixel_label, p), "3.0"
+        (merged, optics), version = _synthesize_optics(df, pixel_label, path), "3.0"
         overrides = ()
     pdir = None if project_dir is None else Path(project_dir)
-    return merged, optics, version, p, pdir, overrides
+    return merged, optics, version, path, pdir, overrides
+
+
+def _particles_from_blocks(blocks, path: Path, project_dir=None) -> ParticleTable:
+    fields = _table_fields(
+        blocks, path, project_dir, "particles", _IMAGE, "rlnImagePixelSize", _NEEDS_IMAGES
+    )
+    _check_image_names(fields[0][_IMAGE], path)
+    return ParticleTable(*fields)
+
+
+def _micrographs_from_blocks(blocks, path: Path, project_dir=None) -> MicrographTable:
+    needs = "not a micrographs STAR file (RELION Import, MotionCorr or CtfFind output)"
+    label, pixel = _MICROGRAPH, "rlnMicrographPixelSize"
+    fields = _table_fields(blocks, path, project_dir, "micrographs", label, pixel, needs, _IMAGE)
+    return MicrographTable(*fields)
 
 
 def read_particles(
@@ -780,9 +815,7 @@ def read_particles(
         column: cryonb needs particle images; ..."); malformed ``index@stack`` names (first bad
         row); particles in an optics group that ``data_optics`` lacks.
     """
-    fields = _read_table(path, project_dir, "particles", _IMAGE, "rlnImagePixelSize", _NEEDS_IMAGES)
-    _check_image_names(fields[0][_IMAGE], fields[3])
-    return ParticleTable(*fields)
+    return _particles_from_blocks(read_star(path), Path(path), project_dir)
 
 
 def read_micrographs(
@@ -794,16 +827,23 @@ def read_micrographs(
     ``rlnMicrographPixelSize`` is computed from ``rlnDetectorPixelSize`` and
     ``rlnMagnification``.
 
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The STAR file.
+    project_dir : str or os.PathLike, optional
+        RELION project folder, for :meth:`MicrographTable.micrograph_path`.
+
+    Returns
+    -------
+    MicrographTable
+
     Raises
     ------
     InputError
-        Any :func:`read_star` error, or no ``rlnMicrographName`` column.
+        Any :func:`read_star` error, or no ``rlnMicrographName`` column; a particle file.
     """
-    needs = "not a micrographs STAR file (RELION Import, MotionCorr or CtfFind output)"
-    fields = _read_table(
-        path, project_dir, "micrographs", _MICROGRAPH, "rlnMicrographPixelSize", needs, _IMAGE
-    )
-    return MicrographTable(*fields)
+    return _micrographs_from_blocks(read_star(path), Path(path), project_dir)
 
 
 def write_particles(

@@ -14,7 +14,7 @@ sits at ``-o_true`` from the box centre) and assigned to class ``k`` with ``psi_
 ``o_est``::
 
     psi_est = psi_true + c_k                  (mod 360; ``sign=+1``)
-    o_est   = o_true + R(psi_est) @ s_k       (R(a) = [[cos a, -sin a], [sin a, cos a]])
+    o_est   = o_true + R(-psi_est) @ s_k      (R(a) = [[cos a, -sin a], [sin a, cos a]])
 
 where ``c_k`` is the class's rotation and ``s_k`` (a 2-vector) its centre offset; both are
 estimated robustly per class (circular median, median).
@@ -229,11 +229,11 @@ class OffsetErrors:
     Attributes
     ----------
     errors : numpy.ndarray, shape (N,)
-        Per particle, Euclidean distance ``|o_est - o_true - R(psi_est) s_k|`` in the units of
+        Per particle, Euclidean distance ``|o_est - o_true - R(-psi_est) s_k|`` in the units of
         the origins given.
     class_shift : dict
         ``{class: s_k}`` (2-vector, the class's centre offset ``s_k`` of the module
-        docstring; the median of ``R(-psi_est) (o_est - o_true)`` over the class).
+        docstring; the median of ``R(psi_est) (o_est - o_true)`` over the class).
     """
 
     errors: np.ndarray
@@ -262,9 +262,12 @@ def offset_errors(assigned_class, psi_est, origin_est, origin_true, *, subset=No
 
     Notes
     -----
-    The relation ``o_est = o_true + R(psi_est) s_k`` follows from RELION's E-step: the particle
-    is shifted by ``+o`` and compared with the class rotated by ``psi``, so a class centred at
-    ``s_k`` adds ``R(psi) s_k`` to every origin; the particle's own origin is not rotated.
+    The relation ``o_est = o_true + R(-psi_est) s_k`` follows from RELION's E-step: the
+    particle is shifted by ``+o`` and compared with the class turned by ``psi`` (the content
+    of a class turns by ``R(-psi)``, the same convention as ``relion_project``'s psi), so a
+    class centred at ``s_k`` adds ``R(-psi) s_k`` to every origin; the particle's own origin is
+    not rotated. Measured on RELION 3.1.3 (``docs/relion_outputs.md``): this relation gives a
+    median error of 0.44 px where ``R(+psi)`` gives 1.2 px and ignoring ``s_k`` 2.2 px.
     """
     c = _as_1d("assigned_class", assigned_class)
     n = c.shape[0]
@@ -275,7 +278,7 @@ def offset_errors(assigned_class, psi_est, origin_est, origin_true, *, subset=No
         if o.shape != (n, 2):
             raise InputError(f"{name} must have shape ({n}, 2), got {o.shape}")
     use = np.ones(n, bool) if subset is None else _as_1d("subset", subset, n).astype(bool)
-    local = rotate_2d(oe - ot, -pe)  # s_k estimate per particle
+    local = rotate_2d(oe - ot, pe)  # s_k estimate per particle
     err = np.full(n, np.nan)
     shift = {}
     for k in pd.unique(c):
@@ -285,7 +288,7 @@ def offset_errors(assigned_class, psi_est, origin_est, origin_true, *, subset=No
             ref = members
         s = np.median(local[ref], axis=0)
         shift[k] = s
-        pred = ot[members] + rotate_2d(np.broadcast_to(s, (members.sum(), 2)), pe[members])
+        pred = ot[members] + rotate_2d(np.broadcast_to(s, (members.sum(), 2)), -pe[members])
         err[members] = np.hypot(*(oe[members] - pred).T)
     return OffsetErrors(errors=err, class_shift=shift)
 

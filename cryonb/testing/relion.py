@@ -19,7 +19,7 @@ RELION conventions measured with RELION 3.1.3 (details, file layouts and excerpt
   ``p = (x, y)`` about the centre, ``R(a) = [[cos a, -sin a], [sin a, cos a]]``, i.e. the content
   turns by ``-psi`` in the (x right, y down the rows) frame.
 - ``relion_refine`` 2D: ``rlnAnglePsi = psi_true + c_k`` and ``rlnOriginXAngst/YAngst =
-  o_true + R(psi) s_k`` for class ``k`` with rotation ``c_k`` and centre ``s_k``.
+  o_true + R(-psi) s_k`` for class ``k`` with rotation ``c_k`` and centre ``s_k``.
 
 Image names in the STAR files written here are relative to the STAR file's folder; RELION
 resolves them against its working directory, so :func:`run_relion_class2d` runs
@@ -28,6 +28,7 @@ resolves them against its working directory, so :func:`run_relion_class2d` runs
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -304,17 +305,22 @@ class ClassSet:
     clean_star : pathlib.Path
         The noiseless CTF-affected projections' STAR written by ``relion_project`` (with the
         true poses); stack ``clean.mrcs``.
+
+    Notes
+    -----
+    The scalar attributes, the view angles, the seed and the RELION version are also written
+    to ``set.json`` beside the STAR file, so :meth:`load` gets the set back from disc.
     """
 
     particles_star: Path
     stack: Path
     map: Path
-    truth: pd.DataFrame
+    truth: pd.DataFrame = field(repr=False)
     n_views: int
     pixel_size: float
     box: int
-    view_angles: np.ndarray = field(repr=False, default=None)
-    view_separation_deg: np.ndarray = field(repr=False, default=None)
+    view_angles: np.ndarray | None = field(repr=False, default=None)
+    view_separation_deg: np.ndarray | None = field(repr=False, default=None)
     particle_diameter: float = 0.0
     bg_radius: int = 0
     noise_sigma: float = 0.0
@@ -331,6 +337,40 @@ class ClassSet:
     def outdir(self) -> Path:
         """Folder holding the set."""
         return Path(self.particles_star).parent
+
+    @classmethod
+    def load(cls, outdir) -> ClassSet:
+        """Read a set written by :func:`make_class2d_set` back from its folder.
+
+        Parameters
+        ----------
+        outdir : str or os.PathLike
+            Folder holding ``particles.star``, ``truth.csv`` and ``set.json``.
+
+        Returns
+        -------
+        ClassSet
+        """
+        outdir = Path(outdir)
+        meta_path = outdir / "set.json"
+        if not meta_path.is_file():
+            raise InputError("not a class2d set folder (no set.json)", outdir)
+        try:
+            meta = json.loads(meta_path.read_text())
+            truth = pd.read_csv(outdir / "truth.csv")
+        except (OSError, ValueError) as exc:
+            raise InputError(f"unreadable set description: {exc}", outdir) from exc
+        return cls(
+            particles_star=outdir / "particles.star", stack=outdir / "particles.mrcs",
+            map=outdir / "map.mrc", truth=truth, n_views=int(meta["n_views"]),
+            pixel_size=float(meta["pixel_size"]), box=int(meta["box"]),
+            view_angles=np.array(meta["view_angles"]),
+            view_separation_deg=np.array(meta["view_separation_deg"]),
+            particle_diameter=float(meta["particle_diameter"]),
+            bg_radius=int(meta["bg_radius"]), noise_sigma=float(meta["noise_sigma"]),
+            signal_variance=float(meta["signal_variance"]), snr=float(meta["snr"]),
+            clean_star=outdir / "clean.star",
+        )
 
 
 def _read_map(map_path, map_pixel_size):
@@ -441,8 +481,9 @@ def make_class2d_set(
         Pixel SNR after CTF, defined above.
     pixel_size : float, optional
         A/px of the particles; default ``1.25 * (map extent in A) / box``, so the whole map
-        fits with a margin (6.35 A/px for the ribosome at box 64). RELION may round it so the
-        resampled map has an integer size; the value used is read back from the map header.
+        fits with a margin. RELION rounds it so that the resampled map has an even integer
+        size; the value used is read back from the map header (ribosome: 6.35 asked, 6.5 A/px
+        used at box 64, i.e. 50^3 padded to 64^3; 10.156 A/px at box 40).
     max_offset_px : float
         Largest origin (px).
     defocus_range : (float, float)
@@ -624,13 +665,28 @@ def make_class2d_set(
     star = write_relion31_star(outdir / "particles.star",
                                {"optics": optics, "particles": parts})
     truth.to_csv(outdir / "truth.csv", index=False, float_format="%.6f")
-    return ClassSet(
+    result = ClassSet(
         particles_star=star, stack=stack, map=map_out, truth=truth, n_views=n_views,
         pixel_size=pixel_size, box=box, view_angles=view_angles, view_separation_deg=sep,
         particle_diameter=float(round(particle_diameter)), bg_radius=bg_radius,
         noise_sigma=sigma, signal_variance=signal_var, snr=signal_var / sigma**2,
         clean_star=clean_star,
     )
+    version = _run([tools["relion_project"], "--version"], outdir, "asking RELION's version")
+    meta = {
+        "n_particles": n_particles, "n_views": n_views, "box": box, "pixel_size": pixel_size,
+        "snr": result.snr, "noise_sigma": sigma, "signal_variance": signal_var,
+        "particle_diameter": result.particle_diameter, "bg_radius": bg_radius,
+        "view_angles": view_angles.tolist(), "view_separation_deg": sep.tolist(),
+        "max_offset_px": max_offset_px, "defocus_range": [lo, hi],
+        "max_astigmatism": max_astigmatism, "voltage": voltage, "cs": cs,
+        "amplitude_contrast": amplitude_contrast, "seed": seed,
+        "map_path": str(default_map_path() if map_path is None else map_path),
+        "map_pixel_size": vox, "center_map": center_map,
+        "relion_version": " ".join(version.stdout.split()),
+    }
+    (outdir / "set.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return result
 
 
 # --------------------------------------------------------------------------------------------
@@ -656,6 +712,12 @@ class RelionRun:
         From start to the ``_it000_`` files.
     total_seconds : float
         Wall time of the whole command.
+    cpu_seconds_per_iteration : numpy.ndarray, shape (iterations,)
+        CPU time (user + system, all threads) of each iteration, sampled from
+        ``/proc/PID/stat`` when each iteration's files appear (Linux; NaN elsewhere and under
+        MPI). Less sensitive than wall time to other jobs sharing the cores.
+    total_cpu_seconds : float
+        CPU time of the whole command (``os.wait4``; children included).
     data_star, model_star, classes_mrcs, optimiser_star, sampling_star : pathlib.Path
         The last iteration's files.
     log : pathlib.Path
@@ -670,6 +732,8 @@ class RelionRun:
     seconds_per_iteration: np.ndarray
     init_seconds: float
     total_seconds: float
+    cpu_seconds_per_iteration: np.ndarray
+    total_cpu_seconds: float
     data_star: Path
     model_star: Path
     classes_mrcs: Path
@@ -692,6 +756,15 @@ class RelionRun:
                 g = g if isinstance(g, pd.DataFrame) else pd.DataFrame([g])
                 rows.append(g.assign(iteration=it))
         return pd.concat(rows, ignore_index=True)
+
+
+def _process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (all its threads); NaN if unknown."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def _iteration_mtimes(root: Path) -> dict:
@@ -811,6 +884,8 @@ def run_relion_class2d(
         bar = tqdm(total=iterations, desc=f"relion_refine K={K}", unit="it")
     t0 = time.time()
     done = -1
+    cpu_at: dict = {}  # iteration -> CPU seconds of relion_refine when its files appeared
+    rusage = None
     with open(log, "w") as fh:
         fh.write(" ".join(cmd) + "\n")
         fh.flush()
@@ -820,27 +895,36 @@ def run_relion_class2d(
         except OSError as exc:
             raise RelionCommandError(f"could not start {cmd[0]}: {exc}", cmd) from exc
         try:
-            while proc.poll() is None:
-                time.sleep(0.5)
+            while True:
+                pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    rusage = ru
+                    break
+                time.sleep(0.25)
                 if timeout is not None and time.time() - t0 > timeout:
                     proc.kill()
                     proc.wait()
                     raise RelionCommandError(
                         f"relion_refine ran over {timeout} s and was killed: {' '.join(cmd)}",
                         cmd, None, _tail(log.read_text()))
-                if bar is not None:
-                    its = [i for i in _iteration_mtimes(root)
-                           if Path(f"{root}_it{i:03d}_optimiser.star").exists()]
-                    if its and max(its) > done:
+                its = [i for i in range(done + 1, iterations + 1)
+                       if Path(f"{root}_it{i:03d}_optimiser.star").exists()]
+                if its:
+                    cpu = _process_cpu_seconds(proc.pid)
+                    for i in its:
+                        cpu_at[i] = cpu
+                    if bar is not None:
                         bar.update(max(its) - max(done, 0))
-                        done = max(its)
+                    done = max(its)
         finally:
-            if proc.poll() is None:
+            if proc.returncode is None:
                 proc.kill()
                 proc.wait()
             if bar is not None:
                 bar.close()
     total = time.time() - t0
+    cpu_total = rusage.ru_utime + rusage.ru_stime if rusage is not None else float("nan")
     if proc.returncode != 0:
         tail = _tail(log.read_text())
         raise RelionCommandError(
@@ -851,6 +935,11 @@ def run_relion_class2d(
         raise RelionCommandError(f"relion_refine wrote no iteration files under {root}", cmd)
     last = max(mt)
     secs = np.array([mt[i] - mt[i - 1] for i in range(1, last + 1)]) if last else np.zeros(0)
+    cpu_at.setdefault(last, cpu_total)  # the last files may appear after the final poll
+    cpu_marks = [cpu_at.get(i, float("nan")) for i in range(last + 1)]
+    cpu = np.array([cpu_marks[i] - cpu_marks[i - 1] for i in range(1, last + 1)])
+    if mpi_ranks > 1:  # /proc sees only mpirun
+        cpu[:] = np.nan
 
     def f(kind):
         return Path(f"{root}_it{last:03d}_{kind}")
@@ -858,6 +947,7 @@ def run_relion_class2d(
     return RelionRun(
         root=root, command=cmd, iterations=last, seconds_per_iteration=secs,
         init_seconds=float(mt[0] - t0) if 0 in mt else float("nan"), total_seconds=total,
+        cpu_seconds_per_iteration=cpu, total_cpu_seconds=float(cpu_total),
         data_star=f("data.star"), model_star=f("model.star"), classes_mrcs=f("classes.mrcs"),
         optimiser_star=f("optimiser.star"), sampling_star=f("sampling.star"), log=log,
         cwd=particles_star.parent,

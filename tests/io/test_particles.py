@@ -80,7 +80,9 @@ def _tiny_project(tmp_path, names, *, n_images=17, box=8, extra=None, optics=Non
 
 
 @pytest.mark.filterwarnings(NO_MAP_ID)
-@pytest.mark.parametrize(("local", "version", "n", "box", "pixel", "ctf"), REAL, ids=lambda v: v)
+@pytest.mark.parametrize(
+    ("local", "version", "n", "box", "pixel", "ctf"), REAL, ids=[Path(r[0]).name for r in REAL]
+)
 def test_real_particle_stacks(shared_data, local, version, n, box, pixel, ctf):
     star = shared_data / local
     table = read_particles(star)
@@ -191,7 +193,7 @@ def test_no_image_names(shared_data, local, where):
     with pytest.raises(InputError) as err:
         read_particles(shared_data / local)
     assert Path(local).name in str(err.value)
-    assert f"{where}" in str(err.value)
+    assert where in str(err.value)
     assert "has no rlnImageName column: cryonb needs particle images" in str(err.value)
 
 

@@ -1,0 +1,78 @@
+"""The ``cryonb`` command: RELION-style flags, one subcommand per job.
+
+Each subcommand lives in :mod:`cryonb.commands` as a module with ``add_parser(subparsers)``
+and ``run(args) -> int``. User errors (:class:`cryonb.errors.CryonbError`) are printed as one
+clear message with exit status 2, never as a traceback; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+#: subcommand name -> module in cryonb.commands
+COMMANDS = {
+    "demo": "demo",
+    "simulate": "simulate",
+    "info": "info",
+    "class2d": "class2d",
+    "autopick": "autopick",
+    "extract": "extract",
+    "gpumap": "gpumap",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (subcommands whose modules are missing are left out)."""
+    p = argparse.ArgumentParser(
+        prog="cryonb",
+        description="GPU cryo-EM single-particle processing you can see and steer from a "
+                    "notebook; RELION's flags and file formats.",
+    )
+    p.add_argument("--version", action="version", version=f"cryonb {__version__}")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name, mod in COMMANDS.items():
+        try:
+            m = importlib.import_module(f"cryonb.commands.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("cryonb.commands"):
+                continue
+            raise
+        m.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cryonb`` console script."""
+    from .errors import CryonbError
+
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if unknown:
+        handler = getattr(args, "unknown_handler", None)
+        if handler is None:
+            parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+        handler(unknown)
+    try:
+        return int(args.func(args) or 0)
+    except CryonbError as exc:
+        if args.debug:
+            raise
+        print(f"cryonb {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cryonb {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
