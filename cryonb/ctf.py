@@ -93,7 +93,7 @@ def ctf_2d(params: CTFParams, n: int, pixel_size, xp=np, *, intact_first_peak: b
 
 
 def ctf_at(params: CTFParams, kx, ky, n: int, pixel_size, xp=np, *,
-           intact_first_peak: bool = False, dtype="float32"):
+           intact_first_peak: bool = False, dtype="float32", aligned: bool = False):
     """CTF values at given Fourier indices (RELION's ``CTF::getCTF``).
 
     Parameters
@@ -109,10 +109,13 @@ def ctf_at(params: CTFParams, kx, ky, n: int, pixel_size, xp=np, *,
     intact_first_peak : bool
         Set the CTF to 1 where ``|argument| < pi/2`` (RELION's ``--ctf_intact_first_peak``):
         low frequencies up to the first peak are left uncorrected.
+    aligned : bool
+        ``kx``/``ky`` have shape (m, ...): particle ``i``'s own coordinates in row ``i``.
 
     Returns
     -------
-    array of shape (m, *S) (or S for scalar parameters)
+    array of shape (m, *S) (or S for scalar parameters; S without its first axis when
+    ``aligned``)
         ``-sin(K1 df u^2 + K2 u^4 - K5 - K3) * exp(K4 u^2) * scale`` with RELION's constants
         ``K1 = pi lambda``, ``K2 = pi/2 Cs lambda^3``, ``K3 = atan(Q/sqrt(1-Q^2))``,
         ``K4 = -B/4``, ``K5 = phase shift``, ``df`` the astigmatic defocus (negative for
@@ -125,7 +128,7 @@ def ctf_at(params: CTFParams, kx, ky, n: int, pixel_size, xp=np, *,
     m = max(v.shape[0] for v in vals.values())
     scalar = all(np.ndim(getattr(params, k)) == 0 for k in names) and np.ndim(pixel_size) == 0
     vals["wavelength"] = electron_wavelength(vals["voltage"])
-    extra = (1,) * kx.ndim
+    extra = (1,) * (kx.ndim - 1 if aligned else kx.ndim)
     v = {k: xp.asarray(np.broadcast_to(a, (m,))).reshape((m, *extra)) for k, a in vals.items()}
     lam = v["wavelength"]
     q = v["amplitude_contrast"]
@@ -134,8 +137,10 @@ def ctf_at(params: CTFParams, kx, ky, n: int, pixel_size, xp=np, *,
     k3 = xp.arctan(q / xp.sqrt(1 - q * q))
     k4 = -v["bfactor"] / 4.0
     k5 = xp.deg2rad(v["phase_shift"])
-    fx = xp.asarray(kx, dtype=xp.float64)[None] / (n * v["pixel_size"])
-    fy = xp.asarray(ky, dtype=xp.float64)[None] / (n * v["pixel_size"])
+    kx = xp.asarray(kx, dtype=xp.float64)
+    ky = xp.asarray(ky, dtype=xp.float64)
+    fx = (kx if aligned else kx[None]) / (n * v["pixel_size"])
+    fy = (ky if aligned else ky[None]) / (n * v["pixel_size"])
     u2 = fx * fx + fy * fy
     ang = xp.arctan2(fy, fx) - xp.deg2rad(v["defocus_angle"])
     df_avg = -(v["defocus_u"] + v["defocus_v"]) * 0.5

@@ -9,36 +9,20 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cryonb.backend import gpu_available
+from cryonb.testing.tools import IN_CI, missing, require_tool  # noqa: F401  (re-export)
 
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _shared_data_dir() -> Path:
     env = os.environ.get("CRYONB_SHARED_DATA")
     return Path(env) if env else ROOT.parent / "shared" / "data"
-
-
-def missing(what: str):
-    """Skip locally, fail in CI, because ``what`` is not available."""
-    if IN_CI:
-        pytest.fail(f"{what} is missing in CI: .ci/run must install it")
-    pytest.skip(f"{what} not available")
-
-
-def require_tool(name: str) -> str:
-    """Path of the program ``name``; skip (laptop) or fail (CI) without it."""
-    path = shutil.which(name)
-    if path is None:
-        missing(f"program {name!r}")
-    return path
 
 
 @pytest.fixture(scope="session")

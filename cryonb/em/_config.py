@@ -58,7 +58,8 @@ class Class2DConfig(JobConfig):
     norm: bool = option(True, "--norm", "per-particle normalisation correction")
     scale: bool = option(True, "--scale", "per-group intensity scale correction")
     pad: int = option(2, "--pad", "oversampling of the Fourier grids", relion_default=2)
-    incr_size: int = option(10, "--incr_size", "Fourier shells beyond the current resolution", relion_default=10)
+    incr_size: int = option(10, "--incr_size", "Fourier shells beyond the current resolution",
+                            relion_default=10)
     strict_highres_exp: float = option(-1.0, "--strict_highres_exp",
                                        "never use data beyond this resolution (A) in the "
                                        "E-step (-1 = no limit)", relion_default=-1.0)

@@ -29,7 +29,13 @@ from ..fourier import Projector, fft2_centered, ifft2_centered
 from ..kernels import insert_slices_2d
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch, Sampling
 
-__all__ = ["EStepContext", "coarse_image_size", "soft_circular_mask"]
+__all__ = ["BROAD_FRACTION", "EStepContext", "coarse_image_size", "soft_circular_mask"]
+
+#: A particle whose significant coarse samples exceed this fraction of the coarse grid has a
+#: broad posterior (early iterations): its second pass evaluates the coarse grid at the current
+#: image size (RELION's oversampling order 0) instead of the oversampled grid, which would
+#: cost 2**(3*order) times more without sharpening a broad posterior.
+BROAD_FRACTION = 0.05
 
 
 def soft_circular_mask(n: int, radius: float, edge: float = 5.0, xp=np):
@@ -94,6 +100,14 @@ class _Grid:
     refs_a2: object  # (M, P) float32 |A|^2
     phases: object  # (T, P) complex64: shifts by +t (RELION origins)
     phases_ri: object  # (T, 2P) float32 [Re | Im]
+    psi: np.ndarray = None  # (R,) angles of the rotations (deg)
+    trans: np.ndarray = None  # (T, 2) translations (px)
+    ts: int = 1  # translations per coarse translation
+    ps: int = 1  # angles per coarse angle
+    psi_dev: object = None
+    trans_dev: object = None
+    acc_data: object = None  # (K*R, 2P) float64 back-projection slices [Re | Im]
+    acc_weight: object = None  # (K*R, P) float64
 
 
 class EStepContext:
@@ -135,11 +149,13 @@ class EStepContext:
         coarse = int(model.coarse_size) if config.oversampling else cur
         projs = [Projector(xp.asarray(c, dtype=xp.float32), config.pad) for c in model.classes]
         self.coarse = self._grid(coarse, projs, s.psi, s.trans)
-        self.fine = (self.coarse if (coarse == cur and config.oversampling == 0)
-                     else self._grid(cur, projs, s.psi_fine, s.trans_fine))
-        self.trans_fine = xp.asarray(s.trans_fine, dtype=xp.float32)
+        # the oversampled grid (fine pass), and the coarse grid at the current size, used for
+        # particles whose coarse posterior is broad (there the fine pass cannot sharpen it)
+        self.fine = self._grid(cur, projs, s.psi_fine, s.trans_fine, s.trans_sub, s.psi_sub,
+                               accumulate=True)
+        self.broad = (self.fine if config.oversampling == 0 else
+                      self._grid(cur, projs, s.psi, s.trans, accumulate=True))
         self.trans_coarse = xp.asarray(s.trans, dtype=xp.float32)
-        self.psi_fine_dev = xp.asarray(s.psi_fine, dtype=xp.float64)
         # sum over the fine pass's pixels of log(2 pi sigma2), per optics group (log-likelihood)
         sh = _to_host(self.fine.shells)
         self.logsigma2 = xp.asarray(np.log(2 * np.pi * np.maximum(
@@ -152,16 +168,13 @@ class EStepContext:
         self.full_shells = xp.asarray(np.rint(np.sqrt(
             np.fft.fftfreq(N, 1.0 / N)[:, None] ** 2 + np.arange(N // 2 + 1)[None] ** 2)
         ).astype(np.int64).ravel())
-        # back-projection slices per (class, fine angle), [Re | Im], float64
-        self._acc_data = xp.zeros((self.K * self.n_psi_f, 2 * len(self.fine.kx)), xp.float64)
-        self._acc_weight = xp.zeros((self.K * self.n_psi_f, len(self.fine.kx)), xp.float64)
         self.sums = Class2DSums.zeros(self.K, N, config.pad, self.n_optics, self.n_groups, xp)
         self.sums.data = None  # filled by finish()
         self.sums.weight = None
         self.n_done = 0
 
     # ------------------------------------------------------------------ set-up
-    def _grid(self, size, projs, psi, trans) -> _Grid:
+    def _grid(self, size, projs, psi, trans, ts=1, ps=1, accumulate=False) -> _Grid:
         xp = self.xp
         flat, kx, ky, shells = _pixels(self.N, size)
         k = np.stack([kx, ky], axis=-1)
@@ -174,13 +187,20 @@ class EStepContext:
         ph = -2 * np.pi / self.N * (trans[:, 0:1] * kx[None] + trans[:, 1:2] * ky[None])
         onehot = np.zeros((len(flat), self.nsh), np.float32)
         onehot[np.arange(len(flat)), shells] = 1
+        P = len(flat)
+        M = self.K * len(psi)
         return _Grid(size, xp.asarray(flat), kx, ky, xp.asarray(shells), xp.asarray(onehot),
                      xp.asarray(1.0 / sig, dtype=xp.float32), refs,
                      xp.ascontiguousarray(refs_ri),
                      (refs.real**2 + refs.imag**2).astype(xp.float32),
                      xp.asarray(np.exp(1j * ph), dtype=xp.complex64),
                      xp.asarray(np.concatenate([np.cos(ph), np.sin(ph)], axis=1),
-                                dtype=xp.float32))
+                                dtype=xp.float32),
+                     psi=np.asarray(psi), trans=np.asarray(trans), ts=ts, ps=ps,
+                     psi_dev=xp.asarray(psi, dtype=xp.float64),
+                     trans_dev=xp.asarray(trans, dtype=xp.float32),
+                     acc_data=xp.zeros((M, 2 * P), xp.float64) if accumulate else None,
+                     acc_weight=xp.zeros((M, P), xp.float64) if accumulate else None)
 
     # ------------------------------------------------------------------ helpers
     def _ctf(self, batch: ParticleBatch, grid: _Grid):
@@ -262,18 +282,24 @@ class EStepContext:
         ctf_c = self._ctf(batch, c)
         inv_c = c.invsig[xp.asarray(batch.optics)]
         sig, best = self._coarse_pass(batch, Xc, ctf_c, inv_c)
-        Xf = F[:, f.flat] * self._frac_phase(frac, f) if f is not c else Xc
-        ctf_f = self._ctf(batch, f) if f is not c else ctf_c
-        inv_f = f.invsig[xp.asarray(batch.optics)] if f is not c else inv_c
+        Xf = F[:, f.flat] * self._frac_phase(frac, f)
+        ctf_f = self._ctf(batch, f)
+        inv_f = f.invsig[xp.asarray(batch.optics)]
         res = np.zeros((B, len(RESULT_COLUMNS)))
         power_full = self._power_beyond(F)
-        res[:, RESULT_COLUMNS.index("n_sig")] = _to_host(sig.reshape(B, -1).sum(axis=1))
-        groups = self._fine_groups(_to_host(sig.any(axis=2)), _to_host(sig.any(axis=1)),
-                                   _to_host(best))
-        for sub, r_union in groups:
-            isub = xp.asarray(sub)
-            self._fine_pass(batch, sub, r_union, sig[isub], Xf[isub], ctf_f[isub], inv_f[isub],
-                            power_full[isub], res)
+        n_sig = _to_host(sig.reshape(B, -1).sum(axis=1))
+        res[:, RESULT_COLUMNS.index("n_sig")] = n_sig
+        broad = n_sig > BROAD_FRACTION * sig.shape[1] * sig.shape[2]
+        sig_t, sig_r, best = (_to_host(a) for a in (sig.any(axis=2), sig.any(axis=1), best))
+        for grid, sel in ((self.broad, np.flatnonzero(broad)),
+                          (self.fine, np.flatnonzero(~broad))):
+            if not sel.size:
+                continue
+            for sub, r_union in self._fine_groups(sig_t[sel], sig_r[sel], best[sel], grid):
+                sub = sel[sub]
+                isub = xp.asarray(sub)
+                self._fine_pass(grid, batch, sub, r_union, sig[isub], Xf[isub], ctf_f[isub],
+                                inv_f[isub], power_full[isub], res)
         self.n_done += B
         return res
 
@@ -333,7 +359,7 @@ class EStepContext:
         thr = xp.take_along_axis(srt, (nsig - 1)[:, None], axis=1)
         return (w >= thr).reshape(lw.shape)
 
-    def _fine_groups(self, sig_t, sig_r, best, budget_bytes: float | None = None):
+    def _fine_groups(self, sig_t, sig_r, best, grid, budget_bytes: float | None = None):
         """Split a pool into groups for the fine pass.
 
         Particles are sorted by their best coarse rotation, so that neighbours in a group
@@ -353,8 +379,8 @@ class EStepContext:
         -------
         list of (particle indices, coarse rotation indices of the union)
         """
-        ts, ps = self.sampling.trans_sub, self.sampling.psi_sub
-        P = len(self.fine.kx)
+        ts, ps = grid.ts, grid.ps
+        P = len(grid.kx)
         if budget_bytes is None:
             budget_bytes = 160e6 if self.xp is np else 1.5e9
         n_t = sig_t.sum(axis=1)
@@ -379,14 +405,17 @@ class EStepContext:
             groups.append((np.array(cur), np.flatnonzero(union)))
         return groups
 
-    def _fine_pass(self, batch, sub, r_union, sig, Xf, ctf, inv, power_full, res):
-        """Fine pass + accumulation for the particles ``sub`` against rotations ``r_union``."""
+    def _fine_pass(self, f: _Grid, batch, sub, r_union, sig, Xf, ctf, inv, power_full, res):
+        """Second pass on grid ``f`` + accumulation for the particles ``sub``.
+
+        Evaluates, for each particle, its significant coarse translations (sub-sampled by
+        ``f.ts``) against the union ``r_union`` of the group's significant coarse rotations
+        (sub-sampled by ``f.ps``), keeping only sub-samples of significant coarse pairs.
+        """
         xp = self.xp
-        f = self.fine
-        s = self.sampling
-        ts, ps = s.trans_sub, s.psi_sub
+        ts, ps = f.ts, f.ps
         Bs, P = Xf.shape
-        T, M = sig.shape[1], sig.shape[2]
+        n_psi_f = len(f.psi)
         ru = xp.asarray(r_union)
         sig_u = sig[:, :, ru]  # (Bs, T, Ru)
         sig_t = sig_u.any(axis=2)
@@ -413,12 +442,12 @@ class EStepContext:
         x2 = ((Xf.real**2 + Xf.imag**2) * inv).sum(axis=1)
         lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
         del cross
-        offs = xp.asarray(batch.offset[sub][:, None, :], dtype=xp.float32) + self.trans_fine[tf]
+        offs = xp.asarray(batch.offset[sub][:, None, :], dtype=xp.float32) + f.trans_dev[tf]
         # |offset - class prior|^2 per (particle, translation, class), then per rotation
         po = self.prior_offset  # (K, 2)
         d2k = ((offs * offs).sum(axis=-1)[:, :, None] - 2 * (offs @ po.T)
                + (po * po).sum(axis=1)[None, None, :])  # (Bs, Tf, K)
-        rcls = rf // self.n_psi_f
+        rcls = rf // n_psi_f
         lw = lw + (self.log_pdf[None, None, :] - d2k * self.inv2_sig_off)[:, :, rcls]
         lw = xp.where(valid, lw, -xp.inf)
         mx = lw.reshape(Bs, -1).max(axis=1)
@@ -438,17 +467,16 @@ class EStepContext:
         best_off = offs[ar, bt]
         omega = w.sum(axis=1)  # (Bs, Rf)
         wt = w.sum(axis=2)  # (Bs, Tf)
-        psi_f = self.psi_fine_dev
-        dpsi = (psi_f[rf % self.n_psi_f][None] - psi_f[best_rf % self.n_psi_f][:, None] + 180
-                ) % 360 - 180
+        psi_f = f.psi_dev
+        dpsi = (psi_f[rf % n_psi_f][None] - psi_f[best_rf % n_psi_f][:, None] + 180) % 360 - 180
         acc_rot = xp.sqrt((omega * dpsi**2).sum(axis=1))
         dt = offs - best_off[:, None, :]
         acc_tr = xp.sqrt((wt * (dt * dt).sum(axis=-1)).sum(axis=1))
         # back-projection sums (data: sum_t w Y(t) per rotation; weight: sum w CTF^2/sigma2)
         # and H(t) = sum_rot w A_rot, which gives the residual's cross term per shell
         W2 = w.reshape(Bs * Tf, Rf)
-        self._acc_data[rf] += W2.T @ Y2
-        self._acc_weight[rf] += omega.T @ (ctf * cinv)
+        f.acc_data[rf] += W2.T @ Y2
+        f.acc_weight[rf] += omega.T @ (ctf * cinv)
         H = (W2 @ Ari).reshape(Bs, Tf, 2 * P)
         a2pix = omega @ A2  # (Bs, P)
         del W2, Y2
@@ -474,6 +502,10 @@ class EStepContext:
         flat_cls = xp.broadcast_to(rcls[None], (Bs, Rf)).reshape(-1)
         S.pdf_class += xp.bincount(flat_cls, weights=omega.reshape(-1).astype(xp.float64),
                                    minlength=self.K)
+        # class posteriors per particle -> co-responsibility between classes
+        onehot_k = (rcls[:, None] == xp.arange(self.K)[None]).astype(xp.float32)  # (Rf, K)
+        pk = (omega @ onehot_k).astype(xp.float64)  # (Bs, K)
+        S.class_overlap += pk.T @ pk
         wo = xp.einsum("btr,btc->brc", w, offs)  # (Bs, Rf, 2) = sum_t w * offset
         for a in range(2):
             S.prior_offset[:, a] += xp.bincount(flat_cls, weights=wo[..., a].reshape(-1)
@@ -487,7 +519,7 @@ class EStepContext:
         S.loglik += loglik.sum()
         S.pmax += pmax.sum()
         S.n += Bs
-        cols = {"class": best_rf // self.n_psi_f, "psi": psi_f[best_rf % self.n_psi_f],
+        cols = {"class": best_rf // n_psi_f, "psi": psi_f[best_rf % n_psi_f],
                 "offset_x": best_off[:, 0], "offset_y": best_off[:, 1], "pmax": pmax,
                 "loglik": loglik, "norm": new_norm, "acc_rot": acc_rot, "acc_trans": acc_tr}
         for name, v in cols.items():
@@ -515,22 +547,21 @@ class EStepContext:
         The returned sums live on this context's device; call ``.to_host()`` to combine them.
         """
         xp = self.xp
-        f = self.fine
         pad = self.config.pad
         S = self.sums
         S.data = xp.zeros((self.K, pad * self.N, pad * self.N // 2 + 1), xp.complex128)
         S.weight = xp.zeros(S.data.shape, xp.float64)
-        k = np.stack([f.kx, f.ky], axis=-1)
-        rots = inplane_matrix(self.sampling.psi_fine)
-        coords = xp.asarray(np.einsum("pi,rij->rpj", k, rots) * pad, dtype=xp.float32)
-        rows = xp.flatnonzero(self._acc_weight.any(axis=1))
-        if rows.size:
-            r = rows % self.n_psi_f
-            P = len(f.kx)
-            vals = self._acc_data[rows, :P] + 1j * self._acc_data[rows, P:]
-            insert_slices_2d(S.data, S.weight, vals, self._acc_weight[rows],
-                             coords[r], rows // self.n_psi_f, pad * (f.size / 2.0))
-        self._acc_data = self._acc_weight = None
+        for g in {id(self.fine): self.fine, id(self.broad): self.broad}.values():
+            k = np.stack([g.kx, g.ky], axis=-1)
+            coords = xp.asarray(np.einsum("pi,rij->rpj", k, inplane_matrix(g.psi)) * pad,
+                                dtype=xp.float32)
+            rows = xp.flatnonzero(g.acc_weight.any(axis=1))
+            if rows.size:
+                R, P = len(g.psi), len(g.kx)
+                vals = g.acc_data[rows, :P] + 1j * g.acc_data[rows, P:]
+                insert_slices_2d(S.data, S.weight, vals, g.acc_weight[rows], coords[rows % R],
+                                 rows // R, pad * (g.size / 2.0))
+            g.acc_data = g.acc_weight = None
         return S
 
 

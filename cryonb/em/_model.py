@@ -47,7 +47,7 @@ class Sampling:
         n_psi = max(1, math.ceil(360.0 / psi_step - 1e-9))
         dpsi = 360.0 / n_psi
         psi = np.arange(n_psi) * dpsi
-        n = int(math.floor(offset_range / offset_step + 1e-9))
+        n = math.floor(offset_range / offset_step + 1e-9)
         g = np.arange(-n, n + 1) * offset_step
         tx, ty = np.meshgrid(g, g, indexing="xy")
         keep = tx**2 + ty**2 <= offset_range**2 + 1e-6
@@ -132,6 +132,7 @@ class Class2DModel:
     group_counts: np.ndarray = field(default_factory=lambda: np.zeros(0))
     optics_names: list = field(default_factory=list)
     reseeded: list = field(default_factory=list)
+    class_overlap: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
     @property
     def K(self) -> int:
@@ -232,6 +233,9 @@ class Class2DSums:
         Number of particles summed.
     acc_rot, acc_trans : (K,)
         Sums of weighted angular / translational posterior spread per class.
+    class_overlap : (K, K)
+        Sum over particles of ``p_i(a) p_i(b)`` (class posteriors): how much classes share
+        their particles.
     """
 
     data: np.ndarray
@@ -249,6 +253,7 @@ class Class2DSums:
     n: np.ndarray
     acc_rot: np.ndarray
     acc_trans: np.ndarray
+    class_overlap: np.ndarray
 
     @classmethod
     def zeros(cls, K: int, N: int, pad: int, n_optics: int, n_groups: int, xp=np):
@@ -262,7 +267,8 @@ class Class2DSums:
             sigma2_noise=z((n_optics, nsh)), sumw_optics=z(n_optics),
             pdf_class=z(K), prior_offset=z((K, 2)), sigma2_offset=z(()),
             scale_xa=z((n_groups, nsh)), scale_aa=z((n_groups, nsh)), norm_sum=z(()),
-            loglik=z(()), pmax=z(()), n=z(()), acc_rot=z(K), acc_trans=z(K))
+            loglik=z(()), pmax=z(()), n=z(()), acc_rot=z(K), acc_trans=z(K),
+            class_overlap=z((K, K)))
 
     def names(self) -> list[str]:
         """Field names, in the packing order."""

@@ -25,7 +25,7 @@ def _shell_mean(power2d, n):
     """Mean of a half-plane quantity of an ``n`` box per shell -> (..., n//2+1)."""
     sh = radial_index_2d(n, np).ravel()
     keep = sh <= n // 2
-    flat = power2d.reshape(power2d.shape[:-2] + (-1,))[..., keep]
+    flat = power2d.reshape((*power2d.shape[:-2], -1))[..., keep]
     onehot = (sh[keep][:, None] == np.arange(n // 2 + 1)[None]).astype(np.float64)
     return flat @ onehot / np.maximum(onehot.sum(axis=0), 1)
 
@@ -359,5 +359,7 @@ def maximization(model: Class2DModel, sums: Class2DSums, config) -> Class2DModel
     with np.errstate(invalid="ignore", divide="ignore"):
         new.acc_rot = np.where(wk > 0, sums.acc_rot / wk, 0.0)
         new.acc_trans = np.where(wk > 0, sums.acc_trans / wk * apix, 0.0)
+    d = np.sqrt(np.maximum(np.diag(sums.class_overlap), 1e-30))
+    new.class_overlap = sums.class_overlap / d[:, None] / d[None, :]
     new.reseeded = []
     return new

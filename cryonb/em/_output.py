@@ -179,6 +179,7 @@ def _state_arrays(job) -> dict[str, np.ndarray]:
         "fourier_coverage": m.fourier_coverage, "log_likelihood": np.float64(m.log_likelihood),
         "avg_pmax": np.float64(m.avg_pmax), "acc_rot": m.acc_rot, "acc_trans": m.acc_trans,
         "group_counts": m.group_counts, "iteration": np.int64(m.iteration),
+        "perturb": np.float64(m.perturb),
         "history": np.array(json.dumps(job.history)),
         "config": np.array(json.dumps(job.config.to_dict(), sort_keys=True)),
     }

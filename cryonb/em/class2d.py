@@ -38,7 +38,10 @@ from ._estep import EStepContext, soft_circular_mask
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch
 from ._mstep import InitSums, initial_model, initial_pass_sums, maximization
 
-__all__ = ["Class2DJob", "ParticleState", "class_similarity"]
+__all__ = ["RESEED_MIN_PMAX", "Class2DJob", "ParticleState"]
+
+#: re-seeding starts once the average maximum posterior probability reaches this value
+RESEED_MIN_PMAX = 0.2
 
 
 def _group_ids(df: pd.DataFrame):
@@ -86,39 +89,6 @@ class ParticleState:
         self.norm[index] = c["norm"]
         self.acc_rot[index] = c["acc_rot"]
         self.acc_trans[index] = c["acc_trans"]
-
-
-def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | None = None):
-    """Normalised correlation of every pair of class images, maximised over in-plane angles.
-
-    Parameters
-    ----------
-    classes : ndarray of shape (K, N, N)
-    n_psi : int
-        In-plane angles tried.
-    max_res_px : int, optional
-        Fourier radius (pixels) compared (default N // 4: the overall shape).
-
-    Returns
-    -------
-    ndarray of shape (K, K)
-        1 on the diagonal; ``sim[a, b]`` = max over psi of corr(A_a, rot(A_b, psi)).
-    """
-    from ..data.conventions import inplane_matrix
-    from ..fourier import Projector
-    from ._estep import _pixels
-
-    K, N = classes.shape[0], classes.shape[-1]
-    r = max_res_px or max(4, N // 4)
-    flat, kx, ky, _ = _pixels(N, 2 * r)
-    k = np.stack([kx, ky], axis=-1)
-    psi = np.arange(n_psi) * 360.0 / n_psi
-    coords = np.einsum("pi,rij->rpj", k, inplane_matrix(psi)).astype(np.float32)
-    refs = np.stack([Projector(c.astype(np.float32)).sample(coords) for c in classes])  # K,R,P
-    refs = refs / np.maximum(np.linalg.norm(refs, axis=-1, keepdims=True), 1e-30)
-    base = refs[:, 0, :]  # (K, P) at psi = 0
-    sim = np.einsum("ap,brp->abr", base.conj(), refs).real.max(axis=2)
-    return np.maximum(sim, sim.T)
 
 
 class Class2DJob:
@@ -183,8 +153,70 @@ class Class2DJob:
         self.init_psi = rng.uniform(0, 360, self.n)
         self.init_class = rng.integers(0, config.K, self.n)
         self.history: list[dict] = []
+        self._last_reseed = -10
         self.mask = soft_circular_mask(self.N, self.mask_radius_px, 5.0)
         Path(config.o).parent.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_optimiser(cls, optimiser_star, **overrides) -> Class2DJob:
+        """Continue a run from any iteration's ``_optimiser.star`` (``--continue``).
+
+        The exact state (model, per-particle poses, random seed, history) is restored from the
+        iteration's ``_cryonb.npz`` named in the optimiser file, so that the continued run gives
+        the same result as an uninterrupted one. ``overrides`` change options (e.g. ``iter``
+        for more iterations, ``o`` for a new output root, ``j``/``pool``/``gpu``).
+        """
+        import json
+
+        from ..io import read_star
+
+        path = Path(optimiser_star)
+        blocks = read_star(path)
+        gen = blocks.get("optimiser_general")
+        if gen is None or "rlnCryonbStateFile" not in gen.columns:
+            raise InputError("not an optimiser file written by cryonb (no rlnCryonbStateFile); "
+                             "cryonb continues its own runs only", path)
+        state_file = Path(str(gen["rlnCryonbStateFile"].iloc[0]))
+        if not state_file.is_absolute() and not state_file.exists():
+            state_file = path.parent / state_file.name
+        if not state_file.exists():
+            raise InputError(f"the state file {state_file} named in it is missing", path)
+        with np.load(state_file, allow_pickle=False) as z:
+            st = {k: z[k] for k in z.files}
+        cfg = Class2DConfig.from_dict(json.loads(str(st["config"])))
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        changes.setdefault("continue_from", str(path))
+        cfg = cfg.replace(**changes)
+        job = cls(cfg)
+        job.seed = int(gen["rlnRandomSeed"].iloc[0])
+        job._restore(st)
+        return job
+
+    def _restore(self, st: dict) -> None:
+        import json
+
+        from ._model import Class2DModel
+
+        n = self.n
+        if st["offset"].shape[0] != n:
+            raise InputError(f"the saved state has {st['offset'].shape[0]} particles but the "
+                             f"STAR file has {n}", self.config.i)
+        self.state = ParticleState(offset=st["offset"], norm=st["norm"], cls=st["cls"],
+                                   psi=st["psi"], pmax=st["pmax"], loglik=st["loglik"],
+                                   n_sig=st["n_sig"], acc_rot=st["acc_rot_p"],
+                                   acc_trans=st["acc_trans_p"])
+        self.seed_class = st["seed_class"]
+        scalars = ("sigma2_offset", "avg_norm", "log_likelihood", "avg_pmax", "perturb")
+        ints = ("current_size", "coarse_size", "iteration")
+        kw = {k: st[k] for k in ("classes", "pdf_class", "prior_offset", "sigma2_noise", "scale",
+                                 "tau2", "sigma2_class", "data_vs_prior", "fourier_coverage",
+                                 "acc_rot", "acc_trans", "group_counts")}
+        kw.update({k: float(st[k]) for k in scalars if k in st})
+        kw.update({k: int(st[k]) for k in ints})
+        self.model = Class2DModel(pixel_size=self.pixel_size, optics_names=self.optics_names,
+                                  group_names=self.group_names, **kw)
+        self.iteration = self.model.iteration
+        self.history = json.loads(str(st["history"])) if "history" in st else []
 
     # ------------------------------------------------------------------ basics
     @property
@@ -284,52 +316,74 @@ class Class2DJob:
         return self.model
 
     def _maybe_reseed(self) -> None:
-        cfg = self.config
-        m = self.model
+        """Re-seed empty, junk and duplicate classes by splitting classes that mix views.
+
+        See :mod:`cryonb.em._reseed`. Active from iteration 3 (once the average maximum
+        probability reaches ``RESEED_MIN_PMAX``) until ``reseed_until * iter``, at most every
+        other iteration.
+        """
+        from ._reseed import SPLIT_SEPARATION, find_free_classes
+
+        cfg, m = self.config, self.model
         K = cfg.K
-        if not cfg.reseed or K < 2 or self.iteration < 2:
+        last = round(cfg.reseed_until * cfg.iter)
+        if not cfg.reseed or K < 2 or not (3 <= self.iteration <= last):
             return
-        if self.iteration >= max(2, int(round(cfg.reseed_until * cfg.iter))):
+        if m.avg_pmax < RESEED_MIN_PMAX or self.iteration - self._last_reseed < 2:
             return
-        counts = np.bincount(self.state.cls[self.state.cls >= 0], minlength=K)
-        empty = [k for k in range(K) if counts[k] < max(2, 0.2 * self.n / K)]
-        sim = class_similarity(m.classes, n_psi=max(12, int(round(360 / cfg.psi_step))))
-        np.fill_diagonal(sim, -1)
-        dup = []
-        taken = set(empty)
-        for a, b in sorted(zip(*np.triu_indices(K, 1)), key=lambda ab: -sim[ab[0], ab[1]]):
-            if sim[a, b] < 0.95 or a in taken or b in taken:
-                continue
-            small = a if counts[a] < counts[b] else b
-            dup.append(int(small))
-            taken.update((int(a), int(b)))
-        slots = sorted(set(empty) | set(dup))
-        if not slots:
+        cls = self.state.cls
+        counts = np.bincount(cls[cls >= 0], minlength=K).astype(float)
+        pmax = np.array([self.state.pmax[cls == k].mean() if counts[k] else 0.0
+                         for k in range(K)])
+        free, reasons = find_free_classes(
+            counts, m.classes, self.n, m.class_overlap, pmax, n_psi=max(36, 2 * cfg.n_psi),
+            max_res_px=max(4, m.current_size // 4))
+        if not free:
             return
-        # the worst-fitting particles (log-likelihood z-score within their class)
-        ll, cls = self.state.loglik, self.state.cls
-        z = np.zeros(self.n)
-        for k in range(K):
-            sel = cls == k
-            if sel.sum() > 1:
-                z[sel] = (ll[sel] - ll[sel].mean()) / (ll[sel].std() + 1e-12)
-        n_take = max(1, int(round(self.n / K)))
-        worst = np.argsort(z, kind="stable")[: n_take * len(slots)]
-        rng = np.random.default_rng([self.seed, self.iteration, 7])
-        worst = rng.permutation(worst)
-        avg = m.classes[counts.argmax()] * 0
-        avg = np.mean(m.classes[[k for k in range(K) if k not in slots]], axis=0) \
-            if len(slots) < K else m.classes.mean(axis=0)
-        blob = _rotational_average(avg)
-        for i, k in enumerate(slots):
-            self.seed_class[worst[i::len(slots)]] = k
-            m.classes[k] = blob
-            m.pdf_class[k] = 1.0 / K
-            m.prior_offset[k] = 0
-            m.tau2[k] = np.mean(m.tau2[[j for j in range(K) if j not in slots]], axis=0) \
-                if len(slots) < K else m.tau2[k]
-        m.pdf_class /= m.pdf_class.sum()
-        m.reseeded = slots
+        cands = [int(k) for k in np.argsort(-counts) if k not in free and counts[k] >= 20]
+        cands = cands[: 2 * len(free) + 2]
+        rng = np.random.default_rng([self.seed, self.iteration, 11])
+        tests = []
+        for k in cands:
+            avgs, labels, sep = self._split(k, rng)
+            if sep >= SPLIT_SEPARATION and 0 < labels.mean() < 1:
+                tests.append((sep, k, avgs, float(labels.mean())))
+        tests.sort(key=lambda t: -t[0])
+        for slot, (sep, big, avgs, share) in zip(free, tests):
+            total = m.pdf_class[big]
+            m.classes[big], m.classes[slot] = avgs[0], avgs[1]
+            m.pdf_class[big], m.pdf_class[slot] = total * (1 - share), total * share
+            m.prior_offset[slot] = m.prior_offset[big]
+            m.tau2[slot] = m.tau2[big]
+            m.data_vs_prior[slot] = m.data_vs_prior[big]
+            m.reseeded.append({"class": slot + 1, "split": big + 1, "why": reasons[slot],
+                               "separation": round(sep, 2), "share": round(share, 3)})
+        if m.reseeded:
+            m.pdf_class = np.maximum(m.pdf_class, 1e-3 / K)
+            m.pdf_class /= m.pdf_class.sum()
+            self._last_reseed = self.iteration
+
+    def _split(self, k: int, rng):
+        """Split test of class ``k`` (see :func:`cryonb.em._reseed.split_class`)."""
+        from ..ctf import CTFParams
+        from ._reseed import split_class
+
+        cfg, m = self.config, self.model
+        idx = np.flatnonzero(self.state.cls == k)
+        if len(idx) > 1500:
+            idx = np.sort(rng.choice(idx, 1500, replace=False))
+        imgs = self.table.images(idx).astype(np.float32)
+        if cfg.norm:
+            imgs *= (m.avg_norm / np.maximum(self.state.norm[idx], 1e-6))[:, None, None]
+        ctf = None
+        if cfg.ctf:
+            ctf = CTFParams.from_dict({key: v[idx] for key, v in self.ctf.items()})
+            ctf.scale = ctf.scale * (m.scale[self.groups[idx]] if cfg.scale else 1.0)
+        g = int(np.bincount(self.optics[idx]).argmax())
+        return split_class(imgs, self.state.psi[idx], self.state.offset[idx], ctf,
+                           m.sigma2_noise[g], m.tau2[k], cfg.tau2_fudge,
+                           min(m.current_size, max(16, self.N // 2)), self.mask,
+                           self.pixel_size, seed=self.seed + self.iteration)
 
     # ------------------------------------------------------------------ outputs
     def output_root(self) -> str:
@@ -352,15 +406,6 @@ class Class2DJob:
                 "pdf_class": m.pdf_class.copy(), "current_resolution": m.current_resolution,
                 "log_likelihood": m.log_likelihood, "avg_pmax": m.avg_pmax,
                 "acc_rot": m.acc_rot.copy(), "reseeded": list(m.reseeded)}
-
-
-def _rotational_average(img: np.ndarray) -> np.ndarray:
-    """The rotational average of an image about its centre (a featureless seed)."""
-    N = img.shape[-1]
-    ax = np.arange(N) - N // 2
-    r = np.rint(np.sqrt(ax[:, None] ** 2 + ax[None, :] ** 2)).astype(int)
-    prof = np.bincount(r.ravel(), img.ravel()) / np.maximum(np.bincount(r.ravel()), 1)
-    return prof[r].astype(np.float32)
 
 
 def output_dir_of(root: str) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
-from conftest import require_tool
+from cryonb.testing.tools import require_tool
 from scipy import ndimage
 
 from cryonb.errors import InputError

@@ -1,0 +1,277 @@
+"""Re-seeding classes during 2D classification (cryonb's addition to RELION's algorithm).
+
+Maximum-likelihood 2D classification is a local optimiser. On data with a few distinct views
+it often settles where one class holds several views while other classes are (nearly) empty,
+or where two classes describe the same view. RELION keeps such states to the end. cryonb, in
+the first part of a run (``--reseed_until``), frees those classes and gives them a new start:
+
+1. A class is *free* when it is nearly empty (fewer than ``0.2 N / K`` particles) or when it is
+   the smaller of two classes that are the same image up to an in-plane rotation
+   (:func:`class_similarity` above ``dup_threshold``).
+2. For every free class the largest remaining class is *split*: its particles are brought into
+   the class frame with their current poses (shift by the origin, rotation by ``-psi``),
+   phase-flipped with their CTF, low-pass filtered at the current resolution, and clustered in
+   two by 2-means on their first principal components. The two CTF-weighted (Wiener)
+   averages become the split class and the free class.
+3. EM then refines both from there.
+
+This is divisive clustering in the style of k-means/cryoSPARC re-seeding, applied to the
+aligned particles rather than to random subsets, so that the two seeds already differ in the
+way the merged views differ.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["JUNK_PMAX_RATIO", "SPLIT_SEPARATION", "class_similarity", "find_free_classes",
+           "split_class"]
+
+#: a class whose particles' mean maximum probability is below this fraction of the median
+#: class's is "junk" (it collects particles that fit nowhere well) and is re-seeded
+JUNK_PMAX_RATIO = 0.88
+#: a class splits when its two clusters are this many within-cluster standard deviations
+#: apart (one view split by noise: about 2-3; two views: 5 and more)
+SPLIT_SEPARATION = 4.0
+
+
+def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | None = None):
+    """Normalised correlation of every pair of class images, maximised over rotations and shifts.
+
+    Parameters
+    ----------
+    classes : ndarray of shape (K, N, N)
+    n_psi : int
+        In-plane angles tried.
+    max_res_px : int, optional
+        Fourier radius (pixels) compared (default ``N // 4``: the overall shape).
+
+    Returns
+    -------
+    ndarray of shape (K, K)
+        Symmetric, 1 on the diagonal; ``sim[a, b]`` = max over psi and (circular) shifts of the
+        correlation of the low-pass filtered ``A_a`` with ``A_b`` rotated by psi (DC excluded).
+    """
+    from ..data.conventions import inplane_matrix
+    from ..fourier import Projector, fft2_centered, ifft2_centered, window_2d
+
+    K, N = classes.shape[0], classes.shape[-1]
+    r = max_res_px or max(4, N // 4)
+    n = min(N, 2 * r + 2)
+    n += n % 2
+    small = ifft2_centered(window_2d(fft2_centered(classes.astype(np.float32)), n), n)
+    psi = np.arange(n_psi) * 360.0 / n_psi
+    rots = inplane_matrix(psi)
+    ky = np.fft.fftfreq(n, 1.0 / n)[:, None]
+    kx = np.arange(n // 2 + 1)[None]
+    keep = ((kx**2 + ky**2) <= r * r) & ((kx**2 + ky**2) > 0)
+    F = np.stack([Projector(c).project(rots) for c in small]) * keep  # (K, R, n, n//2+1)
+    F0 = F[:, 0]
+    # full-plane sums from the half plane: columns 0 < kx < n/2 stand for two pixels each
+    wcol = np.where((kx == 0) | (kx == n // 2), 1.0, 2.0)
+    norms = np.sqrt((np.abs(F0) ** 2 * wcol).sum(axis=(-2, -1)))
+    sim = np.eye(K)
+    for a in range(K):
+        for b in range(a + 1, K):
+            cc = np.fft.irfft2(F0[a][None] * np.conj(F[b]), s=(n, n)) * n * n
+            sim[a, b] = sim[b, a] = cc.max() / max(norms[a] * norms[b], 1e-30)
+    return sim
+
+
+def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
+                      overlap: np.ndarray | None = None, pmax: np.ndarray | None = None, *,
+                      empty_fraction: float = 0.2,
+                      dup_threshold: float = 0.9, overlap_threshold: float = 0.25,
+                      n_psi: int = 36, max_res_px: int | None = None):
+    """Classes to re-seed: nearly empty ones and the smaller of each duplicate pair.
+
+    A class is junk when its particles' mean maximum probability ``pmax`` (per class) is below
+    ``JUNK_PMAX_RATIO`` times the median class's. Two classes are duplicates when their images
+    agree up to a rotation and shift
+    (:func:`class_similarity` above ``dup_threshold``) or when they share their particles
+    (normalised co-responsibility ``overlap`` above ``overlap_threshold``).
+
+    Parameters
+    ----------
+    counts : ndarray of shape (K,)
+        Particles per class (best class).
+    classes : ndarray of shape (K, N, N)
+    n_particles : int
+    empty_fraction : float
+        A class with fewer than ``empty_fraction * n_particles / K`` particles is free.
+    dup_threshold : float
+        Similarity (see :func:`class_similarity`) above which two classes are duplicates.
+
+    Returns
+    -------
+    free : list of int
+    reasons : dict of int -> str
+    """
+    K = len(counts)
+    free, reasons = [], {}
+    for k in range(K):
+        if counts[k] < empty_fraction * n_particles / K:
+            free.append(k)
+            reasons[k] = f"nearly empty ({int(counts[k])} particles)"
+    if pmax is not None:
+        med = np.median(pmax[counts > 0])
+        for k in range(K):
+            if k not in free and counts[k] > 0 and pmax[k] < JUNK_PMAX_RATIO * med:
+                free.append(k)
+                reasons[k] = f"junk (mean max. probability {pmax[k]:.2f}, median {med:.2f})"
+    sim = class_similarity(classes, n_psi=n_psi, max_res_px=max_res_px)
+    ov = np.zeros((K, K)) if overlap is None or overlap.shape != (K, K) else overlap
+    score = np.maximum(sim / dup_threshold, ov / overlap_threshold)
+    pairs = sorted(((score[a, b], a, b) for a in range(K) for b in range(a + 1, K)),
+                   reverse=True)
+    taken = set(free)
+    for sc, a, b in pairs:
+        if sc < 1.0:
+            break
+        if a in taken or b in taken:
+            continue
+        s = sim[a, b]
+        small = a if counts[a] < counts[b] else b
+        free.append(int(small))
+        reasons[int(small)] = (f"duplicate of class {int(b if small == a else a) + 1} "
+                               f"(similarity {s:.2f}, shared particles {ov[a, b]:.2f})")
+        taken.update((int(a), int(b)))
+    return sorted(free), reasons
+
+
+def split_class(images, psi, offsets, ctf, sigma2, tau2, tau2_fudge, current_size, mask,
+                pixel_size, seed: int = 0, n_components: int = 3):
+    """Split aligned particles of one class in two; return the two Wiener averages.
+
+    Parameters
+    ----------
+    images : ndarray of shape (n, N, N), float32
+        The class's particles (norm-corrected).
+    psi : ndarray of shape (n,)
+        In-plane angles (deg) of their current best pose.
+    offsets : ndarray of shape (n, 2)
+        RELION origins (pixels).
+    ctf : CTFParams or None
+        Per-particle CTF parameters (``None``: no CTF).
+    sigma2 : ndarray of shape (N//2+1,)
+        Noise power per shell.
+    tau2 : ndarray of shape (N//2+1,)
+        Signal power prior per shell of the class.
+    tau2_fudge : float
+    current_size : int
+        Fourier box limiting the resolution used.
+    mask : ndarray of shape (N, N)
+        Soft particle mask for the averages.
+    pixel_size : float
+    seed : int
+    n_components : int
+        Principal components used for the 2-means.
+
+    Returns
+    -------
+    averages : ndarray of shape (2, N, N), float32
+    labels : ndarray of shape (n,), int (0 or 1)
+    separation : float
+        Distance between the two clusters' centres over the pooled within-cluster standard
+        deviation along that direction: about 1-2 for one view split by noise, well above 3
+        for two views.
+    """
+    from ..ctf import ctf_at
+    from ..data.conventions import inplane_matrix
+    from ..fourier import fft2_centered, ifft2_centered, shift_phases_2d
+    from ._estep import _pixels
+
+    _n, N = images.shape[0], images.shape[-1]
+    F = fft2_centered(np.asarray(images, np.float32))
+    F = F * shift_phases_2d(N, np.asarray(offsets, float))  # centre: shift by +origin
+    flat, kx, ky, shells = _pixels(N, current_size, include_dc=True)
+    q = np.stack([kx, ky], axis=-1)  # class-frame pixels
+    A = inplane_matrix(np.asarray(psi, float))  # particle pixel k <-> class pixel A^T k
+    kpart = np.einsum("nij,pj->npi", A, q)  # particle-frame coordinates A q, (n, P, 2)
+    X = _interp_halfplane(F, kpart)  # (n, P) complex
+    if ctf is not None:
+        c = ctf_at(ctf, kpart[..., 0], kpart[..., 1], N, pixel_size, aligned=True).astype(
+            np.float64)
+    else:
+        c = np.ones(X.shape)
+    # features: phase-flipped, noise-whitened low-resolution pixels (DC left out)
+    w = 1.0 / np.sqrt(np.maximum(sigma2[shells], 1e-30))
+    feat = X * np.sign(c) * w
+    feat = feat[:, shells > 0]
+    Z = np.concatenate([feat.real, feat.imag], axis=1)
+    Z -= Z.mean(axis=0)
+    u, s, _ = np.linalg.svd(Z, full_matrices=False)
+    scores = u[:, :n_components] * s[:n_components]
+    labels = _two_means(scores, seed)
+    separation = _separation(scores, labels)
+    inv_s2 = 1.0 / np.maximum(sigma2[shells], 1e-30)
+    reg = np.where(shells >= 1, 1.0 / np.maximum(tau2_fudge * tau2[shells], 1e-30), 0.0)
+    out = np.zeros((2, N, N), np.float32)
+    for g in range(2):
+        sel = labels == g
+        num = (c[sel] * X[sel]).sum(axis=0) * inv_s2
+        den = (c[sel] ** 2).sum(axis=0) * inv_s2 + reg
+        half = np.zeros(N * (N // 2 + 1), np.complex128)
+        half[flat] = num / np.maximum(den, 1e-30)
+        out[g] = ifft2_centered(half.reshape(N, N // 2 + 1), N) * mask
+    return out, labels, separation
+
+
+def _separation(scores, labels) -> float:
+    """Fisher separation of a 2-cluster labelling along the line joining the centres."""
+    if labels.min() == labels.max():
+        return 0.0
+    c0, c1 = scores[labels == 0].mean(axis=0), scores[labels == 1].mean(axis=0)
+    d = c1 - c0
+    nd = np.linalg.norm(d)
+    if nd == 0:
+        return 0.0
+    proj = scores @ (d / nd)
+    v = (proj[labels == 0].var() * (labels == 0).sum() + proj[labels == 1].var()
+         * (labels == 1).sum()) / len(labels)
+    return float(nd / np.sqrt(max(v, 1e-30)))
+
+
+def _two_means(x, seed: int, n_iter: int = 30):
+    """2-means clustering of rows of ``x`` started from the sign of the first column."""
+    labels = (x[:, 0] > np.median(x[:, 0])).astype(int)
+    for _ in range(n_iter):
+        cent = np.stack([x[labels == g].mean(axis=0) if (labels == g).any() else
+                         x[np.random.default_rng(seed).integers(len(x))] for g in range(2)])
+        d = ((x[:, None, :] - cent[None]) ** 2).sum(axis=-1)
+        new = d.argmin(axis=1)
+        if (new == labels).all():
+            break
+        labels = new
+    return labels
+
+
+def _interp_halfplane(F, coords):
+    """Bilinear interpolation of half-plane transforms at (x, y) Fourier coordinates.
+
+    Parameters
+    ----------
+    F : complex ndarray of shape (n, N, N//2+1)
+    coords : ndarray of shape (n, P, 2)
+
+    Returns
+    -------
+    complex ndarray of shape (n, P)
+    """
+    n, N = F.shape[0], F.shape[1]
+    x, y = coords[..., 0], coords[..., 1]
+    neg = x < 0
+    x = np.where(neg, -x, x)
+    y = np.where(neg, -y, y)
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    fx, fy = x - x0, y - y0
+    out = np.zeros(x.shape, np.complex128)
+    rows = np.arange(n)[:, None]
+    for dx in (0, 1):
+        for dy in (0, 1):
+            xi, yi = x0 + dx, y0 + dy
+            ok = (xi <= N // 2) & (np.abs(yi) <= N // 2)
+            b = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)
+            v = F[rows, np.mod(yi, N), np.clip(xi, 0, N // 2)]
+            out += np.where(ok, b * v, 0)
+    return np.where(neg, out.conj(), out)
