@@ -1,0 +1,230 @@
+"""What a rank runs on, found without touching CUDA; pinning a rank to its devices.
+
+Everything here runs inside the rank's own process (an ipyparallel engine, or the calling
+process for a run of one rank). Devices are listed with NVML (``nvidia-ml-py``), which creates
+no CUDA context, so that a rank can be pinned to its devices (``CUDA_VISIBLE_DEVICES``) before
+its first CUDA call; device identity is the UUID, so that two engines on one physical GPU are
+seen to share it whatever their indices.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import socket
+import sys
+from collections.abc import Sequence
+
+from ..errors import ResourceError
+
+__all__ = [
+    "cpu_count",
+    "cuda_may_be_initialised",
+    "describe_process",
+    "device_memory",
+    "limit_blas_threads",
+    "mpi_world",
+    "pin_devices",
+    "visible_devices",
+]
+
+_ORIGINAL_VISIBLE: str | None = None  # CUDA_VISIBLE_DEVICES before the first pin
+_PINNED: tuple[str, ...] | None = None  # entries pinned (CUDA may have read them already)
+
+
+def cpu_count() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover  (macOS)
+        return os.cpu_count() or 1
+
+
+def mpi_world() -> tuple[int, int] | None:
+    """``(rank, size)`` in ``MPI.COMM_WORLD`` if this process was started by an MPI launcher.
+
+    Read from the launcher's environment (Open MPI, MPICH/Hydra, PMIx, Slurm's PMI) so that a
+    process not started under MPI never initialises MPI.
+    """
+    for rank_var, size_var in (("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                               ("PMIX_RANK", "PMIX_SIZE"), ("PMI_RANK", "PMI_SIZE")):
+        if rank_var in os.environ and size_var in os.environ:
+            return int(os.environ[rank_var]), int(os.environ[size_var])
+    if "PMIX_RANK" in os.environ:
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD.rank, MPI.COMM_WORLD.size
+    return None
+
+
+@functools.cache
+def _nvml_all() -> tuple[dict, ...]:
+    """Every GPU of the host in NVML (PCI bus) order: index, uuid, name, total, free."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no NVIDIA driver / library: no GPU
+        return ()
+    out = []
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            uuid = pynvml.nvmlDeviceGetUUID(h)
+            name = pynvml.nvmlDeviceGetName(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            out.append({"nvml_index": i, "uuid": uuid if isinstance(uuid, str) else
+                        uuid.decode(), "name": name if isinstance(name, str) else name.decode(),
+                        "total": int(mem.total), "free": int(mem.free)})
+    except Exception:
+        return tuple(out)
+    return tuple(out)
+
+
+def _visible_entries() -> list[str] | None:
+    env = _ORIGINAL_VISIBLE if _PINNED is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is None:
+        return None
+    return [e.strip() for e in env.split(",") if e.strip()]
+
+
+def visible_devices() -> list[dict]:
+    """The devices CUDA will number 0, 1, ... in this process, found with NVML (no CUDA call).
+
+    Honours ``CUDA_VISIBLE_DEVICES`` as it was before :func:`pin_devices` (entries that are
+    indices or UUIDs); numbering follows the PCI bus (``CUDA_DEVICE_ORDER=PCI_BUS_ID``, which
+    :func:`pin_devices` sets).
+
+    Returns
+    -------
+    list of dict
+        ``index`` (as ``--gpu`` counts), ``uuid``, ``name``, ``total`` and ``free`` (bytes),
+        ``entry`` (what to put in ``CUDA_VISIBLE_DEVICES`` for it). Empty without a GPU.
+    """
+    devs = _nvml_all()
+    entries = _visible_entries()
+    if entries is None:
+        chosen = [(str(d["nvml_index"]), d) for d in devs]
+    else:
+        chosen = []
+        for e in entries:
+            if e.isdigit():
+                if int(e) >= len(devs):
+                    break  # CUDA ignores the rest after an invalid entry
+                chosen.append((e, devs[int(e)]))
+            else:
+                match = [d for d in devs if d["uuid"].startswith(e) or e.startswith(d["uuid"])]
+                if not match:
+                    break
+                chosen.append((e, match[0]))
+    return [{**d, "index": i, "entry": e} for i, (e, d) in enumerate(chosen)]
+
+
+def cuda_may_be_initialised() -> bool:
+    """Whether this process may already hold a CUDA context (then pinning cannot change it)."""
+    if _PINNED is not None:
+        return True
+    try:
+        from ..backend import _probe_cupy
+
+        if _probe_cupy.cache_info().currsize:
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return False
+
+
+def pin_devices(devices: Sequence[int], *, leader: bool = False) -> list[int]:
+    """Make this process see only its devices; call before its first CUDA call.
+
+    Parameters
+    ----------
+    devices : sequence of int
+        The device of each thread, as ``--gpu`` numbers them (see :func:`visible_devices`).
+        Empty: the process uses no GPU.
+    leader : bool
+        A rank without devices: hide every GPU from it (``CUDA_VISIBLE_DEVICES=""``), so that
+        nothing it does can create a context on device 0.
+
+    Returns
+    -------
+    list of int
+        The device index each thread must use afterwards (CUDA's numbering after the pin).
+
+    Raises
+    ------
+    ResourceError
+        If CUDA was initialised in this process with other devices than those asked for
+        (an engine reused with another ``--gpu`` map): restart the engines.
+    """
+    global _ORIGINAL_VISIBLE, _PINNED
+    if not devices and not leader:
+        return []
+    vis = visible_devices()
+    want: list[str] = []
+    for d in devices:
+        if d >= len(vis):
+            raise ResourceError(f"device {d} is not visible in this process (it sees "
+                                f"{len(vis)}: CUDA_VISIBLE_DEVICES="
+                                f"{os.environ.get('CUDA_VISIBLE_DEVICES')})")
+        if vis[d]["entry"] not in want:
+            want.append(vis[d]["entry"])
+    if cuda_may_be_initialised():
+        if _PINNED is None:
+            return list(devices)  # CUDA numbering is still the original one
+        if all(e in _PINNED for e in want):
+            return [_PINNED.index(vis[d]["entry"]) for d in devices]
+        raise ResourceError(
+            f"this process already uses the GPUs {list(_PINNED)} and cannot switch to "
+            f"{want}: restart the cluster's engines to run with another --gpu map")
+    if _PINNED is None:
+        _ORIGINAL_VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(want)
+    _PINNED = tuple(want)
+    return [want.index(vis[d]["entry"]) for d in devices]
+
+
+def device_memory(devices: Sequence[int]) -> dict[str, int]:
+    """Bytes held by CuPy's memory pool on each of ``devices`` (CUDA numbering)."""
+    if "cupy" not in sys.modules or not devices:
+        return {}
+    import cupy
+
+    out = {}
+    pool = cupy.get_default_memory_pool()
+    for d in sorted(set(devices)):
+        with cupy.cuda.Device(d):
+            out[str(d)] = int(pool.used_bytes())
+    return out
+
+
+def limit_blas_threads(n: int):
+    """Limit BLAS/OpenMP threads of this process to ``n`` (``threadpoolctl``); returns the
+    controller (its ``restore_original_limits()`` undoes it) or ``None`` without threadpoolctl.
+    """
+    if importlib.util.find_spec("threadpoolctl") is None:
+        return None
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=max(1, int(n)))
+
+
+def describe_process() -> dict:
+    """Who and where this process is, and what it could use (no CUDA call).
+
+    Returns
+    -------
+    dict
+        ``host``, ``pid``, ``mpi`` (``(rank, size)`` or ``None``), ``cores``, ``mem_available``
+        (bytes), ``devices`` (:func:`visible_devices`), ``cupy`` (installed),
+        ``cuda_initialised`` (:func:`cuda_may_be_initialised`).
+    """
+    from .images import available_memory
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "mpi": mpi_world(),
+            "cores": cpu_count(), "mem_available": available_memory(),
+            "devices": visible_devices(),
+            "cupy": importlib.util.find_spec("cupy") is not None,
+            "cuda_initialised": cuda_may_be_initialised()}

@@ -1,0 +1,64 @@
+"""Choosing ``--pool`` (particles per thread per task) and estimating its memory."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["CPU_POOL", "GPU_POOL_MAX", "GPU_POOL_MIN", "auto_pool", "pool_memory"]
+
+#: automatic pool on the CPU (BLAS is efficient from a few hundred rows on)
+CPU_POOL = 256
+#: automatic pool on a GPU: as large as memory allows within these bounds
+GPU_POOL_MIN, GPU_POOL_MAX = 64, 4096
+#: device memory the E-step's fine pass may take besides the pool (its own budget)
+_FINE_BUDGET = 1.5e9
+
+
+def pool_memory(config, box: int) -> int:
+    """Bytes per particle of the E-step's coarse pass (an upper bound).
+
+    The coarse pass of a pool of ``B`` particles holds ``B x translations x (classes x
+    angles)`` float32 scores a few times over, and the particles' shifted transforms
+    (``B x translations x 2P`` float32, ``P`` Fourier pixels); the image size is bounded by
+    the box.
+    """
+    from ..em._model import Sampling
+
+    s = Sampling.build(config.psi_step, config.offset_range, config.offset_step, 0)
+    T, M = len(s.trans), config.K * len(s.psi)
+    P = math.pi * (box / 2) ** 2 / 2
+    return int(4 * (3 * T * M + 4 * T * P + 8 * box * box))
+
+
+def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
+              free_bytes: float | None = None) -> int:
+    """The pool size used when ``--pool`` is 0.
+
+    Parameters
+    ----------
+    config : Class2DConfig
+    n, box : int
+        Particles and box size.
+    threads_total : int
+        Working threads over all ranks.
+    gpu : bool
+    free_bytes : float, optional
+        Free device memory per thread (the device's free memory divided among the threads
+        of all ranks that share it).
+
+    Returns
+    -------
+    int
+        CPU: 256. GPU: as many particles as half the free memory holds (after the fine pass's
+        own budget), between 64 and 4096. Either way at most ``n / (2 * threads_total)``
+        rounded up, so that every thread gets at least two pools to take on demand.
+    """
+    if gpu:
+        pool = GPU_POOL_MAX
+        if free_bytes is not None:
+            fit = (0.5 * free_bytes - _FINE_BUDGET) / max(1, pool_memory(config, box))
+            pool = int(min(GPU_POOL_MAX, max(GPU_POOL_MIN, fit)))
+    else:
+        pool = CPU_POOL
+    share = math.ceil(n / max(1, 2 * threads_total))
+    return max(1, min(pool, share))
