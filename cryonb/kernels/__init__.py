@@ -5,5 +5,26 @@ Each public function dispatches on its arguments' array module and has a plain N
 """
 
 from ._insert import insert_slices_2d, insert_slices_2d_reference
+from ._peaks import (
+    find_peaks_2d,
+    find_peaks_2d_reference,
+    prune_peak_clusters,
+    prune_peak_clusters_reference,
+    remove_close_peaks,
+    remove_close_peaks_reference,
+    update_best_2d,
+    update_best_2d_reference,
+)
 
-__all__ = ["insert_slices_2d", "insert_slices_2d_reference"]
+__all__ = [
+    "find_peaks_2d",
+    "find_peaks_2d_reference",
+    "insert_slices_2d",
+    "insert_slices_2d_reference",
+    "prune_peak_clusters",
+    "prune_peak_clusters_reference",
+    "remove_close_peaks",
+    "remove_close_peaks_reference",
+    "update_best_2d",
+    "update_best_2d_reference",
+]
