@@ -55,7 +55,6 @@ from .images import (
     PrereadSource,
     ScratchSource,
     TableSource,
-    available_memory,
     check_preread_memory,
     copy_to_scratch,
     remove_scratch,
@@ -310,7 +309,7 @@ class _Run:
                          devices=devices)
         self._device_names(rinfo, proc["devices"])
         table = leader.job.table
-        src = self._local_source(table, info, proc["host"])
+        src = self._local_source(table, info, proc)
         self._local_blas = hardware.limit_blas_threads(max(1, proc["cores"] // cfg.j))
         free = self._free_per_thread([rinfo], {0: proc})
         self._choose_pool(free)
@@ -322,13 +321,14 @@ class _Run:
         self.workers = [rank]
         self._device_report(dmap)
 
-    def _local_source(self, table, info, host):
+    def _local_source(self, table, info, proc):
         cfg = self.cfg
         mode = cfg.io_mode
+        host = proc["host"]
         if mode in ("parallel", "leader"):
             return TableSource(table)
         if mode == "preread":
-            check_preread_memory(info["n"], info["N"], {host: 1}, {host: available_memory()})
+            check_preread_memory(info["n"], info["N"], {host: 1}, {host: proc["mem_available"]})
             emit(self.progress, "stage", iteration=0, stage="preread", state="start")
             t0 = time.monotonic()
             src = PrereadSource(table, check_memory=False)

@@ -1,0 +1,71 @@
+"""I/O modes (cryonb.parallel.images): every source gives the table's own images."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cryonb.errors import ResourceError
+from cryonb.io import read_particles
+from cryonb.parallel import images
+from cryonb.parallel.images import (
+    PrereadSource,
+    ScratchSource,
+    TableSource,
+    check_preread_memory,
+    copy_to_scratch,
+    image_bytes,
+    remove_scratch,
+)
+
+
+@pytest.fixture(scope="module")
+def table(tiny_set):
+    return read_particles(tiny_set)
+
+
+ROWS = np.array([149, 0, 51, 37, 120, 49, 50, 3])  # across the 3 stacks, out of order
+
+
+def test_sources_agree(table):
+    want = table.images(ROWS)
+    np.testing.assert_array_equal(TableSource(table).images(ROWS), want)
+    pre = PrereadSource(table)
+    assert pre.data.shape == (table.n, table.box, table.box)
+    np.testing.assert_array_equal(pre.images(ROWS), want)
+
+
+@pytest.mark.parametrize("fit", [0, 40, 150])
+def test_scratch_copy_and_per_particle_fallback(table, tmp_path, fit):
+    cap = image_bytes(fit, table.box) + 4096  # room for `fit` particles and the header
+    copy = copy_to_scratch(table, tmp_path / "scratch", "t", keep_free_gb=0.0, capacity=cap)
+    assert copy.n_copied == fit and copy.complete == (fit == table.n)
+    src = ScratchSource(table, copy)
+    np.testing.assert_array_equal(src.images(ROWS), table.images(ROWS))
+    assert src.reset_counts() == int((ROWS >= fit).sum())
+    if not copy.complete:
+        assert f"room for {fit} of 150 particles" in copy.describe()
+    src.close()
+    remove_scratch(copy)
+    assert not (tmp_path / "scratch" / "cryonb_t").exists()
+
+
+def test_scratch_keeps_free_space(table, tmp_path):
+    # asking to keep more free space than the disc has leaves no room: nothing is copied
+    copy = copy_to_scratch(table, tmp_path, "k", keep_free_gb=1e9)
+    assert copy.n_copied == 0 and copy.room == 0
+
+
+def test_preread_memory_check_names_the_numbers():
+    with pytest.raises(ResourceError) as e:
+        check_preread_memory(1000, 256, {"node7": 3}, {"node7": 500_000_000})
+    msg = str(e.value)
+    assert "node7" in msg and "786.4 MB" in msg and "262.1 MB" in msg and "500.0 MB" in msg
+    assert "--scratch_dir" in msg
+    assert check_preread_memory(10, 32, {"a": 2}, {"a": 10**9}) == image_bytes(10, 32)
+
+
+def test_preread_source_refuses_when_memory_is_short(table, monkeypatch):
+    monkeypatch.setattr(images, "available_memory", lambda: 1000)
+    with pytest.raises(ResourceError, match="--preread_images needs"):
+        PrereadSource(table)

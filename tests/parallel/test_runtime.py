@@ -1,0 +1,140 @@
+"""The runtime in this process (``--ranks 1``): threads, pools, I/O modes, stop, progress."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_same_as_reference, tiny_config
+
+from cryonb.errors import ResourceError
+from cryonb.parallel import images, run_class2d
+from cryonb.parallel.images import SCRATCH_CAPACITY_ENV, image_bytes
+
+
+@pytest.mark.parametrize(("j", "pool", "io_mode"), [
+    (1, 150, "parallel"),
+    (3, 17, "preread"),
+    (2, 40, "scratch"),
+    (2, 33, "leader"),
+])
+def test_one_rank_matches_the_serial_run(tiny_set, reference, tmp_path, j, pool, io_mode):
+    cfg = tiny_config(tiny_set, tmp_path, j=j, pool=pool, io_mode=io_mode,
+                      scratch_dir=str(tmp_path / "scratch") if io_mode == "scratch" else "")
+    result = run_class2d(cfg, return_sums=True)
+    assert_same_as_reference(result, reference)
+    assert result.engines == "inprocess" and result.pool == pool and not result.gpu
+    assert [r.role for r in result.ranks] == ["leader+worker"]
+    if io_mode == "scratch":
+        assert not list((tmp_path / "scratch").iterdir())  # the copy is removed at the end
+
+
+def test_scratch_too_small_reads_the_rest_from_origin(tiny_set, reference, tmp_path,
+                                                      monkeypatch):
+    monkeypatch.setenv(SCRATCH_CAPACITY_ENV, str(image_bytes(60, 32) + 4096))
+    cfg = tiny_config(tiny_set, tmp_path, j=2, pool=25, scratch_dir=str(tmp_path / "s"))
+    assert cfg.io_mode == "parallel"  # the CLI turns --scratch_dir into scratch; here: explicit
+    result = run_class2d(cfg.replace(io_mode="scratch"), return_sums=True)
+    assert_same_as_reference(result, reference)
+    assert any("room for 60 of 150 particles" in w for w in result.warnings)
+    # every iteration reads the 90 particles that did not fit from the original stacks
+    fallback = [it.ranks[0].fallback for it in result.stats.iterations]
+    assert fallback == [90, 90, 90]
+
+
+def test_preread_refuses_when_it_cannot_fit(tiny_set, tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "available_memory", lambda: 100_000)
+    cfg = tiny_config(tiny_set, tmp_path, io_mode="preread")
+    with pytest.raises(ResourceError) as e:
+        run_class2d(cfg)
+    msg = str(e.value)
+    assert "--preread_images needs 614.4 kB" in msg and "100.0 kB is available" in msg
+    assert not list(tmp_path.glob("run_it*"))  # refused before anything ran
+
+
+def test_progress_events_and_stats(tiny_set, tmp_path):
+    events = []
+    cfg = tiny_config(tiny_set, tmp_path, j=2, pool=30)
+    result = run_class2d(cfg, progress=events.append)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "setup" and kinds[-1] == "done"
+    setup = events[0]
+    assert setup["pool"] == 30 and setup["n_particles"] == 150 and "leader+worker" in \
+        setup["device_table"]
+    pools = [e for e in events if e["event"] == "pool" and e["iteration"] == 1]
+    assert sum(e["n"] for e in pools) == 150 and pools[-1]["done"] == 150
+    assert {e["thread"] for e in pools} <= {0, 1}
+    its = [e for e in events if e["event"] == "iteration"]
+    assert [e["iteration"] for e in its] == [0, 1, 2]
+    assert its[-1]["summary"]["classes"].shape == (3, 32, 32)
+    assert "log_likelihood" in its[-1]["history"]
+    stages = {(e["stage"], e["state"]) for e in events if e["event"] == "stage"}
+    assert {("estep", "end"), ("combine", "end"), ("mstep", "end"), ("write", "end"),
+            ("init", "end")} <= stages
+    st = result.stats.iterations[-1]
+    assert set(st.stages) >= {"estep", "combine", "mstep", "write"}
+    assert st.ranks[0].particles == 150 and st.ranks[0].pools == 5
+    assert st.ranks[0].particles_per_s > 0 and st.ranks[0].memory["rss"] > 0
+    assert "particles/s" in result.stats.table()
+    assert len(result.history) == 3 and result.history[-1]["iteration"] == 2
+
+
+def test_stop_event_keeps_the_last_complete_iteration(tiny_set, tmp_path):
+    stop = threading.Event()
+
+    def progress(ev):
+        if ev["event"] == "pool" and ev["iteration"] == 2:
+            stop.set()
+
+    cfg = tiny_config(tiny_set, tmp_path, j=1, pool=10, iter=3)
+    result = run_class2d(cfg, progress=progress, stop_event=stop)
+    assert result.stopped and result.iteration == 1
+    assert Path(result.classes).name == "run_it001_classes.mrcs"
+    assert Path(result.files["optimiser"]).exists()
+    assert not list(tmp_path.glob("run_it002*"))
+
+
+def test_stop_before_writing_writes_the_last_complete_iteration(tiny_set, tmp_path):
+    stop = threading.Event()
+
+    def progress(ev):
+        if ev["event"] == "pool" and ev["iteration"] == 3:
+            stop.set()
+
+    cfg = tiny_config(tiny_set, tmp_path, pool=50, iter=4, write_every=4)
+    result = run_class2d(cfg, progress=progress, stop_event=stop)
+    assert result.stopped and result.iteration == 2
+    assert Path(result.classes).name == "run_it002_classes.mrcs"  # written at the stop
+
+
+def test_continue_gives_the_uninterrupted_sums(tiny_set, reference, tmp_path):
+    first = run_class2d(tiny_config(tiny_set, tmp_path / "a", iter=1, pool=40))
+    assert first.iteration == 1
+    cfg = tiny_config(tiny_set, tmp_path / "b", iter=2, j=2, pool=40,
+                      continue_from=first.files["optimiser"])
+    result = run_class2d(cfg, return_sums=True)
+    assert result.first_iteration == 1 and [it.iteration for it in result.stats.iterations] == [2]
+    assert_same_as_reference(result, reference)
+
+
+def test_gpu_flag_without_a_gpu_runs_on_the_cpu(tiny_set, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRYONB_BACKEND", "cpu")
+    result = run_class2d(tiny_config(tiny_set, tmp_path, iter=1, gpu=""))
+    assert not result.gpu and any("no GPU is usable" in w for w in result.warnings)
+
+
+@pytest.mark.gpu
+def test_gpu_threads_match_the_cpu(tiny_set, reference, tmp_path):
+    """Two threads on the GPU: the class2d CPU/GPU tolerance (same classes, correlation)."""
+    from cryonb.io import read_mrc, read_particles
+
+    result = run_class2d(tiny_config(tiny_set, tmp_path, j=2, pool=40, gpu=""),
+                         return_sums=True)
+    assert result.gpu and result.ranks[0].uuids
+    cls = read_particles(result.files["data"]).particles["rlnClassNumber"].to_numpy() - 1
+    assert np.mean(cls == reference["cls"]) >= 0.99
+    got = read_mrc(result.classes).data
+    for a, b in zip(got, reference["classes"]):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.99
