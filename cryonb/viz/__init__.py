@@ -1,1 +1,105 @@
-"""viz."""
+"""Notebook views (holoviews + bokeh): class averages, maps, convergence, curves, load.
+
+Layer 4: reads through :mod:`cryonb.io` and knows :mod:`cryonb.parallel.devices`; nothing
+below imports it. Importing :mod:`cryonb.viz` is cheap: holoviews is imported when a view
+module is first used, and the bokeh extension is loaded, with BokehJS inline (offline
+machines), when the first view is built or :func:`ensure_extension` is called. In a notebook
+call :func:`ensure_extension` first.
+
+Every view returns a holoviews object (render it with ``hv.render(obj, backend="bokeh")``,
+wrap it with ``pn.pane.HoloViews``). The live objects keep their streams as attributes, so
+that a panel can feed them from an asyncio task, a callback or a thread.
+
+Views
+    :func:`class_grid`, :class:`LiveClassGrid` (``.update(classes, pdf, resolution,
+    iteration)``); :func:`map_viewer`; :func:`convergence_plot`, :class:`LiveConvergence`
+    (``.update(dict)``); :func:`ssnr_plot`; :func:`device_layout`; :func:`load_dashboard`,
+    :class:`LoadDashboard`; :func:`star_view`; :func:`show`.
+Data (no holoviews)
+    :class:`LoadMonitor` (GPU, host and process load sampled in a thread, plus reports of
+    the ranks); :func:`read_class_output`, :class:`ClassOutput`, :func:`read_convergence`,
+    :func:`star_summary`, :func:`device_table`, :func:`find_class2d_roots`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__all__ = [
+    "SAMPLE_COLUMNS",
+    "ClassOutput",
+    "LiveClassGrid",
+    "LiveConvergence",
+    "LoadDashboard",
+    "LoadMonitor",
+    "class_grid",
+    "convergence_plot",
+    "device_layout",
+    "device_table",
+    "ensure_extension",
+    "find_class2d_roots",
+    "load_dashboard",
+    "map_viewer",
+    "read_class_output",
+    "read_convergence",
+    "show",
+    "ssnr_plot",
+    "star_summary",
+    "star_view",
+]
+
+# public name -> private module (imported on first access, PEP 562)
+_WHERE = {
+    "ensure_extension": "_base",
+    "ClassOutput": "_readers",
+    "find_class2d_roots": "_readers",
+    "read_class_output": "_readers",
+    "read_convergence": "_readers",
+    "star_summary": "_readers",
+    "SAMPLE_COLUMNS": "_monitor",
+    "LoadMonitor": "_monitor",
+    "LiveClassGrid": "_classes",
+    "class_grid": "_classes",
+    "map_viewer": "_maps",
+    "LiveConvergence": "_convergence",
+    "convergence_plot": "_convergence",
+    "ssnr_plot": "_curves",
+    "device_layout": "_devices",
+    "device_table": "_devices",
+    "LoadDashboard": "_dashboard",
+    "load_dashboard": "_dashboard",
+    "show": "_show",
+    "star_view": "_show",
+}
+
+if TYPE_CHECKING:
+    from ._base import ensure_extension
+    from ._classes import LiveClassGrid, class_grid
+    from ._convergence import LiveConvergence, convergence_plot
+    from ._curves import ssnr_plot
+    from ._dashboard import LoadDashboard, load_dashboard
+    from ._devices import device_layout, device_table
+    from ._maps import map_viewer
+    from ._monitor import SAMPLE_COLUMNS, LoadMonitor
+    from ._readers import (
+        ClassOutput,
+        find_class2d_roots,
+        read_class_output,
+        read_convergence,
+        star_summary,
+    )
+    from ._show import show, star_view
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,38 @@
+"""The package: cheap import, lazy names, the offline extension."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import cryonb.viz as viz
+
+
+def test_import_does_not_load_holoviews():
+    code = ("import sys, cryonb, cryonb.viz as v; v.LoadMonitor; v.read_convergence; "
+            "v.star_summary; assert 'holoviews' not in sys.modules, 'holoviews imported'; "
+            "assert 'bokeh' not in sys.modules, 'bokeh imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_public_name_resolves():
+    for name in viz.__all__:
+        assert getattr(viz, name) is not None
+    assert sorted(dir(viz)) == sorted(viz.__all__)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        viz.nope  # noqa: B018
+
+
+def test_ensure_extension_is_idempotent():
+    hv = viz.ensure_extension()
+    assert hv.Store.current_backend == "bokeh"
+    assert viz.ensure_extension() is hv
+    assert viz.ensure_extension(force=True) is hv
+
+
+def test_cryonb_show_delegates(map_file):
+    import cryonb
+
+    assert type(cryonb.show(map_file)) is type(viz.show(map_file))
