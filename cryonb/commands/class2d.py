@@ -1,0 +1,78 @@
+"""``cryonb class2d``: 2D classification with ``relion_refine``'s flags.
+
+A ``relion_refine`` (or ``mpirun -n N relion_refine_mpi``) command line for 2D classification
+runs unchanged with ``cryonb class2d`` (``--ranks N`` replaces ``mpirun -n N``). Options come
+from :class:`cryonb.em.Class2DConfig`'s field metadata, so that the CLI, the notebook widgets
+and the config file never disagree.
+"""
+
+from __future__ import annotations
+
+import sys
+
+__all__ = ["add_parser", "report", "run"]
+
+_EPILOG = """\
+examples:
+  cryonb class2d --i Extract/job007/particles.star --o Class2D/run --K 50 --iter 25 \\
+      --particle_diameter 200 --psi_step 10 --offset_range 5 --offset_step 2 --j 4 --gpu
+  cryonb class2d --ranks 3 --j 4 --gpu 0:1 ...        (2 workers, one GPU each)
+  cryonb class2d --ranks 5 --engines mpi --no_parallel_disc_io ...
+  cryonb class2d --continue Class2D/run_it010_optimiser.star --iter 25
+
+RELION's --no_parallel_disc_io, --preread_images, --dont_combine_weights_via_disc and
+--scratch_dir are understood; harmless relion_refine flags (--dont_check_norm,
+--pipeline_control ...) are accepted with a warning.
+"""
+
+
+def add_parser(sub) -> None:
+    """Register the subcommand."""
+    import argparse
+
+    from ..em._config import Class2DConfig
+    from ._options import add_config_arguments
+
+    p = sub.add_parser(
+        "class2d", help="2D classification (relion_refine's flags)",
+        description="Maximum-likelihood 2D classification as relion_refine does it, on CPU "
+                    "or GPU, on one or several ranks (ipyparallel engines, optionally under "
+                    "MPI). Writes RELION's per-iteration files under --o.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(p, Class2DConfig)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Build the configuration, run, report where the class averages are."""
+    from ..em._config import Class2DConfig
+    from ..errors import ConfigError
+    from ..parallel import run_class2d
+    from ._options import config_from_args
+    from ._runner import run_job
+
+    config, warnings = config_from_args(Class2DConfig, args)
+    if not config.o:
+        raise ConfigError("--o is required: the output rootname, e.g. Class2D/run")
+    if not config.i and not config.continue_from:
+        raise ConfigError("--i is required: the particles STAR file (or --continue "
+                          "<run>_it###_optimiser.star)")
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    result = run_job(run_class2d, config, quiet=args.quiet)
+    report(result)
+    return 0
+
+
+def report(result, file=None) -> None:
+    """Print where the class averages are and how long each stage took."""
+    file = file or sys.stdout
+    if result.stopped:
+        print(f"stopped after iteration {result.iteration}", file=file)
+    if result.classes:
+        print(f"class averages: {result.classes}", file=file)
+    for key in ("model", "data", "optimiser"):
+        if key in result.files:
+            print(f"{key + ':':11s} {result.files[key]}", file=file)
+    print(result.stats.table(), file=file)

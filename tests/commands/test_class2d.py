@@ -1,0 +1,115 @@
+"""``cryonb class2d``: relion_refine's flags, generated from Class2DConfig; end to end."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from cryonb.cli import build_parser, main
+from cryonb.commands._options import IGNORED_FLAGS, config_from_args
+from cryonb.em._config import Class2DConfig
+from cryonb.errors import ConfigError
+from cryonb.io import read_mrc, read_particles, read_star
+
+FAST = ["--K", "3", "--iter", "2", "--psi_step", "20", "--offset_range", "2", "--quiet"]
+
+
+def _parse(*argv):
+    args, unknown = build_parser().parse_known_args(["class2d", "--i", "p.star", "--o", "o/run",
+                                                    *argv])
+    assert not unknown
+    return config_from_args(Class2DConfig, args)
+
+
+def test_every_option_has_its_relion_flag():
+    p = build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    flags = set(sub.choices["class2d"]._option_string_actions)
+    for f in Class2DConfig.option_fields(cli=True):
+        assert Class2DConfig.flag(f.name) in flags, f.name
+    for relion in ("--i", "--o", "--K", "--iter", "--tau2_fudge", "--particle_diameter",
+                   "--zero_mask", "--ctf", "--ctf_intact_first_peak", "--psi_step",
+                   "--offset_range", "--offset_step", "--norm", "--scale", "--random_seed",
+                   "--continue", "--j", "--pool", "--gpu", "--cpu", "--ranks",
+                   "--no_parallel_disc_io", "--preread_images", "--dont_combine_weights_via_disc",
+                   "--scratch_dir", "--keep_free_scratch", "--no_ctf", "--no_norm"):
+        assert relion in flags, relion
+
+
+def test_flags_build_the_config():
+    cfg, warnings = _parse("--K", "7", "--no_ctf", "--gpu", "--j", "3", "--ranks", "4",
+                           "--pool", "30", "--dont_combine_weights_via_disc")
+    assert (cfg.K, cfg.ctf, cfg.gpu, cfg.j, cfg.ranks, cfg.pool) == (7, False, "", 3, 4, 30)
+    assert cfg.combine == "network" and cfg.io_mode == "parallel" and not warnings
+    assert _parse("--gpu", "0:1")[0].gpu == "0:1"
+    assert _parse()[0].gpu is None  # not given: a GPU if one is usable
+    assert _parse("--no_parallel_disc_io")[0].io_mode == "leader"
+    assert _parse("--preread_images")[0].io_mode == "preread"
+    cfg = _parse("--scratch_dir", "/tmp/s", "--keep_free_scratch", "2")[0]
+    assert (cfg.io_mode, cfg.scratch_dir, cfg.keep_free_scratch) == ("scratch", "/tmp/s", 2.0)
+    cfg, warnings = _parse("--no_parallel_disc_io", "--preread_images")
+    assert cfg.io_mode == "leader" and "nothing is preread" in warnings[0]
+
+
+def test_harmless_relion_flags_are_ignored_with_a_warning():
+    cfg, warnings = _parse("--dont_check_norm", "--pipeline_control", "Class2D/job008/",
+                           "--memory_per_thread", "4", "--angpix", "1.2", "--onthefly_shifts",
+                           "--skip_gridding", "--auto_sampling", "--fast_subsets")
+    assert len(warnings) == 8
+    assert "--pipeline_control Class2D/job008/ is ignored" in warnings[1]
+    assert all(" is ignored: " in w for w in warnings)
+    assert set(IGNORED_FLAGS) >= {"--dont_check_norm", "--pipeline_control"}
+
+
+def test_contradictions_are_errors():
+    with pytest.raises(ConfigError, match="--preread_images and --scratch_dir"):
+        _parse("--preread_images", "--scratch_dir", "/tmp/s")
+    with pytest.raises(ConfigError, match="--no_parallel_disc_io contradicts --io_mode"):
+        _parse("--no_parallel_disc_io", "--io_mode", "preread")
+    with pytest.raises(ConfigError, match="--cpu and --gpu"):
+        _parse("--cpu", "--gpu", "0")
+
+
+def test_unknown_flag_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["class2d", "--i", "p.star", "--o", "o/run", "--helical_outer_diameter", "200"])
+    assert e.value.code == 2
+    assert "unrecognised arguments: --helical_outer_diameter 200" in capsys.readouterr().err
+
+
+def test_missing_input_is_a_clear_error(tmp_path, capsys):
+    assert main(["class2d", "--o", str(tmp_path / "run")]) == 2
+    assert "--i is required" in capsys.readouterr().err
+    assert main(["class2d", "--i", str(tmp_path / "nope.star"), "--o", str(tmp_path / "r"),
+                 *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "cryonb class2d: error:" in err and "nope.star" in err and "Traceback" not in err
+
+
+def test_end_to_end_with_a_pasted_relion_command(sim_star, tmp_path, capsys):
+    out = tmp_path / "Class2D" / "run"
+    argv = ["class2d", "--i", str(sim_star), "--o", str(out), *FAST, "--j", "2", "--pool", "40",
+            "--dont_check_norm", "--pipeline_control", "Class2D/job008/", "--preread_images",
+            "--dont_combine_weights_via_disc", "--flatten_solvent", "--zero_mask", "--ctf",
+            "--tau2_fudge", "2", "--particle_diameter", "80", "--oversampling", "1",
+            "--offset_step", "2", "--norm", "--scale", "--cpu"]
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    assert f"class averages: {out}_it002_classes.mrcs" in cap.out
+    assert "warning: --dont_check_norm is ignored" in cap.err
+    classes = read_mrc(f"{out}_it002_classes.mrcs")
+    assert classes.data.shape == (3, 32, 32)
+    data = read_particles(f"{out}_it002_data.star")
+    assert data.n == 150 and set(data.particles["rlnClassNumber"]) <= {1, 2, 3}
+    model = read_star(f"{out}_it002_model.star")
+    assert len(model["model_classes"]) == 3
+    assert (tmp_path / "Class2D" / "run_it002_optimiser.star").exists()
+
+
+def test_continue_from_the_command_line(sim_star, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["class2d", "--i", str(sim_star), "--o", str(out), *FAST, "--iter", "1"]) == 0
+    assert main(["class2d", "--continue", f"{out}_it001_optimiser.star", "--o", str(out),
+                 "--iter", "2", "--quiet"]) == 0
+    assert f"class averages: {out}_it002_classes.mrcs" in capsys.readouterr().out
