@@ -87,13 +87,15 @@ def open_worker(run_id: str, rank: int, config, setup: dict, *, threads: int, de
     Returns
     -------
     dict
-        ``devices`` (CUDA numbering after pinning) and ``gpu`` (whether CuPy answers).
+        ``devices`` (CUDA numbering after pinning), ``gpu`` (whether CuPy answers) and
+        ``uuids`` (each thread's device as CUDA names it: which physical GPU it drives).
     """
     from ._worker import WorkerService
-    from .hardware import limit_blas_threads, pin_devices
+    from .hardware import cuda_uuids, limit_blas_threads, pin_devices
 
     state = _enter(run_id, cwd)
     local = pin_devices(list(devices)) if devices else []
+    uuids: list[str] = []
     if local:
         from ..backend import gpu_available
         from ..errors import ResourceError
@@ -101,13 +103,14 @@ def open_worker(run_id: str, rank: int, config, setup: dict, *, threads: int, de
         if not gpu_available():
             raise ResourceError(f"rank {rank} was given GPUs {list(devices)} but CuPy cannot "
                                 "use them here")
+        uuids = cuda_uuids(local)
     if blas_threads:
         state["blas"] = limit_blas_threads(blas_threads)
     src = make_source(source, config)
     state["worker"] = WorkerService(rank=rank, config=config, setup=setup, threads=threads,
                                     devices=local or None, source=src, comm=state.get("comm"),
                                     timeout=timeout)
-    return {"devices": local, "gpu": bool(local)}
+    return {"devices": local, "gpu": bool(local), "uuids": uuids}
 
 
 def make_source(source: dict, config, table=None):

@@ -21,6 +21,7 @@ from ..errors import ResourceError
 __all__ = [
     "cpu_count",
     "cuda_may_be_initialised",
+    "cuda_uuids",
     "describe_process",
     "device_memory",
     "limit_blas_threads",
@@ -184,6 +185,25 @@ def pin_devices(devices: Sequence[int], *, leader: bool = False) -> list[int]:
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(want)
     _PINNED = tuple(want)
     return [want.index(vis[d]["entry"]) for d in devices]
+
+
+def cuda_uuids(devices: Sequence[int]) -> list[str]:
+    """The UUID CUDA itself gives each of ``devices`` (CUDA numbering), ``GPU-xxxxxxxx-...``.
+
+    Confirms after :func:`pin_devices` which physical GPU each thread drives (``"?"`` where
+    CuPy does not say).
+    """
+    import cupy
+
+    out = []
+    for d in devices:
+        try:
+            raw = bytes(cupy.cuda.runtime.getDeviceProperties(int(d))["uuid"])[:16]
+            h = raw.hex()
+            out.append(f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}")
+        except Exception:
+            out.append("?")
+    return out
 
 
 def device_memory(devices: Sequence[int]) -> dict[str, int]:

@@ -233,6 +233,7 @@ class _Run:
         self._local_blas = None
         self._last_sums = None
         self._history: list[dict] = []
+        self._map_warnings: list[str] = []
 
     # -------------------------------------------------------------- waiting
     def _get(self, rank: _Rank, fut, what: str):
@@ -449,7 +450,11 @@ class _Run:
                 _engine.open_worker, self.run_id, w.rank, jcfg, setup, threads=cfg.j,
                 devices=w.info.devices, source=sources[w.rank], cwd=cwd, timeout=self.timeout,
                 blas_threads=blas)))
-        self._wait_all(calls, "starting the workers")
+        opened = self._wait_all(calls, "starting the workers")
+        for w, out in zip(self.workers, opened):
+            self._confirm_devices(w.info, out["uuids"])
+        if self.gpu:  # the table again, with the devices CUDA itself reported
+            self._device_report(dmap)
         if cfg.io_mode == "preread":
             emit(self.progress, "stage", iteration=0, stage="preread", state="end",
                  seconds=time.monotonic() - t0)
@@ -500,6 +505,16 @@ class _Run:
                 out[w.rank] = {"kind": "scratch", "copy": copy}
         return out
 
+    def _confirm_devices(self, info: RankInfo, uuids: list[str]) -> None:
+        """Keep the UUIDs CUDA reported after pinning; say so where NVML meant another GPU."""
+        if not uuids:
+            return
+        for t, (want, got) in enumerate(zip(info.uuids, uuids)):
+            if got != "?" and want not in ("?", got):
+                self.warnings.append(f"{info.label()} thread {t}: CUDA drives {got}, the "
+                                     f"device map meant {want} (check CUDA_DEVICE_ORDER)")
+        info.uuids = [g if g != "?" else w for w, g in zip(info.uuids, uuids)]
+
     @staticmethod
     def _device_names(info: RankInfo, visible: list[dict]) -> None:
         info.uuids = [visible[d]["uuid"] if d < len(visible) else "?" for d in info.devices]
@@ -515,8 +530,10 @@ class _Run:
         self.device_table = dmap.format_table(uuids=uuids or None, names=names or None,
                                               hosts=hosts)
         self.device_map = dmap.to_json_dict()
-        self.warnings += [ln[len("warning: "):] for ln in self.device_table.splitlines()
-                          if ln.startswith("warning: ")]
+        self.warnings = [w for w in self.warnings if w not in self._map_warnings]
+        self._map_warnings = [ln[len("warning: "):] for ln in self.device_table.splitlines()
+                              if ln.startswith("warning: ")]
+        self.warnings += self._map_warnings
 
     def _free_per_thread(self, infos: list[RankInfo], probes: dict) -> float | None:
         """Free device memory per thread, the device's threads over all ranks sharing it."""

@@ -19,9 +19,9 @@ SUM_RTOL = 1e-6
 
 
 def tiny_config(star, out, **kw) -> Class2DConfig:
-    """The tests' 2D classification options (fast), with ``kw`` changed."""
+    """The tests' 2D classification options (fast, CPU path), with ``kw`` changed."""
     base = {"i": str(star), "o": str(out / "run"), "K": 3, "iter": 2, "psi_step": 20.0,
-            "offset_range": 2.0, "random_seed": 0, "timeout": 120.0}
+            "offset_range": 2.0, "random_seed": 0, "timeout": 120.0, "cpu": True}
     base.update(kw)
     return Class2DConfig(**base).validate()
 

@@ -121,7 +121,7 @@ def test_continue_gives_the_uninterrupted_sums(tiny_set, reference, tmp_path):
 
 def test_gpu_flag_without_a_gpu_runs_on_the_cpu(tiny_set, tmp_path, monkeypatch):
     monkeypatch.setenv("CRYONB_BACKEND", "cpu")
-    result = run_class2d(tiny_config(tiny_set, tmp_path, iter=1, gpu=""))
+    result = run_class2d(tiny_config(tiny_set, tmp_path, iter=1, gpu="", cpu=False))
     assert not result.gpu and any("no GPU is usable" in w for w in result.warnings)
 
 
@@ -130,7 +130,7 @@ def test_gpu_threads_match_the_cpu(tiny_set, reference, tmp_path):
     """Two threads on the GPU: the class2d CPU/GPU tolerance (same classes, correlation)."""
     from cryonb.io import read_mrc, read_particles
 
-    result = run_class2d(tiny_config(tiny_set, tmp_path, j=2, pool=40, gpu=""),
+    result = run_class2d(tiny_config(tiny_set, tmp_path, j=2, pool=40, gpu="", cpu=False),
                          return_sums=True)
     assert result.gpu and result.ranks[0].uuids
     cls = read_particles(result.files["data"]).particles["rlnClassNumber"].to_numpy() - 1
