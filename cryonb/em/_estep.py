@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import array_module
+from ..backend import add_rows_at, array_module
 from ..ctf import CTFParams, ctf_at
 from ..data.conventions import inplane_matrix
 from ..fourier import Projector, fft2_centered, ifft2_centered
@@ -291,15 +291,15 @@ class EStepContext:
         res[:, RESULT_COLUMNS.index("n_sig")] = n_sig
         broad = n_sig > BROAD_FRACTION * sig.shape[1] * sig.shape[2]
         sig_t, sig_r, best = (_to_host(a) for a in (sig.any(axis=2), sig.any(axis=1), best))
-        for grid, sel in ((self.broad, np.flatnonzero(broad)),
-                          (self.fine, np.flatnonzero(~broad))):
+        for grid, sel, union in ((self.broad, np.flatnonzero(broad), True),
+                                 (self.fine, np.flatnonzero(~broad), False)):
             if not sel.size:
                 continue
-            for sub, r_union in self._fine_groups(sig_t[sel], sig_r[sel], best[sel], grid):
+            for sub, r_union in self._groups(sig_t[sel], sig_r[sel], best[sel], grid, union):
                 sub = sel[sub]
                 isub = xp.asarray(sub)
-                self._fine_pass(grid, batch, sub, r_union, sig[isub], Xf[isub], ctf_f[isub],
-                                inv_f[isub], power_full[isub], res)
+                self._second_pass(grid, batch, sub, r_union, sig[isub], Xf[isub], ctf_f[isub],
+                                  inv_f[isub], power_full[isub], res)
         self.n_done += B
         return res
 
@@ -359,171 +359,217 @@ class EStepContext:
         thr = xp.take_along_axis(srt, (nsig - 1)[:, None], axis=1)
         return (w >= thr).reshape(lw.shape)
 
-    def _fine_groups(self, sig_t, sig_r, best, grid, budget_bytes: float | None = None):
-        """Split a pool into groups for the fine pass.
+    def _groups(self, sig_t, sig_r, best, grid, union: bool,
+                budget_bytes: float | None = None):
+        """Split particles into groups for the second pass.
 
-        Particles are sorted by their best coarse rotation, so that neighbours in a group
-        share most of their significant rotations; each group is then evaluated against the
-        union of its particles' significant rotations with one matrix product (rows: the
-        particles' significant translations). Early iterations, where everything is
-        significant, become dense products over the whole fine grid.
-
-        Parameters
-        ----------
-        sig_t : bool ndarray of shape (B, T)  (host)
-        sig_r : bool ndarray of shape (B, M)  (host)
-        best : int ndarray of shape (B,)
-            Best coarse rotation of each particle.
+        ``union=True`` (broad posteriors): particles sorted by their best coarse rotation and
+        evaluated against the union of the group's significant rotations with one matrix
+        product. ``union=False``: particles sorted by the size of their significant sets and
+        evaluated on per-particle blocks (batched products, padded to the group's largest).
 
         Returns
         -------
-        list of (particle indices, coarse rotation indices of the union)
+        list of (particle indices, union of coarse rotations or None)
         """
         ts, ps = grid.ts, grid.ps
         P = len(grid.kx)
         if budget_bytes is None:
-            budget_bytes = 160e6 if self.xp is np else 1.5e9
-        n_t = sig_t.sum(axis=1)
-        order = np.lexsort((n_t, best))
+            budget_bytes = 128e6 if self.xp is np else 1.5e9
+        n_t, n_r = sig_t.sum(axis=1), sig_r.sum(axis=1)
+        order = np.lexsort((n_t, best)) if union else np.lexsort((n_t, n_r))
         groups = []
         cur: list[int] = []
-        union = np.zeros(sig_r.shape[1], bool)
-        mt = 0
+        urot = np.zeros(sig_r.shape[1], bool)
+        mt = mr = 0
         for i in order:
-            u2 = union | sig_r[i]
-            t2 = max(mt, int(n_t[i]))
+            u2 = urot | sig_r[i] if union else urot
+            t2, r2 = max(mt, int(n_t[i])), max(mr, int(n_r[i]))
             nb = len(cur) + 1
-            ru = int(u2.sum()) * ps
-            rows = nb * t2 * ts
-            cost = 4 * (rows * 2 * P * 3 + rows * ru * 6 + ru * 2 * P * 2)
-            if cur and (cost > budget_bytes or nb > 512):
-                groups.append((np.array(cur), np.flatnonzero(union)))
-                cur, u2, t2 = [], sig_r[i].copy(), int(n_t[i])
+            rf = (int(u2.sum()) if union else r2) * ps
+            tf = t2 * ts
+            per = (1 if union else nb) * rf * 2 * P  # references (shared or per particle)
+            cost = 4 * (nb * tf * 2 * P * 3 + nb * tf * rf * 6 + per * 2)
+            if cur and (cost > budget_bytes or nb > 1024):
+                groups.append((np.array(cur), np.flatnonzero(urot) if union else None))
+                cur, u2, t2, r2 = [], sig_r[i].copy(), int(n_t[i]), int(n_r[i])
             cur.append(int(i))
-            union, mt = u2, t2
+            urot, mt, mr = u2, t2, r2
         if cur:
-            groups.append((np.array(cur), np.flatnonzero(union)))
+            groups.append((np.array(cur), np.flatnonzero(urot) if union else None))
         return groups
 
-    def _fine_pass(self, f: _Grid, batch, sub, r_union, sig, Xf, ctf, inv, power_full, res):
+    def _second_pass(self, f: _Grid, batch, sub, r_union, sig, Xf, ctf, inv, power_full, res):
         """Second pass on grid ``f`` + accumulation for the particles ``sub``.
 
-        Evaluates, for each particle, its significant coarse translations (sub-sampled by
-        ``f.ts``) against the union ``r_union`` of the group's significant coarse rotations
-        (sub-sampled by ``f.ps``), keeping only sub-samples of significant coarse pairs.
+        Evaluates, for each particle, the sub-samples (``f.ts`` translations x ``f.ps``
+        angles) of its significant coarse (translation, rotation) pairs, at the current image
+        size. With ``r_union`` the rotations are the group's union (one matrix product,
+        dense accumulation); without it each particle has its own block of rotations.
         """
         xp = self.xp
         ts, ps = f.ts, f.ps
         Bs, P = Xf.shape
-        n_psi_f = len(f.psi)
-        ru = xp.asarray(r_union)
-        sig_u = sig[:, :, ru]  # (Bs, T, Ru)
-        sig_t = sig_u.any(axis=2)
+        R = len(f.psi)
+        sig_t = sig.any(axis=2)
         nT = int(_to_host(sig_t.sum(axis=1)).max())
         t_idx = xp.argsort(~sig_t, axis=1, kind="stable")[:, :nT]  # (Bs, nT)
         t_ok = xp.take_along_axis(sig_t, t_idx, axis=1)
-        pair = xp.take_along_axis(sig_u, t_idx[:, :, None], axis=1) & t_ok[:, :, None]
-        # fine indices: translation j -> j*ts + q; rotation m = k*R + r -> m*ps + q
-        tf = (t_idx[:, :, None] * ts + xp.arange(ts)[None, None]).reshape(Bs, nT * ts)
-        rf = (ru[:, None] * ps + xp.arange(ps)[None]).reshape(-1)  # (Rf,) shared by the group
+        pair = xp.take_along_axis(sig, t_idx[:, :, None], axis=1) & t_ok[:, :, None]
+        if r_union is not None:
+            r_idx = xp.asarray(r_union)[None]  # (1, nR): shared
+            pair = pair[:, :, xp.asarray(r_union)]
+        else:
+            sig_r = sig.any(axis=1)
+            nR = int(_to_host(sig_r.sum(axis=1)).max())
+            r_idx = xp.argsort(~sig_r, axis=1, kind="stable")[:, :nR]  # (Bs, nR)
+            r_ok = xp.take_along_axis(sig_r, r_idx, axis=1)
+            pair = xp.take_along_axis(pair, r_idx[:, None, :], axis=2) & r_ok[:, None, :]
+        # sub-sample indices: translation j -> j*ts + q; rotation m = k*R0 + r -> m*ps + q
+        tf = (t_idx[:, :, None] * ts + xp.arange(ts)[None, None]).reshape(Bs, -1)
+        rf = (r_idx[:, :, None] * ps + xp.arange(ps)[None, None]).reshape(r_idx.shape[0], -1)
         valid = xp.repeat(xp.repeat(pair, ts, axis=1), ps, axis=2)  # (Bs, Tf, Rf)
-        Tf, Rf = tf.shape[1], rf.shape[0]
-        # shifted images X(t) as contiguous [Re | Im] rows; Y = X(t) CTF / sigma2
-        ph = f.phases_ri[tf]  # (Bs, Tf, 2P)
-        Xt = _cmul_ri(_ri(Xf)[:, None, :], ph, P)  # (Bs, Tf, 2P)
+        Tf, Rf = tf.shape[1], rf.shape[1]
+        # shifted images X(t), Y = X(t) CTF / sigma2, as contiguous [Re | Im] rows
+        Xt = _cmul_ri(_ri(Xf)[:, None, :], f.phases_ri[tf], P)  # (Bs, Tf, 2P)
         cinv = ctf * inv
-        cinv2 = xp.concatenate([cinv, cinv], axis=1)
-        Y = Xt * cinv2[:, None, :]
-        Ari = f.refs_ri[rf]  # (Rf, 2P)
-        A2 = f.refs_a2[rf]  # (Rf, P)
-        Y2 = Y.reshape(Bs * Tf, 2 * P)
-        cross = (Y2 @ Ari.T).reshape(Bs, Tf, Rf)
-        a2 = (ctf * cinv) @ A2.T  # (Bs, Rf)
+        Y = Xt * xp.concatenate([cinv, cinv], axis=1)[:, None, :]
+        if r_union is not None:
+            Ari, A2 = f.refs_ri[rf[0]], f.refs_a2[rf[0]]  # (Rf, 2P), (Rf, P)
+            cross = (Y.reshape(Bs * Tf, 2 * P) @ Ari.T).reshape(Bs, Tf, Rf)
+            a2 = (ctf * cinv) @ A2.T  # (Bs, Rf)
+        else:
+            Ari = f.refs_ri[rf]  # (Bs, Rf, 2P)
+            cross = Y @ xp.ascontiguousarray(Ari.transpose(0, 2, 1))
+            a2 = (f.refs_a2[rf] @ (ctf * cinv)[:, :, None])[..., 0]
         x2 = ((Xf.real**2 + Xf.imag**2) * inv).sum(axis=1)
         lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
         del cross
         offs = xp.asarray(batch.offset[sub][:, None, :], dtype=xp.float32) + f.trans_dev[tf]
-        # |offset - class prior|^2 per (particle, translation, class), then per rotation
-        po = self.prior_offset  # (K, 2)
+        po = self.prior_offset  # (K, 2): |offset - class prior|^2 per (particle, t, class)
         d2k = ((offs * offs).sum(axis=-1)[:, :, None] - 2 * (offs @ po.T)
                + (po * po).sum(axis=1)[None, None, :])  # (Bs, Tf, K)
-        rcls = rf // n_psi_f
-        lw = lw + (self.log_pdf[None, None, :] - d2k * self.inv2_sig_off)[:, :, rcls]
+        rcls = rf // R  # (1 or Bs, Rf)
+        prior = self.log_pdf[None, None, :] - d2k * self.inv2_sig_off
+        lw = lw + xp.take_along_axis(prior, xp.broadcast_to(rcls[:, None, :], lw.shape), axis=2)
         lw = xp.where(valid, lw, -xp.inf)
         mx = lw.reshape(Bs, -1).max(axis=1)
         w = xp.exp(lw - mx[:, None, None])
         del lw
         tot = w.reshape(Bs, -1).sum(axis=1)
         loglik = mx + xp.log(tot) - self.logsigma2[xp.asarray(batch.optics[sub])]
-        # (RELION drops fine weights below its significance threshold; with dense matrix
-        # products that saves nothing, so every fine weight of a significant coarse sample
-        # is kept: at most 1 - adaptive_fraction of the weight differs)
         w = (w / tot[:, None, None]).astype(xp.float32)
-        # per-particle results
-        best = xp.argmax(w.reshape(Bs, -1), axis=1)
-        bt, br = best // Rf, best % Rf
-        ar = xp.arange(Bs)
-        best_rf = rf[br]
-        best_off = offs[ar, bt]
+        if r_union is None:
+            # as RELION: weights below the second pass's significance threshold are dropped
+            keep = self._significant(xp.log(xp.maximum(w, 1e-38)) + xp.where(valid, 0, -xp.inf))
+            w = xp.where(keep, w, 0)
+            w /= w.reshape(Bs, -1).sum(axis=1)[:, None, None]
+        rcls_b = xp.broadcast_to(rcls, (Bs, Rf))
+        d2 = xp.take_along_axis(d2k, xp.broadcast_to(rcls[:, None, :], w.shape), axis=2)
+        self._results(f, batch, sub, w, tf, xp.broadcast_to(rf, (Bs, Rf)), offs, loglik, res)
         omega = w.sum(axis=1)  # (Bs, Rf)
-        wt = w.sum(axis=2)  # (Bs, Tf)
-        psi_f = f.psi_dev
-        dpsi = (psi_f[rf % n_psi_f][None] - psi_f[best_rf % n_psi_f][:, None] + 180) % 360 - 180
-        acc_rot = xp.sqrt((omega * dpsi**2).sum(axis=1))
-        dt = offs - best_off[:, None, :]
-        acc_tr = xp.sqrt((wt * (dt * dt).sum(axis=-1)).sum(axis=1))
-        # back-projection sums (data: sum_t w Y(t) per rotation; weight: sum w CTF^2/sigma2)
-        # and H(t) = sum_rot w A_rot, which gives the residual's cross term per shell
-        W2 = w.reshape(Bs * Tf, Rf)
-        f.acc_data[rf] += W2.T @ Y2
-        f.acc_weight[rf] += omega.T @ (ctf * cinv)
-        H = (W2 @ Ari).reshape(Bs, Tf, 2 * P)
-        a2pix = omega @ A2  # (Bs, P)
-        del W2, Y2
-        XH = (Xt * H).sum(axis=1)  # (Bs, 2P)
-        del H, Xt, Y
-        crossn = ((XH[:, :P] + XH[:, P:]) * ctf) @ f.onehot
-        a2n = (a2pix * ctf * ctf) @ f.onehot
+        if r_union is not None:
+            crossn, a2n = self._accumulate_dense(f, w, Y, Xt, Ari, A2, rf[0], omega, ctf, cinv)
+        else:
+            crossn, a2n = self._accumulate_sparse(f, w, Y, Xt, rf, ctf, cinv)
         x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
         resid = x2n - 2 * crossn + a2n  # (Bs, nsh): weighted |X - CTF A|^2 per shell
         beyond = xp.arange(self.nsh) > f.size // 2
         resid = xp.where(beyond[None], power_full, resid)
         self._accumulate_stats(batch, sub, resid, crossn, a2n)
+        self._accumulate_priors(batch, sub, w, omega, rcls_b, offs, d2, resid, res)
+
+    def _results(self, f, batch, sub, w, tf, rf, offs, loglik, res):
+        """Best pose, max probability, log-likelihood, posterior spread per particle."""
+        xp = self.xp
+        Bs, _, Rf = w.shape
+        R = len(f.psi)
+        best = xp.argmax(w.reshape(Bs, -1), axis=1)
+        bt, br = best // Rf, best % Rf
+        ar = xp.arange(Bs)
+        best_rf = rf[ar, br]
+        best_off = offs[ar, bt]
+        omega = w.sum(axis=1)
+        wt = w.sum(axis=2)
+        psi = f.psi_dev
+        dpsi = (psi[rf % R] - psi[best_rf % R][:, None] + 180) % 360 - 180
+        acc_rot = xp.sqrt((omega * dpsi**2).sum(axis=1))
+        dt = offs - best_off[:, None, :]
+        acc_tr = xp.sqrt((wt * (dt * dt).sum(axis=-1)).sum(axis=1))
+        cols = {"class": best_rf // R, "psi": psi[best_rf % R], "offset_x": best_off[:, 0],
+                "offset_y": best_off[:, 1], "pmax": w.reshape(Bs, -1).max(axis=1),
+                "loglik": loglik, "acc_rot": acc_rot, "acc_trans": acc_tr}
+        for name, v in cols.items():
+            res[sub, RESULT_COLUMNS.index(name)] = _to_host(v)
+
+    def _accumulate_dense(self, f, w, Y, Xt, Ari, A2, rf, omega, ctf, cinv):
+        """Back-projection sums with matrix products over the whole (translation, rotation)
+        block; returns the per-shell cross term and reference power of the residual."""
+        Bs, Tf, Rf = w.shape
+        P = Xt.shape[-1] // 2
+        W2 = w.reshape(Bs * Tf, Rf)
+        f.acc_data[rf] += W2.T @ Y.reshape(Bs * Tf, 2 * P)
+        f.acc_weight[rf] += omega.T @ (ctf * cinv)
+        H = (W2 @ Ari).reshape(Bs, Tf, 2 * P)  # sum_rot w A_rot per translation
+        XH = (Xt * H).sum(axis=1)
+        crossn = ((XH[:, :P] + XH[:, P:]) * ctf) @ f.onehot
+        a2n = ((omega @ A2) * ctf * ctf) @ f.onehot
+        return crossn, a2n
+
+    def _accumulate_sparse(self, f, w, Y, Xt, rf, ctf, cinv):
+        """Back-projection sums over the non-zero weights only (peaked posteriors)."""
+        xp = self.xp
+        Bs, _Tf, _Rf = w.shape
+        P = Xt.shape[-1] // 2
+        b, t, r = xp.nonzero(w)
+        wv = w[b, t, r][:, None]
+        slots = rf[b, r]
+        add_rows_at(f.acc_data, slots, wv * Y[b, t])
+        add_rows_at(f.acc_weight, slots, wv * (ctf * cinv)[b])
+        A = f.refs_ri[slots]  # (nnz, 2P)
+        xa = Xt[b, t] * A
+        cross_px = (xa[:, :P] + xa[:, P:]) * ctf[b]  # Re(X conj(A)) CTF
+        a2_px = f.refs_a2[slots] * (ctf * ctf)[b]
+        onehot_b = (b[None, :] == xp.arange(Bs)[:, None]).astype(xp.float32)  # (Bs, nnz)
+        rows = onehot_b @ (wv * xp.concatenate([cross_px, a2_px], axis=1))
+        return rows[:, :P] @ f.onehot, rows[:, P:] @ f.onehot
+
+    def _accumulate_priors(self, batch, sub, w, omega, rcls, offs, d2, resid, res):
+        """Norm correction, class priors and overlaps, offsets, log-likelihood sums."""
+        xp = self.xp
         S = self.sums
-        # norm correction (RELION): real-space std of the residual of the current image
+        Bs = w.shape[0]
         old_norm = xp.asarray(batch.norm[sub], dtype=xp.float64)
-        if self.config.norm:
+        if self.config.norm:  # RELION: the real-space rms of the residual of this image
             new_norm = old_norm / self.model.avg_norm * xp.sqrt(2 * xp.maximum(
                 resid.sum(axis=1), 1e-30))
         else:
             new_norm = old_norm
+        res[sub, RESULT_COLUMNS.index("norm")] = _to_host(new_norm)
         S.norm_sum += new_norm.sum()
-        # class priors and offsets (RELION sums prior offsets over all weight; see M-step)
-        flat_cls = xp.broadcast_to(rcls[None], (Bs, Rf)).reshape(-1)
+        flat_cls = rcls.reshape(-1)
         S.pdf_class += xp.bincount(flat_cls, weights=omega.reshape(-1).astype(xp.float64),
                                    minlength=self.K)
-        # class posteriors per particle -> co-responsibility between classes
-        onehot_k = (rcls[:, None] == xp.arange(self.K)[None]).astype(xp.float32)  # (Rf, K)
-        pk = (omega @ onehot_k).astype(xp.float64)  # (Bs, K)
+        pk = xp.zeros((Bs, self.K), xp.float64)  # class posteriors -> co-responsibility
+        for a in range(self.K) if self.K <= 16 else ():
+            pk[:, a] = (omega * (rcls == a)).sum(axis=1)
+        if self.K > 16:
+            onehot = (rcls[..., None] == xp.arange(self.K)).astype(xp.float32)
+            pk = xp.einsum("br,brk->bk", omega, onehot).astype(xp.float64)
         S.class_overlap += pk.T @ pk
         wo = xp.einsum("btr,btc->brc", w, offs)  # (Bs, Rf, 2) = sum_t w * offset
         for a in range(2):
             S.prior_offset[:, a] += xp.bincount(flat_cls, weights=wo[..., a].reshape(-1)
                                                 .astype(xp.float64), minlength=self.K)
-        S.sigma2_offset += (w * d2k[:, :, rcls]).sum()
-        for name, v in (("acc_rot", acc_rot), ("acc_trans", acc_tr)):
+        S.sigma2_offset += (w * d2).sum()
+        for name in ("acc_rot", "acc_trans"):
+            v = xp.asarray(res[sub, RESULT_COLUMNS.index(name)])
             getattr(S, name)[...] += xp.bincount(
                 flat_cls, weights=(omega * v[:, None]).reshape(-1).astype(xp.float64),
                 minlength=self.K)
-        pmax = w.reshape(Bs, -1).max(axis=1)
-        S.loglik += loglik.sum()
-        S.pmax += pmax.sum()
+        S.loglik += xp.asarray(res[sub, RESULT_COLUMNS.index("loglik")]).sum()
+        S.pmax += xp.asarray(res[sub, RESULT_COLUMNS.index("pmax")]).sum()
         S.n += Bs
-        cols = {"class": best_rf // n_psi_f, "psi": psi_f[best_rf % n_psi_f],
-                "offset_x": best_off[:, 0], "offset_y": best_off[:, 1], "pmax": pmax,
-                "loglik": loglik, "norm": new_norm, "acc_rot": acc_rot, "acc_trans": acc_tr}
-        for name, v in cols.items():
-            res[sub, RESULT_COLUMNS.index(name)] = _to_host(v)
 
     def _accumulate_stats(self, batch, sub, resid, crossn, a2n):
         """Noise spectra per optics group, scale sums per group."""
