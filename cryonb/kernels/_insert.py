@@ -32,7 +32,7 @@ def _check(data_grid, weight_grid, values, weights, coords, slot):
 def insert_slices_2d_reference(data_grid, weight_grid, values, weights, coords, slot, r_max):
     """Plain NumPy reference of :func:`insert_slices_2d` (slow, for tests)."""
     _check(data_grid, weight_grid, values, weights, coords, slot)
-    k_, py, px = data_grid.shape
+    py, px = data_grid.shape[1:]
     half = py // 2
     for i in range(values.shape[0]):
         k = int(slot[i])
