@@ -15,6 +15,12 @@ from ._peaks import (
     update_best_2d,
     update_best_2d_reference,
 )
+from ._sampled import (
+    sampled_dot,
+    sampled_dot_reference,
+    scatter_products,
+    scatter_products_reference,
+)
 
 __all__ = [
     "find_peaks_2d",
@@ -25,6 +31,10 @@ __all__ = [
     "prune_peak_clusters_reference",
     "remove_close_peaks",
     "remove_close_peaks_reference",
+    "sampled_dot",
+    "sampled_dot_reference",
+    "scatter_products",
+    "scatter_products_reference",
     "update_best_2d",
     "update_best_2d_reference",
 ]
