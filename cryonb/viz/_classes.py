@@ -45,7 +45,7 @@ class _GridData:
     ncols: int
     psi_counts: np.ndarray | None  # (K, _PSI_BINS)
     mosaic: np.ndarray  # (height, width) of extent, top row first
-    labels: pd.DataFrame  # x, y, text
+    labels: pd.DataFrame  # tile_x, tile_y, text
 
     @property
     def k(self) -> int:
@@ -93,12 +93,12 @@ class _GridData:
         return x0, y0, x0 + nx, y0 + ny
 
     def caption(self, index: int) -> str:
-        """``'3 · 18.2% · 8.1 Å'``: class number, share of particles, resolution."""
+        """``'3 · 18.2% · 8.1 Å'``: class number, share of particles, resolution (3 digits)."""
         parts = [str(index + 1)]
         if self.pdf is not None:
             parts.append(f"{100 * self.pdf[index]:.1f}%")
         if self.resolution is not None and 0 < self.resolution[index] < 999:
-            parts.append(f"{self.resolution[index]:.1f} Å")
+            parts.append(f"{self.resolution[index]:.3g} Å")
         return " · ".join(parts)
 
 
@@ -157,7 +157,7 @@ def _prepare(out: ClassOutput, sort: bool, ncols: int | None) -> _GridData:
         mosaic[top:top + ny, col * cw:col * cw + nx] = tiles[c]
         text.append((col * cw + nx / 2, height - row * ch - (ch - ny) / 2, data.caption(int(c))))
     return dataclasses.replace(data, mosaic=mosaic,
-                               labels=pd.DataFrame(text, columns=["x", "y", "text"]))
+                               labels=pd.DataFrame(text, columns=["tile_x", "tile_y", "text"]))
 
 
 class LiveClassGrid:
@@ -304,20 +304,23 @@ class LiveClassGrid:
                                     else "")
         if self.sort and data.pdf is not None:
             title += " (by share of particles)"
-        image = hv.Image(data.mosaic, bounds=(0, 0, width, height), kdims=["x", "y"],
+        # own dimension names: the axes of the other views must not be linked to the mosaic's
+        image = hv.Image(data.mosaic, bounds=(0, 0, width, height), kdims=["tile_x", "tile_y"],
                          vdims=["intensity"]).opts(
             cmap=self.cmap, clim=(0.0, 1.0), clipping_colors={"NaN": "transparent"},
             tools=["tap"], default_tools=[], active_tools=["tap"], xaxis=None, yaxis=None,
             frame_width=frame_w, frame_height=round(frame_w * height / width),
             colorbar=False, toolbar=None, title=title)  # an overlay shows its first title
-        font = f"{max(6, min(10, tile_px // 12))}pt"
-        labels = hv.Labels(data.labels, kdims=["x", "y"], vdims="text").opts(
+        chars = max((len(t) for t in data.labels["text"]), default=1)
+        font = f"{max(7, min(13, round(tile_px / (0.6 * chars))))}px"
+        labels = hv.Labels(data.labels, kdims=["tile_x", "tile_y"], vdims="text").opts(
             text_font_size=font, text_color="black")
         return image * labels
 
     def _highlight(self, data: _GridData, index: int) -> hv.Rectangles:
         boxes = [data.tile_box(index)] if index < data.k else []
-        return hv.Rectangles(boxes).opts(fill_alpha=0, line_color="#e8590c", line_width=3)
+        return hv.Rectangles(boxes, kdims=["tile_x", "tile_y", "tile_x1", "tile_y1"]).opts(
+            fill_alpha=0, line_color="#e8590c", line_width=3)
 
     def _large(self, data: _GridData, index: int) -> hv.Image:
         index = min(index, data.k - 1)

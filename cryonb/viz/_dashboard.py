@@ -21,9 +21,9 @@ __all__ = ["LoadDashboard", "load_dashboard"]
 _TIMELINE = ["elapsed", "kind", "name", "gpu_util", "cpu_percent", "particles_per_s"]
 _NUMERIC = {"gpu_util", "mem_used_mib", "cpu_percent", "rss_mib", "particles_per_s"}
 _BAR = {"frame_width": 220, "frame_height": 180, "framewise": True, "tools": ["hover"],
-        "xrotation": 30, "show_grid": True}
-_LINE = {"frame_width": 320, "frame_height": 180, "framewise": True, "tools": ["hover"],
-         "show_grid": True, "legend_position": "top_left"}
+        "xrotation": 30, "show_grid": True, "xlabel": ""}
+_LINE = {"frame_width": 260, "frame_height": 180, "framewise": True, "tools": ["hover"],
+         "show_grid": True, "legend_position": "right"}
 
 
 class LoadDashboard:
@@ -49,6 +49,9 @@ class LoadDashboard:
     timeline : holoviews.streams.Buffer
         Every sample's ``elapsed, kind, name, gpu_util, cpu_percent, particles_per_s``.
 
+    CPU figures are shown with 100 = one core, the host's too (``"host (all)"``: psutil's
+    % of all cores times the number of cores), so that host and processes compare.
+
     Notes
     -----
     :meth:`refresh` moves what the monitor collected since the last call into the streams.
@@ -66,7 +69,7 @@ class LoadDashboard:
         self.monitor = monitor
         self.window = float(window)
         self.every = float(every)
-        self.now = hv.streams.Pipe(data=monitor.latest())
+        self.now = hv.streams.Pipe(data=_host_in_cores(monitor.latest()))
         self.timeline = hv.streams.Buffer(_timeline_rows(monitor.samples().iloc[:0]),
                                           length=length, index=False)
         self._cursor = 0
@@ -89,7 +92,7 @@ class LoadDashboard:
             rows, self._cursor = self.monitor.rows_since(self._cursor)
             if len(rows):
                 self.timeline.send(_timeline_rows(rows))
-                self.now.send(self.monitor.latest())
+                self.now.send(_host_in_cores(self.monitor.latest()))
         return len(rows)
 
     def start(self, mode: str = "auto") -> LoadDashboard:
@@ -170,57 +173,56 @@ class LoadDashboard:
         self._safe_refresh()
 
     # ------------------------------------------------------------------ views
-    def _host_title(self, latest: pd.DataFrame) -> str:
-        host = latest[latest["kind"] == "host"]
-        if not len(host):
-            return "CPU % (one core = 100)"
-        h = host.iloc[0]
-        return (f"CPU % (host: {h['cpu_percent']:.0f}% of {plural(_cores(), 'core')}, "
-                f"{h['mem_used_mib'] / 1024:.1f}/{h['mem_total_mib'] / 1024:.0f} GiB)")
-
     def _gpu_util(self, data: pd.DataFrame) -> hv.Bars:
-        gpu = _kind(data, "gpu")
-        return hv.Bars(gpu, "name", [("gpu_util", "utilisation (%)"), "uuid"]).opts(
-            title="GPU utilisation now", ylim=(0, 100), color="#2ca02c", xlabel="", **_BAR)
+        gpu = _kind(data, "gpu", "gpu")
+        return hv.Bars(gpu, ("gpu", "GPU"), [("gpu_util", "utilisation (%)"), "uuid"]).opts(
+            title="GPU utilisation now", ylim=(0, 100), color="#2ca02c", **_BAR)
 
     def _gpu_memory(self, data: pd.DataFrame) -> hv.Bars:
-        gpu = _kind(data, "gpu")
+        gpu = _kind(data, "gpu", "gpu_memory")
         gpu = gpu.assign(used=100 * gpu["mem_used_mib"] / gpu["mem_total_mib"])
-        return hv.Bars(gpu, "name", [("used", "memory used (%)"), "mem_used_mib",
-                                     "mem_total_mib"]).opts(
-            title="GPU memory now", ylim=(0, 100), color="#9467bd", xlabel="", **_BAR)
+        return hv.Bars(gpu, ("gpu_memory", "GPU"), [("used", "memory used (%)"),
+                                                    "mem_used_mib", "mem_total_mib"]).opts(
+            title="GPU memory now", ylim=(0, 100), color="#9467bd", **_BAR)
 
     def _cpu(self, data: pd.DataFrame) -> hv.Bars:
-        procs = _kind(data, "process")
-        return hv.Bars(procs, "name", [("cpu_percent", "CPU (%)"), "pid"]).opts(
-            title=self._host_title(data), color="#1f77b4", xlabel="", **_BAR)
+        rows = pd.concat([_host(data, "cpu_percent"), _kind(data, "process")])
+        rows = rows.rename(columns={"name": "cpu"})
+        return hv.Bars(rows, ("cpu", "process"), [("cpu_percent", "CPU (100 = one core)"),
+                                                  "pid"]).opts(
+            title="CPU now", color="#1f77b4", **_BAR)
 
-    def _rss(self, data: pd.DataFrame) -> hv.Bars:
-        procs = _kind(data, "process")
-        procs = procs.assign(rss_gib=procs["rss_mib"] / 1024)
-        return hv.Bars(procs, "name", [("rss_gib", "resident memory (GiB)"), "pid"]).opts(
-            title="Memory of each process (RSS)", color="#ff7f0e", xlabel="", **_BAR)
+    def _memory(self, data: pd.DataFrame) -> hv.Bars:
+        host = _host(data, "mem_used_mib").assign(rss_mib=lambda d: d["mem_used_mib"])
+        rows = pd.concat([host, _kind(data, "process")]).rename(columns={"name": "memory"})
+        rows = rows.assign(gib=rows["rss_mib"] / 1024)
+        return hv.Bars(rows, ("memory", "process"), [("gib", "memory (GiB)"), "pid"]).opts(
+            title="Memory now (resident)", color="#ff7f0e", **_BAR)
 
     def _ranks(self, data: pd.DataFrame) -> hv.Overlay:
-        ranks = _kind(data, "rank")
+        ranks = _kind(data, "rank", "rank_name")
         ranks = ranks.assign(stage=ranks["stage"].fillna("").astype(str),
                              device=ranks["device"].astype(str).replace("nan", ""))
-        title = "Particles/s of each rank" if len(ranks) else "Particles/s (no rank reported)"
-        bars = hv.Bars(ranks, "name", [("particles_per_s", "particles/s"), "stage", "device"])
+        title = "Particles/s now" if len(ranks) else "Particles/s (no rank reported)"
+        key = ("rank_name", "rank")
+        bars = hv.Bars(ranks, key, [("particles_per_s", "particles/s"), "stage", "device"])
         labels = hv.Labels(ranks.assign(y=ranks["particles_per_s"].fillna(0) / 2),
-                           ["name", "y"], "stage").opts(text_font_size="8pt")
-        return (bars.opts(color="#d62728", xlabel="", **_BAR) * labels).opts(title=title)
+                           [key, "y"], "stage").opts(text_font_size="9pt", text_color="white")
+        return (bars.opts(color="#d62728", **_BAR) * labels).opts(title=title)
 
     def _lines(self, column: str, label: str, kinds: tuple[str, ...], title: str):
+        element = hv.Scatter if kinds == ("rank",) else hv.Curve  # reports come irregularly
+        style = {"size": 6} if element is hv.Scatter else {}
+
         def callback(data: pd.DataFrame) -> hv.NdOverlay:
             df = data[data["kind"].isin(kinds) & np.isfinite(data[column])]
             if len(df):
                 df = df[df["elapsed"] >= df["elapsed"].max() - self.window]
-            curves = {name: hv.Curve(part, ("elapsed", "time (s)"), (column, label))
-                      for name, part in df.groupby("name", sort=True)}
-            if not curves:  # a key of its own: holoviews cannot update from an empty one
-                curves = {"no data yet": hv.Curve([], ("elapsed", "time (s)"), (column, label))}
-            return hv.NdOverlay(curves, kdims=["source"]).opts(title=title, **_LINE)
+            lines = {name: element(part, ("elapsed", "time (s)"), (column, label)).opts(**style)
+                     for name, part in df.groupby("name", sort=True)}
+            if not lines:  # a key of its own: holoviews cannot update from an empty one
+                lines = {"no data yet": element([], ("elapsed", "time (s)"), (column, label))}
+            return hv.NdOverlay(lines, kdims=["source"]).opts(title=title, **_LINE)
 
         return callback
 
@@ -230,16 +232,17 @@ class LoadDashboard:
         Returns
         -------
         holoviews.Layout
-            With GPUs: utilisation and memory of each GPU; always: CPU % and resident
-            memory of each process (the host's in the title), particles/s of each rank
-            (labelled with its stage). Timelines: GPU utilisation (with GPUs), CPU % of
-            host and processes, particles/s of each rank. The same object on every call.
+            With GPUs: utilisation and memory used of each GPU; always: CPU and resident
+            memory of the host (all processes) and of each process, particles/s of each
+            rank (labelled with its stage; hover gives its device). Timelines: GPU
+            utilisation (with GPUs), CPU of host and processes, particles/s of each rank
+            (points: ranks report irregularly). The same object on every call.
         """
         if self._view is not None:
             return self._view
         gpus = bool(self.monitor.devices)
-        now = [self._cpu, self._rss, self._ranks]
-        lines = [("cpu_percent", "CPU (%)", ("host", "process"), "CPU % over time"),
+        now = [self._cpu, self._memory, self._ranks]
+        lines = [("cpu_percent", "CPU (100 = one core)", ("host", "process"), "CPU over time"),
                  ("particles_per_s", "particles/s", ("rank",), "Particles/s over time")]
         if gpus:
             now = [self._gpu_util, self._gpu_memory, *now]
@@ -262,14 +265,20 @@ class LoadDashboard:
         return self.view()._repr_mimebundle_(include, exclude)
 
 
-def _kind(data: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """The rows of one kind by name; one row of zeros named "(none yet)" when there is none
-    (bokeh's categorical axis cannot start from an empty frame)."""
+def _kind(data: pd.DataFrame, kind: str, key: str = "name") -> pd.DataFrame:
+    """The rows of one kind sorted by name, the name column called ``key`` (each panel has its
+    own, so that their categorical axes are not linked); one row of zeros named "(none yet)"
+    when there is none (bokeh's categorical axis cannot start from an empty frame)."""
     rows = data[data["kind"] == kind].sort_values("name").reset_index(drop=True)
-    if len(rows):
-        return rows
-    empty = {c: (0.0 if c in _NUMERIC else "") for c in data.columns}
-    return pd.DataFrame([empty | {"kind": kind, "name": "(none yet)", "mem_total_mib": 1.0}])
+    if not len(rows):
+        empty = {c: (0.0 if c in _NUMERIC else "") for c in data.columns}
+        rows = pd.DataFrame([empty | {"kind": kind, "name": "(none yet)", "mem_total_mib": 1.0}])
+    return rows.rename(columns={"name": key})
+
+
+def _host(data: pd.DataFrame, column: str) -> pd.DataFrame:
+    """The host's row named "host (all)", or nothing."""
+    return data[(data["kind"] == "host") & data[column].notna()].assign(name="host (all)")
 
 
 def _cores() -> int:
@@ -278,8 +287,19 @@ def _cores() -> int:
 
 def _timeline_rows(rows: pd.DataFrame) -> pd.DataFrame:
     out = rows.reindex(columns=_TIMELINE).reset_index(drop=True)
-    return out.astype({c: float for c in _TIMELINE if c not in ("kind", "name")}).astype(
+    out = out.astype({c: float for c in _TIMELINE if c not in ("kind", "name")}).astype(
         {"kind": object, "name": object})
+    return _host_in_cores(out)
+
+
+def _host_in_cores(rows: pd.DataFrame) -> pd.DataFrame:
+    """Host CPU in the processes' unit (100 = one core) instead of % of all cores."""
+    host = (rows["kind"] == "host").to_numpy()
+    if host.any():
+        rows = rows.copy()
+        rows.loc[host, "cpu_percent"] = rows.loc[host, "cpu_percent"] * _cores()
+        rows.loc[host, "name"] = "host (all)"
+    return rows
 
 
 def load_dashboard(monitor: LoadMonitor, *, live: bool = True, window: float = 300.0,

@@ -112,15 +112,18 @@ def device_layout(device_map: DeviceMap | Mapping[str, Sequence[int]]) -> hv.Lay
     used = table[table["threads"] > 0].copy()
     used["device"] = [f"{h}:{d}" if h else d for h, d in zip(used["host"], used["device"])]
     used["rank"] = [f"rank {r}" for r in used["rank"]]
+    most = int(used["threads"].max()) if len(used) else 1
     heat = hv.HeatMap(used, kdims=["device", "rank"], vdims=["threads"]).opts(
-        cmap="Blues", colorbar=False, tools=["hover"], title=info.title, xlabel="device",
-        ylabel="", invert_yaxis=True,
-        frame_width=max(160, 90 * used["device"].nunique()),
+        cmap="Blues", clim=(0, 1.6 * most), colorbar=False, tools=["hover"],
+        title="Threads of each rank on each device", xlabel="device", ylabel="",
+        invert_yaxis=True,
+        frame_width=max(300, 90 * used["device"].nunique()),
         frame_height=max(80, 36 * used["rank"].nunique()))
     labels = hv.Labels(used.assign(text=[plural(t, "thread") for t in used["threads"]]),
-                       kdims=["device", "rank"], vdims="text").opts(text_font_size="9pt")
-    items = [heat * labels, hv.Table(table).opts(width=620, height=min(400, 32 + 26 * len(table)))]
+                       kdims=["device", "rank"], vdims="text").opts(text_font_size="9pt",
+                                                                    text_color="black")
+    items = [heat * labels, hv.Table(table).opts(width=700, height=min(400, 32 + 26 * len(table)))]
     if info.warnings:
         text = "".join(f"<li>{html.escape(w)}</li>" for w in info.warnings)
-        items.append(hv.Div(f"<b>Warnings</b><ul>{text}</ul>").opts(width=620))
-    return hv.Layout(items).cols(1)
+        items.append(hv.Div(f"<b>Warnings</b><ul>{text}</ul>").opts(width=700))
+    return hv.Layout(items).cols(1).opts(title=info.title)

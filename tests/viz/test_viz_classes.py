@@ -33,7 +33,7 @@ def test_tiles_sorted_and_titled():
                          iteration=7)
     d = grid.data
     assert list(d.order) == [1, 2, 0]
-    assert list(d.labels["text"]) == ["2 · 50.0% · 8.0 Å", "3 · 40.0%", "1 · 10.0% · 20.0 Å"]
+    assert list(d.labels["text"]) == ["2 · 50.0% · 8 Å", "3 · 40.0%", "1 · 10.0% · 20 Å"]
     assert grid.selected == 2  # the largest class is shown large first
     unsorted = LiveClassGrid(np.zeros((3, 8, 8)), pdf=[0.1, 0.5, 0.4], sort=False)
     assert list(unsorted.data.order) == [0, 1, 2]
