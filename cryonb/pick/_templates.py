@@ -403,8 +403,29 @@ class PickTemplates:
         if hit is not None:
             return hit
         r_max = downsize // 2
+        disc, i00, fx, fy, neg, nx = self._interpolation(size, downsize, psi, xp)
+        flat = xp.asarray(self.oversampled_grid(k, size, r_max)).reshape(-1)
+        vals = ((1 - fy) * ((1 - fx) * flat[i00] + fx * flat[i00 + 1])
+                + fy * ((1 - fx) * flat[i00 + nx] + fx * flat[i00 + nx + 1]))
+        vals = xp.where(neg, xp.conj(vals), vals)
+        out = xp.zeros((len(psi), downsize * (downsize // 2 + 1)), dtype=xp.complex64)
+        out[:, disc] = vals
+        out = out.reshape(len(psi), downsize, downsize // 2 + 1)
+        used = sum(int(v.nbytes) for k_, v in self._cache.items() if k_[0] != "geometry")
+        if used + out.nbytes <= self.cache_bytes:
+            self._cache[key] = out
+        return out
+
+    def _interpolation(self, size: int, downsize: int, psi, xp):
+        """Where the rotated low-pass grid samples the oversampled one (same for every
+        reference): flat corner index, fractions, Friedel flags (cached per device)."""
+        key = ("geometry", xp.__name__, _device_id(xp), size, downsize,
+               tuple(np.round(psi, 9)))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        r_max = downsize // 2
         g = relion_round(_PADDING * r_max)
-        grid = xp.asarray(self.oversampled_grid(k, size, r_max))
         ky = relion_fourier_rows(downsize)[:, None]
         kx = np.arange(downsize // 2 + 1)[None, :]
         disc = np.flatnonzero((kx**2 + ky**2 <= r_max**2).ravel())
@@ -416,22 +437,12 @@ class PickTemplates:
         neg = cx < 0
         cx, cy = xp.where(neg, -cx, cx), xp.where(neg, -cy, cy)
         bx, by = xp.floor(cx), xp.floor(cy)
-        fx, fy = (cx - bx).astype(xp.float32), (cy - by).astype(xp.float32)
-        x0 = bx.astype(xp.int64)
-        y0 = by.astype(xp.int64) + (g + 1)
-        nx = grid.shape[1]
-        flat = grid.reshape(-1)
-        i00 = y0 * nx + x0
-        vals = ((1 - fy) * ((1 - fx) * flat[i00] + fx * flat[i00 + 1])
-                + fy * ((1 - fx) * flat[i00 + nx] + fx * flat[i00 + nx + 1]))
-        vals = xp.where(neg, xp.conj(vals), vals)
-        out = xp.zeros((len(psi), downsize * (downsize // 2 + 1)), dtype=xp.complex64)
-        out[:, xp.asarray(disc)] = vals
-        out = out.reshape(len(psi), downsize, downsize // 2 + 1)
-        used = sum(int(v.nbytes) for v in self._cache.values())
-        if used + out.nbytes <= self.cache_bytes:
-            self._cache[key] = out
-        return out
+        nx = g + 2
+        i00 = (by.astype(xp.int64) + (g + 1)) * nx + bx.astype(xp.int64)
+        hit = (xp.asarray(disc), i00, (cx - bx).astype(xp.float32),
+               (cy - by).astype(xp.float32), neg, nx)
+        self._cache[key] = hit
+        return hit
 
 
 def _box_radius2(b: int) -> np.ndarray:

@@ -348,7 +348,8 @@ def run_autopick(config, devices: Sequence[int | None] | None = None, *,
         Ranks as threads of this process, or as separate processes (spawned; no shared state,
         as MPI ranks).
     on_micrograph : callable, optional
-        Progress callback (threads only).
+        Progress callback: per micrograph as it is done (ranks as threads), or per rank's
+        micrographs when that rank ends (ranks as processes).
 
     Returns
     -------
@@ -371,10 +372,15 @@ def run_autopick(config, devices: Sequence[int | None] | None = None, *,
             results = [m for f in futures for m in f.result()]
     else:
         ctx = multiprocessing.get_context("spawn")
+        results = []
         with cf.ProcessPoolExecutor(max_workers=size, mp_context=ctx) as pool:
             futures = [pool.submit(_rank_in_process, config.to_dict(), r, size, devices[r])
                        for r in range(size)]
-            results = [MicrographPicks(**m) for f in futures for m in f.result()]
+            for f in cf.as_completed(futures):
+                done = [MicrographPicks(**m) for m in f.result()]
+                results += done
+                for m in done if on_micrograph is not None else ():
+                    on_micrograph(m)
     results.sort(key=lambda r: r.index)
     listing, summary = write_summary(config, results)
     return AutopickResult(results, listing, summary, time.perf_counter() - t0)
