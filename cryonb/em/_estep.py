@@ -22,11 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import add_rows_at, array_module
+from ..backend import array_module, segment_max, segment_sum
 from ..ctf import CTFParams, ctf_at
 from ..data.conventions import inplane_matrix
 from ..fourier import Projector, fft2_centered, ifft2_centered
-from ..kernels import insert_slices_2d
+from ..kernels import insert_slices_2d, sampled_dot, scatter_products
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch, Sampling
 
 __all__ = ["BROAD_FRACTION", "EStepContext", "coarse_image_size", "soft_circular_mask"]
@@ -291,15 +291,18 @@ class EStepContext:
         res[:, RESULT_COLUMNS.index("n_sig")] = n_sig
         broad = n_sig > BROAD_FRACTION * sig.shape[1] * sig.shape[2]
         sig_t, sig_r, best = (_to_host(a) for a in (sig.any(axis=2), sig.any(axis=1), best))
-        for grid, sel, union in ((self.broad, np.flatnonzero(broad), True),
-                                 (self.fine, np.flatnonzero(~broad), False)):
-            if not sel.size:
-                continue
-            for sub, r_union in self._groups(sig_t[sel], sig_r[sel], best[sel], grid, union):
+        sel = np.flatnonzero(broad)
+        if sel.size:
+            for sub, r_union in self._groups(sig_t[sel], sig_r[sel], best[sel], self.broad):
                 sub = sel[sub]
                 isub = xp.asarray(sub)
-                self._second_pass(grid, batch, sub, r_union, sig[isub], Xf[isub], ctf_f[isub],
-                                  inv_f[isub], power_full[isub], res)
+                self._dense_pass(self.broad, batch, sub, r_union, sig[isub], Xf[isub],
+                                 ctf_f[isub], inv_f[isub], power_full[isub], res)
+        sel = np.flatnonzero(~broad)
+        if sel.size:
+            isub = xp.asarray(sel)
+            self._sparse_pass(self.fine, batch, sel, sig[isub], Xf[isub], ctf_f[isub],
+                              inv_f[isub], power_full[isub], res)
         self.n_done += B
         return res
 
@@ -359,53 +362,49 @@ class EStepContext:
         thr = xp.take_along_axis(srt, (nsig - 1)[:, None], axis=1)
         return (w >= thr).reshape(lw.shape)
 
-    def _groups(self, sig_t, sig_r, best, grid, union: bool,
-                budget_bytes: float | None = None):
-        """Split particles into groups for the second pass.
+    def _groups(self, sig_t, sig_r, best, grid, budget_bytes: float | None = None):
+        """Split broad-posterior particles into groups for the dense second pass.
 
-        ``union=True`` (broad posteriors): particles sorted by their best coarse rotation and
-        evaluated against the union of the group's significant rotations with one matrix
-        product. ``union=False``: particles sorted by the size of their significant sets and
-        evaluated on per-particle blocks (batched products, padded to the group's largest).
+        Particles are sorted by their best coarse rotation and each group is evaluated
+        against the union of its significant rotations with one matrix product, bounded by a
+        memory budget.
 
         Returns
         -------
-        list of (particle indices, union of coarse rotations or None)
+        list of (particle indices, union of coarse rotation indices)
         """
         ts, ps = grid.ts, grid.ps
         P = len(grid.kx)
         if budget_bytes is None:
             budget_bytes = 128e6 if self.xp is np else 1.5e9
-        n_t, n_r = sig_t.sum(axis=1), sig_r.sum(axis=1)
-        order = np.lexsort((n_t, best)) if union else np.lexsort((n_t, n_r))
+        n_t = sig_t.sum(axis=1)
+        order = np.lexsort((n_t, best))
         groups = []
         cur: list[int] = []
         urot = np.zeros(sig_r.shape[1], bool)
-        mt = mr = 0
+        mt = 0
         for i in order:
-            u2 = urot | sig_r[i] if union else urot
-            t2, r2 = max(mt, int(n_t[i])), max(mr, int(n_r[i]))
+            u2 = urot | sig_r[i]
+            t2 = max(mt, int(n_t[i]))
             nb = len(cur) + 1
-            rf = (int(u2.sum()) if union else r2) * ps
-            tf = t2 * ts
-            per = (1 if union else nb) * rf * 2 * P  # references (shared or per particle)
-            cost = 4 * (nb * tf * 2 * P * 3 + nb * tf * rf * 6 + per * 2)
+            rf, tf = int(u2.sum()) * ps, t2 * ts
+            cost = 4 * (nb * tf * 2 * P * 3 + nb * tf * rf * 6 + rf * 2 * P * 2)
             if cur and (cost > budget_bytes or nb > 1024):
-                groups.append((np.array(cur), np.flatnonzero(urot) if union else None))
-                cur, u2, t2, r2 = [], sig_r[i].copy(), int(n_t[i]), int(n_r[i])
+                groups.append((np.array(cur), np.flatnonzero(urot)))
+                cur, u2, t2 = [], sig_r[i].copy(), int(n_t[i])
             cur.append(int(i))
-            urot, mt, mr = u2, t2, r2
+            urot, mt = u2, t2
         if cur:
-            groups.append((np.array(cur), np.flatnonzero(urot) if union else None))
+            groups.append((np.array(cur), np.flatnonzero(urot)))
         return groups
 
-    def _second_pass(self, f: _Grid, batch, sub, r_union, sig, Xf, ctf, inv, power_full, res):
-        """Second pass on grid ``f`` + accumulation for the particles ``sub``.
+    def _dense_pass(self, f: _Grid, batch, sub, r_union, sig, Xf, ctf, inv, power_full, res):
+        """Second pass for broad posteriors: one matrix product per group, dense sums.
 
-        Evaluates, for each particle, the sub-samples (``f.ts`` translations x ``f.ps``
-        angles) of its significant coarse (translation, rotation) pairs, at the current image
-        size. With ``r_union`` the rotations are the group's union (one matrix product,
-        dense accumulation); without it each particle has its own block of rotations.
+        Evaluates each particle's significant coarse translations (sub-sampled by ``f.ts``)
+        against the union ``r_union`` of the group's significant coarse rotations (sub-sampled
+        by ``f.ps``), keeping only sub-samples of significant coarse pairs, at the current
+        image size.
         """
         xp = self.xp
         ts, ps = f.ts, f.ps
@@ -416,15 +415,8 @@ class EStepContext:
         t_idx = xp.argsort(~sig_t, axis=1, kind="stable")[:, :nT]  # (Bs, nT)
         t_ok = xp.take_along_axis(sig_t, t_idx, axis=1)
         pair = xp.take_along_axis(sig, t_idx[:, :, None], axis=1) & t_ok[:, :, None]
-        if r_union is not None:
-            r_idx = xp.asarray(r_union)[None]  # (1, nR): shared
-            pair = pair[:, :, xp.asarray(r_union)]
-        else:
-            sig_r = sig.any(axis=1)
-            nR = int(_to_host(sig_r.sum(axis=1)).max())
-            r_idx = xp.argsort(~sig_r, axis=1, kind="stable")[:, :nR]  # (Bs, nR)
-            r_ok = xp.take_along_axis(sig_r, r_idx, axis=1)
-            pair = xp.take_along_axis(pair, r_idx[:, None, :], axis=2) & r_ok[:, None, :]
+        r_idx = xp.asarray(r_union)[None]  # (1, nR): shared by the group
+        pair = pair[:, :, xp.asarray(r_union)]
         # sub-sample indices: translation j -> j*ts + q; rotation m = k*R0 + r -> m*ps + q
         tf = (t_idx[:, :, None] * ts + xp.arange(ts)[None, None]).reshape(Bs, -1)
         rf = (r_idx[:, :, None] * ps + xp.arange(ps)[None, None]).reshape(r_idx.shape[0], -1)
@@ -434,14 +426,9 @@ class EStepContext:
         Xt = _cmul_ri(_ri(Xf)[:, None, :], f.phases_ri[tf], P)  # (Bs, Tf, 2P)
         cinv = ctf * inv
         Y = Xt * xp.concatenate([cinv, cinv], axis=1)[:, None, :]
-        if r_union is not None:
-            Ari, A2 = f.refs_ri[rf[0]], f.refs_a2[rf[0]]  # (Rf, 2P), (Rf, P)
-            cross = (Y.reshape(Bs * Tf, 2 * P) @ Ari.T).reshape(Bs, Tf, Rf)
-            a2 = (ctf * cinv) @ A2.T  # (Bs, Rf)
-        else:
-            Ari = f.refs_ri[rf]  # (Bs, Rf, 2P)
-            cross = Y @ xp.ascontiguousarray(Ari.transpose(0, 2, 1))
-            a2 = (f.refs_a2[rf] @ (ctf * cinv)[:, :, None])[..., 0]
+        Ari, A2 = f.refs_ri[rf[0]], f.refs_a2[rf[0]]  # (Rf, 2P), (Rf, P)
+        cross = (Y.reshape(Bs * Tf, 2 * P) @ Ari.T).reshape(Bs, Tf, Rf)
+        a2 = (ctf * cinv) @ A2.T  # (Bs, Rf)
         x2 = ((Xf.real**2 + Xf.imag**2) * inv).sum(axis=1)
         lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
         del cross
@@ -459,25 +446,119 @@ class EStepContext:
         tot = w.reshape(Bs, -1).sum(axis=1)
         loglik = mx + xp.log(tot) - self.logsigma2[xp.asarray(batch.optics[sub])]
         w = (w / tot[:, None, None]).astype(xp.float32)
-        if r_union is None:
-            # as RELION: weights below the second pass's significance threshold are dropped
-            keep = self._significant(xp.log(xp.maximum(w, 1e-38)) + xp.where(valid, 0, -xp.inf))
-            w = xp.where(keep, w, 0)
-            w /= w.reshape(Bs, -1).sum(axis=1)[:, None, None]
         rcls_b = xp.broadcast_to(rcls, (Bs, Rf))
         d2 = xp.take_along_axis(d2k, xp.broadcast_to(rcls[:, None, :], w.shape), axis=2)
         self._results(f, batch, sub, w, tf, xp.broadcast_to(rf, (Bs, Rf)), offs, loglik, res)
         omega = w.sum(axis=1)  # (Bs, Rf)
-        if r_union is not None:
-            crossn, a2n = self._accumulate_dense(f, w, Y, Xt, Ari, A2, rf[0], omega, ctf, cinv)
-        else:
-            crossn, a2n = self._accumulate_sparse(f, w, Y, Xt, rf, ctf, cinv)
+        crossn, a2n = self._accumulate_dense(f, w, Y, Xt, Ari, A2, rf[0], omega, ctf, cinv)
         x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
         resid = x2n - 2 * crossn + a2n  # (Bs, nsh): weighted |X - CTF A|^2 per shell
         beyond = xp.arange(self.nsh) > f.size // 2
         resid = xp.where(beyond[None], power_full, resid)
         self._accumulate_stats(batch, sub, resid, crossn, a2n)
         self._accumulate_priors(batch, sub, w, omega, rcls_b, offs, d2, resid, res)
+
+    def _sparse_pass(self, f: _Grid, batch, sub, sig, Xf, ctf, inv, power_full, res):
+        """Second pass for peaked posteriors: only the significant samples, sparse sums.
+
+        Every significant coarse (translation, rotation) pair of a particle expands into its
+        ``f.ts x f.ps`` oversampled samples, which are scored with sampled dot products
+        (:func:`cryonb.kernels.sampled_dot`) at the current image size. As RELION, weights
+        below the second pass's significance threshold (``adaptive_fraction``) are dropped;
+        the rest are accumulated with :func:`cryonb.kernels.scatter_products`.
+        """
+        xp = self.xp
+        ts, ps = f.ts, f.ps
+        Bs, P = Xf.shape
+        R = len(f.psi)
+        T = sig.shape[1]
+        cb, ct, cr = xp.nonzero(sig)  # coarse pairs, sorted by particle
+        qt = xp.arange(ts)[None, :, None]
+        qr = xp.arange(ps)[None, None, :]
+        shape = (cb.shape[0], ts, ps)
+        b = xp.broadcast_to(cb[:, None, None], shape).reshape(-1)
+        tf = xp.broadcast_to(ct[:, None, None] * ts + qt, shape).reshape(-1)
+        rf = xp.broadcast_to(cr[:, None, None] * ps + qr, shape).reshape(-1)
+        # rows: the shifted images of each (particle, translation) in use
+        key, ibt = xp.unique(b * (T * ts) + tf, return_inverse=True)
+        ibt = ibt.reshape(-1)
+        rb, rt = key // (T * ts), key % (T * ts)
+        Xt = _cmul_ri(_ri(Xf)[rb], f.phases_ri[rt], P)  # (n_bt, 2P)
+        cinv = ctf * inv
+        c2 = ctf * cinv
+        Y = Xt * xp.concatenate([cinv, cinv], axis=1)[rb]
+        cross = sampled_dot(Y, f.refs_ri, ibt, rf)
+        a2 = sampled_dot(c2, f.refs_a2, b, rf)
+        x2 = ((Xf.real**2 + Xf.imag**2) * inv).sum(axis=1)
+        k = rf // R
+        offs = xp.asarray(batch.offset[sub], dtype=xp.float32)[b] + f.trans_dev[tf]  # (n, 2)
+        d = offs - self.prior_offset[k]
+        d2 = (d * d).sum(axis=1)
+        lw = cross - 0.5 * (x2[b] + a2) + self.log_pdf[k] - d2 * self.inv2_sig_off
+        mx = segment_max(lw, b, Bs)
+        w = xp.exp(lw - mx[b])
+        tot = segment_sum(w, b, Bs)
+        loglik = mx + xp.log(tot) - self.logsigma2[xp.asarray(batch.optics[sub])]
+        w = (w / tot[b]).astype(xp.float32)
+        # RELION's significance in the second pass: per particle, the largest weights that
+        # hold adaptive_fraction of the total; the rest are dropped
+        order = xp.lexsort(xp.stack([-w, b]))
+        ws, bs = w[order], b[order]
+        cs = xp.cumsum(ws.astype(xp.float64))
+        start = xp.concatenate([xp.zeros(1, bool), bs[1:] != bs[:-1]]) | (xp.arange(bs.size) == 0)
+        base = xp.zeros(Bs, xp.float64)
+        base[bs[start]] = (cs - ws)[start]
+        keep_sorted = (cs - ws - base[bs]) < self.config.adaptive_fraction
+        keep = xp.empty_like(keep_sorted)
+        keep[order] = keep_sorted
+        w = xp.where(keep, w, 0)
+        w = (w / segment_sum(w, b, Bs)[b]).astype(xp.float32)
+        best = order[start]  # the first (largest) sample of each particle
+        bpart = b[best]
+        psi = f.psi_dev
+        best_rf = xp.empty(Bs, rf.dtype)
+        best_rf[bpart] = rf[best]
+        best_off = xp.empty((Bs, 2), offs.dtype)
+        best_off[bpart] = offs[best]
+        dpsi = (psi[rf % R] - psi[best_rf[b] % R] + 180) % 360 - 180
+        dt = offs - best_off[b]
+        acc_rot = xp.sqrt(segment_sum(w * dpsi**2, b, Bs))
+        acc_tr = xp.sqrt(segment_sum(w * (dt * dt).sum(axis=1), b, Bs))
+        pmax = segment_max(w, b, Bs)
+        cols = {"class": best_rf // R, "psi": psi[best_rf % R], "offset_x": best_off[:, 0],
+                "offset_y": best_off[:, 1], "pmax": pmax, "loglik": loglik,
+                "acc_rot": acc_rot, "acc_trans": acc_tr}
+        for name, v in cols.items():
+            res[sub, RESULT_COLUMNS.index(name)] = _to_host(v)
+        # back-projection sums and the residual's per-shell terms, non-zero weights only
+        nz = xp.flatnonzero(w > 0)
+        wn, bn, rn, btn = w[nz], b[nz], rf[nz], ibt[nz]
+        scatter_products(f.acc_data, Y, None, btn, btn, rn, wn)
+        scatter_products(f.acc_weight, c2, None, bn, bn, rn, wn)
+        Q = xp.zeros((Bs, 2 * P), xp.float64)  # sum w Re(X(t) conj(A)) per pixel, [Re | Im]
+        scatter_products(Q, Xt, f.refs_ri, btn, rn, bn, wn)
+        Ra = xp.zeros((Bs, P), xp.float64)  # sum w |A|^2 per pixel
+        scatter_products(Ra, f.refs_a2, None, rn, rn, bn, wn)
+        crossn = ((Q[:, :P] + Q[:, P:]) * ctf) @ f.onehot.astype(xp.float64)
+        a2n = (Ra * (ctf * ctf)) @ f.onehot.astype(xp.float64)
+        x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
+        resid = x2n - 2 * crossn + a2n
+        beyond = xp.arange(self.nsh) > f.size // 2
+        resid = xp.where(beyond[None], power_full, resid)
+        self._accumulate_stats(batch, sub, resid, crossn, a2n)
+        # priors and class statistics
+        S = self.sums
+        K = self.K
+        wd = w.astype(xp.float64)
+        S.pdf_class += xp.bincount(k, weights=wd, minlength=K)
+        for a in range(2):
+            S.prior_offset[:, a] += xp.bincount(k, weights=wd * offs[:, a], minlength=K)
+        S.sigma2_offset += (wd * d2).sum()
+        pk = xp.bincount(b * K + k, weights=wd, minlength=Bs * K).reshape(Bs, K)
+        S.class_overlap += pk.T @ pk
+        S.acc_rot += xp.bincount(k, weights=wd * acc_rot[b], minlength=K)
+        S.acc_trans += xp.bincount(k, weights=wd * acc_tr[b], minlength=K)
+        self._norm_and_totals(batch, sub, resid, res)
 
     def _results(self, f, batch, sub, w, tf, rf, offs, loglik, res):
         """Best pose, max probability, log-likelihood, posterior spread per particle."""
@@ -516,29 +597,10 @@ class EStepContext:
         a2n = ((omega @ A2) * ctf * ctf) @ f.onehot
         return crossn, a2n
 
-    def _accumulate_sparse(self, f, w, Y, Xt, rf, ctf, cinv):
-        """Back-projection sums over the non-zero weights only (peaked posteriors)."""
-        xp = self.xp
-        Bs, _Tf, _Rf = w.shape
-        P = Xt.shape[-1] // 2
-        b, t, r = xp.nonzero(w)
-        wv = w[b, t, r][:, None]
-        slots = rf[b, r]
-        add_rows_at(f.acc_data, slots, wv * Y[b, t])
-        add_rows_at(f.acc_weight, slots, wv * (ctf * cinv)[b])
-        A = f.refs_ri[slots]  # (nnz, 2P)
-        xa = Xt[b, t] * A
-        cross_px = (xa[:, :P] + xa[:, P:]) * ctf[b]  # Re(X conj(A)) CTF
-        a2_px = f.refs_a2[slots] * (ctf * ctf)[b]
-        onehot_b = (b[None, :] == xp.arange(Bs)[:, None]).astype(xp.float32)  # (Bs, nnz)
-        rows = onehot_b @ (wv * xp.concatenate([cross_px, a2_px], axis=1))
-        return rows[:, :P] @ f.onehot, rows[:, P:] @ f.onehot
-
-    def _accumulate_priors(self, batch, sub, w, omega, rcls, offs, d2, resid, res):
-        """Norm correction, class priors and overlaps, offsets, log-likelihood sums."""
+    def _norm_and_totals(self, batch, sub, resid, res):
+        """New norm corrections; log-likelihood, max-probability and particle totals."""
         xp = self.xp
         S = self.sums
-        Bs = w.shape[0]
         old_norm = xp.asarray(batch.norm[sub], dtype=xp.float64)
         if self.config.norm:  # RELION: the real-space rms of the residual of this image
             new_norm = old_norm / self.model.avg_norm * xp.sqrt(2 * xp.maximum(
@@ -547,15 +609,21 @@ class EStepContext:
             new_norm = old_norm
         res[sub, RESULT_COLUMNS.index("norm")] = _to_host(new_norm)
         S.norm_sum += new_norm.sum()
+        S.loglik += float(res[sub, RESULT_COLUMNS.index("loglik")].sum())
+        S.pmax += float(res[sub, RESULT_COLUMNS.index("pmax")].sum())
+        S.n += len(sub)
+
+    def _accumulate_priors(self, batch, sub, w, omega, rcls, offs, d2, resid, res):
+        """Class priors and overlaps, offsets, then norm and totals (dense layout)."""
+        xp = self.xp
+        S = self.sums
+        Bs = w.shape[0]
         flat_cls = rcls.reshape(-1)
         S.pdf_class += xp.bincount(flat_cls, weights=omega.reshape(-1).astype(xp.float64),
                                    minlength=self.K)
-        pk = xp.zeros((Bs, self.K), xp.float64)  # class posteriors -> co-responsibility
-        for a in range(self.K) if self.K <= 16 else ():
-            pk[:, a] = (omega * (rcls == a)).sum(axis=1)
-        if self.K > 16:
-            onehot = (rcls[..., None] == xp.arange(self.K)).astype(xp.float32)
-            pk = xp.einsum("br,brk->bk", omega, onehot).astype(xp.float64)
+        pk = xp.bincount((xp.arange(Bs)[:, None] * self.K + rcls).reshape(-1),
+                         weights=omega.reshape(-1).astype(xp.float64),
+                         minlength=Bs * self.K).reshape(Bs, self.K)
         S.class_overlap += pk.T @ pk
         wo = xp.einsum("btr,btc->brc", w, offs)  # (Bs, Rf, 2) = sum_t w * offset
         for a in range(2):
@@ -567,9 +635,7 @@ class EStepContext:
             getattr(S, name)[...] += xp.bincount(
                 flat_cls, weights=(omega * v[:, None]).reshape(-1).astype(xp.float64),
                 minlength=self.K)
-        S.loglik += xp.asarray(res[sub, RESULT_COLUMNS.index("loglik")]).sum()
-        S.pmax += xp.asarray(res[sub, RESULT_COLUMNS.index("pmax")]).sum()
-        S.n += Bs
+        self._norm_and_totals(batch, sub, resid, res)
 
     def _accumulate_stats(self, batch, sub, resid, crossn, a2n):
         """Noise spectra per optics group, scale sums per group."""
