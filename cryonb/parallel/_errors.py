@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from ..errors import ConfigError, CryonbError, InputError, ResourceError
 
 __all__ = ["RankError", "from_record", "from_remote"]
@@ -21,6 +23,8 @@ class RankError(CryonbError, RuntimeError):
         self.rank = rank
         self.host = host
 
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # colours of IPython's tracebacks
 
 _USER_ERRORS = {"InputError": InputError, "ConfigError": ConfigError,
                 "GpuSpecError": ConfigError, "ResourceError": ResourceError,
@@ -53,7 +57,7 @@ def from_remote(exc: BaseException, label: str, what: str, rank=None, host=None)
     user = _user_error(ename, f"{label}: {evalue}", rank, host)
     if user is not None:
         return user
-    tb = getattr(exc, "traceback", "") or ""
+    tb = _ANSI.sub("", getattr(exc, "traceback", "") or "")
     return RankError(f"{label} failed during {what}: {ename}: {evalue}\n{tb}", rank, host)
 
 

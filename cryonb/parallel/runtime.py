@@ -57,6 +57,7 @@ from .images import (
     TableSource,
     check_preread_memory,
     copy_to_scratch,
+    image_bytes,
     remove_scratch,
 )
 from .pools import auto_pool, pool_memory
@@ -450,7 +451,8 @@ class _Run:
                 _engine.open_worker, self.run_id, w.rank, jcfg, setup, threads=cfg.j,
                 devices=w.info.devices, source=sources[w.rank], cwd=cwd, timeout=self.timeout,
                 blas_threads=blas)))
-        opened = self._wait_all(calls, "starting the workers")
+        opened = self._wait_all(calls, "starting the workers",
+                                self._io_timeout() if cfg.io_mode == "preread" else None)
         for w, out in zip(self.workers, opened):
             self._confirm_devices(w.info, out["uuids"])
         if self.gpu:  # the table again, with the devices CUDA itself reported
@@ -494,7 +496,7 @@ class _Run:
         copies = self._wait_all(
             [(c, c.run_async(_engine.scratch_copy, self.run_id, jcfg, f"{self.run_id}_{c.rank}",
                              _scratch_capacity(), cwd)) for c in copiers],
-            "copying particles to --scratch_dir")
+            "copying particles to --scratch_dir", self._io_timeout())
         emit(self.progress, "stage", iteration=0, stage="scratch", state="end",
              seconds=time.monotonic() - t0)
         out = {}
@@ -514,6 +516,11 @@ class _Run:
                 self.warnings.append(f"{info.label()} thread {t}: CUDA drives {got}, the "
                                      f"device map meant {want} (check CUDA_DEVICE_ORDER)")
         info.uuids = [g if g != "?" else w for w, g in zip(info.uuids, uuids)]
+
+    def _io_timeout(self) -> float:
+        """``--timeout`` plus the time to read the whole data set at 20 MB/s (a slow disc):
+        the bound of silent waits that read everything (prereading, copying to scratch)."""
+        return self.timeout + image_bytes(self.info["n"], self.info["N"]) / 20e6
 
     @staticmethod
     def _device_names(info: RankInfo, visible: list[dict]) -> None:

@@ -37,6 +37,29 @@ def test_scratch_too_small_on_engines(cluster, tiny_set, reference, tmp_path, mo
         assert sum(t.fallback for t in it.ranks.values()) == 50
 
 
+def test_a_silent_engine_is_reported_by_rank(cluster, tiny_set, tmp_path):
+    import time
+
+    engines = {}
+
+    def progress(ev):
+        if ev["event"] == "setup":
+            engines.update({r["rank"]: r["engine"] for r in ev["ranks"]})
+        if ev["event"] == "pool" and ev["iteration"] == 1 and engines.get(2) is not None:
+            # rank 2's engine gets busy with something else: it stops answering the run
+            cluster.client[engines.pop(2)].apply_async(time.sleep, 12)
+
+    cfg = tiny_config(tiny_set, tmp_path, ranks=3, j=1, pool=5, timeout=5.0)
+    t0 = time.monotonic()
+    with pytest.raises(RankError) as e:
+        run_class2d(cfg, client=cluster, progress=progress)
+    assert time.monotonic() - t0 < 30
+    msg = str(e.value)
+    assert e.value.rank == 2 and msg.startswith("rank 2 (engine")
+    assert "--timeout 5" in msg and "host" in msg
+    cluster.client.wait(timeout=30)  # let the engine finish sleeping before the next test
+
+
 def test_a_dead_engine_is_reported_by_rank(cluster, tiny_set, tmp_path):
     ranks = {}
 
