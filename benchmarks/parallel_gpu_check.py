@@ -1,8 +1,9 @@
 """GPU checks of the parallel runtime (issue 4), in one call on the GPU machine.
 
 1. One rank, ``--j 4`` threads on the GPU (each its own CUDA stream) against the CPU path.
-2. Local engines: 2 workers on ONE GPU (automatic map) with ``--j 4``; the resolved table must
-   show the device shared by both workers, identified by the UUID CUDA reports in each engine.
+2. Local engines: 2 workers on ONE GPU (``--gpu 0``, reused cyclically) with ``--j 4``; the
+   resolved table must show the device shared by both workers, identified by the UUID CUDA
+   reports in each engine.
 3. Engines under MPI: 2 workers on the GPU, leader reads and sends (MPI), sums through MPI.
 4. With 2 or more GPUs: ``--gpu 0:1``, one worker per GPU (different UUIDs).
 5. ``cryonb gpumap`` on the real devices.
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
 
     with start_cluster(3, "local") as cluster:
         t = time.monotonic()
-        r = run_class2d(_config(a, root / "shared", ranks=3, j=4, gpu=""), client=cluster)
+        r = run_class2d(_config(a, root / "shared", ranks=3, j=4, gpu="0"), client=cluster)
         _compare("2 workers sharing one GPU, --j 4 (local engines)", r, ref,
                  time.monotonic() - t, failures)
         print(r.device_table)
