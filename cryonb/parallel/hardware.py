@@ -178,7 +178,8 @@ def pin_devices(devices: Sequence[int], *, leader: bool = False) -> list[int]:
             return [_PINNED.index(vis[d]["entry"]) for d in devices]
         raise ResourceError(
             f"this process already uses the GPUs {list(_PINNED)} and cannot switch to "
-            f"{want}: restart the cluster's engines to run with another --gpu map")
+            f"{want}: restart the cluster's engines (ipyparallel: "
+            f"cluster.restart_engines_sync()) to run with another --gpu map")
     if _PINNED is None:
         _ORIGINAL_VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
