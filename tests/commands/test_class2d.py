@@ -53,7 +53,7 @@ def test_flags_build_the_config():
 
 
 def test_harmless_relion_flags_are_ignored_with_a_warning():
-    cfg, warnings = _parse("--dont_check_norm", "--pipeline_control", "Class2D/job008/",
+    _, warnings = _parse("--dont_check_norm", "--pipeline_control", "Class2D/job008/",
                            "--memory_per_thread", "4", "--angpix", "1.2", "--onthefly_shifts",
                            "--skip_gridding", "--auto_sampling", "--fast_subsets")
     assert len(warnings) == 8
@@ -113,3 +113,15 @@ def test_continue_from_the_command_line(sim_star, tmp_path, capsys):
     assert main(["class2d", "--continue", f"{out}_it001_optimiser.star", "--o", str(out),
                  "--iter", "2", "--quiet"]) == 0
     assert f"class averages: {out}_it002_classes.mrcs" in capsys.readouterr().out
+
+
+def test_ranks_start_and_stop_their_own_engines(sim_star, tmp_path, capsys):
+    import psutil
+
+    out = tmp_path / "run"
+    assert main(["class2d", "--i", str(sim_star), "--o", str(out), *FAST, "--iter", "1",
+                 "--ranks", "2", "--j", "2", "--combine", "disc", "--cpu"]) == 0
+    assert f"class averages: {out}_it001_classes.mrcs" in capsys.readouterr().out
+    engines = [p for p in psutil.Process().children(recursive=True)
+               if "ipyparallel" in " ".join(p.cmdline())]
+    assert not engines  # stopped with the run

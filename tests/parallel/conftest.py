@@ -4,26 +4,14 @@ The set (150 particles of 32 px in 3 views, spread over 3 stacks so that reads c
 files) is classified with K=3, 2 iterations, psi step 20 and offset range 2: a run takes about
 a second. The reference is the serial algorithm driven directly through :mod:`cryonb.em`, one
 pool, one thread; every parallel configuration must give the same classes and the same sums
-to 1e-6 (relative to the largest sum).
+to 1e-6 (relative to the largest sum). Helpers are in ``parallel_cases.py``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from cryonb.em._config import Class2DConfig
-
-N_PARTICLES, BOX, PER_STACK = 150, 32, 50
-SUM_RTOL = 1e-6
-
-
-def tiny_config(star, out, **kw) -> Class2DConfig:
-    """The tests' 2D classification options (fast, CPU path), with ``kw`` changed."""
-    base = {"i": str(star), "o": str(out / "run"), "K": 3, "iter": 2, "psi_step": 20.0,
-            "offset_range": 2.0, "random_seed": 0, "timeout": 120.0, "cpu": True}
-    base.update(kw)
-    return Class2DConfig(**base).validate()
+from parallel_cases import BOX, N_PARTICLES, PER_STACK, tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -66,18 +54,3 @@ def reference(tiny_set, tmp_path_factory):
         job.maximize(sums)
     return {"sums": sums.to_vector(), "cls": job.state.cls.copy(),
             "classes": job.model.classes.copy()}
-
-
-def assert_same_as_reference(result, reference) -> None:
-    """Same classes per particle, sums equal to :data:`SUM_RTOL` of the largest sum."""
-    from cryonb.io import read_mrc, read_particles
-
-    assert result.iteration == 2 and not result.stopped
-    assert result.sums is not None
-    ref = reference["sums"]
-    err = np.max(np.abs(result.sums - ref)) / np.max(np.abs(ref))
-    assert err < SUM_RTOL, f"sums differ by {err:.2e} of the largest"
-    cls = read_particles(result.files["data"]).particles["rlnClassNumber"].to_numpy() - 1
-    np.testing.assert_array_equal(cls, reference["cls"])
-    classes = read_mrc(result.classes).data
-    assert classes.shape == reference["classes"].shape

@@ -9,8 +9,7 @@ import os
 import signal
 
 import pytest
-from _cases import CASES, IDS, run_case
-from conftest import tiny_config
+from parallel_cases import CASES, IDS, run_case, tiny_config
 
 from cryonb.parallel import RankError, run_class2d, start_cluster
 from cryonb.parallel.images import SCRATCH_CAPACITY_ENV, image_bytes
@@ -35,6 +34,14 @@ def test_scratch_too_small_on_engines(cluster, tiny_set, reference, tmp_path, mo
     assert len(result.scratch) == 1 and "room for 100 of 150" in result.scratch[0]
     for it in result.stats.iterations:
         assert sum(t.fallback for t in it.ranks.values()) == 50
+
+
+def test_attach_by_cluster_id(cluster, tiny_set, tmp_path):
+    cfg = tiny_config(tiny_set, tmp_path, ranks=2, j=2, pool=40, engines="attach",
+                      cluster_id=cluster.cluster.cluster_id, iter=1)
+    result = run_class2d(cfg)
+    assert result.iteration == 1 and result.engines == "attach"
+    assert len(cluster.client.ids) == 4  # the attached engines are left running
 
 
 def test_a_silent_engine_is_reported_by_rank(cluster, tiny_set, tmp_path):

@@ -9,7 +9,7 @@ import importlib.util
 import shutil
 
 import pytest
-from _cases import CASES, IDS, run_case
+from parallel_cases import CASES, IDS, run_case
 
 from cryonb.parallel import start_cluster
 from cryonb.testing.tools import missing

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_same_as_reference, tiny_config
+from parallel_cases import assert_same_as_reference, tiny_config
 
 from cryonb.errors import ResourceError
-from cryonb.parallel import images, run_class2d
+from cryonb.parallel import auto_pool, images, run_class2d, run_class2d_async
 from cryonb.parallel.images import SCRATCH_CAPACITY_ENV, image_bytes
 
 
@@ -123,6 +123,49 @@ def test_gpu_flag_without_a_gpu_runs_on_the_cpu(tiny_set, tmp_path, monkeypatch)
     monkeypatch.setenv("CRYONB_BACKEND", "cpu")
     result = run_class2d(tiny_config(tiny_set, tmp_path, iter=1, gpu="", cpu=False))
     assert not result.gpu and any("no GPU is usable" in w for w in result.warnings)
+
+
+def test_async_twin_delivers_events_on_the_loop(tiny_set, tmp_path):
+    import asyncio
+
+    async def main():
+        loop_thread = threading.get_ident()
+        seen = []
+        result = await run_class2d_async(
+            tiny_config(tiny_set, tmp_path, iter=1, pool=50),
+            progress=lambda ev: seen.append((ev["event"], threading.get_ident())))
+        return result, seen, loop_thread
+
+    result, seen, loop_thread = asyncio.run(main())
+    assert result.iteration == 1
+    assert {t for _, t in seen} == {loop_thread}
+    assert seen[0][0] == "setup"
+
+
+def test_cancelling_the_async_twin_stops_the_run(tiny_set, tmp_path):
+    import asyncio
+
+    async def main():
+        started = asyncio.Event()
+        task = asyncio.ensure_future(run_class2d_async(
+            tiny_config(tiny_set, tmp_path, iter=5, pool=10),
+            progress=lambda ev: ev["event"] == "pool" and started.set()))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert not list(tmp_path.glob("run_it005*"))  # stopped long before the end
+
+
+def test_automatic_pool():
+    cfg = tiny_config("p.star", Path("o"))
+    assert auto_pool(cfg, 100_000, 64, 4, gpu=False) == 256
+    assert auto_pool(cfg, 150, 32, 3, gpu=False) == 25  # every thread gets >= 2 pools
+    assert auto_pool(cfg, 10**6, 128, 4, gpu=True) == 4096
+    small = auto_pool(cfg, 10**6, 128, 4, gpu=True, free_bytes=4e9)
+    assert 64 <= small < 4096  # bounded by the free device memory
 
 
 @pytest.mark.gpu
