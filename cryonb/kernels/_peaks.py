@@ -314,7 +314,7 @@ def find_peaks_2d(fom, threshold: float, region, *, stddev=None, mean=None,
                 ((n + 255) // 256,), (256,),
                 (f, sd, mu, out, i32(f.shape[1]), f64(args[0]), i32(y0), i32(y1), i32(x0),
                  i32(x1), f64(args[5]), f64(args[6]), *(i32(v) for v in flags)))
-    iy, ix = np.nonzero(to_numpy(out))
+    iy, ix = (to_numpy(v) for v in xp.nonzero(out))  # only the indices travel
     return (iy + y0).astype(np.int64), (ix + x0).astype(np.int64)
 
 

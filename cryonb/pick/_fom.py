@@ -215,7 +215,7 @@ class PickGeometry:
 
 
 def prepare_micrograph(image, geometry: PickGeometry, outlier_zscore: float = 8.0,
-                       rng: np.random.Generator | None = None) -> np.ndarray:
+                       rng: np.random.Generator | None = None, xp=np):
     """Remove outliers, z-score and square a micrograph (RELION's first steps).
 
     Parameters
@@ -225,11 +225,14 @@ def prepare_micrograph(image, geometry: PickGeometry, outlier_zscore: float = 8.
     outlier_zscore : float
         Pixels more than this many std from the mean become the mean.
     rng : numpy.random.Generator, optional
-        Noise for the padding of a non-square micrograph (drawn in row-major order).
+        Noise for the padding of a non-square micrograph (drawn on the host, in row-major
+        order, so that every device pads alike).
+    xp : module
+        Where the result lives (the statistics are computed there, in float64).
 
     Returns
     -------
-    numpy.ndarray of shape (S, S), float32
+    array of shape (S, S), float32
         Mean 0 and std 1 (of the original pixels, before outlier removal); the micrograph's
         pixel ``(y, x)`` is at ``(y - ysize//2 + S//2, x - xsize//2 + S//2)``.
 
@@ -238,28 +241,28 @@ def prepare_micrograph(image, geometry: PickGeometry, outlier_zscore: float = 8.
     InputError
         A micrograph of another size than the geometry's, constant, or not finite.
     """
-    img = np.asarray(to_numpy(image), dtype=np.float64)
-    if img.shape != (geometry.ysize, geometry.xsize):
-        raise InputError(f"micrograph of {img.shape[1]} x {img.shape[0]} pixels, but the run's "
-                         f"first micrograph is {geometry.xsize} x {geometry.ysize}: all "
+    if tuple(image.shape) != (geometry.ysize, geometry.xsize):
+        raise InputError(f"micrograph of {image.shape[1]} x {image.shape[0]} pixels, but the "
+                         f"run's first micrograph is {geometry.xsize} x {geometry.ysize}: all "
                          "micrographs of one run must have the same size")
-    if not np.all(np.isfinite(img)):
+    img = xp.asarray(image).astype(xp.float64)
+    avg, std = float(img.mean()), float(img.std(ddof=1)) if img.size > 1 else 0.0
+    if not (np.isfinite(avg) and np.isfinite(std)):
         raise InputError("the micrograph holds NaN or infinite values")
-    avg = img.mean()
-    std = img.std(ddof=1) if img.size > 1 else 0.0
     if not std > 0:
         raise InputError("the micrograph is constant (std 0): nothing to pick")
-    img = np.where(np.abs(img - avg) / std > outlier_zscore, avg, img)
-    img = ((img - avg) / std).astype(np.float32)
+    img = xp.where(xp.abs(img - avg) / std > outlier_zscore, avg, img)
+    img = ((img - avg) / std).astype(xp.float32)
     s = geometry.size
     if img.shape == (s, s):
         return img
-    out = np.empty((s, s), np.float32)
     y0, x0 = s // 2 - geometry.ysize // 2, s // 2 - geometry.xsize // 2
     outside = np.ones((s, s), bool)
     outside[y0:y0 + geometry.ysize, x0:x0 + geometry.xsize] = False
     rng = rng if rng is not None else np.random.default_rng(0)
-    out[outside] = rng.standard_normal(int(outside.sum()))
+    noise = np.zeros((s, s), np.float32)
+    noise[outside] = rng.standard_normal(int(outside.sum()))
+    out = xp.asarray(noise)
     out[y0:y0 + geometry.ysize, x0:x0 + geometry.xsize] = img
     return out
 
@@ -472,8 +475,8 @@ class TemplatePicker:
     def _start(self, image, index: int):
         xp = self.xp
         rng = np.random.default_rng(int(self.config.random_seed) + int(index))
-        x = xp.asarray(prepare_micrograph(image, self.geometry,
-                                          self.config.outlier_removal_zscore, rng))
+        x = prepare_micrograph(image, self.geometry, self.config.outlier_removal_zscore, rng,
+                               xp)
         fmic = fft2_centered(x)
         mean, stddev = self.local_background(fmic, fft2_centered(x * x))
         return fmic, mean, stddev, rng
