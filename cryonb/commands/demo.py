@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--views", type=int, default=6, help="discrete views (default 6)")
     p.add_argument("--snr", type=float, default=0.1, help="pixel SNR after CTF (default 0.1)")
     p.add_argument("--K", type=int, default=None, help="classes (default: --views)")
-    p.add_argument("--iter", type=int, default=12, help="iterations (default 12)")
+    p.add_argument("--iter", type=int, default=15, help="iterations (default 15)")
     p.add_argument("--psi_step", type=float, default=10.0, help="degrees (default 10)")
     p.add_argument("--offset_range", type=float, default=4.0, help="pixels (default 4)")
     p.add_argument("--j", type=int, default=None, help="threads (default: all cores, up to 4)")
