@@ -60,26 +60,36 @@ def mpi_world() -> tuple[int, int] | None:
 
 
 @functools.cache
-def _nvml_all() -> tuple[dict, ...]:
-    """Every GPU of the host in NVML (PCI bus) order: index, uuid, name, total, free."""
+def _nvml() -> object | None:
+    """The initialised ``pynvml`` module, or ``None`` without an NVIDIA driver (cached)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
     except Exception:  # no NVIDIA driver / library: no GPU
+        return None
+    return pynvml
+
+
+def _text(v) -> str:
+    return v if isinstance(v, str) else v.decode()
+
+
+def _nvml_all() -> tuple[dict, ...]:
+    """Every GPU of the host in NVML (PCI bus) order: index, uuid, name, total, free (now)."""
+    nv = _nvml()
+    if nv is None:
         return ()
     out = []
     try:
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            uuid = pynvml.nvmlDeviceGetUUID(h)
-            name = pynvml.nvmlDeviceGetName(h)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            out.append({"nvml_index": i, "uuid": uuid if isinstance(uuid, str) else
-                        uuid.decode(), "name": name if isinstance(name, str) else name.decode(),
-                        "total": int(mem.total), "free": int(mem.free)})
+        for i in range(nv.nvmlDeviceGetCount()):
+            h = nv.nvmlDeviceGetHandleByIndex(i)
+            mem = nv.nvmlDeviceGetMemoryInfo(h)
+            out.append({"nvml_index": i, "uuid": _text(nv.nvmlDeviceGetUUID(h)),
+                        "name": _text(nv.nvmlDeviceGetName(h)), "total": int(mem.total),
+                        "free": int(mem.free)})
     except Exception:
-        return tuple(out)
+        pass
     return tuple(out)
 
 

@@ -262,10 +262,11 @@ class _Run:
                     raise RankError(f"{rank.info.label()} died during {what}", rank.rank,
                                     rank.info.host)
             if time.monotonic() > deadline:
-                late = [rank.info.label() for rank, f in pairs if f in rest]
-                raise RankError(f"{', '.join(late)} did not finish {what} within "
+                late = [rank for rank, f in pairs if f in rest]
+                raise RankError(f"{', '.join(r.info.label() for r in late)} did not finish "
+                                f"{what} within "
                                 f"{self.timeout if timeout is None else timeout:.0f} s "
-                                "(--timeout)", pairs[0][0].rank, pairs[0][0].info.host)
+                                "(--timeout)", late[0].rank, late[0].info.host)
 
     def _wait(self, rank: _Rank, fut, what: str, timeout: float | None = None):
         return self._wait_all([(rank, fut)], what, timeout)[0]
