@@ -38,18 +38,21 @@ __all__ = [
 DEFAULT_PIXEL_SIZE = 3.0
 
 
-def phantom_map(box: int = 64, *, n_blobs: int = 24, radius_fraction: float = 0.28, seed: int = 0):
-    """An asymmetric, protein-like phantom: a sum of Gaussian blobs in a compact cluster.
+def phantom_map(box: int = 64, *, radius_fraction: float = 0.36, seed: int = 0):
+    """An asymmetric, protein-like phantom with distinct domains.
+
+    A large elongated body, a globular head off its axis, a thin arm reaching away and a small
+    dense knob, each a cluster of Gaussian blobs: every view of it looks different, as for a
+    real complex (a featureless blob would make 2D classification meaningless).
 
     Parameters
     ----------
     box : int
         Box size (voxels).
-    n_blobs : int
-        Number of Gaussian blobs.
     radius_fraction : float
-        Cluster radius as a fraction of the box.
+        Overall radius as a fraction of the box.
     seed : int
+        Jitter of the blobs within their domains.
 
     Returns
     -------
@@ -58,17 +61,21 @@ def phantom_map(box: int = 64, *, n_blobs: int = 24, radius_fraction: float = 0.
     """
     rng = np.random.default_rng(seed)
     r = radius_fraction * box
-    # a lopsided cluster: an elongated body with two lobes, so that every view differs
-    centers = rng.normal(size=(n_blobs, 3)) * np.array([0.55, 0.4, 0.3]) * r
-    centers[: n_blobs // 4] += np.array([0.6, 0.3, 0.0]) * r
-    centers[n_blobs // 4 : n_blobs // 3] += np.array([-0.4, 0.5, 0.35]) * r
-    widths = rng.uniform(0.06, 0.14, n_blobs) * box
-    amps = rng.uniform(0.5, 1.0, n_blobs)
+    domains = [  # (centre (x, y, z) in units of r, spread (x, y, z), blobs, width, amplitude)
+        ((-0.15, -0.05, 0.0), (0.45, 0.25, 0.18), 22, 0.06, 1.0),  # body
+        ((0.5, 0.4, 0.12), (0.15, 0.15, 0.15), 10, 0.055, 0.95),  # head
+        ((-0.6, 0.55, 0.3), (0.06, 0.06, 0.06), 3, 0.04, 0.9),  # arm tip
+        ((-0.38, 0.3, 0.15), (0.07, 0.07, 0.07), 4, 0.035, 0.8),  # arm middle
+        ((0.15, -0.62, -0.3), (0.05, 0.05, 0.05), 3, 0.04, 1.2),  # knob
+    ]
     ax = np.arange(box, dtype=np.float32) - box // 2
     z, y, x = np.meshgrid(ax, ax, ax, indexing="ij")
     vol = np.zeros((box, box, box), np.float32)
-    for (cx, cy, cz), w, a in zip(centers, widths, amps):
-        vol += a * np.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * w * w))
+    for centre, spread, n, width, amp in domains:
+        pts = (np.asarray(centre) + rng.normal(size=(n, 3)) * np.asarray(spread)) * r
+        for cx, cy, cz in pts:
+            w = width * box * rng.uniform(0.8, 1.2)
+            vol += amp * np.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * w * w))
     return (vol / vol.max()).astype(np.float32)
 
 

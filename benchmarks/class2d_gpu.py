@@ -1,0 +1,204 @@
+"""2D classification on the GPU: E-step throughput, iteration time, fraction of the GEMM ceiling.
+
+Run on the GPU machine (through the device tool). In one run it measures, on the same card:
+
+1. the GEMM ceilings: float32 (FP32 pipes) and TF32 tensor cores, real products of the shapes
+   the coarse pass uses, with cupyx.profiler.benchmark;
+2. the E-step alone (coarse pass + second pass + accumulation) on pools of simulated particles
+   at 64, 128 and 256 px with K = 50..200 and psi_step 6..10: particles/s, and the coarse
+   pass's matrix products as a fraction of the TF32 ceiling;
+3. whole iterations (``cryonb.parallel.run_class2d``, one rank) on RELION 5's published shape:
+   10,000 particles, 128 px, K=20, psi_step 10, offset range 5 / step 2.
+
+Writes a markdown table and a JSON file to ``--out`` and prints both.
+
+    python benchmarks/class2d_gpu.py --out $OUT [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def card_name() -> str:
+    """The GPU's name (NVML), or the CPU's."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(0)
+        name = pynvml.nvmlDeviceGetName(h)
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:
+        return platform.processor() or "cpu"
+
+
+def gemm_ceiling(m: int, n: int, k: int) -> dict:
+    """TFLOP/s of an (m x k) @ (k x n) float32 product, FP32 and TF32 (median of 20)."""
+    import cupy
+    from cupy._core import _routines_linalg as rl
+    from cupyx.profiler import benchmark
+
+    a = cupy.random.standard_normal((m, k), dtype=cupy.float32)
+    b = cupy.random.standard_normal((n, k), dtype=cupy.float32)
+    out = {}
+    for name, mode in (("fp32", rl.COMPUTE_TYPE_DEFAULT), ("tf32", rl.COMPUTE_TYPE_TF32)):
+        old = rl.get_compute_type(cupy.float32)
+        rl.set_compute_type(cupy.float32, mode)
+        try:
+            t = benchmark(lambda: a @ b.T, n_repeat=20, n_warmup=3).gpu_times.ravel()
+        finally:
+            rl.set_compute_type(cupy.float32, old)
+        out[name] = 2.0 * m * n * k / float(np.median(t)) / 1e12
+    return out
+
+
+def simulate(n: int, box: int, views: int, seed: int = 0, snr: float = 0.1):
+    """A simulated set (phantom map) as a ParticleTable-compatible folder; returns its STAR."""
+    from cryonb.simulate import simulate_particles, write_particle_set
+
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"cryonb_bench_{n}_{box}_{views}_{seed}"
+    star = out / "particles.star"
+    if not star.exists():
+        sim = simulate_particles(n=n, box=box, n_views=views, snr=snr, seed=seed,
+                                 max_offset_px=box / 32)
+        write_particle_set(sim, out)
+    return star
+
+
+def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int = 2,
+                     tf32: bool = True) -> dict:
+    """Time the E-step on the GPU for one pool size, after ``iterations`` warm-up iterations.
+
+    The model comes from running a few real iterations (so that significant sets have the
+    size they have mid-run); the timed E-step then processes every particle once.
+    """
+    import cupy
+
+    from cryonb.em import Class2DConfig
+    from cryonb.em.class2d import Class2DJob
+
+    cfg = Class2DConfig(i=str(star), o=str(Path(star).parent / f"out_{K}_{psi_step}" / "run"),
+                        K=K, iter=iterations + 1, psi_step=psi_step, offset_range=5,
+                        offset_step=2, random_seed=0, gpu="0")
+    job = Class2DJob(cfg)
+    init = job.init_sums_template()
+    for p in job.pools(pool, 0):
+        init.add_(job.init_accumulate(job.init_meta(p), job.table.images(p)))
+    job.start(init)
+    xp = cupy
+    for it in range(1, iterations + 1):
+        ctx = job.estep_context(xp)
+        for p in job.pools(pool, it):
+            job.store_results(p, ctx.expectation(job.make_batch(job.batch_meta(p),
+                                                                job.table.images(p))))
+        job.maximize(ctx.finish().to_host())
+    ctx = job.estep_context(xp)
+    pools = job.pools(pool, iterations + 1)
+    images = [np.ascontiguousarray(job.table.images(p)) for p in pools]
+    cupy.cuda.Device().synchronize()
+    flops = 0.0
+    t0 = time.perf_counter()
+    for p, im in zip(pools, images):
+        ctx.expectation(job.make_batch(job.batch_meta(p), im))
+        c = ctx.coarse
+        flops += 2.0 * len(p) * c.phases.shape[0] * c.refs.shape[0] * 2 * len(c.kx) * 2
+    ctx.finish()
+    cupy.cuda.Device().synchronize()
+    dt = time.perf_counter() - t0
+    c = ctx.coarse
+    return {"K": K, "psi_step": psi_step, "pool": pool, "n": job.n, "box": job.N,
+            "coarse_size": c.size, "current_size": ctx.fine.size,
+            "translations": int(c.phases.shape[0]), "rotations": int(c.refs.shape[0]),
+            "seconds": dt, "particles_per_s": job.n / dt,
+            "coarse_tflops_achieved": flops / dt / 1e12,
+            "mean_significant": float(job.state.n_sig.mean())}
+
+
+def iteration_time(star, K: int, iterations: int, pool: int = 0, j: int = 1) -> dict:
+    """Whole iterations with the runtime (one rank, ``j`` threads on GPU 0)."""
+    from cryonb.em import Class2DConfig
+    from cryonb.parallel import run_class2d
+
+    out = Path(star).parent / f"iter_{K}_{j}" / "run"
+    cfg = Class2DConfig(i=str(star), o=str(out), K=K, iter=iterations, psi_step=10,
+                        offset_range=5, offset_step=2, random_seed=0, gpu="0", j=j,
+                        pool=pool)
+    t0 = time.perf_counter()
+    res = run_class2d(cfg)
+    total = time.perf_counter() - t0
+    per = [round(it.wall_s, 3) for it in res.stats.iterations if it.iteration > 0]
+    return {"K": K, "iterations": iterations, "total_s": total, "per_iteration_s": per,
+            "stages_s": res.stats.stage_totals(), "pool": res.pool, "threads": j}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
+    a = ap.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import cupy
+    from cupy._core import _routines_linalg as rl
+
+    results = {"card": card_name(), "date": time.strftime("%Y-%m-%d"),
+               "cupy": cupy.__version__, "estep": [], "iterations": []}
+    print("card:", results["card"], flush=True)
+    results["gemm"] = gemm_ceiling(16384, 7200, 4096)
+    print("GEMM ceiling (TFLOP/s):", results["gemm"], flush=True)
+    rl.set_compute_type(cupy.float32, rl.COMPUTE_TYPE_TF32)  # coarse pass ranks samples
+    cases = [(64, 50, 10.0), (128, 50, 10.0)] if a.quick else [
+        (64, 50, 10.0), (64, 200, 6.0), (128, 50, 10.0), (128, 100, 6.0), (128, 200, 10.0),
+        (256, 50, 10.0)]
+    for box, K, psi in cases:
+        n = {64: 20000, 128: 8000, 256: 2000}[box] // (4 if a.quick else 1)
+        star = simulate(n, box, views=min(K, 50))
+        try:
+            r = estep_throughput(star, K, psi, pool=2048 if box <= 128 else 512)
+            r["fraction_of_tf32"] = r["coarse_tflops_achieved"] / results["gemm"]["tf32"]
+        except Exception as exc:  # keep measuring the other shapes
+            r = {"box": box, "K": K, "psi_step": psi, "error": repr(exc)}
+        results["estep"].append(r)
+        print(json.dumps(r), flush=True)
+        (out / "class2d_gpu.json").write_text(json.dumps(results, indent=1))
+    n = 2500 if a.quick else 10000
+    star = simulate(n, 128, views=20, seed=5, snr=0.05)
+    for j in (1, 2):
+        try:
+            r = iteration_time(star, 20, 3 if a.quick else 5, j=j)
+        except Exception as exc:
+            r = {"error": repr(exc), "threads": j}
+        results["iterations"].append(r)
+        print(json.dumps(r), flush=True)
+        (out / "class2d_gpu.json").write_text(json.dumps(results, indent=1))
+    lines = [f"card: {results['card']}, {results['date']}, CuPy {results['cupy']}",
+             f"GEMM ceiling: FP32 {results['gemm']['fp32']:.0f} TFLOP/s, "
+             f"TF32 {results['gemm']['tf32']:.0f} TFLOP/s",
+             "", "| box | K | psi step | particles | E-step particles/s | coarse TFLOP/s |"
+             " % of TF32 | significant samples |", "|---|---|---|---|---|---|---|---|"]
+    for r in results["estep"]:
+        if "error" in r:
+            lines.append(f"| {r['box']} | {r['K']} | {r['psi_step']} | error: {r['error']} ||||")
+            continue
+        lines.append(f"| {r['box']} | {r['K']} | {r['psi_step']} | {r['n']} | "
+                     f"{r['particles_per_s']:.0f} | {r['coarse_tflops_achieved']:.1f} | "
+                     f"{100 * r['fraction_of_tf32']:.0f}% | {r['mean_significant']:.0f} |")
+    for r in results["iterations"]:
+        lines.append(f"\n{n} x 128 px, K=20, psi 10, offsets 5/2, --j {r.get('threads')}: "
+                     + (f"{np.mean(r['per_iteration_s'][1:] or r['per_iteration_s']):.2f} s "
+                        f"per iteration ({r['per_iteration_s']})" if "error" not in r
+                        else f"error {r['error']}"))
+    (out / "class2d_gpu.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
