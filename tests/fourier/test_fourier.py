@@ -58,8 +58,8 @@ def test_projection_equals_real_space_sum_for_identity(xp):
 
 
 def test_projection_tilt_90_is_side_view():
-    vol = phantom_map(32)
-    img = ifft2_centered(Projector(vol).project(euler_to_matrix(0.0, 90.0, 0.0)), 32)
+    vol = phantom_map(64)
+    img = ifft2_centered(Projector(vol).project(euler_to_matrix(0.0, 90.0, 0.0)), 64)
     # tilt 90 about y: projecting along x of the map, image x <- map -z
     side = vol.sum(axis=2)  # (z, y)
     cands = [side.T, side.T[:, ::-1], side, side[::-1], side[:, ::-1], side.T[::-1]]
