@@ -62,11 +62,22 @@ from .autopick import (
     run_autopick,
     write_summary,
 )
+from .extract import (
+    ExtractConfig,
+    ExtractResult,
+    extract_boxes,
+    extract_micrographs,
+    normalise_particles,
+    run_extract,
+    write_particle_star,
+)
 
 __all__ = [
     "COORDINATE_COLUMNS",
     "AutopickConfig",
     "AutopickResult",
+    "ExtractConfig",
+    "ExtractResult",
     "MicrographPicks",
     "MicrographSet",
     "PeakOptions",
@@ -79,9 +90,12 @@ __all__ = [
     "coordinate_path",
     "divide_equally",
     "estimate_particle_diameter",
+    "extract_boxes",
+    "extract_micrographs",
     "good_fourier_size",
     "match_picks",
     "micrograph_root",
+    "normalise_particles",
     "open_picker",
     "pick_micrographs",
     "prepare_micrograph",
@@ -91,10 +105,12 @@ __all__ = [
     "relion_round",
     "resize_images_fourier",
     "run_autopick",
+    "run_extract",
     "score_picks",
     "simulate_pick_set",
     "sphere_views",
     "write_coordinate_list",
     "write_coordinates",
+    "write_particle_star",
     "write_summary",
 ]

@@ -8,7 +8,7 @@ from typing import ClassVar
 from ..config import JobConfig, option
 from ..errors import ConfigError
 
-__all__ = ["AutopickConfig"]
+__all__ = ["AutopickConfig", "as_config"]
 
 
 @dataclass
@@ -125,3 +125,19 @@ class AutopickConfig(JobConfig):
 
     def _relion_extra_args(self) -> list[str]:
         return []
+
+
+def as_config(config, cls):
+    """``config`` as a validated ``cls``: the object itself, or built from its ``to_dict()``
+    (what engines receive).
+
+    Raises
+    ------
+    ConfigError
+        Anything else, or invalid values.
+    """
+    if isinstance(config, cls):
+        return config.validate()
+    if isinstance(config, dict):
+        return cls.from_dict(config)
+    raise ConfigError(f"expected a {cls.__name__} or its to_dict(), not {type(config).__name__}")

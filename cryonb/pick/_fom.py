@@ -42,7 +42,7 @@ from ..errors import ConfigError, InputError
 from ..fourier import fft2_centered, ifft2_centered
 from ..kernels import find_peaks_2d, prune_peak_clusters, remove_close_peaks, update_best_2d
 from ._config import AutopickConfig
-from ._templates import PickTemplates, relion_fourier_rows, relion_round
+from ._templates import PickTemplates, relion_fourier_rows, relion_round, synchronized
 
 __all__ = ["COORDINATE_COLUMNS", "PeakOptions", "PickGeometry", "PickMaps", "TemplatePicker",
            "copy_fourier_window", "good_fourier_size", "prepare_micrograph"]
@@ -346,8 +346,10 @@ class TemplatePicker:
 
     Notes
     -----
-    Thread-safe: the per-device caches are filled under Python's GIL with identical values,
-    and every call allocates its own work arrays, so threads of one rank can share a picker.
+    Thread-safe: every call allocates its own work arrays, and the per-device caches
+    (constants, rotated reference transforms) hold identical values whoever fills them, made
+    complete (stream-synchronised) before they are shared, so threads of one rank, each on its
+    own CUDA stream, can share a picker.
     """
 
     def __init__(self, templates: PickTemplates, geometry: PickGeometry,
@@ -379,6 +381,7 @@ class TemplatePicker:
         c = {"kx": xp.asarray(kx), "ky": xp.asarray(ky),
              "cc_weight": xp.asarray(weight.astype(np.float32)),
              "bg_ft": xp.conj(fft2_centered(background))}
+        synchronized(c["bg_ft"])
         self._device[key] = c
         return c
 

@@ -36,6 +36,7 @@ __all__ = [
     "relion_fourier_rows",
     "relion_round",
     "resize_images_fourier",
+    "synchronized",
 ]
 
 _PADDING = 2  # RELION's Projector default oversampling
@@ -413,7 +414,7 @@ class PickTemplates:
         out = out.reshape(len(psi), downsize, downsize // 2 + 1)
         used = sum(int(v.nbytes) for k_, v in self._cache.items() if k_[0] != "geometry")
         if used + out.nbytes <= self.cache_bytes:
-            self._cache[key] = out
+            self._cache[key] = synchronized(out)
         return out
 
     def _interpolation(self, size: int, downsize: int, psi, xp):
@@ -441,8 +442,24 @@ class PickTemplates:
         i00 = (by.astype(xp.int64) + (g + 1)) * nx + bx.astype(xp.int64)
         hit = (xp.asarray(disc), i00, (cx - bx).astype(xp.float32),
                (cy - by).astype(xp.float32), neg, nx)
-        self._cache[key] = hit
+        self._cache[key] = synchronized(hit)
         return hit
+
+
+def synchronized(value):
+    """``value`` once the work making it on the current CUDA stream is done (NumPy: as is).
+
+    Device arrays cached for other threads must be complete: each thread of a rank works on its
+    own stream, and another stream could otherwise read them half-written.
+    """
+    arrays = value if isinstance(value, tuple) else (value,)
+    for a in arrays:
+        if type(a).__module__.split(".")[0] == "cupy":
+            import cupy
+
+            cupy.cuda.get_current_stream().synchronize()
+            break
+    return value
 
 
 def _box_radius2(b: int) -> np.ndarray:

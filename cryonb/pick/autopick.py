@@ -35,7 +35,7 @@ import pandas as pd
 
 from ..backend import gpu_available, use_device
 from ..errors import ConfigError, ResourceError
-from ._config import AutopickConfig
+from ._config import AutopickConfig, as_config
 from ._fom import PickGeometry, TemplatePicker
 from ._io import MicrographSet, coordinate_path, write_coordinate_list, write_coordinates
 from ._templates import PickTemplates, read_references
@@ -142,14 +142,6 @@ class AutopickResult:
         return out[["rlnMicrographName", *[c for c in out.columns if c != "rlnMicrographName"]]]
 
 
-def _as_config(config) -> AutopickConfig:
-    if isinstance(config, AutopickConfig):
-        return config.validate()
-    if isinstance(config, dict):
-        return AutopickConfig.from_dict(config)
-    raise ConfigError(f"expected an AutopickConfig or its to_dict(), not {type(config).__name__}")
-
-
 def open_picker(config: AutopickConfig, device: int | None = None):
     """Read the inputs and set up picking as every rank does.
 
@@ -171,7 +163,7 @@ def open_picker(config: AutopickConfig, device: int | None = None):
     ResourceError
         A device was asked for but no GPU is usable.
     """
-    config = _as_config(config)
+    config = as_config(config, AutopickConfig)
     if not config.ref:
         raise ConfigError("--ref is required: 2D references (an MRC stack or a STAR file)")
     mics = MicrographSet.read(config.i, config.angpix, need_ctf=config.ctf)
@@ -255,7 +247,7 @@ def pick_micrographs(config, rank: int = 0, size: int = 1, device: int | None = 
     list of MicrographPicks
         In micrograph order.
     """
-    config = _as_config(config)
+    config = as_config(config, AutopickConfig)
     picker, mics = open_picker(config, device)
     first, stop = divide_equally(len(mics), size, rank)
     results: list[MicrographPicks] = []
@@ -312,7 +304,7 @@ def write_summary(config, results: Sequence) -> tuple[Path, Path]:
     """
     from ..io import write_star
 
-    config = _as_config(config)
+    config = as_config(config, AutopickConfig)
     rows = sorted((r if isinstance(r, MicrographPicks) else MicrographPicks(**r)
                    for r in results), key=lambda r: r.index)
     odir = Path(config.odir)
@@ -355,7 +347,7 @@ def run_autopick(config, devices: Sequence[int | None] | None = None, *,
     -------
     AutopickResult
     """
-    config = _as_config(config)
+    config = as_config(config, AutopickConfig)
     size = config.ranks
     devices = list(devices) if devices is not None else [None] * size
     if len(devices) != size:

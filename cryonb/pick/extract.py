@@ -39,6 +39,7 @@ import pandas as pd
 
 from ..config import JobConfig, option
 from ..errors import ConfigError, InputError
+from ._config import as_config
 from ._io import MicrographSet, coordinate_path, micrograph_root, read_coordinates
 from ._templates import resize_images_fourier
 from .autopick import divide_equally
@@ -293,14 +294,6 @@ def _extract_one(config: ExtractConfig, mics: MicrographSet, i: int,
     return _particle_rows(config, mics, i, coords, stack), stack
 
 
-def _as_extract_config(config) -> ExtractConfig:
-    if isinstance(config, ExtractConfig):
-        return config.validate()
-    if isinstance(config, dict):
-        return ExtractConfig.from_dict(config)
-    raise ConfigError(f"expected an ExtractConfig or its to_dict(), not {type(config).__name__}")
-
-
 def extract_micrographs(config, rank: int = 0, size: int = 1) -> list[tuple]:
     """One rank's share of an extraction: stacks written, particle rows returned.
 
@@ -316,7 +309,7 @@ def extract_micrographs(config, rank: int = 0, size: int = 1) -> list[tuple]:
         Per micrograph: its index, its particle rows (None when it has no coordinates) and
         its stack. Join them with :func:`write_particle_star`.
     """
-    config = _as_extract_config(config)
+    config = as_config(config, ExtractConfig)
     mics = MicrographSet.read(config.i)
     files = _coordinate_files(config, mics)
     first, stop = divide_equally(len(mics), size, rank)
@@ -352,7 +345,7 @@ def write_particle_star(config, parts: Sequence[tuple]) -> tuple[Path, int]:
     """
     from ..io import write_particles
 
-    config = _as_extract_config(config)
+    config = as_config(config, ExtractConfig)
     mics = MicrographSet.read(config.i)
     tables = [rows for _, rows, _ in sorted(parts, key=lambda p: p[0]) if rows is not None]
     if not tables:
@@ -385,7 +378,7 @@ def run_extract(config) -> ExtractResult:
     -------
     ExtractResult
     """
-    config = _as_extract_config(config)
+    config = as_config(config, ExtractConfig)
     t0 = time.perf_counter()
     size = config.ranks
     if size == 1:

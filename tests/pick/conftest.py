@@ -47,6 +47,22 @@ def pick_config(pick_set):
 
 
 @pytest.fixture(scope="session")
+def first_micrographs(pick_set):
+    """``first_micrographs(n, tag)``: a micrographs STAR file of the set's first ``n``
+    micrographs, beside the set's (so that the micrograph names resolve for RELION too)."""
+    from cryonb.io import read_star, write_star
+
+    def make(n: int, tag: str):
+        blocks = read_star(pick_set.micrographs_star)
+        blocks["micrographs"] = blocks["micrographs"].iloc[:n]
+        path = pick_set.micrographs_star.parent / f"first{n}_{tag}.star"
+        write_star(path, blocks)
+        return path
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def picked(pick_set, tmp_path_factory):
     """The set picked once on the CPU with one rank and one thread: (config, result)."""
     config = _config(pick_set, tmp_path_factory.mktemp("picked"))

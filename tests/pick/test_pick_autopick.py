@@ -71,13 +71,14 @@ def test_coordinate_files(picked):
 
 
 @pytest.mark.parametrize("ranks,j,ranks_as", [(3, 2, "threads"), (2, 1, "processes")])
-def test_same_picks_whatever_ranks_and_threads(picked, pick_set, pick_config, tmp_path, ranks,
-                                               j, ranks_as):
+def test_same_picks_whatever_ranks_and_threads(picked, first_micrographs, pick_config, tmp_path,
+                                               ranks, j, ranks_as):
     """Micrograph i is seeded with random_seed + i: the split of the first 7 micrographs over
     ranks (3, 2, 2 or 4, 3) and threads changes nothing."""
     _, result = picked
     other = run_autopick(pick_config(tmp_path, ranks=ranks, j=j,
-                                     i=_subset(pick_set, tmp_path, 7)), ranks_as=ranks_as)
+                                     i=str(first_micrographs(7, tmp_path.name))),
+                         ranks_as=ranks_as)
     sizes = [sum(m.rank == r for m in other.micrographs) for r in range(ranks)]
     assert sizes == ([3, 2, 2] if ranks == 3 else [4, 3])
     first7 = _picks(result)
@@ -98,9 +99,9 @@ def test_repick_from_maps_equals_pick(picked, pick_set):
     assert len(fewer) < len(again) and (fewer.rlnAutopickFigureOfMerit >= 0.6).all()
 
 
-def test_full_size_maps_pick_as_well(pick_config, pick_set, tmp_path):
+def test_full_size_maps_pick_as_well(pick_config, pick_set, first_micrographs, tmp_path):
     """RELION's default --shrink 1 (maps of 510 pixels: 512 has the prime factor 257)."""
-    config = pick_config(tmp_path, shrink=1.0, i=_subset(pick_set, tmp_path, 4))
+    config = pick_config(tmp_path, shrink=1.0, i=str(first_micrographs(4, tmp_path.name)))
     result = run_autopick(config)
     picker, _ = open_picker(config)
     assert picker.geometry.work_size == 510
@@ -109,17 +110,6 @@ def test_full_size_maps_pick_as_well(pick_config, pick_set, tmp_path):
     s = score_picks(_picks(result), truth, _radius(pick_set))
     assert s["precision"] >= 0.9 and s["recall"] >= 0.9, s
     assert s["mean_error"] < 1.5, s
-
-
-def _subset(pick_set, tmp_path, n: int) -> str:
-    """A micrographs STAR file of the first ``n`` micrographs (names resolve as before)."""
-    from cryonb.io import read_star, write_star
-
-    blocks = read_star(pick_set.micrographs_star)
-    blocks["micrographs"] = blocks["micrographs"].iloc[:n]
-    path = pick_set.micrographs_star.parent / f"first{n}_{tmp_path.name}.star"
-    write_star(path, blocks)
-    return str(path)
 
 
 def test_non_square_micrograph_and_angpix_ref(pick_config, pick_set, tmp_path):

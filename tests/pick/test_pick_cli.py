@@ -5,17 +5,13 @@ from __future__ import annotations
 import pytest
 
 from cryonb.cli import main
-from cryonb.io import read_particles, read_star, write_star
+from cryonb.io import read_particles
 from cryonb.pick import read_coordinates
 
 
 @pytest.fixture
-def three_micrographs(pick_set, tmp_path):
-    blocks = read_star(pick_set.micrographs_star)
-    blocks["micrographs"] = blocks["micrographs"].iloc[:3]
-    path = pick_set.micrographs_star.parent / f"cli3_{tmp_path.name}.star"
-    write_star(path, blocks)
-    return path
+def three_micrographs(first_micrographs, tmp_path):
+    return first_micrographs(3, tmp_path.name)
 
 
 def test_autopick_then_extract(pick_set, three_micrographs, tmp_path, capsys):

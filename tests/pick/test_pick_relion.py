@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cryonb.io import read_mrc, read_particles, read_star, write_star
+from cryonb.io import read_mrc, read_particles, read_star
 from cryonb.pick import (
     match_picks,
     open_picker,
@@ -32,14 +32,6 @@ def _run(cmd: list[str], cwd) -> subprocess.CompletedProcess:
         raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n"
                              f"{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     return out
-
-
-def _subset(pick_set, tmp_path, n: int) -> Path:
-    blocks = read_star(pick_set.micrographs_star)
-    blocks["micrographs"] = blocks["micrographs"].iloc[:n]
-    path = pick_set.micrographs_star.parent / f"relion{n}_{tmp_path.name}.star"
-    write_star(path, blocks)
-    return path
 
 
 def _relion_autopick(config, star: Path, odir: Path, *extra: str) -> None:
@@ -79,12 +71,12 @@ def test_relion_reads_coordinate_files(picked, tmp_path):
     assert _run([exe, str(empty), "data_", "rlnCoordinateX"], tmp_path).stdout.strip() == ""
 
 
-def test_fom_maps_match_relion(pick_config, pick_set, tmp_path):
+def test_fom_maps_match_relion(pick_config, pick_set, first_micrographs, tmp_path):
     """relion_autopick --write_fom_maps: the same local mean/std maps, the same best angle,
     and the same figure of merit up to the scale set by RELION's random expected ratio."""
     handler = require_tool("relion_image_handler")
     config = pick_config(tmp_path / "ours", shrink=1.0, skip_optimise_scale=True)
-    star = _subset(pick_set, tmp_path, 1)
+    star = first_micrographs(1, tmp_path.name)
     odir = tmp_path / "relion"
     _relion_autopick(config, star, odir, "--skip_optimise_scale", "--write_fom_maps")
     root = odir / "Micrographs" / "mic001_autopick"
@@ -108,9 +100,9 @@ def test_fom_maps_match_relion(pick_config, pick_set, tmp_path):
         assert np.mean(psi[inner] == maps.psi[k][inner]) > 0.999
 
 
-def test_picks_overlap_relion(pick_config, pick_set, tmp_path):
+def test_picks_overlap_relion(pick_config, pick_set, first_micrographs, tmp_path):
     """On 5 micrographs, cryonb and relion_autopick pick (nearly) the same particles."""
-    star = _subset(pick_set, tmp_path, 5)
+    star = first_micrographs(5, tmp_path.name)
     config = pick_config(tmp_path / "ours", i=str(star))
     ours = run_autopick(config).picks()
     odir = tmp_path / "relion"
@@ -146,10 +138,10 @@ def _relion_extract(star: Path, coord_dir: Path, suffix: str, out: Path, *opts: 
     ("--extract_size", "64", "--scale", "32", "--norm", "--bg_radius", "14"),
     ("--extract_size", "48"),
 ])
-def test_extraction_matches_relion(pick_set, tmp_path, opts):
+def test_extraction_matches_relion(pick_set, first_micrographs, tmp_path, opts):
     """True coordinates, plus particles at the edges (edge pixels repeated): every particle
     correlates >= 0.99 with relion_preprocess's, and the STAR files agree."""
-    star = _subset(pick_set, tmp_path, 3)
+    star = first_micrographs(3, tmp_path.name)
     coords = tmp_path / "coords"
     for m in range(1, 4):
         t = read_coordinates(pick_set.micrographs_star.parent / "truth" /
@@ -183,11 +175,12 @@ def test_extraction_matches_relion(pick_set, tmp_path, opts):
     assert (ours.particles.rlnMicrographName == theirs.particles.rlnMicrographName).all()
 
 
-def test_relion_stops_on_a_box_outside_and_so_does_cryonb(pick_set, tmp_path):
+def test_relion_stops_on_a_box_outside_and_so_does_cryonb(pick_set, first_micrographs,
+                                                          tmp_path):
     """A box entirely outside the micrograph stops RELION's job; cryonb raises InputError."""
     from cryonb.errors import InputError
 
-    star = _subset(pick_set, tmp_path, 1)
+    star = first_micrographs(1, tmp_path.name)
     coords = tmp_path / "coords"
     write_coordinates(coords / "Micrographs" / "mic001_bad.star",
                       pd.DataFrame({"rlnCoordinateX": [100.0, -40.0],
