@@ -22,6 +22,7 @@ Timings are only comparable on the same machine: every row says where it ran.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -171,7 +172,7 @@ def run_cryonb(star: Path, refs: Path, args, info, odir: Path, *, ranks: int, th
     t0 = time.perf_counter()
     result = run_autopick(config, devices, ranks_as="threads" if ranks == 1 else "processes")
     wall = time.perf_counter() - t0
-    busy = {}
+    busy: dict[int, float] = {}
     for m in result.micrographs:
         busy[m.rank] = busy.get(m.rank, 0.0) + m.seconds
     steady = max(busy.values()) / threads
@@ -210,13 +211,13 @@ def main(argv=None) -> int:
     relion_picks = None
     runs = []
     if not args.no_relion:
-        runs.append(("relion", lambda: run_relion(star, refs, args, info,
-                                                  Path(args.data) / "out_relion")))
+        runs.append(("relion", functools.partial(run_relion, star, refs, args, info,
+                                                 Path(args.data) / "out_relion")))
     for spec in args.cpu_rows:
         r, j = (int(v) for v in spec.split("x"))
-        runs.append((f"cpu {spec}", lambda r=r, j=j: run_cryonb(
-            star, refs, args, info, Path(args.data) / f"out_cpu{r}x{j}", ranks=r, threads=j,
-            devices=None, label="cpu")))
+        runs.append((f"cpu {spec}", functools.partial(
+            run_cryonb, star, refs, args, info, Path(args.data) / f"out_cpu{r}x{j}", ranks=r,
+            threads=j, devices=None, label="cpu")))
     gpu = _gpu_name()
     if gpu is not None:
         from cryonb.backend import device_count
@@ -226,9 +227,10 @@ def main(argv=None) -> int:
             ["1x1", "1x4"] + ([f"{n_gpu}x4"] if n_gpu > 1 else []))
         for spec in specs:
             r, j = (int(v) for v in spec.split("x"))
-            runs.append((f"gpu {spec}", lambda r=r, j=j: run_cryonb(
-                star, refs, args, info, Path(args.data) / f"out_gpu{r}x{j}", ranks=r,
-                threads=j, devices=[i % n_gpu for i in range(r)], label=f"GPU: {gpu}")))
+            runs.append((f"gpu {spec}", functools.partial(
+                run_cryonb, star, refs, args, info, Path(args.data) / f"out_gpu{r}x{j}",
+                ranks=r, threads=j, devices=[i % n_gpu for i in range(r)],
+                label=f"GPU: {gpu}")))
     for name, run in runs:
         try:
             row, picks = run()

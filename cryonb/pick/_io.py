@@ -249,7 +249,7 @@ class MicrographSet:
         if bad:
             raise InputError(f"micrograph {self.names[i]} has no valid "
                              f"{', '.join((_CTF_COLUMNS | _CTF_OPTIONAL)[k] for k in bad)}")
-        return CTFParams(**{k: float(v) for k, v in values.items()})
+        return CTFParams.from_dict({k: float(v) for k, v in values.items()})
 
     def image(self, i: int) -> np.ndarray:
         """Micrograph ``i`` as a float32 ``(y, x)`` array.

@@ -129,7 +129,7 @@ def simulate_pick_set(outdir, map_path=None, *, map_pixel_size: float | None = N
     diameter = float(particle_diameter or 0.8 * box * apix)
     views = sphere_views(n_views)
     proj = Projector(volume.astype(np.float32))
-    dfu = rng.uniform(*defocus_range, n_micrographs)
+    dfu = rng.uniform(defocus_range[0], defocus_range[1], n_micrographs)
     ctf = CTFParams(defocus_u=dfu, defocus_v=dfu - rng.uniform(0, astigmatism, n_micrographs),
                     defocus_angle=rng.uniform(0, 180, n_micrographs))
     yy, xx = np.mgrid[0:size, 0:size]

@@ -355,6 +355,7 @@ def run_autopick(config, devices: Sequence[int | None] | None = None, *,
     if ranks_as not in ("threads", "processes"):
         raise ConfigError(f"ranks_as must be 'threads' or 'processes', not {ranks_as!r}")
     t0 = time.perf_counter()
+    results: list[MicrographPicks] = []
     if size == 1:
         results = pick_micrographs(config, 0, 1, devices[0], on_micrograph=on_micrograph)
     elif ranks_as == "threads":
@@ -364,15 +365,15 @@ def run_autopick(config, devices: Sequence[int | None] | None = None, *,
             results = [m for f in futures for m in f.result()]
     else:
         ctx = multiprocessing.get_context("spawn")
-        results = []
         with cf.ProcessPoolExecutor(max_workers=size, mp_context=ctx) as pool:
-            futures = [pool.submit(_rank_in_process, config.to_dict(), r, size, devices[r])
-                       for r in range(size)]
-            for f in cf.as_completed(futures):
+            remote = [pool.submit(_rank_in_process, config.to_dict(), r, size, devices[r])
+                      for r in range(size)]
+            for f in cf.as_completed(remote):
                 done = [MicrographPicks(**m) for m in f.result()]
                 results += done
-                for m in done if on_micrograph is not None else ():
-                    on_micrograph(m)
+                if on_micrograph is not None:
+                    for m in done:
+                        on_micrograph(m)
     results.sort(key=lambda r: r.index)
     listing, summary = write_summary(config, results)
     return AutopickResult(results, listing, summary, time.perf_counter() - t0)
