@@ -16,7 +16,9 @@ Usage (the first run simulates the data into --data and reuses it afterwards)::
     python benchmarks/autopick.py --data /tmp/apbench --json gpu.json  # on the GPU machine
     python benchmarks/autopick.py --data /tmp/apbench --merge gpu.json # one table of both
 
-Timings are only comparable on the same machine: every row says where it ran.
+Timings are only comparable on the same machine: every row says where it ran. The GPU machine
+has no ``../shared``: carry the map (e.g. in a git-ignored ``.gpudata/`` holding the same
+relative path) and set ``CRYONB_SHARED_DATA`` to it; without the map the phantom is used.
 """
 
 from __future__ import annotations
