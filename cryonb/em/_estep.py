@@ -18,6 +18,8 @@ back-projection sums are batched products of the weights with the shifted images
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,6 +110,8 @@ class _Grid:
     trans_dev: object = None
     acc_data: object = None  # (K*R, 2P) float64 back-projection slices [Re | Im]
     acc_weight: object = None  # (K*R, P) float64
+    kx_dev: object = None
+    ky_dev: object = None
 
 
 class EStepContext:
@@ -172,6 +176,11 @@ class EStepContext:
         self.sums.data = None  # filled by finish()
         self.sums.weight = None
         self.n_done = 0
+        #: seconds per stage of the E-step (filled when ``profile`` is true; the device is
+        #: synchronised at every stage boundary, which costs a little time)
+        self.profile: dict[str, float] = {}
+        self._profiling = bool(os.environ.get("CRYONB_PROFILE"))
+        self._t = 0.0
 
     # ------------------------------------------------------------------ set-up
     def _grid(self, size, projs, psi, trans, ts=1, ps=1, accumulate=False) -> _Grid:
@@ -203,6 +212,17 @@ class EStepContext:
                      acc_weight=xp.zeros((M, P), xp.float64) if accumulate else None)
 
     # ------------------------------------------------------------------ helpers
+    def _mark(self, stage: str | None) -> None:
+        """Profiling: charge the time since the last mark to ``stage`` (None: start)."""
+        if not self._profiling:
+            return
+        if self.xp is not np:
+            self.xp.cuda.Device().synchronize()
+        now = time.perf_counter()
+        if stage is not None:
+            self.profile[stage] = self.profile.get(stage, 0.0) + now - self._t
+        self._t = now
+
     def _ctf(self, batch: ParticleBatch, grid: _Grid):
         xp = self.xp
         B = len(batch)
@@ -275,18 +295,20 @@ class EStepContext:
         """
         xp = self.xp
         B = len(batch)
+        self._mark(None)
         F, frac = self._prepare_images(batch)
         c, f = self.coarse, self.fine
-        ph_frac_c = self._frac_phase(frac, c)
-        Xc = F[:, c.flat] * ph_frac_c
+        Xc = F[:, c.flat] * self._frac_phase(frac, c)
         ctf_c = self._ctf(batch, c)
         inv_c = c.invsig[xp.asarray(batch.optics)]
+        self._mark("prepare")
         sig, best = self._coarse_pass(batch, Xc, ctf_c, inv_c)
         Xf = F[:, f.flat] * self._frac_phase(frac, f)
         ctf_f = self._ctf(batch, f)
         inv_f = f.invsig[xp.asarray(batch.optics)]
         res = np.zeros((B, len(RESULT_COLUMNS)))
         power_full = self._power_beyond(F)
+        self._mark("prepare")
         n_sig = _to_host(sig.reshape(B, -1).sum(axis=1))
         res[:, RESULT_COLUMNS.index("n_sig")] = n_sig
         broad = n_sig > BROAD_FRACTION * sig.shape[1] * sig.shape[2]
@@ -303,13 +325,20 @@ class EStepContext:
             isub = xp.asarray(sel)
             self._sparse_pass(self.fine, batch, sel, sig[isub], Xf[isub], ctf_f[isub],
                               inv_f[isub], power_full[isub], res)
+        self._mark("second pass")
         self.n_done += B
         return res
 
     def _frac_phase(self, frac, grid: _Grid):
+        """Phase ramps shifting each particle by its sub-pixel offset, (B, P) complex64."""
         xp = self.xp
-        ph = -2 * np.pi / self.N * (frac[:, 0:1] * grid.kx[None] + frac[:, 1:2] * grid.ky[None])
-        return xp.asarray(np.exp(1j * ph), dtype=xp.complex64)
+        fr = xp.asarray(frac, dtype=xp.float32)
+        if grid.kx_dev is None:
+            grid.kx_dev = xp.asarray(grid.kx, dtype=xp.float32)
+            grid.ky_dev = xp.asarray(grid.ky, dtype=xp.float32)
+        ph = (-2 * np.pi / self.N) * (fr[:, 0:1] * grid.kx_dev[None]
+                                      + fr[:, 1:2] * grid.ky_dev[None])
+        return (xp.cos(ph) + 1j * xp.sin(ph)).astype(xp.complex64)
 
     def _power_beyond(self, F):
         """|X|^2 shell sums over the whole box (for shells beyond the current size)."""
@@ -334,7 +363,9 @@ class EStepContext:
         Y = Xc * (ctf * inv)
         Yt = Y[:, None, :] * c.phases[None]  # (B, T, P)
         Yri = xp.concatenate([Yt.real, Yt.imag], axis=2).reshape(B * T, 2 * P)
+        self._mark("coarse: shifted images")
         cross = (Yri @ c.refs_ri.T).reshape(B, T, M)
+        self._mark("coarse: matrix product")
         a2 = (ctf * ctf * inv) @ c.refs_a2.T  # (B, M)
         x2 = ((Xc.real**2 + Xc.imag**2) * inv).sum(axis=1)
         lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
@@ -345,7 +376,10 @@ class EStepContext:
         restrict = (seed[:, None] >= 0) & (xp.arange(self.K)[None] != seed[:, None])
         lw = xp.where(restrict[:, None, :, None], -xp.inf, lw).reshape(B, T, M)
         best = lw.max(axis=1).argmax(axis=1)
-        return self._significant(lw), best
+        self._mark("coarse: priors")
+        sig = self._significant(lw)
+        self._mark("coarse: significance")
+        return sig, best
 
     def _significant(self, lw):
         """RELION's significant samples: the fewest holding ``adaptive_fraction`` of the weight."""
@@ -487,8 +521,10 @@ class EStepContext:
         cinv = ctf * inv
         c2 = ctf * cinv
         Y = Xt * xp.concatenate([cinv, cinv], axis=1)[rb]
+        self._mark("fine: samples and shifted images")
         cross = sampled_dot(Y, f.refs_ri, ibt, rf)
         a2 = sampled_dot(c2, f.refs_a2, b, rf)
+        self._mark("fine: sampled products")
         x2 = ((Xf.real**2 + Xf.imag**2) * inv).sum(axis=1)
         k = rf // R
         offs = xp.asarray(batch.offset[sub], dtype=xp.float32)[b] + f.trans_dev[tf]  # (n, 2)
@@ -530,6 +566,7 @@ class EStepContext:
                 "acc_rot": acc_rot, "acc_trans": acc_tr}
         for name, v in cols.items():
             res[sub, RESULT_COLUMNS.index(name)] = _to_host(v)
+        self._mark("fine: weights and results")
         # back-projection sums and the residual's per-shell terms, non-zero weights only
         nz = xp.flatnonzero(w > 0)
         wn, bn, rn, btn = w[nz], b[nz], rf[nz], ibt[nz]
@@ -545,6 +582,7 @@ class EStepContext:
         resid = x2n - 2 * crossn + a2n
         beyond = xp.arange(self.nsh) > f.size // 2
         resid = xp.where(beyond[None], power_full, resid)
+        self._mark("fine: back-projection sums")
         self._accumulate_stats(batch, sub, resid, crossn, a2n)
         # priors and class statistics
         S = self.sums
