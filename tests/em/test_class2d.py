@@ -207,3 +207,28 @@ def test_cpu_and_gpu_paths_agree(tmp_path):
         assert np.corrcoef(ca[k].ravel(), cb[k].ravel())[0, 1] >= 0.99
     assert b.gpu and not a.gpu
 
+
+
+@pytest.mark.relion
+@pytest.mark.slow
+def test_purity_at_least_relions_on_the_same_set(tmp_path):
+    """relion_refine and cryonb with the same flags on one RELION-made set (smaller than the
+    accuracy test's, so that RELION's 15 iterations fit in CI's time)."""
+    for tool in ("relion_project", "relion_preprocess", "relion_image_handler",
+                 "relion_refine"):
+        require_tool(tool)
+    from cryonb.testing import make_class2d_set, run_relion_class2d, score_relion_run
+
+    s = make_class2d_set(tmp_path / "set", n_particles=800, box=48, n_views=4, snr=0.08,
+                         seed=2)
+    flags = dict(tau2_fudge=2, particle_diameter=s.particle_diameter, psi_step=10,
+                 offset_range=5, offset_step=2)
+    rel = run_relion_class2d(s.particles_star, tmp_path / "relion", K=4, iterations=15,
+                             threads=2, seed=0, progress=False, **flags)
+    relion_purity = score_relion_run(rel, s)["purity"]
+    res = run_class2d(Class2DConfig(i=str(s.particles_star), o=str(tmp_path / "ours" / "run"),
+                                    K=4, iter=15, random_seed=0, cpu=True, j=2, **flags))
+    ours = score_class2d(read_star(res.files["data"])["particles"], s.truth,
+                         pixel_size=s.pixel_size)["purity"]
+    assert ours >= relion_purity, (ours, relion_purity)
+    assert ours >= 0.9, ours
