@@ -11,7 +11,6 @@ from cryonb.data import euler_to_matrix
 from cryonb.fourier import Projector, ifft2_centered, shift_phases_2d
 from cryonb.io import read_stack, write_mrc, write_star
 from cryonb.simulate import phantom_map
-
 from cryonb.testing.tools import require_tool
 
 

@@ -194,6 +194,29 @@ class ParticleBatch:
         return len(self.index)
 
 
+def pack_arrays(arrays) -> np.ndarray:
+    """Concatenate arrays (complex as pairs of floats) into one float64 host vector."""
+    parts = []
+    for a in arrays:
+        a = a.get() if hasattr(a, "get") else np.asarray(a)
+        parts.append(a.astype(np.complex128 if np.iscomplexobj(a) else np.float64)
+                     .view(np.float64).ravel())
+    return np.concatenate(parts)
+
+
+def unpack_arrays(vec: np.ndarray, shapes) -> dict:
+    """Inverse of :func:`pack_arrays` given ``(name, shape, is_complex)`` triples."""
+    out, o = {}, 0
+    for name, shape, cplx in shapes:
+        size = int(np.prod(shape)) * (2 if cplx else 1)
+        a = vec[o : o + size]
+        o += size
+        out[name] = (a.view(np.complex128) if cplx else a).reshape(shape).copy()
+    if o != vec.size:
+        raise ValueError(f"sum vector has {vec.size} values, expected {o}")
+    return out
+
+
 # Per-particle outputs of the E-step, in this order, as columns of one float64 array.
 RESULT_COLUMNS = (
     "class", "psi", "offset_x", "offset_y", "pmax", "loglik", "n_sig", "norm", "acc_rot",
@@ -276,13 +299,7 @@ class Class2DSums:
 
     def to_vector(self) -> np.ndarray:
         """All sums packed into one float64 host vector (for reductions and files)."""
-        parts = []
-        for name in self.names():
-            a = getattr(self, name)
-            a = a.get() if hasattr(a, "get") else np.asarray(a)
-            parts.append(a.view(np.float64).ravel() if np.iscomplexobj(a) else
-                         a.astype(np.float64).ravel())
-        return np.concatenate(parts)
+        return pack_arrays(getattr(self, name) for name in self.names())
 
     def shapes(self) -> list[tuple[str, tuple, bool]]:
         """(name, shape, is_complex) of each field, to unpack a vector."""
@@ -292,15 +309,7 @@ class Class2DSums:
     @classmethod
     def from_vector(cls, vec: np.ndarray, shapes) -> Class2DSums:
         """Inverse of :meth:`to_vector` given :meth:`shapes` of a template."""
-        out, o = {}, 0
-        for name, shape, cplx in shapes:
-            size = int(np.prod(shape)) * (2 if cplx else 1)
-            a = vec[o : o + size]
-            o += size
-            out[name] = (a.view(np.complex128) if cplx else a).reshape(shape).copy()
-        if o != vec.size:
-            raise ValueError(f"sum vector has {vec.size} values, expected {o}")
-        return cls(**out)
+        return cls(**unpack_arrays(vec, shapes))
 
     def to_host(self) -> Class2DSums:
         """A copy with every array on the host (NumPy)."""

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..fourier import fft2_centered, radial_index_2d
 from ._estep import coarse_image_size, soft_circular_mask
-from ._model import Class2DModel, Class2DSums
+from ._model import Class2DModel, Class2DSums, pack_arrays, unpack_arrays
 
 __all__ = ["InitSums", "initial_model", "initial_pass_sums", "maximization", "shell_pixel_counts"]
 
@@ -64,9 +64,7 @@ class InitSums:
 
     def to_vector(self):
         """Pack into one float64 vector."""
-        return np.concatenate([
-            (a.view(np.float64) if np.iscomplexobj(a) else np.asarray(a, np.float64)).ravel()
-            for a in (getattr(self, k) for k in self._FIELDS)])
+        return pack_arrays(getattr(self, k) for k in self._FIELDS)
 
     def shapes(self):
         """Shapes for :meth:`from_vector`."""
@@ -76,13 +74,7 @@ class InitSums:
     @classmethod
     def from_vector(cls, vec, shapes):
         """Unpack :meth:`to_vector`."""
-        out, o = {}, 0
-        for name, shape, cplx in shapes:
-            size = int(np.prod(shape)) * (2 if cplx else 1)
-            a = vec[o : o + size]
-            o += size
-            out[name] = (a.view(np.complex128) if cplx else a).reshape(shape).copy()
-        return cls(**out)
+        return cls(**unpack_arrays(vec, shapes))
 
     def add_(self, other: InitSums) -> InitSums:
         """In-place sum."""

@@ -26,6 +26,8 @@ def test_relion_reference_values():
 
 def test_inplane_is_upper_left_block_and_degenerate_tilt():
     psi = np.array([0.0, 30.0, 250.0])
-    np.testing.assert_allclose(inplane_matrix(psi), euler_to_matrix(0 * psi, 0 * psi, psi)[:, :2, :2])
+    block = euler_to_matrix(0 * psi, 0 * psi, psi)[:, :2, :2]
+    np.testing.assert_allclose(inplane_matrix(psi), block)
     rot, tilt, p = matrix_to_euler(euler_to_matrix(40.0, 0.0, 20.0))
-    assert abs(float(rot)) < 1e-9 and abs(float(tilt)) < 1e-9 and abs(float(p) - 60.0) < 1e-9
+    assert abs(float(rot)) < 1e-9 and abs(float(tilt)) < 1e-9
+    assert abs(float(p) - 60.0) < 1e-9
