@@ -100,7 +100,7 @@ def main(argv=None):
              f"SNR {a.snr}, --tau2_fudge 2 --psi_step 10 --offset_range 5 --offset_step 2",
              "", "| set | program | s/iteration (wall) | s/iteration (CPU) | purity | "
              "in-plane median (deg) | offset median (px) |", "|---|---|---|---|---|---|---|"]
-    for name, n, box, views, rel, ours, plain in rows:
+    for _name, n, box, views, rel, ours, plain in rows:
         label = f"{n} x {box} px, K={views}"
         for prog, r in (("relion_refine --j 2", rel), ("cryonb --cpu --j 2", ours),
                         ("cryonb --no_reseed", plain)):

@@ -24,7 +24,6 @@ def main(argv=None):
     a = ap.parse_args(argv)
     os.environ["CRYONB_PROFILE"] = "1"
     from benchmarks.class2d_gpu import simulate
-
     from cryonb.em import Class2DConfig
     from cryonb.em.class2d import Class2DJob
 

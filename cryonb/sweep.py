@@ -441,11 +441,15 @@ class Sweep:
         self.params = list(dict.fromkeys(k for p in self.points for k in p))
         self.configs: list[JobConfig] = []
         self.keys: list[str] = []
+        own = {"o", "continue_from"} & names
         for p in self.points:
-            cfg = dataclasses.replace(base_config, o="", continue_from="", **p)
+            cfg = dataclasses.replace(base_config, **{**dict.fromkeys(own, ""), **p})
             key = cfg.key()
             self.keys.append(key)
-            self.configs.append(dataclasses.replace(cfg, o=str(self.run_dir(key) / "run")))
+            if "o" in own:
+                out: dict[str, Any] = {"o": str(self.run_dir(key) / "run")}
+                cfg = dataclasses.replace(cfg, **out)
+            self.configs.append(cfg)
         self._truth_arg = truth
         self._truth: pd.DataFrame | None = None
         self._stop = threading.Event()
@@ -1064,6 +1068,7 @@ class SweepWidget:
 
     def _work(self) -> None:
         sweep = self.sweep
+        assert sweep is not None
         try:
             sweep.run(progress=self._on_event)
         except Exception as exc:  # shown, never lost in a thread
@@ -1077,6 +1082,8 @@ class SweepWidget:
     def _on_event(self, ev: dict) -> None:
         kind = ev.get("event")
         sweep = self.sweep
+        if sweep is None:
+            return
         if kind == "run_start":
             done = len(sweep.points) - ev["todo"]
             params = ", ".join(f"{k}={v!r}" for k, v in ev["params"].items())

@@ -1,9 +1,10 @@
 """RELION's geometric conventions, in one place.
 
 Euler angles
-    RELION's ZYZ convention (``rot``, ``tilt``, ``psi`` in degrees, ``Euler_angles2matrix`` in
-    RELION's ``src/euler.cpp``). The matrix ``A`` maps map coordinates to the particle's frame;
-    the 2D projection's Fourier pixel ``(kx, ky)`` samples the 3D transform at ``A.T @ (kx, ky, 0)``.
+    RELION's ZYZ convention (``rot``, ``tilt``, ``psi`` in degrees, ``Euler_angles2matrix``
+    in RELION's ``src/euler.cpp``). The matrix ``A`` maps map coordinates to the particle's
+    frame; the 2D projection's Fourier pixel ``(kx, ky)`` samples the 3D transform at
+    ``A.T @ (kx, ky, 0)``.
 In-plane rotation (2D classification)
     A 2D reference is rotated by ``psi`` with the upper-left 2x2 block of
     ``euler_to_matrix(0, 0, psi)``; the rotated image's Fourier pixel ``k`` samples the class at

@@ -99,7 +99,8 @@ def frequency_grid_2d(n: int, xp, *, dtype="float32"):
     """
     ky = xp.fft.fftfreq(n, d=1.0 / n).astype(dtype)
     kx = xp.arange(n // 2 + 1, dtype=dtype)
-    return xp.broadcast_to(kx[None, :], (n, n // 2 + 1)), xp.broadcast_to(ky[:, None], (n, n // 2 + 1))
+    shape = (n, n // 2 + 1)
+    return xp.broadcast_to(kx[None, :], shape), xp.broadcast_to(ky[:, None], shape)
 
 
 def radial_index_2d(n: int, xp):
@@ -129,7 +130,7 @@ def shell_sum(values, shells, n_shells: int):
     array of shape (..., n_shells)
     """
     xp = array_module(values)
-    flat = values.reshape(values.shape[: values.ndim - shells.ndim] + (-1,))
+    flat = values.reshape((*values.shape[: values.ndim - shells.ndim], -1))
     sh = shells.reshape(-1)
     keep = sh < n_shells
     onehot = (sh[keep][:, None] == xp.arange(n_shells)[None, :]).astype(flat.dtype)

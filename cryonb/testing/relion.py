@@ -127,9 +127,9 @@ def find_relion_tool(name: str, relion_bin_dir=None) -> str:
         When the program is not there.
     """
     if relion_bin_dir is not None:
-        p = Path(relion_bin_dir) / name
-        if p.is_file() and os.access(p, os.X_OK):
-            return str(p)
+        exe = Path(relion_bin_dir) / name
+        if exe.is_file() and os.access(exe, os.X_OK):
+            return str(exe)
         raise RelionCommandError(f"{name} not found (or not executable) in {relion_bin_dir}")
     p = shutil.which(name)
     if p is None:
@@ -767,8 +767,8 @@ def _process_cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
-def _iteration_mtimes(root: Path) -> dict:
-    out = {}
+def _iteration_mtimes(root: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
     for f in root.parent.glob(root.name + "_it*_*"):
         try:
             it = int(f.name[len(root.name) + 3 : len(root.name) + 6])
@@ -855,6 +855,9 @@ def run_relion_class2d(
     if not particles_star.is_file():
         raise InputError("particles STAR not found", particles_star)
     outdir = Path(outdir).resolve()
+    if any(ch.isspace() for ch in str(outdir)):
+        raise InputError("RELION writes this path into STAR files, which cannot hold white "
+                         "space: choose a folder without spaces", outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     root = outdir / "run"
     for f in outdir.glob("run_it*_*"):
@@ -911,9 +914,9 @@ def run_relion_class2d(
                 its = [i for i in range(done + 1, iterations + 1)
                        if Path(f"{root}_it{i:03d}_optimiser.star").exists()]
                 if its:
-                    cpu = _process_cpu_seconds(proc.pid)
+                    cpu_now = _process_cpu_seconds(proc.pid)
                     for i in its:
-                        cpu_at[i] = cpu
+                        cpu_at[i] = cpu_now
                     if bar is not None:
                         bar.update(max(its) - max(done, 0))
                     done = max(its)
@@ -941,15 +944,16 @@ def run_relion_class2d(
     if mpi_ranks > 1:  # /proc sees only mpirun
         cpu[:] = np.nan
 
-    def f(kind):
+    def final(kind):
         return Path(f"{root}_it{last:03d}_{kind}")
 
     return RelionRun(
         root=root, command=cmd, iterations=last, seconds_per_iteration=secs,
         init_seconds=float(mt[0] - t0) if 0 in mt else float("nan"), total_seconds=total,
         cpu_seconds_per_iteration=cpu, total_cpu_seconds=float(cpu_total),
-        data_star=f("data.star"), model_star=f("model.star"), classes_mrcs=f("classes.mrcs"),
-        optimiser_star=f("optimiser.star"), sampling_star=f("sampling.star"), log=log,
+        data_star=final("data.star"), model_star=final("model.star"),
+        classes_mrcs=final("classes.mrcs"), optimiser_star=final("optimiser.star"),
+        sampling_star=final("sampling.star"), log=log,
         cwd=particles_star.parent,
     )
 

@@ -17,7 +17,7 @@ _lock = threading.Lock()
 _loaded = False
 
 
-def ensure_extension(force: bool = False) -> ModuleType:
+def ensure_extension(force: bool = False) -> None:
     """Load holoviews' bokeh extension with BokehJS inline (works without internet).
 
     Call it first in a notebook, before any other holoviews, hvplot or panel extension
@@ -32,29 +32,31 @@ def ensure_extension(force: bool = False) -> ModuleType:
         reloaded on a kernel that kept running (a reattached kernel otherwise sends no
         BokehJS to the new page).
 
-    Returns
-    -------
-    module
-        :mod:`holoviews`, with bokeh as the current backend.
-
     Notes
     -----
-    Idempotent and thread-safe. Adds about 6 MB of JavaScript to the cell's output the
-    first time in a notebook: keep outputs out of committed notebooks.
+    Idempotent and thread-safe. Also sets ``panel.config.inline``, so that the stylesheets of
+    panel's widgets (e.g. the map viewer's sliders) are inlined too instead of coming from
+    its CDN. Adds about 6 MB of JavaScript to the cell's output the first time in a
+    notebook: keep outputs out of committed notebooks. Returns nothing, so that a cell
+    ending with it shows no output of its own.
     """
     global _loaded
     import holoviews as hv
+    import panel as pn
 
     with _lock:
         if force or not _loaded:
+            pn.config.inline = True  # type: ignore[misc]  # a settable property
             hv.extension("bokeh", inline=True, logo=False)
             _loaded = True
-    return hv
 
 
 def holoviews() -> ModuleType:
     """:mod:`holoviews` with the bokeh extension loaded (see :func:`ensure_extension`)."""
-    return ensure_extension()
+    ensure_extension()
+    import holoviews as hv
+
+    return hv
 
 
 def scale_unit(image: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:

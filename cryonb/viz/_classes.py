@@ -215,8 +215,10 @@ class LiveClassGrid:
         self.pipe = hv.streams.Pipe(data=data)
         self.selection = ClassSelection(index=int(data.order[0]))
         self._view: hv.Layout | None = None
-        self._grid_dmap = hv.DynamicMap(self._grid, streams=[self.pipe])
-        self.tap = hv.streams.Tap(source=self._grid_dmap, x=None, y=None)
+        # the tap's source must return a single element (holoviews attaches no linked stream
+        # to a DynamicMap of overlays): the captions and the highlight are overlaid later
+        self._mosaic_dmap = hv.DynamicMap(self._mosaic, streams=[self.pipe])
+        self.tap = hv.streams.Tap(source=self._mosaic_dmap, x=None, y=None)
         self.tap.add_subscriber(self._on_tap)
 
     # ------------------------------------------------------------------ data in
@@ -296,26 +298,30 @@ class LiveClassGrid:
             self.selection.event(index=index)
 
     # ------------------------------------------------------------------ views
-    def _grid(self, data: _GridData) -> hv.Overlay:
+    @staticmethod
+    def _tile_px(data: _GridData) -> int:
+        return max(40, min(128, _MAX_WIDTH // data.ncols))
+
+    def _mosaic(self, data: _GridData) -> hv.Image:
         width, height = data.extent
-        tile_px = max(40, min(128, _MAX_WIDTH // data.ncols))
-        frame_w = round(tile_px * width / data.cell[0])
+        frame_w = round(self._tile_px(data) * width / data.cell[0])
         title = "Class averages" + (f", iteration {data.iteration}" if data.iteration is not None
                                     else "")
         if self.sort and data.pdf is not None:
             title += " (by share of particles)"
         # own dimension names: the axes of the other views must not be linked to the mosaic's
-        image = hv.Image(data.mosaic, bounds=(0, 0, width, height), kdims=["tile_x", "tile_y"],
-                         vdims=["intensity"]).opts(
+        return hv.Image(data.mosaic, bounds=(0, 0, width, height), kdims=["tile_x", "tile_y"],
+                        vdims=["intensity"]).opts(
             cmap=self.cmap, clim=(0.0, 1.0), clipping_colors={"NaN": "transparent"},
             tools=["tap"], default_tools=[], active_tools=["tap"], xaxis=None, yaxis=None,
             frame_width=frame_w, frame_height=round(frame_w * height / width),
             colorbar=False, toolbar=None, title=title)  # an overlay shows its first title
+
+    def _captions(self, data: _GridData) -> hv.Labels:
         chars = max((len(t) for t in data.labels["text"]), default=1)
-        font = f"{max(7, min(13, round(tile_px / (0.6 * chars))))}px"
-        labels = hv.Labels(data.labels, kdims=["tile_x", "tile_y"], vdims="text").opts(
+        font = f"{max(7, min(13, round(self._tile_px(data) / (0.6 * chars))))}px"
+        return hv.Labels(data.labels, kdims=["tile_x", "tile_y"], vdims="text").opts(
             text_font_size=font, text_color="black")
-        return image * labels
 
     def _highlight(self, data: _GridData, index: int) -> hv.Rectangles:
         boxes = [data.tile_box(index)] if index < data.k else []
@@ -363,10 +369,12 @@ class LiveClassGrid:
         """
         if self._view is None:
             streams = [self.pipe, self.selection]
+            captions = hv.DynamicMap(self._captions, streams=[self.pipe])
             highlight = hv.DynamicMap(self._highlight, streams=streams)
             large = hv.DynamicMap(self._large, streams=streams)
             hist = hv.DynamicMap(self._histogram, streams=streams)
-            self._view = (self._grid_dmap * highlight + large + hist).cols(3)
+            grid = self._mosaic_dmap * captions * highlight
+            self._view = (grid + large + hist).cols(3)
         return self._view
 
     def __panel__(self):
