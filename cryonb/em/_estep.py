@@ -731,20 +731,3 @@ def _cmul_ri(a, b, P: int):
 
 def _to_host(a):
     return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
-def estep_array_module(use_gpu: bool):
-    """``cupy`` when ``use_gpu`` and a GPU is usable, else ``numpy``."""
-    if use_gpu:
-        from ..backend import gpu_available
-
-        if gpu_available():
-            import cupy
-
-            return cupy
-    return np
-
-
-def batch_array_module(batch: ParticleBatch):
-    """The array module of a batch's images."""
-    return array_module(batch.images)

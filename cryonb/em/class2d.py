@@ -406,8 +406,3 @@ class Class2DJob:
                 "pdf_class": m.pdf_class.copy(), "current_resolution": m.current_resolution,
                 "log_likelihood": m.log_likelihood, "avg_pmax": m.avg_pmax,
                 "acc_rot": m.acc_rot.copy(), "reseeded": list(m.reseeded)}
-
-
-def output_dir_of(root: str) -> str:
-    """The folder of an output rootname."""
-    return os.path.dirname(os.path.abspath(root))
