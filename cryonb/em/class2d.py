@@ -24,7 +24,6 @@ handles empty classes, aimed at the duplicate-class optimum that RELION does not
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
