@@ -25,7 +25,8 @@ __all__ = ["LiveClassGrid", "class_grid"]
 _GAP = 0.08  # space between tiles, as a fraction of a tile
 _BAND = 0.26  # room for the title above each tile, as a fraction of a tile
 _PSI_BINS = 36
-_MAX_WIDTH = 900  # pixels of the grid's frame
+_MAX_WIDTH = 600  # pixels of the grid's frame
+_SIDE = 280  # pixels of the large view and the histogram
 
 ClassSelection = hv.streams.Stream.define(
     "ClassSelection", index=param.Integer(default=0, doc="0-based index of the selected class")
@@ -191,7 +192,8 @@ class LiveClassGrid:
     :meth:`update` may be called from a button callback, an asyncio task on the kernel's
     event loop, or a thread: displayed views change in the browser without re-running the
     cell. Each tile is scaled to its own 0.5-99.5 percentile range; tiles show y = 0 at the
-    bottom. The object displays itself in a notebook and works as a panel (``__panel__``).
+    bottom. The object displays itself in a notebook (as :meth:`panel`) and works with
+    ``pn.panel``; :meth:`view` gives the holoviews layout.
     """
 
     def __init__(
@@ -215,6 +217,8 @@ class LiveClassGrid:
         self.pipe = hv.streams.Pipe(data=data)
         self.selection = ClassSelection(index=int(data.order[0]))
         self._view: hv.Layout | None = None
+        self._dmaps: tuple[hv.DynamicMap, hv.DynamicMap, hv.DynamicMap] | None = None
+        self._panel: Any = None
         # the tap's source must return a single element (holoviews attaches no linked stream
         # to a DynamicMap of overlays): the captions and the highlight are overlaid later
         self._mosaic_dmap = hv.DynamicMap(self._mosaic, streams=[self.pipe])
@@ -341,8 +345,8 @@ class LiveClassGrid:
             title += f", {data.resolution[index]:.1f} Å"
         return hv.Image(img[::-1], bounds=(-hx, -hy, hx, hy), kdims=["x", "y"],
                         vdims=["intensity"]).opts(
-            cmap=self.cmap, clim=value_range(img, 0.5, 99.5), title=title, frame_width=300,
-            frame_height=round(300 * hy / hx), xlabel=f"x ({unit})", ylabel=f"y ({unit})",
+            cmap=self.cmap, clim=value_range(img, 0.5, 99.5), title=title, frame_width=_SIDE,
+            frame_height=round(_SIDE * hy / hx), xlabel=f"x ({unit})", ylabel=f"y ({unit})",
             colorbar=False, tools=["hover"])
 
     def _histogram(self, data: _GridData, index: int) -> hv.Histogram:
@@ -355,8 +359,19 @@ class LiveClassGrid:
             counts = data.psi_counts[index]
             title = f"Class {index + 1}: in-plane angles of {plural(int(counts.sum()), 'particle')}"
         return hv.Histogram((edges, counts), kdims=["psi"], vdims=["particles"]).opts(
-            title=title, frame_width=300, frame_height=220, xlabel="in-plane angle ψ (°)",
+            title=title, frame_width=_SIDE, frame_height=200, xlabel="in-plane angle ψ (°)",
             ylabel="particles", color="#4c72b0", tools=["hover"], xlim=(-180, 180))
+
+    def _parts(self) -> tuple[hv.DynamicMap, hv.DynamicMap, hv.DynamicMap]:
+        """(grid with captions and highlight, class shown large, its angle histogram)."""
+        if self._dmaps is None:
+            streams = [self.pipe, self.selection]
+            captions = hv.DynamicMap(self._captions, streams=[self.pipe])
+            highlight = hv.DynamicMap(self._highlight, streams=streams)
+            self._dmaps = (self._mosaic_dmap * captions * highlight,
+                           hv.DynamicMap(self._large, streams=streams),
+                           hv.DynamicMap(self._histogram, streams=streams))
+        return self._dmaps
 
     def view(self) -> hv.Layout:
         """The grid (tap a tile), the selected class large and its in-plane angles.
@@ -364,27 +379,35 @@ class LiveClassGrid:
         Returns
         -------
         holoviews.Layout
-            Three DynamicMaps fed by :attr:`pipe` and :attr:`selection`; the same object on
-            every call, so that updates reach every place it is displayed.
+            Three DynamicMaps fed by :attr:`pipe` and :attr:`selection`, side by side; the
+            same object on every call, so that updates reach every place it is displayed.
         """
         if self._view is None:
-            streams = [self.pipe, self.selection]
-            captions = hv.DynamicMap(self._captions, streams=[self.pipe])
-            highlight = hv.DynamicMap(self._highlight, streams=streams)
-            large = hv.DynamicMap(self._large, streams=streams)
-            hist = hv.DynamicMap(self._histogram, streams=streams)
-            grid = self._mosaic_dmap * captions * highlight
-            self._view = (grid + large + hist).cols(3)
+            self._view = hv.Layout(list(self._parts())).cols(3)
         return self._view
 
-    def __panel__(self):
-        """The view as a panel object (``pn.panel(grid)``)."""
+    def panel(self):
+        """The same views as a panel layout: the grid, and beside it the class shown large
+        above its angle histogram (narrower than :meth:`view`; how the object displays).
+
+        Returns
+        -------
+        panel.Row
+        """
         import panel as pn
 
-        return pn.pane.HoloViews(self.view())
+        if self._panel is None:
+            grid, large, hist = self._parts()
+            self._panel = pn.Row(pn.pane.HoloViews(grid),
+                                 pn.Column(pn.pane.HoloViews(large), pn.pane.HoloViews(hist)))
+        return self._panel
+
+    def __panel__(self):
+        """For ``pn.panel(grid)``: :meth:`panel`."""
+        return self.panel()
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> Any:
-        return self.view()._repr_mimebundle_(include, exclude)
+        return self.panel()._repr_mimebundle_(include, exclude)
 
 
 def class_grid(

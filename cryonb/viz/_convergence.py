@@ -110,13 +110,13 @@ class LiveConvergence:
         return self._view
 
     def __panel__(self):
-        """The view as a panel object (``pn.panel(live)``)."""
+        """The view as a panel object (for ``pn.panel(...)``; how the object displays)."""
         import panel as pn
 
         return pn.pane.HoloViews(self.view())
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> Any:
-        return self.view()._repr_mimebundle_(include, exclude)
+        return self.__panel__()._repr_mimebundle_(include, exclude)
 
 
 def convergence_plot(history_or_root, *, changes: bool = True) -> hv.Layout:

@@ -252,17 +252,17 @@ class LoadDashboard:
         n = len(self.monitor.devices)
         title = (f"Load of {plural(n, 'GPU')} and the host" if gpus else
                  f"Load of the host (no GPU figures: {self.monitor.gpu_error})")
-        self._view = hv.Layout(panels).cols(len(now)).opts(title=title)
+        self._view = hv.Layout(panels, label=title).cols(len(now))
         return self._view
 
     def __panel__(self):
-        """The view as a panel object (``pn.panel(dashboard)``)."""
+        """The view as a panel object (for ``pn.panel(...)``; how the object displays)."""
         import panel as pn
 
         return pn.pane.HoloViews(self.view())
 
     def _repr_mimebundle_(self, include=None, exclude=None) -> Any:
-        return self.view()._repr_mimebundle_(include, exclude)
+        return self.__panel__()._repr_mimebundle_(include, exclude)
 
 
 def _kind(data: pd.DataFrame, kind: str, key: str = "name") -> pd.DataFrame:

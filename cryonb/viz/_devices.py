@@ -1,31 +1,50 @@
-"""Which rank and thread runs on which device (from a ``--gpu`` device map)."""
+"""Which rank and thread runs on which device (from a ``--gpu`` device map).
+
+The device map is read by its attributes (``assignments``, ``threads``, ...), so that this
+module does not import :mod:`cryonb.parallel` (which starts the whole runtime).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import html
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import holoviews as hv
 import pandas as pd
 
-from ..parallel.devices import DeviceAssignment, DeviceMap
 from ._base import holoviews, plural
 
-__all__ = ["device_layout", "device_table"]
+if TYPE_CHECKING:
+    from ..parallel.devices import DeviceMap
+
+__all__ = ["device_layout", "device_table", "is_device_map"]
+
+
+class _Assignment(NamedTuple):  # the fields of cryonb.parallel.devices.DeviceAssignment
+    rank: int
+    role: str
+    devices: tuple[int, ...]
+    mode: str
 
 
 @dataclasses.dataclass
 class _Ranks:
-    assignments: list[DeviceAssignment]
+    assignments: list[Any]
     hosts: dict[int, str]
     warnings: list[str]
     title: str
     threads: int  # per rank
 
 
+def is_device_map(obj: Any) -> bool:
+    """Whether ``obj`` looks like a :class:`cryonb.parallel.devices.DeviceMap`."""
+    return all(hasattr(obj, a) for a in ("assignments", "threads", "n_devices", "spec"))
+
+
 def _ranks(device_map) -> _Ranks:
-    if isinstance(device_map, DeviceMap):
+    if is_device_map(device_map):
         title = (f"--gpu '{device_map.spec}'" if device_map.spec else "--gpu (automatic)")
         title += (f": {plural(device_map.ranks, 'rank')} x "
                   f"{plural(device_map.threads, 'thread')}, "
@@ -39,8 +58,8 @@ def _ranks(device_map) -> _Ranks:
         for r in ranks:
             devices = given[r]
             leader = r == 0 and not devices and len(ranks) > 1
-            out.append(DeviceAssignment(r, "leader" if leader else "worker", devices,
-                                        "explicit" if devices else "none"))
+            out.append(_Assignment(r, "leader" if leader else "worker", devices,
+                                   "explicit" if devices else "none"))
         return _Ranks(out, {}, [], plural(len(ranks), "rank"), 1)
     raise TypeError(f"device_map must be a DeviceMap or a {{rank: [devices]}} mapping, not "
                     f"{type(device_map).__name__}")
@@ -126,4 +145,4 @@ def device_layout(device_map: DeviceMap | Mapping[str, Sequence[int]]) -> hv.Lay
     if info.warnings:
         text = "".join(f"<li>{html.escape(w)}</li>" for w in info.warnings)
         items.append(hv.Div(f"<b>Warnings</b><ul>{text}</ul>").opts(width=700))
-    return hv.Layout(items).cols(1).opts(title=info.title)
+    return hv.Layout(items, label=info.title).cols(1)

@@ -109,4 +109,4 @@ def map_viewer(
         panels.append(image(proj, h, v, value_range(proj), f"sum along {s}"))
     shape = " x ".join(str(n) for n in data.shape[::-1])
     default = f"{name} ({shape}" + (f", {apix:.3g} Å/voxel)" if apix else ")")
-    return hv.Layout(panels).cols(3).opts(title=title or default.strip())
+    return hv.Layout(panels, label=title or default.strip()).cols(3)

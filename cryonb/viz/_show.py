@@ -13,13 +13,12 @@ import pandas as pd
 from ..backend import to_numpy
 from ..errors import InputError
 from ..io import MrcVolume, read_mrc, read_mrc_header, read_star
-from ..parallel.devices import DeviceMap
 from ._base import holoviews, plural
 from ._classes import LiveClassGrid, class_grid
 from ._convergence import LiveConvergence, convergence_plot
 from ._curves import ssnr_plot
 from ._dashboard import LoadDashboard, load_dashboard
-from ._devices import device_layout
+from ._devices import device_layout, is_device_map
 from ._maps import map_viewer
 from ._monitor import LoadMonitor
 from ._readers import find_class2d_roots, parse_iteration_path, star_summary
@@ -94,7 +93,7 @@ def _show_mrc(path: Path, stack_limit: int) -> hv.Layout:
         images = np.array(vol.data[:stack_limit])
         title = f"{path.name}: " + (f"first {stack_limit} of {n} images" if n > stack_limit
                                     else plural(n, "image"))
-        return class_grid(images, sort=False, pixel_size=vol.voxel_size).opts(title=title)
+        return class_grid(images, sort=False, pixel_size=vol.voxel_size).relabel(title)
     if len(header.shape) == 2:
         vol = read_mrc(path)
         return class_grid(vol.data, sort=False, pixel_size=vol.voxel_size)
@@ -104,7 +103,7 @@ def _show_mrc(path: Path, stack_limit: int) -> hv.Layout:
 def _show_root(root: str) -> hv.Layout:
     grid = class_grid(root)
     conv = convergence_plot(root)
-    return (grid + conv).cols(3).opts(title=f"Class2D {Path(root).name}")
+    return (grid + conv).cols(3).relabel(f"Class2D {Path(root).name}")
 
 
 def _show_path(p: Path, stack_limit: int) -> hv.Layout:
@@ -126,7 +125,7 @@ def _show_path(p: Path, stack_limit: int) -> hv.Layout:
     blocks = read_star(p)
     if "model_general" in blocks and any(b.startswith("model_class_") for b in blocks):
         return (star_view(blocks) + ssnr_plot(blocks)).cols(1)
-    return star_view(blocks).opts(title=p.name)
+    return star_view(blocks).relabel(p.name)
 
 
 def show(obj, *, kind: str | None = None, stack_limit: int = _MAX_STACK):
@@ -175,7 +174,7 @@ def show(obj, *, kind: str | None = None, stack_limit: int = _MAX_STACK):
         return obj.view()
     if isinstance(obj, LoadMonitor):
         return load_dashboard(obj)
-    if isinstance(obj, DeviceMap):
+    if is_device_map(obj):
         return device_layout(obj)
     if isinstance(obj, MrcVolume):
         return map_viewer(obj) if not obj.is_stack else class_grid(obj.data, sort=False)

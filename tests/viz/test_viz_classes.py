@@ -74,6 +74,24 @@ def test_tap_selects_the_class_under_the_pointer(class2d_root):
         grid.select(5)
 
 
+def _callbacks_of(plot, stream) -> list:
+    """The plot callbacks (at any depth) that feed ``stream`` from the browser."""
+    found = [cb for cb in getattr(plot, "callbacks", []) if any(s is stream for s in cb.streams)]
+    subplots = getattr(plot, "subplots", None) or {}
+    for sub in subplots.values() if isinstance(subplots, dict) else subplots:
+        found += _callbacks_of(sub, stream)
+    return found
+
+
+def test_tap_reaches_the_rendered_plot(render):
+    """A browser click must come back: the tap stream is attached to the rendered mosaic."""
+    import holoviews as hv
+
+    grid = LiveClassGrid(np.zeros((3, 8, 8)))
+    plot = hv.renderer("bokeh").get_plot(grid.view())
+    assert [type(cb).__name__ for cb in _callbacks_of(plot, grid.tap)] == ["TapCallback"]
+
+
 def test_live_update_pushes_new_data(render):
     rng = np.random.default_rng(1)
     grid = LiveClassGrid(rng.normal(size=(4, 12, 12)), np.full(4, 0.25), iteration=1)

@@ -41,7 +41,7 @@ def test_mrc_files(map_file, class2d_root, tmp_path):
     stack = tmp_path / "particles.mrcs"
     write_mrc(stack, np.random.default_rng(0).normal(size=(7, 10, 10)), 1.0)
     small = show(stack, stack_limit=5)
-    assert small.opts.get().kwargs["title"] == "particles.mrcs: first 5 of 7 images"
+    assert small.label == "particles.mrcs: first 5 of 7 images"
     image = tmp_path / "one.mrc"
     write_mrc(image, np.ones((10, 12)), 1.0)
     assert len(show(image)) == 3  # a single image: one tile
@@ -50,6 +50,7 @@ def test_mrc_files(map_file, class2d_root, tmp_path):
 def test_class2d_root_and_folder(class2d_root, render):
     layout = show(class2d_root)
     assert len(layout) == 3 + 6  # grid, large class, histogram; six convergence panels
+    assert all(item.id is None for item in layout)  # see test_viz_maps
     assert len(show(class2d_root.parent)) == 9
     render(layout)
 
