@@ -35,19 +35,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import os
-import socket
 import threading
 import time
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ConfigError, ResourceError
+from ..errors import ConfigError
 from . import _engine, hardware
-from ._errors import RankError, from_record, from_remote
-from .cluster import ClusterHandle, connect_cluster, start_cluster
+from ._errors import from_record
+from ._session import TICK, LocalRank, Rank, RankSession, quietly
 from .combine import ordered_sum
 from .devices import resolve_device_map
 from .images import (
@@ -64,9 +62,6 @@ from .pools import auto_pool, pool_memory
 from .stats import IterationStats, RankInfo, RankTimes, RunStats, emit
 
 __all__ = ["RunResult", "run_class2d", "run_class2d_async"]
-
-_TICK = 1.0  # seconds between liveness checks; working ranks answer at least this often
-_HEARTBEAT_EVERY = 2.0  # seconds between heartbeat events of one rank
 
 
 @dataclass
@@ -136,69 +131,8 @@ class RunResult:
         return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------ rank handles
-class _Rank:
-    """This process's handle on one rank."""
-
-    def __init__(self, info: RankInfo):
-        self.info = info
-
-    @property
-    def rank(self) -> int:
-        return self.info.rank
-
-    def call_async(self, role: str, method: str, *args, **kwargs) -> cf.Future:
-        raise NotImplementedError
-
-    def alive(self) -> bool:
-        return True
-
-
-class _LocalRank(_Rank):
-    """The calling process as rank 0 (leader and worker) of a run of one rank."""
-
-    def __init__(self, info: RankInfo, objects: dict):
-        super().__init__(info)
-        self.objects = objects
-        self._pool = cf.ThreadPoolExecutor(2, thread_name_prefix="cryonb-rank0")
-
-    def call_async(self, role, method, *args, **kwargs):
-        return self._pool.submit(getattr(self.objects[role], method), *args, **kwargs)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False)
-
-
-class _EngineRank(_Rank):
-    """An ipyparallel engine as a rank."""
-
-    def __init__(self, info: RankInfo, client, run_id: str):
-        super().__init__(info)
-        self.client = client
-        self.view = client[info.engine]
-        self.run_id = run_id
-        self._local = info.host == socket.gethostname()
-
-    def run_async(self, fn, *args, **kwargs):
-        return self.view.apply_async(fn, *args, **kwargs)
-
-    def call_async(self, role, method, *args, **kwargs):
-        return self.view.apply_async(_engine.call, self.run_id, role, method, *args, **kwargs)
-
-    def alive(self) -> bool:
-        if self._local:
-            import psutil
-
-            if not psutil.pid_exists(self.info.pid):
-                return False
-        try:
-            return self.info.engine in self.client.ids
-        except Exception:  # pragma: no cover  (client shutting down)
-            return True
-
-
 # ------------------------------------------------------------------------------ the run
-class _Run:
+class _Run(RankSession):
     """One run of :func:`run_class2d` (the driver: this process)."""
 
     def __init__(self, config, progress, stop_event, client, return_sums: bool):
@@ -206,70 +140,19 @@ class _Run:
 
         if not isinstance(config, Class2DConfig):
             raise ConfigError(f"run_class2d needs a Class2DConfig, not {type(config).__name__}")
-        self.cfg = config.validate()
-        self.progress = progress
-        self.stop_event = stop_event if stop_event is not None else threading.Event()
-        self.client_arg = client
+        super().__init__(config.validate(), progress, stop_event, client)
         self.return_sums = return_sums
-        self.run_id = uuid.uuid4().hex[:12]
-        self.timeout = float(self.cfg.timeout)
-        self.wait_s = min(_TICK, self.timeout / 10)
-        self.warnings: list[str] = []
         self.stats = RunStats()
-        self.handle: ClusterHandle | None = None
-        self.owned = False
-        self.ranks: list[_Rank] = []
-        self.leader: _Rank | None = None
-        self.workers: list[_Rank] = []
-        self.mpi = False
-        self.engines = "inprocess"
-        self.gpu = False
+        self.leader: Rank | None = None
+        self.workers: list[Rank] = []
         self.pool = 0
         self.pool_bytes = 0
         self.scratch: list[tuple] = []  # (rank handle or None, ScratchCopy)
-        self.device_table = ""
-        self.device_map: dict = {}
         self.info: dict = {}
         self._next_id = 0
         self._local_blas = None
         self._last_sums = None
         self._history: list[dict] = []
-        self._map_warnings: list[str] = []
-
-    # -------------------------------------------------------------- waiting
-    def _get(self, rank: _Rank, fut, what: str):
-        try:
-            return fut.result()
-        except Exception as exc:
-            err = from_remote(exc, rank.info.label(), what, rank.rank, rank.info.host)
-            if err is exc:
-                raise
-            raise err from None
-
-    def _wait_all(self, pairs: list[tuple], what: str, timeout: float | None = None) -> list:
-        """Wait for ``[(rank, future), ...]``; a dead rank or the timeout raises."""
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        futs = [f for _, f in pairs]
-        while True:
-            done, rest = cf.wait(futs, timeout=_TICK, return_when=cf.FIRST_EXCEPTION)
-            for rank, f in pairs:  # failures first, named by rank
-                if f in done and f.exception() is not None:
-                    self._get(rank, f, what)
-            if not rest:
-                return [self._get(rank, f, what) for rank, f in pairs]
-            for rank, f in pairs:
-                if f in rest and not rank.alive():
-                    raise RankError(f"{rank.info.label()} died during {what}", rank.rank,
-                                    rank.info.host)
-            if time.monotonic() > deadline:
-                late = [rank for rank, f in pairs if f in rest]
-                raise RankError(f"{', '.join(r.info.label() for r in late)} did not finish "
-                                f"{what} within "
-                                f"{self.timeout if timeout is None else timeout:.0f} s "
-                                "(--timeout)", late[0].rank, late[0].info.host)
-
-    def _wait(self, rank: _Rank, fut, what: str, timeout: float | None = None):
-        return self._wait_all([(rank, fut)], what, timeout)[0]
 
     # -------------------------------------------------------------- set-up
     def _setup(self) -> None:
@@ -288,7 +171,6 @@ class _Run:
         return self.info["config"]
 
     def _setup_inprocess(self) -> None:
-        from ..backend import device_count, gpu_available
         from ._leader import LeaderCore
         from ._worker import WorkerService
 
@@ -299,13 +181,7 @@ class _Run:
         leader = LeaderCore(cfg, timeout=self.timeout)
         self.info = info = leader.info()
         jcfg = self._job_config()
-        self.gpu = not cfg.cpu and gpu_available()
-        if cfg.gpu is not None and not cfg.cpu and not self.gpu:
-            if cfg.gpu:
-                resolve_device_map(cfg.gpu, 1, cfg.j, n_devices=0)  # raises, naming the string
-            self.warnings.append("--gpu was given but no GPU is usable here: running on the CPU")
-        n_dev = device_count() if self.gpu else 0
-        dmap = resolve_device_map(cfg.gpu, 1, cfg.j, n_devices=n_dev)
+        dmap = resolve_device_map(cfg.gpu, 1, cfg.j, n_devices=self._local_devices())
         devices = list(dmap.devices_of(0))
         proc = hardware.describe_process()
         rinfo = RankInfo(0, "leader+worker", proc["host"], proc["pid"], threads=cfg.j,
@@ -313,12 +189,12 @@ class _Run:
         self._device_names(rinfo, proc["devices"])
         table = leader.job.table
         src = self._local_source(table, info, proc)
-        self._local_blas = hardware.limit_blas_threads(max(1, proc["cores"] // cfg.j))
+        self._local_blas = self._local_blas_limit(cfg.j, proc)
         free = self._free_per_thread([rinfo], {0: proc})
         self._choose_pool(free)
         worker = WorkerService(rank=0, config=jcfg, setup=_setup_of(info), threads=cfg.j,
                                devices=devices or None, source=src, timeout=self.timeout)
-        rank = _LocalRank(rinfo, {"leader": leader, "worker": worker})
+        rank = LocalRank(rinfo, {"leader": leader, "worker": worker})
         self.ranks = [rank]
         self.leader = rank
         self.workers = [rank]
@@ -356,71 +232,17 @@ class _Run:
         if not copy.complete:
             self.warnings.append(f"host {host}: {copy.describe()}")
 
-    def _connect(self) -> ClusterHandle:
-        """The cluster: given, started here, or attached to."""
-        import ipyparallel as ipp
-
-        cfg = self.cfg
-        c = self.client_arg
-        if c is not None:
-            self.engines = "attach"
-            if isinstance(c, ClusterHandle):
-                return ClusterHandle(c.client)
-            if isinstance(c, ipp.Cluster):
-                return ClusterHandle(c.connect_client_sync())
-            if isinstance(c, ipp.Client):
-                return ClusterHandle(c)
-            raise ConfigError(f"client must be an ipyparallel Client or Cluster, not "
-                              f"{type(c).__name__}")
-        if cfg.engines == "inprocess":
-            raise ConfigError(f"--engines inprocess runs one rank, but --ranks {cfg.ranks} was "
-                              "asked for: use --engines local or mpi, or --ranks 1")
-        if cfg.engines == "attach":
-            self.engines = "attach"
-            return connect_cluster(cfg.cluster_id, cfg.profile, n=cfg.ranks,
-                                   timeout=min(self.timeout, 120.0))
-        kind = "mpi" if cfg.engines == "mpi" else "local"
-        self.engines = kind
-        emit(self.progress, "stage", iteration=0, stage="cluster", state="start")
-        t0 = time.monotonic()
-        handle = start_cluster(cfg.ranks, kind, timeout=max(120.0, min(self.timeout, 600.0)))
-        emit(self.progress, "stage", iteration=0, stage="cluster", state="end",
-             seconds=time.monotonic() - t0)
-        self.owned = True
-        return handle
-
     def _setup_engines(self) -> None:
         cfg = self.cfg
-        self.handle = self._connect()
-        client = self.handle.client
-        eids = self.handle.engine_ids
-        if len(eids) < cfg.ranks:
-            raise ResourceError(f"--ranks {cfg.ranks} needs {cfg.ranks} engines but the cluster "
-                                f"has {len(eids)}")
-        # ask every engine who it is (never assume ids follow launch order)
-        tmp = [_EngineRank(RankInfo(-1, "?", "?", 0, engine=e), client, self.run_id)
-               for e in eids]
-        probes = dict(zip(eids, self._wait_all(
-            [(t, t.run_async(_engine.probe)) for t in tmp], "start-up", timeout=120.0)))
-        worlds = [p["mpi"] for p in probes.values()]
-        self.mpi = all(w is not None for w in worlds) and len({w[1] for w in worlds}) == 1
-        if cfg.engines == "mpi" and not self.mpi:
-            raise ConfigError("--engines mpi: the engines were not started under MPI")
-        if self.mpi and self.engines == "attach":
-            self.engines = "attach (mpi)"
-        order = sorted(eids, key=(lambda e: probes[e]["mpi"][0]) if self.mpi else None)
-        chosen = order[: cfg.ranks]
-        for r, e in enumerate(chosen):
-            p = probes[e]
-            role = "leader" if r == 0 else "worker"
-            info = RankInfo(r, role, p["host"], p["pid"], engine=e,
-                            mpi_rank=p["mpi"][0] if p["mpi"] else None,
-                            threads=0 if r == 0 else cfg.j)
-            self.ranks.append(_EngineRank(info, client, self.run_id))
+        chosen = self._start_engines()
+        self.ranks = [self._engine_rank(r, e, p, "leader" if r == 0 else "worker",
+                                        0 if r == 0 else cfg.j)
+                      for r, (e, p) in enumerate(chosen)]
+        probes = dict(chosen)
         self.leader, self.workers = self.ranks[0], self.ranks[1:]
         cwd = os.getcwd()
         if self.mpi:
-            world = [probes[e]["mpi"][0] for e in chosen]
+            world = [p["mpi"][0] for _, p in chosen]
             self._wait_all([(r, r.run_async(_engine.mpi_group, self.run_id, world, cwd))
                             for r in self.ranks], "creating the MPI communicator", 120.0)
         self.info = info = self._wait(self.leader, self.leader.run_async(
@@ -435,7 +257,7 @@ class _Run:
             w.info.devices = list(dmap.devices_of(w.rank))
             self._device_names(w.info, wprobes[w.rank]["devices"])
         self._device_report(dmap)
-        by_host: dict[str, list[_Rank]] = {}
+        by_host: dict[str, list[Rank]] = {}
         for w in self.workers:
             by_host.setdefault(w.info.host, []).append(w)
         sources = self._engine_sources(jcfg, info, by_host, wprobes, cwd)
@@ -461,26 +283,6 @@ class _Run:
         if cfg.io_mode == "preread":
             emit(self.progress, "stage", iteration=0, stage="preread", state="end",
                  seconds=time.monotonic() - t0)
-
-    def _engine_devices(self, wprobes: dict) -> int:
-        """Devices visible to every worker (0: the CPU path)."""
-        cfg = self.cfg
-        if cfg.cpu:
-            return 0
-        counts = [len(p["devices"]) for p in wprobes.values()]
-        no_cupy = [r for r, p in wprobes.items() if p["devices"] and not p["cupy"]]
-        if no_cupy:
-            msg = (f"GPUs are visible to rank(s) {no_cupy} but CuPy is not installed there "
-                   "(pip install 'cryonb[gpu]')")
-            if cfg.gpu:
-                raise ResourceError(msg)
-            self.warnings.append(msg + ": running on the CPU")
-            return 0
-        n = min(counts) if counts else 0
-        if cfg.gpu is not None and n == 0 and not cfg.gpu:
-            self.warnings.append("--gpu was given but the workers see no GPU: running on the CPU")
-        self.gpu = n > 0
-        return n
 
     def _engine_sources(self, jcfg, info, by_host, wprobes, cwd) -> dict[int, dict]:
         cfg = self.cfg
@@ -508,40 +310,10 @@ class _Run:
                 out[w.rank] = {"kind": "scratch", "copy": copy}
         return out
 
-    def _confirm_devices(self, info: RankInfo, uuids: list[str]) -> None:
-        """Keep the UUIDs CUDA reported after pinning; say so where NVML meant another GPU."""
-        if not uuids:
-            return
-        for t, (want, got) in enumerate(zip(info.uuids, uuids)):
-            if got != "?" and want not in ("?", got):
-                self.warnings.append(f"{info.label()} thread {t}: CUDA drives {got}, the "
-                                     f"device map meant {want} (check CUDA_DEVICE_ORDER)")
-        info.uuids = [g if g != "?" else w for w, g in zip(info.uuids, uuids)]
-
     def _io_timeout(self) -> float:
         """``--timeout`` plus the time to read the whole data set at 20 MB/s (a slow disc):
         the bound of silent waits that read everything (prereading, copying to scratch)."""
         return self.timeout + image_bytes(self.info["n"], self.info["N"]) / 20e6
-
-    @staticmethod
-    def _device_names(info: RankInfo, visible: list[dict]) -> None:
-        info.uuids = [visible[d]["uuid"] if d < len(visible) else "?" for d in info.devices]
-        info.names = [visible[d]["name"] if d < len(visible) else "?" for d in info.devices]
-
-    def _device_report(self, dmap) -> None:
-        uuids, names = {}, {}
-        for r in self.ranks:
-            for d, u, n in zip(r.info.devices, r.info.uuids, r.info.names):
-                uuids[(r.rank, d)] = u
-                names[(r.rank, d)] = n
-        hosts = {r.rank: r.info.host for r in self.ranks}
-        self.device_table = dmap.format_table(uuids=uuids or None, names=names or None,
-                                              hosts=hosts)
-        self.device_map = dmap.to_json_dict()
-        self.warnings = [w for w in self.warnings if w not in self._map_warnings]
-        self._map_warnings = [ln[len("warning: "):] for ln in self.device_table.splitlines()
-                              if ln.startswith("warning: ")]
-        self.warnings += self._map_warnings
 
     def _free_per_thread(self, infos: list[RankInfo], probes: dict) -> float | None:
         """Free device memory per thread, the device's threads over all ranks sharing it."""
@@ -702,12 +474,11 @@ class _Run:
             return out
 
         top_up()
-        pending: dict[_Rank, object] = {}
-        sent_at: dict[_Rank, float] = {}
+        pending: dict[Rank, object] = {}
+        sent_at: dict[Rank, float] = {}
         outstanding = dict.fromkeys(self.workers, 0)
         last_progress = dict.fromkeys(self.workers, time.monotonic())
-        last_beat = dict.fromkeys(self.workers, 0.0)
-        busy_info: dict[_Rank, list] = {w: [] for w in self.workers}
+        busy_info: dict[Rank, list] = {w: [] for w in self.workers}
         sizes: dict[int, int] = {}
         results: list = []
         done = 0
@@ -738,7 +509,7 @@ class _Run:
                     break
             waitset = list(pending.values())
             waitset += [f for _, f in list(prepared)[:1] if f is not None]
-            cf.wait(waitset, timeout=_TICK, return_when=cf.FIRST_COMPLETED)
+            cf.wait(waitset, timeout=TICK, return_when=cf.FIRST_COMPLETED)
             now = time.monotonic()
             for w, fut in list(pending.items()):
                 if not fut.done():
@@ -756,30 +527,17 @@ class _Run:
                     emit(self.progress, "pool", iteration=it, rank=w.rank, thread=rec["thread"],
                          n=rec["n"], done=done, total=total, read_s=rec["read_s"],
                          compute_s=rec["compute_s"])
-                beat = reply["heartbeat"]
-                busy_info[w] = beat["busy"]
-                if now - last_beat[w] >= _HEARTBEAT_EVERY:
-                    last_beat[w] = now
-                    emit(self.progress, "heartbeat", rank=w.rank, host=w.info.host,
-                         busy=beat["busy"], queued=beat["queued"], memory=beat["memory"])
+                busy_info[w] = reply["heartbeat"]["busy"]
+                self._heartbeat(w, reply["heartbeat"])
             if self.stop_event.is_set() and not stopping:
                 stopping = True
                 emit(self.progress, "stage", iteration=it, stage="stop", state="start")
             for w in pending:
-                if not w.alive():
-                    raise RankError(f"{w.info.label()} died during the E-step of iteration "
-                                    f"{it}", w.rank, w.info.host)
-                if now - sent_at[w] > self.wait_s + self.timeout:
-                    raise RankError(f"{w.info.label()} has not answered for "
-                                    f"{now - sent_at[w]:.0f} s (--timeout {self.timeout:.0f})",
-                                    w.rank, w.info.host)
+                self._check_answering(w, sent_at[w], f"the E-step of iteration {it}")
             for w in self.workers:
-                if outstanding[w] > 0 and now - last_progress[w] > self.timeout:
-                    busy = ", ".join(f"thread {t}: {n} particles for {s:.0f} s"
-                                     for t, n, s in busy_info[w]) or "no thread busy"
-                    raise RankError(f"{w.info.label()} finished no pool for "
-                                    f"{now - last_progress[w]:.0f} s (--timeout "
-                                    f"{self.timeout:.0f}; {busy})", w.rank, w.info.host)
+                if outstanding[w] > 0:
+                    self._check_progress(w, last_progress[w], "pool", [
+                        f"thread {t}: {n} particles for {s:.0f} s" for t, n, s in busy_info[w]])
         if stopping:
             self._wait_all([(w, w.call_async("worker", "abort")) for w in self.workers],
                            "stopping")
@@ -808,26 +566,16 @@ class _Run:
 
     def _close(self) -> None:
         """Stop the ranks' threads, remove scratch copies, stop engines started here."""
-        engine_ranks = [r for r in self.ranks if isinstance(r, _EngineRank)]
-        if engine_ranks:
-            calls = [(r, r.run_async(_engine.close_run, self.run_id)) for r in engine_ranks
-                     if r.alive()]
-            _quietly(lambda: self._wait_all(calls, "closing the run", timeout=30.0))
-        for r in self.ranks:
-            if isinstance(r, _LocalRank):
-                for obj in r.objects.values():
-                    _quietly(obj.close)
-                r.close()
+        self._close_ranks()
         for rank, copy in self.scratch:
             if rank is None:
                 remove_scratch(copy)
             elif rank.alive():
-                _quietly(lambda r=rank, c=copy: self._wait(
+                quietly(lambda r=rank, c=copy: self._wait(
                     r, r.run_async(_engine.scratch_remove, c), "removing scratch", 60.0))
         if self._local_blas is not None:
             self._local_blas.restore_original_limits()
-        if self.handle is not None and self.owned:
-            self.handle.stop()
+        self._stop_cluster()
 
 
 def _index_of(tasks: list[dict], task_id: int):
@@ -843,13 +591,6 @@ def _setup_of(info: dict) -> dict:
 def _scratch_capacity() -> int | None:
     v = os.environ.get(SCRATCH_CAPACITY_ENV)
     return int(float(v)) if v else None
-
-
-def _quietly(fn) -> None:
-    try:
-        fn()
-    except Exception:
-        pass
 
 
 # ------------------------------------------------------------------------------ public API
