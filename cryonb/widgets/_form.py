@@ -35,9 +35,12 @@ _PATH_WIDTH = "680px"
 _PATH_HINTS = ("file", "folder", "rootname", "star", "references", "output", "dir")
 
 
-def pre_html(text: str, css: str = "cryonb-pre", color: str | None = None) -> str:
-    """``text`` in a ``<pre>`` block (HTML-escaped, monospace so that caret lines align)."""
-    style = "margin:2px 0;font-size:12px;line-height:1.3;white-space:pre;overflow-x:auto;"
+def pre_html(text: str, css: str = "cryonb-pre", color: str | None = None, *,
+             wrap: bool = False) -> str:
+    """``text`` in a ``<pre>`` block (HTML-escaped, monospace so that caret lines align;
+    long lines wrapped with ``wrap``, else scrolled)."""
+    style = (f"margin:2px 0;font-size:12px;line-height:1.3;white-space:"
+             f"{'pre-wrap' if wrap else 'pre'};overflow-x:auto;")
     if color:
         style += f"color:{color};"
     return f'<pre class="{css}" style="{style}">{html.escape(text)}</pre>'

@@ -151,7 +151,7 @@ class JobPanel:
         self._layout_key: object = None
         self._pending: dict | None = None
         self._pending_history: list[dict] = []
-        self._last_view = 0.0
+        self._next_view = 0.0
         self._last_report: dict[int, float] = {}
         self._build()
         self.form.observe(self.refresh)
@@ -282,7 +282,6 @@ class JobPanel:
                 gpu = self.form.fields["gpu"]
                 gpu.status.value = (pre_html(report.text, "cryonb-gpu-table") if report.ok
                                     else error_html(report.text))
-                gpu.mark(not report.ok)
                 if not report.ok:
                     errors["gpu"] = report.text.splitlines()[0]
             cfg = None
@@ -291,6 +290,8 @@ class JobPanel:
             except ConfigError as exc:
                 errors["options"] = str(exc)
             self.form.mark_invalid(errors.get("options", ""))
+            if "gpu" in errors:
+                self.form.fields["gpu"].mark(True)
             self._show_commands(cfg, values)
             lines = []
             if cfg is not None and report.ok:
@@ -324,7 +325,7 @@ class JobPanel:
                 text = getattr(shown, fn)() + stale if shown is not None else stale.strip()
             except Exception as exc:
                 text = f"# {exc}"
-            target.value = pre_html(text, css, None if cfg is not None else "#888")
+            target.value = pre_html(text, css, None if cfg is not None else "#888", wrap=True)
 
     def _show_status(self, extra: str = "") -> None:
         if self.errors:
@@ -450,8 +451,10 @@ class JobPanel:
     # ------------------------------------------------------------------ events
     def _on_event(self, ev: dict) -> None:
         with self._lock:
-            self.progress.handle(ev)
             kind = ev.get("event")
+            if kind == "done":  # the last views first: "stopped"/"finished" comes after them
+                self._flush_views(force=True)
+            self.progress.handle(ev)
             if kind == "setup":
                 self._on_setup(ev)
             elif kind in ("pool", "heartbeat"):
@@ -462,8 +465,6 @@ class JobPanel:
                 if ev.get("iteration", 0) > 0 and "log_likelihood" in hist:
                     self._pending_history.append(hist)
                 self._flush_views(force=False)
-            elif kind == "done":
-                self._flush_views(force=True)
 
     def _on_tick(self) -> None:
         with self._lock:
@@ -549,8 +550,6 @@ class JobPanel:
 
         viz.ensure_extension()
         views = self.kind.views
-        if "classes" in views:
-            self.grid = viz.LiveClassGrid()
         if "convergence" in views:
             self.convergence = viz.LiveConvergence()
         if "load" in views:
@@ -561,8 +560,12 @@ class JobPanel:
             self.dashboard = viz.LoadDashboard(self.monitor, every=1.0)
             self.dashboard.refresh()
         self._views_built = True
-        for name, obj in (("classes", self.grid), ("convergence", self.convergence),
-                          ("load", self.dashboard)):
+        if "classes" in views:  # made with the first iteration's classes (sizes fixed then)
+            from IPython.display import HTML
+
+            self._display("classes", HTML('<span style="color:#666">the class averages appear '
+                                          "after the first iteration</span>"))
+        for name, obj in (("convergence", self.convergence), ("load", self.dashboard)):
             if obj is not None:
                 self._display(name, obj.view())
         if self.device_report is not None and self.device_report.ok:
@@ -584,18 +587,38 @@ class JobPanel:
         self._display("devices", device_layout(mapping))
 
     def _flush_views(self, force: bool) -> None:
-        """Show the last iteration received (at most every ``view_every`` s unless forced)."""
+        """Show the last iteration received.
+
+        Unless forced, at most every ``view_every`` seconds, and never more than a quarter of
+        the time: a refresh that took ``t`` seconds makes the next wait at least ``3 t`` (on a
+        busy machine re-rendering the views must not starve the kernel's event loop).
+        """
         ev = self._pending
-        if ev is None or (not force and time.monotonic() - self._last_view < self.view_every):
+        if ev is None or (not force and time.monotonic() < self._next_view):
             return
-        self._pending, self._last_view = None, time.monotonic()
+        t0 = time.monotonic()
+        self._pending = None
+        try:
+            self._show_iteration(ev)
+        finally:
+            cost = time.monotonic() - t0
+            self._next_view = time.monotonic() + max(self.view_every - cost, 3.0 * cost)
+
+    def _show_iteration(self, ev: dict) -> None:
         summary = ev.get("summary") or {}
-        if self.grid is not None and summary.get("classes") is not None:
+        classes = summary.get("classes")
+        if self._views_built and "classes" in self.kind.views and classes is not None:
             data = (ev.get("files") or {}).get("data")
             small = self.progress.state.total <= 50_000
-            self.grid.update(summary["classes"], pdf=summary.get("pdf_class"),
-                             iteration=ev.get("iteration"),
-                             particles=data if data and small and os.path.exists(data) else None)
+            args = {"pdf": summary.get("pdf_class"), "iteration": ev.get("iteration"),
+                    "particles": data if data and small and os.path.exists(data) else None}
+            if self.grid is None or self.grid.data.images.shape != classes.shape:
+                from ..viz import LiveClassGrid
+
+                self.grid = LiveClassGrid(classes, **args)
+                self._display("classes", self.grid.view())
+            else:
+                self.grid.update(classes, **args)
         if self.convergence is not None and self._pending_history:
             rows, self._pending_history = self._pending_history, []
             self.convergence.extend(rows)

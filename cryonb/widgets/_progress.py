@@ -23,6 +23,14 @@ _LEADER_STAGES = {"mstep", "write"}
 _RENDER_EVERY = 0.2  # seconds between renders of pool events
 
 
+def _when(ev: dict) -> float:
+    """When an event happened (its ``time``, seconds since the epoch; now if it has none).
+
+    Events may be handled in bursts (a busy event loop): rates use when they were sent.
+    """
+    return float(ev.get("time") or time.time())
+
+
 def format_seconds(s: float | None) -> str:
     """``'1 h 02 min'``, ``'3 min 05 s'``, ``'12 s'``; ``'-'`` when unknown."""
     if s is None or s != s or s < 0:
@@ -72,7 +80,7 @@ class RunProgress:
         """Forget the previous run."""
         with self.lock:
             self.status = "starting"
-            self.t0 = time.monotonic()
+            self.t0 = time.time()
             self.t_end: float | None = None
             self.iterations = 0
             self.first_iteration = 0
@@ -131,7 +139,7 @@ class RunProgress:
         if stage in ("init", "estep", "pick"):
             self.iteration = int(ev.get("iteration", self.iteration))
             self.done = 0
-            self.phase_t0 = time.monotonic()
+            self.phase_t0 = _when(ev)
             self._recent.clear()
             for r in self.ranks.values():
                 r["done"], r["rate"] = 0, 0.0
@@ -146,7 +154,7 @@ class RunProgress:
     def _on_pool(self, ev: dict) -> None:
         self.done = int(ev.get("done", self.done + ev.get("n", 0)))
         self.total = int(ev.get("total", self.total))
-        now = time.monotonic()
+        now = _when(ev)
         self._recent.append((now, self.done))
         r = self.ranks.setdefault(int(ev["rank"]), {"role": "worker", "host": "", "devices": [],
                                                     "uuids": [], "pid": None, "done": 0,
@@ -174,7 +182,7 @@ class RunProgress:
     def _on_done(self, ev: dict) -> None:
         self.completed = int(ev.get("iteration", self.completed))
         self.status = "stopped" if ev.get("stopped") else "finished"
-        self.t_end = time.monotonic()
+        self.t_end = _when(ev)
         for r in self.ranks.values():
             r["stage"] = self.status
 
@@ -183,7 +191,7 @@ class RunProgress:
         with self.lock:
             self.status = "failed"
             self.message = message
-            self.t_end = time.monotonic()
+            self.t_end = time.time()
             for r in self.ranks.values():
                 r["stage"] = "failed"
 
@@ -191,7 +199,7 @@ class RunProgress:
     @property
     def elapsed(self) -> float:
         """Seconds since the run started (until it ended)."""
-        return (self.t_end or time.monotonic()) - self.t0
+        return (self.t_end or time.time()) - self.t0
 
     @property
     def rate(self) -> float:
@@ -200,7 +208,7 @@ class RunProgress:
             (t0, d0), (t1, d1) = self._recent[0], self._recent[-1]
             if t1 > t0:
                 return (d1 - d0) / (t1 - t0)
-        dt = time.monotonic() - self.phase_t0
+        dt = time.time() - self.phase_t0
         return self.done / dt if dt > 0 else 0.0
 
     @property
@@ -212,7 +220,7 @@ class RunProgress:
         if self.wall:
             phase = sum(self.wall[-3:]) / len(self.wall[-3:])
         elif frac > 0:
-            phase = (time.monotonic() - self.phase_t0) / frac
+            phase = (time.time() - self.phase_t0) / frac
         else:
             return None
         left = max(0, self.iterations - max(self.iteration, 1))
