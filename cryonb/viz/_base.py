@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -49,6 +50,23 @@ def ensure_extension(force: bool = False) -> None:
             pn.config.inline = True  # type: ignore[misc]  # a settable property
             hv.extension("bokeh", inline=True, logo=False)
             _loaded = True
+
+
+class LiveView:
+    """Display of the live objects: through panel, whose path also inlines the widgets'
+    stylesheets (see :func:`ensure_extension`). Subclasses define ``view()``."""
+
+    def view(self) -> Any:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def __panel__(self) -> Any:
+        """The view as a panel object (for ``pn.panel(...)``; how the object displays)."""
+        import panel as pn
+
+        return pn.pane.HoloViews(self.view())
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> Any:
+        return self.__panel__()._repr_mimebundle_(include, exclude)
 
 
 def holoviews() -> ModuleType:

@@ -17,7 +17,7 @@ import param
 from ..backend import to_numpy
 from ..errors import InputError
 from ..io import read_star
-from ._base import holoviews, plural, scale_unit, value_range
+from ._base import LiveView, holoviews, plural, scale_unit, value_range
 from ._readers import ClassOutput, _particle_block, read_class_output
 
 __all__ = ["LiveClassGrid", "class_grid"]
@@ -161,7 +161,7 @@ def _prepare(out: ClassOutput, sort: bool, ncols: int | None) -> _GridData:
                                labels=pd.DataFrame(text, columns=["tile_x", "tile_y", "text"]))
 
 
-class LiveClassGrid:
+class LiveClassGrid(LiveView):
     """A class-average grid that refreshes in place, with a large view of the tapped class.
 
     Parameters
@@ -403,11 +403,8 @@ class LiveClassGrid:
         return self._panel
 
     def __panel__(self):
-        """For ``pn.panel(grid)``: :meth:`panel`."""
+        """For ``pn.panel(grid)`` and the notebook's display: :meth:`panel`."""
         return self.panel()
-
-    def _repr_mimebundle_(self, include=None, exclude=None) -> Any:
-        return self.panel()._repr_mimebundle_(include, exclude)
 
 
 def class_grid(

@@ -10,7 +10,7 @@ import holoviews as hv
 import numpy as np
 import pandas as pd
 
-from ._base import holoviews
+from ._base import LiveView, holoviews
 from ._readers import CONVERGENCE_COLUMNS, read_convergence
 
 __all__ = ["LiveConvergence", "convergence_plot"]
@@ -35,7 +35,7 @@ def _rows(history: Iterable[Mapping[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     return out.astype(float).reset_index(drop=True)
 
 
-class LiveConvergence:
+class LiveConvergence(LiveView):
     """Convergence plots that grow by one point per iteration.
 
     Parameters
@@ -108,15 +108,6 @@ class LiveConvergence:
             panels = [hv.DynamicMap(self._panel(*p), streams=[self.buffer]) for p in _PANELS]
             self._view = hv.Layout(panels).cols(3)
         return self._view
-
-    def __panel__(self):
-        """The view as a panel object (for ``pn.panel(...)``; how the object displays)."""
-        import panel as pn
-
-        return pn.pane.HoloViews(self.view())
-
-    def _repr_mimebundle_(self, include=None, exclude=None) -> Any:
-        return self.__panel__()._repr_mimebundle_(include, exclude)
 
 
 def convergence_plot(history_or_root, *, changes: bool = True) -> hv.Layout:

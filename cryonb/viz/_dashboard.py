@@ -7,13 +7,12 @@ import os
 import threading
 import time
 import warnings
-from typing import Any
 
 import holoviews as hv
 import numpy as np
 import pandas as pd
 
-from ._base import holoviews, plural
+from ._base import LiveView, holoviews, plural
 from ._monitor import LoadMonitor
 
 __all__ = ["LoadDashboard", "load_dashboard"]
@@ -26,7 +25,7 @@ _LINE = {"frame_width": 260, "frame_height": 180, "framewise": True, "tools": ["
          "show_grid": True, "legend_position": "right"}
 
 
-class LoadDashboard:
+class LoadDashboard(LiveView):
     """Live views of a :class:`LoadMonitor`: bars of the latest figures and a timeline.
 
     Parameters
@@ -254,15 +253,6 @@ class LoadDashboard:
                  f"Load of the host (no GPU figures: {self.monitor.gpu_error})")
         self._view = hv.Layout(panels, label=title).cols(len(now))
         return self._view
-
-    def __panel__(self):
-        """The view as a panel object (for ``pn.panel(...)``; how the object displays)."""
-        import panel as pn
-
-        return pn.pane.HoloViews(self.view())
-
-    def _repr_mimebundle_(self, include=None, exclude=None) -> Any:
-        return self.__panel__()._repr_mimebundle_(include, exclude)
 
 
 def _kind(data: pd.DataFrame, kind: str, key: str = "name") -> pd.DataFrame:

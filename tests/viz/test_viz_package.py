@@ -40,3 +40,15 @@ def test_cryonb_show_delegates(map_file):
     import cryonb
 
     assert type(cryonb.show(map_file)) is type(viz.show(map_file))
+
+
+def test_live_objects_display_through_panel():
+    import numpy as np
+    import panel as pn
+
+    grid = viz.LiveClassGrid(np.zeros((2, 8, 8)))
+    row = pn.panel(grid)
+    assert isinstance(row, pn.Row) and grid.panel() is row  # grid | (large over histogram)
+    assert isinstance(pn.panel(viz.LiveConvergence()), pn.pane.HoloViews)
+    monitor = viz.LoadMonitor(gpus=False)
+    assert isinstance(pn.panel(viz.LoadDashboard(monitor)), pn.pane.HoloViews)
