@@ -1,24 +1,28 @@
 """Notebook views (holoviews + bokeh): class averages, maps, convergence, curves, load.
 
-Layer 4: reads through :mod:`cryonb.io` and knows :mod:`cryonb.parallel.devices`; nothing
-below imports it. Importing :mod:`cryonb.viz` is cheap: holoviews is imported when a view
-module is first used, and the bokeh extension is loaded, with BokehJS inline (offline
-machines), when the first view is built or :func:`ensure_extension` is called. In a notebook
-call :func:`ensure_extension` first.
+Layer 4: reads through :mod:`cryonb.io`; takes device maps of :mod:`cryonb.parallel.devices`
+by their attributes (it imports nothing of :mod:`cryonb.parallel`); nothing below imports it.
+Importing :mod:`cryonb.viz` is cheap: holoviews is imported when a view module is first used,
+and the bokeh extension is loaded, with BokehJS inline (offline machines), when the first
+view is built or :func:`ensure_extension` is called. In a notebook call
+:func:`ensure_extension` first.
 
 Every view returns a holoviews object (render it with ``hv.render(obj, backend="bokeh")``,
 wrap it with ``pn.pane.HoloViews``). The live objects keep their streams as attributes, so
-that a panel can feed them from an asyncio task, a callback or a thread.
+that a panel can feed them from an asyncio task, a callback or a thread, and display
+themselves through panel.
 
 Views
     :func:`class_grid`, :class:`LiveClassGrid` (``.update(classes, pdf, resolution,
     iteration)``); :func:`map_viewer`; :func:`convergence_plot`, :class:`LiveConvergence`
-    (``.update(dict)``); :func:`ssnr_plot`; :func:`device_layout`; :func:`load_dashboard`,
-    :class:`LoadDashboard`; :func:`star_view`; :func:`show`.
-Data (no holoviews)
-    :class:`LoadMonitor` (GPU, host and process load sampled in a thread, plus reports of
-    the ranks); :func:`read_class_output`, :class:`ClassOutput`, :func:`read_convergence`,
-    :func:`star_summary`, :func:`device_table`, :func:`find_class2d_roots`.
+    (``.update(dict)``); :func:`ssnr_plot`; :func:`device_layout` (and its
+    :func:`device_table`); :func:`load_dashboard`, :class:`LoadDashboard`;
+    :func:`star_view`; :func:`show`.
+Data (NumPy, pandas, psutil, NVML: no holoviews)
+    :class:`LoadMonitor` (GPU, host and process load sampled in a thread, plus the ranks'
+    reports), :data:`SAMPLE_COLUMNS`; :func:`read_class_output`, :class:`ClassOutput`,
+    :func:`read_convergence`, :func:`read_particle_angles`, :func:`star_summary`,
+    :func:`find_class2d_roots`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ __all__ = [
     "map_viewer",
     "read_class_output",
     "read_convergence",
+    "read_particle_angles",
     "show",
     "ssnr_plot",
     "star_summary",
@@ -56,6 +61,7 @@ _WHERE = {
     "find_class2d_roots": "_readers",
     "read_class_output": "_readers",
     "read_convergence": "_readers",
+    "read_particle_angles": "_readers",
     "star_summary": "_readers",
     "SAMPLE_COLUMNS": "_monitor",
     "LoadMonitor": "_monitor",
@@ -87,6 +93,7 @@ if TYPE_CHECKING:
         find_class2d_roots,
         read_class_output,
         read_convergence,
+        read_particle_angles,
         star_summary,
     )
     from ._show import show, star_view

@@ -15,10 +15,8 @@ import pandas as pd
 import param
 
 from ..backend import to_numpy
-from ..errors import InputError
-from ..io import read_star
 from ._base import LiveView, holoviews, plural, scale_unit, value_range
-from ._readers import ClassOutput, _particle_block, read_class_output
+from ._readers import ClassOutput, read_class_output, read_particle_angles
 
 __all__ = ["LiveClassGrid", "class_grid"]
 
@@ -28,7 +26,7 @@ _PSI_BINS = 36
 _MAX_WIDTH = 600  # pixels of the grid's frame
 _SIDE = 280  # pixels of the large view and the histogram
 
-ClassSelection = hv.streams.Stream.define(
+_ClassSelection = hv.streams.Stream.define(
     "ClassSelection", index=param.Integer(default=0, doc="0-based index of the selected class")
 )
 
@@ -116,10 +114,7 @@ def _particle_table(particles) -> pd.DataFrame | None:
     if particles is None:
         return None
     if isinstance(particles, str | os.PathLike):
-        df = _particle_block(read_star(particles))
-        if df is None:
-            raise InputError("has no particle table with rlnClassNumber", particles)
-        return df
+        return read_particle_angles(particles, required=True)
     return particles if isinstance(particles, pd.DataFrame) else pd.DataFrame(particles)
 
 
@@ -215,7 +210,7 @@ class LiveClassGrid(LiveView):
                  self._output(classes, pdf, resolution, iteration, particles, pixel_size))
         data = _prepare(first, sort, ncols)
         self.pipe = hv.streams.Pipe(data=data)
-        self.selection = ClassSelection(index=int(data.order[0]))
+        self.selection = _ClassSelection(index=int(data.order[0]))
         self._view: hv.Layout | None = None
         self._dmaps: tuple[hv.DynamicMap, hv.DynamicMap, hv.DynamicMap] | None = None
         self._panel: Any = None

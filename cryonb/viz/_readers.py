@@ -30,6 +30,7 @@ __all__ = [
     "parse_iteration_path",
     "read_class_output",
     "read_convergence",
+    "read_particle_angles",
     "ssnr_table",
     "star_summary",
 ]
@@ -180,9 +181,33 @@ def _particle_block(blocks: Mapping[str, pd.DataFrame]) -> pd.DataFrame | None:
     return None
 
 
-def _read_particle_angles(path: Path) -> pd.DataFrame | None:
+def read_particle_angles(path: str | os.PathLike, *, required: bool = False
+                         ) -> pd.DataFrame | None:
+    """``rlnClassNumber`` and ``rlnAnglePsi`` (and ``rlnImageName``) of a ``_data.star``.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A particle STAR file with ``rlnClassNumber`` (RELION 3.0 or 3.1 layout).
+    required : bool, default False
+        Raise instead of returning ``None`` when the file has no such table.
+
+    Returns
+    -------
+    pandas.DataFrame or None
+        Cached by path, modification time and size; do not modify it.
+
+    Raises
+    ------
+    InputError
+        When the file cannot be read, or (with ``required``) has no particle table with
+        ``rlnClassNumber``.
+    """
     st = Path(path).stat()
-    return _particle_angles_cached(str(path), st.st_mtime_ns, st.st_size)
+    out = _particle_angles_cached(str(path), st.st_mtime_ns, st.st_size)
+    if out is None and required:
+        raise InputError("has no particle table with rlnClassNumber", path)
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -278,7 +303,7 @@ def read_class_output(
             f"{files['classes'].name} holds {len(stack)} images: files of different runs?",
             files["model"],
         )
-    particles = _read_particle_angles(files["data"]) if files.get("data") else None
+    particles = read_particle_angles(files["data"]) if files.get("data") else None
     return ClassOutput(np.asarray(stack, np.float32), pdf, res, it, particles,
                        apix or stack_apix, files["classes"])
 
@@ -355,7 +380,7 @@ def read_convergence(root: str | os.PathLike, *, changes: bool = True) -> pd.Dat
     rows = []
     previous = None
     for it, files in its.items():
-        current = _read_particle_angles(files["data"]) if changes and "data" in files else None
+        current = read_particle_angles(files["data"]) if changes and "data" in files else None
         if it > 0 and "model" in files:
             blocks = _read_star(files["model"])
             g = _one_row(blocks, "model_general")
