@@ -2,18 +2,20 @@
 
 Each engine keeps the objects of the runs it takes part in, by run id, in :data:`RUNS`: its
 communicator (engines under MPI), its :class:`~cryonb.parallel._leader.LeaderCore` (rank 0) or
-:class:`~cryonb.parallel._worker.WorkerService` (other ranks). :func:`call` reaches a method of
-one of them; everything else sets a rank up or tears it down.
+:class:`~cryonb.parallel._worker.WorkerService` (other ranks) of a 2D classification, or its
+:class:`~cryonb.parallel._ranktask.RankTask` (``task``) of an all-ranks job. :func:`call`
+reaches a method of one of them; everything else sets a rank up or tears it down.
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["RUNS", "call", "close_run", "mpi_group", "open_leader", "open_worker", "probe",
-           "scratch_copy", "scratch_remove"]
+__all__ = ["RUNS", "call", "close_run", "mpi_group", "open_leader", "open_task", "open_worker",
+           "probe", "scratch_copy", "scratch_remove"]
 
-#: run id -> {"comm": ..., "leader": LeaderCore, "worker": WorkerService, "blas": ...}
+#: run id -> {"comm": ..., "leader": LeaderCore, "worker": WorkerService, "task": RankTask,
+#: "blas": ...}
 RUNS: dict[str, dict] = {}
 
 
@@ -91,9 +93,23 @@ def open_worker(run_id: str, rank: int, config, setup: dict, *, threads: int, de
         ``uuids`` (each thread's device as CUDA names it: which physical GPU it drives).
     """
     from ._worker import WorkerService
-    from .hardware import cuda_uuids, limit_blas_threads, pin_devices
 
     state = _enter(run_id, cwd)
+    local, uuids = _pin(rank, devices, state, blas_threads)
+    src = make_source(source, config)
+    state["worker"] = WorkerService(rank=rank, config=config, setup=setup, threads=threads,
+                                    devices=local or None, source=src, comm=state.get("comm"),
+                                    timeout=timeout)
+    return {"devices": local, "gpu": bool(local), "uuids": uuids}
+
+
+def _pin(rank: int, devices, state: dict, blas_threads: int | None) -> tuple[list, list]:
+    """Pin the rank to ``devices`` before any CUDA call; limit its BLAS threads.
+
+    Returns the devices in CUDA's numbering after pinning and the UUIDs CUDA gives them.
+    """
+    from .hardware import cuda_uuids, limit_blas_threads, pin_devices
+
     local = pin_devices(list(devices)) if devices else []
     uuids: list[str] = []
     if local:
@@ -106,11 +122,37 @@ def open_worker(run_id: str, rank: int, config, setup: dict, *, threads: int, de
         uuids = cuda_uuids(local)
     if blas_threads:
         state["blas"] = limit_blas_threads(blas_threads)
-    src = make_source(source, config)
-    state["worker"] = WorkerService(rank=rank, config=config, setup=setup, threads=threads,
-                                    devices=local or None, source=src, comm=state.get("comm"),
-                                    timeout=timeout)
-    return {"devices": local, "gpu": bool(local), "uuids": uuids}
+    return local, uuids
+
+
+def open_task(run_id: str, job: str, rank: int, size: int, config, *, devices, threads: int,
+              cwd: str | None = None, blas_threads: int | None = None) -> dict:
+    """Start this engine's share of an all-ranks job (autopicking, extraction).
+
+    Parameters
+    ----------
+    job : {"autopick", "extract"}
+    rank, size : int
+        The micrographs ``divide_equally(n, size, rank)`` are this engine's.
+    config : AutopickConfig or ExtractConfig
+    devices : list of int
+        The rank's device (one, as the host numbers them; empty: CPU), pinned here before
+        any CUDA call.
+    threads : int
+        ``--j``.
+
+    Returns
+    -------
+    dict
+        :meth:`RankTask.info` plus ``devices`` (CUDA numbering after pinning) and ``uuids``.
+    """
+    from ._ranktask import RankTask
+
+    state = _enter(run_id, cwd)
+    local, uuids = _pin(rank, devices, state, blas_threads)
+    state["task"] = RankTask(job, rank, size, config, device=local[0] if local else None,
+                             threads=threads, uuids=uuids)
+    return {**state["task"].info(), "devices": local, "uuids": uuids}
 
 
 def make_source(source: dict, config, table=None):
@@ -169,7 +211,7 @@ def close_run(run_id: str) -> None:
     state = RUNS.pop(run_id, None)
     if not state:
         return
-    for role in ("worker", "leader"):
+    for role in ("task", "worker", "leader"):
         obj = state.get(role)
         if obj is not None:
             obj.close()

@@ -217,6 +217,12 @@ class RankSession:
         emit(self.progress, "heartbeat", rank=rank.rank, host=rank.info.host,
              **{k: v for k, v in beat.items() if k not in ("rank", "time")})
 
+    def _inprocess_note(self) -> None:
+        """A run of one rank uses this process: say so if engines were asked for."""
+        if self.cfg.engines not in ("auto", "inprocess"):
+            self.warnings.append(f"--engines {self.cfg.engines} with --ranks 1: the run uses "
+                                 "this process (no engines)")
+
     # -------------------------------------------------------------- the cluster
     def _connect(self) -> ClusterHandle:
         """The cluster: given, started here, or attached to."""

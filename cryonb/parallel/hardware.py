@@ -24,6 +24,7 @@ __all__ = [
     "cuda_uuids",
     "describe_process",
     "device_memory",
+    "gpu_utilisation",
     "limit_blas_threads",
     "mpi_world",
     "pin_devices",
@@ -228,6 +229,33 @@ def device_memory(devices: Sequence[int]) -> dict[str, int]:
     for d in sorted(set(devices)):
         with cupy.cuda.Device(d):
             out[str(d)] = int(pool.used_bytes())
+    return out
+
+
+def gpu_utilisation(uuids: Sequence[str]) -> dict[str, float]:
+    """NVML's utilisation (% of time a kernel ran, over its last sample period) of each GPU.
+
+    Parameters
+    ----------
+    uuids : sequence of str
+        ``GPU-xxxxxxxx-...`` (:func:`cuda_uuids`); NVML finds them whatever
+        ``CUDA_VISIBLE_DEVICES`` says.
+
+    Returns
+    -------
+    dict of str to float
+        For the GPUs NVML could read (empty without NVML).
+    """
+    nv = _nvml()
+    out: dict[str, float] = {}
+    if nv is None:
+        return out
+    for u in dict.fromkeys(uuids):
+        try:
+            h = nv.nvmlDeviceGetHandleByUUID(u.encode() if isinstance(u, str) else u)
+            out[u] = float(nv.nvmlDeviceGetUtilizationRates(h).gpu)
+        except Exception:
+            continue
     return out
 
 

@@ -175,9 +175,7 @@ class _Run(RankSession):
         from ._worker import WorkerService
 
         cfg = self.cfg
-        if cfg.engines not in ("auto", "inprocess"):
-            self.warnings.append(f"--engines {cfg.engines} with --ranks 1: the run uses this "
-                                 "process (no engines)")
+        self._inprocess_note()
         leader = LeaderCore(cfg, timeout=self.timeout)
         self.info = info = leader.info()
         jcfg = self._job_config()

@@ -28,6 +28,32 @@ The runtime calls ``progress(event)`` with one ``dict`` per event; ``event["even
     :meth:`cryonb.em.class2d.Class2DJob.summary`, class images included), ``files``.
 ``"done"``
     ``iteration`` (the last complete one), ``stopped`` (bool), ``classes`` (path).
+
+All-ranks jobs (autopicking, extraction; :mod:`cryonb.parallel.autopick`) have one phase
+(iteration 1) over micrographs and send the same kinds of event:
+
+``"setup"``
+    ``job`` (``"autopick"`` or ``"extract"``), ``ranks``, ``device_table``, ``engines``,
+    ``gpu``, ``warnings``, ``n_micrographs``, ``split`` (``{rank: [first, stop]}``: the
+    micrographs of each rank) and, as above, ``n_particles`` (= micrographs, the unit of
+    progress), ``iterations`` (1), ``first_iteration`` (0), ``pool`` (1), ``pool_memory`` (0),
+    ``io_mode`` (``"parallel"``), ``combine`` (``"none"``).
+``"stage"``
+    ``pick`` or ``extract`` (the ranks at work), ``write`` (the lists written once every rank
+    has finished), ``stop``.
+``"pool"``
+    One micrograph done: ``iteration`` (1), ``rank``, ``thread``, ``n`` (1), ``done``,
+    ``total``, ``index`` (row in the STAR file), ``picks`` (autopicking) or ``particles``
+    (extraction), ``read_s`` (0), ``compute_s``.
+``"heartbeat"``
+    ``rank``, ``host``, ``busy`` (list of ``(thread, micrograph, seconds busy)``), ``queued``
+    (micrographs not started), ``memory``, ``cpu_percent`` (the rank's process, % of one
+    core), ``gpu_util`` (% of its GPU, ``None`` on the CPU): :func:`load_figures` turns it
+    into figures for :meth:`cryonb.viz.LoadMonitor.report`.
+``"iteration"``
+    ``iteration`` (1), ``stats``, ``summary`` (``n_picks`` or ``n_particles``), ``files``.
+``"done"``
+    ``iteration`` (1, or 0 when stopped), ``stopped``, ``classes`` (``""``).
 """
 
 from __future__ import annotations
@@ -36,10 +62,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["STAGES", "IterationStats", "RankInfo", "RankTimes", "RunStats", "emit"]
+__all__ = ["STAGES", "IterationStats", "RankInfo", "RankTimes", "RunStats", "emit",
+           "load_figures"]
 
 #: stage names, in the order they happen in one iteration
 STAGES = ("read", "estep", "combine", "mstep", "write")
+#: columns of :meth:`RunStats.table`, in this order (those of no phase are left out)
+_TABLE_STAGES = ("setup", "init", "estep", "pick", "extract", "combine", "mstep", "write")
+#: the stage whose time gives the throughput of a phase, first found
+_WORK_STAGES = ("estep", "init", "pick", "extract")
 
 
 @dataclass
@@ -96,7 +127,8 @@ class RankTimes:
     ----------
     rank : int
     particles : int
-        Particles this rank processed.
+        Particles this rank processed (micrographs in all-ranks jobs: autopicking,
+        extraction; see :attr:`RunStats.unit`).
     pools : int
     read_s : float
         Time its reader spent getting images (overlapped with computing).
@@ -159,8 +191,9 @@ class IterationStats:
 
     @property
     def particles_per_s(self) -> float:
-        """Particles per second over the E-step stage (0 when unknown)."""
-        t = self.stages.get("estep", self.stages.get("init", 0.0))
+        """Particles (micrographs in all-ranks jobs) per second over the working stage
+        (``estep``, ``init``, ``pick`` or ``extract``; 0 when unknown)."""
+        t = next((self.stages[s] for s in _WORK_STAGES if s in self.stages), 0.0)
         return self.particles / t if t > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,10 +206,20 @@ class IterationStats:
 
 @dataclass
 class RunStats:
-    """All phases of a run."""
+    """All phases of a run.
+
+    Attributes
+    ----------
+    iterations : list of IterationStats
+    setup_s : float
+        Starting the ranks (engines, reading, devices).
+    unit : str
+        What the counts count: ``"particles"``, or ``"micrographs"`` (all-ranks jobs).
+    """
 
     iterations: list[IterationStats] = field(default_factory=list)
     setup_s: float = 0.0
+    unit: str = "particles"
 
     def stage_totals(self) -> dict[str, float]:
         """Seconds per stage summed over the phases."""
@@ -201,8 +244,9 @@ class RunStats:
     def table(self) -> str:
         """A plain-text summary: seconds per stage and iteration, then per rank."""
         lines = []
-        stages = ["setup", "init", "estep", "combine", "mstep", "write"]
-        head = ["iter", *stages, "total", "particles/s"]
+        stages = [s for s in _TABLE_STAGES if any(s in it.stages for it in self.iterations)]
+        unit = self.unit
+        head = ["iter", *stages, "total", f"{unit}/s"]
         rows = []
         for it in self.iterations:
             rows.append([str(it.iteration)] + [f"{it.stages.get(s, 0.0):.2f}" for s in stages]
@@ -210,7 +254,7 @@ class RunStats:
         widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
         lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
         lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
-        head = ["rank", "particles", "read_s", "compute_s", "wall_s", "finish_s", "particles/s",
+        head = ["rank", unit, "read_s", "compute_s", "wall_s", "finish_s", f"{unit}/s",
                 "from origin"]
         rows = []
         for r, t in sorted(self.rank_totals().items()):
@@ -226,7 +270,8 @@ class RunStats:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-able)."""
-        return {"setup_s": self.setup_s, "iterations": [i.to_dict() for i in self.iterations]}
+        return {"setup_s": self.setup_s, "unit": self.unit,
+                "iterations": [i.to_dict() for i in self.iterations]}
 
 
 def emit(progress, event: str, **data) -> None:
@@ -248,3 +293,34 @@ def emit(progress, event: str, **data) -> None:
                 progress._cryonb_warned = True
             except AttributeError:
                 pass
+
+
+def load_figures(event: dict) -> dict[str, Any] | None:
+    """The figures of a ``heartbeat`` event as :meth:`cryonb.viz.LoadMonitor.report` takes them.
+
+    For ranks on other hosts, whose processes the monitor cannot sample itself.
+
+    Parameters
+    ----------
+    event : dict
+        A progress event.
+
+    Returns
+    -------
+    dict or None
+        ``rank``, ``busy_threads``, ``rss_mib``, and where known ``cpu_percent``,
+        ``gpu_mem_mib``, ``gpu_util``: ``monitor.report(**load_figures(ev))``. ``None``
+        for other events.
+    """
+    if event.get("event") != "heartbeat":
+        return None
+    mem = event.get("memory") or {}
+    out: dict[str, Any] = {"rank": int(event["rank"]), "busy_threads": len(event.get("busy", []))}
+    if mem.get("rss"):
+        out["rss_mib"] = mem["rss"] / 2.0**20
+    if mem.get("devices"):
+        out["gpu_mem_mib"] = sum(mem["devices"].values()) / 2.0**20
+    for key in ("cpu_percent", "gpu_util"):
+        if event.get(key) is not None:
+            out[key] = float(event[key])
+    return out

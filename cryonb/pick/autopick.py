@@ -10,8 +10,10 @@ not depend on the number of ranks, threads or devices.
 Entry points
 ------------
 :func:`pick_micrographs`
-    One rank's work. The parallel runtime calls it once per engine (through
-    :func:`autopick_engine` with plain data) and then :func:`write_summary` with all results.
+    One rank's work (:func:`open_autopick_rank` then :meth:`RankWork.run`). The parallel
+    runtime (:func:`cryonb.parallel.run_autopick`) opens one :class:`RankWork` per engine,
+    runs it while reporting each micrograph, and then calls :func:`write_summary` with all
+    results; :func:`autopick_engine` is the same with plain data in and out.
 :func:`run_autopick`
     The whole job in this process: ranks as threads or as processes, then the summary.
 :func:`open_picker`
@@ -24,6 +26,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import multiprocessing
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,8 +46,11 @@ from ._templates import PickTemplates, read_references
 __all__ = [
     "AutopickResult",
     "MicrographPicks",
+    "RankWork",
     "autopick_engine",
+    "autopick_result",
     "divide_equally",
+    "open_autopick_rank",
     "open_picker",
     "pick_micrographs",
     "run_autopick",
@@ -65,6 +71,75 @@ def divide_equally(n: int, size: int, rank: int) -> tuple[int, int]:
     base, extra = divmod(n, size)
     first = rank * base + min(rank, extra)
     return first, first + base + (rank < extra)
+
+
+@dataclass
+class RankWork:
+    """One rank's share of an all-ranks job over micrographs, ready to run.
+
+    Attributes
+    ----------
+    indices : range
+        The micrographs of this rank (:func:`divide_equally`), rows of the STAR file.
+    total : int
+        Micrographs of the whole job.
+    process : callable
+        ``process(i)`` does micrograph ``i`` and returns what the job reports for it
+        (:class:`MicrographPicks` for autopicking).
+    name : str
+        Prefix of the names of the rank's threads.
+    """
+
+    indices: range
+    total: int
+    process: Callable[[int], object]
+    name: str = "rank"
+
+    def run(self, threads: int = 1, *, on_item: Callable[[object], None] | None = None,
+            on_start: Callable[[int], None] | None = None,
+            stop: threading.Event | None = None) -> list:
+        """Process the micrographs with ``threads`` threads, in micrograph order.
+
+        Parameters
+        ----------
+        threads : int
+            ``--j``: micrographs processed at the same time.
+        on_item : callable, optional
+            Called (in the working thread) with each result as soon as it is done.
+        on_start : callable, optional
+            Called (in the working thread) with each index before it is processed.
+        stop : threading.Event, optional
+            Once set, micrographs not yet started are skipped.
+
+        Returns
+        -------
+        list
+            The results of the micrographs processed, in micrograph order. An error (also
+            one raised by ``on_item``) skips the micrographs not yet started and is raised.
+        """
+        halt = threading.Event()
+
+        def one(i: int):
+            if halt.is_set() or (stop is not None and stop.is_set()):
+                return None
+            try:
+                if on_start is not None:
+                    on_start(i)
+                result = self.process(i)
+                if on_item is not None:
+                    on_item(result)
+            except BaseException:
+                halt.set()
+                raise
+            return result
+
+        if threads == 1 or len(self.indices) <= 1:
+            out = [one(i) for i in self.indices]
+        else:
+            with cf.ThreadPoolExecutor(max_workers=threads,
+                                       thread_name_prefix=self.name) as pool:
+                out = list(pool.map(one, self.indices))
+        return [r for r in out if r is not None]
 
 
 @dataclass
@@ -222,9 +297,29 @@ def _stream(device: int | None):
     return cupy.cuda.Stream(non_blocking=True)
 
 
+def open_autopick_rank(config, rank: int = 0, size: int = 1,
+                       device: int | None = None) -> RankWork:
+    """Set up one rank of an autopicking job (:func:`open_picker`) without picking yet.
+
+    Parameters are those of :func:`pick_micrographs`.
+
+    Returns
+    -------
+    RankWork
+        ``process(i)`` picks micrograph ``i``, writes its coordinate file and returns its
+        :class:`MicrographPicks`.
+    """
+    config = as_config(config, AutopickConfig)
+    picker, mics = open_picker(config, device)
+    first, stop = divide_equally(len(mics), size, rank)
+    return RankWork(range(first, stop), len(mics),
+                    lambda i: _pick_one(picker, mics, i, config, rank, device),
+                    name=f"autopick-r{rank}")
+
+
 def pick_micrographs(config, rank: int = 0, size: int = 1, device: int | None = None, *,
                      on_micrograph: Callable[[MicrographPicks], None] | None = None,
-                     ) -> list[MicrographPicks]:
+                     stop: threading.Event | None = None) -> list[MicrographPicks]:
     """One rank's share of an autopicking job: pick, write coordinate files, report.
 
     Parameters
@@ -241,6 +336,8 @@ def pick_micrographs(config, rank: int = 0, size: int = 1, device: int | None = 
         CUDA stream.
     on_micrograph : callable, optional
         Called with each :class:`MicrographPicks` as soon as it is done (progress, load views).
+    stop : threading.Event, optional
+        Once set, micrographs not yet started are left out.
 
     Returns
     -------
@@ -248,23 +345,8 @@ def pick_micrographs(config, rank: int = 0, size: int = 1, device: int | None = 
         In micrograph order.
     """
     config = as_config(config, AutopickConfig)
-    picker, mics = open_picker(config, device)
-    first, stop = divide_equally(len(mics), size, rank)
-    results: list[MicrographPicks] = []
-
-    def one(i: int) -> MicrographPicks:
-        r = _pick_one(picker, mics, i, config, rank, device)
-        if on_micrograph is not None:
-            on_micrograph(r)
-        return r
-
-    if config.j == 1 or stop - first <= 1:
-        results = [one(i) for i in range(first, stop)]
-    else:
-        with cf.ThreadPoolExecutor(max_workers=config.j,
-                                   thread_name_prefix=f"autopick-r{rank}") as pool:
-            results = list(pool.map(one, range(first, stop)))
-    return results
+    return open_autopick_rank(config, rank, size, device).run(config.j, on_item=on_micrograph,
+                                                              stop=stop)
 
 
 def autopick_engine(config: dict, rank: int, size: int, device: int | None = None) -> list[dict]:
@@ -283,6 +365,12 @@ def autopick_engine(config: dict, rank: int, size: int, device: int | None = Non
         :class:`MicrographPicks` fields; pass them all to :func:`write_summary`.
     """
     return [dataclasses.asdict(r) for r in pick_micrographs(config, rank, size, device)]
+
+
+def _sorted_picks(results: Sequence) -> list[MicrographPicks]:
+    """``results`` (MicrographPicks or their dicts) as MicrographPicks in micrograph order."""
+    return sorted((r if isinstance(r, MicrographPicks) else MicrographPicks(**r)
+                   for r in results), key=lambda r: r.index)
 
 
 def write_summary(config, results: Sequence) -> tuple[Path, Path]:
@@ -305,8 +393,7 @@ def write_summary(config, results: Sequence) -> tuple[Path, Path]:
     from ..io import write_star
 
     config = as_config(config, AutopickConfig)
-    rows = sorted((r if isinstance(r, MicrographPicks) else MicrographPicks(**r)
-                   for r in results), key=lambda r: r.index)
+    rows = _sorted_picks(results)
     odir = Path(config.odir)
     odir.mkdir(parents=True, exist_ok=True)
     listing = odir / f"{config.pickname}.star"
@@ -374,6 +461,21 @@ def run_autopick(config, devices: Sequence[int | None] | None = None, *,
                 if on_micrograph is not None:
                     for m in done:
                         on_micrograph(m)
-    results.sort(key=lambda r: r.index)
-    listing, summary = write_summary(config, results)
-    return AutopickResult(results, listing, summary, time.perf_counter() - t0)
+    return autopick_result(config, results, t0)
+
+
+def autopick_result(config, results: Sequence, t0: float) -> AutopickResult:
+    """Write the lists (:func:`write_summary`) from every rank's results; the
+    :class:`AutopickResult`.
+
+    Parameters
+    ----------
+    config : AutopickConfig or dict
+    results : sequence of MicrographPicks or dict
+        Every rank's results, in any order.
+    t0 : float
+        ``time.perf_counter()`` when the job started.
+    """
+    rows = _sorted_picks(results)
+    listing, summary = write_summary(config, rows)
+    return AutopickResult(rows, listing, summary, time.perf_counter() - t0)

@@ -26,10 +26,10 @@ by RELION.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -42,14 +42,16 @@ from ..errors import ConfigError, InputError
 from ._config import as_config
 from ._io import MicrographSet, coordinate_path, micrograph_root, read_coordinates
 from ._templates import resize_images_fourier
-from .autopick import divide_equally
+from .autopick import RankWork, divide_equally
 
 __all__ = [
     "ExtractConfig",
     "ExtractResult",
     "extract_boxes",
     "extract_micrographs",
+    "extract_result",
     "normalise_particles",
+    "open_extract_rank",
     "run_extract",
     "write_particle_star",
 ]
@@ -294,20 +296,16 @@ def _extract_one(config: ExtractConfig, mics: MicrographSet, i: int,
     return _particle_rows(config, mics, i, coords, stack), stack
 
 
-def extract_micrographs(config, rank: int = 0, size: int = 1) -> list[tuple]:
-    """One rank's share of an extraction: stacks written, particle rows returned.
+def open_extract_rank(config, rank: int = 0, size: int = 1) -> RankWork:
+    """Set up one rank of an extraction (micrographs and coordinate files) without cutting.
 
-    Parameters
-    ----------
-    config : ExtractConfig or dict
-    rank, size : int
-        Micrographs ``divide_equally(n, size, rank)``.
+    Parameters are those of :func:`extract_micrographs`.
 
     Returns
     -------
-    list of (int, pandas.DataFrame or None, str or None)
-        Per micrograph: its index, its particle rows (None when it has no coordinates) and
-        its stack. Join them with :func:`write_particle_star`.
+    RankWork
+        ``process(i)`` extracts micrograph ``i`` and returns ``(i, rows, stack)`` (see
+        :func:`extract_micrographs`).
     """
     config = as_config(config, ExtractConfig)
     mics = MicrographSet.read(config.i)
@@ -318,10 +316,33 @@ def extract_micrographs(config, rank: int = 0, size: int = 1) -> list[tuple]:
         rows, stack = _extract_one(config, mics, i, files[i])
         return i, rows, None if stack is None else str(stack)
 
-    if config.j == 1:
-        return [one(i) for i in range(first, stop)]
-    with cf.ThreadPoolExecutor(max_workers=config.j) as pool:
-        return list(pool.map(one, range(first, stop)))
+    return RankWork(range(first, stop), len(mics), one, name=f"extract-r{rank}")
+
+
+def extract_micrographs(config, rank: int = 0, size: int = 1, *,
+                        on_micrograph: Callable[[tuple], None] | None = None,
+                        stop: threading.Event | None = None) -> list[tuple]:
+    """One rank's share of an extraction: stacks written, particle rows returned.
+
+    Parameters
+    ----------
+    config : ExtractConfig or dict
+    rank, size : int
+        Micrographs ``divide_equally(n, size, rank)``, ``config.j`` at a time.
+    on_micrograph : callable, optional
+        Called with each micrograph's ``(index, rows, stack)`` as soon as it is done.
+    stop : threading.Event, optional
+        Once set, micrographs not yet started are left out.
+
+    Returns
+    -------
+    list of (int, pandas.DataFrame or None, str or None)
+        Per micrograph: its index, its particle rows (None when it has no coordinates) and
+        its stack. Join them with :func:`write_particle_star`.
+    """
+    config = as_config(config, ExtractConfig)
+    return open_extract_rank(config, rank, size).run(config.j, on_item=on_micrograph,
+                                                     stop=stop)
 
 
 def write_particle_star(config, parts: Sequence[tuple]) -> tuple[Path, int]:
@@ -378,6 +399,8 @@ def run_extract(config) -> ExtractResult:
     -------
     ExtractResult
     """
+    import concurrent.futures as cf
+
     config = as_config(config, ExtractConfig)
     t0 = time.perf_counter()
     size = config.ranks
@@ -387,6 +410,21 @@ def run_extract(config) -> ExtractResult:
         with cf.ThreadPoolExecutor(max_workers=size) as pool:
             futures = [pool.submit(extract_micrographs, config, r, size) for r in range(size)]
             parts = [p for f in futures for p in f.result()]
+    return extract_result(config, parts, t0)
+
+
+def extract_result(config, parts: Sequence[tuple], t0: float) -> ExtractResult:
+    """Write the particles STAR file from every rank's parts; the :class:`ExtractResult`.
+
+    Parameters
+    ----------
+    config : ExtractConfig or dict
+    parts : sequence of (int, DataFrame or None, str or None)
+        From :func:`extract_micrographs` of all ranks.
+    t0 : float
+        ``time.perf_counter()`` when the job started.
+    """
+    config = as_config(config, ExtractConfig)
     path, n = write_particle_star(config, parts)
     mics = MicrographSet.read(config.i)
     skipped = [mics.names[i] for i, rows, _ in parts if rows is None]

@@ -44,5 +44,5 @@ def test_clear_errors(pick_set, tmp_path, capsys):
     assert main(["extract", "--i", str(pick_set.micrographs_star), "--extract_size", "63"]) == 2
     assert "even" in capsys.readouterr().err
     assert main(["autopick", "--i", str(pick_set.micrographs_star), "--ref",
-                 str(pick_set.references), "--engines", "mpi"]) == 2
-    assert "autopick_engine" in capsys.readouterr().err
+                 str(pick_set.references), "--ranks", "2", "--engines", "inprocess"]) == 2
+    assert "--engines inprocess runs one rank" in capsys.readouterr().err
