@@ -147,6 +147,7 @@ class JobPanel:
         self.monitor = None
         self.grid = self.convergence = self.dashboard = None
         self._outputs: dict[str, w.Output] = {}
+        self._shown: set[str] = set()
         self._views_built = False
         self._layout_key: object = None
         self._pending: dict | None = None
@@ -431,6 +432,13 @@ class JobPanel:
             raise RuntimeError("a run is going on: stop it first")
         self.result = self.error = None
         self._ensure_views()
+        if self.convergence is not None and len(self.convergence.data) and not getattr(
+                cfg, "continue_from", ""):  # a new run: its own convergence plots
+            from ..viz import LiveConvergence
+
+            self.convergence = LiveConvergence()
+            self._placeholder("convergence", "the convergence plots appear after the first "
+                                             "iteration")
         self._start_monitor()
         self._pending, self._pending_history = None, []
         self.progress.start()
@@ -560,23 +568,31 @@ class JobPanel:
             self.dashboard = viz.LoadDashboard(self.monitor, every=1.0)
             self.dashboard.refresh()
         self._views_built = True
-        if "classes" in views:  # made with the first iteration's classes (sizes fixed then)
-            from IPython.display import HTML
-
-            self._display("classes", HTML('<span style="color:#666">the class averages appear '
-                                          "after the first iteration</span>"))
-        for name, obj in (("convergence", self.convergence), ("load", self.dashboard)):
-            if obj is not None:
-                self._display(name, obj.view())
+        # the class grid and the convergence plots are shown with the first iteration's data
+        # (their sizes and ranges are fixed when first drawn)
+        for name, what in (("classes", "class averages"), ("convergence", "convergence plots")):
+            if name in views:
+                self._placeholder(name, f"the {what} appear after the first iteration")
+        if self.dashboard is not None:
+            self._display("load", self.dashboard.view())
         if self.device_report is not None and self.device_report.ok:
             self._show_layout(self.device_report.device_map.to_json_dict())
 
     def _display(self, name: str, obj) -> None:
+        """Show ``obj`` in the view ``name`` (replacing what was there), in a kernel."""
         out = self._outputs.get(name)
         if out is None or not self._show:
             return
         out.outputs = ()
         out.append_display_data(obj)
+        self._shown.add(name)
+
+    def _placeholder(self, name: str, text: str) -> None:
+        """A grey line in the view ``name`` until it has something to show."""
+        from IPython.display import HTML
+
+        self._display(name, HTML(f'<span style="color:#666">{html.escape(text)}</span>'))
+        self._shown.discard(name)
 
     def _show_layout(self, mapping: dict) -> None:
         if "devices" not in self._outputs or mapping == self._layout_key:
@@ -622,6 +638,8 @@ class JobPanel:
         if self.convergence is not None and self._pending_history:
             rows, self._pending_history = self._pending_history, []
             self.convergence.extend(rows)
+            if "convergence" not in self._shown:
+                self._display("convergence", self.convergence.view())
 
 
 class Class2DPanel(JobPanel):
