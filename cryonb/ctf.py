@@ -123,32 +123,51 @@ def ctf_at(params: CTFParams, kx, ky, n: int, pixel_size, xp=np, *,
     """
     names = ("defocus_u", "defocus_v", "defocus_angle", "voltage", "cs", "amplitude_contrast",
              "phase_shift", "bfactor", "scale")
-    vals = {k: np.atleast_1d(np.asarray(getattr(params, k), dtype=np.float64)) for k in names}
-    vals["pixel_size"] = np.atleast_1d(np.asarray(pixel_size, dtype=np.float64))
+    vals = {k: np.atleast_1d(np.asarray(_host(getattr(params, k)), dtype=np.float64))
+            for k in names}
+    vals["pixel_size"] = np.atleast_1d(np.asarray(_host(pixel_size), dtype=np.float64))
     m = max(v.shape[0] for v in vals.values())
     scalar = all(np.ndim(getattr(params, k)) == 0 for k in names) and np.ndim(pixel_size) == 0
-    vals["wavelength"] = electron_wavelength(vals["voltage"])
-    extra = (1,) * (kx.ndim - 1 if aligned else kx.ndim)
-    v = {k: xp.asarray(np.broadcast_to(a, (m,))).reshape((m, *extra)) for k, a in vals.items()}
-    lam = v["wavelength"]
+    v = {k: np.broadcast_to(a, (m,)) for k, a in vals.items()}
+    # per particle: arg = a k^2 + b k^2 cos(2 phi) + c k^2 sin(2 phi) + d k^4 + e, with k the
+    # Fourier index, phi its direction (RELION's formula rewritten so that the trigonometry of
+    # the astigmatism is done once per particle instead of once per pixel)
+    lam = electron_wavelength(v["voltage"])
     q = v["amplitude_contrast"]
+    s2 = 1.0 / (n * v["pixel_size"]) ** 2  # k^2 -> |frequency|^2
     k1 = np.pi * lam
     k2 = np.pi / 2 * v["cs"] * 1e7 * lam**3
-    k3 = xp.arctan(q / xp.sqrt(1 - q * q))
-    k4 = -v["bfactor"] / 4.0
-    k5 = xp.deg2rad(v["phase_shift"])
-    kx = xp.asarray(kx, dtype=xp.float64)
-    ky = xp.asarray(ky, dtype=xp.float64)
-    fx = (kx if aligned else kx[None]) / (n * v["pixel_size"])
-    fy = (ky if aligned else ky[None]) / (n * v["pixel_size"])
-    u2 = fx * fx + fy * fy
-    ang = xp.arctan2(fy, fx) - xp.deg2rad(v["defocus_angle"])
     df_avg = -(v["defocus_u"] + v["defocus_v"]) * 0.5
     df_dev = -(v["defocus_u"] - v["defocus_v"]) * 0.5
-    deltaf = df_avg + df_dev * xp.cos(2 * ang)
-    arg = k1 * deltaf * u2 + k2 * u2 * u2 - k5 - k3
+    th = np.deg2rad(v["defocus_angle"])
+    coef = np.stack([k1 * df_avg * s2, k1 * df_dev * np.cos(2 * th) * s2,
+                     k1 * df_dev * np.sin(2 * th) * s2, k2 * s2 * s2,
+                     -np.deg2rad(v["phase_shift"]) - np.arctan(q / np.sqrt(1 - q * q))], axis=1)
+    kx = xp.asarray(kx, dtype=xp.float64)
+    ky = xp.asarray(ky, dtype=xp.float64)
+    k2pix = kx * kx + ky * ky
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = xp.where(k2pix > 0, k2pix, 1.0)
+    cos2 = (kx * kx - ky * ky) / r  # cos(2 phi)
+    sin2 = 2 * kx * ky / r  # sin(2 phi)
+    feat = xp.stack([k2pix, k2pix * cos2, k2pix * sin2, k2pix * k2pix, xp.ones_like(k2pix)],
+                    axis=-1)
+    C = xp.asarray(coef)
+    if aligned:
+        arg = xp.einsum("m...f,mf->m...", feat, C)
+    else:
+        arg = xp.tensordot(C, feat, axes=([1], [feat.ndim - 1]))
     ctf = -xp.sin(arg)
     if intact_first_peak:
         ctf = xp.where(xp.abs(arg) < np.pi / 2, 1.0, ctf)
-    ctf = (ctf * xp.exp(k4 * u2) * v["scale"]).astype(dtype)
+    extra = (1,) * (kx.ndim - 1 if aligned else kx.ndim)
+    shape = (m, *extra)
+    if np.any(v["bfactor"] != 0):
+        b4 = xp.asarray(-v["bfactor"] / 4.0 * s2).reshape(shape)
+        ctf = ctf * xp.exp(b4 * (k2pix if aligned else k2pix[None]))
+    ctf = (ctf * xp.asarray(v["scale"]).reshape(shape)).astype(dtype)
     return ctf[0] if scalar else ctf
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else a

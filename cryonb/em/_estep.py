@@ -31,13 +31,16 @@ from ..fourier import Projector, fft2_centered, ifft2_centered
 from ..kernels import insert_slices_2d, sampled_dot, scatter_products
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch, Sampling
 
-__all__ = ["BROAD_FRACTION", "EStepContext", "coarse_image_size", "soft_circular_mask"]
+__all__ = ["BROAD_FRACTION", "SHIFTED_REFS_BYTES", "EStepContext", "coarse_image_size",
+           "soft_circular_mask"]
 
 #: A particle whose significant coarse samples exceed this fraction of the coarse grid has a
 #: broad posterior (early iterations): its second pass evaluates the coarse grid at the current
 #: image size (RELION's oversampling order 0) instead of the oversampled grid, which would
 #: cost 2**(3*order) times more without sharpening a broad posterior.
 BROAD_FRACTION = 0.05
+#: the coarse pass folds the translations into the references when that table is this small
+SHIFTED_REFS_BYTES = 256e6
 
 
 def soft_circular_mask(n: int, radius: float, edge: float = 5.0, xp=np):
@@ -159,6 +162,17 @@ class EStepContext:
                                accumulate=True)
         self.broad = (self.fine if config.oversampling == 0 else
                       self._grid(cur, projs, s.psi, s.trans, accumulate=True))
+        # (translations x rotations) references with the coarse phases folded in, when small:
+        # the coarse product then has one row per particle instead of one per translation
+        c = self.coarse
+        T, M, P = c.phases.shape[0], c.refs.shape[0], len(c.kx)
+        self.shifted_refs = None
+        if T * M * P * 8 <= SHIFTED_REFS_BYTES:
+            # Re <X e^{i ph}, A> = <[Re X | Im X], [Re(e^{i ph} conj A) | -Im(e^{i ph} conj A)]>
+            z = c.phases[:, None, :] * xp.conj(c.refs)[None]  # (T, M, P)
+            self.shifted_refs = xp.ascontiguousarray(
+                xp.concatenate([z.real, -z.imag], axis=2).reshape(T * M, 2 * P)
+                .astype(xp.float32))
         self.trans_coarse = xp.asarray(s.trans, dtype=xp.float32)
         # sum over the fine pass's pixels of log(2 pi sigma2), per optics group (log-likelihood)
         sh = _to_host(self.fine.shells)
@@ -361,10 +375,14 @@ class EStepContext:
         B, P = Xc.shape
         T, M = c.phases.shape[0], c.refs.shape[0]
         Y = Xc * (ctf * inv)
-        Yt = Y[:, None, :] * c.phases[None]  # (B, T, P)
-        Yri = xp.concatenate([Yt.real, Yt.imag], axis=2).reshape(B * T, 2 * P)
-        self._mark("coarse: shifted images")
-        cross = (Yri @ c.refs_ri.T).reshape(B, T, M)
+        if self.shifted_refs is not None:
+            # references pre-multiplied by the translations' phases: one product with B rows
+            cross = (_ri(Y) @ self.shifted_refs.T).reshape(B, T, M)
+        else:
+            Yt = Y[:, None, :] * c.phases[None]  # (B, T, P)
+            Yri = xp.concatenate([Yt.real, Yt.imag], axis=2).reshape(B * T, 2 * P)
+            self._mark("coarse: shifted images")
+            cross = (Yri @ c.refs_ri.T).reshape(B, T, M)
         self._mark("coarse: matrix product")
         a2 = (ctf * ctf * inv) @ c.refs_a2.T  # (B, M)
         x2 = ((Xc.real**2 + Xc.imag**2) * inv).sum(axis=1)
@@ -382,7 +400,11 @@ class EStepContext:
         return sig, best
 
     def _significant(self, lw):
-        """RELION's significant samples: the fewest holding ``adaptive_fraction`` of the weight."""
+        """RELION's significant samples: the fewest holding ``adaptive_fraction`` of the weight.
+
+        Per particle the weights are sorted in decreasing order and accumulated until the
+        fraction is reached (capped at ``maxsig``); the last one added is the threshold.
+        """
         xp = self.xp
         B = lw.shape[0]
         flat = lw.reshape(B, -1)
