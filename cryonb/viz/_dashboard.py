@@ -56,8 +56,9 @@ class LoadDashboard(LiveView):
     :meth:`refresh` moves what the monitor collected since the last call into the streams.
     :meth:`start` calls it every ``every`` seconds: as an asyncio task when an
     event loop runs in this thread (in a notebook: the kernel's, so the kernel stays free),
-    else in a daemon thread. It ends by itself, after a last refresh, once the monitor has
-    run and stopped; :meth:`stop` ends it at once.
+    else in a daemon thread. It waits while the monitor has not started, and ends by itself,
+    after a last refresh, once the monitor is stopped; :meth:`stop` ends it at once. A
+    monitor started again needs :meth:`start` again.
     """
 
     def __init__(self, monitor: LoadMonitor, *, window: float = 300.0, every: float = 1.0,
@@ -145,8 +146,10 @@ class LoadDashboard(LiveView):
         return pump is not None and not pump.done()
 
     def _done(self) -> bool:
+        """Halted, or the monitor has run (or been stopped) and is not running now."""
         m = self.monitor
-        return self._halt.is_set() or (m.started_at is not None and not m.running)
+        ran = m.started_at is not None or m.stopped_at is not None
+        return self._halt.is_set() or (ran and not m.running)
 
     def _safe_refresh(self) -> float:
         """Refresh, keeping the pump alive on errors; returns the seconds to wait."""

@@ -163,8 +163,9 @@ class LoadMonitor:
         ``uuid``, ``name``, ``mem_total_mib``. Empty without a GPU.
     gpu_error : str or None
         Why there are no GPU figures (e.g. ``"NVML: NVML Shared Library Not Found"``).
-    started_at : float or None
-        When :meth:`start` was last called (seconds since the epoch); ``None`` before.
+    started_at, stopped_at : float or None
+        When :meth:`start` and :meth:`stop` were last called (seconds since the epoch);
+        ``None`` before.
     errors : list of str
         What failed in the sampling thread (each also warned once).
 
@@ -211,6 +212,7 @@ class LoadMonitor:
         self._thread: threading.Thread | None = None
         self._t0 = time.time()
         self.started_at: float | None = None
+        self.stopped_at: float | None = None
         self.errors: list[str] = []  # what went wrong in the sampling thread
 
     # ------------------------------------------------------------------ control
@@ -235,7 +237,7 @@ class LoadMonitor:
         self._stop.clear()
         if self._count == 0:
             self._t0 = time.time()
-        self.started_at = time.time()
+        self.started_at, self.stopped_at = time.time(), None
         psutil.cpu_percent(None)  # the first call only starts psutil's interval
         self._thread = threading.Thread(target=self._run, name="cryonb-load-monitor",
                                         daemon=True)
@@ -250,6 +252,7 @@ class LoadMonitor:
             thread.join(timeout)
         self._thread = None
         self._nvml.close()
+        self.stopped_at = time.time()
 
     def __enter__(self) -> LoadMonitor:
         return self.start()

@@ -75,7 +75,7 @@ def test_add_process_and_rows_since():
         LoadMonitor(interval=0)
 
 
-def _wait_for(condition, seconds: float = 10.0) -> bool:
+def _wait_for(condition, seconds: float = 20.0) -> bool:
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
@@ -103,7 +103,8 @@ def test_dashboard_thread_ends_with_the_monitor():
     board = LoadDashboard(monitor, every=0.1)
     board.start(mode="thread")
     time.sleep(0.2)
-    assert board.pumping and len(board.timeline.data) == 0  # waits for the monitor to start
+    assert board.pumping  # waits for the monitor to start
+    assert len(board.timeline.data) == 0
     monitor.start()
     monitor.report(rank=1, stage="E-step", particles_per_s=10.0)
     assert _wait_for(lambda: len(board.timeline.data) > 0)
@@ -112,11 +113,16 @@ def test_dashboard_thread_ends_with_the_monitor():
     assert _wait_for(lambda: len(board.timeline.data) > first)
     monitor.stop()
     assert _wait_for(lambda: not board.pumping)
-    assert not board.errors and _no_monitor_threads()
+    assert not board.errors, board.errors
+    assert _no_monitor_threads(), [t.name for t in threading.enumerate()]
     assert len(board.timeline.data) == len(monitor.samples())
     assert board.now.data.set_index("name").loc["rank 1", "stage"] == "M-step"
     with pytest.raises(ValueError, match="mode"):
         board.start(mode="process")
+    never = LoadMonitor(gpus=False)
+    idle = LoadDashboard(never, every=0.05).start(mode="thread")
+    never.stop()  # stopped without having started: the refresh thread ends too
+    assert _wait_for(lambda: not idle.pumping)
 
 
 def test_dashboard_with_gpus_and_asyncio(fake_nvml, render):

@@ -67,8 +67,8 @@ def test_objects(render):
     live = LiveConvergence()
     assert show(live) is live.view()
     monitor = LoadMonitor(gpus=False)
-    assert len(show(monitor)) == 5
-    monitor.stop()
+    assert len(show(monitor)) == 5  # live: its refresh thread waits for the monitor ...
+    monitor.stop()  # ... and ends with it
     element = hv.Curve([1, 2])
     assert show(element) is element
 
