@@ -25,10 +25,3 @@ def pick_set(tmp_path_factory):
 
     return simulate_pick_set(tmp_path_factory.mktemp("pick"), n_micrographs=3, size=192,
                              per_micrograph=4, n_views=3, seed=1)
-
-
-def tiny(particles, out, **kw) -> dict:
-    """The runs' options: fast, CPU path."""
-    base = {"i": str(particles), "o": str(out / "run"), "K": 2, "iter": 3, "psi_step": 30.0,
-            "offset_range": 2.0, "pool": 20, "cpu": True, "random_seed": 1}
-    return base | kw

@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 
-from conftest import tiny
+from widget_cases import tiny
 
 from cryonb.em import Class2DConfig
 from cryonb.io import read_mrc
