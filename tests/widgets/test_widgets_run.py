@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 
+import pytest
 from widget_cases import tiny
 
 from cryonb.em import Class2DConfig
@@ -84,6 +85,8 @@ def test_run_on_the_event_loop(particles, tmp_path):
     async def main():
         panel.run_button.click()
         assert panel.handle.mode == "asyncio"
+        with pytest.raises(RuntimeError, match=r"await handle\.task"):
+            panel.wait(1)  # blocking the loop the run needs would hang the kernel
         ticks = 0
         while not panel.handle.done:  # the loop stays free while the run goes on
             await asyncio.sleep(0.01)
