@@ -15,6 +15,7 @@ import dataclasses
 import queue
 import threading
 import time
+from typing import Any
 
 from ..errors import ConfigError
 from ._worker import error_record
@@ -148,7 +149,7 @@ class RankTask:
 
     def memory(self) -> dict:
         """``rss`` (bytes) of this process and CuPy's pool on the rank's device."""
-        out = {"rss": int(self._proc.memory_info().rss)}
+        out: dict[str, Any] = {"rss": int(self._proc.memory_info().rss)}
         if self.device is not None:
             out["devices"] = device_memory([self.device])
         return out
@@ -158,7 +159,8 @@ class RankTask:
         micrographs; nothing is read ahead or combined, so ``read_s`` and ``finish_s`` are 0).
         """
         with self._lock:
-            wall = (self._t_last - self._t_first) if self._t_first is not None else 0.0
+            first, last = self._t_first, self._t_last
+            wall = last - first if first is not None and last is not None else 0.0
             return {"particles": self._done, "pools": self._done, "read_s": 0.0,
                     "compute_s": self._compute_s, "wall_s": wall, "finish_s": 0.0,
                     "fallback": 0, "memory": self.memory()}

@@ -20,7 +20,7 @@ from ..errors import ConfigError, ResourceError
 from . import _engine, hardware
 from ._errors import RankError, from_remote
 from .cluster import ClusterHandle, connect_cluster, start_cluster
-from .devices import resolve_device_map
+from .devices import Job, resolve_device_map
 from .stats import RankInfo, emit
 
 __all__ = ["HEARTBEAT_EVERY", "TICK", "EngineRank", "LocalRank", "Rank", "RankSession",
@@ -129,7 +129,7 @@ class RankSession:
         ``inprocess``, ``local``, ``mpi``, ``attach`` or ``attach (mpi)``.
     """
 
-    device_job = "refine"
+    device_job: Job = "refine"
 
     def __init__(self, config, progress, stop_event, client):
         self.cfg = config
@@ -292,6 +292,7 @@ class RankSession:
         """The handle on engine ``engine`` as ``rank``."""
         info = RankInfo(rank, role, probe["host"], probe["pid"], engine=engine,
                         mpi_rank=probe["mpi"][0] if probe["mpi"] else None, threads=threads)
+        assert self.handle is not None, "_start_engines() first"
         return EngineRank(info, self.handle.client, self.run_id)
 
     # -------------------------------------------------------------- devices

@@ -42,6 +42,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import ConfigError, InputError
 from . import _engine, hardware
@@ -92,7 +93,7 @@ class AllRanksResult:
     """
 
     job: str
-    result: object
+    result: Any
     stopped: bool
     stats: RunStats
     ranks: list
@@ -220,21 +221,21 @@ class _AllRanksRun(RankSession):
     def _setup_engines(self) -> None:
         cfg = self.cfg
         chosen = self._start_engines()
-        self.ranks = [self._engine_rank(r, e, p, "worker", cfg.j)
-                      for r, (e, p) in enumerate(chosen)]
+        ranks = [self._engine_rank(r, e, p, "worker", cfg.j) for r, (e, p) in enumerate(chosen)]
+        self.ranks = list(ranks)
         probes = {r: p for r, (_, p) in enumerate(chosen)}
-        dmap = self._device_map(self._n_devices(probes), [r.info for r in self.ranks])
-        for r in self.ranks:
+        dmap = self._device_map(self._n_devices(probes), [r.info for r in ranks])
+        for r in ranks:
             self._device_names(r.info, probes[r.rank]["devices"])
         self._device_report(dmap)
-        per_host = Counter(r.info.host for r in self.ranks)
+        per_host = Counter(r.info.host for r in ranks)
         cwd = os.getcwd()
         opened = self._wait_all([(r, r.run_async(
             _engine.open_task, self.run_id, self.job, r.rank, cfg.ranks, cfg,
             devices=r.info.devices, threads=cfg.j, cwd=cwd,
             blas_threads=max(1, probes[r.rank]["cores"] // (per_host[r.info.host] * cfg.j))))
-            for r in self.ranks], "starting the ranks")
-        for r, out in zip(self.ranks, opened):
+            for r in ranks], "starting the ranks")
+        for r, out in zip(ranks, opened):
             self._confirm_devices(r.info, out["uuids"])
         if self.gpu:  # the table again, with the devices CUDA itself reported
             self._device_report(dmap)
@@ -253,7 +254,7 @@ class _AllRanksRun(RankSession):
         """Poll the ranks until all have finished: the items, each rank's times, stopped."""
         what = "picking" if self.job == "autopick" else "extracting"
         found = _FOUND[self.job]
-        pending: dict[Rank, object] = {}
+        pending: dict[Rank, cf.Future] = {}
         sent_at: dict[Rank, float] = {}
         times: dict[int, dict] = {}
         last_progress = dict.fromkeys(self.ranks, time.monotonic())

@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from ..errors import ResourceError
 
@@ -61,7 +62,7 @@ def mpi_world() -> tuple[int, int] | None:
 
 
 @functools.cache
-def _nvml() -> object | None:
+def _nvml() -> Any:
     """The initialised ``pynvml`` module, or ``None`` without an NVIDIA driver (cached)."""
     try:
         import pynvml

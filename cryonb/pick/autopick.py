@@ -32,6 +32,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -92,10 +93,10 @@ class RankWork:
 
     indices: range
     total: int
-    process: Callable[[int], object]
+    process: Callable[[int], Any]
     name: str = "rank"
 
-    def run(self, threads: int = 1, *, on_item: Callable[[object], None] | None = None,
+    def run(self, threads: int = 1, *, on_item: Callable[[Any], None] | None = None,
             on_start: Callable[[int], None] | None = None,
             stop: threading.Event | None = None) -> list:
         """Process the micrographs with ``threads`` threads, in micrograph order.
