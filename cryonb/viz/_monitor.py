@@ -237,11 +237,12 @@ class LoadMonitor:
         self._stop.clear()
         if self._count == 0:
             self._t0 = time.time()
-        self.started_at, self.stopped_at = time.time(), None
         psutil.cpu_percent(None)  # the first call only starts psutil's interval
         self._thread = threading.Thread(target=self._run, name="cryonb-load-monitor",
                                         daemon=True)
         self._thread.start()
+        # only now: a dashboard reads "started and not running" as "stopped"
+        self.started_at, self.stopped_at = time.time(), None
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
