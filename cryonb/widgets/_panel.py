@@ -144,6 +144,7 @@ class JobPanel:
         self.error: BaseException | None = None
         self.errors: dict[str, str] = {}
         self.device_report: DeviceReport | None = None
+        self._cfg = None  # the last valid configuration shown (None: invalid)
         self.monitor = None
         self.grid = self.convergence = self.dashboard = None
         self._outputs: dict[str, w.Output] = {}
@@ -341,7 +342,7 @@ class JobPanel:
 
     def _update_buttons(self) -> None:
         running = self.running
-        cfg = getattr(self, "_cfg", None)
+        cfg = self._cfg
         self.run_button.disabled = running or not self.valid or not self.kind.can_run
         self.stop_button.disabled = not running or not self.kind.can_stop
         self.continue_button.disabled = (running or not self.kind.can_run or cfg is None
