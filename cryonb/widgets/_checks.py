@@ -18,6 +18,7 @@ from ..errors import ConfigError, CryonbError
 __all__ = [
     "DeviceReport",
     "Line",
+    "class2d_io_lines",
     "device_report",
     "file_stamp",
     "micrograph_info",
