@@ -123,9 +123,13 @@ def _show_path(p: Path, stack_limit: int) -> hv.Layout:
     if kind == "mrc":
         return _show_mrc(p, stack_limit)
     blocks = read_star(p)
-    if "model_general" in blocks and any(b.startswith("model_class_") for b in blocks):
-        return (star_view(blocks) + ssnr_plot(blocks)).cols(1)
-    return star_view(blocks).relabel(p.name)
+    summary = star_view(blocks).relabel(p.name)
+    if any(name.startswith("model_class_") for name in blocks):
+        try:
+            return (summary + ssnr_plot(blocks)).cols(1).relabel(p.name)
+        except InputError:  # model blocks without SSNR: the tables alone
+            pass
+    return summary
 
 
 def show(obj, *, kind: str | None = None, stack_limit: int = _MAX_STACK):

@@ -11,9 +11,8 @@ from cryonb.io import read_star
 from cryonb.viz import ssnr_plot
 
 
-def test_ssnr_from_model(class2d_root, class2d_facts, render):
+def test_ssnr_from_model(class2d_root, class2d_facts):  # rendered in the next test
     layout = ssnr_plot(f"{class2d_root}_it002_model.star")
-    render(layout)
     (panel,) = list(layout)
     curves = panel.NdOverlay.I
     assert len(curves) == class2d_facts.K

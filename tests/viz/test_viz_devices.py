@@ -20,14 +20,14 @@ def test_gpu_map_with_sharing(render):
     assert len(layout) == 3  # heat map, table, warnings (devices shared)
 
 
-def test_cpu_and_hosts(render):
+def test_cpu_and_hosts():
     cpu = device_table(resolve_device_map("", ranks=3, threads=2, n_devices=0))
     assert cpu["device"].tolist() == ["-", "CPU", "CPU"] and cpu["threads"].tolist() == [0, 2, 2]
     assert len(device_layout(resolve_device_map("", ranks=1, threads=2, n_devices=0))) == 2
     dm = resolve_device_map("0:0", ranks=3, n_devices=2, hosts={1: "a", 2: "b"})
     table = device_table(dm)
     assert table["shared with"].tolist() == ["", "", ""]  # same index, other host
-    render(device_layout(dm))
+    assert len(device_layout(dm)) == 2
 
 
 def test_json_form_and_bad_type():
