@@ -12,8 +12,12 @@ import shutil
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from ..errors import ConfigError, CryonbError
+
+if TYPE_CHECKING:
+    from ..parallel.devices import DeviceMap
 
 __all__ = [
     "DeviceReport",
@@ -67,7 +71,7 @@ class DeviceReport:
 
     ok: bool
     text: str
-    device_map: object | None = None
+    device_map: DeviceMap | None = None
     devices: list = field(default_factory=list)
 
 
@@ -91,7 +95,7 @@ def _device_line(devices: list[dict]) -> str:
 
 
 def device_report(spec: str | None, ranks: int, threads: int, *, cpu: bool = False,
-                  job: str = "refine", devices=None) -> DeviceReport:
+                  job: Literal["refine", "autopick"] = "refine", devices=None) -> DeviceReport:
     """Check a ``--gpu`` string for ``ranks`` ranks of ``threads`` threads.
 
     Parameters

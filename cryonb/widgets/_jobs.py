@@ -18,6 +18,7 @@ import threading
 from glob import escape as glob_escape
 from glob import glob, iglob
 from pathlib import Path
+from typing import Literal
 
 from ..errors import ConfigError, CryonbError
 from ._checks import Line, class2d_io_lines, micrograph_info, particle_info
@@ -50,7 +51,7 @@ class JobKind:
     """
 
     title = ""
-    device_job = "refine"
+    device_job: Literal["refine", "autopick"] = "refine"
     unit = "particles"
     main: tuple[str, ...] = ()
     hidden: tuple[str, ...] = ()
@@ -184,7 +185,7 @@ class AutopickKind(JobKind):
     """
 
     title = "Template autopicking · cryonb autopick"
-    device_job = "autopick"
+    device_job: Literal["refine", "autopick"] = "autopick"
     unit = "micrographs"
     main = ("i", "ref", "odir", "pickname", "particle_diameter", "threshold", "min_distance",
             "lowpass", "ctf", "invert", "only_do_unfinished")

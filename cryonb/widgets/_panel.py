@@ -15,16 +15,19 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ipywidgets as w
 
 from ..errors import ConfigError, CryonbError
 from ._checks import DeviceReport, device_report
-from ._form import GROUP_TITLES, ConfigForm, error_html, pre_html
+from ._form import GROUP_TITLES, ConfigForm, GpuField, error_html, pre_html
 from ._jobs import JobKind, kind_for
 from ._progress import ProgressView
 from ._run import RunHandle
+
+if TYPE_CHECKING:
+    from ..viz import LiveClassGrid, LiveConvergence, LoadDashboard, LoadMonitor
 
 __all__ = ["AutopickPanel", "Class2DPanel", "JobPanel", "in_kernel"]
 
@@ -145,8 +148,10 @@ class JobPanel:
         self.errors: dict[str, str] = {}
         self.device_report: DeviceReport | None = None
         self._cfg = None  # the last valid configuration shown (None: invalid)
-        self.monitor = None
-        self.grid = self.convergence = self.dashboard = None
+        self.monitor: LoadMonitor | None = None
+        self.grid: LiveClassGrid | None = None
+        self.convergence: LiveConvergence | None = None
+        self.dashboard: LoadDashboard | None = None
         self._outputs: dict[str, w.Output] = {}
         self._shown: set[str] = set()
         self._views_built = False
@@ -280,8 +285,8 @@ class JobPanel:
                                    cpu=bool(values.get("cpu")), job=self.kind.device_job,
                                    devices=self._devices)
             self.device_report = report
-            if "gpu" in self.form.fields:
-                gpu = self.form.fields["gpu"]
+            gpu = self.form.fields.get("gpu")
+            if isinstance(gpu, GpuField):
                 gpu.status.value = (pre_html(report.text, "cryonb-gpu-table") if report.ok
                                     else error_html(report.text))
                 if not report.ok:
@@ -296,8 +301,9 @@ class JobPanel:
                 self.form.fields["gpu"].mark(True)
             self._show_commands(cfg, values)
             lines = []
-            if cfg is not None and report.ok:
-                uses_gpu = any(a.devices for a in report.device_map.assignments)
+            dmap = report.device_map
+            if cfg is not None and dmap is not None:
+                uses_gpu = any(a.devices for a in dmap.assignments)
                 lines = self.kind.resource_lines(cfg, gpu=uses_gpu)
             self.io_status.value = "".join(
                 f'<div class="cryonb-io-{level}" style="color:{_LEVEL_COLORS[level]}">'
@@ -309,8 +315,8 @@ class JobPanel:
             self._cfg = cfg
             self._show_status()
             self._update_buttons()
-            if self._views_built and report.ok and not self.running:
-                self._show_layout(report.device_map.to_json_dict())
+            if self._views_built and dmap is not None and not self.running:
+                self._show_layout(dmap.to_json_dict())
 
     def _show_commands(self, cfg, values: dict) -> None:
         shown = cfg
@@ -395,7 +401,7 @@ class JobPanel:
 
     def stop(self) -> None:
         """Stop the run after the work in progress (what the Stop button does)."""
-        if self.running:
+        if self.running and self.handle is not None:
             self.handle.stop()
             self.progress.state.status = "stopping"
             self.progress.render()
@@ -451,7 +457,8 @@ class JobPanel:
                                     on_tick=self._on_tick, on_end=self._on_end, mode=self.mode)
         except BaseException:
             self._active = False
-            self.monitor.stop()
+            if self.monitor is not None:
+                self.monitor.stop()
             raise
         self._show_status()
         self._update_buttons()
@@ -537,6 +544,8 @@ class JobPanel:
                             device=device, **figures)
 
     def _gpu_util(self, uuids: set) -> float | None:
+        if self.monitor is None:
+            return None
         latest = self.monitor.latest()
         gpus = latest[(latest["kind"] == "gpu") & latest["uuid"].isin(uuids)]
         return float(gpus["gpu_util"].mean()) if len(gpus) else None
@@ -547,7 +556,8 @@ class JobPanel:
 
         if self.monitor is None:
             self.monitor = LoadMonitor(self.monitor_interval)
-        self.monitor.start()
+        monitor = self.monitor
+        monitor.start()
         if self.dashboard is not None:
             self.dashboard.start()
 
@@ -562,12 +572,11 @@ class JobPanel:
         if "convergence" in views:
             self.convergence = viz.LiveConvergence()
         if "load" in views:
-            if self.monitor is None:
-                from ..viz import LoadMonitor
-
-                self.monitor = LoadMonitor(self.monitor_interval)
-            self.dashboard = viz.LoadDashboard(self.monitor, every=1.0)
-            self.dashboard.refresh()
+            monitor = self.monitor or viz.LoadMonitor(self.monitor_interval)
+            self.monitor = monitor
+            dashboard = viz.LoadDashboard(monitor, every=1.0)
+            dashboard.refresh()
+            self.dashboard = dashboard
         self._views_built = True
         # the class grid and the convergence plots are shown with the first iteration's data
         # (their sizes and ranges are fixed when first drawn)
@@ -576,8 +585,9 @@ class JobPanel:
                 self._placeholder(name, f"the {what} appear after the first iteration")
         if self.dashboard is not None:
             self._display("load", self.dashboard.view())
-        if self.device_report is not None and self.device_report.ok:
-            self._show_layout(self.device_report.device_map.to_json_dict())
+        report = self.device_report
+        if report is not None and report.device_map is not None:
+            self._show_layout(report.device_map.to_json_dict())
 
     def _display(self, name: str, obj) -> None:
         """Show ``obj`` in the view ``name`` (replacing what was there), in a kernel."""
@@ -627,15 +637,15 @@ class JobPanel:
         if self._views_built and "classes" in self.kind.views and classes is not None:
             data = (ev.get("files") or {}).get("data")
             small = self.progress.state.total <= 50_000
-            args = {"pdf": summary.get("pdf_class"), "iteration": ev.get("iteration"),
-                    "particles": data if data and small and os.path.exists(data) else None}
+            pdf, it = summary.get("pdf_class"), ev.get("iteration")
+            particles = data if data and small and os.path.exists(data) else None
             if self.grid is None or self.grid.data.images.shape != classes.shape:
                 from ..viz import LiveClassGrid
 
-                self.grid = LiveClassGrid(classes, **args)
-                self._display("classes", self.grid.view())
+                self.grid = grid = LiveClassGrid(classes, pdf, iteration=it, particles=particles)
+                self._display("classes", grid.view())
             else:
-                self.grid.update(classes, **args)
+                self.grid.update(classes, pdf, iteration=it, particles=particles)
         if self.convergence is not None and self._pending_history:
             rows, self._pending_history = self._pending_history, []
             self.convergence.extend(rows)
