@@ -50,6 +50,7 @@ import dataclasses
 import importlib
 import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -389,6 +390,11 @@ class Sweep:
         Run failed configurations again (default: a failure is a result, kept).
     share_cluster : {"auto", True, False}
         Reuse one cluster for all runs of several ranks (``"auto"``: on CPU-only sweeps).
+    warmup : bool, optional
+        Before the first timed run, run once untimed (one iteration, output removed) so that
+        one-off costs (compiling kernels, imports, file caches) do not land on the first row:
+        in this process with the first one-rank configuration, and on the shared cluster with
+        the largest. Default: on for performance sweeps.
 
     Attributes
     ----------
@@ -402,6 +408,8 @@ class Sweep:
         The cache key of every run.
     cluster_seconds : float
         Time spent starting shared clusters (not part of any run's row).
+    warmup_seconds : float
+        Time spent warming up (not part of any run's row).
 
     Examples
     --------
@@ -414,7 +422,7 @@ class Sweep:
     def __init__(self, base_config: JobConfig, grid, kind: str = "performance",
                  root: str | os.PathLike = "sweeps/sweep", truth=None, client=None, *,
                  runner: Callable | None = None, retry_failed: bool = False,
-                 share_cluster: bool | str = "auto"):
+                 share_cluster: bool | str = "auto", warmup: bool | None = None):
         if not isinstance(base_config, JobConfig):
             raise TypeError(f"base_config must be a job configuration (e.g. Class2DConfig), "
                             f"not {type(base_config).__name__}")
@@ -427,6 +435,7 @@ class Sweep:
         self.runner = runner
         self.retry_failed = retry_failed
         self.share_cluster = share_cluster
+        self.warmup = kind == "performance" if warmup is None else warmup
         self.grid = grid
         self.points = expand_grid(grid)
         names = {f.name for f in dataclasses.fields(base_config)}
@@ -456,6 +465,7 @@ class Sweep:
         self._clusters: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.cluster_seconds = 0.0
+        self.warmup_seconds = 0.0
         self.current: int | None = None
 
     # ------------------------------------------------------------------ persistence
@@ -599,11 +609,11 @@ class Sweep:
         Parameters
         ----------
         progress : callable, optional
-            Called with dict events: ``{"event": "run_start", "run": i, "key", "params",
-            "todo"}``, every runtime event of the current run (see
-            :mod:`cryonb.parallel.stats`) with ``"run": key`` added, ``{"event": "run_end",
-            "run": i, "key", "status", "row"}`` and finally ``{"event": "sweep_end",
-            "stopped": bool}``.
+            Called with dict events: ``{"event": "warmup", "ranks"}`` (see ``warmup``),
+            ``{"event": "run_start", "run": i, "key", "params", "todo"}``, every runtime
+            event of the current run (see :mod:`cryonb.parallel.stats`) with ``"run": key``
+            added, ``{"event": "run_end", "run": i, "key", "status", "row"}`` and finally
+            ``{"event": "sweep_end", "stopped": bool}``.
         stop_event : threading.Event, optional
             Set it to stop after the current run's pools (as :meth:`stop`).
 
@@ -626,6 +636,8 @@ class Sweep:
         todo = self._todo()
         stopped = False
         try:
+            if self.warmup and todo:
+                self._warm_up(todo, progress, stop)
             for n, i in enumerate(todo):
                 if stop.is_set():
                     stopped = True
@@ -689,7 +701,8 @@ class Sweep:
         t0 = time.monotonic()
         try:
             cfg.validate()
-            client = self._client_for(cfg)
+            client = self._client_for(cfg)  # a shared cluster's start is not the run's time
+            t0 = time.monotonic()
             result = self._runner()(cfg, progress=rec, stop_event=stop, client=client)
         except KeyboardInterrupt:
             self._save_record(rdir, base, "stopped", {}, error="KeyboardInterrupt")
@@ -709,6 +722,31 @@ class Sweep:
                "engines_used": result.engines}
         self._save_record(rdir, base, status, row, result=result)
         return status
+
+    def _warm_up(self, todo: list[int], progress, stop: threading.Event) -> None:
+        """Untimed one-iteration runs: in-process, and on the shared cluster (see ``warmup``)."""
+        cfgs = [self.configs[i] for i in todo]
+        picks = [c for c in cfgs if c.ranks == 1][:1]
+        shared = [c for c in cfgs if c.ranks > 1 and self.client is None and self._shares()]
+        picks += [max(shared, key=lambda c: c.ranks)] if shared else []
+        out = self.root / "warmup"
+        t0 = time.monotonic()
+        for cfg in picks:
+            if stop.is_set():
+                break
+            changes: dict[str, Any] = {"o": str(out / "run")} if hasattr(cfg, "o") else {}
+            if hasattr(cfg, "iter"):
+                changes["iter"] = 1
+            _emit(progress, "warmup", ranks=cfg.ranks)
+            try:
+                cfg = dataclasses.replace(cfg, **changes).validate()
+                self._runner()(cfg, progress=None, stop_event=stop,
+                               client=self._client_for(cfg))
+            except Exception:  # the timed run reports what is wrong
+                pass
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+        self.warmup_seconds += time.monotonic() - t0
 
     def _save_record(self, rdir: Path, base: dict, status: str, row: dict, *,
                      error: str | None = None, tb: str | None = None, result=None) -> None:
@@ -754,6 +792,9 @@ class Sweep:
     def _close_clusters(self) -> None:
         with self._lock:
             for handle in self._clusters.values():
+                log = getattr(getattr(handle, "cluster", None), "log", None)
+                if log is not None:  # engines stopped on purpose exit with code 1: no warning
+                    log.setLevel(logging.ERROR)
                 try:
                     handle.stop()
                 except Exception:  # pragma: no cover  (already gone)
@@ -792,18 +833,26 @@ class Sweep:
         raise ValueError("the sweep varies no option: nothing to plot against")
 
     @staticmethod
-    def _hvplot():
+    def _hvplot(df: pd.DataFrame):
+        """``df.hvplot`` without importing :mod:`hvplot.pandas`.
+
+        That import loads the bokeh extension again, from the CDN: on an offline machine
+        the plots of that cell stay blank. The extension is loaded inline instead
+        (:func:`cryonb.viz.ensure_extension`).
+        """
+        from hvplot import hvPlotTabular
+
         from .viz import ensure_extension
 
         ensure_extension()
-        import hvplot.pandas  # noqa: F401  (registers DataFrame.hvplot)
+        return hvPlotTabular(df)
 
     def _lines(self, df: pd.DataFrame, x: str, y: str, title: str, ylabel: str):
-        self._hvplot()
         df = df.sort_values(x) if df[x].map(lambda v: isinstance(v, int | float)).all() else df
         kw = {"x": x, "y": y, "by": "label", "title": title, "ylabel": ylabel,
               "hover_cols": ["run", "key"], "height": 320, "width": 520, "legend": "top_left"}
-        return df.hvplot.line(**kw) * df.hvplot.scatter(**kw)
+        plot = self._hvplot(df)
+        return plot.line(**kw) * plot.scatter(**kw)
 
     def plot_throughput(self, x: str | None = None, by: str | Sequence[str] = "io_mode"):
         """Particles per second against threads (``j``) or ``pool``, one line per I/O mode.
@@ -857,15 +906,14 @@ class Sweep:
         -------
         holoviews.Bars
         """
-        self._hvplot()
         df, _ = self._labelled([], "")
         cols = ["t_setup", "t_broadcast", *(f"t_{s}" for s in _STAGE_COLUMNS)]
         long = df.melt(id_vars=["label"], value_vars=cols, var_name="stage",
                        value_name="seconds")
         long["stage"] = long["stage"].str[2:]
-        return long.hvplot.bar(x="label", y="seconds", by="stage", stacked=True, rot=30,
-                               title="time per stage", height=360, width=640,
-                               legend="top_right")
+        return self._hvplot(long).bar(x="label", y="seconds", by="stage", stacked=True,
+                                      rot=30, title="time per stage", height=360, width=640,
+                                      legend="top_right")
 
     def plot_quality(self, param: str | None = None, metrics: Sequence[str] | None = None):
         """Result quality against an option, one panel per metric.

@@ -35,15 +35,21 @@ def base(star):
 
 
 class Counting:
-    """The real runner, counting its calls and recording the configurations it got."""
+    """The real runner, counting its calls and recording the configurations it got
+    (``calls``: timed runs; ``warmups``: untimed warm-up runs)."""
 
     def __init__(self, fail_on=None, interrupt_on=None):
         self.calls: list[dict] = []
+        self.warmups: list[dict] = []
         self.fail_on = fail_on or {}
         self.interrupt_on = interrupt_on or {}
 
     def __call__(self, config, **kw):
-        self.calls.append({"j": config.j, "K": config.K, "io_mode": config.io_mode})
+        seen = {"j": config.j, "K": config.K, "io_mode": config.io_mode}
+        if "warmup" in config.o:
+            self.warmups.append({**seen, "iter": config.iter})
+            return run_class2d(config, **kw)
+        self.calls.append(seen)
         for name, value in self.fail_on.items():
             if getattr(config, name) == value:
                 raise RuntimeError(f"boom at {name}={value}")
@@ -119,10 +125,13 @@ def test_second_run_of_the_same_grid_does_no_new_job(base, tmp_path):
     runner = Counting()
     first = Sweep(base, grid, root=tmp_path / "s", runner=runner).run()
     assert len(runner.calls) == 2
+    # performance sweeps warm up once, untimed, with one iteration, leaving no files
+    assert runner.warmups == [{"j": 1, "K": 2, "io_mode": "parallel", "iter": 1}]
+    assert not (tmp_path / "s" / "warmup").exists()
     files = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "runs").rglob("*")}
     again = Sweep(base, grid, root=tmp_path / "s", runner=runner)
     second = again.run()
-    assert len(runner.calls) == 2  # nothing ran
+    assert len(runner.calls) == 2 and len(runner.warmups) == 1  # nothing ran
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "runs").rglob("*")} == files
     pd.testing.assert_frame_equal(first, second)
     # a grid overlapping the cached one runs only the new configuration
@@ -143,11 +152,11 @@ def test_stopped_sweep_resumes_where_it_stopped(base, tmp_path):
         if ev["event"] == "run_end" and ev["run"] == 1:
             stop.set()
 
-    sweep = Sweep(base, grid, root=tmp_path / "s", runner=runner)
+    sweep = Sweep(base, grid, root=tmp_path / "s", runner=runner, warmup=False)
     df = sweep.run(progress=progress, stop_event=stop)
     assert df["status"].tolist() == ["ok", "ok", "pending", "pending"]
     assert len(runner.calls) == 2
-    df = Sweep(base, grid, root=tmp_path / "s", runner=runner).run()
+    df = Sweep(base, grid, root=tmp_path / "s", runner=runner, warmup=False).run()
     assert df["status"].tolist() == ["ok"] * 4
     assert runner.calls[2:] == [{"j": 1, "K": 3, "io_mode": "parallel"},
                                 {"j": 2, "K": 3, "io_mode": "parallel"}]
@@ -156,9 +165,7 @@ def test_stopped_sweep_resumes_where_it_stopped(base, tmp_path):
 def test_run_stopped_midway_is_recorded_and_rerun(base, tmp_path):
     grid = {"j": [1, 2]}
     runner = Counting()
-    sweep = Sweep(base, grid, root=tmp_path / "s", runner=runner)
-    cfg = base.replace(iter=3)
-    sweep = Sweep(cfg, grid, root=tmp_path / "s", runner=runner)
+    sweep = Sweep(base.replace(iter=3), grid, root=tmp_path / "s", runner=runner, warmup=False)
 
     def progress(ev):  # stop inside the second run, after its first iteration
         if ev["event"] == "iteration" and ev.get("iteration") == 1 and ev["run"] == sweep.keys[1]:
@@ -177,7 +184,7 @@ def test_run_stopped_midway_is_recorded_and_rerun(base, tmp_path):
 def test_keyboard_interrupt_saves_and_resumes(base, tmp_path):
     grid = {"j": [1, 2, 3]}
     runner = Counting(interrupt_on={"j": 2})
-    sweep = Sweep(base, grid, root=tmp_path / "s", runner=runner)
+    sweep = Sweep(base, grid, root=tmp_path / "s", runner=runner, warmup=False)
     with pytest.raises(KeyboardInterrupt):
         sweep.run()
     assert sweep.table()["status"].tolist() == ["ok", "stopped", "pending"]
@@ -191,7 +198,7 @@ def test_keyboard_interrupt_saves_and_resumes(base, tmp_path):
 def test_failing_configuration_is_recorded_not_raised(base, tmp_path):
     runner = Counting(fail_on={"j": 2})
     grid = [{"K": 0}, {"j": 2}, {"j": 1, "io_mode": "scratch"}, {"j": 1}]
-    sweep = Sweep(base, grid, root=tmp_path / "s", runner=runner)
+    sweep = Sweep(base, grid, root=tmp_path / "s", runner=runner, kind="algorithm")
     df = sweep.run()
     assert df["status"].tolist() == ["failed", "failed", "failed", "ok"]
     assert df["error"][0] == "ConfigError: --K must be >= 1"
@@ -204,7 +211,9 @@ def test_failing_configuration_is_recorded_not_raised(base, tmp_path):
     sweep.run()
     assert len(runner.calls) == 2
     runner.fail_on = {}
-    df = Sweep(base, grid, root=tmp_path / "s", runner=runner, retry_failed=True).run()
+    df = Sweep(base, grid, root=tmp_path / "s", runner=runner, kind="algorithm",
+               retry_failed=True).run()
+    assert runner.warmups == []  # algorithm sweeps do not warm up
     assert df["status"].tolist() == ["failed", "ok", "failed", "ok"]
 
 

@@ -106,7 +106,8 @@ class MicrographProgress:
             from tqdm.auto import tqdm
 
             ranks = len(ev["ranks"])
-            print(ev["device_table"], file=self.file)
+            if ev["device_table"]:
+                print(ev["device_table"], file=self.file)
             print(f"{ev['n_micrographs']} micrographs on {ranks} rank{'s' * (ranks != 1)} "
                   f"({ev['engines']}, {'GPU' if ev['gpu'] else 'CPU'} path)", file=self.file)
             self.bar = tqdm(total=ev["n_micrographs"], desc=ev["job"], unit="mic",

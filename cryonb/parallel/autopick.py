@@ -81,7 +81,8 @@ class AllRanksResult:
     split : dict of int to (int, int)
         The micrographs ``first <= i < stop`` of each rank.
     device_table : str
-        The resolved ``--gpu`` map (with device UUIDs when known) and its warnings.
+        The resolved ``--gpu`` map (with device UUIDs when known) and its warnings (empty
+        for extraction).
     device_map : dict
         ``{"<rank>": [device]}`` (``[]`` on the CPU).
     gpu : bool
@@ -191,6 +192,11 @@ class _AllRanksRun(RankSession):
         for i in infos:
             i.devices = list(dmap.devices_of(i.rank))
         return dmap
+
+    def _device_report(self, dmap) -> None:
+        super()._device_report(dmap)
+        if self.job == "extract":  # no devices: the table would only say "cpu"
+            self.device_table = ""
 
     def _setup(self) -> None:
         if self.cfg.ranks == 1:

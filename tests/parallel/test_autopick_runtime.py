@@ -270,11 +270,11 @@ def test_engines_inprocess_with_several_ranks_is_refused(data, tmp_path):
 def test_mpi_engines_give_the_same_picks(data, reference, tmp_path):
     require_tool("mpiexec")
     require_module("mpi4py")
-    with start_cluster(3, "mpi") as handle:
-        out = run_autopick(_config(data, tmp_path / "three", ranks=3, j=2), client=handle)
-        _check(out, reference, 3)
+    with start_cluster(2, "mpi") as handle:  # 2 engines: this test is the module's slowest
+        out = run_autopick(_config(data, tmp_path, ranks=2, j=2), client=handle)
+        _check(out, reference, 2)
         assert out.engines == "attach (mpi)"
-        assert [r.mpi_rank for r in out.ranks] == [0, 1, 2]
+        assert [r.mpi_rank for r in out.ranks] == [0, 1]
 
 
 @pytest.mark.gpu

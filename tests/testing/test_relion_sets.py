@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import starfile
-from cryonb.testing.tools import require_tool
 from scipy import ndimage
 
 from cryonb.errors import InputError
@@ -37,6 +36,7 @@ from cryonb.testing import (
     score_class2d,
     score_relion_run,
 )
+from cryonb.testing.tools import require_tool
 
 BOX = 40
 N = 200
