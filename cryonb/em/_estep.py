@@ -444,7 +444,7 @@ class EStepContext:
             t2 = max(mt, int(n_t[i]))
             nb = len(cur) + 1
             rf, tf = int(u2.sum()) * ps, t2 * ts
-            cost = 4 * (nb * tf * 2 * P * 3 + nb * tf * rf * 6 + rf * 2 * P * 2)
+            cost = 8 * (nb * tf * 2 * P * 3 + nb * tf * rf * 6 + rf * 2 * P * 2)
             if cur and (cost > budget_bytes or nb > 1024):
                 groups.append((np.array(cur), np.flatnonzero(urot)))
                 cur, u2, t2 = [], sig_r[i].copy(), int(n_t[i])
@@ -481,11 +481,14 @@ class EStepContext:
         # shifted images X(t), Y = X(t) CTF / sigma2, as contiguous [Re | Im] rows
         Xt = _cmul_ri(_ri(Xf)[:, None, :], f.phases_ri[tf], P)  # (Bs, Tf, 2P)
         cinv = ctf * inv
-        Y = Xt * xp.concatenate([cinv, cinv], axis=1)[:, None, :]
+        # float64 from here: the log-weights are differences of large sums, and in float64
+        # a particle's weights do not depend on which particles share its group or pool
+        f64 = xp.float64
+        Y = Xt * xp.concatenate([cinv, cinv], axis=1)[:, None, :].astype(f64)
         Ari, A2 = f.refs_ri[rf[0]], f.refs_a2[rf[0]]  # (Rf, 2P), (Rf, P)
-        cross = (Y.reshape(Bs * Tf, 2 * P) @ Ari.T).reshape(Bs, Tf, Rf)
-        a2 = (ctf * cinv) @ A2.T  # (Bs, Rf)
-        x2 = ((Xf.real**2 + Xf.imag**2) * inv).sum(axis=1)
+        cross = (Y.reshape(Bs * Tf, 2 * P) @ Ari.T.astype(f64)).reshape(Bs, Tf, Rf)
+        a2 = (ctf * cinv).astype(f64) @ A2.T.astype(f64)  # (Bs, Rf)
+        x2 = ((Xf.real**2 + Xf.imag**2) * inv).astype(f64).sum(axis=1)
         lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
         del cross
         offs = xp.asarray(batch.offset[sub][:, None, :], dtype=xp.float32) + f.trans_dev[tf]
@@ -649,8 +652,10 @@ class EStepContext:
         Bs, Tf, Rf = w.shape
         P = Xt.shape[-1] // 2
         W2 = w.reshape(Bs * Tf, Rf)
-        f.acc_data[rf] += W2.T @ Y.reshape(Bs * Tf, 2 * P)
-        f.acc_weight[rf] += omega.T @ (ctf * cinv)
+        # sums over particles in float64: the same totals whatever the pools (batch sizes)
+        f64 = self.xp.float64
+        f.acc_data[rf] += W2.T.astype(f64) @ Y.reshape(Bs * Tf, 2 * P)
+        f.acc_weight[rf] += omega.T.astype(f64) @ (ctf * cinv).astype(f64)
         H = (W2 @ Ari).reshape(Bs, Tf, 2 * P)  # sum_rot w A_rot per translation
         XH = (Xt * H).sum(axis=1)
         crossn = ((XH[:, :P] + XH[:, P:]) * ctf) @ f.onehot
@@ -689,7 +694,7 @@ class EStepContext:
         for a in range(2):
             S.prior_offset[:, a] += xp.bincount(flat_cls, weights=wo[..., a].reshape(-1)
                                                 .astype(xp.float64), minlength=self.K)
-        S.sigma2_offset += (w * d2).sum()
+        S.sigma2_offset += (w.astype(xp.float64) * d2).sum()
         for name in ("acc_rot", "acc_trans"):
             v = xp.asarray(res[sub, RESULT_COLUMNS.index(name)])
             getattr(S, name)[...] += xp.bincount(
@@ -703,6 +708,8 @@ class EStepContext:
         S = self.sums
         optics = batch.optics[sub]
         groups = batch.group[sub]
+        # per-particle terms summed over particles in float64 (independent of the pools)
+        resid, crossn, a2n = (v.astype(xp.float64) for v in (resid, crossn, a2n))
         for g in np.unique(optics):
             sel = xp.asarray(optics == g)
             S.sigma2_noise[int(g)] += resid[sel].sum(axis=0)

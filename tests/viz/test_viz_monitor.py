@@ -85,7 +85,8 @@ def _wait_for(condition, seconds: float = 20.0) -> bool:
 
 
 def test_dashboard_updates_a_rendered_view(render):
-    monitor = LoadMonitor(gpus=False)
+    # "self": children left by other tests of the session would add rows
+    monitor = LoadMonitor(gpus=False, processes="self")
     board = LoadDashboard(monitor)
     layout = board.view()
     assert len(layout) == 5  # CPU, RSS, particles/s now; CPU and particles/s over time
