@@ -98,18 +98,21 @@ def main(argv=None):
         rows.append((name, n, box, views, rel, ours, plain))
     lines = [f"machine: {machine}, {time.strftime('%Y-%m-%d')}, {a.iter} iterations, "
              f"SNR {a.snr}, --tau2_fudge 2 --psi_step 10 --offset_range 5 --offset_step 2",
-             "", "| set | program | s/iteration (wall) | s/iteration (CPU) | purity | "
-             "in-plane median (deg) | offset median (px) |", "|---|---|---|---|---|---|---|"]
+             "", "| set | program | total wall (s) | s/iteration (wall) | s/iteration (CPU) | "
+             "purity | in-plane median (deg) | offset median (px) |",
+             "|---|---|---|---|---|---|---|---|"]
     for _name, n, box, views, rel, ours, plain in rows:
         label = f"{n} x {box} px, K={views}"
         for prog, r in (("relion_refine --j 2", rel), ("cryonb --cpu --j 2", ours),
                         ("cryonb --no_reseed", plain)):
             sc = r["score"]
-            lines.append(f"| {label} | {prog} | {r['wall_per_iteration']:.2f} | "
+            lines.append(f"| {label} | {prog} | {r['wall_s']:.1f} | "
+                         f"{r['wall_per_iteration']:.2f} | "
                          f"{r['cpu_per_iteration']:.2f} | {sc['purity']:.3f} | "
                          f"{sc.get('inplane_median_deg', float('nan')):.2f} | "
                          f"{sc.get('offset_median_px', float('nan')):.2f} |")
         lines.append(f"| {label} | ratio (RELION / cryonb) | "
+                     f"{rel['wall_s'] / ours['wall_s']:.1f}x | "
                      f"{rel['wall_per_iteration'] / ours['wall_per_iteration']:.1f}x | "
                      f"{rel['cpu_per_iteration'] / ours['cpu_per_iteration']:.1f}x | | | |")
     text = "\n".join(lines)

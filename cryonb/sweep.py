@@ -664,22 +664,9 @@ class Sweep:
 
         Cancelling the awaiting task stops the sweep after the current run's pools.
         """
-        import asyncio
+        from ._asyncio import run_blocking
 
-        loop = asyncio.get_running_loop()
-        stop = stop_event if stop_event is not None else threading.Event()
-
-        def relay(event):
-            if progress is not None:
-                loop.call_soon_threadsafe(progress, event)
-
-        fut = loop.run_in_executor(None, lambda: self.run(progress=relay, stop_event=stop))
-        try:
-            return await asyncio.shield(fut)
-        except asyncio.CancelledError:
-            stop.set()
-            await asyncio.wait([fut])
-            raise
+        return await run_blocking(self.run, progress, stop_event)
 
     def _runner(self) -> Callable:
         if self.runner is not None:

@@ -607,16 +607,19 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float | None]:
         As :func:`read_mrc`, and for a volume stack (4D).
     """
     vol = read_mrc(path)
+    return _three_d(vol, f"holds a stack of {{n}} volumes (ISPG {vol.header_info['ispg']}), "
+                    "not a single map: use read_mrc")
+
+
+def _three_d(vol, error: str) -> tuple[np.ndarray, float | None]:
+    """``vol``'s data as 3D (a 2D image gets a leading axis of 1), or ``InputError(error)``
+    for 4D data (``{n}`` and ``{shape}``: the number and shape of its volumes)."""
     data = vol.data
     assert data is not None
     if data.ndim == 2:
         data = data[np.newaxis]
     if data.ndim != 3:
-        raise InputError(
-            f"holds a stack of {data.shape[0]} volumes (ISPG {vol.header_info['ispg']}), not a "
-            "single map: use read_mrc",
-            vol.path,
-        )
+        raise InputError(error.format(n=data.shape[0], shape=data.shape[1:]), vol.path)
     return data, vol.voxel_size
 
 
@@ -624,16 +627,7 @@ def _read_stack(
     path, *, mmap: bool, warn_voxel: bool, dtype=np.float32
 ) -> tuple[np.ndarray, float | None]:
     vol = _read_mrc(path, mmap=mmap, warn_voxel=warn_voxel, dtype=dtype)
-    data = vol.data
-    assert data is not None
-    if data.ndim == 2:
-        data = data[np.newaxis]
-    if data.ndim != 3:
-        raise InputError(
-            f"holds {data.shape[0]} volumes of {data.shape[1:]} (a volume stack), not 2D images",
-            vol.path,
-        )
-    return data, vol.voxel_size
+    return _three_d(vol, "holds {n} volumes of {shape} (a volume stack), not 2D images")
 
 
 def read_stack(path: str | os.PathLike, *, mmap: bool = True) -> tuple[np.ndarray, float | None]:

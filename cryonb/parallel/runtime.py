@@ -32,8 +32,8 @@ Stopping
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures as cf
+import functools
 import os
 import threading
 import time
@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .._asyncio import run_blocking
 from ..errors import ConfigError
 from . import _engine, hardware
 from ._errors import from_record
@@ -634,19 +635,7 @@ async def run_class2d_async(config, *, progress=None, stop_event=None, client=No
     Progress events are delivered on the calling loop. Cancelling the awaiting task sets the
     stop event and waits for the run to end cleanly.
     """
-    loop = asyncio.get_running_loop()
-    stop = stop_event if stop_event is not None else threading.Event()
-
-    def relay(event):
-        if progress is not None:
-            loop.call_soon_threadsafe(progress, event)
-
-    fut = loop.run_in_executor(None, lambda: run_class2d(
-        config, progress=relay, stop_event=stop, client=client, return_sums=return_sums))
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        stop.set()
-        await asyncio.wait([fut])
-        raise
+    return await run_blocking(
+        functools.partial(run_class2d, config, client=client, return_sums=return_sums),
+        progress, stop_event)
 

@@ -12,6 +12,7 @@ import holoviews as hv
 import numpy as np
 import pandas as pd
 
+from .._asyncio import loop_for
 from ._base import LiveView, holoviews, plural
 from ._monitor import LoadMonitor
 
@@ -113,14 +114,7 @@ class LoadDashboard(LiveView):
         if self.pumping:
             return self
         self._halt.clear()
-        loop = None
-        if mode != "thread":
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                if mode == "asyncio":
-                    raise RuntimeError("no asyncio event loop runs in this thread: use "
-                                       "mode='thread'") from None
+        loop = loop_for(mode)
         if loop is not None:
             self._pump = loop.create_task(self._pump_async())
         else:

@@ -15,6 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .._asyncio import loop_for
+
 __all__ = ["RunHandle"]
 
 _TICK = 0.5  # seconds between ticks (elapsed time, deferred view updates)
@@ -65,14 +67,7 @@ class RunHandle:
         self._on_event, self._on_tick, self._on_end = on_event, on_tick, on_end
         self._finished = threading.Event()
         self._owner = threading.get_ident()
-        loop = None
-        if mode != "thread":
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                if mode == "asyncio":
-                    raise RuntimeError("no asyncio event loop runs in this thread: use "
-                                       "mode='thread'") from None
+        loop = loop_for(mode)
         self.mode = "asyncio" if loop is not None else "thread"
         if loop is not None:
             self.task = loop.create_task(self._main_async())

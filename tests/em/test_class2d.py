@@ -219,7 +219,9 @@ def test_purity_at_least_relions_on_the_same_set(tmp_path):
         require_tool(tool)
     from cryonb.testing import make_class2d_set, run_relion_class2d, score_relion_run
 
-    s = make_class2d_set(tmp_path / "set", n_particles=800, box=48, n_views=4, snr=0.08,
+    # SNR 0.25: at 48 px and 800 particles, SNR 0.08 leaves both programs near chance (0.3);
+    # here RELION 3.1.3 ends at 0.57 and cryonb at 0.965 (measured 2026-12-02)
+    s = make_class2d_set(tmp_path / "set", n_particles=800, box=48, n_views=4, snr=0.25,
                          seed=2)
     flags = dict(tau2_fudge=2, particle_diameter=s.particle_diameter, psi_step=10,
                  offset_range=5, offset_step=2)
