@@ -66,7 +66,7 @@ class Class2DConfig(JobConfig):
     random_seed: int = option(0, "--random_seed", "random seed (-1 = from the clock)")
     reseed: bool = option(True, "--reseed", "re-seed empty and duplicate classes during the "
                           "first iterations (cryonb)", relion=False)
-    reseed_until: float = option(0.75, "--reseed_until", "last iteration that may re-seed, as "
+    reseed_until: float = option(0.85, "--reseed_until", "last iteration that may re-seed, as "
                                  "a fraction of --iter (cryonb)", relion=False)
     write_every: int = option(1, "--write_every", "write full output every N iterations "
                               "(the last is always written)", relion=False)

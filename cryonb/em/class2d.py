@@ -11,15 +11,17 @@ engines:
   pools of particles, as batched matrix products on NumPy (BLAS) or CuPy (cuBLAS).
 - :class:`cryonb.em._model.Class2DSums`: the partial sums combined between them.
 
-Class re-seeding (cryonb's addition, ``--reseed``): ML 2D classification can settle in a local
-optimum where two classes describe the same view while another view has no class of its own
-(its particles are spread over the others). During the first ``reseed_until`` part of the run,
-after each M-step the leader looks for empty classes and for pairs of classes that are the
-same image up to an in-plane rotation; the smaller class of each pair is re-seeded, as in the
-first iteration, from the particles that fit their current class worst (lowest
-log-likelihood relative to their class): for one iteration those particles may only go to the
-re-seeded class, which starts from the average of all particles. This is how cryoSPARC
-handles empty classes, aimed at the duplicate-class optimum that RELION does not escape.
+Class re-seeding (cryonb's addition, ``--reseed``, on by default): ML 2D classification can
+settle in a local optimum where one class holds two views while two other classes describe the
+same view (RELION 3.1 ends there on many simulated sets). During the first ``reseed_until``
+part of the run, after an M-step (at most every other iteration), the leader frees classes that
+are nearly empty, junk (their particles' maximum probabilities well below the median class's)
+or the smaller of a duplicate pair (the same image up to an in-plane rotation and sub-pixel
+shift), and gives each free slot one half of a class split in two: the largest classes when
+their aligned particles fall into two well-separated clusters, and junk classes always (low
+probabilities are how merged views show). EM then refines the two halves. See
+:mod:`cryonb.em._reseed`; ``--no_reseed`` gives the plain algorithm (benchmarks/RESULTS.md
+compares the two).
 """
 
 from __future__ import annotations
@@ -339,16 +341,31 @@ class Class2DJob:
             max_res_px=max(4, m.current_size // 4))
         if not free:
             return
-        cands = [int(k) for k in np.argsort(-counts) if k not in free and counts[k] >= 20]
+        # the classes to split: the largest, and junk classes (often two views merged: split,
+        # such a class keeps one half and gives the other to a free slot)
+        junk = {k for k in free if reasons[k].startswith("junk")}
+        cands = [int(k) for k in np.argsort(-counts)
+                 if (k not in free or k in junk) and counts[k] >= 20]
         cands = cands[: 2 * len(free) + 2]
         rng = np.random.default_rng([self.seed, self.iteration, 11])
         tests = []
         for k in cands:
             avgs, labels, sep = self._split(k, rng)
-            if sep >= SPLIT_SEPARATION and 0 < labels.mean() < 1:
+            # a junk class is split whatever the separation: it is free anyway, its low
+            # probabilities already say that it mixes views, and on noisy data two merged
+            # views can separate by as little as one view split by noise (~3); EM then
+            # decides from the two seeds
+            if (sep >= SPLIT_SEPARATION or k in junk) and 0 < labels.mean() < 1:
                 tests.append((sep, k, avgs, float(labels.mean())))
         tests.sort(key=lambda t: -t[0])
-        for slot, (sep, big, avgs, share) in zip(free, tests):
+        # slots: nearly empty classes first, then duplicates, then junk
+        rank = {"nearly": 0, "duplicate": 1, "junk": 2}
+        slots = sorted(free, key=lambda k: (rank[reasons[k].split()[0]], k))
+        for sep, big, avgs, share in tests:
+            slot = next((k for k in slots if k != big), None)
+            if slot is None:
+                break
+            slots = [k for k in slots if k not in (slot, big)]
             total = m.pdf_class[big]
             m.classes[big], m.classes[slot] = avgs[0], avgs[1]
             m.pdf_class[big], m.pdf_class[slot] = total * (1 - share), total * share

@@ -1,0 +1,101 @@
+"""Class re-seeding: similarity of class images, which classes are free, the split test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cryonb.data.conventions import euler_to_matrix
+from cryonb.em._reseed import (
+    SPLIT_SEPARATION,
+    class_similarity,
+    find_free_classes,
+    split_class,
+)
+from cryonb.fourier import Projector, fft2_centered, ifft2_centered, rotate_2d, shift_2d
+from cryonb.simulate import phantom_map, simulate_particles
+
+N = 48
+
+
+@pytest.fixture(scope="module")
+def views():
+    """Four projections of the phantom (distinct views), (4, N, N)."""
+    proj = Projector(phantom_map(N).astype(np.float32))
+    rots = euler_to_matrix(np.array([0.0, 70.0, 150.0, 250.0]), np.array([20.0, 60.0, 100.0,
+                                                                           140.0]), 0.0)
+    return np.stack([ifft2_centered(f, N) for f in proj.project(rots)]).astype(np.float32)
+
+
+def _turned(img, psi, shift):
+    """``img`` rotated by ``psi`` degrees and shifted by ``shift`` (x, y) pixels."""
+    turned = rotate_2d(img, psi)
+    return ifft2_centered(shift_2d(fft2_centered(turned), np.asarray(shift, float)),
+                          N).astype(np.float32)
+
+
+def test_a_turned_copy_is_a_duplicate_and_other_views_are_not(views):
+    rng = np.random.default_rng(0)
+    copy = _turned(views[0], 37.0, (1.3, -2.6))
+    copy += rng.normal(0, 0.1 * copy.std(), copy.shape).astype(np.float32)
+    classes = np.concatenate([views, copy[None]])
+    sim = class_similarity(classes, n_psi=72, max_res_px=N // 4)
+    np.testing.assert_allclose(sim, sim.T)
+    np.testing.assert_allclose(np.diag(sim), 1.0)
+    assert sim[0, 4] >= 0.95, sim[0, 4]
+    # the phantom is one elongated body: its views look alike at low resolution (0.87-0.93
+    # here, noise-free; noisy class averages of distinct ribosome views: 0.5-0.7), but less
+    # alike than a turned copy
+    others = sim[:4, :4][~np.eye(4, dtype=bool)]
+    assert others.max() < sim[0, 4], sim
+    # the sub-pixel shift search is what lifts the copy clear of the threshold
+    coarse = class_similarity(classes, n_psi=72, max_res_px=N // 4, upsample=1)
+    assert coarse[0, 4] <= sim[0, 4]
+
+
+def test_free_classes_and_why(views):
+    copy = _turned(views[1], 120.0, (0.5, 0.5))
+    classes = np.concatenate([views, copy[None], views[2:3] * 0.01])
+    counts = np.array([300.0, 250, 300, 280, 120, 5])
+    pmax = np.array([0.9, 0.92, 0.91, 0.5, 0.9, 0.4])
+    free, why = find_free_classes(counts, classes, int(counts.sum()), pmax=pmax)
+    assert free == [3, 4, 5]
+    assert why[5].startswith("nearly empty (5 particles)")
+    assert why[3].startswith("junk (mean max. probability 0.50")
+    assert why[4].startswith("duplicate of class 2")  # the smaller of the pair is freed
+    # shared particles (co-responsibility) alone also make a duplicate pair
+    overlap = np.zeros((6, 6))
+    overlap[0, 2] = overlap[2, 0] = 0.4
+    free, why = find_free_classes(counts, classes, int(counts.sum()), overlap, pmax)
+    assert 2 in free and why[2].startswith("duplicate of class 1")
+
+
+def _aligned_set(n_views, n=400, snr=0.1, seed=0):
+    sim = simulate_particles(n=n, box=N, n_views=n_views, snr=snr, ctf=False, seed=seed)
+    t = sim.truth
+    offsets = np.stack([t.origin_x, t.origin_y], axis=1) / sim.pixel_size
+    return sim, t.psi.to_numpy(), offsets
+
+
+def _split(sim, psi, offsets):
+    shells = N // 2 + 1
+    noise = fft2_centered(sim.images[:50] - sim.images.mean(axis=0))
+    sigma2 = np.full(shells, float(np.mean(np.abs(noise) ** 2)) / 2)
+    return split_class(sim.images, psi, offsets, None, sigma2, np.ones(shells), 2.0, N,
+                       np.ones((N, N), np.float32), sim.pixel_size, seed=0)
+
+
+def test_two_merged_views_split_along_the_views():
+    sim, psi, offsets = _aligned_set(2)
+    averages, labels, separation = _split(sim, psi, offsets)
+    assert separation >= SPLIT_SEPARATION, separation
+    view = sim.truth.view.to_numpy()
+    agree = max(np.mean(labels == view), np.mean(labels != view))
+    assert agree >= 0.95, agree
+    assert averages.shape == (2, N, N) and averages.dtype == np.float32
+
+
+def test_one_view_does_not_split():
+    sim, psi, offsets = _aligned_set(1, seed=1)
+    _, _, separation = _split(sim, psi, offsets)
+    assert separation < SPLIT_SEPARATION, separation
