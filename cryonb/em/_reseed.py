@@ -39,7 +39,7 @@ SPLIT_SEPARATION = 4.0
 
 
 def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | None = None,
-                     upsample: int = 4, refine_above: float = 0.6):
+                     upsample: int = 4, refine_above: float = 0.75):
     """Normalised correlation of every pair of class images, maximised over rotations and shifts.
 
     Parameters
@@ -51,8 +51,9 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
         Fourier radius (pixels) compared (default ``N // 4``: the overall shape).
     upsample : int
         Shifts are searched on a grid ``upsample`` times finer than the pixels of the low-pass
-        filtered images (zero-padded cross-correlation), for the pairs whose whole-pixel
-        similarity exceeds ``refine_above``. On whole pixels of the small images (several
+        filtered images (zero-padded cross-correlation, at the best angle and its two
+        neighbours on each side), for the pairs whose whole-pixel similarity exceeds
+        ``refine_above``. On whole pixels of the small images (several
         original pixels each), two halves of one view score ~0.9; sub-pixel, ~0.95, while
         distinct views stay near 0.5-0.7.
 
@@ -88,6 +89,8 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
             cc = np.fft.irfft2(G, s=(n, n)) * n * n
             sim[a, b] = cc.max() / max(norms[a] * norms[b], 1e-30)
             if upsample > 1 and sim[a, b] > refine_above:  # sub-pixel shifts: zero-padding
+                best = int(np.argmax(cc.reshape(len(cc), -1).max(axis=1)))
+                G = G[(best + np.arange(-2, 3)) % len(G)]  # the best angle and its neighbours
                 Gp = np.zeros((G.shape[0], m, m // 2 + 1), G.dtype)
                 Gp[:, :h, :h + 1] = G[:, :h]
                 Gp[:, m - h:, :h + 1] = G[:, h:]
