@@ -58,19 +58,11 @@ def _execute(path: Path, workdir: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_notebook_runs(path, tmp_path, monkeypatch):
+def test_notebook_runs(path, backend, tmp_path, monkeypatch):
     monkeypatch.setenv("CRYONB_NOTEBOOK_SMALL", "1")
-    monkeypatch.setenv("CRYONB_BACKEND", "cpu")
-    _execute(path, tmp_path)
-
-
-@pytest.mark.gpu
-@pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_notebook_runs_on_gpu(path, tmp_path, monkeypatch):
-    monkeypatch.setenv("CRYONB_NOTEBOOK_SMALL", "1")
-    monkeypatch.setenv("CRYONB_BACKEND", "gpu")
+    monkeypatch.setenv("CRYONB_BACKEND", backend)
     _execute(path, tmp_path)
 
 
