@@ -143,6 +143,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
+    ap.add_argument("--skip_estep", action="store_true",
+                    help="only the whole iterations on RELION 5's shape (not the E-step grid)")
+    ap.add_argument("--threads", type=int, nargs="+", default=None,
+                    help="--j values of the whole-iteration runs (default 1 2)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -158,6 +162,8 @@ def main(argv=None):
     cases = [(128, 50, 10.0)] if a.quick else [
         (64, 50, 10.0), (64, 200, 6.0), (128, 50, 10.0), (128, 100, 6.0), (128, 200, 10.0),
         (256, 50, 10.0)]
+    if a.skip_estep:
+        cases = []
     for box, K, psi in cases:
         n = {64: 20000, 128: 8000, 256: 2000}[box] // (4 if a.quick else 1)
         star = simulate(n, box, views=min(K, 50))
@@ -171,7 +177,7 @@ def main(argv=None):
         (out / "class2d_gpu.json").write_text(json.dumps(results, indent=1))
     n = 2500 if a.quick else 10000
     star = simulate(n, 128, views=20, seed=5, snr=0.05)
-    for j in (1,) if a.quick else (1, 2):
+    for j in a.threads or ((1,) if a.quick else (1, 2)):
         try:
             r = iteration_time(star, 20, 3 if a.quick else 5, j=j)
         except Exception as exc:

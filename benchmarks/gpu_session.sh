@@ -1,20 +1,55 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: install carried wheels, run the GPU tests, then the benchmarks.
-#   bash benchmarks/gpu_session.sh tests|bench|all
-# Logs and results go to $OUT (the device tool brings them back).
+# One call on the GPU machine: install the carried wheels, then run the named steps in order.
+#   bash benchmarks/gpu_session.sh STEP [STEP ...]
+# Steps: tests (every GPU-marked test), picktests (those of tests/pick with the map carried in
+#        .gpudata/), profile (E-step per stage), bench (class2d_gpu.py grid),
+#        parallel (parallel_gpu_check.py), scaling (parallel_scaling.py --gpu, $SCALING_ARGS), panel (panel_gpu_check.py),
+#        autopick (benchmarks/autopick.py GPU and CPU rows), notebooks (notebooks on the GPU).
+# Each step has its own time limit (STEP_TIMEOUT_<step>, seconds). Logs and results go to $OUT
+# (the device tool brings them back); CuPy's kernel cache is kept in .cupy_cache (carry it to
+# skip compiling on a fresh machine) and copied to $OUT/cupy_cache.tgz at the end.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-$PWD/.cupy_cache} PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
+export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-$PWD/.cupy_cache} PYTHONUNBUFFERED=1 CI=
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+mkdir -p "$CUPY_CACHE_DIR"
+if [ ! -f /tmp/site/.cryonb_wheels ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >/dev/null 2>&1 || { echo "wheel install failed"; exit 1; }
+  touch /tmp/site/.cryonb_wheels
+fi
 export PYTHONPATH=/tmp/site:$PWD
+export PATH=/tmp/site/bin:$PATH
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-what=${1:-all}
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/fourier tests/kernels \
-    tests/em 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
-  timeout ${BENCH_TIMEOUT:-520} python3 benchmarks/class2d_gpu.py --out "$OUT" ${BENCH_ARGS:-} 2>&1 \
-    | tee "$OUT/class2d_gpu.log" | tail -40
-fi
+t_start=$(date +%s)
+step() {  # step NAME DEFAULT_TIMEOUT COMMAND...
+  local name=$1 limit=$2; shift 2
+  local var="STEP_TIMEOUT_${name}"; limit=${!var:-$limit}
+  echo "=== $name (limit ${limit}s, at +$(( $(date +%s) - t_start ))s)"
+  local t0=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n "${TAIL:-30}" "$OUT/$name.log"
+  echo "=== $name: rc=$rc in $(( $(date +%s) - t0 ))s"
+}
+for what in "$@"; do
+  case $what in
+    tests) step tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 240 \
+             tests/fourier tests/kernels tests/em tests/pick tests/parallel ;;
+    picktests) CRYONB_SHARED_DATA=$PWD/.gpudata step picktests 150 python3 -m pytest -q -m gpu \
+                 -p no:cacheprovider --timeout 140 tests/pick ;;
+    profile) step profile 120 python3 benchmarks/estep_profile.py --gpu --n 4000 --box 128 --K 50 ;;
+    bench) step bench 420 python3 benchmarks/class2d_gpu.py --out "$OUT" ${BENCH_ARGS:-} ;;
+    parallel) step parallel_check 200 python3 benchmarks/parallel_gpu_check.py ;;
+    scaling) step scaling 300 python3 benchmarks/parallel_scaling.py --gpu '' \
+               ${SCALING_ARGS:---n 20000 --box 128 --K 50 --workers 1 2 --threads 1 2 4} \
+               --json "$OUT/parallel_scaling.json" ;;
+    panel) step panel 200 python3 benchmarks/panel_gpu_check.py ;;
+    autopick) step autopick 240 python3 benchmarks/autopick.py --no_relion --cpu_rows 1x1 16x1 \
+                --json "$OUT/autopick.json" ;;
+    notebooks) step notebooks 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_notebooks.py ;;
+    *) echo "unknown step $what" ;;
+  esac
+done
+tar czf "$OUT/cupy_cache.tgz" -C "$CUPY_CACHE_DIR" . 2>/dev/null && du -h "$OUT/cupy_cache.tgz"
+echo "total $(( $(date +%s) - t_start ))s"

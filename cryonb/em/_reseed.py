@@ -200,12 +200,15 @@ def split_class(images, psi, offsets, ctf, sigma2, tau2, tau2_fudge, current_siz
     """
     from ..ctf import ctf_at
     from ..data.conventions import inplane_matrix
-    from ..fourier import fft2_centered, ifft2_centered, shift_phases_2d
+    from ..fourier import fft2_centered, ifft2_centered, shift_phases_2d, window_2d
     from ._estep import _pixels
 
     _n, N = images.shape[0], images.shape[-1]
-    F = fft2_centered(np.asarray(images, np.float32))
-    F = F * shift_phases_2d(N, np.asarray(offsets, float))  # centre: shift by +origin
+    # only |k| < current_size / 2 is used: window the transforms to that (plus a margin for
+    # the interpolation), and shift them there (phases of the original box's frequencies)
+    n_w = min(N, current_size + 4 + current_size % 2)
+    F = window_2d(fft2_centered(np.asarray(images, np.float32)), n_w)
+    F = F * shift_phases_2d(n_w, np.asarray(offsets, float) * (n_w / N))  # shift by +origin
     flat, kx, ky, shells = _pixels(N, current_size, include_dc=True)
     q = np.stack([kx, ky], axis=-1)  # class-frame pixels
     A = inplane_matrix(np.asarray(psi, float))  # particle pixel k <-> class pixel A^T k
@@ -222,8 +225,7 @@ def split_class(images, psi, offsets, ctf, sigma2, tau2, tau2_fudge, current_siz
     feat = feat[:, shells > 0]
     Z = np.concatenate([feat.real, feat.imag], axis=1)
     Z -= Z.mean(axis=0)
-    u, s, _ = np.linalg.svd(Z, full_matrices=False)
-    scores = u[:, :n_components] * s[:n_components]
+    scores = _principal_scores(Z, n_components, seed)
     labels = _two_means(scores, seed)
     separation = _separation(scores, labels)
     inv_s2 = 1.0 / np.maximum(sigma2[shells], 1e-30)
@@ -237,6 +239,31 @@ def split_class(images, psi, offsets, ctf, sigma2, tau2, tau2_fudge, current_siz
         half[flat] = num / np.maximum(den, 1e-30)
         out[g] = ifft2_centered(half.reshape(N, N // 2 + 1), N) * mask
     return out, labels, separation
+
+
+def _principal_scores(Z, n_components: int, seed: int, n_power: int = 4, extra: int = 10):
+    """Scores of the rows of ``Z`` on its first principal components (randomised SVD).
+
+    Subspace iteration (Halko, Martinsson & Tropp 2011) with ``extra`` more directions than
+    needed and ``n_power`` power iterations: the leading components of a (n, m) matrix in
+    O(n m (k + extra)) instead of a full SVD's O(n m min(n, m)).
+
+    Returns
+    -------
+    ndarray of shape (n, n_components)
+        ``U[:, :k] * S[:k]`` of the SVD ``Z = U S V^T``.
+    """
+    k = min(n_components + extra, *Z.shape)
+    if k >= min(Z.shape) // 2:  # small matrix: the exact SVD is as cheap
+        u, s, _ = np.linalg.svd(Z, full_matrices=False)
+        return u[:, :n_components] * s[:n_components]
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(Z @ rng.standard_normal((Z.shape[1], k)))
+    for _ in range(n_power):
+        q, _ = np.linalg.qr(Z.T @ q)
+        q, _ = np.linalg.qr(Z @ q)
+    ub, s, _ = np.linalg.svd(q.T @ Z, full_matrices=False)
+    return (q @ ub[:, :n_components]) * s[:n_components]
 
 
 def _separation(scores, labels) -> float:
