@@ -135,17 +135,13 @@ def visible_devices() -> list[dict]:
 
 
 def cuda_may_be_initialised() -> bool:
-    """Whether this process may already hold a CUDA context (then pinning cannot change it)."""
-    if _PINNED is not None:
-        return True
-    try:
-        from ..backend import _probe_cupy
+    """Whether this process may already hold a CUDA context (then pinning cannot change it).
 
-        if _probe_cupy.cache_info().currsize:
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return False
+    True once CuPy is imported (cryonb creates contexts only through CuPy, and importing it is
+    the first step of any use). A process pinned earlier but that never used CUDA, such as a
+    leader rank (no device) about to work in an all-ranks job, can still be re-pinned.
+    """
+    return "cupy" in sys.modules
 
 
 def pin_devices(devices: Sequence[int], *, leader: bool = False) -> list[int]:

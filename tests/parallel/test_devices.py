@@ -784,3 +784,44 @@ def test_all_is_explicit():
         "DeviceAssignment", "DeviceMap", "GpuSpecError", "parse_gpu_spec",
         "resolve_device_map"]
     assert issubclass(GpuSpecError, ConfigError)
+
+
+# --------------------------------------------------------------- pinning engines to devices
+def _fake_devices(monkeypatch, n: int = 2):
+    """NVML that lists ``n`` fake GPUs, and a clean pinning state for this test."""
+    from cryonb.parallel import hardware
+
+    fake = tuple({"nvml_index": i, "uuid": f"GPU-{i:08d}-fake", "name": "fake GPU",
+                  "total": 80 << 30, "free": 80 << 30} for i in range(n))
+    monkeypatch.setattr(hardware, "_nvml_all", lambda: fake)
+    monkeypatch.setattr(hardware, "_PINNED", None)
+    monkeypatch.setattr(hardware, "_ORIGINAL_VISIBLE", None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return hardware
+
+
+def test_a_leader_that_never_used_cuda_can_work_on_a_gpu_later(monkeypatch):
+    """One cluster for a leader/worker job, then an all-ranks job: rank 0 (pinned to no
+    device as the leader) gets a GPU in the second job (seen failing on the GPU machine)."""
+    import sys
+
+    hw = _fake_devices(monkeypatch)
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    assert hw.pin_devices([], leader=True) == [] and hw.os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert hw.pin_devices([1, 1]) == [0, 0]
+    assert hw.os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+def test_a_process_that_used_cuda_cannot_switch_devices(monkeypatch):
+    import sys
+    import types
+
+    from cryonb.errors import ResourceError
+
+    hw = _fake_devices(monkeypatch)
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    assert hw.pin_devices([0]) == [0]
+    monkeypatch.setitem(sys.modules, "cupy", types.ModuleType("cupy"))  # CUDA in use now
+    assert hw.pin_devices([0, 0]) == [0, 0]  # the same device: fine
+    with pytest.raises(ResourceError, match=r"cannot switch.*restart the cluster's engines"):
+        hw.pin_devices([1])
