@@ -47,7 +47,7 @@ for what in "$@"; do
     panel) step panel 200 python3 benchmarks/panel_gpu_check.py ;;
     autopick) step autopick 240 python3 benchmarks/autopick.py --no_relion --cpu_rows 1x1 16x1 \
                 --json "$OUT/autopick.json" ;;
-    notebooks) step notebooks 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_notebooks.py ;;
+    notebooks) step notebooks 300 python3 -m pytest -q -m gpu -p no:cacheprovider ${NB_ARGS:-} tests/test_notebooks.py ;;
     *) echo "unknown step $what" ;;
   esac
 done
