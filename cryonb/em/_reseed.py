@@ -210,9 +210,10 @@ def split_class(images, psi, offsets, ctf, sigma2, tau2, tau2_fudge, current_siz
     F = window_2d(fft2_centered(np.asarray(images, np.float32)), n_w)
     F = F * shift_phases_2d(n_w, np.asarray(offsets, float) * (n_w / N))  # shift by +origin
     flat, kx, ky, shells = _pixels(N, current_size, include_dc=True)
-    q = np.stack([kx, ky], axis=-1)  # class-frame pixels
     A = inplane_matrix(np.asarray(psi, float))  # particle pixel k <-> class pixel A^T k
-    kpart = np.einsum("nij,pj->npi", A, q)  # particle-frame coordinates A q, (n, P, 2)
+    # particle-frame coordinates A q, (n, P, 2)
+    kpart = np.stack([A[:, 0, 0, None] * kx + A[:, 0, 1, None] * ky,
+                      A[:, 1, 0, None] * kx + A[:, 1, 1, None] * ky], axis=-1)
     X = _interp_halfplane(F, kpart)  # (n, P) complex
     if ctf is not None:
         c = ctf_at(ctf, kpart[..., 0], kpart[..., 1], N, pixel_size, aligned=True).astype(
@@ -298,6 +299,9 @@ def _two_means(x, seed: int, n_iter: int = 30):
 def _interp_halfplane(F, coords):
     """Bilinear interpolation of half-plane transforms at (x, y) Fourier coordinates.
 
+    Points with ``x < 0`` are read at ``(-x, -y)`` and conjugated (Friedel symmetry);
+    neighbours beyond the box's Nyquist frequency count as zero.
+
     Parameters
     ----------
     F : complex ndarray of shape (n, N, N//2+1)
@@ -307,20 +311,24 @@ def _interp_halfplane(F, coords):
     -------
     complex ndarray of shape (n, P)
     """
-    n, N = F.shape[0], F.shape[1]
+    n, N, W = F.shape
     x, y = coords[..., 0], coords[..., 1]
     neg = x < 0
     x = np.where(neg, -x, x)
     y = np.where(neg, -y, y)
-    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
-    fx, fy = x - x0, y - y0
-    out = np.zeros(x.shape, np.complex128)
-    rows = np.arange(n)[:, None]
-    for dx in (0, 1):
-        for dy in (0, 1):
-            xi, yi = x0 + dx, y0 + dy
-            ok = (xi <= N // 2) & (np.abs(yi) <= N // 2)
-            b = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)
-            v = F[rows, np.mod(yi, N), np.clip(xi, 0, N // 2)]
-            out += np.where(ok, b * v, 0)
+    x0, y0 = np.floor(x), np.floor(y)
+    fx, fy = (x - x0).astype(np.float32), (y - y0).astype(np.float32)
+    x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
+    flat = F.reshape(n, N * W)
+    base = (np.arange(n) * (N * W))[:, None]
+    out = np.zeros(x.shape, np.result_type(F.dtype, np.complex64))
+    for dy in (0, 1):
+        yi = y0 + dy
+        row = np.mod(yi, N) * W + base
+        ok_y = np.abs(yi) <= N // 2
+        wy = fy if dy else 1 - fy
+        for dx in (0, 1):
+            xi = x0 + dx
+            b = np.where(ok_y & (xi <= N // 2), (fx if dx else 1 - fx) * wy, 0)
+            out += b * flat.ravel()[row + np.minimum(xi, N // 2)]
     return np.where(neg, out.conj(), out)

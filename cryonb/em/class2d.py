@@ -26,7 +26,9 @@ compares the two).
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -348,9 +350,13 @@ class Class2DJob:
                  if (k not in free or k in junk) and counts[k] >= 20]
         cands = cands[: 2 * len(free) + 2]
         rng = np.random.default_rng([self.seed, self.iteration, 11])
+        # the particles of each candidate (drawn in order: the same whatever the threads),
+        # then the split tests in parallel (FFTs, gathers and BLAS release the GIL)
+        picks = [self._split_particles(k, rng) for k in cands]
+        with ThreadPoolExecutor(max_workers=max(1, min(len(picks), os.cpu_count() or 1))) as ex:
+            splits = list(ex.map(self._split, cands, picks))
         tests = []
-        for k in cands:
-            avgs, labels, sep = self._split(k, rng)
+        for k, (avgs, labels, sep) in zip(cands, splits):
             # a junk class is split whatever the separation: it is free anyway, its low
             # probabilities already say that it mixes views, and on noisy data two merged
             # views can separate by as little as one view split by noise (~3); EM then
@@ -379,15 +385,19 @@ class Class2DJob:
             m.pdf_class /= m.pdf_class.sum()
             self._last_reseed = self.iteration
 
-    def _split(self, k: int, rng):
-        """Split test of class ``k`` (see :func:`cryonb.em._reseed.split_class`)."""
+    def _split_particles(self, k: int, rng) -> np.ndarray:
+        """The particles of class ``k`` used for its split test (at most 1500, drawn)."""
+        idx = np.flatnonzero(self.state.cls == k)
+        if len(idx) > 1500:
+            idx = np.sort(rng.choice(idx, 1500, replace=False))
+        return idx
+
+    def _split(self, k: int, idx: np.ndarray):
+        """Split test of class ``k`` on particles ``idx`` (see ``_reseed.split_class``)."""
         from ..ctf import CTFParams
         from ._reseed import split_class
 
         cfg, m = self.config, self.model
-        idx = np.flatnonzero(self.state.cls == k)
-        if len(idx) > 1500:
-            idx = np.sort(rng.choice(idx, 1500, replace=False))
         imgs = self.table.images(idx).astype(np.float32)
         if cfg.norm:
             imgs *= (m.avg_norm / np.maximum(self.state.norm[idx], 1e-6))[:, None, None]
