@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from ..backend import array_module
 
 __all__ = [
@@ -16,16 +14,6 @@ __all__ = [
     "shell_average",
     "shell_sum",
 ]
-
-
-def _fft_module(xp):
-    """``scipy.fft`` for NumPy arrays (single-precision transforms, ~3x NumPy's), else
-    ``xp.fft``."""
-    if xp is np:
-        import scipy.fft
-
-        return scipy.fft
-    return xp.fft
 
 
 def fft2_centered(images):
@@ -44,7 +32,7 @@ def fft2_centered(images):
     """
     xp = array_module(images)
     n = images.shape[-1]
-    f = _fft_module(xp).rfft2(xp.fft.ifftshift(images, axes=(-2, -1)), axes=(-2, -1))
+    f = xp.fft.rfft2(xp.fft.ifftshift(images, axes=(-2, -1)), axes=(-2, -1))
     f /= n * images.shape[-2]
     return f.astype(xp.complex128 if images.dtype == xp.float64 else xp.complex64, copy=False)
 
@@ -63,7 +51,7 @@ def ifft2_centered(f, n: int):
     array of shape (..., n, n), float32 (float64 for complex128 input), origin at ``n // 2``.
     """
     xp = array_module(f)
-    img = _fft_module(xp).irfft2(f, s=(n, n), axes=(-2, -1)) * (n * n)
+    img = xp.fft.irfft2(f, s=(n, n), axes=(-2, -1)) * (n * n)
     img = xp.fft.fftshift(img, axes=(-2, -1))
     return img.astype(xp.float64 if f.dtype == xp.complex128 else xp.float32, copy=False)
 
