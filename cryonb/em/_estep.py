@@ -538,14 +538,22 @@ class EStepContext:
         b = xp.broadcast_to(cb[:, None, None], shape).reshape(-1)
         tf = xp.broadcast_to(ct[:, None, None] * ts + qt, shape).reshape(-1)
         rf = xp.broadcast_to(cr[:, None, None] * ps + qr, shape).reshape(-1)
-        # rows: the shifted images of each (particle, translation) in use
-        key, ibt = xp.unique(b * (T * ts) + tf, return_inverse=True)
-        ibt = ibt.reshape(-1)
+        # rows: the shifted images of each (particle, translation) in use, numbered in
+        # (particle, translation) order through a table of the pairs used (no sort)
+        flat = b * (T * ts) + tf
+        used = xp.zeros(Bs * T * ts, bool)
+        used[flat] = True
+        key = xp.flatnonzero(used)
+        ibt = (xp.cumsum(used) - 1)[flat]
         rb, rt = key // (T * ts), key % (T * ts)
-        Xt = _cmul_ri(_ri(Xf)[rb], f.phases_ri[rt], P)  # (n_bt, 2P)
+        Xc = Xf[rb] * f.phases[rt]  # complex products: one pass each
+        Xt = xp.concatenate([Xc.real, Xc.imag], axis=1)  # (n_bt, 2P) [Re | Im]
+        del Xc
         cinv = ctf * inv
         c2 = ctf * cinv
-        Y = Xt * xp.concatenate([cinv, cinv], axis=1)[rb]
+        cr = cinv[rb]
+        Y = Xt * xp.concatenate([cr, cr], axis=1)
+        del cr
         self._mark("fine: samples and shifted images")
         cross = sampled_dot(Y, f.refs_ri, ibt, rf)
         a2 = sampled_dot(c2, f.refs_a2, b, rf)
