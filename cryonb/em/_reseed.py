@@ -319,7 +319,7 @@ def _interp_halfplane(F, coords):
     x0, y0 = np.floor(x), np.floor(y)
     fx, fy = (x - x0).astype(np.float32), (y - y0).astype(np.float32)
     x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
-    flat = F.reshape(n, N * W)
+    flat = F.reshape(-1)  # (n * N * W,): one view, indexed below
     base = (np.arange(n) * (N * W))[:, None]
     out = np.zeros(x.shape, np.result_type(F.dtype, np.complex64))
     for dy in (0, 1):
@@ -330,5 +330,5 @@ def _interp_halfplane(F, coords):
         for dx in (0, 1):
             xi = x0 + dx
             b = np.where(ok_y & (xi <= N // 2), (fx if dx else 1 - fx) * wy, 0)
-            out += b * flat.ravel()[row + np.minimum(xi, N // 2)]
+            out += b * flat[row + np.minimum(xi, N // 2)]
     return np.where(neg, out.conj(), out)
