@@ -28,6 +28,7 @@ __all__ = [
     "device_count",
     "gpu_available",
     "is_gpu_array",
+    "release_device_memory",
     "segment_max",
     "segment_sum",
     "to_device",
@@ -158,6 +159,33 @@ def use_device(device: int | None):
             yield dev
         finally:
             _local.device = prev
+
+
+def release_device_memory(devices) -> None:
+    """Give the memory cached by CuPy's pools on ``devices`` back to the driver.
+
+    CuPy keeps freed device memory in a per-device pool for reuse. A run calls this when it
+    ends so that the next run on the same engines (a sweep, a second job in a notebook) and
+    other users of a shared GPU see that memory as free again. A no-op without CuPy in use.
+
+    Parameters
+    ----------
+    devices : iterable of int
+        CUDA device ordinals (as visible to this process).
+    """
+    import gc
+    import sys
+
+    if "cupy" not in sys.modules or not gpu_available():
+        return
+    import cupy
+
+    gc.collect()  # arrays held only by reference cycles go back to the pool first
+    for d in sorted(set(int(x) for x in devices)):
+        with cupy.cuda.Device(d):
+            cupy.cuda.Device(d).synchronize()
+            cupy.get_default_memory_pool().free_all_blocks()
+    cupy.get_default_pinned_memory_pool().free_all_blocks()
 
 
 def add_rows_at(acc, idx, rows) -> None:

@@ -364,6 +364,32 @@ class EStepContext:
         out += p[:, keep] @ onehot
         return out
 
+    def _complete_shells(self, resid, x2n, power_full, size: int):
+        """Per-shell residuals over whole shells, as RELION's noise model needs them.
+
+        The passes use the pixels with ``|k| < size / 2``, which holds only the inner part of
+        shell ``size / 2`` (pixels with ``round(|k|) = size / 2``) and nothing beyond. Where
+        the references are not evaluated they are zero, so the residual there is the image's
+        power: shells from ``size / 2`` on get the power of their left-out pixels added
+        (``power_full - x2n``; for shells beyond, ``x2n`` and ``resid`` are zero). Without
+        this the noise power of shell ``size / 2`` came out about 2.5x too small, which made
+        that shell count 2.5x too much in the next iteration's likelihood.
+
+        Parameters
+        ----------
+        resid : array of shape (B, nsh)
+            Weighted ``|X - CTF A|^2`` sums per shell over the pass's pixels.
+        x2n : array of shape (B, nsh)
+            ``|X|^2`` sums per shell over the same pixels.
+        power_full : array of shape (B, nsh)
+            ``|X|^2`` sums per shell over the whole box (:meth:`_power_beyond`).
+        size : int
+            The pass's image size.
+        """
+        xp = self.xp
+        edge = (xp.arange(self.nsh) >= size // 2)[None]
+        return xp.where(edge, resid + power_full - x2n, resid)
+
     def _offset_logprior(self, offsets):
         """log pdf_offset for offsets (..., 2) against every class prior -> (..., K)."""
         d = offsets[..., None, :] - self.prior_offset
@@ -392,6 +418,11 @@ class EStepContext:
         lw = lw.reshape(B, T, self.K, self.n_psi) + prior
         seed = xp.asarray(batch.seed_class)
         restrict = (seed[:, None] >= 0) & (xp.arange(self.K)[None] != seed[:, None])
+        if self.model.iteration < int(os.environ.get("CRYONB_HARD_UNTIL", "0")):
+            l4 = lw.reshape(B, T, self.K, self.n_psi)
+            mx = l4.max(axis=(1, 3), keepdims=True)
+            score = xp.log(xp.exp(l4 - mx).sum(axis=(1, 3))) + mx[:, 0, :, 0]
+            restrict = restrict | (xp.arange(self.K)[None] != score.argmax(axis=1)[:, None])
         lw = xp.where(restrict[:, None, :, None], -xp.inf, lw).reshape(B, T, M)
         best = lw.max(axis=1).argmax(axis=1)
         self._mark("coarse: priors")
@@ -511,9 +542,7 @@ class EStepContext:
         omega = w.sum(axis=1)  # (Bs, Rf)
         crossn, a2n = self._accumulate_dense(f, w, Y, Xt, Ari, A2, rf[0], omega, ctf, cinv)
         x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
-        resid = x2n - 2 * crossn + a2n  # (Bs, nsh): weighted |X - CTF A|^2 per shell
-        beyond = xp.arange(self.nsh) > f.size // 2
-        resid = xp.where(beyond[None], power_full, resid)
+        resid = self._complete_shells(x2n - 2 * crossn + a2n, x2n, power_full, f.size)
         self._accumulate_stats(batch, sub, resid, crossn, a2n)
         self._accumulate_priors(batch, sub, w, omega, rcls_b, offs, d2, resid, res)
 
@@ -612,9 +641,7 @@ class EStepContext:
         crossn = ((Q[:, :P] + Q[:, P:]) * ctf) @ f.onehot.astype(xp.float64)
         a2n = (Ra * (ctf * ctf)) @ f.onehot.astype(xp.float64)
         x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
-        resid = x2n - 2 * crossn + a2n
-        beyond = xp.arange(self.nsh) > f.size // 2
-        resid = xp.where(beyond[None], power_full, resid)
+        resid = self._complete_shells(x2n - 2 * crossn + a2n, x2n, power_full, f.size)
         self._mark("fine: back-projection sums")
         self._accumulate_stats(batch, sub, resid, crossn, a2n)
         # priors and class statistics

@@ -232,6 +232,10 @@ class WorkerService:
             w.join(timeout=5.0)
         if self.source is not None:
             self.source.close()
+        if self.devices:
+            from ..backend import release_device_memory
+
+            release_device_memory(self.devices)
 
     # ------------------------------------------------------------------ internals
     def _wait_idle(self) -> None:

@@ -331,9 +331,10 @@ class _Run(RankSession):
 
     def _choose_pool(self, free_per_thread) -> None:
         cfg, info = self.cfg, self.info
-        threads = cfg.j * len(self.workers or [None])
-        self.pool = cfg.pool or auto_pool(self._job_config(), info["n"], info["N"], threads,
-                                          gpu=self.gpu, free_bytes=free_per_thread)
+        ranks = len(self.workers or [None])
+        self.pool = cfg.pool or auto_pool(self._job_config(), info["n"], info["N"],
+                                          cfg.j * ranks, gpu=self.gpu,
+                                          free_bytes=free_per_thread, ranks=ranks)
         self.pool_bytes = self.pool * pool_memory(self._job_config(), info["N"])
 
     # -------------------------------------------------------------- phases

@@ -260,7 +260,7 @@ def class2d_io_lines(cfg, n: int, box: int, *, gpu: bool) -> list[Line]:
         pool = cfg.pool
         how = f"--pool {pool}"
     elif gpu:
-        pool = auto_pool(cfg, n, box, threads, gpu=True)
+        pool = auto_pool(cfg, n, box, threads, gpu=True, ranks=workers)
         how = (f"--pool 0: chosen at the start from each device's free memory "
                f"({GPU_POOL_MIN}-{GPU_POOL_MAX}, here at most {pool})")
     else:

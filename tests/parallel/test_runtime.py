@@ -164,6 +164,10 @@ def test_automatic_pool():
     assert auto_pool(cfg, 100_000, 64, 4, gpu=False) == 256
     assert auto_pool(cfg, 150, 32, 3, gpu=False) == 25  # every thread gets >= 2 pools
     assert auto_pool(cfg, 10**6, 128, 4, gpu=True) == 4096
+    # on a GPU the threads of a rank take turns: pools are split per rank, not per thread
+    assert auto_pool(cfg, 8000, 64, 4, gpu=True, ranks=1) == 4000
+    assert auto_pool(cfg, 8000, 64, 8, gpu=True, ranks=2) == 2000
+    assert auto_pool(cfg, 8000, 64, 4, gpu=False) == 256
     small = auto_pool(cfg, 10**6, 128, 4, gpu=True, free_bytes=4e9)
     assert 64 <= small < 4096  # bounded by the free device memory
 
@@ -181,3 +185,7 @@ def test_gpu_threads_match_the_cpu(tiny_set, reference, tmp_path):
     got = read_mrc(result.classes).data
     for a, b in zip(got, reference["classes"]):
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.99
+    # the run gave CuPy's cached device memory back (the next run on the device sees it free)
+    import cupy
+
+    assert cupy.get_default_memory_pool().total_bytes() < 64 << 20
