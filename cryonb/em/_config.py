@@ -68,6 +68,9 @@ class Class2DConfig(JobConfig):
                           "first iterations (cryonb)", relion=False)
     reseed_until: float = option(0.85, "--reseed_until", "last iteration that may re-seed, as "
                                  "a fraction of --iter (cryonb)", relion=False)
+    tau2_anneal: float = option(2.5, "--tau2_anneal", "with --reseed: T is this many times "
+                                "larger in the first M-step, back to T at --reseed_until "
+                                "(linearly; 1 = off; cryonb)", relion=False)
     write_every: int = option(1, "--write_every", "write full output every N iterations "
                               "(the last is always written)", relion=False)
 
@@ -86,6 +89,7 @@ class Class2DConfig(JobConfig):
             (self.pad in (1, 2), "--pad must be 1 or 2"),
             (self.particle_diameter >= 0, "--particle_diameter must be >= 0"),
             (self.incr_size >= 0, "--incr_size must be >= 0"),
+            (self.tau2_anneal >= 1, "--tau2_anneal must be >= 1 (1 = no annealing)"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -418,11 +418,6 @@ class EStepContext:
         lw = lw.reshape(B, T, self.K, self.n_psi) + prior
         seed = xp.asarray(batch.seed_class)
         restrict = (seed[:, None] >= 0) & (xp.arange(self.K)[None] != seed[:, None])
-        if self.model.iteration < int(os.environ.get("CRYONB_HARD_UNTIL", "0")):
-            l4 = lw.reshape(B, T, self.K, self.n_psi)
-            mx = l4.max(axis=(1, 3), keepdims=True)
-            score = xp.log(xp.exp(l4 - mx).sum(axis=(1, 3))) + mx[:, 0, :, 0]
-            restrict = restrict | (xp.arange(self.K)[None] != score.argmax(axis=1)[:, None])
         lw = xp.where(restrict[:, None, :, None], -xp.inf, lw).reshape(B, T, M)
         best = lw.max(axis=1).argmax(axis=1)
         self._mark("coarse: priors")

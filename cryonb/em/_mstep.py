@@ -115,8 +115,11 @@ def initial_pass_sums(images, meta: dict, config, pixel_size: float, n_optics: i
     np.add.at(out.power_sum, meta["optics"], ps)
     np.add.at(out.count, meta["optics"], 1)
     out.image_sum += imgs.sum(axis=0, dtype=np.float64)
-    cur = initial_size(N, config.incr_size)
-    flat, kx, ky, _ = _pixels(N, cur, include_dc=True)
+    # RELION's seeds: the transform is windowed to n0 = round(0.07 N) pixels and inserted up
+    # to radius n0 // 2 (ml_optimiser.cpp, calculateSumOfPowerSpectraAndAverageImage: the
+    # shell index n0 is used as the window size), so the seeds hold shells 0..n0 // 2 only
+    h = seed_radius(N)
+    flat, kx, ky, _ = _pixels(N, 2 * h + 1, include_dc=True)
     X = F.reshape(B, -1)[:, flat]
     if config.ctf:
         c = ctf_at(CTFParams.from_dict(meta["ctf"]), kx, ky, N, pixel_size,
@@ -127,8 +130,13 @@ def initial_pass_sums(images, meta: dict, config, pixel_size: float, n_optics: i
     coords = np.einsum("pi,bij->bpj", k, inplane_matrix(meta["init_psi"])) * config.pad
     insert_slices_2d(out.data, out.weight, (X * c).astype(np.complex128), (c * c).astype(
         np.float64), coords.astype(np.float32), np.asarray(meta["init_class"], np.int64),
-        config.pad * cur / 2.0)
+        config.pad * h)
     return out
+
+
+def seed_radius(N: int) -> int:
+    """Fourier radius (pixels) of the iteration-0 seeds: ``round(0.07 N) // 2``, as RELION."""
+    return max(1, round(0.07 * N) // 2)
 
 
 def initial_size(N: int, incr_size: int) -> int:
