@@ -1,5 +1,6 @@
 """2D classification: E-step correctness, output files, --continue, accuracy on RELION data."""
 
+import itertools
 import subprocess
 
 import numpy as np
@@ -11,6 +12,7 @@ from cryonb.em import Class2DConfig
 from cryonb.em._estep import EStepContext
 from cryonb.em._model import RESULT_COLUMNS, Class2DModel, ParticleBatch
 from cryonb.em.class2d import Class2DJob
+from cryonb.errors import ConfigError
 from cryonb.fourier import Projector, ifft2_centered, shift_phases_2d
 from cryonb.io import read_mrc, read_particles, read_star
 from cryonb.parallel import run_class2d
@@ -134,22 +136,52 @@ def test_relion_tools_read_our_files(tmp_path):
     assert stats.count("=") >= 3 or "mean" in stats.lower()
 
 
+def _same_iteration_4(a_root, b_root):
+    a = read_mrc(a_root.parent / "run_it004_classes.mrcs").data
+    b = read_mrc(b_root.parent / "run_it004_classes.mrcs").data
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+    da = read_star(a_root.parent / "run_it004_data.star")["particles"]
+    db = read_star(b_root.parent / "run_it004_data.star")["particles"]
+    assert (da.rlnClassNumber.values == db.rlnClassNumber.values).all()
+    np.testing.assert_allclose(da.rlnAnglePsi, db.rlnAnglePsi)
+
+
 def test_continue_gives_the_same_result(tmp_path):
+    """Continuing from an iteration of a run gives the uninterrupted run's result."""
     star, _ = _small_set(tmp_path)
-    full = run_class2d(_cfg(star, tmp_path / "a" / "run", iter=4))
-    run_class2d(_cfg(star, tmp_path / "b" / "run", iter=2))
-    cont = Class2DJob.from_optimiser(tmp_path / "b" / "run_it002_optimiser.star", iter=4)
+    run_class2d(_cfg(star, tmp_path / "a" / "run", iter=4))
+    cont = Class2DJob.from_optimiser(tmp_path / "a" / "run_it002_optimiser.star",
+                                     o=str(tmp_path / "b" / "run"))
     assert cont.iteration == 2
     res = run_class2d(cont.config)
     assert res.iteration == 4
-    a = read_mrc(tmp_path / "a" / "run_it004_classes.mrcs").data
-    b = read_mrc(tmp_path / "b" / "run_it004_classes.mrcs").data
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(a).max())
-    da = read_star(tmp_path / "a" / "run_it004_data.star")["particles"]
-    db = read_star(tmp_path / "b" / "run_it004_data.star")["particles"]
-    assert (da.rlnClassNumber.values == db.rlnClassNumber.values).all()
-    np.testing.assert_allclose(da.rlnAnglePsi, db.rlnAnglePsi)
-    assert full.iteration == 4
+    _same_iteration_4(tmp_path / "a" / "run", tmp_path / "b" / "run")
+
+
+def test_continue_with_more_iterations_plain(tmp_path):
+    """A finished run continued with a larger --iter: the uninterrupted run's result for the
+    plain algorithm (cryonb's early-phase schedules are fractions of --iter, so with them a
+    longer run differs from its first part by design)."""
+    star, _ = _small_set(tmp_path)
+    run_class2d(_cfg(star, tmp_path / "a" / "run", iter=4, reseed=False))
+    run_class2d(_cfg(star, tmp_path / "b" / "run", iter=2, reseed=False))
+    cont = Class2DJob.from_optimiser(tmp_path / "b" / "run_it002_optimiser.star", iter=4)
+    assert run_class2d(cont.config).iteration == 4
+    _same_iteration_4(tmp_path / "a" / "run", tmp_path / "b" / "run")
+
+
+def test_prior_annealing_schedule(tmp_path):
+    """T is tau2_anneal x larger in the first M-step, back to T at the last re-seeding
+    iteration, T afterwards; never without --reseed."""
+    star, _ = _small_set(tmp_path)
+    job = Class2DJob(_cfg(star, tmp_path / "o" / "run", iter=25))
+    f = [job.tau2_factor(it) for it in range(1, 26)]
+    assert f[0] == pytest.approx(2.5) and f[20] == pytest.approx(1.0)  # iteration 21 = 0.85 x 25
+    assert all(a > b for a, b in itertools.pairwise(f[:21])) and set(f[21:]) == {1.0}
+    plain = Class2DJob(_cfg(star, tmp_path / "p" / "run", iter=25, reseed=False))
+    assert {plain.tau2_factor(it) for it in range(1, 26)} == {1.0}
+    with pytest.raises(ConfigError, match="tau2_anneal"):
+        _cfg(star, tmp_path / "q" / "run", tau2_anneal=0.5).validate()
 
 
 def test_bad_input_errors(tmp_path):
