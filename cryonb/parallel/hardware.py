@@ -248,11 +248,15 @@ def gpu_utilisation(uuids: Sequence[str]) -> dict[str, float]:
     if nv is None:
         return out
     for u in dict.fromkeys(uuids):
-        try:
-            h = nv.nvmlDeviceGetHandleByUUID(u.encode() if isinstance(u, str) else u)
-            out[u] = float(nv.nvmlDeviceGetUtilizationRates(h).gpu)
-        except Exception:
-            continue
+        # pynvml releases differ in what they take: str (nvidia-ml-py 12+) or bytes (older)
+        keys = (u, u.encode()) if isinstance(u, str) else (u, _text(u))
+        for key in keys:
+            try:
+                h = nv.nvmlDeviceGetHandleByUUID(key)
+                out[_text(u)] = float(nv.nvmlDeviceGetUtilizationRates(h).gpu)
+                break
+            except Exception:
+                continue
     return out
 
 

@@ -825,3 +825,21 @@ def test_a_process_that_used_cuda_cannot_switch_devices(monkeypatch):
     assert hw.pin_devices([0, 0]) == [0, 0]  # the same device: fine
     with pytest.raises(ResourceError, match=r"cannot switch.*restart the cluster's engines"):
         hw.pin_devices([1])
+
+
+@pytest.mark.parametrize("takes", [str, bytes])
+def test_gpu_utilisation_with_either_pynvml_uuid_type(monkeypatch, takes):
+    """NVML's utilisation is read whether the installed pynvml takes UUIDs as str or bytes."""
+    from types import SimpleNamespace
+
+    from cryonb.parallel import hardware
+
+    def handle(key):
+        if not isinstance(key, takes):
+            raise TypeError("wrong UUID type")
+        return key
+
+    fake = SimpleNamespace(nvmlDeviceGetHandleByUUID=handle,
+                           nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=42))
+    monkeypatch.setattr(hardware, "_nvml", lambda: fake)
+    assert hardware.gpu_utilisation(["GPU-1234"]) == {"GPU-1234": 42.0}
