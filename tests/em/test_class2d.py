@@ -171,13 +171,13 @@ def test_continue_with_more_iterations_plain(tmp_path):
 
 
 def test_prior_annealing_schedule(tmp_path):
-    """T is tau2_anneal x larger in the first M-step, back to T at the last re-seeding
-    iteration, T afterwards; never without --reseed."""
+    """T is tau2_anneal x larger in the first M-step, back to T at 60% of the iterations,
+    T afterwards; never without --reseed."""
     star, _ = _small_set(tmp_path)
     job = Class2DJob(_cfg(star, tmp_path / "o" / "run", iter=25))
     f = [job.tau2_factor(it) for it in range(1, 26)]
-    assert f[0] == pytest.approx(2.5) and f[20] == pytest.approx(1.0)  # iteration 21 = 0.85 x 25
-    assert all(a > b for a, b in itertools.pairwise(f[:21])) and set(f[21:]) == {1.0}
+    assert f[0] == pytest.approx(2.5) and f[14] == pytest.approx(1.0)  # iteration 15 = 0.6 x 25
+    assert all(a > b for a, b in itertools.pairwise(f[:15])) and set(f[15:]) == {1.0}
     plain = Class2DJob(_cfg(star, tmp_path / "p" / "run", iter=25, reseed=False))
     assert {plain.tau2_factor(it) for it in range(1, 26)} == {1.0}
     with pytest.raises(ConfigError, match="tau2_anneal"):
