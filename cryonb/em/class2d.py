@@ -333,14 +333,16 @@ class Class2DJob:
 
         With ``--reseed``, T is ``tau2_anneal`` times larger in the first M-step and returns
         linearly to the user's T at iteration ``ANNEAL_UNTIL * iter`` (or ``reseed_until *
-        iter`` if earlier); 1 afterwards and without ``--reseed``. Why: in the first
-        iterations every class is a blend of many views, and RELION's prior (``tau2``, the power of the current class) is
-        that of a blurred image, far below a single view's; the prior then damps exactly the
-        small differences between classes from which they separate, and on noisy data (pixel
-        SNR 0.05) the classes stay blends for 10-15 iterations. A weaker prior early lets them
-        separate sooner; the last 40% of the iterations run with the user's T, so the result
-        is regularised as asked and has time to settle (ending at 85% cost a short run of 15
-        iterations 10% purity). benchmarks/RESULTS.md has the comparison.
+        iter`` if earlier); 1 afterwards and without ``--reseed``.
+
+        Why: in the first iterations every class is a blend of many views, and RELION's prior
+        (``tau2``, the power of the current class) is that of a blurred image, far below a
+        single view's. The prior then damps exactly the small differences between classes
+        from which they separate, and on noisy data (pixel SNR 0.05) the classes stay blends
+        for 10-15 iterations. A weaker prior early lets them separate sooner. The last 40% of
+        the iterations run with the user's T, so the result is regularised as asked and has
+        time to settle (ending at 85% cost a short run of 15 iterations 10% purity).
+        benchmarks/RESULTS.md has the comparison.
         """
         cfg = self.config
         last = round(min(ANNEAL_UNTIL, cfg.reseed_until) * cfg.iter)
