@@ -18,6 +18,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--box", type=int, default=128)
     ap.add_argument("--K", type=int, default=50)
+    ap.add_argument("--psi", type=float, default=10.0, help="--psi_step")
+    ap.add_argument("--views", type=int, default=20, help="views of the simulated set (<= K)")
     ap.add_argument("--pool", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--gpu", action="store_true")
@@ -27,9 +29,9 @@ def main(argv=None):
     from cryonb.em import Class2DConfig
     from cryonb.em.class2d import Class2DJob
 
-    star = simulate(a.n, a.box, views=min(a.K, 20))
+    star = simulate(a.n, a.box, views=min(a.K, a.views))
     cfg = Class2DConfig(i=str(star), o=str(star.parent / f"prof_{a.K}" / "run"), K=a.K,
-                        iter=a.warmup + 1, psi_step=10, offset_range=5, offset_step=2,
+                        iter=a.warmup + 1, psi_step=a.psi, offset_range=5, offset_step=2,
                         random_seed=0, **({"gpu": "0"} if a.gpu else {"cpu": True}))
     job = Class2DJob(cfg)
     if a.gpu:

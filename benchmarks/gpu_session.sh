@@ -38,7 +38,7 @@ for what in "$@"; do
              tests/fourier tests/kernels tests/em tests/pick tests/parallel ;;
     picktests) CRYONB_SHARED_DATA=$PWD/.gpudata step picktests 150 python3 -m pytest -q -m gpu \
                  -p no:cacheprovider --timeout 140 tests/pick ;;
-    profile) step profile 120 python3 benchmarks/estep_profile.py --gpu --n 4000 --box 128 --K 50 ;;
+    profile) step profile 120 python3 benchmarks/estep_profile.py --gpu ${PROFILE_ARGS:---n 4000 --box 128 --K 50} ;;
     bench) step bench 420 python3 benchmarks/class2d_gpu.py --out "$OUT" ${BENCH_ARGS:-} ;;
     parallel) step parallel_check 200 python3 benchmarks/parallel_gpu_check.py ;;
     scaling) step scaling 300 python3 benchmarks/parallel_scaling.py --gpu '' \

@@ -28,7 +28,7 @@ from ..backend import array_module, segment_max, segment_sum
 from ..ctf import CTFParams, ctf_at
 from ..data.conventions import inplane_matrix
 from ..fourier import Projector, fft2_centered, ifft2_centered
-from ..kernels import insert_slices_2d, sampled_dot, scatter_products
+from ..kernels import insert_slices_2d, sampled_dot, scatter_products, significant_samples
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch, Sampling
 
 __all__ = ["BROAD_FRACTION", "SHIFTED_REFS_BYTES", "EStepContext", "coarse_image_size",
@@ -426,23 +426,12 @@ class EStepContext:
         return sig, best
 
     def _significant(self, lw):
-        """RELION's significant samples: the fewest holding ``adaptive_fraction`` of the weight.
-
-        Per particle the weights are sorted in decreasing order and accumulated until the
-        fraction is reached (capped at ``maxsig``); the last one added is the threshold.
-        """
-        xp = self.xp
+        """RELION's significant samples (:func:`cryonb.kernels.significant_samples`), per
+        particle over all (translation, rotation) pairs of ``lw`` (B, T, M)."""
         B = lw.shape[0]
-        flat = lw.reshape(B, -1)
-        w = xp.exp(flat - flat.max(axis=1, keepdims=True))
-        srt = -xp.sort(-w, axis=1)
-        cs = xp.cumsum(srt, axis=1)
-        nsig = (cs < self.config.adaptive_fraction * cs[:, -1:]).sum(axis=1) + 1
-        if self.config.maxsig > 0:
-            nsig = xp.minimum(nsig, self.config.maxsig)
-        nsig = xp.minimum(nsig, srt.shape[1])
-        thr = xp.take_along_axis(srt, (nsig - 1)[:, None], axis=1)
-        return (w >= thr).reshape(lw.shape)
+        sig = significant_samples(lw.reshape(B, -1), self.config.adaptive_fraction,
+                                  self.config.maxsig)
+        return sig.reshape(lw.shape)
 
     def _groups(self, sig_t, sig_r, best, grid, budget_bytes: float | None = None):
         """Split broad-posterior particles into groups for the dense second pass.

@@ -21,6 +21,7 @@ from ._sampled import (
     scatter_products,
     scatter_products_reference,
 )
+from ._select import significant_samples, significant_samples_reference
 
 __all__ = [
     "find_peaks_2d",
@@ -35,6 +36,8 @@ __all__ = [
     "sampled_dot_reference",
     "scatter_products",
     "scatter_products_reference",
+    "significant_samples",
+    "significant_samples_reference",
     "update_best_2d",
     "update_best_2d_reference",
 ]

@@ -1,0 +1,76 @@
+"""Significant samples: NumPy (sort) and CuPy (radix select) against a plain definition."""
+
+import math
+
+import numpy as np
+import pytest
+
+from cryonb.kernels import significant_samples, significant_samples_reference
+
+
+def _by_definition(lw, fraction, maxsig=-1):
+    """Row by row: the fewest largest weights whose sum reaches ``fraction`` of the total."""
+    out = np.zeros(lw.shape, bool)
+    for b, row in enumerate(lw):
+        w = np.exp(row - row.max())
+        srt = sorted(w.tolist(), reverse=True)
+        target = fraction * math.fsum(srt)
+        n, acc = 0, 0.0
+        while n < len(srt):
+            acc += srt[n]
+            n += 1
+            if acc >= target:
+                break
+        if maxsig > 0:
+            n = min(n, maxsig)
+        out[b] = w >= srt[n - 1]
+    return out
+
+
+def _rows(seed=0, B=12, N=3000):
+    """Peaked, broad and flat rows, with excluded samples (-inf) and exact ties."""
+    rng = np.random.default_rng(seed)
+    lw = rng.normal(size=(B, N)).astype(np.float32) * np.linspace(0.5, 40, B)[:, None]
+    lw[1, ::7] = -np.inf
+    lw[2, :] = 0.0  # all equal
+    lw[3, :100] = lw[3].max() + 1  # 100 tied maxima
+    lw[4, rng.integers(0, N, 50)] = -np.inf
+    return lw
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9, 0.999])
+@pytest.mark.parametrize("maxsig", [-1, 1, 37])
+def test_reference_follows_the_definition(fraction, maxsig):
+    lw = _rows()
+    got = significant_samples(lw, fraction, maxsig)
+    assert got.dtype == bool and got.shape == lw.shape
+    want = _by_definition(lw.astype(np.float64), fraction, maxsig)
+    # float32 weights vs float64 sums: rows may differ only at an exact tie of rounding
+    assert np.mean(np.all(got == want, axis=1)) >= 11 / 12
+    assert np.array_equal(got[2], np.ones(lw.shape[1], bool)) or maxsig > 0
+    assert got[3, :100].all()
+    assert not got[1, ::7].any()
+
+
+def test_significant_counts():
+    lw = np.log(np.array([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]]))
+    assert significant_samples_reference(lw, 0.79).sum(axis=1).tolist() == [2, 4]
+    assert significant_samples_reference(lw, 0.81).sum(axis=1).tolist() == [3, 4]
+    assert significant_samples_reference(lw, 0.81, maxsig=1).sum(axis=1).tolist() == [1, 4]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("maxsig", [-1, 5, 400])
+def test_gpu_select_matches_reference(maxsig):
+    import cupy
+
+    for seed, (B, N) in enumerate([(12, 3000), (5, 250_000), (3, 1)]):
+        lw = _rows(seed, B, N) if N > 1 else np.zeros((B, N), np.float32)
+        for fraction in (0.5, 0.9, 0.999):
+            ref = significant_samples_reference(lw, fraction, maxsig)
+            got = significant_samples(cupy.asarray(lw), fraction, maxsig).get()
+            # exact ties and rounding of the cumulative sums aside, the same samples
+            assert np.mean(got == ref) >= 0.9999, (B, N, fraction)
+            assert np.mean(np.all(got == ref, axis=1)) >= 0.75, (B, N, fraction)
+            again = significant_samples(cupy.asarray(lw), fraction, maxsig).get()
+            assert np.array_equal(got, again)
