@@ -68,7 +68,7 @@ class Class2DConfig(JobConfig):
                           "first iterations (cryonb)", relion=False)
     reseed_until: float = option(0.85, "--reseed_until", "last iteration that may re-seed, as "
                                  "a fraction of --iter (cryonb)", relion=False)
-    tau2_anneal: float = option(4.0, "--tau2_anneal", "with --reseed: T is this many times "
+    tau2_anneal: float = option(8.0, "--tau2_anneal", "with --reseed: T is this many times "
                                 "larger in the first M-step, back to T at 60% of --iter "
                                 "(linearly; 1 = off; cryonb)", relion=False)
     write_every: int = option(1, "--write_every", "write full output every N iterations "
