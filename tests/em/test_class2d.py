@@ -176,7 +176,8 @@ def test_prior_annealing_schedule(tmp_path):
     star, _ = _small_set(tmp_path)
     job = Class2DJob(_cfg(star, tmp_path / "o" / "run", iter=25))
     f = [job.tau2_factor(it) for it in range(1, 26)]
-    assert f[0] == pytest.approx(Class2DConfig.tau2_anneal) and f[14] == pytest.approx(1.0)  # iteration 15 = 0.6 x 25
+    assert f[0] == pytest.approx(Class2DConfig.tau2_anneal)
+    assert f[14] == pytest.approx(1.0)  # iteration 15 = 0.6 x 25
     assert all(a > b for a, b in itertools.pairwise(f[:15])) and set(f[15:]) == {1.0}
     plain = Class2DJob(_cfg(star, tmp_path / "p" / "run", iter=25, reseed=False))
     assert {plain.tau2_factor(it) for it in range(1, 26)} == {1.0}
