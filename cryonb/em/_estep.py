@@ -28,7 +28,13 @@ from ..backend import array_module, segment_max, segment_sum
 from ..ctf import CTFParams, ctf_at
 from ..data.conventions import inplane_matrix
 from ..fourier import Projector, fft2_centered, ifft2_centered
-from ..kernels import insert_slices_2d, sampled_dot, scatter_products, significant_samples
+from ..kernels import (
+    insert_slices_2d,
+    sampled_dot,
+    scatter_products,
+    significant_in_segments,
+    significant_samples,
+)
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch, Sampling
 
 __all__ = ["BROAD_FRACTION", "SHIFTED_REFS_BYTES", "EStepContext", "coarse_image_size",
@@ -584,18 +590,11 @@ class EStepContext:
         w = (w / tot[b]).astype(xp.float32)
         # RELION's significance in the second pass: per particle, the largest weights that
         # hold adaptive_fraction of the total; the rest are dropped
-        order = xp.lexsort(xp.stack([-w, b]))
-        ws, bs = w[order], b[order]
-        cs = xp.cumsum(ws.astype(xp.float64))
-        start = xp.concatenate([xp.zeros(1, bool), bs[1:] != bs[:-1]]) | (xp.arange(bs.size) == 0)
-        base = xp.zeros(Bs, xp.float64)
-        base[bs[start]] = (cs - ws)[start]
-        keep_sorted = (cs - ws - base[bs]) < self.config.adaptive_fraction
-        keep = xp.empty_like(keep_sorted)
-        keep[order] = keep_sorted
+        keep = significant_in_segments(lw, b, Bs, self.config.adaptive_fraction)
         w = xp.where(keep, w, 0)
         w = (w / segment_sum(w, b, Bs)[b]).astype(xp.float32)
-        best = order[start]  # the first (largest) sample of each particle
+        top = xp.flatnonzero(lw == mx[b])  # the best sample of each particle: its first maximum
+        best = top[xp.concatenate([xp.ones(1, bool), b[top][1:] != b[top][:-1]])]
         bpart = b[best]
         psi = f.psi_dev
         best_rf = xp.empty(Bs, rf.dtype)

@@ -21,7 +21,11 @@ from ._sampled import (
     scatter_products,
     scatter_products_reference,
 )
-from ._select import significant_samples, significant_samples_reference
+from ._select import (
+    significant_in_segments,
+    significant_samples,
+    significant_samples_reference,
+)
 
 __all__ = [
     "find_peaks_2d",
@@ -36,6 +40,7 @@ __all__ = [
     "sampled_dot_reference",
     "scatter_products",
     "scatter_products_reference",
+    "significant_in_segments",
     "significant_samples",
     "significant_samples_reference",
     "update_best_2d",

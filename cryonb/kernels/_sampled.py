@@ -4,8 +4,10 @@ The E-step's second pass evaluates only the (particle x translation, rotation) s
 first pass found significant: a sparse subset of a matrix product ("sampled dense-dense matrix
 multiplication"), and it accumulates weighted rows into the back-projection sums. Neither is
 an array expression without large temporaries, so each is a Numba kernel (CPU, parallel over
-samples or output rows, no write conflicts) and a CuPy ``RawKernel`` (GPU, a warp per sample,
-atomic adds in double precision), with a plain NumPy reference for the tests.
+samples or output rows, no write conflicts) and, on the GPU, a CuPy ``RawKernel`` (a warp per
+sample) for the products and sparse x dense matrix products (cuSPARSE, float64) for the
+scatter-adds (atomic adds in double precision where those do not apply), with a plain NumPy
+reference for the tests.
 """
 
 from __future__ import annotations
@@ -125,6 +127,41 @@ def _cuda_kernel(name):
     return _cuda[key]
 
 
+def _scatter_sparse(acc, U, V, iu, iv, iacc, w) -> bool:
+    """GPU: the scatter-add as sparse x dense matrix products (cuSPARSE, float64).
+
+    ``V is None``: ``acc += S @ U`` with ``S[iacc[s], iu[s]] = w[s]``. With ``V``, when every
+    sample of a row of ``U`` goes to the same target row (``iacc = g[iu]``, as in the
+    E-step: a shifted image belongs to one particle): ``Z = S' @ V`` with ``S'[iu[s], iv[s]]
+    = w[s]`` over the rows of ``U`` in use, then ``acc[g[u]] += U[u] * Z[u]``, again as a
+    sparse product. Returns False (nothing done) when ``iacc`` is not a function of ``iu``.
+    """
+    import cupy
+    import cupyx.scipy.sparse as sp
+
+    i32 = cupy.int32
+    w64 = cupy.asarray(w, cupy.float64)
+    iu, iacc = cupy.asarray(iu), cupy.asarray(iacc)
+    if V is None:
+        S = sp.coo_matrix((w64, (iacc.astype(i32), iu.astype(i32))),
+                          shape=(acc.shape[0], U.shape[0])).tocsr()
+        acc += S @ U.astype(cupy.float64)
+        return True
+    used, row = cupy.unique(iu, return_inverse=True)  # rows of U in use, sample -> row
+    g = cupy.empty(used.shape[0], iacc.dtype)
+    g[row] = iacc
+    if not bool((g[row] == iacc).all()):
+        return False
+    S = sp.coo_matrix((w64, (row.astype(i32), cupy.asarray(iv).astype(i32))),
+                      shape=(used.shape[0], V.shape[0])).tocsr()
+    rows = (S @ V.astype(cupy.float64)) * U[used].astype(cupy.float64)
+    G = sp.coo_matrix((cupy.ones(used.shape[0], cupy.float64),
+                       (g.astype(i32), cupy.arange(used.shape[0], dtype=i32))),
+                      shape=(acc.shape[0], used.shape[0])).tocsr()
+    acc += G @ rows
+    return True
+
+
 # ----------------------------------------------------------------------------- public
 def sampled_dot(U, V, iu, iv):
     """Dot products of selected row pairs.
@@ -182,8 +219,10 @@ def scatter_products(acc, U, V, iu, iv, iacc, w) -> None:
     Notes
     -----
     ``acc[iacc[s]] += w[s] * U[iu[s]] * V[iv[s]]``. CPU: samples are grouped by target row and
-    each row is summed by one thread in sample order (deterministic). GPU: double-precision
-    atomic adds (order-independent to ~1e-16 relative).
+    each row is summed by one thread in sample order (deterministic). GPU: sparse x dense
+    matrix products in float64 (cuSPARSE), see :func:`_scatter_sparse`; where that does not
+    apply (``V`` given and ``iacc`` not a function of ``iu``), double-precision atomic adds
+    (order-independent to ~1e-16 relative).
     """
     xp = array_module(acc)
     n = int(iu.shape[0])
@@ -202,6 +241,8 @@ def scatter_products(acc, U, V, iu, iv, iacc, w) -> None:
         _numba_kernels()["scatter"](acc, U, Vc, np.asarray(iu, np.int64),
                                     np.asarray(iv if V is not None else iu, np.int64), rows,
                                     starts, order, np.asarray(w, np.float32), V is not None)
+        return
+    if _scatter_sparse(acc, U, Vc if V is not None else None, iu, iv, iacc, w):
         return
     D = U.shape[1]
     _cuda_kernel("scatter_products")(

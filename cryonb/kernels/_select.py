@@ -21,7 +21,7 @@ import numpy as np
 
 from ..backend import array_module
 
-__all__ = ["significant_samples", "significant_samples_reference"]
+__all__ = ["significant_in_segments", "significant_samples", "significant_samples_reference"]
 
 
 def significant_samples_reference(lw, fraction: float, maxsig: int = -1):
@@ -43,15 +43,18 @@ def significant_samples_reference(lw, fraction: float, maxsig: int = -1):
 
 _CUDA_SRC = r"""
 extern "C" __global__
-void significant_select(const float* lw, const float* rowmax, long long N, double fraction,
-                        long long maxsig, bool* out)
+void significant_select(const float* lw, const float* rowmax, const long long* starts,
+                        double fraction, long long maxsig, bool* out)
 {
     __shared__ unsigned int cnt[2048];
     __shared__ unsigned long long wsum[2048];
     __shared__ unsigned int s_prefix, s_mask;
     __shared__ unsigned long long s_above_w, s_above_c, s_target;
-    const float* x = lw + (long long)blockIdx.x * N;
+    const long long first = starts[blockIdx.x];
+    const long long N = starts[blockIdx.x + 1] - first;
+    const float* x = lw + first;
     const float m = rowmax[blockIdx.x];
+    if (N <= 0) return;
     const float scale = 1099511627776.0f;  // 2^40
     if (threadIdx.x == 0) { s_prefix = 0u; s_mask = 0u; s_above_w = 0ull; s_above_c = 0ull; }
     for (int p = 0; p < 3; ++p) {
@@ -92,7 +95,7 @@ void significant_select(const float* lw, const float* rowmax, long long N, doubl
         __syncthreads();
     }
     const unsigned int thr = s_prefix;
-    bool* o = out + (long long)blockIdx.x * N;
+    bool* o = out + first;
     for (long long i = threadIdx.x; i < N; i += blockDim.x)
         o[i] = __float_as_uint(expf(x[i] - m)) >= thr;
 }
@@ -133,11 +136,65 @@ def significant_samples(lw, fraction: float, maxsig: int = -1):
     if xp is np:
         return significant_samples_reference(lw, fraction, maxsig)
     B, N = lw.shape
-    lw = xp.ascontiguousarray(lw, dtype=xp.float32)
     out = xp.empty((B, N), dtype=xp.bool_)
     if B == 0 or N == 0:
         return out
-    rowmax = lw.max(axis=1)
-    _cuda_kernel()((B,), (1024,), (lw, rowmax, np.int64(N), np.float64(fraction),
-                                   np.int64(maxsig), out))
+    lw = xp.ascontiguousarray(lw, dtype=xp.float32)
+    starts = xp.arange(B + 1, dtype=xp.int64) * N
+    _select_gpu(lw, lw.max(axis=1), starts, fraction, maxsig, out)
     return out
+
+
+def significant_in_segments(lw, seg, n_seg: int, fraction: float, maxsig: int = -1):
+    """:func:`significant_samples` over variable-length segments (the second pass's samples).
+
+    Parameters
+    ----------
+    lw : float array of shape (n,)
+        Log-weights of the samples, grouped by particle: ``seg`` non-decreasing.
+    seg : int array of shape (n,)
+        The particle (segment id, ``0..n_seg-1``) of each sample.
+    n_seg : int
+    fraction, maxsig
+        As :func:`significant_samples`.
+
+    Returns
+    -------
+    bool array of shape (n,)
+        Within each segment, ``w >= threshold`` as :func:`significant_samples` defines it.
+    """
+    xp = array_module(lw)
+    n = int(lw.shape[0])
+    if n == 0:
+        return xp.zeros(0, dtype=bool)
+    counts = xp.bincount(seg, minlength=n_seg)[:n_seg]
+    starts = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(counts).astype(xp.int64)])
+    from ..backend import segment_max
+
+    if xp is np:  # one sort for all segments: by segment, then by decreasing weight
+        w = np.exp(lw - segment_max(lw, seg, n_seg)[seg])
+        order = np.lexsort((-w, seg))
+        ws, ss = w[order], seg[order]
+        before = np.cumsum(ws, dtype=np.float64) - ws  # within the segment after "- base"
+        before -= before[starts[:-1][counts > 0]].repeat(counts[counts > 0])
+        tot = np.bincount(seg, weights=w.astype(np.float64), minlength=n_seg)
+        take = before < fraction * tot[ss]
+        if maxsig > 0:
+            take &= (np.arange(n) - starts[ss]) < maxsig
+        thr = np.full(n_seg, np.inf, w.dtype)
+        np.minimum.at(thr, ss[take], ws[take])
+        return w >= thr[seg]
+    lw = xp.ascontiguousarray(lw, dtype=xp.float32)
+    out = xp.zeros(n, dtype=xp.bool_)
+    _select_gpu(lw, segment_max(lw, seg, n_seg), starts, fraction, maxsig, out)
+    return out
+
+
+def _select_gpu(lw, rowmax, starts, fraction, maxsig, out) -> None:
+    """Launch the radix select: one block per segment ``starts[i]:starts[i + 1]``."""
+    import cupy
+
+    n_seg = int(starts.shape[0]) - 1
+    _cuda_kernel()((n_seg,), (1024,), (lw, cupy.ascontiguousarray(rowmax, dtype=cupy.float32),
+                                       cupy.ascontiguousarray(starts, dtype=cupy.int64),
+                                       np.float64(fraction), np.int64(maxsig), out))

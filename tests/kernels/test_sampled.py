@@ -61,3 +61,13 @@ def test_gpu_kernels_match_reference():
         b = np.zeros((M, U.shape[1]))
         scatter_products_reference(b, U, V if with_v else None, iu, iv, iacc, w)
         np.testing.assert_allclose(a.get(), b, rtol=1e-5, atol=1e-5)
+    # as the E-step uses it: each row of U belongs to one target row (sparse products)
+    owner = np.random.default_rng(4).integers(0, M, U.shape[0])
+    for with_v in (True, False):
+        a = cupy.zeros((M, U.shape[1]))
+        scatter_products(a, cupy.asarray(U), cupy.asarray(V) if with_v else None,
+                         cupy.asarray(iu), cupy.asarray(iv), cupy.asarray(owner[iu]),
+                         cupy.asarray(w))
+        b = np.zeros((M, U.shape[1]))
+        scatter_products_reference(b, U, V if with_v else None, iu, iv, owner[iu], w)
+        np.testing.assert_allclose(a.get(), b, rtol=1e-9, atol=1e-9)

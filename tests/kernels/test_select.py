@@ -5,7 +5,11 @@ import math
 import numpy as np
 import pytest
 
-from cryonb.kernels import significant_samples, significant_samples_reference
+from cryonb.kernels import (
+    significant_in_segments,
+    significant_samples,
+    significant_samples_reference,
+)
 
 
 def _by_definition(lw, fraction, maxsig=-1):
@@ -57,6 +61,39 @@ def test_significant_counts():
     assert significant_samples_reference(lw, 0.79).sum(axis=1).tolist() == [2, 4]
     assert significant_samples_reference(lw, 0.81).sum(axis=1).tolist() == [3, 4]
     assert significant_samples_reference(lw, 0.81, maxsig=1).sum(axis=1).tolist() == [1, 4]
+
+
+def _segments(seed=0, n_seg=40):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(0, 60, n_seg)
+    sizes[3] = 1
+    seg = np.repeat(np.arange(n_seg), sizes)
+    lw = (rng.normal(size=seg.size) * rng.uniform(0.5, 30, n_seg)[seg]).astype(np.float32)
+    lw[seg == 5] = 2.0  # a segment of ties
+    return lw, seg, sizes
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9, 0.999])
+@pytest.mark.parametrize("maxsig", [-1, 3])
+def test_segments_follow_the_rows(fraction, maxsig):
+    """Variable-length segments give what each segment gives as a row of its own."""
+    lw, seg, sizes = _segments()
+    got = significant_in_segments(lw, seg, len(sizes), fraction, maxsig)
+    for k in np.flatnonzero(sizes):
+        row = significant_samples_reference(lw[seg == k][None], fraction, maxsig)[0]
+        assert np.array_equal(got[seg == k], row), k
+    assert significant_in_segments(lw[:0], seg[:0], 3, fraction).shape == (0,)
+
+
+@pytest.mark.gpu
+def test_gpu_segments_match_reference():
+    import cupy
+
+    lw, seg, sizes = _segments(1, n_seg=300)
+    for fraction in (0.5, 0.999):
+        ref = significant_in_segments(lw, seg, len(sizes), fraction)
+        got = significant_in_segments(cupy.asarray(lw), cupy.asarray(seg), len(sizes), fraction)
+        assert np.mean(got.get() == ref) >= 0.999
 
 
 @pytest.mark.gpu
