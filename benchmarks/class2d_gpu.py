@@ -185,6 +185,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes only (smoke test)")
     ap.add_argument("--skip_estep", action="store_true",
                     help="only the whole iterations on RELION 5's shape (not the E-step grid)")
+    ap.add_argument("--cases", default="",
+                    help="E-step shapes as box:K:psi_step,... (default: the whole grid)")
     ap.add_argument("--threads", type=int, nargs="+", default=None,
                     help="--j values of the whole-iteration runs (default 1 2)")
     a = ap.parse_args(argv)
@@ -202,6 +204,9 @@ def main(argv=None):
     cases = [(128, 50, 10.0)] if a.quick else [
         (64, 50, 10.0), (64, 200, 6.0), (128, 50, 10.0), (128, 100, 6.0), (128, 200, 10.0),
         (256, 50, 10.0)]
+    if a.cases:
+        cases = [(int(b), int(k), float(p)) for b, k, p in
+                 (c.split(":") for c in a.cases.split(","))]
     if a.skip_estep:
         cases = []
     for box, K, psi in cases:
