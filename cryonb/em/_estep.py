@@ -590,7 +590,7 @@ class EStepContext:
         w = (w / tot[b]).astype(xp.float32)
         # RELION's significance in the second pass: per particle, the largest weights that
         # hold adaptive_fraction of the total; the rest are dropped
-        keep = significant_in_segments(lw, b, Bs, self.config.adaptive_fraction)
+        keep = significant_in_segments(lw, b, Bs, self.config.adaptive_fraction, seg_max=mx)
         w = xp.where(keep, w, 0)
         w = (w / segment_sum(w, b, Bs)[b]).astype(xp.float32)
         top = xp.flatnonzero(lw == mx[b])  # the best sample of each particle: its first maximum

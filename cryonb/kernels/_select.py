@@ -19,25 +19,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
+from ..backend import array_module, segment_max
 
 __all__ = ["significant_in_segments", "significant_samples", "significant_samples_reference"]
 
 
 def significant_samples_reference(lw, fraction: float, maxsig: int = -1):
-    """Sort-based selection (NumPy; the CPU path and the tests' reference).
+    """Sort-based selection (the CPU path and the tests' reference; NumPy or CuPy arrays).
 
     Parameters and returns as :func:`significant_samples`.
     """
-    lw = np.asarray(lw)
-    w = np.exp(lw - lw.max(axis=1, keepdims=True))
-    srt = -np.sort(-w, axis=1)
-    cs = np.cumsum(srt, axis=1, dtype=np.float64)
+    xp = array_module(lw)
+    w = xp.exp(lw - lw.max(axis=1, keepdims=True))
+    srt = -xp.sort(-w, axis=1)
+    cs = xp.cumsum(srt, axis=1, dtype=xp.float64)
     nsig = (cs < fraction * cs[:, -1:]).sum(axis=1) + 1
     if maxsig > 0:
-        nsig = np.minimum(nsig, maxsig)
-    nsig = np.minimum(nsig, srt.shape[1])
-    thr = np.take_along_axis(srt, (nsig - 1)[:, None], axis=1)
+        nsig = xp.minimum(nsig, maxsig)
+    nsig = xp.minimum(nsig, srt.shape[1])
+    thr = xp.take_along_axis(srt, (nsig - 1)[:, None], axis=1)
     return w >= thr
 
 
@@ -145,7 +145,8 @@ def significant_samples(lw, fraction: float, maxsig: int = -1):
     return out
 
 
-def significant_in_segments(lw, seg, n_seg: int, fraction: float, maxsig: int = -1):
+def significant_in_segments(lw, seg, n_seg: int, fraction: float, maxsig: int = -1,
+                            seg_max=None):
     """:func:`significant_samples` over variable-length segments (the second pass's samples).
 
     Parameters
@@ -157,6 +158,8 @@ def significant_in_segments(lw, seg, n_seg: int, fraction: float, maxsig: int = 
     n_seg : int
     fraction, maxsig
         As :func:`significant_samples`.
+    seg_max : array of shape (n_seg,), optional
+        The maxima of ``lw`` per segment, where the caller has them already.
 
     Returns
     -------
@@ -169,13 +172,14 @@ def significant_in_segments(lw, seg, n_seg: int, fraction: float, maxsig: int = 
         return xp.zeros(0, dtype=bool)
     counts = xp.bincount(seg, minlength=n_seg)[:n_seg]
     starts = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(counts).astype(xp.int64)])
-    from ..backend import segment_max
-
+    if seg_max is None:
+        seg_max = segment_max(lw, seg, n_seg)
     if xp is np:  # one sort for all segments: by segment, then by decreasing weight
-        w = np.exp(lw - segment_max(lw, seg, n_seg)[seg])
+        w = np.exp(lw - seg_max[seg])
         order = np.lexsort((-w, seg))
         ws, ss = w[order], seg[order]
-        before = np.cumsum(ws, dtype=np.float64) - ws  # within the segment after "- base"
+        # weight sorted before each sample, counted from its own segment's start
+        before = np.cumsum(ws, dtype=np.float64) - ws
         before -= before[starts[:-1][counts > 0]].repeat(counts[counts > 0])
         tot = np.bincount(seg, weights=w.astype(np.float64), minlength=n_seg)
         take = before < fraction * tot[ss]
@@ -186,7 +190,7 @@ def significant_in_segments(lw, seg, n_seg: int, fraction: float, maxsig: int = 
         return w >= thr[seg]
     lw = xp.ascontiguousarray(lw, dtype=xp.float32)
     out = xp.zeros(n, dtype=xp.bool_)
-    _select_gpu(lw, segment_max(lw, seg, n_seg), starts, fraction, maxsig, out)
+    _select_gpu(lw, seg_max, starts, fraction, maxsig, out)
     return out
 
 
