@@ -29,8 +29,6 @@ __all__ = [
     "gpu_available",
     "is_gpu_array",
     "release_device_memory",
-    "segment_max",
-    "segment_sum",
     "to_device",
     "to_numpy",
     "use_device",
@@ -217,22 +215,3 @@ def add_rows_at(acc, idx, rows) -> None:
     import cupyx
 
     cupyx.scatter_add(acc, idx, rows.astype(acc.dtype, copy=False))
-
-
-def segment_sum(values, seg, n: int):
-    """Sums of ``values`` per segment id ``seg`` (ids in ``0..n-1``) -> shape (n,) float64."""
-    xp = array_module(values)
-    return xp.bincount(seg, weights=values.astype(xp.float64), minlength=n)[:n]
-
-
-def segment_max(values, seg, n: int):
-    """Maxima of ``values`` per segment id (``-inf`` for empty segments) -> shape (n,)."""
-    xp = array_module(values)
-    out = xp.full(n, -xp.inf, dtype=values.dtype)
-    if xp is np:
-        np.maximum.at(out, seg, values)
-        return out
-    import cupyx
-
-    cupyx.scatter_max(out, seg, values)
-    return out

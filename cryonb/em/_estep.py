@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import array_module, segment_max, segment_sum
+from ..backend import array_module
 from ..ctf import CTFParams, ctf_at
 from ..data.conventions import inplane_matrix
 from ..fourier import Projector, fft2_centered, ifft2_centered
@@ -32,6 +32,9 @@ from ..kernels import (
     insert_slices_2d,
     sampled_dot,
     scatter_products,
+    segment_argmax,
+    segment_starts,
+    segment_sums,
     significant_in_segments,
     significant_samples,
 )
@@ -583,29 +586,27 @@ class EStepContext:
         d = offs - self.prior_offset[k]
         d2 = (d * d).sum(axis=1)
         lw = cross - 0.5 * (x2[b] + a2) + self.log_pdf[k] - d2 * self.inv2_sig_off
-        mx = segment_max(lw, b, Bs)
+        # per-particle reductions over each particle's contiguous run of samples; every
+        # particle has at least one (its best coarse sample is always significant)
+        starts = segment_starts(b, Bs)
+        mx, best = segment_argmax(lw, starts)  # best: each particle's first maximum
         w = xp.exp(lw - mx[b])
-        tot = segment_sum(w, b, Bs)
+        tot = segment_sums(w, starts)
         loglik = mx + xp.log(tot) - self.logsigma2[xp.asarray(batch.optics[sub])]
-        w = (w / tot[b]).astype(xp.float32)
         # RELION's significance in the second pass: per particle, the largest weights that
         # hold adaptive_fraction of the total; the rest are dropped
-        keep = significant_in_segments(lw, b, Bs, self.config.adaptive_fraction, seg_max=mx)
+        keep = significant_in_segments(lw, b, Bs, self.config.adaptive_fraction, seg_max=mx,
+                                       starts=starts)
         w = xp.where(keep, w, 0)
-        w = (w / segment_sum(w, b, Bs)[b]).astype(xp.float32)
-        top = xp.flatnonzero(lw == mx[b])  # the best sample of each particle: its first maximum
-        best = top[xp.concatenate([xp.ones(1, bool), b[top][1:] != b[top][:-1]])]
-        bpart = b[best]
+        w = (w / segment_sums(w, starts)[b]).astype(xp.float32)
         psi = f.psi_dev
-        best_rf = xp.empty(Bs, rf.dtype)
-        best_rf[bpart] = rf[best]
-        best_off = xp.empty((Bs, 2), offs.dtype)
-        best_off[bpart] = offs[best]
+        best_rf = rf[best]
+        best_off = offs[best]
         dpsi = (psi[rf % R] - psi[best_rf[b] % R] + 180) % 360 - 180
         dt = offs - best_off[b]
-        acc_rot = xp.sqrt(segment_sum(w * dpsi**2, b, Bs))
-        acc_tr = xp.sqrt(segment_sum(w * (dt * dt).sum(axis=1), b, Bs))
-        pmax = segment_max(w, b, Bs)
+        acc_rot = xp.sqrt(segment_sums(w * dpsi**2, starts))
+        acc_tr = xp.sqrt(segment_sums(w * (dt * dt).sum(axis=1), starts))
+        pmax = w[best]  # the largest weight is the best sample's
         cols = {"class": best_rf // R, "psi": psi[best_rf % R], "offset_x": best_off[:, 0],
                 "offset_y": best_off[:, 1], "pmax": pmax, "loglik": loglik,
                 "acc_rot": acc_rot, "acc_trans": acc_tr}

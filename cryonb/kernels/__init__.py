@@ -21,6 +21,7 @@ from ._sampled import (
     scatter_products,
     scatter_products_reference,
 )
+from ._segments import segment_argmax, segment_starts, segment_sums
 from ._select import (
     significant_in_segments,
     significant_samples,
@@ -40,6 +41,9 @@ __all__ = [
     "sampled_dot_reference",
     "scatter_products",
     "scatter_products_reference",
+    "segment_argmax",
+    "segment_starts",
+    "segment_sums",
     "significant_in_segments",
     "significant_samples",
     "significant_samples_reference",

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module, segment_max
+from ..backend import array_module
+from ._segments import segment_argmax, segment_starts
 
 __all__ = ["significant_in_segments", "significant_samples", "significant_samples_reference"]
 
@@ -146,7 +147,7 @@ def significant_samples(lw, fraction: float, maxsig: int = -1):
 
 
 def significant_in_segments(lw, seg, n_seg: int, fraction: float, maxsig: int = -1,
-                            seg_max=None):
+                            seg_max=None, starts=None):
     """:func:`significant_samples` over variable-length segments (the second pass's samples).
 
     Parameters
@@ -160,6 +161,8 @@ def significant_in_segments(lw, seg, n_seg: int, fraction: float, maxsig: int = 
         As :func:`significant_samples`.
     seg_max : array of shape (n_seg,), optional
         The maxima of ``lw`` per segment, where the caller has them already.
+    starts : int64 array of shape (n_seg + 1,), optional
+        The segments' boundaries (:func:`cryonb.kernels.segment_starts`), likewise.
 
     Returns
     -------
@@ -170,16 +173,17 @@ def significant_in_segments(lw, seg, n_seg: int, fraction: float, maxsig: int = 
     n = int(lw.shape[0])
     if n == 0:
         return xp.zeros(0, dtype=bool)
-    counts = xp.bincount(seg, minlength=n_seg)[:n_seg]
-    starts = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(counts).astype(xp.int64)])
+    if starts is None:
+        starts = segment_starts(seg, n_seg)
     if seg_max is None:
-        seg_max = segment_max(lw, seg, n_seg)
+        seg_max = segment_argmax(lw, starts)[0]
     if xp is np:  # one sort for all segments: by segment, then by decreasing weight
         w = np.exp(lw - seg_max[seg])
         order = np.lexsort((-w, seg))
         ws, ss = w[order], seg[order]
         # weight sorted before each sample, counted from its own segment's start
         before = np.cumsum(ws, dtype=np.float64) - ws
+        counts = np.diff(starts)
         before -= before[starts[:-1][counts > 0]].repeat(counts[counts > 0])
         tot = np.bincount(seg, weights=w.astype(np.float64), minlength=n_seg)
         take = before < fraction * tot[ss]
