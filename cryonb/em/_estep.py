@@ -617,16 +617,19 @@ class EStepContext:
         nz = xp.flatnonzero(w > 0)
         wn, bn, rn, btn = w[nz], b[nz], rf[nz], ibt[nz]
         scatter_products(f.acc_data, Y, None, btn, btn, rn, wn)
+        self._mark("fine: back-projection sums (data)")
         scatter_products(f.acc_weight, c2, None, bn, bn, rn, wn)
+        self._mark("fine: back-projection sums (weights)")
         Q = xp.zeros((Bs, 2 * P), xp.float64)  # sum w Re(X(t) conj(A)) per pixel, [Re | Im]
         scatter_products(Q, Xt, f.refs_ri, btn, rn, bn, wn)
+        self._mark("fine: back-projection sums (residual cross term)")
         Ra = xp.zeros((Bs, P), xp.float64)  # sum w |A|^2 per pixel
         scatter_products(Ra, f.refs_a2, None, rn, rn, bn, wn)
         crossn = ((Q[:, :P] + Q[:, P:]) * ctf) @ f.onehot.astype(xp.float64)
         a2n = (Ra * (ctf * ctf)) @ f.onehot.astype(xp.float64)
         x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
         resid = self._complete_shells(x2n - 2 * crossn + a2n, x2n, power_full, f.size)
-        self._mark("fine: back-projection sums")
+        self._mark("fine: back-projection sums (residual power, shells)")
         self._accumulate_stats(batch, sub, resid, crossn, a2n)
         # priors and class statistics
         S = self.sums

@@ -162,6 +162,11 @@ def _scatter_sparse(acc, U, V, iu, iv, iacc, w) -> bool:
     return True
 
 
+#: GPU scatter-adds as sparse x dense products where they apply (False: atomic adds only;
+#: benchmarks/class2d_gpu.py times the E-step both ways)
+SPARSE_SUMS = True
+
+
 # ----------------------------------------------------------------------------- public
 def sampled_dot(U, V, iu, iv):
     """Dot products of selected row pairs.
@@ -220,9 +225,13 @@ def scatter_products(acc, U, V, iu, iv, iacc, w) -> None:
     -----
     ``acc[iacc[s]] += w[s] * U[iu[s]] * V[iv[s]]``. CPU: samples are grouped by target row and
     each row is summed by one thread in sample order (deterministic). GPU: sparse x dense
-    matrix products in float64 (cuSPARSE), see :func:`_scatter_sparse`; where that does not
-    apply (``V`` given and ``iacc`` not a function of ``iu``), double-precision atomic adds
-    (order-independent to ~1e-16 relative).
+    matrix products in float64 (cuSPARSE), see :func:`_scatter_sparse`; where those do not
+    apply (``V`` given and ``iacc`` not a function of ``iu``) or ``SPARSE_SUMS`` is off,
+    double-precision atomic adds (order-independent to ~1e-16 relative). With the products
+    the E-step was 1.8-2.6x faster at 64 px (many samples per particle); at 128-256 px (few)
+    the atomics were up to 13% faster or slower from run to run. A size rule between the two
+    was tried and chose badly for some sums (benchmarks/RESULTS.md): the products are used
+    throughout.
     """
     xp = array_module(acc)
     n = int(iu.shape[0])
@@ -242,7 +251,7 @@ def scatter_products(acc, U, V, iu, iv, iacc, w) -> None:
                                     np.asarray(iv if V is not None else iu, np.int64), rows,
                                     starts, order, np.asarray(w, np.float32), V is not None)
         return
-    if _scatter_sparse(acc, U, Vc if V is not None else None, iu, iv, iacc, w):
+    if SPARSE_SUMS and _scatter_sparse(acc, U, Vc if V is not None else None, iu, iv, iacc, w):
         return
     D = U.shape[1]
     _cuda_kernel("scatter_products")(
