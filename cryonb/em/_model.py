@@ -146,8 +146,13 @@ class Class2DModel:
 
     @property
     def current_resolution(self) -> float:
-        """Resolution (A) of the last shell used in the fine pass."""
-        return self.ori_size * self.pixel_size / max(1, self.current_size // 2)
+        """RELION's current resolution (A): that of the highest shell with SSNR >= 1.
+
+        The shell is :func:`ssnr_max_shell` of ``data_vs_prior``; the next image size is
+        ``2 * (shell + incr_size)`` (at most the box), so the fine pass looks ``incr_size``
+        shells beyond it.
+        """
+        return self.ori_size * self.pixel_size / ssnr_max_shell(self.data_vs_prior)
 
     def copy(self) -> Class2DModel:
         """A deep copy (arrays copied)."""
@@ -218,6 +223,26 @@ def unpack_arrays(vec: np.ndarray, shapes) -> dict:
 
 
 # Per-particle outputs of the E-step, in this order, as columns of one float64 array.
+#: RELION's minres_map: no regularisation below this shell, and the lowest current resolution
+MINRES_MAP = 5
+
+
+def ssnr_max_shell(data_vs_prior: np.ndarray) -> int:
+    """RELION's ``maxres`` (``updateCurrentResolution``): per class the last shell before the
+    SSNR drops below 1, the largest over the classes, at least ``MINRES_MAP``.
+
+    Parameters
+    ----------
+    data_vs_prior : ndarray of shape (K, N // 2 + 1)
+        SSNR per class and shell.
+    """
+    maxres = MINRES_MAP
+    for row in np.atleast_2d(data_vs_prior):
+        below = np.flatnonzero(row[1:] < 1.0)
+        maxres = max(maxres, int(below[0]) if below.size else row.shape[0] - 1)
+    return maxres
+
+
 RESULT_COLUMNS = (
     "class", "psi", "offset_x", "offset_y", "pmax", "loglik", "n_sig", "norm", "acc_rot",
     "acc_trans",

@@ -8,11 +8,17 @@ import numpy as np
 
 from ..fourier import fft2_centered, radial_index_2d
 from ._estep import coarse_image_size, soft_circular_mask
-from ._model import Class2DModel, Class2DSums, pack_arrays, unpack_arrays
+from ._model import (
+    MINRES_MAP,
+    Class2DModel,
+    Class2DSums,
+    pack_arrays,
+    ssnr_max_shell,
+    unpack_arrays,
+)
 
 __all__ = ["InitSums", "initial_model", "initial_pass_sums", "maximization", "shell_pixel_counts"]
 
-MINRES_MAP = 5  # RELION: no regularisation below this shell
 
 
 def shell_pixel_counts(n: int) -> np.ndarray:
@@ -150,12 +156,7 @@ def _current_size(dvp, N, incr_size, strict_highres_px=None):
     Per class the last shell before the SSNR drops below 1; the maximum over classes (at
     least shell 5); then ``2 * (maxres + incr_size)``, even, at most ``N``.
     """
-    maxres = MINRES_MAP
-    for k in range(dvp.shape[0]):
-        below = np.flatnonzero(dvp[k, 1:] < 1.0)
-        ires = below[0] if below.size else dvp.shape[1] - 1  # first ires with SSNR<1, minus 1
-        maxres = max(maxres, int(ires))
-    size = min(N, 2 * (maxres + incr_size))
+    size = min(N, 2 * (ssnr_max_shell(dvp) + incr_size))
     if strict_highres_px:
         size = min(size, 2 * strict_highres_px)
     return int(size - size % 2)

@@ -104,6 +104,15 @@ def test_run_writes_relion_files(tmp_path):
         assert col in classes.columns
     for col in ("rlnSsnrMap", "rlnReferenceSigma2", "rlnReferenceTau2"):
         assert col in model["model_class_1"].columns
+    # RELION's current resolution: the highest shell (over classes, >= 5) before the SSNR
+    # drops below 1, from the table written next to it
+    shells = []
+    for k in range(1, 4):
+        ssnr = model[f"model_class_{k}"].rlnSsnrMap.to_numpy()
+        below = np.flatnonzero(ssnr[1:] < 1)
+        shells.append(below[0] if below.size else len(ssnr) - 1)
+    want = 32 * sim.pixel_size / max(5, *shells)
+    assert float(gen.rlnCurrentResolution.iloc[0]) == pytest.approx(want, rel=1e-4)
     assert "rlnSigma2Noise" in model["model_optics_group_1"].columns
     data = read_particles(f"{root}_it004_data.star")
     p = data.particles
