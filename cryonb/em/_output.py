@@ -44,10 +44,13 @@ def _model_blocks(job, paths) -> dict[str, pd.DataFrame]:
         below = np.flatnonzero(m.data_vs_prior[k, 1:] < 1.0)
         shell = (below[0] + 1) if below.size else N // 2
         est_res.append(N * apix / max(shell, 1) if m.pdf_class[k] > 0 else 999.0)
+    # as RELION: rlnCurrentImageSize is the size this iteration's E-step used (the model's
+    # current_size is the next one), rlnCurrentResolution comes from this iteration's SSNR
     general = pd.DataFrame({
         "rlnReferenceDimensionality": [2], "rlnDataDimensionality": [2],
         "rlnOriginalImageSize": [N], "rlnCurrentResolution": [m.current_resolution],
-        "rlnCurrentImageSize": [m.current_size], "rlnPaddingFactor": [float(job.config.pad)],
+        "rlnCurrentImageSize": [job.size_used or m.current_size],
+        "rlnPaddingFactor": [float(job.config.pad)],
         "rlnIsHelix": [0], "rlnFourierSpaceInterpolator": [1],
         "rlnMinRadiusNnInterpolation": [10], "rlnPixelSize": [apix],
         "rlnNrClasses": [K], "rlnNrBodies": [1], "rlnNrGroups": [len(m.group_names)],

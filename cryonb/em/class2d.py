@@ -162,6 +162,8 @@ class Class2DJob:
         self.init_class = rng.integers(0, config.K, self.n)
         self.history: list[dict] = []
         self._last_reseed = -10
+        #: the image size the last E-step used (RELION's rlnCurrentImageSize of its iteration)
+        self.size_used: int | None = None
         self.mask = soft_circular_mask(self.N, self.mask_radius_px, 5.0)
         Path(config.o).parent.mkdir(parents=True, exist_ok=True)
 
@@ -310,6 +312,7 @@ class Class2DJob:
     def maximize(self, sums: Class2DSums) -> Class2DModel:
         """M-step, optional re-seeding; advances the iteration."""
         cfg_m = self.config
+        self.size_used = int(self.model.current_size)
         factor = self.tau2_factor(self.iteration + 1)
         if factor != 1.0:
             cfg_m = cfg_m.replace(tau2_fudge=cfg_m.tau2_fudge * factor)

@@ -113,6 +113,10 @@ def test_run_writes_relion_files(tmp_path):
         shells.append(below[0] if below.size else len(ssnr) - 1)
     want = 32 * sim.pixel_size / max(5, *shells)
     assert float(gen.rlnCurrentResolution.iloc[0]) == pytest.approx(want, rel=1e-4)
+    # ... and the image size is the one iteration 4 used: the one the model of iteration 3
+    # chose for it
+    with np.load(f"{root}_it003_cryonb.npz") as state3:
+        assert int(gen.rlnCurrentImageSize.iloc[0]) == int(state3["current_size"])
     assert "rlnSigma2Noise" in model["model_optics_group_1"].columns
     data = read_particles(f"{root}_it004_data.star")
     p = data.particles
