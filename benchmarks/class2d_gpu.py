@@ -73,6 +73,23 @@ def simulate(n: int, box: int, views: int, seed: int = 0, snr: float = 0.1):
     return star
 
 
+def _timed_estep(job, pools, images):
+    """One GPU E-step over every pool, timed between device synchronisations.
+
+    Returns the E-step context and the seconds it took.
+    """
+    import cupy
+
+    ctx = job.estep_context(cupy)
+    cupy.cuda.Device().synchronize()
+    t0 = time.perf_counter()
+    for p, im in zip(pools, images):
+        ctx.expectation(job.make_batch(job.batch_meta(p), im))
+    ctx.finish()
+    cupy.cuda.Device().synchronize()
+    return ctx, time.perf_counter() - t0
+
+
 def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int = 2,
                      tf32: bool = True) -> dict:
     """Time the E-step on the GPU for one pool size, after ``iterations`` warm-up iterations.
@@ -100,20 +117,12 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
             job.store_results(p, ctx.expectation(job.make_batch(job.batch_meta(p),
                                                                 job.table.images(p))))
         job.maximize(ctx.finish().to_host())
-    ctx = job.estep_context(xp)
     pools = job.pools(pool, iterations + 1)
     images = [np.ascontiguousarray(job.table.images(p)) for p in pools]
-    cupy.cuda.Device().synchronize()
-    flops = 0.0
-    t0 = time.perf_counter()
-    for p, im in zip(pools, images):
-        ctx.expectation(job.make_batch(job.batch_meta(p), im))
-        c = ctx.coarse
-        # (B T, 2P) @ (2P, M) real product ([Re | Im] rows): 2 * B T * M * 2P flops
-        flops += 2.0 * len(p) * c.phases.shape[0] * c.refs.shape[0] * 2 * len(c.kx)
-    ctx.finish()
-    cupy.cuda.Device().synchronize()
-    dt = time.perf_counter() - t0
+    ctx, dt = _timed_estep(job, pools, images)
+    c = ctx.coarse
+    # (B T, 2P) @ (2P, M) real product ([Re | Im] rows): 2 * B T * M * 2P flops
+    flops = 2.0 * job.n * c.phases.shape[0] * c.refs.shape[0] * 2 * len(c.kx)
     # the same E-step again with a device synchronisation at every stage boundary: where the
     # time goes, and the matrix product's own rate
     prof = job.estep_context(xp)
@@ -128,17 +137,9 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
 
     _sampled.SPARSE_SUMS = False
     try:
-        at = job.estep_context(xp)
-        cupy.cuda.Device().synchronize()
-        t1 = time.perf_counter()
-        for p, im in zip(pools, images):
-            at.expectation(job.make_batch(job.batch_meta(p), im))
-        at.finish()
-        cupy.cuda.Device().synchronize()
-        dt_atomic = time.perf_counter() - t1
+        dt_atomic = _timed_estep(job, pools, images)[1]
     finally:
         _sampled.SPARSE_SUMS = True
-    c = ctx.coarse
     return {"K": K, "psi_step": psi_step, "pool": pool, "n": job.n, "box": job.N,
             "coarse_size": c.size, "current_size": ctx.fine.size,
             "translations": int(c.phases.shape[0]), "rotations": int(c.refs.shape[0]),

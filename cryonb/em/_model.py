@@ -222,27 +222,38 @@ def unpack_arrays(vec: np.ndarray, shapes) -> dict:
     return out
 
 
-# Per-particle outputs of the E-step, in this order, as columns of one float64 array.
 #: RELION's minres_map: no regularisation below this shell, and the lowest current resolution
 MINRES_MAP = 5
 
 
-def ssnr_max_shell(data_vs_prior: np.ndarray) -> int:
-    """RELION's ``maxres`` (``updateCurrentResolution``): per class the last shell before the
-    SSNR drops below 1, the largest over the classes, at least ``MINRES_MAP``.
+def ssnr_shells(data_vs_prior: np.ndarray) -> np.ndarray:
+    """Per class, the last shell before the SSNR drops below 1 (the last shell if it never does).
 
     Parameters
     ----------
     data_vs_prior : ndarray of shape (K, N // 2 + 1)
         SSNR per class and shell.
+
+    Returns
+    -------
+    int ndarray of shape (K,)
     """
-    maxres = MINRES_MAP
-    for row in np.atleast_2d(data_vs_prior):
+    rows = np.atleast_2d(data_vs_prior)
+    out = np.full(rows.shape[0], rows.shape[1] - 1, np.int64)
+    for k, row in enumerate(rows):
         below = np.flatnonzero(row[1:] < 1.0)
-        maxres = max(maxres, int(below[0]) if below.size else row.shape[0] - 1)
-    return maxres
+        if below.size:
+            out[k] = below[0]
+    return out
 
 
+def ssnr_max_shell(data_vs_prior: np.ndarray) -> int:
+    """RELION's ``maxres`` (``updateCurrentResolution``): the largest :func:`ssnr_shells` over
+    the classes, at least ``MINRES_MAP``."""
+    return max(MINRES_MAP, int(ssnr_shells(data_vs_prior).max()))
+
+
+# Per-particle outputs of the E-step, in this order, as columns of one float64 array.
 RESULT_COLUMNS = (
     "class", "psi", "offset_x", "offset_y", "pmax", "loglik", "n_sig", "norm", "acc_rot",
     "acc_trans",

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..io import atomic_write, write_mrc, write_particles, write_star
+from ._model import ssnr_shells
 
 __all__ = ["iteration_paths", "write_iteration_files"]
 
@@ -39,11 +40,9 @@ def _model_blocks(job, paths) -> dict[str, pd.DataFrame]:
     m = job.model
     N, apix, K = m.ori_size, m.pixel_size, m.K
     idx, inv_res, res = _resolution_axis(N, apix)
-    est_res = []
-    for k in range(K):
-        below = np.flatnonzero(m.data_vs_prior[k, 1:] < 1.0)
-        shell = (below[0] + 1) if below.size else N // 2
-        est_res.append(N * apix / max(shell, 1) if m.pdf_class[k] > 0 else 999.0)
+    # per class: the resolution of the first shell with SSNR < 1 (999 A for empty classes)
+    first_below = np.minimum(ssnr_shells(m.data_vs_prior) + 1, N // 2)
+    est_res = np.where(m.pdf_class > 0, N * apix / np.maximum(first_below, 1), 999.0)
     # as RELION: rlnCurrentImageSize is the size this iteration's E-step used (the model's
     # current_size is the next one), rlnCurrentResolution comes from this iteration's SSNR
     general = pd.DataFrame({
