@@ -44,12 +44,17 @@ from ._estep import EStepContext, soft_circular_mask
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch
 from ._mstep import InitSums, initial_model, initial_pass_sums, maximization
 
-__all__ = ["ANNEAL_UNTIL", "RESEED_MIN_PMAX", "Class2DJob", "ParticleState"]
+__all__ = ["ANNEAL_UNTIL", "REALIGN_JUNK", "REALIGN_MIN_GAIN", "RESEED_MIN_PMAX", "Class2DJob",
+           "ParticleState"]
 
 #: re-seeding starts once the average maximum posterior probability reaches this value
 RESEED_MIN_PMAX = 0.2
 #: prior annealing (``--tau2_anneal``) ends at this fraction of ``--iter``
 ANNEAL_UNTIL = 0.6
+#: re-align junk classes that cannot be split (see :meth:`Class2DJob._maybe_reseed`)
+REALIGN_JUNK = True
+#: ... when the re-aligned average's log-likelihood is this much higher per particle
+REALIGN_MIN_GAIN = 1.0
 
 
 def _group_ids(df: pd.DataFrame):
@@ -355,7 +360,8 @@ class Class2DJob:
         return float(a + (1 - a) * (iteration - 1) / max(1, last - 1))
 
     def _maybe_reseed(self) -> None:
-        """Re-seed empty, junk and duplicate classes by splitting classes that mix views.
+        """Re-seed empty, junk and duplicate classes by splitting classes that mix views;
+        re-align junk classes left without a slot (``REALIGN_JUNK``).
 
         See :mod:`cryonb.em._reseed`. Active from iteration 3 (once the average maximum
         probability reaches ``RESEED_MIN_PMAX``) until ``reseed_until * iter``, at most every
@@ -416,22 +422,34 @@ class Class2DJob:
             m.data_vs_prior[slot] = m.data_vs_prior[big]
             m.reseeded.append({"class": slot + 1, "split": big + 1, "why": reasons[slot],
                                "separation": round(sep, 2), "share": round(share, 3)})
+        # junk classes left (no slot to split into): often a class smeared by rotation (a
+        # round blob whose particles' angles are arbitrary), which EM keeps to the end;
+        # re-aligned from its own particles when that explains them clearly better
+        if REALIGN_JUNK:
+            for k in sorted(junk & set(slots)):
+                idx = self._split_particles(k, rng, at_most=500)
+                if len(idx) < 20:
+                    continue
+                img, gain = self._realign(k, idx)
+                if gain > REALIGN_MIN_GAIN:
+                    m.classes[k] = img
+                    m.reseeded.append({"class": k + 1, "realigned": True, "why": reasons[k],
+                                       "gain_per_particle": round(gain, 2)})
         if m.reseeded:
             m.pdf_class = np.maximum(m.pdf_class, 1e-3 / K)
             m.pdf_class /= m.pdf_class.sum()
             self._last_reseed = self.iteration
 
-    def _split_particles(self, k: int, rng) -> np.ndarray:
-        """The particles of class ``k`` used for its split test (at most 1500, drawn)."""
+    def _split_particles(self, k: int, rng, at_most: int = 1500) -> np.ndarray:
+        """The particles of class ``k`` used for its split test (at most ``at_most``, drawn)."""
         idx = np.flatnonzero(self.state.cls == k)
-        if len(idx) > 1500:
-            idx = np.sort(rng.choice(idx, 1500, replace=False))
+        if len(idx) > at_most:
+            idx = np.sort(rng.choice(idx, at_most, replace=False))
         return idx
 
-    def _split(self, k: int, idx: np.ndarray):
-        """Split test of class ``k`` on particles ``idx`` (see ``_reseed.split_class``)."""
+    def _class_particles(self, idx: np.ndarray):
+        """Images (norm-corrected), CTF parameters and noise power of the particles ``idx``."""
         from ..ctf import CTFParams
-        from ._reseed import split_class
 
         cfg, m = self.config, self.model
         imgs = self.table.images(idx).astype(np.float32)
@@ -442,10 +460,33 @@ class Class2DJob:
             ctf = CTFParams.from_dict({key: v[idx] for key, v in self.ctf.items()})
             ctf.scale = ctf.scale * (m.scale[self.groups[idx]] if cfg.scale else 1.0)
         g = int(np.bincount(self.optics[idx]).argmax())
+        return imgs, ctf, m.sigma2_noise[g]
+
+    def _split(self, k: int, idx: np.ndarray):
+        """Split test of class ``k`` on particles ``idx`` (see ``_reseed.split_class``)."""
+        from ._reseed import split_class
+
+        cfg, m = self.config, self.model
+        imgs, ctf, sigma2 = self._class_particles(idx)
         return split_class(imgs, self.state.psi[idx], self.state.offset[idx], ctf,
-                           m.sigma2_noise[g], m.tau2[k], cfg.tau2_fudge,
+                           sigma2, m.tau2[k], cfg.tau2_fudge,
                            min(m.current_size, max(16, self.N // 2)), self.mask,
                            self.pixel_size, seed=self.seed + self.iteration)
+
+    def _realign(self, k: int, idx: np.ndarray):
+        """Reference-free re-alignment of class ``k`` on particles ``idx``
+        (see ``_reseed.realign_class``); returns the new image and the gain per particle."""
+        from ._reseed import realign_class
+
+        cfg, m = self.config, self.model
+        imgs, ctf, sigma2 = self._class_particles(idx)
+        others = [j for j in range(cfg.K) if j != k and m.pdf_class[j] > 0]
+        tau2 = np.median(m.tau2[others or [k]], axis=0)
+        return realign_class(imgs, ctf, sigma2, tau2, cfg.tau2_fudge,
+                             min(m.current_size, max(16, self.N // 2), 32), m.classes[k],
+                             self.mask, self.pixel_size,
+                             offset_range=min(cfg.offset_range, 5.0),
+                             seed=self.seed + self.iteration)
 
     # ------------------------------------------------------------------ outputs
     def output_root(self) -> str:

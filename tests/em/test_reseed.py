@@ -10,6 +10,7 @@ from cryonb.em._reseed import (
     SPLIT_SEPARATION,
     class_similarity,
     find_free_classes,
+    realign_class,
     split_class,
 )
 from cryonb.fourier import Projector, fft2_centered, ifft2_centered, rotate_2d, shift_2d
@@ -99,3 +100,45 @@ def test_one_view_does_not_split():
     sim, psi, offsets = _aligned_set(1, seed=1)
     _, _, separation = _split(sim, psi, offsets)
     assert separation < SPLIT_SEPARATION, separation
+
+
+@pytest.fixture(scope="module")
+def one_view_set():
+    """One view at random angles and shifts (SNR 0.05, no CTF), its clean image and a round
+    blob: the view's rotational average, the state of a class smeared by rotation."""
+    sim, _psi, _off = _aligned_set(1, n=200, snr=0.05, seed=4)
+    t = sim.truth.iloc[0]
+    rot = euler_to_matrix(np.array([t.rot]), np.array([t.tilt]), 0.0)
+    view = ifft2_centered(Projector(sim.volume.astype(np.float32)).project(rot)[0], N)
+    blob = np.mean([rotate_2d(view, a) for a in np.arange(0, 360, 10.0)], axis=0)
+    shells = N // 2 + 1
+    noise = fft2_centered(sim.images[:50] - sim.images.mean(axis=0))
+    sigma2 = np.full(shells, float(np.mean(np.abs(noise) ** 2)) / 2)
+    k = np.fft.fftfreq(N, 1.0 / N)
+    ring = np.rint(np.hypot(k[:, None], np.arange(N // 2 + 1)[None])).astype(int).ravel()
+    power = np.abs(fft2_centered(view.astype(np.float32))).ravel() ** 2 / 2
+    tau2 = np.bincount(ring, power, shells + N)[:shells] / np.maximum(
+        np.bincount(ring, minlength=shells + N)[:shells], 1)
+    return sim, view.astype(np.float32), blob.astype(np.float32), sigma2, tau2
+
+
+def _realign(sim, current, sigma2, tau2):
+    return realign_class(sim.images, None, sigma2, tau2, 2.0, N // 2, current,
+                         np.ones((N, N), np.float32), sim.pixel_size, offset_range=3.0, seed=0)
+
+
+def test_a_class_smeared_by_rotation_is_realigned(one_view_set):
+    sim, view, blob, sigma2, tau2 = one_view_set
+    image, gain = _realign(sim, blob, sigma2, tau2)
+    assert image.shape == (N, N) and image.dtype == np.float32
+    sim_new = class_similarity(np.stack([view, image]), n_psi=72)[0, 1]
+    sim_blob = class_similarity(np.stack([view, blob]), n_psi=72)[0, 1]
+    # the re-aligned average is the view (up to rotation and shift), the blob is not
+    assert sim_new >= 0.9 > sim_blob, (sim_new, sim_blob)
+    assert gain > 1.0, gain  # clearly better likelihood per particle: realign
+
+
+def test_an_aligned_class_gains_nothing(one_view_set):
+    sim, view, _blob, sigma2, tau2 = one_view_set
+    _, gain = _realign(sim, view, sigma2, tau2)
+    assert gain < 1.0, gain
