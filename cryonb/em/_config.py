@@ -64,8 +64,9 @@ class Class2DConfig(JobConfig):
                                        "never use data beyond this resolution (A) in the "
                                        "E-step (-1 = no limit)", relion_default=-1.0)
     random_seed: int = option(0, "--random_seed", "random seed (-1 = from the clock)")
-    reseed: bool = option(True, "--reseed", "re-seed empty and duplicate classes during the "
-                          "first iterations (cryonb)", relion=False)
+    reseed: bool = option(True, "--reseed", "re-seed empty, junk and duplicate classes and "
+                          "re-align junk classes during the first iterations (cryonb)",
+                          relion=False)
     reseed_until: float = option(0.85, "--reseed_until", "last iteration that may re-seed, as "
                                  "a fraction of --iter (cryonb)", relion=False)
     tau2_anneal: float = option(8.0, "--tau2_anneal", "with --reseed: T is this many times "

@@ -288,7 +288,7 @@ def _class_frame_pixels(images, psi, offsets, ctf, size: int, pixel_size: float)
 
 def realign_class(images, ctf, sigma2, tau2, tau2_fudge, size: int, current, mask,
                   pixel_size: float, *, offset_range: float = 3.0, n_starts: int = 8,
-                  n_iter: int = 10, n_psi: int = 72, seed: int = 0):
+                  n_keep: int = 2, n_iter: int = 10, n_psi: int = 72, seed: int = 0):
     """Align one class's particles afresh (reference-free), for a class smeared by rotation.
 
     A class can settle as the rotational average of its view (a round blob): its particles'
@@ -296,8 +296,9 @@ def realign_class(images, ctf, sigma2, tau2, tau2_fudge, size: int, current, mas
     (a local optimum; on one 10-view SNR 0.05 set, the view's particles scattered over the
     classes and 80% of the remaining ones had angle errors above 20 deg). This runs a
     one-class EM over in-plane angles and shifts on the class's particles, from
-    ``n_starts`` single particles and from the current class image, and returns the best
-    result with its log-likelihood gain over the current image's.
+    ``n_starts`` single particles (three iterations each, then the ``n_keep`` most likely
+    ones to ``n_iter``) and from the current class image, and returns the best result with
+    its log-likelihood gain over the current image's.
 
     Parameters
     ----------
@@ -318,8 +319,8 @@ def realign_class(images, ctf, sigma2, tau2, tau2_fudge, size: int, current, mas
     offset_range : float
         Shifts (pixels) searched about the particles' box centres; their current origins are
         not used (those of a smeared class are unreliable).
-    n_starts, n_iter, n_psi : int
-        Starts, EM iterations per start, in-plane angles.
+    n_starts, n_keep, n_iter, n_psi : int
+        Starts, starts kept after three iterations, EM iterations, in-plane angles.
     seed : int
 
     Returns
@@ -351,14 +352,17 @@ def realign_class(images, ctf, sigma2, tau2, tau2_fudge, size: int, current, mas
         np.complex64)  # (P, T): the cross term of the reference shifted by -t
     T = len(sh)
 
-    def run(a0):
-        # scale the start to the particles (least squares at each particle's best angle)
+    def scaled(a0):
+        # the start scaled to the particles (least squares at each particle's best angle)
         cross = 2 * np.real(CX @ np.conj(a0).astype(np.complex64)).reshape(n, n_psi)
         quad = CC @ (np.abs(a0) ** 2).astype(np.float32)
         best = cross.argmax(axis=1)
-        a = a0 * max(float(np.median(cross[np.arange(n), best]
-                                     / (2 * np.maximum(quad[np.arange(n), best], 1e-30)))), 0)
-        for _ in range(n_iter):
+        r = np.arange(n)
+        return a0 * max(float(np.median(cross[r, best] / (2 * np.maximum(quad[r, best],
+                                                                         1e-30)))), 0.0)
+
+    def run(a, iters):
+        for _ in range(iters):
             ll = 2 * np.real((CX * np.conj(a).astype(np.complex64)) @ ph).reshape(n, n_psi, T)
             ll -= (CC @ (np.abs(a) ** 2).astype(np.float32))[..., None]
             L = logsumexp(ll.reshape(n, -1), axis=1)
@@ -366,21 +370,24 @@ def realign_class(images, ctf, sigma2, tau2, tau2_fudge, size: int, current, mas
             num = (CX * (w.reshape(-1, T) @ ph.T)).sum(axis=0)
             den = np.einsum("nj,njp->p", w.sum(axis=-1), CC) + reg
             a = num / np.maximum(den, 1e-30)
-        return a, float(L.sum())
+        return a, L
 
     cur = fft2_centered(np.asarray(current, np.float32)).reshape(-1)[flat]
-    _, l_cur = run(cur)
+    _, l_cur = run(scaled(cur), n_iter)
+    # every start a few iterations, the most likely ones to the end
     rng = np.random.default_rng(seed)
-    best_a, best_l = None, -np.inf
+    first = min(3, n_iter)
+    runs = []
     for i in rng.choice(n, min(n_starts, n), replace=False):
         ci, xi = c[i, 0], X[i, 0]
-        a, ll = run(ci * xi / (ci * ci + 0.1))
-        if ll > best_l:
-            best_a, best_l = a, ll
+        runs.append(run(scaled(ci * xi / (ci * ci + 0.1)), first))
+    runs.sort(key=lambda r: -r[1].sum())
+    best_a, best_l = max((run(a, n_iter - first) if n_iter > first else (a, ll)
+                          for a, ll in runs[:n_keep]), key=lambda r: r[1].sum())
     out = np.zeros(N * (N // 2 + 1), np.complex128)
     out[flat] = best_a
     image = (ifft2_centered(out.reshape(N, N // 2 + 1), N) * mask).astype(np.float32)
-    return image, (best_l - l_cur) / n
+    return image, float((best_l - l_cur).mean())
 
 
 def _principal_scores(Z, n_components: int, seed: int, n_power: int = 4, extra: int = 10):

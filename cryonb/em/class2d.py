@@ -167,6 +167,8 @@ class Class2DJob:
         self.init_class = rng.integers(0, config.K, self.n)
         self.history: list[dict] = []
         self._last_reseed = -10
+        self._realigned: dict[int, int] = {}  # class -> iteration of its last re-alignment
+        self._realign_tried: list[dict] = []
         #: the image size the last E-step used (RELION's rlnCurrentImageSize of its iteration)
         self.size_used: int | None = None
         self.mask = soft_circular_mask(self.N, self.mask_radius_px, 5.0)
@@ -232,6 +234,12 @@ class Class2DJob:
                                   group_names=self.group_names, **kw)
         self.iteration = self.model.iteration
         self.history = json.loads(str(st["history"])) if "history" in st else []
+        # the re-seeding schedule's memory, as an uninterrupted run has it
+        for h in self.history:
+            if h.get("reseeded"):
+                self._last_reseed = int(h["iteration"])
+            for t in h.get("realign_tried", []):
+                self._realigned[int(t["class"]) - 1] = int(h["iteration"])
 
     # ------------------------------------------------------------------ basics
     @property
@@ -324,6 +332,7 @@ class Class2DJob:
         self.model = maximization(self.model, sums, cfg_m)
         self.iteration = self.model.iteration
         self.seed_class = np.full(self.n, -1)
+        self._realign_tried = []
         self._maybe_reseed()
         self._perturb()
         pdf = self.model.pdf_class
@@ -332,7 +341,7 @@ class Class2DJob:
             "avg_pmax": self.model.avg_pmax, "current_resolution":
                 self.model.current_resolution, "current_size": self.model.current_size,
             "n_empty": int((pdf <= 0).sum()), "reseeded": list(self.model.reseeded),
-            "tau2_fudge_used": cfg_m.tau2_fudge,
+            "tau2_fudge_used": cfg_m.tau2_fudge, "realign_tried": self._realign_tried,
         })
         return self.model
 
@@ -427,10 +436,12 @@ class Class2DJob:
         # re-aligned from its own particles when that explains them clearly better
         if REALIGN_JUNK:
             for k in sorted(junk & set(slots)):
-                idx = self._split_particles(k, rng, at_most=500)
-                if len(idx) < 20:
+                idx = self._split_particles(k, rng, at_most=300)
+                if len(idx) < 20 or self.iteration - self._realigned.get(k, -10) < 4:
                     continue
+                self._realigned[k] = self.iteration
                 img, gain = self._realign(k, idx)
+                self._realign_tried.append({"class": k + 1, "gain_per_particle": round(gain, 3)})
                 if gain > REALIGN_MIN_GAIN:
                     m.classes[k] = img
                     m.reseeded.append({"class": k + 1, "realigned": True, "why": reasons[k],
@@ -483,7 +494,7 @@ class Class2DJob:
         others = [j for j in range(cfg.K) if j != k and m.pdf_class[j] > 0]
         tau2 = np.median(m.tau2[others or [k]], axis=0)
         return realign_class(imgs, ctf, sigma2, tau2, cfg.tau2_fudge,
-                             min(m.current_size, max(16, self.N // 2), 32), m.classes[k],
+                             min(m.current_size, max(16, self.N // 2), 24), m.classes[k],
                              self.mask, self.pixel_size,
                              offset_range=min(cfg.offset_range, 5.0),
                              seed=self.seed + self.iteration)

@@ -171,6 +171,32 @@ def test_continue_gives_the_same_result(tmp_path):
     _same_iteration_4(tmp_path / "a" / "run", tmp_path / "b" / "run")
 
 
+def test_continue_restores_the_reseeding_schedule(tmp_path):
+    """The re-seeding schedule's memory (last re-seeding, last re-alignment per class) comes
+    back from the history, so a continued run re-seeds when the uninterrupted one would."""
+    import json
+
+    star, _ = _small_set(tmp_path)
+    run_class2d(_cfg(star, tmp_path / "a" / "run", iter=3))
+    state = tmp_path / "a" / "run_it003_cryonb.npz"
+    with np.load(state) as z:
+        st = {k: z[k] for k in z.files}
+    hist = json.loads(str(st["history"]))
+    assert [h["iteration"] for h in hist] == [1, 2, 3]
+    assert all("realign_tried" in h for h in hist)
+    hist[1]["reseeded"] = [{"class": 2, "split": 1}]
+    hist[1]["realign_tried"] = [{"class": 3, "gain_per_particle": -0.5}]
+    for h in (hist[0], hist[2]):
+        h["reseeded"], h["realign_tried"] = [], []
+    st["history"] = np.array(json.dumps(hist))
+    np.savez(state, **st)
+    job = Class2DJob.from_optimiser(tmp_path / "a" / "run_it003_optimiser.star",
+                                    o=str(tmp_path / "b" / "run"))
+    assert job._last_reseed == 2 and job._realigned == {2: 2}
+    fresh = Class2DJob(_cfg(star, tmp_path / "c" / "run"))
+    assert fresh._last_reseed < 0 and fresh._realigned == {}
+
+
 def test_continue_with_more_iterations_plain(tmp_path):
     """A finished run continued with a larger --iter: the uninterrupted run's result for the
     plain algorithm (cryonb's early-phase schedules are fractions of --iter, so with them a
