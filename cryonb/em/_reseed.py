@@ -10,8 +10,9 @@ the first part of a run (``--reseed_until``), frees those classes and gives them
    class's), or the smaller of two classes that are the same image up to an in-plane rotation
    and shift (:func:`class_similarity` above ``dup_threshold``) or share their particles.
 2. Free slots are filled by *splitting* classes: the largest remaining classes when the split
-   test separates their particles clearly (``SPLIT_SEPARATION``), and junk classes whatever
-   the separation (a junk class keeps one half). A split brings the particles into
+   test separates their particles clearly (``SPLIT_SEPARATION``, or less for a crowded class,
+   see :func:`split_accepted`), and junk classes whatever the separation (a junk class keeps
+   one half). A split brings the particles into
    the class frame with their current poses (shift by the origin, rotation by ``-psi``),
    phase-flipped with their CTF, low-pass filtered at the current resolution, and clustered in
    two by 2-means on their first principal components. The two CTF-weighted (Wiener)
@@ -32,8 +33,9 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["JUNK_PMAX_RATIO", "SPLIT_SEPARATION", "class_similarity", "find_free_classes",
-           "realign_class", "split_class"]
+__all__ = ["CROWDED_RATIO", "CROWDED_SEPARATION", "JUNK_PMAX_RATIO", "SPLIT_SEPARATION",
+           "class_similarity", "find_free_classes", "realign_class", "split_accepted",
+           "split_class"]
 
 #: a class whose particles' mean maximum probability is below this fraction of the median
 #: class's is "junk" (it collects particles that fit nowhere well) and is re-seeded
@@ -41,6 +43,42 @@ JUNK_PMAX_RATIO = 0.88
 #: a class splits when its two clusters are this many within-cluster standard deviations
 #: apart (one view split by noise: about 2-3; two views: 5 and more)
 SPLIT_SEPARATION = 4.0
+#: a class this many times the median class size is *crowded* (0 = no crowded rule) ...
+CROWDED_RATIO = 1.6
+#: ... and splits at this separation when it separates best among the candidates
+CROWDED_SEPARATION = 3.0
+
+
+def split_accepted(separation: float, share: float, count: float, median_count: float,
+                   best_separation: float, junk: bool) -> bool:
+    """Whether a split test's result re-seeds a free class.
+
+    A split is used when its clusters separate by ``SPLIT_SEPARATION``; a junk class's
+    whatever the separation (it is free anyway, its low probabilities already say that it
+    mixes views, and on noisy data two merged views can separate by as little as one view
+    split by noise, ~3; EM then decides from the two seeds); and a *crowded* class's
+    (``CROWDED_RATIO`` times the median class size) at ``CROWDED_SEPARATION`` when it
+    separates best among the candidates: while a class is free (often a duplicate, two
+    classes for one view) a class holding twice the typical share most likely holds two
+    views, and at pixel SNR 0.05 two merged views separated by 3.6 where single views gave
+    2.5-3.3. Both halves must be non-empty (``0 < share < 1``).
+
+    Parameters
+    ----------
+    separation, share : float
+        The split test's separation and the fraction of particles in its second cluster.
+    count, median_count : float
+        The class's particles and the median over non-empty classes.
+    best_separation : float
+        The highest separation among this round's candidates.
+    junk : bool
+        The class is junk (see :func:`find_free_classes`).
+    """
+    if not 0 < share < 1:
+        return False
+    crowded = (CROWDED_RATIO > 0 and count >= CROWDED_RATIO * median_count
+               and separation >= best_separation and separation >= CROWDED_SEPARATION)
+    return separation >= SPLIT_SEPARATION or junk or crowded
 
 
 def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | None = None,

@@ -376,7 +376,7 @@ class Class2DJob:
         probability reaches ``RESEED_MIN_PMAX``) until ``reseed_until * iter``, at most every
         other iteration.
         """
-        from ._reseed import SPLIT_SEPARATION, find_free_classes
+        from ._reseed import find_free_classes, split_accepted
 
         cfg, m = self.config, self.model
         K = cfg.K
@@ -407,12 +407,10 @@ class Class2DJob:
         with ThreadPoolExecutor(max_workers=max(1, min(len(picks), os.cpu_count() or 1))) as ex:
             splits = list(ex.map(self._split, cands, picks))
         tests = []
+        med = float(np.median(counts[counts > 0]))
+        top = max((sep for _a, _l, sep in splits), default=0.0)
         for k, (avgs, labels, sep) in zip(cands, splits):
-            # a junk class is split whatever the separation: it is free anyway, its low
-            # probabilities already say that it mixes views, and on noisy data two merged
-            # views can separate by as little as one view split by noise (~3); EM then
-            # decides from the two seeds
-            if (sep >= SPLIT_SEPARATION or k in junk) and 0 < labels.mean() < 1:
+            if split_accepted(sep, float(labels.mean()), counts[k], med, top, k in junk):
                 tests.append((sep, k, avgs, float(labels.mean())))
         tests.sort(key=lambda t: -t[0])
         # slots: nearly empty classes first, then duplicates, then junk

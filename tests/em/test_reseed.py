@@ -7,10 +7,12 @@ import pytest
 
 from cryonb.data.conventions import euler_to_matrix
 from cryonb.em._reseed import (
+    CROWDED_RATIO,
     SPLIT_SEPARATION,
     class_similarity,
     find_free_classes,
     realign_class,
+    split_accepted,
     split_class,
 )
 from cryonb.fourier import Projector, fft2_centered, ifft2_centered, rotate_2d, shift_2d
@@ -142,3 +144,17 @@ def test_an_aligned_class_gains_nothing(one_view_set):
     sim, view, _blob, sigma2, tau2 = one_view_set
     _, gain = _realign(sim, view, sigma2, tau2)
     assert gain < 1.0, gain
+
+
+def test_which_splits_reseed():
+    # separations met at pixel SNR 0.05 (8 views): a class of two merged views 3.6 at twice
+    # the median size, single views 2.8-3.3 at the median size
+    med = 250.0
+    crowded = CROWDED_RATIO * med + 1
+    assert split_accepted(SPLIT_SEPARATION + 0.1, 0.4, med, med, 5.0, junk=False)
+    assert not split_accepted(3.25, 0.5, med, med, 3.25, junk=False)  # one view, best
+    assert split_accepted(3.56, 0.43, crowded, med, 3.56, junk=False)  # crowded, best
+    assert not split_accepted(3.56, 0.43, crowded, med, 3.8, junk=False)  # not the best
+    assert not split_accepted(2.9, 0.5, crowded, med, 2.9, junk=False)  # too close
+    assert split_accepted(1.0, 0.3, 50, med, 3.0, junk=True)  # junk: whatever separation
+    assert not split_accepted(9.0, 0.0, med, med, 9.0, junk=True)  # one empty half
