@@ -50,7 +50,7 @@ CROWDED_SEPARATION = 3.0
 
 
 def split_accepted(separation: float, share: float, count: float, median_count: float,
-                   best_separation: float, junk: bool) -> bool:
+                   best_separation: float, junk: bool, late: bool = True) -> bool:
     """Whether a split test's result re-seeds a free class.
 
     A split is used when its clusters separate by ``SPLIT_SEPARATION``; a junk class's
@@ -61,7 +61,9 @@ def split_accepted(separation: float, share: float, count: float, median_count: 
     separates best among the candidates: while a class is free (often a duplicate, two
     classes for one view) a class holding twice the typical share most likely holds two
     views, and at pixel SNR 0.05 two merged views separated by 3.6 where single views gave
-    2.5-3.3. Both halves must be non-empty (``0 < share < 1``).
+    2.5-3.3. The crowded rule holds only ``late`` (once the classes have formed: in the first
+    iterations every class is a blend, and some hold most particles). Both halves must be
+    non-empty (``0 < share < 1``).
 
     Parameters
     ----------
@@ -73,10 +75,12 @@ def split_accepted(separation: float, share: float, count: float, median_count: 
         The highest separation among this round's candidates.
     junk : bool
         The class is junk (see :func:`find_free_classes`).
+    late : bool
+        The prior annealing is over.
     """
     if not 0 < share < 1:
         return False
-    crowded = (CROWDED_RATIO > 0 and count >= CROWDED_RATIO * median_count
+    crowded = (late and CROWDED_RATIO > 0 and count >= CROWDED_RATIO * median_count
                and separation >= best_separation and separation >= CROWDED_SEPARATION)
     return separation >= SPLIT_SEPARATION or junk or crowded
 

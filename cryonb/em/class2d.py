@@ -409,8 +409,9 @@ class Class2DJob:
         tests = []
         med = float(np.median(counts[counts > 0]))
         top = max((sep for _a, _l, sep in splits), default=0.0)
+        late = self.iteration >= round(min(ANNEAL_UNTIL, cfg.reseed_until) * cfg.iter)
         for k, (avgs, labels, sep) in zip(cands, splits):
-            if split_accepted(sep, float(labels.mean()), counts[k], med, top, k in junk):
+            if split_accepted(sep, float(labels.mean()), counts[k], med, top, k in junk, late):
                 tests.append((sep, k, avgs, float(labels.mean())))
         tests.sort(key=lambda t: -t[0])
         # slots: nearly empty classes first, then duplicates, then junk

@@ -154,6 +154,7 @@ def test_which_splits_reseed():
     assert split_accepted(SPLIT_SEPARATION + 0.1, 0.4, med, med, 5.0, junk=False)
     assert not split_accepted(3.25, 0.5, med, med, 3.25, junk=False)  # one view, best
     assert split_accepted(3.56, 0.43, crowded, med, 3.56, junk=False)  # crowded, best
+    assert not split_accepted(3.56, 0.43, crowded, med, 3.56, junk=False, late=False)
     assert not split_accepted(3.56, 0.43, crowded, med, 3.8, junk=False)  # not the best
     assert not split_accepted(2.9, 0.5, crowded, med, 2.9, junk=False)  # too close
     assert split_accepted(1.0, 0.3, 50, med, 3.0, junk=True)  # junk: whatever separation
