@@ -87,12 +87,29 @@ def _nvml_all() -> tuple[dict, ...]:
         for i in range(nv.nvmlDeviceGetCount()):
             h = nv.nvmlDeviceGetHandleByIndex(i)
             mem = nv.nvmlDeviceGetMemoryInfo(h)
+            try:
+                pci = _text(nv.nvmlDeviceGetPciInfo(h).busId)
+            except Exception:
+                pci = None
             out.append({"nvml_index": i, "uuid": _text(nv.nvmlDeviceGetUUID(h)),
                         "name": _text(nv.nvmlDeviceGetName(h)), "total": int(mem.total),
-                        "free": int(mem.free)})
+                        "free": int(mem.free), "pci": pci})
     except Exception:
         pass
     return tuple(out)
+
+
+def _bus_key(bus_id: str) -> tuple[int, str]:
+    """A PCI bus id as ``(domain, "bus:device.function")``: CUDA writes the domain with 4
+    hex digits, NVML with 8."""
+    dom, rest = _text(bus_id).strip().lower().split(":", 1)
+    return int(dom, 16), rest
+
+
+def _format_uuid(raw: bytes) -> str:
+    """``GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`` from the 16 bytes of a CUDA UUID."""
+    h = bytes(raw[:16]).hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
 
 def _visible_entries() -> list[str] | None:
@@ -113,6 +130,7 @@ def visible_devices() -> list[dict]:
     -------
     list of dict
         ``index`` (as ``--gpu`` counts), ``uuid``, ``name``, ``total`` and ``free`` (bytes),
+        ``pci`` (NVML's PCI bus id, or None),
         ``entry`` (what to put in ``CUDA_VISIBLE_DEVICES`` for it). Empty without a GPU.
     """
     devs = _nvml_all()
@@ -200,18 +218,34 @@ def cuda_uuids(devices: Sequence[int]) -> list[str]:
     """The UUID CUDA itself gives each of ``devices`` (CUDA numbering), ``GPU-xxxxxxxx-...``.
 
     Confirms after :func:`pin_devices` which physical GPU each thread drives (``"?"`` where
-    CuPy does not say).
+    neither NVML nor CuPy says). The device's PCI bus id (CUDA) is looked up in NVML; only
+    without NVML are CUDA's own UUID bytes used, and only when complete: CuPy hands them over
+    as a C string, cut at the first zero byte (a UUID with a ``00`` byte came out as
+    ``GPU-f70d8eec-e7---``, which NVML then could not find, so the device's load was missing).
     """
     import cupy
 
+    by_bus = {}
+    for e in _nvml_all():
+        if e.get("pci"):
+            try:
+                by_bus[_bus_key(e["pci"])] = e["uuid"]
+            except ValueError:
+                continue
     out = []
     for d in devices:
+        uuid = None
         try:
-            raw = bytes(cupy.cuda.runtime.getDeviceProperties(int(d))["uuid"])[:16]
-            h = raw.hex()
-            out.append(f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}")
+            uuid = by_bus.get(_bus_key(cupy.cuda.runtime.deviceGetPCIBusId(int(d))))
         except Exception:
-            out.append("?")
+            uuid = None
+        if uuid is None:
+            try:
+                raw = bytes(cupy.cuda.runtime.getDeviceProperties(int(d))["uuid"])
+                uuid = _format_uuid(raw) if len(raw) >= 16 else None
+            except Exception:
+                uuid = None
+        out.append(uuid or "?")
     return out
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import threading
 import warnings
@@ -292,7 +293,9 @@ def test_ranks_on_gpus_pick_what_the_cpu_picks(data, reference, engines, tmp_pat
     n = device_count()
     assert out.gpu and out.device_map == {str(r): [r % n] for r in range(3)}
     for r in out.ranks:
-        assert len(r.uuids) == 1 and r.uuids[0].startswith("GPU-")
+        # the whole UUID (NVML finds the device by it for the load figures)
+        assert len(r.uuids) == 1
+        assert re.fullmatch(r"GPU-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", r.uuids[0])
     if n < 3:  # two engines on one physical GPU: found by UUID, shown in the table
         assert len({r.uuids[0] for r in out.ranks}) == n
         assert "shared by" in out.device_table

@@ -843,3 +843,29 @@ def test_gpu_utilisation_with_either_pynvml_uuid_type(monkeypatch, takes):
                            nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=42))
     monkeypatch.setattr(hardware, "_nvml", lambda: fake)
     assert hardware.gpu_utilisation(["GPU-1234"]) == {"GPU-1234": 42.0}
+
+
+def test_cuda_uuids_come_from_nvml_by_pci_bus(monkeypatch):
+    """The UUID of a CUDA device: NVML's, found by the PCI bus id CUDA reports (CuPy cuts
+    CUDA's UUID bytes at the first zero byte: seen on the GPU machine as
+    ``GPU-f70d8eec-e7---``, which NVML could not find, so the device's load was missing)."""
+    import sys
+    import types
+
+    from cryonb.parallel import hardware
+
+    full = bytes.fromhex("f70d8eece7007f8a294d118eede08618")
+    props = {0: {"uuid": full[:5]}, 1: {"uuid": full[:5]}, 2: {"uuid": full}}
+    bus = {0: "0000:19:00.0", 1: "0000:3B:00.0", 2: "0000:5d:00.0"}
+    runtime = types.SimpleNamespace(deviceGetPCIBusId=lambda d: bus[d],
+                                    getDeviceProperties=lambda d: props[d])
+    fake_cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime))
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    nvml = ({"nvml_index": 0, "uuid": "GPU-f70d8eec-e700-7f8a-294d-118eede08618",
+             "name": "fake", "total": 1, "free": 1, "pci": "00000000:19:00.0"},)
+    monkeypatch.setattr(hardware, "_nvml_all", lambda: nvml)
+    got = hardware.cuda_uuids([0, 1, 2])
+    assert got[0] == "GPU-f70d8eec-e700-7f8a-294d-118eede08618"  # NVML, by bus id
+    assert got[1] == "?"  # not in NVML, and CUDA's bytes cut short: not made up
+    assert got[2] == "GPU-f70d8eec-e700-7f8a-294d-118eede08618"  # complete bytes
+    assert re.fullmatch(r"GPU-[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", got[0])
