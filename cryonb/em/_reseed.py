@@ -336,7 +336,7 @@ def realign_class(images, ctf, sigma2, tau2, tau2_fudge, size: int, current, mas
     A class can settle as the rotational average of its view (a round blob): its particles'
     angles are then arbitrary, the average stays round, and EM keeps that state to the end
     (a local optimum; on one 10-view SNR 0.05 set, the view's particles scattered over the
-    classes and 80% of the remaining ones had angle errors above 20 deg). This runs a
+    classes and 85% of the remaining ones had angle errors above 20 deg). This runs a
     one-class EM over in-plane angles and shifts on the class's particles, from
     ``n_starts`` single particles (three iterations each, then the ``n_keep`` most likely
     ones to ``n_iter``) and from the current class image, and returns the best result with

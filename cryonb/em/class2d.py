@@ -362,11 +362,17 @@ class Class2DJob:
         benchmarks/RESULTS.md has the comparison.
         """
         cfg = self.config
-        last = round(min(ANNEAL_UNTIL, cfg.reseed_until) * cfg.iter)
+        last = self._anneal_last()
         if not cfg.reseed or cfg.tau2_anneal <= 1 or iteration > last or last < 1:
             return 1.0
         a = cfg.tau2_anneal
         return float(a + (1 - a) * (iteration - 1) / max(1, last - 1))
+
+    def _anneal_last(self) -> int:
+        """The last iteration of the prior annealing (``ANNEAL_UNTIL`` or ``reseed_until`` of
+        ``--iter``, whichever is earlier)."""
+        cfg = self.config
+        return round(min(ANNEAL_UNTIL, cfg.reseed_until) * cfg.iter)
 
     def _maybe_reseed(self) -> None:
         """Re-seed empty, junk and duplicate classes by splitting classes that mix views;
@@ -409,7 +415,7 @@ class Class2DJob:
         tests = []
         med = float(np.median(counts[counts > 0]))
         top = max((sep for _a, _l, sep in splits), default=0.0)
-        late = self.iteration >= round(min(ANNEAL_UNTIL, cfg.reseed_until) * cfg.iter)
+        late = self.iteration >= self._anneal_last()
         for k, (avgs, labels, sep) in zip(cands, splits):
             if split_accepted(sep, float(labels.mean()), counts[k], med, top, k in junk, late):
                 tests.append((sep, k, avgs, float(labels.mean())))
