@@ -55,6 +55,10 @@ class Class2DConfig(JobConfig):
     perturb: float = option(0.5, "--perturb", "random perturbation of the sampling grids "
                             "each iteration (fraction of a step)", group="sampling",
                             relion_default=0.5)
+    refine_pose: bool = option(True, "--refine_pose", "report each particle's psi and offsets "
+                               "at the peak of a quadratic fitted to its log-posterior around "
+                               "the best sample (finer than the grid; off: the best grid "
+                               "sample, as RELION; cryonb)", group="sampling", relion=False)
     norm: bool = option(True, "--norm", "per-particle normalisation correction")
     scale: bool = option(True, "--scale", "per-group intensity scale correction")
     pad: int = option(2, "--pad", "oversampling of the Fourier grids", relion_default=2)

@@ -50,6 +50,8 @@ __all__ = ["BROAD_FRACTION", "SHIFTED_REFS_BYTES", "EStepContext", "coarse_image
 BROAD_FRACTION = 0.05
 #: the coarse pass folds the translations into the references when that table is this small
 SHIFTED_REFS_BYTES = 256e6
+#: particles per step of the pose refinement (bounds its (particles x pixels) temporaries)
+POSE_CHUNK = 1024
 
 
 def soft_circular_mask(n: int, radius: float, edge: float = 5.0, xp=np):
@@ -118,6 +120,7 @@ class _Grid:
     trans: np.ndarray = None  # (T, 2) translations (px)
     ts: int = 1  # translations per coarse translation
     ps: int = 1  # angles per coarse angle
+    tstep: float = 0.0  # spacing of the translation grid (px)
     psi_dev: object = None
     trans_dev: object = None
     acc_data: object = None  # (K*R, 2P) float64 back-projection slices [Re | Im]
@@ -208,6 +211,7 @@ class EStepContext:
     # ------------------------------------------------------------------ set-up
     def _grid(self, size, projs, psi, trans, ts=1, ps=1, accumulate=False) -> _Grid:
         xp = self.xp
+        tstep = self.config.offset_step / math.isqrt(ts)  # ts = (2**os)**2 sub-translations
         flat, kx, ky, shells = _pixels(self.N, size)
         k = np.stack([kx, ky], axis=-1)
         rots = inplane_matrix(psi)  # (R, 2, 2)
@@ -228,7 +232,7 @@ class EStepContext:
                      xp.asarray(np.exp(1j * ph), dtype=xp.complex64),
                      xp.asarray(np.concatenate([np.cos(ph), np.sin(ph)], axis=1),
                                 dtype=xp.float32),
-                     psi=np.asarray(psi), trans=np.asarray(trans), ts=ts, ps=ps,
+                     psi=np.asarray(psi), trans=np.asarray(trans), ts=ts, ps=ps, tstep=tstep,
                      psi_dev=xp.asarray(psi, dtype=xp.float64),
                      trans_dev=xp.asarray(trans, dtype=xp.float32),
                      acc_data=xp.zeros((M, 2 * P), xp.float64) if accumulate else None,
@@ -531,7 +535,8 @@ class EStepContext:
         w = (w / tot[:, None, None]).astype(xp.float32)
         rcls_b = xp.broadcast_to(rcls, (Bs, Rf))
         d2 = xp.take_along_axis(d2k, xp.broadcast_to(rcls[:, None, :], w.shape), axis=2)
-        self._results(f, batch, sub, w, tf, xp.broadcast_to(rf, (Bs, Rf)), offs, loglik, res)
+        self._results(f, batch, sub, w, tf, xp.broadcast_to(rf, (Bs, Rf)), offs, loglik, res,
+                      Xf, ctf, inv)
         omega = w.sum(axis=1)  # (Bs, Rf)
         crossn, a2n = self._accumulate_dense(f, w, Y, Xt, Ari, A2, rf[0], omega, ctf, cinv)
         x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
@@ -607,11 +612,9 @@ class EStepContext:
         acc_rot = xp.sqrt(segment_sums(w * dpsi**2, starts))
         acc_tr = xp.sqrt(segment_sums(w * (dt * dt).sum(axis=1), starts))
         pmax = w[best]  # the largest weight is the best sample's
-        cols = {"class": best_rf // R, "psi": psi[best_rf % R], "offset_x": best_off[:, 0],
-                "offset_y": best_off[:, 1], "pmax": pmax, "loglik": loglik,
-                "acc_rot": acc_rot, "acc_trans": acc_tr}
-        for name, v in cols.items():
-            res[sub, RESULT_COLUMNS.index(name)] = _to_host(v)
+        pose = self._best_pose(f, batch, sub, best_rf, best_off, Xf, ctf, inv)
+        self._write_results(res, sub, best_rf // R, pose, pmax=pmax, loglik=loglik,
+                            acc_rot=acc_rot, acc_trans=acc_tr)
         self._mark("fine: weights and results")
         # back-projection sums and the residual's per-shell terms, non-zero weights only
         nz = xp.flatnonzero(w > 0)
@@ -645,7 +648,7 @@ class EStepContext:
         S.acc_trans += xp.bincount(k, weights=wd * acc_tr[b], minlength=K)
         self._norm_and_totals(batch, sub, resid, res)
 
-    def _results(self, f, batch, sub, w, tf, rf, offs, loglik, res):
+    def _results(self, f, batch, sub, w, tf, rf, offs, loglik, res, Xf, ctf, inv):
         """Best pose, max probability, log-likelihood, posterior spread per particle."""
         xp = self.xp
         Bs, _, Rf = w.shape
@@ -662,11 +665,96 @@ class EStepContext:
         acc_rot = xp.sqrt((omega * dpsi**2).sum(axis=1))
         dt = offs - best_off[:, None, :]
         acc_tr = xp.sqrt((wt * (dt * dt).sum(axis=-1)).sum(axis=1))
-        cols = {"class": best_rf // R, "psi": psi[best_rf % R], "offset_x": best_off[:, 0],
-                "offset_y": best_off[:, 1], "pmax": w.reshape(Bs, -1).max(axis=1),
-                "loglik": loglik, "acc_rot": acc_rot, "acc_trans": acc_tr}
+        pose = self._best_pose(f, batch, sub, best_rf, best_off, Xf, ctf, inv)
+        self._write_results(res, sub, best_rf // R, pose, pmax=w.reshape(Bs, -1).max(axis=1),
+                            loglik=loglik, acc_rot=acc_rot, acc_trans=acc_tr)
+
+    @staticmethod
+    def _write_results(res, sub, cls, poses, **cols):
+        """Copy per-particle result columns (device arrays) into the host table ``res``;
+        ``poses``: the best sample's and the refined (psi, offsets) (:meth:`_best_pose`)."""
+        for (psi, off), end in zip(poses, ("", "_refined")):
+            cols.update({"psi" + end: psi, "offset_x" + end: off[:, 0],
+                         "offset_y" + end: off[:, 1]})
+        cols["class"] = cls
         for name, v in cols.items():
             res[sub, RESULT_COLUMNS.index(name)] = _to_host(v)
+
+    def _best_pose(self, f: _Grid, batch, sub, best_rf, best_off, Xf, ctf, inv):
+        """Each particle's best sample, and its reported pose (refined unless
+        ``--no_refine_pose``).
+
+        The refinement evaluates the log-posterior of the best class at the neighbouring
+        samples of the pass's grid (psi +- one step at the best offset; x and y +- one step
+        at the best psi), fits a parabola through each axis's three values and moves the pose
+        to its vertex (at most half a step: the best sample is the largest of the three
+        wherever the neighbours were evaluated in the pass). The weights, and so the class
+        averages, are those of the grid, and the next iteration's search is centred on the
+        best sample as in RELION; only the reported angle and offsets are finer than the
+        grid, whose spacing (5 deg and 1 px at RELION's default sampling) otherwise sets
+        their error (median 1.25 deg and 0.38 px for uniformly distributed true poses).
+
+        Parameters
+        ----------
+        f : _Grid
+            The pass's grid (fine, or the coarse grid at the current size).
+        batch : ParticleBatch
+        sub : ndarray of shape (Bs,)
+            Particles of ``batch`` in this pass.
+        best_rf : array of shape (Bs,) int
+            Best sample's reference row ``class * R + angle`` of ``f``.
+        best_off : array of shape (Bs, 2) float32
+            Best sample's offset (x, y) in pixels (previous offset + translation).
+        Xf, ctf, inv : arrays of shape (Bs, P)
+            Images (complex, centred on the previous offset), CTF and 1/sigma2 on ``f``.
+
+        Returns
+        -------
+        grid, refined : tuple of (psi, offsets)
+            In-plane angle (deg), shape (Bs,), and offsets (x, y) in pixels, shape (Bs, 2),
+            float64: of the best sample, and as reported (the same without refinement).
+        """
+        xp = self.xp
+        R = len(f.psi)
+        grid = psi, off = f.psi_dev[best_rf % R], best_off.astype(xp.float64)
+        if not self.config.refine_pose:
+            return grid, grid
+        Bs = len(sub)
+        k = best_rf // R
+        nb = (best_rf % R)[:, None] + xp.asarray([-1, 0, 1])[None]
+        nb = k[:, None] * R + nb % R  # (Bs, 3): the angle's neighbours in the same class
+        d = f.tstep if self.config.offset_range > 0 else 0.0
+        steps = np.array([[-d, 0], [d, 0], [0, -d], [0, d]])
+        if f.kx_dev is None:
+            f.kx_dev = xp.asarray(f.kx, dtype=xp.float32)
+            f.ky_dev = xp.asarray(f.ky, dtype=xp.float32)
+        kx, ky = f.kx_dev.astype(xp.float64), f.ky_dev.astype(xp.float64)
+        w2pi = -2 * np.pi / self.N
+        E = xp.exp(1j * w2pi * (xp.asarray(steps[:, :1]) * kx + xp.asarray(steps[:, 1:]) * ky))
+        t0 = off - xp.asarray(batch.offset[sub], dtype=xp.float64)  # relative to Xf's centre
+        l_psi = xp.empty((Bs, 3))
+        l_t = xp.empty((Bs, 4))
+        for a in range(0, Bs, POSE_CHUNK):
+            c = slice(a, a + POSE_CHUNK)
+            ph = xp.exp(1j * w2pi * (t0[c, :1] * kx + t0[c, 1:] * ky))
+            Y = Xf[c] * ph * (ctf[c] * inv[c])  # (b, P) complex128: X shifted, CTF / sigma2
+            A = f.refs[nb[c]]  # (b, 3, P)
+            a2 = ((ctf[c] * ctf[c] * inv[c])[:, None, :] * f.refs_a2[nb[c]]).sum(axis=2,
+                                                                                 dtype=xp.float64)
+            l_psi[c] = (Y[:, None, :] * xp.conj(A)).real.sum(axis=2) - 0.5 * a2
+            l_t[c] = ((Y * xp.conj(A[:, 1])) @ E.T).real - 0.5 * a2[:, 1:2]
+        # the offset prior of the best class changes along the translation axes
+        pk = self.prior_offset[k].astype(xp.float64)  # (Bs, 2)
+        inv2 = float(self.inv2_sig_off)
+        dd = off - pk
+        l_t = l_t - ((dd[:, None, :] + xp.asarray(steps)[None]) ** 2).sum(axis=2) * inv2
+        l0 = l_psi[:, 1] - (dd * dd).sum(axis=1) * inv2
+        dpsi = 360.0 / R
+        psi = (psi + dpsi * _vertex(l_psi[:, 0], l_psi[:, 1], l_psi[:, 2])) % 360
+        if d > 0:
+            off = off + d * xp.stack([_vertex(l_t[:, 0], l0, l_t[:, 1]),
+                                      _vertex(l_t[:, 2], l0, l_t[:, 3])], axis=1)
+        return grid, (psi, off)
 
     def _accumulate_dense(self, f, w, Y, Xt, Ari, A2, rf, omega, ctf, cinv):
         """Back-projection sums with matrix products over the whole (translation, rotation)
@@ -764,6 +852,15 @@ class EStepContext:
                                  rows // R, pad * (g.size / 2.0))
             g.acc_data = g.acc_weight = None
         return S
+
+
+def _vertex(lm, l0, lp):
+    """Vertex of the parabola through (-1, lm), (0, l0), (1, lp), in [-0.5, 0.5]; 0 where
+    the three values are not concave (arrays of one shape)."""
+    xp = array_module(l0)
+    den = lm - 2 * l0 + lp
+    safe = xp.where(den < 0, den, -1.0)
+    return xp.where(den < 0, xp.clip(0.5 * (lm - lp) / safe, -0.5, 0.5), 0.0)
 
 
 def _ri(z):

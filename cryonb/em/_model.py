@@ -253,10 +253,12 @@ def ssnr_max_shell(data_vs_prior: np.ndarray) -> int:
     return max(MINRES_MAP, int(ssnr_shells(data_vs_prior).max()))
 
 
-# Per-particle outputs of the E-step, in this order, as columns of one float64 array.
+# Per-particle outputs of the E-step, in this order, as columns of one float64 array:
+# "psi"/"offset_x"/"offset_y" are the best sample of the grid (the next iteration's search
+# centre, as RELION), the "_refined" ones the pose reported in _data.star (--refine_pose).
 RESULT_COLUMNS = (
     "class", "psi", "offset_x", "offset_y", "pmax", "loglik", "n_sig", "norm", "acc_rot",
-    "acc_trans",
+    "acc_trans", "psi_refined", "offset_x_refined", "offset_y_refined",
 )
 
 

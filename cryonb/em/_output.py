@@ -94,9 +94,9 @@ def _data_table(job) -> pd.DataFrame:
     st = job.state
     apix = job.pixel_size
     done = st.cls >= 0
-    df["rlnAnglePsi"] = np.where(done, st.psi, df.get("rlnAnglePsi", 0.0))
-    df["rlnOriginXAngst"] = st.offset[:, 0] * apix
-    df["rlnOriginYAngst"] = st.offset[:, 1] * apix
+    df["rlnAnglePsi"] = np.where(done, st.pose_psi, df.get("rlnAnglePsi", 0.0))
+    df["rlnOriginXAngst"] = st.pose_offset[:, 0] * apix
+    df["rlnOriginYAngst"] = st.pose_offset[:, 1] * apix
     df["rlnClassNumber"] = np.where(done, st.cls + 1, 0).astype(int)
     df["rlnNormCorrection"] = st.norm
     df["rlnLogLikeliContribution"] = st.loglik
@@ -172,7 +172,8 @@ def _state_arrays(job) -> dict[str, np.ndarray]:
     return {
         "seed_class": job.seed_class, "offset": st.offset, "norm": st.norm, "cls": st.cls,
         "psi": st.psi, "pmax": st.pmax, "loglik": st.loglik, "n_sig": st.n_sig,
-        "acc_rot_p": st.acc_rot, "acc_trans_p": st.acc_trans,
+        "acc_rot_p": st.acc_rot, "acc_trans_p": st.acc_trans, "pose_psi": st.pose_psi,
+        "pose_offset": st.pose_offset,
         "classes": m.classes, "pdf_class": m.pdf_class, "prior_offset": m.prior_offset,
         "sigma2_noise": m.sigma2_noise, "sigma2_offset": np.float64(m.sigma2_offset),
         "scale": m.scale, "avg_norm": np.float64(m.avg_norm),

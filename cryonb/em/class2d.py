@@ -79,6 +79,16 @@ class ParticleState:
     n_sig: np.ndarray
     acc_rot: np.ndarray = field(default_factory=lambda: np.zeros(0))
     acc_trans: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    #: the pose written to _data.star (``--refine_pose``: finer than the grid); ``psi`` and
+    #: ``offset`` are the best sample, the next iteration's search centre
+    pose_psi: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pose_offset: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+
+    def __post_init__(self):
+        if len(self.pose_psi) != len(self.psi):
+            self.pose_psi = np.array(self.psi, float)
+        if len(self.pose_offset) != len(self.offset):
+            self.pose_offset = np.array(self.offset, float)
 
     @classmethod
     def initial(cls, n: int, offset=None, norm=None) -> ParticleState:
@@ -102,6 +112,9 @@ class ParticleState:
         self.norm[index] = c["norm"]
         self.acc_rot[index] = c["acc_rot"]
         self.acc_trans[index] = c["acc_trans"]
+        self.pose_psi[index] = c["psi_refined"]
+        self.pose_offset[index, 0] = c["offset_x_refined"]
+        self.pose_offset[index, 1] = c["offset_y_refined"]
 
 
 class Class2DJob:
@@ -221,7 +234,9 @@ class Class2DJob:
         self.state = ParticleState(offset=st["offset"], norm=st["norm"], cls=st["cls"],
                                    psi=st["psi"], pmax=st["pmax"], loglik=st["loglik"],
                                    n_sig=st["n_sig"], acc_rot=st["acc_rot_p"],
-                                   acc_trans=st["acc_trans_p"])
+                                   acc_trans=st["acc_trans_p"],
+                                   pose_psi=st.get("pose_psi", np.zeros(0)),
+                                   pose_offset=st.get("pose_offset", np.zeros((0, 2))))
         self.seed_class = st["seed_class"]
         scalars = ("sigma2_offset", "avg_norm", "log_likelihood", "avg_pmax", "perturb")
         ints = ("current_size", "coarse_size", "iteration")
