@@ -269,6 +269,7 @@ class EStepContext:
         xp = self.xp
         N = self.N
         imgs = xp.asarray(batch.images, dtype=xp.float32)
+        self._mark("prepare: upload")
         if self.config.norm:
             f = self.model.avg_norm / np.maximum(batch.norm, 1e-6)
             imgs = imgs * xp.asarray(f, dtype=xp.float32)[:, None, None]
@@ -287,7 +288,9 @@ class EStepContext:
             masked = imgs * self.mask + bg[:, None, None] * outside
         else:
             masked = imgs * self.mask + self._noise(batch) * (1 - self.mask)
+        self._mark("prepare: shift and mask")
         F = fft2_centered(masked).reshape(len(batch), -1)
+        self._mark("prepare: FFT")
         frac = batch.offset - r
         return F, frac
 
@@ -328,14 +331,14 @@ class EStepContext:
         Xc = F[:, c.flat] * self._frac_phase(frac, c)
         ctf_c = self._ctf(batch, c)
         inv_c = c.invsig[xp.asarray(batch.optics)]
-        self._mark("prepare")
+        self._mark("prepare: CTF and windows")
         sig, best = self._coarse_pass(batch, Xc, ctf_c, inv_c)
         Xf = F[:, f.flat] * self._frac_phase(frac, f)
         ctf_f = self._ctf(batch, f)
         inv_f = f.invsig[xp.asarray(batch.optics)]
         res = np.zeros((B, len(RESULT_COLUMNS)))
         power_full = self._power_beyond(F)
-        self._mark("prepare")
+        self._mark("prepare: CTF and windows")
         n_sig = _to_host(sig.reshape(B, -1).sum(axis=1))
         res[:, RESULT_COLUMNS.index("n_sig")] = n_sig
         broad = n_sig > BROAD_FRACTION * sig.shape[1] * sig.shape[2]
@@ -612,10 +615,11 @@ class EStepContext:
         acc_rot = xp.sqrt(segment_sums(w * dpsi**2, starts))
         acc_tr = xp.sqrt(segment_sums(w * (dt * dt).sum(axis=1), starts))
         pmax = w[best]  # the largest weight is the best sample's
+        self._mark("fine: weights and results")
         pose = self._best_pose(f, batch, sub, best_rf, best_off, Xf, ctf, inv)
         self._write_results(res, sub, best_rf // R, pose, pmax=pmax, loglik=loglik,
                             acc_rot=acc_rot, acc_trans=acc_tr)
-        self._mark("fine: weights and results")
+        self._mark("fine: refined poses")
         # back-projection sums and the residual's per-shell terms, non-zero weights only
         nz = xp.flatnonzero(w > 0)
         wn, bn, rn, btn = w[nz], b[nz], rf[nz], ibt[nz]
