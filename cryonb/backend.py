@@ -138,6 +138,48 @@ def to_device(x: Any, xp: ModuleType | str | None = None) -> Any:
     return cupy.asarray(x)
 
 
+def pinned_empty(shape, dtype=np.float32, device: int | None = None) -> np.ndarray:
+    """An uninitialised NumPy array in page-locked host memory (CuPy's pinned pool).
+
+    The device copies such an array at the bus's full speed and asynchronously (an ordinary
+    array is staged through a pinned buffer first, on the calling thread). Without a usable
+    GPU, an ordinary array.
+
+    Parameters
+    ----------
+    shape : tuple of int
+    dtype : numpy dtype
+    device : int, optional
+        The CUDA device whose context allocates (the calling thread's current device by
+        default): a thread with no device of its own passes its rank's, so that no context
+        is created on another GPU.
+    """
+    if not gpu_available():
+        return np.empty(shape, dtype)
+    import cupyx
+
+    with use_device(device):
+        return cupyx.empty_pinned(shape, dtype)
+
+
+def upload(a: Any, xp: ModuleType, dtype=np.float32) -> Any:
+    """``a`` as a C-contiguous ``dtype`` array of ``xp``.
+
+    To CuPy: one host-to-device copy on the current thread's current stream (asynchronous
+    when ``a`` is in pinned memory, see :func:`pinned_empty`; the caller keeps ``a`` alive until
+    the stream has passed the copy, e.g. until a result was copied back). NumPy: no copy when
+    ``a`` already is such an array.
+    """
+    if xp is np:
+        return np.ascontiguousarray(a, dtype=dtype)
+    if is_gpu_array(a):
+        return xp.ascontiguousarray(a, dtype=dtype)
+    a = np.ascontiguousarray(a, dtype=dtype)
+    out = xp.empty(a.shape, dtype)
+    out.set(a, stream=xp.cuda.get_current_stream())
+    return out
+
+
 @contextlib.contextmanager
 def use_device(device: int | None):
     """Make ``device`` the current CUDA device of this thread inside the block.

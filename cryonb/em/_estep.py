@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import array_module
+from ..backend import array_module, upload
 from ..ctf import CTFParams, ctf_at
 from ..data.conventions import inplane_matrix
 from ..fourier import Projector, fft2_centered, ifft2_centered
@@ -268,7 +268,7 @@ class EStepContext:
         """Norm-correct, centre on the rounded previous offset, mask, Fourier transform."""
         xp = self.xp
         N = self.N
-        imgs = xp.asarray(batch.images, dtype=xp.float32)
+        imgs = upload(batch.images, xp)
         self._mark("prepare: upload")
         if self.config.norm:
             f = self.model.avg_norm / np.maximum(batch.norm, 1e-6)

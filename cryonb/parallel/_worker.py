@@ -20,6 +20,7 @@ import traceback
 
 import numpy as np
 
+from ..backend import pinned_empty
 from ..errors import CryonbError, ResourceError
 from .combine import mpi_send_sum, ordered_sum, write_rank_sum
 from .hardware import device_memory
@@ -27,6 +28,9 @@ from .hardware import device_memory
 __all__ = ["WorkerService", "error_record"]
 
 _STOP = object()
+#: a GPU worker's reader puts each pool's images in pinned host memory, whose transfer to
+#: the device is ~5x faster, unless the pools in flight (up to 2 --j + 1) would take more
+PINNED_BUDGET_BYTES = 4 * 2**30
 
 
 def error_record(exc: BaseException, **where) -> dict:
@@ -294,17 +298,33 @@ class WorkerService:
 
     def _images(self, task: dict) -> np.ndarray:
         if task.get("images") is not None:
-            return task["images"]
-        if task.get("mpi_tag") is not None:
+            images = task["images"]
+        elif task.get("mpi_tag") is not None:
             return self._receive_images(task)
-        if self.source is None:
+        elif self.source is None:
             raise ResourceError(f"rank {self.rank} has no way to read images")
-        return self.source.images(task["index"])
+        else:
+            images = self.source.images(task["index"])
+        buf = self._host_buffer(images.shape)
+        if buf is None:
+            return images
+        np.copyto(buf, images, casting="same_kind")
+        return buf
+
+    def _host_buffer(self, shape):
+        """Pinned host memory for one pool's images on a GPU worker, within
+        :data:`PINNED_BUDGET_BYTES`; ``None`` on the CPU or past the budget."""
+        nbytes = 4 * int(np.prod(shape))
+        if not self.devices or nbytes * (2 * self.threads + 1) > PINNED_BUDGET_BYTES:
+            return None
+        return pinned_empty(shape, np.float32, device=self.devices[0])
 
     def _receive_images(self, task: dict) -> np.ndarray:
         """The leader's images for one pool, through MPI, with a deadline."""
         N = self.setup["N"]
-        buf = np.empty((len(task["index"]), N, N), np.float32)
+        shape = (len(task["index"]), N, N)
+        buf = self._host_buffer(shape)
+        buf = np.empty(shape, np.float32) if buf is None else buf
         req = self.comm.Irecv(buf, source=task.get("mpi_source", 0), tag=task["mpi_tag"])
         deadline = time.monotonic() + self.timeout
         pause = 1e-4

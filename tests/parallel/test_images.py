@@ -69,3 +69,40 @@ def test_preread_source_refuses_when_memory_is_short(table, monkeypatch):
     monkeypatch.setattr(images, "available_memory", lambda: 1000)
     with pytest.raises(ResourceError, match="--preread_images needs"):
         PrereadSource(table)
+
+
+@pytest.mark.parametrize("gpu", [False, pytest.param(True, marks=pytest.mark.gpu)],
+                         ids=["cpu", "gpu"])
+def test_gpu_worker_stages_pools_in_pinned_memory(table, gpu):
+    """A GPU worker's reader puts pools in page-locked memory (fast, asynchronous uploads);
+    a CPU worker's gets the source's array as it is. Same images either way."""
+    from cryonb.backend import gpu_available, upload
+    from cryonb.em import Class2DConfig
+    from cryonb.parallel._worker import WorkerService
+
+    if gpu and not gpu_available():
+        pytest.skip("no usable GPU (CuPy)")
+    w = WorkerService(rank=1, config=Class2DConfig(i="x", o="y"), setup={"N": table.box},
+                      threads=1, devices=[0] if gpu else None, source=TableSource(table))
+    try:
+        got = w._images({"index": ROWS})
+    finally:
+        w.close()
+    want = table.images(ROWS)
+    np.testing.assert_array_equal(got, want)
+    if not gpu:
+        assert w._host_buffer(want.shape) is None
+        np.testing.assert_array_equal(upload(got, np), want)
+        return
+    import cupy
+
+    attrs = cupy.cuda.runtime.pointerGetAttributes(got.ctypes.data)
+    assert attrs.type == getattr(cupy.cuda.runtime, "memoryTypeHost", 1)
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:
+        dev = upload(got, cupy)
+        back = dev.get()
+    np.testing.assert_array_equal(back, want)
+    # past the budget: no pinned copy
+    w.threads = 10**6
+    assert w._host_buffer(want.shape) is None
