@@ -201,6 +201,22 @@ def iteration_time(star, K: int, iterations: int, pool: int = 0, j: int = 1) -> 
             "stages_s": res.stats.stage_totals(), "pool": res.pool, "threads": j}
 
 
+def _pool(spec: str, n: int, box: int, K: int, psi: float) -> int:
+    """The E-step grid's pool size for ``--pool`` (see :func:`main`)."""
+    if spec and spec != "auto":
+        return int(spec)
+    if not spec:
+        return 2048 if box <= 128 else 512
+    import cupy
+
+    from cryonb.em import Class2DConfig
+    from cryonb.parallel.pools import auto_pool
+
+    cfg = Class2DConfig(i="x", o="y", K=K, psi_step=psi, offset_range=5, offset_step=2)
+    return auto_pool(cfg, n, box, 1, gpu=True, free_bytes=cupy.cuda.Device().mem_info[0],
+                     ranks=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
@@ -211,6 +227,12 @@ def main(argv=None):
                     help="E-step shapes as box:K:psi_step,... (default: the whole grid)")
     ap.add_argument("--threads", type=int, nargs="+", default=None,
                     help="--j values of the whole-iteration runs (default 1 2)")
+    ap.add_argument("--skip_iterations", action="store_true",
+                    help="no whole-iteration runs (only the E-step grid)")
+    ap.add_argument("--pool", default="",
+                    help="E-step pool size: a number, or 'auto' for the runtime's own choice "
+                         "(cryonb.parallel.pools.auto_pool: one rank, the free device memory); "
+                         "default 2048 (512 at 256 px)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +257,7 @@ def main(argv=None):
         n = {64: 20000, 128: 8000, 256: 2000}[box] // (4 if a.quick else 1)
         star = simulate(n, box, views=min(K, 50))
         try:
-            r = estep_throughput(star, K, psi, pool=2048 if box <= 128 else 512)
+            r = estep_throughput(star, K, psi, pool=_pool(a.pool, n, box, K, psi))
             r["fraction_of_tf32"] = r["coarse_tflops_achieved"] / results["gemm"]["tf32"]
         except Exception as exc:  # keep measuring the other shapes
             r = {"box": box, "K": K, "psi_step": psi, "error": repr(exc)}
@@ -247,8 +269,9 @@ def main(argv=None):
         results.setdefault("selection", []).append(r)
         print(json.dumps(r), flush=True)
     n = 2500 if a.quick else 10000
-    star = simulate(n, 128, views=20, seed=5, snr=0.05)
-    for j in a.threads or ((1,) if a.quick else (1, 2)):
+    threads = () if a.skip_iterations else a.threads or ((1,) if a.quick else (1, 2))
+    star = simulate(n, 128, views=20, seed=5, snr=0.05) if threads else None
+    for j in threads:
         try:
             r = iteration_time(star, 20, 3 if a.quick else 5, j=j)
         except Exception as exc:
