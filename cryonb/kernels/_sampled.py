@@ -228,10 +228,11 @@ def scatter_products(acc, U, V, iu, iv, iacc, w) -> None:
     matrix products in float64 (cuSPARSE), see :func:`_scatter_sparse`; where those do not
     apply (``V`` given and ``iacc`` not a function of ``iu``) or ``SPARSE_SUMS`` is off,
     double-precision atomic adds (order-independent to ~1e-16 relative). With the products
-    the E-step was 1.8-2.6x faster at 64 px (many samples per particle); at 128-256 px (few)
-    the atomics were up to 13% faster or slower from run to run. A size rule between the two
-    was tried and chose badly for some sums (benchmarks/RESULTS.md): the products are used
-    throughout.
+    the E-step is 1.7-2.6x faster at 64 px (many samples per particle); at 128-256 px (few)
+    the atomics were 5-13% faster or slower from run to run, and 11-51% faster once the pools
+    came from pinned memory (benchmarks/RESULTS.md). A size rule by samples per accumulator
+    row was tried and chose badly for some sums: the products are used throughout (a rule by
+    significant samples per particle is untested).
     """
     xp = array_module(acc)
     n = int(iu.shape[0])
