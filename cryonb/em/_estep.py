@@ -127,6 +127,7 @@ class _Grid:
     acc_weight: object = None  # (K*R, P) float64
     kx_dev: object = None
     ky_dev: object = None
+    stencil: object = None  # (2P, 4) float32: the pose refinement's shifts by +-tstep
 
 
 class EStepContext:
@@ -616,7 +617,7 @@ class EStepContext:
         acc_tr = xp.sqrt(segment_sums(w * (dt * dt).sum(axis=1), starts))
         pmax = w[best]  # the largest weight is the best sample's
         self._mark("fine: weights and results")
-        pose = self._best_pose(f, batch, sub, best_rf, best_off, Xf, ctf, inv)
+        pose = self._best_pose(f, best_rf, tf[best], best_off, Xf, ctf, inv)
         self._write_results(res, sub, best_rf // R, pose, pmax=pmax, loglik=loglik,
                             acc_rot=acc_rot, acc_trans=acc_tr)
         self._mark("fine: refined poses")
@@ -669,7 +670,7 @@ class EStepContext:
         acc_rot = xp.sqrt((omega * dpsi**2).sum(axis=1))
         dt = offs - best_off[:, None, :]
         acc_tr = xp.sqrt((wt * (dt * dt).sum(axis=-1)).sum(axis=1))
-        pose = self._best_pose(f, batch, sub, best_rf, best_off, Xf, ctf, inv)
+        pose = self._best_pose(f, best_rf, tf[ar, bt], best_off, Xf, ctf, inv)
         self._write_results(res, sub, best_rf // R, pose, pmax=w.reshape(Bs, -1).max(axis=1),
                             loglik=loglik, acc_rot=acc_rot, acc_trans=acc_tr)
 
@@ -684,7 +685,7 @@ class EStepContext:
         for name, v in cols.items():
             res[sub, RESULT_COLUMNS.index(name)] = _to_host(v)
 
-    def _best_pose(self, f: _Grid, batch, sub, best_rf, best_off, Xf, ctf, inv):
+    def _best_pose(self, f: _Grid, best_rf, best_t, best_off, Xf, ctf, inv):
         """Each particle's best sample, and its reported pose (refined unless
         ``--no_refine_pose``).
 
@@ -702,11 +703,10 @@ class EStepContext:
         ----------
         f : _Grid
             The pass's grid (fine, or the coarse grid at the current size).
-        batch : ParticleBatch
-        sub : ndarray of shape (Bs,)
-            Particles of ``batch`` in this pass.
         best_rf : array of shape (Bs,) int
             Best sample's reference row ``class * R + angle`` of ``f``.
+        best_t : array of shape (Bs,) int
+            Best sample's translation (row of ``f.phases``).
         best_off : array of shape (Bs, 2) float32
             Best sample's offset (x, y) in pixels (previous offset + translation).
         Xf, ctf, inv : arrays of shape (Bs, P)
@@ -723,32 +723,32 @@ class EStepContext:
         grid = psi, off = f.psi_dev[best_rf % R], best_off.astype(xp.float64)
         if not self.config.refine_pose:
             return grid, grid
-        Bs = len(sub)
+        Bs = Xf.shape[0]
         k = best_rf // R
         nb = (best_rf % R)[:, None] + xp.asarray([-1, 0, 1])[None]
         nb = k[:, None] * R + nb % R  # (Bs, 3): the angle's neighbours in the same class
         d = f.tstep if self.config.offset_range > 0 else 0.0
         steps = np.array([[-d, 0], [d, 0], [0, -d], [0, d]])
-        if f.kx_dev is None:
-            f.kx_dev = xp.asarray(f.kx, dtype=xp.float32)
-            f.ky_dev = xp.asarray(f.ky, dtype=xp.float32)
-        kx, ky = f.kx_dev.astype(xp.float64), f.ky_dev.astype(xp.float64)
-        w2pi = -2 * np.pi / self.N
-        E = xp.exp(1j * w2pi * (xp.asarray(steps[:, :1]) * kx + xp.asarray(steps[:, 1:]) * ky))
-        t0 = off - xp.asarray(batch.offset[sub], dtype=xp.float64)  # relative to Xf's centre
+        if f.stencil is None:  # shifts by the four steps, [Re | -Im] columns (2P, 4)
+            ph = -2 * np.pi / self.N * (steps[:, :1] * f.kx + steps[:, 1:] * f.ky)
+            f.stencil = xp.asarray(np.concatenate([np.cos(ph), -np.sin(ph)], axis=1).T,
+                                   dtype=xp.float32)
         l_psi = xp.empty((Bs, 3))
         l_t = xp.empty((Bs, 4))
+        f64 = xp.float64
         for a in range(0, Bs, POSE_CHUNK):
             c = slice(a, a + POSE_CHUNK)
-            ph = xp.exp(1j * w2pi * (t0[c, :1] * kx + t0[c, 1:] * ky))
-            Y = Xf[c] * ph * (ctf[c] * inv[c])  # (b, P) complex128: X shifted, CTF / sigma2
-            A = f.refs[nb[c]]  # (b, 3, P)
+            Y = Xf[c] * f.phases[best_t[c]] * (ctf[c] * inv[c])  # X shifted, CTF / sigma2
+            Yri = _ri(Y)  # (b, 2P)
+            Ari = f.refs_ri[nb[c]]  # (b, 3, 2P): Re <Y, A> = [Re Y | Im Y] . [Re A | Im A]
             a2 = ((ctf[c] * ctf[c] * inv[c])[:, None, :] * f.refs_a2[nb[c]]).sum(axis=2,
-                                                                                 dtype=xp.float64)
-            l_psi[c] = (Y[:, None, :] * xp.conj(A)).real.sum(axis=2) - 0.5 * a2
-            l_t[c] = ((Y * xp.conj(A[:, 1])) @ E.T).real - 0.5 * a2[:, 1:2]
+                                                                                 dtype=f64)
+            l_psi[c] = (Yri[:, None, :] * Ari).sum(axis=2, dtype=f64) - 0.5 * a2
+            # Re <Y e^{i ph_s}, A> = [Re Z | Im Z] . [cos | -sin], Z = Y conj(A)
+            Z = _ri(Y * xp.conj(f.refs[nb[c, 1]]))
+            l_t[c] = (Z @ f.stencil).astype(f64) - 0.5 * a2[:, 1:2]
         # the offset prior of the best class changes along the translation axes
-        pk = self.prior_offset[k].astype(xp.float64)  # (Bs, 2)
+        pk = self.prior_offset[k].astype(f64)  # (Bs, 2)
         inv2 = float(self.inv2_sig_off)
         dd = off - pk
         l_t = l_t - ((dd[:, None, :] + xp.asarray(steps)[None]) ** 2).sum(axis=2) * inv2
