@@ -29,7 +29,8 @@ __all__ = ["WorkerService", "error_record"]
 
 _STOP = object()
 #: a GPU worker's reader puts each pool's images in pinned host memory, whose transfer to
-#: the device is ~5x faster, unless the pools in flight (up to 2 --j + 1) would take more
+#: the device is ~10x faster (H200: 524 MB in 0.010 s instead of 0.092 s), unless the pools
+#: in flight (up to 2 --j + 1) would take more
 PINNED_BUDGET_BYTES = 4 * 2**30
 
 
