@@ -52,6 +52,9 @@ BROAD_FRACTION = 0.05
 SHIFTED_REFS_BYTES = 256e6
 #: particles per step of the pose refinement (bounds its (particles x pixels) temporaries)
 POSE_CHUNK = 1024
+#: per-particle cap (nats) of the class margins: one particle that fits nowhere must not
+#: dominate its class's mean
+MARGIN_CAP = 50.0
 
 
 def soft_circular_mask(n: int, radius: float, edge: float = 5.0, xp=np):
@@ -431,16 +434,32 @@ class EStepContext:
         x2 = ((Xc.real**2 + Xc.imag**2) * inv).sum(axis=1)
         lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
         offs = xp.asarray(batch.offset[:, None, :], dtype=xp.float32) + self.trans_coarse
-        prior = self._offset_logprior(offs)[..., None] + self.log_pdf[:, None]  # (B, T, K, R)
-        lw = lw.reshape(B, T, self.K, self.n_psi) + prior
+        lw = lw.reshape(B, T, self.K, self.n_psi) + self._offset_logprior(offs)[..., None]
         seed = xp.asarray(batch.seed_class)
         restrict = (seed[:, None] >= 0) & (xp.arange(self.K)[None] != seed[:, None])
-        lw = xp.where(restrict[:, None, :, None], -xp.inf, lw).reshape(B, T, M)
+        lw = xp.where(restrict[:, None, :, None], -xp.inf, lw)
+        self._accumulate_margins(lw.max(axis=(1, 3)))
+        lw = (lw + self.log_pdf[:, None]).reshape(B, T, M)  # (B, T, K * R)
         best = lw.max(axis=1).argmax(axis=1)
         self._mark("coarse: priors")
         sig = self._significant(lw)
         self._mark("coarse: significance")
         return sig, best
+
+    def _accumulate_margins(self, lk):
+        """Class margins (``Class2DSums.class_margin``) from each particle's best coarse
+        log-likelihood per class, ``lk`` (B, K) (class prior left out, -inf where excluded).
+        """
+        xp = self.xp
+        K = self.K
+        a = (lk + self.log_pdf).argmax(axis=1)
+        best = xp.take_along_axis(lk, a[:, None], axis=1)
+        cost = xp.clip(xp.nan_to_num(best - lk, nan=MARGIN_CAP, posinf=MARGIN_CAP), 0, MARGIN_CAP)
+        S = self.sums
+        S.class_margin += xp.bincount((a[:, None] * K + xp.arange(K)).reshape(-1),
+                                      weights=cost.reshape(-1).astype(xp.float64),
+                                      minlength=K * K).reshape(K, K)
+        S.margin_n += xp.bincount(a, minlength=K).astype(xp.float64)
 
     def _significant(self, lw):
         """RELION's significant samples (:func:`cryonb.kernels.significant_samples`), per

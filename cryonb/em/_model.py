@@ -133,6 +133,7 @@ class Class2DModel:
     optics_names: list = field(default_factory=list)
     reseeded: list = field(default_factory=list)
     class_overlap: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    class_margin: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
 
     @property
     def K(self) -> int:
@@ -297,6 +298,13 @@ class Class2DSums:
     class_overlap : (K, K)
         Sum over particles of ``p_i(a) p_i(b)`` (class posteriors): how much classes share
         their particles.
+    class_margin : (K, K)
+        Sum over the particles whose best class is ``a`` of ``min(L_i(a) - L_i(b), cap)``,
+        ``L_i(k)`` the particle's best coarse log-likelihood in class ``k`` (offset prior
+        included, class prior not): what moving class ``a``'s particles to class ``b`` would
+        cost them (see :func:`cryonb.em._reseed.find_free_classes`).
+    margin_n : (K,)
+        Particles per best class in those sums.
     """
 
     data: np.ndarray
@@ -315,6 +323,8 @@ class Class2DSums:
     acc_rot: np.ndarray
     acc_trans: np.ndarray
     class_overlap: np.ndarray
+    class_margin: np.ndarray
+    margin_n: np.ndarray
 
     @classmethod
     def zeros(cls, K: int, N: int, pad: int, n_optics: int, n_groups: int, xp=np):
@@ -329,7 +339,7 @@ class Class2DSums:
             pdf_class=z(K), prior_offset=z((K, 2)), sigma2_offset=z(()),
             scale_xa=z((n_groups, nsh)), scale_aa=z((n_groups, nsh)), norm_sum=z(()),
             loglik=z(()), pmax=z(()), n=z(()), acc_rot=z(K), acc_trans=z(K),
-            class_overlap=z((K, K)))
+            class_overlap=z((K, K)), class_margin=z((K, K)), margin_n=z(K))
 
     def names(self) -> list[str]:
         """Field names, in the packing order."""

@@ -362,5 +362,6 @@ def maximization(model: Class2DModel, sums: Class2DSums, config) -> Class2DModel
         new.acc_trans = np.where(wk > 0, sums.acc_trans / wk * apix, 0.0)
     d = np.sqrt(np.maximum(np.diag(sums.class_overlap), 1e-30))
     new.class_overlap = sums.class_overlap / d[:, None] / d[None, :]
+    new.class_margin = sums.class_margin / np.maximum(sums.margin_n, 1)[:, None]
     new.reseeded = []
     return new

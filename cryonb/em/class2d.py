@@ -397,7 +397,7 @@ class Class2DJob:
         probability reaches ``RESEED_MIN_PMAX``) until ``reseed_until * iter``, at most every
         other iteration.
         """
-        from ._reseed import find_free_classes, split_accepted
+        from ._reseed import CROWDED_RATIO, find_free_classes, merge_candidates, split_accepted
 
         cfg, m = self.config, self.model
         K = cfg.K
@@ -413,7 +413,9 @@ class Class2DJob:
         free, reasons = find_free_classes(
             counts, m.classes, self.n, m.class_overlap, pmax, n_psi=max(36, 2 * cfg.n_psi),
             max_res_px=max(4, m.current_size // 4))
-        if not free:
+        late = self.iteration >= self._anneal_last()
+        merges = merge_candidates(m.class_margin, counts, free) if late else []
+        if not free and not merges:
             return
         # the classes to split: the largest, and junk classes (often two views merged: split,
         # such a class keeps one half and gives the other to a free slot)
@@ -430,7 +432,6 @@ class Class2DJob:
         tests = []
         med = float(np.median(counts[counts > 0]))
         top = max((sep for _a, _l, sep in splits), default=0.0)
-        late = self.iteration >= self._anneal_last()
         for k, (avgs, labels, sep) in zip(cands, splits):
             if split_accepted(sep, float(labels.mean()), counts[k], med, top, k in junk, late):
                 tests.append((sep, k, avgs, float(labels.mean())))
@@ -440,9 +441,20 @@ class Class2DJob:
         slots = sorted(free, key=lambda k: (rank[reasons[k].split()[0]], k))
         for sep, big, avgs, share in tests:
             slot = next((k for k in slots if k != big), None)
+            crowded = counts[big] >= CROWDED_RATIO * med
+            if slot is None and (big in junk or crowded):
+                # a class holding two views with nowhere to go: merge a pair that describes
+                # the same particles (one view split over two classes) to free a slot
+                pair = next((p for p in merges if big not in p[1:]), None)
+                if pair is not None:
+                    merges.remove(pair)
+                    ratio, slot, into = pair
+                    reasons[slot] = (f"merged into class {into + 1} (merge cost ratio "
+                                     f"{ratio:.2f})")
             if slot is None:
-                break
+                continue
             slots = [k for k in slots if k not in (slot, big)]
+            merges = [p for p in merges if slot not in p[1:] and big not in p[1:]]
             total = m.pdf_class[big]
             m.classes[big], m.classes[slot] = avgs[0], avgs[1]
             m.pdf_class[big], m.pdf_class[slot] = total * (1 - share), total * share

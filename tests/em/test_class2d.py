@@ -67,6 +67,36 @@ def test_estep_recovers_known_poses_and_reconstructs(xp):
     assert np.corrcoef(img.ravel(), C.ravel())[0, 1] > 0.99
 
 
+def test_class_margins_find_one_view_in_two_classes(xp):
+    """The E-step's class margins: a turned copy of the particles' class costs them nothing."""
+    from dataclasses import replace
+
+    from cryonb.em._reseed import merge_candidates
+    from cryonb.fourier import rotate_2d
+
+    batch, model, *_, C = _known_pose_batch(B=32, seed=2, noise=0.5)
+    other = ifft2_centered(Projector(phantom_map(48)).project(euler_to_matrix(0.0, 80.0, 0.0)),
+                           48)
+    classes = np.stack([C, rotate_2d(C, 40.0), other]).astype(np.float32)
+    model = replace(model, classes=classes, pdf_class=np.array([0.5, 0.3, 0.2]),
+                    prior_offset=np.zeros((3, 2)), tau2=np.ones((3, 25)),
+                    sigma2_class=np.ones((3, 25)), data_vs_prior=np.ones((3, 25)),
+                    fourier_coverage=np.ones((3, 25)), sigma2_noise=model.sigma2_noise * 1e4)
+    cfg = Class2DConfig(i="x", o="y", K=3, particle_diameter=0.8 * 48 * 3.0, perturb=0)
+    ctx = EStepContext(model, cfg, xp)
+    ctx.expectation(batch)
+    sums = ctx.finish().to_host()
+    assert sums.margin_n.sum() == 32 and sums.margin_n[2] == 0
+    margin = sums.class_margin / np.maximum(sums.margin_n, 1)[:, None]
+    assert np.all(np.diag(margin) == 0)
+    # the particles' own view, turned: (almost) no cost; another view: a large one
+    a = int(np.argmax(sums.margin_n[:2]))
+    assert margin[a, 1 - a] < 0.1 * margin[a, 2], margin
+    pairs = merge_candidates(margin, sums.margin_n)
+    assert len(pairs) == 1 and set(pairs[0][1:]) == {0, 1}, pairs
+    assert merge_candidates(margin, sums.margin_n, exclude=[a]) == []
+
+
 @pytest.mark.parametrize("broad", [False, True], ids=["sparse pass", "dense pass"])
 def test_refined_poses_are_finer_than_the_grid(xp, monkeypatch, broad):
     """--refine_pose: psi and offsets off the grid, closer to the truth than the best sample."""

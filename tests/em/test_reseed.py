@@ -10,7 +10,10 @@ from cryonb.em._reseed import (
     CROWDED_RATIO,
     SPLIT_SEPARATION,
     class_similarity,
+    MERGE_RATIO,
     find_free_classes,
+    merge_candidates,
+    merge_ratios,
     realign_class,
     split_accepted,
     split_class,
@@ -159,3 +162,23 @@ def test_which_splits_reseed():
     assert not split_accepted(2.9, 0.5, crowded, med, 2.9, junk=False)  # too close
     assert split_accepted(1.0, 0.3, 50, med, 3.0, junk=True)  # junk: whatever separation
     assert not split_accepted(9.0, 0.0, med, med, 9.0, junk=True)  # one empty half
+
+
+def test_merge_candidates_pair_one_view_in_two_classes():
+    # classes 1 and 3 hold one view (their particles lose 8-10 nats by swapping), the others
+    # are distinct (40 nats); class 4 is the crowded one and takes part in no pair
+    margin = np.full((5, 5), 40.0)
+    np.fill_diagonal(margin, 0.0)
+    margin[1, 3], margin[3, 1] = 8.0, 10.0
+    counts = np.array([250.0, 120, 250, 130, 480])
+    r = merge_ratios(margin)
+    assert r[1, 3] == pytest.approx(0.2) and r[0, 2] == pytest.approx(1.0)
+    assert np.isinf(np.diag(r)).all()
+    pairs = merge_candidates(margin, counts)
+    assert pairs == [(pytest.approx(0.2), 1, 3)]  # the smaller class is the one freed
+    assert merge_candidates(margin, counts, exclude=[3]) == []
+    # the threshold: a ratio just above it is no pair
+    margin[1, 3] = 40.0 * MERGE_RATIO * 1.05
+    assert merge_candidates(margin, counts) == []
+    # fewer than three classes: no typical cost to compare with
+    assert merge_candidates(np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([5.0, 6.0])) == []
