@@ -162,9 +162,10 @@ def _scatter_sparse(acc, U, V, iu, iv, iacc, w) -> bool:
     return True
 
 
-#: GPU scatter-adds as sparse x dense products where they apply (False: atomic adds only;
-#: benchmarks/class2d_gpu.py times the E-step both ways)
-SPARSE_SUMS = True
+#: GPU scatter-adds: None lets the caller choose (``sparse`` argument); True / False force
+#: sparse x dense products where they apply / atomic adds (benchmarks/class2d_gpu.py times
+#: the E-step all three ways)
+SPARSE_SUMS: bool | None = None
 
 
 # ----------------------------------------------------------------------------- public
@@ -206,7 +207,7 @@ def sampled_dot(U, V, iu, iv):
     return out
 
 
-def scatter_products(acc, U, V, iu, iv, iacc, w) -> None:
+def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool = True) -> None:
     """Add weighted rows (or row products) into an accumulator, in place.
 
     Parameters
@@ -220,19 +221,20 @@ def scatter_products(acc, U, V, iu, iv, iacc, w) -> None:
         Target row of each sample.
     w : array of shape (n,)
         Weights.
+    sparse : bool
+        GPU: sparse x dense products where they apply (else atomic adds); ``SPARSE_SUMS``
+        overrides it when set.
 
     Notes
     -----
     ``acc[iacc[s]] += w[s] * U[iu[s]] * V[iv[s]]``. CPU: samples are grouped by target row and
     each row is summed by one thread in sample order (deterministic). GPU: sparse x dense
     matrix products in float64 (cuSPARSE), see :func:`_scatter_sparse`; where those do not
-    apply (``V`` given and ``iacc`` not a function of ``iu``) or ``SPARSE_SUMS`` is off,
+    apply (``V`` given and ``iacc`` not a function of ``iu``) or when ``sparse`` is false,
     double-precision atomic adds (order-independent to ~1e-16 relative). With the products
     the E-step is 1.7-2.6x faster at 64 px (many samples per particle); at 128-256 px (few)
-    the atomics were 5-13% faster or slower from run to run, and 11-51% faster once the pools
-    came from pinned memory (benchmarks/RESULTS.md). A size rule by samples per accumulator
-    row was tried and chose badly for some sums: the products are used throughout (a rule by
-    significant samples per particle is untested).
+    the atomics were 11-51% faster once the pools came from pinned memory
+    (benchmarks/RESULTS.md): the E-step chooses by significant samples per particle.
     """
     xp = array_module(acc)
     n = int(iu.shape[0])
@@ -252,7 +254,8 @@ def scatter_products(acc, U, V, iu, iv, iacc, w) -> None:
                                     np.asarray(iv if V is not None else iu, np.int64), rows,
                                     starts, order, np.asarray(w, np.float32), V is not None)
         return
-    if SPARSE_SUMS and _scatter_sparse(acc, U, Vc if V is not None else None, iu, iv, iacc, w):
+    sparse = sparse if SPARSE_SUMS is None else SPARSE_SUMS
+    if sparse and _scatter_sparse(acc, U, Vc if V is not None else None, iu, iv, iacc, w):
         return
     D = U.shape[1]
     _cuda_kernel("scatter_products")(

@@ -8,9 +8,9 @@ import pytest
 from cryonb.data.conventions import euler_to_matrix
 from cryonb.em._reseed import (
     CROWDED_RATIO,
+    MERGE_RATIO,
     SPLIT_SEPARATION,
     class_similarity,
-    MERGE_RATIO,
     find_free_classes,
     merge_candidates,
     merge_ratios,

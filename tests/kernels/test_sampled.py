@@ -48,12 +48,9 @@ def test_scatter_is_deterministic():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("sparse", [True, False])  # sparse products where they apply; atomics
-def test_gpu_kernels_match_reference(sparse, monkeypatch):
+def test_gpu_kernels_match_reference(sparse):
     import cupy
 
-    from cryonb.kernels import _sampled
-
-    monkeypatch.setattr(_sampled, "SPARSE_SUMS", sparse)
     U, V, iu, iv, iacc, w, M = _data(3)
     d = sampled_dot(cupy.asarray(U), cupy.asarray(V), cupy.asarray(iu), cupy.asarray(iv))
     np.testing.assert_allclose(d.get(), sampled_dot_reference(U, V, iu, iv), rtol=1e-4,
@@ -61,7 +58,8 @@ def test_gpu_kernels_match_reference(sparse, monkeypatch):
     for with_v in (True, False):
         a = cupy.zeros((M, U.shape[1]))
         scatter_products(a, cupy.asarray(U), cupy.asarray(V) if with_v else None,
-                         cupy.asarray(iu), cupy.asarray(iv), cupy.asarray(iacc), cupy.asarray(w))
+                         cupy.asarray(iu), cupy.asarray(iv), cupy.asarray(iacc), cupy.asarray(w),
+                         sparse)
         b = np.zeros((M, U.shape[1]))
         scatter_products_reference(b, U, V if with_v else None, iu, iv, iacc, w)
         np.testing.assert_allclose(a.get(), b, rtol=1e-5, atol=1e-5)
@@ -71,7 +69,7 @@ def test_gpu_kernels_match_reference(sparse, monkeypatch):
         a = cupy.zeros((M, U.shape[1]))
         scatter_products(a, cupy.asarray(U), cupy.asarray(V) if with_v else None,
                          cupy.asarray(iu), cupy.asarray(iv), cupy.asarray(owner[iu]),
-                         cupy.asarray(w))
+                         cupy.asarray(w), sparse)
         b = np.zeros((M, U.shape[1]))
         scatter_products_reference(b, U, V if with_v else None, iu, iv, owner[iu], w)
         tol = 1e-9 if sparse else 1e-5  # float64 products / float32 products
