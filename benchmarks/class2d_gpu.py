@@ -90,8 +90,51 @@ def _timed_estep(job, pools, images):
     return ctx, time.perf_counter() - t0
 
 
+SCATTER_KINDS = ("data", "weights", "residual cross term", "residual |A|^2")
+
+
+def scatter_choice(job, pools, images) -> list:
+    """Each back-projection sum of one E-step timed as atomic adds and as sparse products.
+
+    The E-step's four :func:`cryonb.kernels.scatter_products` calls per pool (in the order
+    of ``SCATTER_KINDS``) are each run both ways on copies of the accumulator, between device
+    synchronisations, then as the E-step's rule chose. Returns one record per call: samples
+    ``n``, accumulator rows and those hit, row width, both times, the rule's choice.
+    """
+    import cupy
+
+    from cryonb.em import _estep
+    from cryonb.kernels import _sampled
+
+    orig, rec = _estep.scatter_products, []
+
+    def timed(acc, U, V, iu, iv, iacc, w, sparse=True):
+        t = {}
+        for how in (False, True):
+            a = acc.copy()
+            _sampled.SPARSE_SUMS = how
+            cupy.cuda.Device().synchronize()
+            t0 = time.perf_counter()
+            orig(a, U, V, iu, iv, iacc, w)
+            cupy.cuda.Device().synchronize()
+            t[how] = time.perf_counter() - t0
+        _sampled.SPARSE_SUMS = None
+        orig(acc, U, V, iu, iv, iacc, w, sparse)
+        rec.append({"kind": SCATTER_KINDS[len(rec) % 4], "n": int(iu.shape[0]),
+                    "acc_rows": int(acc.shape[0]), "rows_hit": int(cupy.unique(iacc).size),
+                    "D": int(acc.shape[1]), "atomic_s": t[False], "sparse_s": t[True],
+                    "rule_sparse": bool(sparse)})
+
+    _estep.scatter_products = timed
+    try:
+        _timed_estep(job, pools, images)
+    finally:
+        _estep.scatter_products = orig
+    return rec
+
+
 def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int = 2,
-                     tf32: bool = True) -> dict:
+                     tf32: bool = True, scatter: bool = False) -> dict:
     """Time the E-step on the GPU for one pool size, after ``iterations`` warm-up iterations.
 
     The model comes from running a few real iterations (so that significant sets have the
@@ -152,6 +195,7 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
         finally:
             _sampled.SPARSE_SUMS = None
     dt_atomic, dt_sparse = forced[False], forced[True]
+    scatter_calls = scatter_choice(job, pools, images) if scatter else None
     return {"K": K, "psi_step": psi_step, "pool": pool, "n": job.n, "box": job.N,
             "coarse_size": c.size, "current_size": ctx.fine.size,
             "translations": int(c.phases.shape[0]), "rotations": int(c.refs.shape[0]),
@@ -162,7 +206,8 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
             "coarse_tflops_achieved": flops / dt / 1e12,
             "coarse_product_tflops": flops / gemm_s / 1e12 if gemm_s > 0 else None,
             "stages_s": stages,
-            "mean_significant": float(job.state.n_sig.mean())}
+            "mean_significant": float(job.state.n_sig.mean()),
+            **({"scatter_calls": scatter_calls} if scatter else {})}
 
 
 def selection_timing(B: int, N: int, fraction: float = 0.999) -> dict:
@@ -222,6 +267,22 @@ def _pool(spec: str, n: int, box: int, K: int, psi: float) -> int:
                      ranks=1)
 
 
+def _print_scatter(box, K, psi, calls) -> None:
+    """Per kind of sum: seconds both ways and as the rule chose, samples per row hit."""
+    for kind in SCATTER_KINDS:
+        c = [r for r in calls if r["kind"] == kind]
+        if not c:
+            continue
+        at, spr = sum(r["atomic_s"] for r in c), sum(r["sparse_s"] for r in c)
+        rule = sum(r["sparse_s"] if r["rule_sparse"] else r["atomic_s"] for r in c)
+        per_row = [r["n"] / max(r["rows_hit"], 1) for r in c]
+        print(f"scatter {box} px K={K} psi {psi:g} {kind}: atomic {at:.4f} s, sparse "
+              f"{spr:.4f} s, rule {rule:.4f} s; samples per row hit "
+              f"{min(per_row):.0f}-{max(per_row):.0f}, samples per call "
+              f"{min(r['n'] for r in c)}-{max(r['n'] for r in c)}, rows {c[0]['acc_rows']}",
+              flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
@@ -238,6 +299,9 @@ def main(argv=None):
                     help="E-step pool size: a number, or 'auto' for the runtime's own choice "
                          "(cryonb.parallel.pools.auto_pool: one rank, the free device memory); "
                          "default 2048 (512 at 256 px)")
+    ap.add_argument("--scatter", action="store_true",
+                    help="also time each back-projection sum both ways (atomic adds, sparse "
+                         "products) with its sizes")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,12 +326,17 @@ def main(argv=None):
         n = {64: 20000, 128: 8000, 256: 2000}[box] // (4 if a.quick else 1)
         star = simulate(n, box, views=min(K, 50))
         try:
-            r = estep_throughput(star, K, psi, pool=_pool(a.pool, n, box, K, psi))
+            r = estep_throughput(star, K, psi, pool=_pool(a.pool, n, box, K, psi),
+                                 scatter=a.scatter)
             r["fraction_of_tf32"] = r["coarse_tflops_achieved"] / results["gemm"]["tf32"]
         except Exception as exc:  # keep measuring the other shapes
             r = {"box": box, "K": K, "psi_step": psi, "error": repr(exc)}
         results["estep"].append(r)
+        calls = r.pop("scatter_calls", None)
         print(json.dumps(r), flush=True)
+        if calls:
+            r["scatter_calls"] = calls
+            _print_scatter(box, K, psi, calls)
         (out / "class2d_gpu.json").write_text(json.dumps(results, indent=1))
     for B, N in ([(256, 37800)] if a.quick else [(2048, 37800), (2048, 252000)]):
         r = selection_timing(B, N)
