@@ -108,7 +108,7 @@ def scatter_choice(job, pools, images) -> list:
 
     orig, rec = _estep.scatter_products, []
 
-    def timed(acc, U, V, iu, iv, iacc, w, sparse=True):
+    def timed(acc, U, V, iu, iv, iacc, w, sparse=None):
         t = {}
         for how in (False, True):
             a = acc.copy()
@@ -120,6 +120,8 @@ def scatter_choice(job, pools, images) -> list:
             t[how] = time.perf_counter() - t0
         _sampled.SPARSE_SUMS = None
         orig(acc, U, V, iu, iv, iacc, w, sparse)
+        if sparse is None:
+            sparse = iu.shape[0] >= _sampled.SPARSE_FROM * acc.shape[0]
         rec.append({"kind": SCATTER_KINDS[len(rec) % 4], "n": int(iu.shape[0]),
                     "acc_rows": int(acc.shape[0]), "rows_hit": int(cupy.unique(iacc).size),
                     "D": int(acc.shape[1]), "atomic_s": t[False], "sparse_s": t[True],
@@ -183,8 +185,8 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
     prof.finish()
     stages = {k: round(v, 4) for k, v in prof.profile.items()}
     gemm_s = stages.get("coarse: matrix product", 0.0)
-    # the back-projection sums all as atomic adds, then all as sparse products (the E-step
-    # chooses per pool by significant samples per particle)
+    # the back-projection sums all as atomic adds, then all as sparse products (by default
+    # each call chooses by samples per accumulator row)
     from cryonb.kernels import _sampled
 
     forced = {}

@@ -52,11 +52,6 @@ BROAD_FRACTION = 0.05
 SHIFTED_REFS_BYTES = 256e6
 #: particles per step of the pose refinement (bounds its (particles x pixels) temporaries)
 POSE_CHUNK = 1024
-#: GPU back-projection sums of the sparse pass as sparse x dense products (cuSPARSE) when
-#: the pool has at least this many significant coarse samples per particle, atomic adds
-#: below: measured on an H200, the products were 1.7-2.6x faster at 11,700-39,600 samples
-#: per particle (64 px), the atomics 11-51% faster at 40-720 (128-256 px)
-SPARSE_SUMS_FROM = 3000
 #: per-particle cap (nats) of the class margins: one particle that fits nowhere must not
 #: dominate its class's mean
 MARGIN_CAP = 50.0
@@ -648,16 +643,15 @@ class EStepContext:
         # back-projection sums and the residual's per-shell terms, non-zero weights only
         nz = xp.flatnonzero(w > 0)
         wn, bn, rn, btn = w[nz], b[nz], rf[nz], ibt[nz]
-        sp = cb.shape[0] >= SPARSE_SUMS_FROM * Bs  # GPU: sparse products or atomic adds
-        scatter_products(f.acc_data, Y, None, btn, btn, rn, wn, sp)
+        scatter_products(f.acc_data, Y, None, btn, btn, rn, wn)
         self._mark("fine: back-projection sums (data)")
-        scatter_products(f.acc_weight, c2, None, bn, bn, rn, wn, sp)
+        scatter_products(f.acc_weight, c2, None, bn, bn, rn, wn)
         self._mark("fine: back-projection sums (weights)")
         Q = xp.zeros((Bs, 2 * P), xp.float64)  # sum w Re(X(t) conj(A)) per pixel, [Re | Im]
-        scatter_products(Q, Xt, f.refs_ri, btn, rn, bn, wn, sp)
+        scatter_products(Q, Xt, f.refs_ri, btn, rn, bn, wn)
         self._mark("fine: back-projection sums (residual cross term)")
         Ra = xp.zeros((Bs, P), xp.float64)  # sum w |A|^2 per pixel
-        scatter_products(Ra, f.refs_a2, None, rn, rn, bn, wn, sp)
+        scatter_products(Ra, f.refs_a2, None, rn, rn, bn, wn)
         crossn = ((Q[:, :P] + Q[:, P:]) * ctf) @ f.onehot.astype(xp.float64)
         a2n = (Ra * (ctf * ctf)) @ f.onehot.astype(xp.float64)
         x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot

@@ -162,10 +162,15 @@ def _scatter_sparse(acc, U, V, iu, iv, iacc, w) -> bool:
     return True
 
 
-#: GPU scatter-adds: None lets the caller choose (``sparse`` argument); True / False force
-#: sparse x dense products where they apply / atomic adds (benchmarks/class2d_gpu.py times
-#: the E-step all three ways)
+#: GPU scatter-adds: None chooses per call (``SPARSE_FROM``); True / False force sparse x
+#: dense products where they apply / atomic adds (benchmarks/class2d_gpu.py times the E-step
+#: all three ways)
 SPARSE_SUMS: bool | None = None
+#: GPU: sparse products when a call has at least this many samples per accumulator row,
+#: atomic adds below. Measured on an H200 (E-step sums at 64-256 px, benchmarks/RESULTS.md):
+#: the atomics were 1.5-16x faster at 2-78 samples per row, the products as fast or 2-22x
+#: faster at 390-6,300 (atomic adds to one row serialise)
+SPARSE_FROM = 200
 
 
 # ----------------------------------------------------------------------------- public
@@ -207,7 +212,7 @@ def sampled_dot(U, V, iu, iv):
     return out
 
 
-def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool = True) -> None:
+def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None) -> None:
     """Add weighted rows (or row products) into an accumulator, in place.
 
     Parameters
@@ -221,9 +226,10 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool = True) -> None:
         Target row of each sample.
     w : array of shape (n,)
         Weights.
-    sparse : bool
-        GPU: sparse x dense products where they apply (else atomic adds); ``SPARSE_SUMS``
-        overrides it when set.
+    sparse : bool, optional
+        GPU: sparse x dense products where they apply (else atomic adds). Default: when
+        there are at least ``SPARSE_FROM`` samples per row of ``acc``; ``SPARSE_SUMS``
+        overrides both when set.
 
     Notes
     -----
@@ -232,9 +238,8 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool = True) -> None:
     matrix products in float64 (cuSPARSE), see :func:`_scatter_sparse`; where those do not
     apply (``V`` given and ``iacc`` not a function of ``iu``) or when ``sparse`` is false,
     double-precision atomic adds (order-independent to ~1e-16 relative). With the products
-    the E-step is 1.7-2.6x faster at 64 px (many samples per particle); at 128-256 px (few)
-    the atomics were 11-51% faster once the pools came from pinned memory
-    (benchmarks/RESULTS.md): the E-step chooses by significant samples per particle.
+    the E-step is 1.7-2.6x faster at 64 px (many samples per accumulator row); at
+    128-256 px (few) the atomics are faster (benchmarks/RESULTS.md), hence the default rule.
     """
     xp = array_module(acc)
     n = int(iu.shape[0])
@@ -254,7 +259,10 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool = True) -> None:
                                     np.asarray(iv if V is not None else iu, np.int64), rows,
                                     starts, order, np.asarray(w, np.float32), V is not None)
         return
-    sparse = sparse if SPARSE_SUMS is None else SPARSE_SUMS
+    if SPARSE_SUMS is not None:
+        sparse = SPARSE_SUMS
+    elif sparse is None:
+        sparse = n >= SPARSE_FROM * acc.shape[0]
     if sparse and _scatter_sparse(acc, U, Vc if V is not None else None, iu, iv, iacc, w):
         return
     D = U.shape[1]

@@ -47,7 +47,8 @@ def test_scatter_is_deterministic():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sparse", [True, False])  # sparse products where they apply; atomics
+# sparse products where they apply; atomics; the default choice (by samples per row)
+@pytest.mark.parametrize("sparse", [True, False, None])
 def test_gpu_kernels_match_reference(sparse):
     import cupy
 
@@ -72,5 +73,5 @@ def test_gpu_kernels_match_reference(sparse):
                          cupy.asarray(w), sparse)
         b = np.zeros((M, U.shape[1]))
         scatter_products_reference(b, U, V if with_v else None, iu, iv, owner[iu], w)
-        tol = 1e-9 if sparse else 1e-5  # float64 products / float32 products
+        tol = 1e-9 if sparse is True else 1e-5  # float64 products / float32 products
         np.testing.assert_allclose(a.get(), b, rtol=tol, atol=tol)
