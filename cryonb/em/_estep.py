@@ -434,25 +434,28 @@ class EStepContext:
         x2 = ((Xc.real**2 + Xc.imag**2) * inv).sum(axis=1)
         lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
         offs = xp.asarray(batch.offset[:, None, :], dtype=xp.float32) + self.trans_coarse
-        lw = lw.reshape(B, T, self.K, self.n_psi) + self._offset_logprior(offs)[..., None]
+        prior = self._offset_logprior(offs)[..., None] + self.log_pdf[:, None]  # (B, T, K, R)
+        lw = lw.reshape(B, T, self.K, self.n_psi) + prior
         seed = xp.asarray(batch.seed_class)
         restrict = (seed[:, None] >= 0) & (xp.arange(self.K)[None] != seed[:, None])
         lw = xp.where(restrict[:, None, :, None], -xp.inf, lw)
         self._accumulate_margins(lw.max(axis=(1, 3)))
-        lw = (lw + self.log_pdf[:, None]).reshape(B, T, M)  # (B, T, K * R)
+        lw = lw.reshape(B, T, M)
         best = lw.max(axis=1).argmax(axis=1)
         self._mark("coarse: priors")
         sig = self._significant(lw)
         self._mark("coarse: significance")
         return sig, best
 
-    def _accumulate_margins(self, lk):
+    def _accumulate_margins(self, lp):
         """Class margins (``Class2DSums.class_margin``) from each particle's best coarse
-        log-likelihood per class, ``lk`` (B, K) (class prior left out, -inf where excluded).
+        log-posterior per class, ``lp`` (B, K) (-inf where excluded); the class prior is
+        taken out again, so the margins compare the fit of the images alone.
         """
         xp = self.xp
         K = self.K
-        a = (lk + self.log_pdf).argmax(axis=1)
+        a = lp.argmax(axis=1)
+        lk = xp.where(xp.isfinite(self.log_pdf), lp - self.log_pdf, -xp.inf)
         best = xp.take_along_axis(lk, a[:, None], axis=1)
         cost = xp.clip(xp.nan_to_num(best - lk, nan=MARGIN_CAP, posinf=MARGIN_CAP), 0, MARGIN_CAP)
         S = self.sums
