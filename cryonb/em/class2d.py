@@ -439,8 +439,9 @@ class Class2DJob:
         # slots: nearly empty classes first, then duplicates, then junk
         rank = {"nearly": 0, "duplicate": 1, "junk": 2}
         slots = sorted(free, key=lambda k: (rank[reasons[k].split()[0]], k))
+        exhausted = False  # the free slots ran out: from then on only merges give slots
         for sep, big, avgs, share in tests:
-            slot = next((k for k in slots if k != big), None)
+            slot = None if exhausted else next((k for k in slots if k != big), None)
             crowded = counts[big] >= CROWDED_RATIO * med
             if slot is None and (big in junk or crowded):
                 # a class holding two views with nowhere to go: merge a pair that describes
@@ -452,6 +453,9 @@ class Class2DJob:
                     reasons[slot] = (f"merged into class {into + 1} (merge cost ratio "
                                      f"{ratio:.2f})")
             if slot is None:
+                exhausted = True
+                if not merges:
+                    break
                 continue
             slots = [k for k in slots if k not in (slot, big)]
             merges = [p for p in merges if slot not in p[1:] and big not in p[1:]]
