@@ -438,10 +438,10 @@ class EStepContext:
         lw = lw.reshape(B, T, self.K, self.n_psi) + prior
         seed = xp.asarray(batch.seed_class)
         restrict = (seed[:, None] >= 0) & (xp.arange(self.K)[None] != seed[:, None])
-        lw = xp.where(restrict[:, None, :, None], -xp.inf, lw)
-        self._accumulate_margins(lw.max(axis=(1, 3)))
-        lw = lw.reshape(B, T, M)
-        best = lw.max(axis=1).argmax(axis=1)
+        lw = xp.where(restrict[:, None, :, None], -xp.inf, lw).reshape(B, T, M)
+        best_t = lw.max(axis=1)  # (B, K * R): best over the translations
+        best = best_t.argmax(axis=1)
+        self._accumulate_margins(best_t.reshape(B, self.K, self.n_psi).max(axis=2))
         self._mark("coarse: priors")
         sig = self._significant(lw)
         self._mark("coarse: significance")
