@@ -106,6 +106,11 @@ class Class2DModel:
     tau2, sigma2_class, data_vs_prior : ndarray of shape (K, N // 2 + 1)
         Per-class signal power prior, class power spectrum, SSNR estimate per shell.
     fourier_coverage : ndarray of shape (K, N // 2 + 1)
+    class_overlap : ndarray of shape (K, K)
+        Normalised co-responsibilities of the last E-step (1 on the diagonal).
+    class_margin : ndarray of shape (K, K)
+        Mean over class ``a``'s particles of the log-likelihood they would lose in class
+        ``b`` (``Class2DSums.class_margin`` per particle); used by the re-seeding's merges.
     """
 
     iteration: int
@@ -302,7 +307,7 @@ class Class2DSums:
         Sum over the particles whose best class is ``a`` of ``min(L_i(a) - L_i(b), cap)``,
         ``L_i(k)`` the particle's best coarse log-likelihood in class ``k`` (offset prior
         included, class prior not): what moving class ``a``'s particles to class ``b`` would
-        cost them (see :func:`cryonb.em._reseed.find_free_classes`).
+        cost them (see :func:`cryonb.em._reseed.merge_ratios`).
     margin_n : (K,)
         Particles per best class in those sums.
     """
