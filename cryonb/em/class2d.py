@@ -442,10 +442,7 @@ class Class2DJob:
         rank = {"nearly": 0, "duplicate": 1, "junk": 2}
         slots = sorted(free, key=lambda k: (rank[reasons[k].split()[0]], k))
         exhausted = False  # the free slots ran out: from then on only merges give slots
-        seeded = set()  # classes given a new image in this round
         for sep, big, avgs, share in tests:
-            if big in seeded:  # its split test was made on particles it no longer describes
-                continue
             slot = None if exhausted else next((k for k in slots if k != big), None)
             crowded = counts[big] >= CROWDED_RATIO * med
             if slot is None and (big in junk or crowded):
@@ -464,7 +461,6 @@ class Class2DJob:
                 continue
             slots = [k for k in slots if k not in (slot, big)]
             merges = [p for p in merges if slot not in p[1:] and big not in p[1:]]
-            seeded.update((slot, big))
             total = m.pdf_class[big]
             m.classes[big], m.classes[slot] = avgs[0], avgs[1]
             m.pdf_class[big], m.pdf_class[slot] = total * (1 - share), total * share
