@@ -441,6 +441,9 @@ class Class2DJob:
         # slots: nearly empty classes first, then duplicates, then junk
         rank = {"nearly": 0, "duplicate": 1, "junk": 2}
         slots = sorted(free, key=lambda k: (rank[reasons[k].split()[0]], k))
+        # A class seeded earlier in this loop can be split again later in it (its test was
+        # made on its previous particles). Skipping such a split was tried: it lowered two of
+        # the three runs in which it made a difference (benchmarks/RESULTS.md), so it stays.
         exhausted = False  # the free slots ran out: from then on only merges give slots
         for sep, big, avgs, share in tests:
             slot = None if exhausted else next((k for k in slots if k != big), None)
