@@ -120,8 +120,7 @@ def scatter_choice(job, pools, images) -> list:
             t[how] = time.perf_counter() - t0
         _sampled.SPARSE_SUMS = None
         orig(acc, U, V, iu, iv, iacc, w, sparse)
-        if sparse is None:
-            sparse = iu.shape[0] >= _sampled.SPARSE_FROM * acc.shape[0]
+        sparse = _sampled._sparse_chosen(int(iu.shape[0]), acc.shape[0], sparse)
         rec.append({"kind": SCATTER_KINDS[len(rec) % 4], "n": int(iu.shape[0]),
                     "acc_rows": int(acc.shape[0]), "rows_hit": int(cupy.unique(iacc).size),
                     "D": int(acc.shape[1]), "atomic_s": t[False], "sparse_s": t[True],

@@ -173,6 +173,13 @@ SPARSE_SUMS: bool | None = None
 SPARSE_FROM = 200
 
 
+def _sparse_chosen(n: int, rows: int, sparse: bool | None = None) -> bool:
+    """Whether a GPU scatter-add of ``n`` samples into ``rows`` rows uses sparse products."""
+    if SPARSE_SUMS is not None:
+        return SPARSE_SUMS
+    return n >= SPARSE_FROM * rows if sparse is None else sparse
+
+
 # ----------------------------------------------------------------------------- public
 def sampled_dot(U, V, iu, iv):
     """Dot products of selected row pairs.
@@ -259,11 +266,8 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None) -> 
                                     np.asarray(iv if V is not None else iu, np.int64), rows,
                                     starts, order, np.asarray(w, np.float32), V is not None)
         return
-    if SPARSE_SUMS is not None:
-        sparse = SPARSE_SUMS
-    elif sparse is None:
-        sparse = n >= SPARSE_FROM * acc.shape[0]
-    if sparse and _scatter_sparse(acc, U, Vc if V is not None else None, iu, iv, iacc, w):
+    if _sparse_chosen(n, acc.shape[0], sparse) and _scatter_sparse(
+            acc, U, Vc if V is not None else None, iu, iv, iacc, w):
         return
     D = U.shape[1]
     _cuda_kernel("scatter_products")(
