@@ -29,7 +29,9 @@ from ..ctf import CTFParams, ctf_at
 from ..data.conventions import inplane_matrix
 from ..fourier import Projector, fft2_centered, ifft2_centered
 from ..kernels import (
+    coarse_log_posterior,
     insert_slices_2d,
+    mask_images_2d,
     sampled_dot,
     scatter_products,
     segment_argmax,
@@ -271,27 +273,17 @@ class EStepContext:
     def _prepare_images(self, batch: ParticleBatch):
         """Norm-correct, centre on the rounded previous offset, mask, Fourier transform."""
         xp = self.xp
-        N = self.N
         imgs = upload(batch.images, xp)
         self._mark("prepare: upload")
-        if self.config.norm:
-            f = self.model.avg_norm / np.maximum(batch.norm, 1e-6)
-            imgs = imgs * xp.asarray(f, dtype=xp.float32)[:, None, None]
+        f = (self.model.avg_norm / np.maximum(batch.norm, 1e-6)).astype(np.float32) \
+            if self.config.norm else None
         r = np.rint(batch.offset).astype(np.int64)
         # RELION origins centre the particle when it is shifted by +origin: content moves by
-        # +r, out[y, x] = in[y - ry, x - rx] (circular; the mask hides the wrapped edge)
-        ar = np.arange(N)
-        rows = xp.asarray((ar[None, :] - r[:, 1:2]) % N)
-        cols = xp.asarray((ar[None, :] - r[:, 0:1]) % N)
-        imgs = xp.take_along_axis(imgs, rows[:, :, None], axis=1)
-        imgs = xp.take_along_axis(imgs, cols[:, None, :], axis=2)
-        if self.config.zero_mask:
-            # RELION's softMaskOutsideMap: the background becomes its own (weighted) mean
-            outside = 1 - self.mask
-            bg = (imgs * outside).sum(axis=(1, 2)) / outside.sum()
-            masked = imgs * self.mask + bg[:, None, None] * outside
-        else:
-            masked = imgs * self.mask + self._noise(batch) * (1 - self.mask)
+        # +r, out[y, x] = in[y - ry, x - rx] (circular; the mask hides the wrapped edge).
+        # Outside the mask: with --zero_mask the image's own weighted background mean
+        # (RELION's softMaskOutsideMap), else coloured noise.
+        masked = mask_images_2d(imgs, f, r, self.mask,
+                                None if self.config.zero_mask else self._noise(batch))
         self._mark("prepare: shift and mask")
         F = fft2_centered(masked).reshape(len(batch), -1)
         self._mark("prepare: FFT")
@@ -432,18 +424,15 @@ class EStepContext:
         self._mark("coarse: matrix product")
         a2 = (ctf * ctf * inv) @ c.refs_a2.T  # (B, M)
         x2 = ((Xc.real**2 + Xc.imag**2) * inv).sum(axis=1)
-        lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
         offs = xp.asarray(batch.offset[:, None, :], dtype=xp.float32) + self.trans_coarse
-        prior = self._offset_logprior(offs)[..., None] + self.log_pdf[:, None]  # (B, T, K, R)
-        lw = lw.reshape(B, T, self.K, self.n_psi) + prior
-        seed = xp.asarray(batch.seed_class)
-        restrict = (seed[:, None] >= 0) & (xp.arange(self.K)[None] != seed[:, None])
-        lw = xp.where(restrict[:, None, :, None], -xp.inf, lw).reshape(B, T, M)
-        best_t = lw.max(axis=1)  # (B, K * R): best over the translations
+        prior = self._offset_logprior(offs) + self.log_pdf  # (B, T, K)
+        # best_t: the best over the translations, (B, K * R)
+        lw, best_t = coarse_log_posterior(cross, x2, a2, prior, xp.asarray(batch.seed_class),
+                                          self.n_psi)
         best = best_t.argmax(axis=1)
         self._accumulate_margins(best_t.reshape(B, self.K, self.n_psi).max(axis=2))
         self._mark("coarse: priors")
-        sig = self._significant(lw)
+        sig = self._significant(lw, best_t.max(axis=1))
         self._mark("coarse: significance")
         return sig, best
 
@@ -464,12 +453,13 @@ class EStepContext:
                                       minlength=K * K).reshape(K, K)
         S.margin_n += xp.bincount(a, minlength=K).astype(xp.float64)
 
-    def _significant(self, lw):
+    def _significant(self, lw, rowmax=None):
         """RELION's significant samples (:func:`cryonb.kernels.significant_samples`), per
-        particle over all (translation, rotation) pairs of ``lw`` (B, T, M)."""
+        particle over all (translation, rotation) pairs of ``lw`` (B, T, M); ``rowmax`` (B,):
+        each particle's maximum, where known."""
         B = lw.shape[0]
         sig = significant_samples(lw.reshape(B, -1), self.config.adaptive_fraction,
-                                  self.config.maxsig)
+                                  self.config.maxsig, rowmax=rowmax)
         return sig.reshape(lw.shape)
 
     def _groups(self, sig_t, sig_r, best, grid, budget_bytes: float | None = None):

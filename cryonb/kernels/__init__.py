@@ -4,6 +4,7 @@ Each public function dispatches on its arguments' array module and has a plain N
 (``*_reference``) that the tests compare both implementations against.
 """
 
+from ._coarse import coarse_log_posterior, coarse_log_posterior_reference
 from ._insert import insert_slices_2d, insert_slices_2d_reference
 from ._peaks import (
     find_peaks_2d,
@@ -15,6 +16,7 @@ from ._peaks import (
     update_best_2d,
     update_best_2d_reference,
 )
+from ._prepare import mask_images_2d, mask_images_2d_reference
 from ._sampled import (
     sampled_dot,
     sampled_dot_reference,
@@ -29,10 +31,14 @@ from ._select import (
 )
 
 __all__ = [
+    "coarse_log_posterior",
+    "coarse_log_posterior_reference",
     "find_peaks_2d",
     "find_peaks_2d_reference",
     "insert_slices_2d",
     "insert_slices_2d_reference",
+    "mask_images_2d",
+    "mask_images_2d_reference",
     "prune_peak_clusters",
     "prune_peak_clusters_reference",
     "remove_close_peaks",

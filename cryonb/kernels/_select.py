@@ -67,7 +67,9 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
         for (long long i = threadIdx.x; i < N; i += blockDim.x) {
             const float w = expf(x[i] - m);
             const unsigned int key = __float_as_uint(w);
-            if ((key & mask) != prefix) continue;
+            // weights that underflow to zero (most of them) add nothing to any bin that
+            // the walk reads (it stops at bin 0): skip them instead of contending for it
+            if (key == 0u || (key & mask) != prefix) continue;
             const unsigned int d = (key >> shift) & (unsigned int)(nb - 1);
             atomicAdd(&cnt[d], 1u);
             atomicAdd(&wsum[d], (unsigned long long)(w * scale));
@@ -113,7 +115,7 @@ def _cuda_kernel():
     return _cuda[key]
 
 
-def significant_samples(lw, fraction: float, maxsig: int = -1):
+def significant_samples(lw, fraction: float, maxsig: int = -1, rowmax=None):
     """RELION's significant samples: the fewest largest weights holding ``fraction``.
 
     Parameters
@@ -125,6 +127,8 @@ def significant_samples(lw, fraction: float, maxsig: int = -1):
         ``adaptive_fraction``, in (0, 1].
     maxsig : int
         At most this many samples (ties at the threshold included); ``<= 0``: no cap.
+    rowmax : float array of shape (B,), optional
+        ``lw.max(axis=1)``, where the caller has it already (saves a pass over ``lw``).
 
     Returns
     -------
@@ -142,7 +146,8 @@ def significant_samples(lw, fraction: float, maxsig: int = -1):
         return out
     lw = xp.ascontiguousarray(lw, dtype=xp.float32)
     starts = xp.arange(B + 1, dtype=xp.int64) * N
-    _select_gpu(lw, lw.max(axis=1), starts, fraction, maxsig, out)
+    _select_gpu(lw, lw.max(axis=1) if rowmax is None else rowmax, starts, fraction, maxsig,
+                out)
     return out
 
 

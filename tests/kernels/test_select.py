@@ -111,3 +111,23 @@ def test_gpu_select_matches_reference(maxsig):
             assert np.mean(np.all(got == ref, axis=1)) >= 0.75, (B, N, fraction)
             again = significant_samples(cupy.asarray(lw), fraction, maxsig).get()
             assert np.array_equal(got, again)
+
+
+@pytest.mark.gpu
+def test_gpu_select_peaked_rows_with_given_maxima():
+    """Rows whose weights mostly underflow to zero (the coarse pass at 128 px and beyond),
+    with the row maxima passed in as the coarse pass does."""
+    import cupy
+
+    rng = np.random.default_rng(3)
+    lw = (rng.normal(size=(16, 120_000)) * np.linspace(50, 2000, 16)[:, None]).astype(np.float32)
+    lw[5, : lw.shape[1] // 2] = -np.inf
+    lw[7, :] = -np.inf
+    lw[7, [10, 11, 500]] = [1.0, 1.0, 0.5]  # three finite samples, two tied
+    for fraction, maxsig in ((0.999, -1), (0.9, 3)):
+        ref = _by_definition(lw, fraction, maxsig)
+        d = cupy.asarray(lw)
+        got = significant_samples(d, fraction, maxsig, rowmax=d.max(axis=1)).get()
+        assert np.mean(np.all(got == ref, axis=1)) >= 0.9, fraction
+        assert np.mean(got == ref) >= 0.99999
+        assert got[7, [10, 11]].all() and not got[7, 12]

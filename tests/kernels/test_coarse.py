@@ -1,0 +1,66 @@
+"""The coarse pass's log-posteriors: NumPy and CuPy against a loop over the definition."""
+
+import numpy as np
+import pytest
+
+from cryonb.kernels import coarse_log_posterior
+
+
+def _inputs(seed=0, B=5, T=7, K=4, R=9):
+    rng = np.random.default_rng(seed)
+    f32 = np.float32
+    cross = rng.normal(size=(B, T, K * R)).astype(f32) * 50
+    x2 = rng.uniform(100, 200, B).astype(f32)
+    a2 = rng.uniform(10, 50, (B, K * R)).astype(f32)
+    prior = rng.normal(size=(B, T, K)).astype(f32)
+    prior[:, :, 2] = -np.inf  # a class without prior weight
+    seed_cls = np.array([-1, 1, -1, 3, 0][:B])
+    return cross, x2, a2, prior, seed_cls, R
+
+
+def _by_definition(cross, x2, a2, prior, seed_cls, R):
+    B, T, M = cross.shape
+    lw = np.empty_like(cross)
+    for b in range(B):
+        for t in range(T):
+            for m in range(M):
+                k = m // R
+                if seed_cls[b] >= 0 and k != seed_cls[b]:
+                    lw[b, t, m] = -np.inf
+                else:
+                    lw[b, t, m] = cross[b, t, m] - 0.5 * (x2[b] + a2[b, m]) + prior[b, t, k]
+    return lw, lw.max(axis=1)
+
+
+def test_log_posterior_follows_the_definition(xp):
+    args = _inputs()
+    want_lw, want_best = _by_definition(*args)
+    cross, x2, a2, prior, seed_cls, R = args
+    lw, best = coarse_log_posterior(xp.asarray(cross), xp.asarray(x2), xp.asarray(a2),
+                                    xp.asarray(prior), xp.asarray(seed_cls), R)
+    lw = lw.get() if hasattr(lw, "get") else lw
+    best = best.get() if hasattr(best, "get") else best
+    assert lw.shape == want_lw.shape and lw.dtype == np.float32
+    fin = np.isfinite(want_lw)
+    assert np.array_equal(fin, np.isfinite(lw))
+    np.testing.assert_allclose(lw[fin], want_lw[fin], rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(best, want_best, rtol=1e-6, atol=1e-4)
+    assert np.all(np.isneginf(lw[1][:, np.arange(lw.shape[2]) // R != 1]))
+
+
+@pytest.mark.gpu
+def test_gpu_log_posterior_large_rows_and_empty():
+    """More (class, rotation) columns than one block has threads; an empty pool."""
+    import cupy
+
+    args = _inputs(1, B=3, T=21, K=50, R=36)
+    want_lw, want_best = _by_definition(*args)
+    got_lw, got_best = coarse_log_posterior(*[cupy.asarray(a) for a in args[:5]], args[5])
+    fin = np.isfinite(want_lw)
+    np.testing.assert_allclose(got_lw.get()[fin], want_lw[fin], rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(got_best.get(), want_best, rtol=1e-6, atol=1e-4)
+    e = [cupy.zeros((0, 4, 6), cupy.float32), cupy.zeros(0, cupy.float32),
+         cupy.zeros((0, 6), cupy.float32), cupy.zeros((0, 4, 2), cupy.float32),
+         cupy.zeros(0, cupy.int64)]
+    lw, best = coarse_log_posterior(*e, 3)
+    assert lw.shape == (0, 4, 6) and best.shape == (0, 6)
