@@ -37,6 +37,7 @@ from ..kernels import (
     segment_argmax,
     segment_starts,
     segment_sums,
+    shifted_images_ri,
     significant_in_segments,
     significant_samples,
 )
@@ -338,17 +339,21 @@ class EStepContext:
         n_sig = _to_host(sig.reshape(B, -1).sum(axis=1))
         res[:, RESULT_COLUMNS.index("n_sig")] = n_sig
         broad = n_sig > BROAD_FRACTION * sig.shape[1] * sig.shape[2]
-        sig_t, sig_r, best = (_to_host(a) for a in (sig.any(axis=2), sig.any(axis=1), best))
         sel = np.flatnonzero(broad)
         if sel.size:
-            for sub, r_union in self._groups(sig_t[sel], sig_r[sel], best[sel], self.broad):
+            sig_s = sig[xp.asarray(sel)]
+            sig_t, sig_r, best_s = (_to_host(a) for a in (
+                sig_s.any(axis=2), sig_s.any(axis=1), best[xp.asarray(sel)]))
+            del sig_s
+            for sub, r_union in self._groups(sig_t, sig_r, best_s, self.broad):
                 sub = sel[sub]
                 isub = xp.asarray(sub)
                 self._dense_pass(self.broad, batch, sub, r_union, sig[isub], Xf[isub],
                                  ctf_f[isub], inv_f[isub], power_full[isub], res)
         sel = np.flatnonzero(~broad)
         if sel.size:
-            isub = xp.asarray(sel)
+            # all particles (the usual case): views, not copies of the pool's arrays
+            isub = slice(None) if sel.size == B else xp.asarray(sel)
             self._sparse_pass(self.fine, batch, sel, sig[isub], Xf[isub], ctf_f[isub],
                               inv_f[isub], power_full[isub], res)
         self._mark("second pass")
@@ -589,14 +594,9 @@ class EStepContext:
         key = xp.flatnonzero(used)
         ibt = (xp.cumsum(used) - 1)[flat]
         rb, rt = key // (T * ts), key % (T * ts)
-        Xc = Xf[rb] * f.phases[rt]  # complex products: one pass each
-        Xt = xp.concatenate([Xc.real, Xc.imag], axis=1)  # (n_bt, 2P) [Re | Im]
-        del Xc
         cinv = ctf * inv
         c2 = ctf * cinv
-        cr = cinv[rb]
-        Y = Xt * xp.concatenate([cr, cr], axis=1)
-        del cr
+        Xt, Y = shifted_images_ri(Xf, f.phases, cinv, rb, rt)  # (n_bt, 2P) [Re | Im]
         self._mark("fine: samples and shifted images")
         cross = sampled_dot(Y, f.refs_ri, ibt, rf)
         a2 = sampled_dot(c2, f.refs_a2, b, rf)

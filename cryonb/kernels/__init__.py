@@ -16,7 +16,12 @@ from ._peaks import (
     update_best_2d,
     update_best_2d_reference,
 )
-from ._prepare import mask_images_2d, mask_images_2d_reference
+from ._prepare import (
+    mask_images_2d,
+    mask_images_2d_reference,
+    shifted_images_ri,
+    shifted_images_ri_reference,
+)
 from ._sampled import (
     sampled_dot,
     sampled_dot_reference,
@@ -50,6 +55,8 @@ __all__ = [
     "segment_argmax",
     "segment_starts",
     "segment_sums",
+    "shifted_images_ri",
+    "shifted_images_ri_reference",
     "significant_in_segments",
     "significant_samples",
     "significant_samples_reference",

@@ -38,3 +38,22 @@ def test_masked_images_follow_the_definition(xp, with_noise, with_scale, N):
     got = got.get() if hasattr(got, "get") else got
     assert got.shape == (B, N, N) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_shifted_images_follow_the_definition(xp):
+    from cryonb.kernels import shifted_images_ri
+
+    rng = np.random.default_rng(0)
+    B, T, P, n = 5, 9, 300, 40
+    X = (rng.normal(size=(B, P)) + 1j * rng.normal(size=(B, P))).astype(np.complex64)
+    ph = np.exp(1j * rng.uniform(0, 2 * np.pi, (T, P))).astype(np.complex64)
+    w = rng.uniform(0, 2, (B, P)).astype(np.float32)
+    rows, shifts = np.sort(rng.integers(0, B, n)), rng.integers(0, T, n)
+    z = X[rows] * ph[shifts]
+    want = np.concatenate([z.real, z.imag], axis=1)
+    Xt, Y = shifted_images_ri(*(xp.asarray(a) for a in (X, ph, w, rows, shifts)))
+    Xt, Y = (a.get() if hasattr(a, "get") else a for a in (Xt, Y))
+    assert Xt.shape == Y.shape == (n, 2 * P) and Xt.dtype == Y.dtype == np.float32
+    np.testing.assert_allclose(Xt, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(Y, want * np.concatenate([w, w], axis=1)[rows], rtol=1e-5,
+                               atol=1e-5)
