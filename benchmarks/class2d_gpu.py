@@ -135,7 +135,7 @@ def scatter_choice(job, pools, images) -> list:
 
 
 def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int = 2,
-                     tf32: bool = True, scatter: bool = False) -> dict:
+                     tf32: bool = True, scatter: bool = False, variants: bool = True) -> dict:
     """Time the E-step on the GPU for one pool size, after ``iterations`` warm-up iterations.
 
     The model comes from running a few real iterations (so that significant sets have the
@@ -170,7 +170,7 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
     for a, b in zip(images, pageable):
         a[...] = b
     ctx, dt = _timed_estep(job, pools, images)
-    dt_pageable = _timed_estep(job, pools, pageable)[1]
+    dt_pageable = _timed_estep(job, pools, pageable)[1] if variants else float("nan")
     del pageable
     c = ctx.coarse
     # (B T, 2P) @ (2P, M) real product ([Re | Im] rows): 2 * B T * M * 2P flops
@@ -188,8 +188,8 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
     # each call chooses by samples per accumulator row)
     from cryonb.kernels import _sampled
 
-    forced = {}
-    for how in (False, True):
+    forced = {False: float("nan"), True: float("nan")}
+    for how in (False, True) if variants else ():
         _sampled.SPARSE_SUMS = how
         try:
             forced[how] = _timed_estep(job, pools, images)[1]
@@ -300,6 +300,9 @@ def main(argv=None):
                     help="E-step pool size: a number, or 'auto' for the runtime's own choice "
                          "(cryonb.parallel.pools.auto_pool: one rank, the free device memory); "
                          "default 2048 (512 at 256 px)")
+    ap.add_argument("--no_variants", action="store_true",
+                    help="time the E-step only as the runtime runs it (not again with pageable "
+                         "images, all-atomic and all-sparse sums)")
     ap.add_argument("--scatter", action="store_true",
                     help="also time each back-projection sum both ways (atomic adds, sparse "
                          "products) with its sizes")
@@ -328,7 +331,7 @@ def main(argv=None):
         star = simulate(n, box, views=min(K, 50))
         try:
             r = estep_throughput(star, K, psi, pool=_pool(a.pool, n, box, K, psi),
-                                 scatter=a.scatter)
+                                 scatter=a.scatter, variants=not a.no_variants)
             r["fraction_of_tf32"] = r["coarse_tflops_achieved"] / results["gemm"]["tf32"]
         except Exception as exc:  # keep measuring the other shapes
             r = {"box": box, "K": K, "psi_step": psi, "error": repr(exc)}
