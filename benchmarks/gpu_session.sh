@@ -5,6 +5,7 @@
 #        .gpudata/), profile (E-step per stage), bench (class2d_gpu.py grid),
 #        parallel (parallel_gpu_check.py), scaling (parallel_scaling.py --gpu, $SCALING_ARGS), panel (panel_gpu_check.py),
 #        autopick (benchmarks/autopick.py GPU and CPU rows), notebooks (notebooks on the GPU).
+# TEST_PATHS: the tests step's folders (default: fourier kernels em pick parallel).
 # Each step has its own time limit (STEP_TIMEOUT_<step>, seconds). Logs and results go to $OUT
 # (the device tool brings them back); CuPy's kernel cache is kept in .cupy_cache (carry it to
 # skip compiling on a fresh machine) and copied to $OUT/cupy_cache.tgz at the end.
@@ -35,7 +36,7 @@ step() {  # step NAME DEFAULT_TIMEOUT COMMAND...
 for what in "$@"; do
   case $what in
     tests) step tests 300 python3 -m pytest -q -m gpu -p no:cacheprovider --timeout 240 \
-             tests/fourier tests/kernels tests/em tests/pick tests/parallel ;;
+             ${TEST_PATHS:-tests/fourier tests/kernels tests/em tests/pick tests/parallel} ;;
     picktests) CRYONB_SHARED_DATA=$PWD/.gpudata step picktests 150 python3 -m pytest -q -m gpu \
                  -p no:cacheprovider --timeout 140 tests/pick ;;
     profile) step profile 120 python3 benchmarks/estep_profile.py --gpu ${PROFILE_ARGS:---n 4000 --box 128 --K 50} ;;

@@ -50,9 +50,9 @@ void coarse_log_posterior(float* lw, const float* x2, const float* a2, const flo
     const float base = x2[b] + a2[b * M + m];
     float* row = lw + b * (long long)T * M + m;
     const float* pr = prior + b * (long long)T * K + k;
-    float mx = -INFINITY;
+    float mx = __int_as_float(0xff800000);  // -inf
     for (int t = 0; t < T; ++t) {
-        float v = excluded ? -INFINITY : (row[(long long)t * M] - 0.5f * base) + pr[t * K];
+        float v = excluded ? __int_as_float(0xff800000) : (row[(long long)t * M] - 0.5f * base) + pr[t * K];
         row[(long long)t * M] = v;
         mx = fmaxf(mx, v);
     }
