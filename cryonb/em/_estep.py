@@ -209,6 +209,7 @@ class EStepContext:
         self.sums.data = None  # filled by finish()
         self.sums.weight = None
         self.n_done = 0
+        self._beyond = None  # (pixels, one-hot shells) of _power_beyond, made on first use
         #: seconds per stage of the E-step (filled when ``profile`` is true; the device is
         #: synchronised at every stage boundary, which costs a little time)
         self.profile: dict[str, float] = {}
@@ -374,11 +375,15 @@ class EStepContext:
     def _power_beyond(self, F):
         """|X|^2 shell sums over the whole box (for shells beyond the current size)."""
         xp = self.xp
-        p = (F.real**2 + F.imag**2).astype(xp.float32)
+        if self._beyond is None:  # the pixels inside the box's last shell, and their shells
+            keep = xp.flatnonzero(self.full_shells < self.nsh)
+            self._beyond = keep, (self.full_shells[keep][:, None]
+                                  == xp.arange(self.nsh)[None]).astype(xp.float32)
+        keep, onehot = self._beyond
+        Fk = F[:, keep]
+        p = (Fk.real**2 + Fk.imag**2).astype(xp.float32)
         out = xp.zeros((F.shape[0], self.nsh), xp.float64)
-        keep = self.full_shells < self.nsh
-        onehot = (self.full_shells[keep][:, None] == xp.arange(self.nsh)[None]).astype(xp.float32)
-        out += p[:, keep] @ onehot
+        out += p @ onehot
         return out
 
     def _complete_shells(self, resid, x2n, power_full, size: int):

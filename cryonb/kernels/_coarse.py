@@ -50,9 +50,10 @@ void coarse_log_posterior(float* lw, const float* x2, const float* a2, const flo
     const float base = x2[b] + a2[b * M + m];
     float* row = lw + b * (long long)T * M + m;
     const float* pr = prior + b * (long long)T * K + k;
-    float mx = __int_as_float(0xff800000);  // -inf
+    const float neg_inf = __int_as_float(0xff800000);  // NVRTC has no INFINITY
+    float mx = neg_inf;
     for (int t = 0; t < T; ++t) {
-        float v = excluded ? __int_as_float(0xff800000) : (row[(long long)t * M] - 0.5f * base) + pr[t * K];
+        float v = excluded ? neg_inf : (row[(long long)t * M] - 0.5f * base) + pr[t * K];
         row[(long long)t * M] = v;
         mx = fmaxf(mx, v);
     }
