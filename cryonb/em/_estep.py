@@ -181,6 +181,11 @@ class EStepContext:
                                accumulate=True)
         self.broad = (self.fine if config.oversampling == 0 else
                       self._grid(cur, projs, s.psi, s.trans, accumulate=True))
+        # where the coarse window's pixels are in the fine one's (both sorted, coarse <= current)
+        cf, ff = _to_host(self.coarse.flat), _to_host(self.fine.flat)
+        pos = np.searchsorted(ff, cf)
+        assert np.array_equal(ff[np.minimum(pos, len(ff) - 1)], cf), "coarse pixels not in fine"
+        self.coarse_in_fine = (None if np.array_equal(cf, ff) else xp.asarray(pos))
         # (translations x rotations) references with the coarse phases folded in, when small:
         # the coarse product then has one row per particle instead of one per translation
         c = self.coarse
@@ -325,15 +330,17 @@ class EStepContext:
         B = len(batch)
         self._mark(None)
         F, frac = self._prepare_images(batch)
-        c, f = self.coarse, self.fine
-        Xc = F[:, c.flat] * self._frac_phase(frac, c)
-        ctf_c = self._ctf(batch, c)
-        inv_c = c.invsig[xp.asarray(batch.optics)]
-        self._mark("prepare: CTF and windows")
-        sig, best = self._coarse_pass(batch, Xc, ctf_c, inv_c)
+        f = self.fine
         Xf = F[:, f.flat] * self._frac_phase(frac, f)
         ctf_f = self._ctf(batch, f)
         inv_f = f.invsig[xp.asarray(batch.optics)]
+        # the coarse window's pixels are a subset of the current size's (its values there are
+        # the same, element by element)
+        c_in_f = self.coarse_in_fine
+        Xc, ctf_c, inv_c = (Xf, ctf_f, inv_f) if c_in_f is None else (
+            Xf[:, c_in_f], ctf_f[:, c_in_f], inv_f[:, c_in_f])
+        self._mark("prepare: CTF and windows")
+        sig, best = self._coarse_pass(batch, Xc, ctf_c, inv_c)
         res = np.zeros((B, len(RESULT_COLUMNS)))
         power_full = self._power_beyond(F)
         self._mark("prepare: CTF and windows")
