@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
+from ._cuda import cuda_function
 
 __all__ = ["coarse_log_posterior", "coarse_log_posterior_reference"]
 
@@ -60,18 +61,6 @@ void coarse_log_posterior(float* lw, const float* x2, const float* a2, const flo
     best_t[b * M + m] = mx;
 }
 """
-_cuda: dict = {}
-
-
-def _cuda_kernel():
-    import cupy
-
-    key = cupy.cuda.Device().id
-    if key not in _cuda:
-        _cuda[key] = cupy.RawModule(code=_CUDA_SRC).get_function("coarse_log_posterior")
-    return _cuda[key]
-
-
 def coarse_log_posterior(cross, x2, a2, prior, seed, R: int):
     """Log-posteriors of the coarse samples and their maxima over the translations.
 
@@ -109,7 +98,7 @@ def coarse_log_posterior(cross, x2, a2, prior, seed, R: int):
         return lw, best_t
     f32 = xp.float32
     nt = 256
-    _cuda_kernel()((B * ((M + nt - 1) // nt),), (nt,),
+    cuda_function(_CUDA_SRC, "coarse_log_posterior")((B * ((M + nt - 1) // nt),), (nt,),
                    (lw, xp.ascontiguousarray(x2, dtype=f32), xp.ascontiguousarray(a2, dtype=f32),
                     xp.ascontiguousarray(prior, dtype=f32),
                     xp.ascontiguousarray(seed, dtype=xp.int64), np.int32(T), np.int32(M),

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
+from ._cuda import cuda_function
 
 __all__ = ["mask_images_2d", "mask_images_2d_reference", "shifted_images_ri",
            "shifted_images_ri_reference"]
@@ -84,19 +85,6 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
     }
 }
 """
-_cuda: dict = {}
-
-
-def _kernel(src: str, name: str):
-    """The compiled CUDA function ``name`` of ``src`` on the current device (cached)."""
-    import cupy
-
-    key = (name, cupy.cuda.Device().id)
-    if key not in _cuda:
-        _cuda[key] = cupy.RawModule(code=src).get_function(name)
-    return _cuda[key]
-
-
 def mask_images_2d(imgs, scale, shift, mask, noise=None):
     """Norm-corrected, centred, masked images.
 
@@ -131,7 +119,7 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None):
     scale = xp.ones(B, f32) if scale is None else xp.asarray(scale, dtype=f32)
     mask = xp.ascontiguousarray(mask, dtype=f32)
     inv_out = np.float32(1.0 / float((1 - mask).sum()))
-    _kernel(_CUDA_SRC, "mask_images")((B,), (256,),
+    cuda_function(_CUDA_SRC, "mask_images")((B,), (256,),
                    (xp.ascontiguousarray(imgs, dtype=f32), xp.ascontiguousarray(scale),
                     xp.asarray(np.ascontiguousarray(shift, dtype=np.int32)), mask,
                     out if noise is None else xp.ascontiguousarray(noise, dtype=f32),
@@ -206,7 +194,7 @@ def shifted_images_ri(X, phases, weight, rows, shifts):
     if n == 0 or P == 0:
         return Xt, Y
     nt = 256
-    _kernel(_SHIFT_SRC, "shifted_ri")(((n * P + nt - 1) // nt,), (nt,),
+    cuda_function(_SHIFT_SRC, "shifted_ri")(((n * P + nt - 1) // nt,), (nt,),
                (xp.ascontiguousarray(X, dtype=xp.complex64),
                 xp.ascontiguousarray(phases, dtype=xp.complex64),
                 xp.ascontiguousarray(weight, dtype=xp.float32),

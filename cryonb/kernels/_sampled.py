@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
+from ._cuda import cuda_function
 
 __all__ = [
     "sampled_dot",
@@ -115,16 +116,8 @@ void scatter_products(double* acc, const float* U, const float* V, const long lo
     }
 }
 """
-_cuda: dict = {}
-
-
 def _cuda_kernel(name):
-    import cupy
-
-    key = (cupy.cuda.Device().id, name)
-    if key not in _cuda:
-        _cuda[key] = cupy.RawModule(code=_CUDA_SRC).get_function(name)
-    return _cuda[key]
+    return cuda_function(_CUDA_SRC, name)
 
 
 def _scatter_sparse(acc, U, V, iu, iv, iacc, w) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
+from ._cuda import cuda_function
 
 __all__ = ["segment_argmax", "segment_starts", "segment_sums"]
 
@@ -88,20 +89,11 @@ void seg_argmax(const VT* x, const long long* starts, VT* vmax, long long* imax)
 }
 """
 _NT = 256
-_cuda: dict = {}
-
-
 def _cuda_kernel(name: str, dtype=np.float64):
-    import cupy
-
     vt = "float" if np.dtype(dtype) == np.float32 else "double"
-    key = (cupy.cuda.Device().id, name, vt)
-    if key not in _cuda:
-        inf = ("(-__int_as_float(0x7f800000))" if vt == "float"
-               else "(-__longlong_as_double(0x7ff0000000000000LL))")
-        code = f"#define VT {vt}\n#define NEG_INF {inf}\n" + _CUDA_SRC
-        _cuda[key] = cupy.RawModule(code=code).get_function(name)
-    return _cuda[key]
+    inf = ("(-__int_as_float(0x7f800000))" if vt == "float"
+           else "(-__longlong_as_double(0x7ff0000000000000LL))")
+    return cuda_function(f"#define VT {vt}\n#define NEG_INF {inf}\n" + _CUDA_SRC, name)
 
 
 def segment_sums(values, starts):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
+from ._cuda import cuda_function
 from ._segments import segment_argmax, segment_starts
 
 __all__ = ["significant_in_segments", "significant_samples", "significant_samples_reference"]
@@ -103,18 +104,6 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
         o[i] = __float_as_uint(expf(x[i] - m)) >= thr;
 }
 """
-_cuda: dict = {}
-
-
-def _cuda_kernel():
-    import cupy
-
-    key = cupy.cuda.Device().id
-    if key not in _cuda:
-        _cuda[key] = cupy.RawModule(code=_CUDA_SRC).get_function("significant_select")
-    return _cuda[key]
-
-
 def significant_samples(lw, fraction: float, maxsig: int = -1, rowmax=None):
     """RELION's significant samples: the fewest largest weights holding ``fraction``.
 
@@ -208,6 +197,7 @@ def _select_gpu(lw, rowmax, starts, fraction, maxsig, out) -> None:
     import cupy
 
     n_seg = int(starts.shape[0]) - 1
-    _cuda_kernel()((n_seg,), (1024,), (lw, cupy.ascontiguousarray(rowmax, dtype=cupy.float32),
-                                       cupy.ascontiguousarray(starts, dtype=cupy.int64),
-                                       np.float64(fraction), np.int64(maxsig), out))
+    cuda_function(_CUDA_SRC, "significant_select")(
+        (n_seg,), (1024,), (lw, cupy.ascontiguousarray(rowmax, dtype=cupy.float32),
+                            cupy.ascontiguousarray(starts, dtype=cupy.int64),
+                            np.float64(fraction), np.int64(maxsig), out))
