@@ -14,6 +14,7 @@ import importlib.util
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 __all__ = ["compile_cuda", "kernel_sources", "nvrtc_library"]
 
@@ -66,7 +67,7 @@ def kernel_sources() -> list[tuple[str, str]]:
             seen.append((self.code, fname))
             return None
 
-    fake = types.ModuleType("cupy")
+    fake: Any = types.ModuleType("cupy")
     fake.RawModule = _Module
     fake.cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=-1))
     saved, saved_cache = sys.modules.get("cupy"), dict(_cuda._compiled)
