@@ -349,9 +349,10 @@ class EStepContext:
         broad = n_sig > BROAD_FRACTION * sig.shape[1] * sig.shape[2]
         sel = np.flatnonzero(broad)
         if sel.size:
-            sig_s = sig[xp.asarray(sel)]
+            isel = xp.asarray(sel)
+            sig_s = sig[isel]
             sig_t, sig_r, best_s = (_to_host(a) for a in (
-                sig_s.any(axis=2), sig_s.any(axis=1), best[xp.asarray(sel)]))
+                sig_s.any(axis=2), sig_s.any(axis=1), best[isel]))
             del sig_s
             for sub, r_union in self._groups(sig_t, sig_r, best_s, self.broad):
                 sub = sel[sub]

@@ -61,6 +61,8 @@ void coarse_log_posterior(float* lw, const float* x2, const float* a2, const flo
     best_t[b * M + m] = mx;
 }
 """
+
+
 def coarse_log_posterior(cross, x2, a2, prior, seed, R: int):
     """Log-posteriors of the coarse samples and their maxima over the translations.
 
@@ -98,9 +100,9 @@ def coarse_log_posterior(cross, x2, a2, prior, seed, R: int):
         return lw, best_t
     f32 = xp.float32
     nt = 256
-    cuda_function(_CUDA_SRC, "coarse_log_posterior")((B * ((M + nt - 1) // nt),), (nt,),
-                   (lw, xp.ascontiguousarray(x2, dtype=f32), xp.ascontiguousarray(a2, dtype=f32),
-                    xp.ascontiguousarray(prior, dtype=f32),
-                    xp.ascontiguousarray(seed, dtype=xp.int64), np.int32(T), np.int32(M),
-                    np.int32(R), best_t))
+    cuda_function(_CUDA_SRC, "coarse_log_posterior")(
+        (B * ((M + nt - 1) // nt),), (nt,),
+        (lw, xp.ascontiguousarray(x2, dtype=f32), xp.ascontiguousarray(a2, dtype=f32),
+         xp.ascontiguousarray(prior, dtype=f32), xp.ascontiguousarray(seed, dtype=xp.int64),
+         np.int32(T), np.int32(M), np.int32(R), best_t))
     return lw, best_t

@@ -85,6 +85,8 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
     }
 }
 """
+
+
 def mask_images_2d(imgs, scale, shift, mask, noise=None):
     """Norm-corrected, centred, masked images.
 
@@ -119,11 +121,12 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None):
     scale = xp.ones(B, f32) if scale is None else xp.asarray(scale, dtype=f32)
     mask = xp.ascontiguousarray(mask, dtype=f32)
     inv_out = np.float32(1.0 / float((1 - mask).sum()))
-    cuda_function(_CUDA_SRC, "mask_images")((B,), (256,),
-                   (xp.ascontiguousarray(imgs, dtype=f32), xp.ascontiguousarray(scale),
-                    xp.asarray(np.ascontiguousarray(shift, dtype=np.int32)), mask,
-                    out if noise is None else xp.ascontiguousarray(noise, dtype=f32),
-                    np.int32(noise is not None), inv_out, np.int32(N), out))
+    cuda_function(_CUDA_SRC, "mask_images")(
+        (B,), (256,),
+        (xp.ascontiguousarray(imgs, dtype=f32), xp.ascontiguousarray(scale),
+         xp.asarray(np.ascontiguousarray(shift, dtype=np.int32)), mask,
+         out if noise is None else xp.ascontiguousarray(noise, dtype=f32),
+         np.int32(noise is not None), inv_out, np.int32(N), out))
     return out
 
 
@@ -194,10 +197,10 @@ def shifted_images_ri(X, phases, weight, rows, shifts):
     if n == 0 or P == 0:
         return Xt, Y
     nt = 256
-    cuda_function(_SHIFT_SRC, "shifted_ri")(((n * P + nt - 1) // nt,), (nt,),
-               (xp.ascontiguousarray(X, dtype=xp.complex64),
-                xp.ascontiguousarray(phases, dtype=xp.complex64),
-                xp.ascontiguousarray(weight, dtype=xp.float32),
-                xp.ascontiguousarray(rows, dtype=xp.int64),
-                xp.ascontiguousarray(shifts, dtype=xp.int64), np.int64(n), np.int32(P), Xt, Y))
+    cuda_function(_SHIFT_SRC, "shifted_ri")(
+        ((n * P + nt - 1) // nt,), (nt,),
+        (xp.ascontiguousarray(X, dtype=xp.complex64),
+         xp.ascontiguousarray(phases, dtype=xp.complex64),
+         xp.ascontiguousarray(weight, dtype=xp.float32), xp.ascontiguousarray(rows, dtype=xp.int64),
+         xp.ascontiguousarray(shifts, dtype=xp.int64), np.int64(n), np.int32(P), Xt, Y))
     return Xt, Y

@@ -116,6 +116,8 @@ void scatter_products(double* acc, const float* U, const float* V, const long lo
     }
 }
 """
+
+
 def _cuda_kernel(name):
     return cuda_function(_CUDA_SRC, name)
 

@@ -104,6 +104,8 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
         o[i] = __float_as_uint(expf(x[i] - m)) >= thr;
 }
 """
+
+
 def significant_samples(lw, fraction: float, maxsig: int = -1, rowmax=None):
     """RELION's significant samples: the fewest largest weights holding ``fraction``.
 
