@@ -134,8 +134,37 @@ def scatter_choice(job, pools, images) -> list:
     return rec
 
 
+def _host_profile(job, pools, images, top: int = 25) -> str:
+    """One E-step under cProfile: where the host's time goes (launches, waits at syncs)."""
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    _timed_estep(job, pools, images)
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
+    return s.getvalue()
+
+
+def _pinned_pools(job, pool: int, iteration: int):
+    """The pools of one iteration and their images in pinned host memory (as a GPU worker's
+    reader thread hands them over, cryonb.parallel._worker), and pageable copies."""
+    from cryonb.backend import pinned_empty
+
+    pools = job.pools(pool, iteration)
+    pageable = [np.ascontiguousarray(job.table.images(p)) for p in pools]
+    images = [pinned_empty(a.shape) for a in pageable]
+    for a, b in zip(images, pageable):
+        a[...] = b
+    return pools, images, pageable
+
+
 def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int = 2,
-                     tf32: bool = True, scatter: bool = False, variants: bool = True) -> dict:
+                     tf32: bool = True, scatter: bool = False, variants: bool = True,
+                     pool_sweep=(), host_profile: bool = False) -> dict:
     """Time the E-step on the GPU for one pool size, after ``iterations`` warm-up iterations.
 
     The model comes from running a few real iterations (so that significant sets have the
@@ -143,7 +172,6 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
     """
     import cupy
 
-    from cryonb.backend import pinned_empty
     from cryonb.em import Class2DConfig
     from cryonb.em.class2d import Class2DJob
 
@@ -162,13 +190,7 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
             job.store_results(p, ctx.expectation(job.make_batch(job.batch_meta(p),
                                                                 job.table.images(p))))
         job.maximize(ctx.finish().to_host())
-    pools = job.pools(pool, iterations + 1)
-    # in pinned host memory, as a GPU worker's reader thread hands pools over
-    # (cryonb.parallel._worker); the pageable copies are timed too
-    pageable = [np.ascontiguousarray(job.table.images(p)) for p in pools]
-    images = [pinned_empty(a.shape) for a in pageable]
-    for a, b in zip(images, pageable):
-        a[...] = b
+    pools, images, pageable = _pinned_pools(job, pool, iterations + 1)
     ctx, dt = _timed_estep(job, pools, images)
     dt_pageable = _timed_estep(job, pools, pageable)[1] if variants else float("nan")
     del pageable
@@ -197,6 +219,13 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
             _sampled.SPARSE_SUMS = None
     dt_atomic, dt_sparse = forced[False], forced[True]
     scatter_calls = scatter_choice(job, pools, images) if scatter else None
+    profile = _host_profile(job, pools, images) if host_profile else None
+    sweep = {}
+    for ps in pool_sweep:  # the same E-step with other pool sizes (same model)
+        pp, im, _ = _pinned_pools(job, ps, iterations + 1)
+        _timed_estep(job, pp, im)  # warm-up: CuPy's memory pool grows to the new size
+        sweep[ps] = round(job.n / _timed_estep(job, pp, im)[1], 1)
+        del pp, im
     return {"K": K, "psi_step": psi_step, "pool": pool, "n": job.n, "box": job.N,
             "coarse_size": c.size, "current_size": ctx.fine.size,
             "translations": int(c.phases.shape[0]), "rotations": int(c.refs.shape[0]),
@@ -208,6 +237,8 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
             "coarse_product_tflops": flops / gemm_s / 1e12 if gemm_s > 0 else None,
             "stages_s": stages,
             "mean_significant": float(job.state.n_sig.mean()),
+            **({"pool_sweep_particles_per_s": sweep} if sweep else {}),
+            **({"host_profile": profile} if profile else {}),
             **({"scatter_calls": scatter_calls} if scatter else {})}
 
 
@@ -306,6 +337,10 @@ def main(argv=None):
     ap.add_argument("--scatter", action="store_true",
                     help="also time each back-projection sum both ways (atomic adds, sparse "
                          "products) with its sizes")
+    ap.add_argument("--pool_sweep", type=int, nargs="*", default=[],
+                    help="also time the E-step with these pool sizes (same model)")
+    ap.add_argument("--host_profile", action="store_true",
+                    help="print where the host's time goes in one E-step (cProfile)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -331,13 +366,17 @@ def main(argv=None):
         star = simulate(n, box, views=min(K, 50))
         try:
             r = estep_throughput(star, K, psi, pool=_pool(a.pool, n, box, K, psi),
-                                 scatter=a.scatter, variants=not a.no_variants)
+                                 scatter=a.scatter, variants=not a.no_variants,
+                                 pool_sweep=a.pool_sweep, host_profile=a.host_profile)
             r["fraction_of_tf32"] = r["coarse_tflops_achieved"] / results["gemm"]["tf32"]
         except Exception as exc:  # keep measuring the other shapes
             r = {"box": box, "K": K, "psi_step": psi, "error": repr(exc)}
         results["estep"].append(r)
         calls = r.pop("scatter_calls", None)
+        profile = r.pop("host_profile", None)
         print(json.dumps(r), flush=True)
+        if profile:
+            print(profile, flush=True)
         if calls:
             r["scatter_calls"] = calls
             _print_scatter(box, K, psi, calls)
