@@ -173,14 +173,15 @@ class EStepContext:
         self.mask = soft_circular_mask(N, self.mask_radius, 5.0, xp)
         cur = int(model.current_size)
         coarse = int(model.coarse_size) if config.oversampling else cur
-        projs = [Projector(xp.asarray(c, dtype=xp.float32), config.pad) for c in model.classes]
+        projs = Projector(xp.asarray(model.classes, dtype=xp.float32), config.pad, stack=True)
         self.coarse = self._grid(coarse, projs, s.psi, s.trans)
         # the oversampled grid (fine pass), and the coarse grid at the current size, used for
-        # particles whose coarse posterior is broad (there the fine pass cannot sharpen it)
+        # particles whose coarse posterior is broad (there the fine pass cannot sharpen it);
+        # the latter is made on first use (late iterations rarely have broad posteriors)
         self.fine = self._grid(cur, projs, s.psi_fine, s.trans_fine, s.trans_sub, s.psi_sub,
                                accumulate=True)
-        self.broad = (self.fine if config.oversampling == 0 else
-                      self._grid(cur, projs, s.psi, s.trans, accumulate=True))
+        self._projs = projs
+        self._broad = self.fine if config.oversampling == 0 else None
         # where the coarse window's pixels are in the fine one's (both sorted, coarse <= current)
         cf, ff = _to_host(self.coarse.flat), _to_host(self.fine.flat)
         pos = np.searchsorted(ff, cf)
@@ -229,7 +230,8 @@ class EStepContext:
         k = np.stack([kx, ky], axis=-1)
         rots = inplane_matrix(psi)  # (R, 2, 2)
         coords = xp.asarray(np.einsum("pi,rij->rpj", k, rots), dtype=xp.float32)
-        refs = xp.concatenate([pr.sample(coords) for pr in projs], axis=0).astype(xp.complex64)
+        refs = projs.sample(coords)  # (K, R, P): all classes from one set of weights
+        refs = refs.reshape(-1, refs.shape[-1]).astype(xp.complex64)
         refs_ri = xp.concatenate([refs.real, refs.imag], axis=1)
         sig = np.maximum(self.model.sigma2_noise[:, shells], 1e-30)
         # shifting by +t multiplies by exp(-2 pi i k.t / N)
@@ -250,6 +252,15 @@ class EStepContext:
                      trans_dev=xp.asarray(trans, dtype=xp.float32),
                      acc_data=xp.zeros((M, 2 * P), xp.float64) if accumulate else None,
                      acc_weight=xp.zeros((M, P), xp.float64) if accumulate else None)
+
+    @property
+    def broad(self) -> _Grid:
+        """The coarse sampling at the current size, for broad posteriors (made on first use)."""
+        if self._broad is None:
+            s = self.sampling
+            self._broad = self._grid(int(self.model.current_size), self._projs, s.psi, s.trans,
+                                     accumulate=True)
+        return self._broad
 
     # ------------------------------------------------------------------ helpers
     def _mark(self, stage: str | None) -> None:
@@ -869,7 +880,8 @@ class EStepContext:
         S = self.sums
         S.data = xp.zeros((self.K, pad * self.N, pad * self.N // 2 + 1), xp.complex128)
         S.weight = xp.zeros(S.data.shape, xp.float64)
-        for g in {id(self.fine): self.fine, id(self.broad): self.broad}.values():
+        b = self._broad
+        for g in [self.fine] + ([b] if b is not None and b is not self.fine else []):
             k = np.stack([g.kx, g.ky], axis=-1)
             coords = xp.asarray(np.einsum("pi,rij->rpj", k, inplane_matrix(g.psi)) * pad,
                                 dtype=xp.float32)

@@ -51,7 +51,7 @@ def pad_centered(data, size: int, ndim: int | None = None):
     return out
 
 
-def gridding_correct(data, padding: float):
+def gridding_correct(data, padding: float, ndim: int | None = None):
     """Divide by the Fourier transform of the linear-interpolation kernel (sinc^2).
 
     RELION's ``griddingCorrect`` for linear interpolation: ``data / sinc(r / (padding * n))**2``
@@ -60,13 +60,17 @@ def gridding_correct(data, padding: float):
 
     Parameters
     ----------
-    data : array of shape (n, n) or (n, n, n), real
+    data : array of shape (..., n, n) or (n, n, n), real
     padding : float
         Oversampling of the Fourier grid the data will be interpolated from.
+    ndim : int, optional
+        Number of trailing axes the correction spans (default: all axes of ``data``); pass
+        2 for a stack of images.
     """
     xp = array_module(data)
     n = data.shape[-1]
-    axes = [xp.arange(s, dtype=xp.float64) - s // 2 for s in data.shape]
+    nd = data.ndim if ndim is None else int(ndim)
+    axes = [xp.arange(s, dtype=xp.float64) - s // 2 for s in data.shape[-nd:]]
     grids = xp.meshgrid(*axes, indexing="ij")
     r = xp.sqrt(sum(g**2 for g in grids)) / (padding * n)
     s = xp.sinc(r)  # numpy/cupy sinc is sin(pi r)/(pi r)
@@ -87,6 +91,10 @@ class Projector:
         ``n // 2``.
     gridding : bool, default True
         Apply :func:`gridding_correct` (as RELION does for linear interpolation).
+    stack : bool, default False
+        ``data`` of shape (K, n, n) is a stack of K 2D references (e.g. 2D classes), sampled
+        together: :meth:`sample` then returns (K, ...) from one set of interpolation weights,
+        element by element the same values as K separate projectors give.
 
     Notes
     -----
@@ -95,21 +103,26 @@ class Projector:
     ``F(-k) = conj(F(k))``. Interpolation is (bi/tri)linear, as RELION's ``TRILINEAR``.
     """
 
-    def __init__(self, data, padding: int = 2, r_max: float | None = None, gridding: bool = True):
+    def __init__(self, data, padding: int = 2, r_max: float | None = None, gridding: bool = True,
+                 *, stack: bool = False):
         xp = array_module(data)
         self.xp = xp
         self.n = int(data.shape[-1])
-        self.ndim = data.ndim
+        if stack and data.ndim != 3:
+            raise ValueError(f"a stack of 2D references has shape (K, n, n), not {data.shape}")
+        self.stack = bool(stack)
+        self.ndim = 2 if stack else data.ndim
         self.padding = int(padding)
         self.r_max = float(self.n // 2 if r_max is None else r_max)
         work = data.astype(xp.float64 if data.dtype == xp.float64 else xp.float32)
         if gridding:
-            work = gridding_correct(work, self.padding)
+            work = gridding_correct(work, self.padding, self.ndim)
         p = self.padding * self.n
-        padded = pad_centered(work, p)
-        f = xp.fft.rfftn(xp.fft.ifftshift(padded))
+        padded = pad_centered(work, p, self.ndim)
+        axes = tuple(range(-self.ndim, 0))
+        f = xp.fft.rfftn(xp.fft.ifftshift(padded, axes=axes), axes=axes)
         f *= 1.0 / self.n**self.ndim
-        self.grid = xp.fft.fftshift(f, axes=tuple(range(self.ndim - 1))).astype(
+        self.grid = xp.fft.fftshift(f, axes=axes[:-1]).astype(
             xp.complex64 if work.dtype == xp.float32 else xp.complex128)
         self.size = p
 
@@ -123,7 +136,7 @@ class Projector:
 
         Returns
         -------
-        array of shape (...), complex
+        array of shape (...), or (K, ...) for a stack of K references, complex
             Zero beyond ``r_max``.
         """
         xp = self.xp
@@ -138,9 +151,10 @@ class Projector:
         frac = c - base
         base = base.astype(xp.int64)
         half = self.size // 2
-        shape = self.grid.shape  # (z, y, x) or (y, x)
-        out = xp.zeros(c.shape[:-1], dtype=self.grid.dtype)
-        flat = self.grid.reshape(-1)
+        shape = self.grid.shape[-self.ndim:]  # (z, y, x) or (y, x)
+        lead = self.grid.shape[:1] if self.stack else ()
+        out = xp.zeros(lead + c.shape[:-1], dtype=self.grid.dtype)
+        flat = self.grid.reshape((*lead, -1))
         for corner in range(2**d):
             offs = [(corner >> a) & 1 for a in range(d)]
             w = xp.ones(c.shape[:-1], dtype=c.dtype)
@@ -157,7 +171,7 @@ class Projector:
                 ok = ok & (ia >= 0) & (ia < axis_len)
                 idx = idx + xp.clip(ia, 0, axis_len - 1) * stride
                 stride *= axis_len
-            out += xp.where(ok, w, 0) * flat[idx]
+            out += xp.where(ok, w, 0) * flat[..., idx]
         return xp.where(neg, xp.conj(out), out)
 
     def project(self, rotations, n: int | None = None):
@@ -175,9 +189,10 @@ class Projector:
         Returns
         -------
         array of shape (m, n, n // 2 + 1) or (n, n // 2 + 1), complex
-            Pixel ``k = (kx, ky)`` holds the reference at ``A.T @ (kx, ky[, 0])``; for a 3D map
-            this is the Fourier transform of its projection along the rotated z axis
-            (``relion_project``'s convention and normalisation).
+            (with a leading axis K for a stack of references). Pixel ``k = (kx, ky)`` holds
+            the reference at ``A.T @ (kx, ky[, 0])``; for a 3D map this is the Fourier
+            transform of its projection along the rotated z axis (``relion_project``'s
+            convention and normalisation).
         """
         xp = self.xp
         n = self.n if n is None else int(n)
@@ -191,7 +206,9 @@ class Projector:
         out = self.sample(coords)
         if self.ndim == 3:
             out = out * self.n  # projection sums n voxels along z (2D vs 3D normalisation)
-        return out[0] if single else out
+        if single:
+            out = out[:, 0] if self.stack else out[0]
+        return out
 
 
 def shift_phases_2d(n: int, shifts, xp=None, *, dtype="complex64"):

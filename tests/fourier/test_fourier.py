@@ -74,6 +74,27 @@ def test_2d_projector_matches_inplane_matrix(xp):
     assert a.shape == (2, 32, 17)
 
 
+def test_projector_stack_equals_separate_projectors(xp):
+    """A stack of 2D references gives each reference's values bit for bit (as the E-step
+    samples every class at once), for sample() and project(), one rotation or several."""
+    rng = np.random.default_rng(4)
+    cls = xp.asarray(rng.normal(size=(3, 33, 33)).astype(np.float32))
+    stack = Projector(cls, stack=True)
+    coords = xp.asarray(rng.uniform(-20, 20, size=(5, 40, 2)).astype(np.float32))
+    got = to_numpy(stack.sample(coords))
+    assert got.shape == (3, 5, 40)
+    rots = xp.asarray(inplane_matrix(np.array([10.0, 200.0])))
+    for k in range(3):
+        one = Projector(cls[k])
+        np.testing.assert_array_equal(got[k], to_numpy(one.sample(coords)))
+        np.testing.assert_array_equal(to_numpy(stack.project(rots))[k],
+                                      to_numpy(one.project(rots)))
+        np.testing.assert_array_equal(to_numpy(stack.project(rots[0]))[k],
+                                      to_numpy(one.project(rots[0])))
+    with pytest.raises(ValueError, match=r"\(K, n, n\)"):
+        Projector(cls[0], stack=True)
+
+
 def test_window_pad_shells(xp):
     rng = np.random.default_rng(1)
     img = xp.asarray(rng.normal(size=(32, 32)).astype(np.float32))
