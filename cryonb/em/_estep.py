@@ -32,6 +32,7 @@ from ..kernels import (
     coarse_log_posterior,
     insert_slices_2d,
     mask_images_2d,
+    pose_neighbours,
     sampled_dot,
     scatter_products,
     segment_argmax,
@@ -53,8 +54,6 @@ __all__ = ["BROAD_FRACTION", "SHIFTED_REFS_BYTES", "EStepContext", "coarse_image
 BROAD_FRACTION = 0.05
 #: the coarse pass folds the translations into the references when that table is this small
 SHIFTED_REFS_BYTES = 256e6
-#: particles per step of the pose refinement (bounds its (particles x pixels) temporaries)
-POSE_CHUNK = 1024
 #: per-particle cap (nats) of the class margins: one particle that fits nowhere must not
 #: dominate its class's mean
 MARGIN_CAP = 50.0
@@ -759,7 +758,6 @@ class EStepContext:
         grid = psi, off = f.psi_dev[best_rf % R], best_off.astype(xp.float64)
         if not self.config.refine_pose:
             return grid, grid
-        Bs = Xf.shape[0]
         k = best_rf // R
         nb = (best_rf % R)[:, None] + xp.asarray([-1, 0, 1])[None]
         nb = k[:, None] * R + nb % R  # (Bs, 3): the angle's neighbours in the same class
@@ -769,22 +767,10 @@ class EStepContext:
             ph = -2 * np.pi / self.N * (steps[:, :1] * f.kx + steps[:, 1:] * f.ky)
             f.stencil = xp.asarray(np.concatenate([np.cos(ph), -np.sin(ph)], axis=1).T,
                                    dtype=xp.float32)
-        l_psi = xp.empty((Bs, 3))
-        l_t = xp.empty((Bs, 4))
-        f64 = xp.float64
-        for a in range(0, Bs, POSE_CHUNK):
-            c = slice(a, a + POSE_CHUNK)
-            Y = Xf[c] * f.phases[best_t[c]] * (ctf[c] * inv[c])  # X shifted, CTF / sigma2
-            Yri = _ri(Y)  # (b, 2P)
-            Ari = f.refs_ri[nb[c]]  # (b, 3, 2P): Re <Y, A> = [Re Y | Im Y] . [Re A | Im A]
-            a2 = ((ctf[c] * ctf[c] * inv[c])[:, None, :] * f.refs_a2[nb[c]]).sum(axis=2,
-                                                                                 dtype=f64)
-            l_psi[c] = (Yri[:, None, :] * Ari).sum(axis=2, dtype=f64) - 0.5 * a2
-            # Re <Y e^{i ph_s}, A> = [Re Z | Im Z] . [cos | -sin], Z = Y conj(A)
-            Z = _ri(Y * xp.conj(f.refs[nb[c, 1]]))
-            l_t[c] = (Z @ f.stencil).astype(f64) - 0.5 * a2[:, 1:2]
+        l_psi, l_t = pose_neighbours(Xf, f.phases, best_t, ctf, inv, f.refs, f.refs_ri,
+                                     f.refs_a2, nb, f.stencil)
         # the offset prior of the best class changes along the translation axes
-        pk = self.prior_offset[k].astype(f64)  # (Bs, 2)
+        pk = self.prior_offset[k].astype(xp.float64)  # (Bs, 2)
         inv2 = float(self.inv2_sig_off)
         dd = off - pk
         l_t = l_t - ((dd[:, None, :] + xp.asarray(steps)[None]) ** 2).sum(axis=2) * inv2

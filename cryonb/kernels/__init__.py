@@ -16,6 +16,7 @@ from ._peaks import (
     update_best_2d,
     update_best_2d_reference,
 )
+from ._pose import pose_neighbours, pose_neighbours_reference
 from ._prepare import (
     mask_images_2d,
     mask_images_2d_reference,
@@ -44,6 +45,8 @@ __all__ = [
     "insert_slices_2d_reference",
     "mask_images_2d",
     "mask_images_2d_reference",
+    "pose_neighbours",
+    "pose_neighbours_reference",
     "prune_peak_clusters",
     "prune_peak_clusters_reference",
     "remove_close_peaks",
