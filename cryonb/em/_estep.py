@@ -41,6 +41,7 @@ from ..kernels import (
     shifted_images_ri,
     significant_in_segments,
     significant_samples,
+    weighted_bincounts,
 )
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch, Sampling
 
@@ -678,14 +679,18 @@ class EStepContext:
         S = self.sums
         K = self.K
         wd = w.astype(xp.float64)
-        S.pdf_class += xp.bincount(k, weights=wd, minlength=K)
-        for a in range(2):
-            S.prior_offset[:, a] += xp.bincount(k, weights=wd * offs[:, a], minlength=K)
         S.sigma2_offset += (wd * d2).sum()
-        pk = xp.bincount(b * K + k, weights=wd, minlength=Bs * K).reshape(Bs, K)
+        # per-class sums over the samples with non-zero weights (the others add zeros)
+        wd, kn = wd[nz], k[nz]
+        on = offs[nz]
+        sums = weighted_bincounts(kn, xp.stack([wd, wd * on[:, 0], wd * on[:, 1],
+                                                wd * acc_rot[bn], wd * acc_tr[bn]]), K)
+        S.pdf_class += sums[0]
+        S.prior_offset += sums[1:3].T
+        S.acc_rot += sums[3]
+        S.acc_trans += sums[4]
+        pk = xp.bincount(bn * K + kn, weights=wd, minlength=Bs * K).reshape(Bs, K)
         S.class_overlap += pk.T @ pk
-        S.acc_rot += xp.bincount(k, weights=wd * acc_rot[b], minlength=K)
-        S.acc_trans += xp.bincount(k, weights=wd * acc_tr[b], minlength=K)
         self._norm_and_totals(batch, sub, resid, res)
 
     def _results(self, f, batch, sub, w, tf, rf, offs, loglik, res, Xf, ctf, inv):

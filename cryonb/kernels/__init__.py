@@ -4,6 +4,7 @@ Each public function dispatches on its arguments' array module and has a plain N
 (``*_reference``) that the tests compare both implementations against.
 """
 
+from ._bins import weighted_bincounts, weighted_bincounts_reference
 from ._coarse import coarse_log_posterior, coarse_log_posterior_reference
 from ._insert import insert_slices_2d, insert_slices_2d_reference
 from ._peaks import (
@@ -65,4 +66,6 @@ __all__ = [
     "significant_samples_reference",
     "update_best_2d",
     "update_best_2d_reference",
+    "weighted_bincounts",
+    "weighted_bincounts_reference",
 ]

@@ -55,7 +55,17 @@ def kernel_sources() -> list[tuple[str, str]]:
     Collected by running the kernels' compile helpers against a stand-in for CuPy that
     records what it is asked to compile (``sys.modules['cupy']`` is restored afterwards).
     """
-    from ..kernels import _coarse, _cuda, _insert, _pose, _prepare, _sampled, _segments, _select
+    from ..kernels import (
+        _bins,
+        _coarse,
+        _cuda,
+        _insert,
+        _pose,
+        _prepare,
+        _sampled,
+        _segments,
+        _select,
+    )
 
     seen: list[tuple[str, str]] = []
 
@@ -82,6 +92,7 @@ def kernel_sources() -> list[tuple[str, str]]:
         _cuda.cuda_function(_prepare._CUDA_SRC, "mask_images")
         _cuda.cuda_function(_prepare._SHIFT_SRC, "shifted_ri")
         _cuda.cuda_function(_pose._CUDA_SRC, "pose_neighbours")
+        _cuda.cuda_function(_bins._CUDA_SRC, "weighted_bincounts")
         _cuda.cuda_function(_select._CUDA_SRC, "significant_select")
     finally:
         _cuda._compiled.clear()
