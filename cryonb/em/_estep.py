@@ -722,8 +722,12 @@ class EStepContext:
             cols.update({"psi" + end: psi, "offset_x" + end: off[:, 0],
                          "offset_y" + end: off[:, 1]})
         cols["class"] = cls
-        for name, v in cols.items():
-            res[sub, RESULT_COLUMNS.index(name)] = _to_host(v)
+        names = list(cols)
+        xp = array_module(*cols.values())
+        # one device-to-host copy (one synchronisation) for all columns
+        host = _to_host(xp.stack([xp.asarray(cols[n]).astype(xp.float64) for n in names],
+                                 axis=1))
+        res[np.ix_(np.asarray(sub), [RESULT_COLUMNS.index(n) for n in names])] = host
 
     def _best_pose(self, f: _Grid, best_rf, best_t, best_off, Xf, ctf, inv):
         """Each particle's best sample, and its reported pose (refined unless
