@@ -90,13 +90,15 @@ def _timed_estep(job, pools, images):
     return ctx, time.perf_counter() - t0
 
 
-SCATTER_KINDS = ("data", "weights", "residual cross term", "residual |A|^2")
+#: the E-step's scatter-adds that choose between atomic adds and sparse products, in call
+#: order per pool (the residual's per-particle sums go by runs, without a choice)
+SCATTER_KINDS = ("data", "weights")
 
 
 def scatter_choice(job, pools, images) -> list:
     """Each back-projection sum of one E-step timed as atomic adds and as sparse products.
 
-    The E-step's four :func:`cryonb.kernels.scatter_products` calls per pool (in the order
+    The E-step's :func:`cryonb.kernels.scatter_products` calls per pool that choose (in the order
     of ``SCATTER_KINDS``) are each run both ways on copies of the accumulator, between device
     synchronisations, then as the E-step's rule chose. Returns one record per call: samples
     ``n``, accumulator rows and those hit, row width, both times, the rule's choice.
@@ -108,7 +110,10 @@ def scatter_choice(job, pools, images) -> list:
 
     orig, rec = _estep.scatter_products, []
 
-    def timed(acc, U, V, iu, iv, iacc, w, sparse=None):
+    def timed(acc, U, V, iu, iv, iacc, w, sparse=None, starts=None):
+        if starts is not None:  # summed per row by one block (no choice to time)
+            orig(acc, U, V, iu, iv, iacc, w, starts=starts)
+            return
         t = {}
         for how in (False, True):
             a = acc.copy()
@@ -121,7 +126,7 @@ def scatter_choice(job, pools, images) -> list:
         _sampled.SPARSE_SUMS = None
         orig(acc, U, V, iu, iv, iacc, w, sparse)
         sparse = _sampled._sparse_chosen(int(iu.shape[0]), acc.shape[0], sparse)
-        rec.append({"kind": SCATTER_KINDS[len(rec) % 4], "n": int(iu.shape[0]),
+        rec.append({"kind": SCATTER_KINDS[len(rec) % len(SCATTER_KINDS)], "n": int(iu.shape[0]),
                     "acc_rows": int(acc.shape[0]), "rows_hit": int(cupy.unique(iacc).size),
                     "D": int(acc.shape[1]), "atomic_s": t[False], "sparse_s": t[True],
                     "rule_sparse": bool(sparse)})

@@ -664,11 +664,13 @@ class EStepContext:
         self._mark("fine: back-projection sums (data)")
         scatter_products(f.acc_weight, c2, None, bn, bn, rn, wn)
         self._mark("fine: back-projection sums (weights)")
+        # per particle: its samples are one run of bn (sorted by particle)
+        runs = segment_starts(bn, Bs)
         Q = xp.zeros((Bs, 2 * P), xp.float64)  # sum w Re(X(t) conj(A)) per pixel, [Re | Im]
-        scatter_products(Q, Xt, f.refs_ri, btn, rn, bn, wn)
+        scatter_products(Q, Xt, f.refs_ri, btn, rn, bn, wn, starts=runs)
         self._mark("fine: back-projection sums (residual cross term)")
         Ra = xp.zeros((Bs, P), xp.float64)  # sum w |A|^2 per pixel
-        scatter_products(Ra, f.refs_a2, None, rn, rn, bn, wn)
+        scatter_products(Ra, f.refs_a2, None, rn, rn, bn, wn, starts=runs)
         crossn = ((Q[:, :P] + Q[:, P:]) * ctf) @ f.onehot.astype(xp.float64)
         a2n = (Ra * (ctf * ctf)) @ f.onehot.astype(xp.float64)
         x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot

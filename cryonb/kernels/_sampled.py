@@ -115,6 +115,28 @@ void scatter_products(double* acc, const float* U, const float* V, const long lo
         atomicAdd(t + d, ws * v);
     }
 }
+
+extern "C" __global__
+void segment_products(double* acc, const float* U, const float* V, const long long* iu,
+                      const long long* iv, const long long* starts, const float* w, int D,
+                      int use_v)
+{
+    // one block per accumulator row: its samples are the run starts[g]:starts[g + 1],
+    // summed in sample order in registers (no atomic adds, deterministic)
+    const long long g = blockIdx.x;
+    const long long s0 = starts[g], s1 = starts[g + 1];
+    if (s1 <= s0) return;
+    double* t = acc + g * (long long)D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        double sum = 0.0;
+        for (long long s = s0; s < s1; ++s) {
+            const float a = U[iu[s] * (long long)D + d];
+            const double v = use_v ? (double)(a * V[iv[s] * (long long)D + d]) : (double)a;
+            sum += (double)w[s] * v;
+        }
+        t[d] += sum;
+    }
+}
 """
 
 
@@ -214,7 +236,8 @@ def sampled_dot(U, V, iu, iv):
     return out
 
 
-def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None) -> None:
+def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None,
+                     starts=None) -> None:
     """Add weighted rows (or row products) into an accumulator, in place.
 
     Parameters
@@ -232,6 +255,11 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None) -> 
         GPU: sparse x dense products where they apply (else atomic adds). Default: when
         there are at least ``SPARSE_FROM`` samples per row of ``acc``; ``SPARSE_SUMS``
         overrides both when set.
+    starts : int array of shape (M + 1,), optional
+        When ``iacc`` is non-decreasing, the boundaries of its runs
+        (:func:`cryonb.kernels.segment_starts` ``(iacc, M)``). GPU: each row of ``acc`` is then
+        summed by one CUDA block over its run, in sample order and without atomic adds
+        (deterministic; ``sparse`` is not used). The CPU ignores it.
 
     Notes
     -----
@@ -261,10 +289,18 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None) -> 
                                     np.asarray(iv if V is not None else iu, np.int64), rows,
                                     starts, order, np.asarray(w, np.float32), V is not None)
         return
+    D = U.shape[1]
+    if starts is not None:
+        _cuda_kernel("segment_products")(
+            (acc.shape[0],), (256,),
+            (acc, U, Vc, xp.asarray(iu, xp.int64),
+             xp.asarray(iv if V is not None else iu, xp.int64),
+             xp.ascontiguousarray(starts, dtype=xp.int64), xp.asarray(w, xp.float32),
+             np.int32(D), np.int32(V is not None)))
+        return
     if _sparse_chosen(n, acc.shape[0], sparse) and _scatter_sparse(
             acc, U, Vc if V is not None else None, iu, iv, iacc, w):
         return
-    D = U.shape[1]
     _cuda_kernel("scatter_products")(
         (n,), (128,),
         (acc, U, Vc, xp.asarray(iu, xp.int64), xp.asarray(iv if V is not None else iu, xp.int64),
