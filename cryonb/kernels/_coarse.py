@@ -53,10 +53,21 @@ void coarse_log_posterior(float* lw, const float* x2, const float* a2, const flo
     const float* pr = prior + b * (long long)T * K + k;
     const float neg_inf = __int_as_float(0xff800000);  // NVRTC has no INFINITY
     float mx = neg_inf;
-    for (int t = 0; t < T; ++t) {
-        float v = excluded ? neg_inf : (row[(long long)t * M] - 0.5f * base) + pr[t * K];
-        row[(long long)t * M] = v;
-        mx = fmaxf(mx, v);
+    // 8 translations' loads in flight before their in-place stores (memory-level
+    // parallelism; the loads cannot move past stores to the same array by themselves)
+    for (int t0 = 0; t0 < T; t0 += 8) {
+        float c[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+            c[u] = t0 + u < T ? row[(long long)(t0 + u) * M] : 0.0f;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int t = t0 + u;
+            if (t >= T) break;
+            const float v = excluded ? neg_inf : (c[u] - 0.5f * base) + pr[t * K];
+            row[(long long)t * M] = v;
+            mx = fmaxf(mx, v);
+        }
     }
     best_t[b * M + m] = mx;
 }

@@ -44,6 +44,8 @@ def significant_samples_reference(lw, fraction: float, maxsig: int = -1):
 
 
 _CUDA_SRC = r"""
+#define UNROLL 4
+#define INFINITY_F __int_as_float(0x7f800000)
 extern "C" __global__
 void significant_select(const float* lw, const float* rowmax, const long long* starts,
                         double fraction, long long maxsig, bool* out)
@@ -65,15 +67,25 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
         for (int i = threadIdx.x; i < nb; i += blockDim.x) { cnt[i] = 0u; wsum[i] = 0ull; }
         __syncthreads();
         const unsigned int prefix = s_prefix, mask = s_mask;
-        for (long long i = threadIdx.x; i < N; i += blockDim.x) {
-            const float w = expf(x[i] - m);
-            const unsigned int key = __float_as_uint(w);
-            // weights that underflow to zero (most of them) add nothing to any bin that
-            // the walk reads (it stops at bin 0): skip them instead of contending for it
-            if (key == 0u || (key & mask) != prefix) continue;
-            const unsigned int d = (key >> shift) & (unsigned int)(nb - 1);
-            atomicAdd(&cnt[d], 1u);
-            atomicAdd(&wsum[d], (unsigned long long)(w * scale));
+        // UNROLL independent loads per thread in flight (memory-level parallelism)
+        for (long long i0 = threadIdx.x; i0 < N; i0 += (long long)UNROLL * blockDim.x) {
+            float v[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const long long i = i0 + (long long)u * blockDim.x;
+                v[u] = i < N ? x[i] : -INFINITY_F;
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const float w = expf(v[u] - m);
+                const unsigned int key = __float_as_uint(w);
+                // weights that underflow to zero (most of them) add nothing to any bin that
+                // the walk reads (it stops at bin 0): skip them instead of contending for it
+                if (key == 0u || (key & mask) != prefix) continue;
+                const unsigned int d = (key >> shift) & (unsigned int)(nb - 1);
+                atomicAdd(&cnt[d], 1u);
+                atomicAdd(&wsum[d], (unsigned long long)(w * scale));
+            }
         }
         __syncthreads();
         if (threadIdx.x == 0) {
@@ -100,8 +112,19 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
     }
     const unsigned int thr = s_prefix;
     bool* o = out + first;
-    for (long long i = threadIdx.x; i < N; i += blockDim.x)
-        o[i] = __float_as_uint(expf(x[i] - m)) >= thr;
+    for (long long i0 = threadIdx.x; i0 < N; i0 += (long long)UNROLL * blockDim.x) {
+        float v[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const long long i = i0 + (long long)u * blockDim.x;
+            v[u] = i < N ? x[i] : 0.0f;
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const long long i = i0 + (long long)u * blockDim.x;
+            if (i < N) o[i] = __float_as_uint(expf(v[u] - m)) >= thr;
+        }
+    }
 }
 """
 
