@@ -277,6 +277,9 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None,
         return
     if acc.dtype != xp.float64 or not acc.flags.c_contiguous:
         raise ValueError("acc must be a C-contiguous float64 array")
+    if starts is not None and starts.shape != (acc.shape[0] + 1,):
+        raise ValueError(f"starts has shape {starts.shape}; the runs of an accumulator with "
+                         f"{acc.shape[0]} rows need ({acc.shape[0] + 1},)")
     U = xp.ascontiguousarray(U, dtype=xp.float32)
     Vc = U if V is None else xp.ascontiguousarray(V, dtype=xp.float32)
     if xp is np:
@@ -293,9 +296,9 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None,
     if starts is not None:
         _cuda_kernel("segment_products")(
             (acc.shape[0],), (256,),
-            (acc, U, Vc, xp.asarray(iu, xp.int64),
-             xp.asarray(iv if V is not None else iu, xp.int64),
-             xp.ascontiguousarray(starts, dtype=xp.int64), xp.asarray(w, xp.float32),
+            (acc, U, Vc, xp.ascontiguousarray(iu, xp.int64),
+             xp.ascontiguousarray(iv if V is not None else iu, xp.int64),
+             xp.ascontiguousarray(starts, dtype=xp.int64), xp.ascontiguousarray(w, xp.float32),
              np.int32(D), np.int32(V is not None)))
         return
     if _sparse_chosen(n, acc.shape[0], sparse) and _scatter_sparse(
@@ -303,6 +306,7 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None,
         return
     _cuda_kernel("scatter_products")(
         (n,), (128,),
-        (acc, U, Vc, xp.asarray(iu, xp.int64), xp.asarray(iv if V is not None else iu, xp.int64),
-         xp.asarray(iacc, xp.int64), xp.asarray(w, xp.float32), np.int64(n), np.int32(D),
-         np.int32(V is not None)))
+        (acc, U, Vc, xp.ascontiguousarray(iu, xp.int64),
+         xp.ascontiguousarray(iv if V is not None else iu, xp.int64),
+         xp.ascontiguousarray(iacc, xp.int64), xp.ascontiguousarray(w, xp.float32),
+         np.int64(n), np.int32(D), np.int32(V is not None)))

@@ -101,3 +101,11 @@ def test_scatter_products_by_runs(xp, with_v):
     again = xp.ones((M, U.shape[1]))
     scatter_products(again, *args, starts=runs)
     assert bool((again == a).all())
+
+
+def test_scatter_products_runs_must_match_rows():
+    """Runs for another number of rows are refused (the GPU would read past them)."""
+    U, V, iu, iv, iacc, w, M = _data(6, n=50, M=10)
+    with pytest.raises(ValueError, match=r"runs of an accumulator with 10 rows need \(11,\)"):
+        scatter_products(np.zeros((M, U.shape[1])), U, V, iu, iv, np.sort(iacc), w,
+                         starts=np.arange(M, dtype=np.int64))
