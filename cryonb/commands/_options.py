@@ -105,7 +105,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, relion: bool =
         flag = md.get("flag") or f"--{f.name}"
         dflt = getattr(default, f.name)
         tp = _field_type(hints[f.name])
-        help_ = md.get("help", "")
+        # argparse formats help with %-substitution: a literal "%" must be written "%%"
+        help_ = md.get("help", "").replace("%", "%%")
         if tp is bool:
             grp.add_argument(flag, dest=f.name, action="store_const", const=True, default=None,
                              help=f"{help_} (default: {'on' if dflt else 'off'})")

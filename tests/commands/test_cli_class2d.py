@@ -71,6 +71,19 @@ def test_contradictions_are_errors():
         _parse("--cpu", "--gpu", "0")
 
 
+@pytest.mark.parametrize("command", [None, "demo", "simulate", "info", "class2d", "autopick",
+                                     "extract", "gpumap"])
+def test_help_is_printed(command, capsys):
+    """``--help`` prints every option's text (a literal % in a help string broke it)."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"] if command else ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: cryonb")
+    if command == "class2d":
+        assert "60% of --iter" in out and "--tau2_fudge" in out
+
+
 def test_unknown_flag_exits_with_usage(capsys):
     with pytest.raises(SystemExit) as e:
         main(["class2d", "--i", "p.star", "--o", "o/run", "--helical_outer_diameter", "200"])
