@@ -3,19 +3,24 @@
 Per particle, the samples whose weights together hold ``fraction`` of the total weight, taking
 the largest first (capped at ``maxsig`` samples), are significant: every sample whose weight is
 at least the threshold, the weight of the last one taken. The plain way is a sort of every
-particle's weights and a cumulative sum; at large K and fine psi sampling (10^5-10^6 samples
-per particle) that sort was the largest part of the GPU E-step.
+particle's weights and a cumulative sum (:func:`significant_samples_reference`); at large K and
+fine psi sampling (10^5-10^6 samples per particle) that sort was the largest part of the E-step.
 
-CPU: the sort (NumPy), cumulative sums in float64. GPU: a radix select, one CUDA block per
-particle: three passes over the weights build histograms of the float bit pattern (11, 11 and
-10 bits; positive floats order as their bit patterns), with the count and the weight sum of
-each bin (weights as 2^-40 fixed point in 64-bit integers: exact, order-independent sums), and
-walk them from the top until the fraction (or ``maxsig``) is reached; after the third pass the
-threshold's 32 bits are known. No sort, no temporaries, deterministic. The two differ only
-where rounding decides between two equal-looking cumulative sums (below 2^-40 of the total).
+Both paths use a radix select instead, one particle (segment) at a time: three passes over the
+weights build histograms of the float bit pattern (11, 11 and 10 bits; positive floats order as
+their bit patterns), with the count and the weight sum of each bin (weights as 2^-40 fixed
+point in 64-bit integers: exact, order-independent sums), and walk them from the top until the
+fraction (or ``maxsig``) is reached; after the third pass the threshold's 32 bits are known. No
+sort, no temporaries, deterministic. GPU: one CUDA block per particle. CPU: a Numba loop per
+segment (the weights from NumPy's ``exp``, as the reference's). The select and the sort differ
+only where rounding decides between two equal-looking cumulative sums (below 2^-40 of the
+total).
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import numpy as np
 
@@ -152,16 +157,18 @@ def significant_samples(lw, fraction: float, maxsig: int = -1, rowmax=None):
         ``fraction`` of the row's total (or the ``maxsig``-th largest weight, if smaller).
     """
     xp = array_module(lw)
-    if xp is np:
-        return significant_samples_reference(lw, fraction, maxsig)
     B, N = lw.shape
     out = xp.empty((B, N), dtype=xp.bool_)
     if B == 0 or N == 0:
         return out
     lw = xp.ascontiguousarray(lw, dtype=xp.float32)
     starts = xp.arange(B + 1, dtype=xp.int64) * N
-    _select_gpu(lw, lw.max(axis=1) if rowmax is None else rowmax, starts, fraction, maxsig,
-                out)
+    rowmax = lw.max(axis=1) if rowmax is None else rowmax
+    if xp is np:
+        w = np.exp(lw - np.asarray(rowmax, np.float32)[:, None])
+        _select_cpu()(w.reshape(-1), starts, float(fraction), int(maxsig), out.reshape(-1))
+        return out
+    _select_gpu(lw, rowmax, starts, fraction, maxsig, out)
     return out
 
 
@@ -196,25 +203,67 @@ def significant_in_segments(lw, seg, n_seg: int, fraction: float, maxsig: int = 
         starts = segment_starts(seg, n_seg)
     if seg_max is None:
         seg_max = segment_argmax(lw, starts)[0]
-    if xp is np:  # one sort for all segments: by segment, then by decreasing weight
-        w = np.exp(lw - seg_max[seg])
-        order = np.lexsort((-w, seg))
-        ws, ss = w[order], seg[order]
-        # weight sorted before each sample, counted from its own segment's start
-        before = np.cumsum(ws, dtype=np.float64) - ws
-        counts = np.diff(starts)
-        before -= before[starts[:-1][counts > 0]].repeat(counts[counts > 0])
-        tot = np.bincount(seg, weights=w.astype(np.float64), minlength=n_seg)
-        take = before < fraction * tot[ss]
-        if maxsig > 0:
-            take &= (np.arange(n) - starts[ss]) < maxsig
-        thr = np.full(n_seg, np.inf, w.dtype)
-        np.minimum.at(thr, ss[take], ws[take])
-        return w >= thr[seg]
+    if xp is np:
+        w = np.exp(np.asarray(lw, np.float32) - np.asarray(seg_max, np.float32)[seg])
+        out = np.zeros(n, dtype=bool)
+        _select_cpu()(w, np.ascontiguousarray(starts, np.int64), float(fraction), int(maxsig),
+                      out)
+        return out
     lw = xp.ascontiguousarray(lw, dtype=xp.float32)
     out = xp.zeros(n, dtype=xp.bool_)
     _select_gpu(lw, seg_max, starts, fraction, maxsig, out)
     return out
+
+
+@functools.cache
+def _select_cpu():
+    """The radix select of the CUDA kernel above as a Numba loop over the segments:
+    ``kern(w, starts, fraction, maxsig, out)`` with the weights ``w`` (n,) float32 (each
+    segment's maximum is 1), ``starts`` (n_seg + 1,) int64, ``out`` (n,) bool."""
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def kern(w, starts, fraction, maxsig, out):
+        bits = w.view(np.uint32)
+        cnt = np.zeros(2048, np.int64)
+        wsum = np.zeros(2048, np.int64)  # 2^-40 fixed point: < 2^63 below 2^23 samples
+        scale = 1099511627776.0  # 2^40
+        for s in range(starts.shape[0] - 1):
+            a, b = starts[s], starts[s + 1]
+            if b <= a:
+                continue
+            prefix, mask = 0, 0  # of the threshold's bit pattern, as found so far
+            above_w, above_c, target = 0, 0, 0
+            for p in range(3):
+                shift = 21 if p == 0 else (10 if p == 1 else 0)
+                nb = 1024 if p == 2 else 2048
+                cnt[:nb] = 0
+                wsum[:nb] = 0
+                for i in range(a, b):
+                    key = np.int64(bits[i])
+                    # zero weights add nothing to any bin the walk reads (it stops at bin 0)
+                    if key == 0 or (key & mask) != prefix:
+                        continue
+                    d = (key >> shift) & (nb - 1)
+                    cnt[d] += 1
+                    wsum[d] += np.int64(w[i] * scale)
+                if p == 0:
+                    target = np.int64(math.ceil(fraction * float(wsum[:nb].sum())))
+                d = nb - 1
+                while d > 0:
+                    if above_w + wsum[d] >= target:
+                        break
+                    if maxsig > 0 and above_c + cnt[d] >= maxsig:
+                        break
+                    above_w += wsum[d]
+                    above_c += cnt[d]
+                    d -= 1
+                prefix |= d << shift
+                mask |= (nb - 1) << shift
+            for i in range(a, b):
+                out[i] = np.int64(bits[i]) >= prefix
+
+    return kern
 
 
 def _select_gpu(lw, rowmax, starts, fraction, maxsig, out) -> None:
