@@ -559,11 +559,13 @@ class EStepContext:
         f64 = xp.float64
         Y = Xt * xp.concatenate([cinv, cinv], axis=1)[:, None, :].astype(f64)
         Ari, A2 = f.refs_ri[rf[0]], f.refs_a2[rf[0]]  # (Rf, 2P), (Rf, P)
+        self._mark("dense: samples and shifted images")
         cross = (Y.reshape(Bs * Tf, 2 * P) @ Ari.T.astype(f64)).reshape(Bs, Tf, Rf)
         a2 = (ctf * cinv).astype(f64) @ A2.T.astype(f64)  # (Bs, Rf)
         x2 = ((Xf.real**2 + Xf.imag**2) * inv).astype(f64).sum(axis=1)
         lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
         del cross
+        self._mark("dense: matrix products")
         offs = xp.asarray(batch.offset[sub][:, None, :], dtype=xp.float32) + f.trans_dev[tf]
         po = self.prior_offset  # (K, 2): |offset - class prior|^2 per (particle, t, class)
         d2k = ((offs * offs).sum(axis=-1)[:, :, None] - 2 * (offs @ po.T)
@@ -580,14 +582,18 @@ class EStepContext:
         w = (w / tot[:, None, None]).astype(xp.float32)
         rcls_b = xp.broadcast_to(rcls, (Bs, Rf))
         d2 = xp.take_along_axis(d2k, xp.broadcast_to(rcls[:, None, :], w.shape), axis=2)
+        self._mark("dense: weights")
         self._results(f, batch, sub, w, tf, xp.broadcast_to(rf, (Bs, Rf)), offs, loglik, res,
                       Xf, ctf, inv)
+        self._mark("dense: results")
         omega = w.sum(axis=1)  # (Bs, Rf)
         crossn, a2n = self._accumulate_dense(f, w, Y, Xt, Ari, A2, rf[0], omega, ctf, cinv)
+        self._mark("dense: back-projection sums")
         x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
         resid = self._complete_shells(x2n - 2 * crossn + a2n, x2n, power_full, f.size)
         self._accumulate_stats(batch, sub, resid, crossn, a2n)
         self._accumulate_priors(batch, sub, w, omega, rcls_b, offs, d2, resid, res)
+        self._mark("dense: residual and priors")
 
     def _sparse_pass(self, f: _Grid, batch, sub, sig, Xf, ctf, inv, power_full, res):
         """Second pass for peaked posteriors: only the significant samples, sparse sums.

@@ -11,10 +11,16 @@ sum, then the result; the second read comes from the cache) and writes it once. 
 the array expressions (the reference).
 
 :func:`shifted_images_ri`: the second pass's shifted images ``X_b e^{i phi_t}`` as
-``[Re | Im]`` rows, plain and weighted (``CTF / sigma2``), in one pass instead of six.
+``[Re | Im]`` rows, plain and weighted (``CTF / sigma2``), in one pass instead of six: one
+CUDA thread per output pixel on the GPU, a Numba loop on the CPU (13x the array expressions'
+speed at 60,000 rows of 1,100 pixels, which spent most of their time in temporaries). The
+complex products round as each compiler contracts them (NumPy's and CUDA's with fused
+multiply-adds): the three agree to an ulp, not bit for bit.
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -189,12 +195,16 @@ def shifted_images_ri(X, phases, weight, rows, shifts):
         ``Xt * [weight[rows] | weight[rows]]``.
     """
     xp = array_module(X)
-    if xp is np:
-        return shifted_images_ri_reference(X, phases, weight, rows, shifts)
     n, P = int(rows.shape[0]), int(X.shape[1])
     Xt = xp.empty((n, 2 * P), xp.float32)
     Y = xp.empty((n, 2 * P), xp.float32)
     if n == 0 or P == 0:
+        return Xt, Y
+    if xp is np:
+        _shifted_cpu()(np.ascontiguousarray(X, dtype=np.complex64),
+                       np.ascontiguousarray(phases, dtype=np.complex64),
+                       np.ascontiguousarray(weight, dtype=np.float32),
+                       np.asarray(rows, np.int64), np.asarray(shifts, np.int64), Xt, Y)
         return Xt, Y
     nt = 256
     cuda_function(_SHIFT_SRC, "shifted_ri")(
@@ -204,3 +214,25 @@ def shifted_images_ri(X, phases, weight, rows, shifts):
          xp.ascontiguousarray(weight, dtype=xp.float32), xp.ascontiguousarray(rows, dtype=xp.int64),
          xp.ascontiguousarray(shifts, dtype=xp.int64), np.int64(n), np.int32(P), Xt, Y))
     return Xt, Y
+
+
+@functools.cache
+def _shifted_cpu():
+    """The CUDA kernel above as a Numba loop over the output rows."""
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def kern(X, ph, w, rows, shifts, Xt, Y):
+        P = X.shape[1]
+        for i in range(rows.shape[0]):
+            b, t = rows[i], shifts[i]
+            for p in range(P):
+                x, e, c = X[b, p], ph[t, p], w[b, p]
+                re = x.real * e.real - x.imag * e.imag
+                im = x.real * e.imag + x.imag * e.real
+                Xt[i, p] = re
+                Xt[i, P + p] = im
+                Y[i, p] = re * c
+                Y[i, P + p] = im * c
+
+    return kern

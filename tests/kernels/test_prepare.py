@@ -57,3 +57,5 @@ def test_shifted_images_follow_the_definition(xp):
     np.testing.assert_allclose(Xt, want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(Y, want * np.concatenate([w, w], axis=1)[rows], rtol=1e-5,
                                atol=1e-5)
+    none = shifted_images_ri(*(xp.asarray(a) for a in (X, ph, w, rows[:0], shifts[:0])))
+    assert [a.shape for a in none] == [(0, 2 * P), (0, 2 * P)]
