@@ -570,9 +570,9 @@ class EStepContext:
         po = self.prior_offset  # (K, 2): |offset - class prior|^2 per (particle, t, class)
         d2k = ((offs * offs).sum(axis=-1)[:, :, None] - 2 * (offs @ po.T)
                + (po * po).sum(axis=1)[None, None, :])  # (Bs, Tf, K)
-        rcls = rf // R  # (1 or Bs, Rf)
+        rcls = rf // R  # (1, Rf): the group's rotations, shared by its particles
         prior = self.log_pdf[None, None, :] - d2k * self.inv2_sig_off
-        lw = lw + xp.take_along_axis(prior, xp.broadcast_to(rcls[:, None, :], lw.shape), axis=2)
+        lw = lw + prior[:, :, rcls[0]]
         lw = xp.where(valid, lw, -xp.inf)
         mx = lw.reshape(Bs, -1).max(axis=1)
         w = xp.exp(lw - mx[:, None, None])
@@ -581,7 +581,7 @@ class EStepContext:
         loglik = mx + xp.log(tot) - self.logsigma2[xp.asarray(batch.optics[sub])]
         w = (w / tot[:, None, None]).astype(xp.float32)
         rcls_b = xp.broadcast_to(rcls, (Bs, Rf))
-        d2 = xp.take_along_axis(d2k, xp.broadcast_to(rcls[:, None, :], w.shape), axis=2)
+        d2 = d2k[:, :, rcls[0]]
         self._mark("dense: weights")
         self._results(f, batch, sub, w, tf, xp.broadcast_to(rf, (Bs, Rf)), offs, loglik, res,
                       Xf, ctf, inv)
