@@ -6,11 +6,14 @@ image and reference powers, the offset prior of the translation in class ``k``, 
 prior, and excludes every class but a particle's seed class where one is set (re-seeding).
 As array expressions that is four passes over the (B, T, M) samples and a fifth for the
 maximum over translations; here it is one CUDA thread per (particle, m) that walks the
-translations, writes the log-posteriors in place and keeps their maximum. On the CPU, the
-array expressions (the reference).
+translations, writes the log-posteriors in place and keeps their maximum. On the CPU, the same
+in one Numba pass (row by row, the same float32 operations in the same order as the array
+expressions, so the same values bit for bit).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -81,7 +84,8 @@ def coarse_log_posterior(cross, x2, a2, prior, seed, R: int):
     ----------
     cross : float32 array of shape (B, T, M)
         ``Re <X_bt, CTF A_m> / sigma2`` per particle, translation and (class, rotation)
-        ``m = k R + r``. On the GPU it is overwritten with the result (no copy).
+        ``m = k R + r``. Overwritten with the result where it is a C-contiguous float32
+        array (no copy).
     x2 : float32 array of shape (B,)
         ``sum |X|^2 / sigma2`` per particle.
     a2 : float32 array of shape (B, M)
@@ -102,14 +106,17 @@ def coarse_log_posterior(cross, x2, a2, prior, seed, R: int):
         ``lw.max(axis=1)``.
     """
     xp = array_module(cross)
-    if xp is np:
-        return coarse_log_posterior_reference(cross, x2, a2, prior, seed, R)
     B, T, M = cross.shape
     lw = xp.ascontiguousarray(cross, dtype=xp.float32)
     best_t = xp.empty((B, M), xp.float32)
     if B == 0 or M == 0:
         return lw, best_t
     f32 = xp.float32
+    if xp is np:
+        _coarse_cpu()(lw, np.ascontiguousarray(x2, dtype=f32), np.ascontiguousarray(a2, dtype=f32),
+                      np.ascontiguousarray(prior, dtype=f32),
+                      np.ascontiguousarray(seed, dtype=np.int64), R, best_t)
+        return lw, best_t
     nt = 256
     cuda_function(_CUDA_SRC, "coarse_log_posterior")(
         (B * ((M + nt - 1) // nt),), (nt,),
@@ -117,3 +124,35 @@ def coarse_log_posterior(cross, x2, a2, prior, seed, R: int):
          xp.ascontiguousarray(prior, dtype=f32), xp.ascontiguousarray(seed, dtype=xp.int64),
          np.int32(T), np.int32(M), np.int32(R), best_t))
     return lw, best_t
+
+
+@functools.cache
+def _coarse_cpu():
+    """The CUDA kernel above as a Numba loop: ``kern(lw, x2, a2, prior, seed, R, best_t)``
+    overwrites ``lw`` (B, T, M) and fills ``best_t`` (B, M)."""
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def kern(lw, x2, a2, prior, seed, R, best_t):
+        B, T, M = lw.shape
+        half = np.float32(0.5)
+        for b in range(B):
+            s = seed[b]
+            mx = best_t[b]
+            mx[:] = -np.inf
+            base = half * (x2[b] + a2[b])  # (M,), as the reference: 0.5 * (x2 + a2)
+            for t in range(T):
+                row = lw[b, t]
+                pr = prior[b, t]
+                for m in range(M):
+                    k = m // R
+                    if s >= 0 and s != k:
+                        v = np.float32(-np.inf)
+                    else:
+                        v = (row[m] - base[m]) + pr[k]
+                    row[m] = v
+                    if v > mx[m]:
+                        mx[m] = v
+        return None
+
+    return kern

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cryonb.kernels import coarse_log_posterior
+from cryonb.kernels import coarse_log_posterior, coarse_log_posterior_reference
 
 
 def _inputs(seed=0, B=5, T=7, K=4, R=9):
@@ -46,6 +46,20 @@ def test_log_posterior_follows_the_definition(xp):
     np.testing.assert_allclose(lw[fin], want_lw[fin], rtol=1e-6, atol=1e-4)
     np.testing.assert_allclose(best, want_best, rtol=1e-6, atol=1e-4)
     assert np.all(np.isneginf(lw[1][:, np.arange(lw.shape[2]) // R != 1]))
+
+
+def test_cpu_kernel_is_the_array_expressions_bit_for_bit():
+    """The Numba pass does the reference's float32 operations in its order; it works in
+    place on a contiguous float32 product (the coarse pass's), on a copy otherwise."""
+    cross, *rest = _inputs(2, B=4, T=21, K=6, R=36)
+    want_lw, want_best = coarse_log_posterior_reference(cross, *rest)
+    lw, best = coarse_log_posterior(cross.astype(np.float64), *rest)
+    assert np.array_equal(lw, want_lw) and np.array_equal(best, want_best)
+    lw, best = coarse_log_posterior(cross, *rest)
+    assert lw is cross and np.array_equal(lw, want_lw) and np.array_equal(best, want_best)
+    lw, best = coarse_log_posterior(cross[:0], rest[0][:0], rest[1][:0], rest[2][:0],
+                                    rest[3][:0], rest[4])
+    assert lw.shape == (0, 21, 216) and best.shape == (0, 216)
 
 
 @pytest.mark.gpu
