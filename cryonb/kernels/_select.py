@@ -228,27 +228,42 @@ def _select_cpu():
         cnt = np.zeros(2048, np.int64)
         wsum = np.zeros(2048, np.int64)  # 2^-40 fixed point: < 2^63 below 2^23 samples
         scale = 1099511627776.0  # 2^40
+        longest = 0
+        for s in range(starts.shape[0] - 1):
+            longest = max(longest, starts[s + 1] - starts[s])
+        # the first pass's threshold bin, copied: the next two passes read only these
+        cand = np.empty(longest, np.uint32)
+        cand_w = cand.view(np.float32)
         for s in range(starts.shape[0] - 1):
             a, b = starts[s], starts[s + 1]
             if b <= a:
                 continue
             prefix, mask = 0, 0  # of the threshold's bit pattern, as found so far
             above_w, above_c, target = 0, 0, 0
+            n_cand = 0
             for p in range(3):
                 shift = 21 if p == 0 else (10 if p == 1 else 0)
                 nb = 1024 if p == 2 else 2048
                 cnt[:nb] = 0
                 wsum[:nb] = 0
-                for i in range(a, b):
-                    key = np.int64(bits[i])
-                    # zero weights add nothing to any bin the walk reads (it stops at bin 0)
-                    if key == 0 or (key & mask) != prefix:
-                        continue
-                    d = (key >> shift) & (nb - 1)
-                    cnt[d] += 1
-                    wsum[d] += np.int64(w[i] * scale)
                 if p == 0:
+                    for i in range(a, b):
+                        key = np.int64(bits[i])
+                        # zero weights add nothing to any bin the walk reads (it stops at 0)
+                        if key == 0:
+                            continue
+                        d = key >> shift
+                        cnt[d] += 1
+                        wsum[d] += np.int64(w[i] * scale)
                     target = np.int64(math.ceil(fraction * float(wsum[:nb].sum())))
+                else:
+                    for j in range(n_cand):
+                        key = np.int64(cand[j])
+                        if (key & mask) != prefix:
+                            continue
+                        d = (key >> shift) & (nb - 1)
+                        cnt[d] += 1
+                        wsum[d] += np.int64(cand_w[j] * scale)
                 d = nb - 1
                 while d > 0:
                     if above_w + wsum[d] >= target:
@@ -260,6 +275,12 @@ def _select_cpu():
                     d -= 1
                 prefix |= d << shift
                 mask |= (nb - 1) << shift
+                if p == 0:
+                    for i in range(a, b):
+                        key = np.int64(bits[i])
+                        if key != 0 and (key >> shift) == d:
+                            cand[n_cand] = bits[i]
+                            n_cand += 1
             for i in range(a, b):
                 out[i] = np.int64(bits[i]) >= prefix
 
