@@ -495,13 +495,13 @@ class EStepContext:
         """Split broad-posterior particles into groups for the dense second pass.
 
         Particles are sorted by their best coarse rotation and each group is evaluated
-        against the union of its significant rotations with one matrix product. The budget
-        bounds what grows with the group (its shifted images and its block of weights); what
-        each group needs once (its references and its rows of the sums, in float64: about as
-        large as the reference table itself) is not counted, since a group of one needs it
-        too, and a group's fewer particles would only make that traffic count more times
-        (at 64 px, K=200 in the first iteration, budget-bound groups of one particle spent
-        most of the E-step re-reading and re-writing those rows).
+        against the union of its significant rotations with one matrix product, bounded by a
+        memory budget. What grows with the group (its shifted images and block of weights)
+        fills the budget less what each group needs once (its references and float64 rows of
+        the sums); where that fixed part is larger than half the budget, the growing part may
+        be as large as the fixed part instead, so that a group's fixed traffic is at most half
+        of it (at 64 px, K=200 in the first iteration, the fixed part alone was over the
+        budget: groups of one particle re-read and re-wrote those rows for every particle).
 
         Returns
         -------
@@ -522,8 +522,9 @@ class EStepContext:
             t2 = max(mt, int(n_t[i]))
             nb = len(cur) + 1
             rf, tf = int(u2.sum()) * ps, t2 * ts
-            cost = 8 * nb * tf * (2 * P * 3 + rf * 6)
-            if cur and (cost > budget_bytes or nb > 1024):
+            fixed = 8 * rf * 2 * P * 2
+            growing = 8 * nb * tf * (2 * P * 3 + rf * 6)
+            if cur and (growing > max(budget_bytes - fixed, fixed) or nb > 1024):
                 groups.append((np.array(cur), np.flatnonzero(urot)))
                 cur, u2, t2 = [], sig_r[i].copy(), int(n_t[i])
             cur.append(int(i))
