@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
+from ..backend import array_module, fft_module
 from ._transforms import frequency_grid_2d
 
 __all__ = [
@@ -120,7 +120,7 @@ class Projector:
         p = self.padding * self.n
         padded = pad_centered(work, p, self.ndim)
         axes = tuple(range(-self.ndim, 0))
-        f = xp.fft.rfftn(xp.fft.ifftshift(padded, axes=axes), axes=axes)
+        f = fft_module(xp).rfftn(xp.fft.ifftshift(padded, axes=axes), axes=axes)
         f *= 1.0 / self.n**self.ndim
         self.grid = xp.fft.fftshift(f, axes=axes[:-1]).astype(
             xp.complex64 if work.dtype == xp.float32 else xp.complex128)

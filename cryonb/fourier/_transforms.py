@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..backend import array_module
+from ..backend import array_module, fft_module
 
 __all__ = [
     "fft2_centered",
@@ -32,7 +32,7 @@ def fft2_centered(images):
     """
     xp = array_module(images)
     n = images.shape[-1]
-    f = xp.fft.rfft2(xp.fft.ifftshift(images, axes=(-2, -1)), axes=(-2, -1))
+    f = fft_module(xp).rfft2(xp.fft.ifftshift(images, axes=(-2, -1)), axes=(-2, -1))
     f /= n * images.shape[-2]
     return f.astype(xp.complex128 if images.dtype == xp.float64 else xp.complex64, copy=False)
 
@@ -51,7 +51,7 @@ def ifft2_centered(f, n: int):
     array of shape (..., n, n), float32 (float64 for complex128 input), origin at ``n // 2``.
     """
     xp = array_module(f)
-    img = xp.fft.irfft2(f, s=(n, n), axes=(-2, -1)) * (n * n)
+    img = fft_module(xp).irfft2(f, s=(n, n), axes=(-2, -1)) * (n * n)
     img = xp.fft.fftshift(img, axes=(-2, -1))
     return img.astype(xp.float64 if f.dtype == xp.complex128 else xp.float32, copy=False)
 
@@ -69,7 +69,7 @@ def fft3_centered(volume):
         ``rfftn(ifftshift(volume)) / volume.size`` (RELION's normalisation).
     """
     xp = array_module(volume)
-    f = xp.fft.rfftn(xp.fft.ifftshift(volume))
+    f = fft_module(xp).rfftn(xp.fft.ifftshift(volume))
     f /= volume.size
     return f.astype(xp.complex128 if volume.dtype == xp.float64 else xp.complex64, copy=False)
 
@@ -77,7 +77,7 @@ def fft3_centered(volume):
 def ifft3_centered(f, n: int):
     """Inverse of :func:`fft3_centered` for a cubic box of size ``n``."""
     xp = array_module(f)
-    vol = xp.fft.irfftn(f, s=(n, n, n)) * (n**3)
+    vol = fft_module(xp).irfftn(f, s=(n, n, n)) * (n**3)
     return xp.fft.fftshift(vol).astype(xp.float32, copy=False)
 
 
