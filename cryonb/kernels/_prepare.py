@@ -7,8 +7,8 @@ masked with RELION's soft circular mask; outside the mask it gets either its own
 mean (``--zero_mask``, RELION's ``softMaskOutsideMap``) or the given noise. As array
 expressions that is six to eight passes over the pool's images (two gathers for the shift);
 on the GPU it is one CUDA block per image that reads the shifted image twice (the background
-sum, then the result; the second read comes from the cache) and writes it once. On the CPU,
-the array expressions (the reference).
+sum, then the result; the second read comes from the cache) and writes it once; on the CPU the
+same as a Numba loop (2000 x 64^2 images: 0.23 s -> 0.034 s).
 
 :func:`shifted_images_ri`: the second pass's shifted images ``X_b e^{i phi_t}`` as
 ``[Re | Im]`` rows, plain and weighted (``CTF / sigma2``), in one pass instead of six: one
@@ -117,8 +117,6 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None):
         ``img * mask + background * (1 - mask)``, a new array.
     """
     xp = array_module(imgs)
-    if xp is np:
-        return mask_images_2d_reference(imgs, scale, shift, mask, noise)
     B, N, _ = imgs.shape
     out = xp.empty((B, N, N), xp.float32)
     if B == 0:
@@ -127,6 +125,12 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None):
     scale = xp.ones(B, f32) if scale is None else xp.asarray(scale, dtype=f32)
     mask = xp.ascontiguousarray(mask, dtype=f32)
     inv_out = np.float32(1.0 / float((1 - mask).sum()))
+    if xp is np:
+        _mask_cpu()(np.ascontiguousarray(imgs, dtype=f32), scale,
+                    np.ascontiguousarray(shift, dtype=np.int64), mask,
+                    out if noise is None else np.ascontiguousarray(noise, dtype=f32),
+                    noise is not None, inv_out, out)
+        return out
     cuda_function(_CUDA_SRC, "mask_images")(
         (B,), (256,),
         (xp.ascontiguousarray(imgs, dtype=f32), xp.ascontiguousarray(scale),
@@ -214,6 +218,37 @@ def shifted_images_ri(X, phases, weight, rows, shifts):
          xp.ascontiguousarray(weight, dtype=xp.float32), xp.ascontiguousarray(rows, dtype=xp.int64),
          xp.ascontiguousarray(shifts, dtype=xp.int64), np.int64(n), np.int32(P), Xt, Y))
     return Xt, Y
+
+
+@functools.cache
+def _mask_cpu():
+    """The CUDA kernel ``mask_images`` as a Numba loop over the images (the background sum in
+    float64, as there)."""
+    import numba
+
+    @numba.njit(cache=True, nogil=True)
+    def kern(imgs, scale, shift, mask, noise, use_noise, inv_out, out):
+        B, N, _ = imgs.shape
+        one = np.float32(1.0)
+        for b in range(B):
+            rx, ry = shift[b, 0], shift[b, 1]
+            f = scale[b]
+            bg = np.float32(0.0)
+            if not use_noise:
+                acc = 0.0
+                for y in range(N):
+                    sy = (y - ry) % N
+                    for x in range(N):
+                        acc += np.float64(imgs[b, sy, (x - rx) % N] * f) * (one - mask[y, x])
+                bg = np.float32(acc * inv_out)
+            for y in range(N):
+                sy = (y - ry) % N
+                for x in range(N):
+                    m = mask[y, x]
+                    outside = noise[b, y, x] if use_noise else bg
+                    out[b, y, x] = imgs[b, sy, (x - rx) % N] * f * m + outside * (one - m)
+
+    return kern
 
 
 @functools.cache
