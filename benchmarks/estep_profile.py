@@ -1,6 +1,6 @@
 """Where the E-step's time goes: per-stage seconds on one pool size (CPU or GPU).
 
-    CRYONB_PROFILE=1 python benchmarks/estep_profile.py --n 2000 --box 128 --K 50 [--gpu]
+    python benchmarks/estep_profile.py --n 2000 --box 128 --K 50 [--gpu]
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ def main(argv=None):
     ap.add_argument("--gpu", action="store_true")
     a = ap.parse_args(argv)
     os.environ["CRYONB_PROFILE"] = "1"
-    from benchmarks.class2d_gpu import simulate
+    try:  # run as a script: benchmarks/ is on the path
+        from class2d_gpu import simulate
+    except ImportError:  # imported as benchmarks.estep_profile from the repository root
+        from benchmarks.class2d_gpu import simulate
     from cryonb.em import Class2DConfig
     from cryonb.em.class2d import Class2DJob
 
