@@ -128,8 +128,9 @@ def coarse_log_posterior(cross, x2, a2, prior, seed, R: int):
 
 @functools.cache
 def _coarse_cpu():
-    """The CUDA kernel above as a Numba loop: ``kern(lw, x2, a2, prior, seed, R, best_t)``
-    overwrites ``lw`` (B, T, M) and fills ``best_t`` (B, M)."""
+    """The CUDA kernel ``coarse_log_posterior`` as a Numba loop:
+    ``kern(lw, x2, a2, prior, seed, R, best_t)`` overwrites ``lw`` (B, T, M) and fills
+    ``best_t`` (B, M)."""
     import numba
 
     @numba.njit(cache=True, nogil=True)
@@ -153,6 +154,5 @@ def _coarse_cpu():
                     row[m] = v
                     if v > mx[m]:
                         mx[m] = v
-        return None
 
     return kern

@@ -253,7 +253,7 @@ def _mask_cpu():
 
 @functools.cache
 def _shifted_cpu():
-    """The CUDA kernel above as a Numba loop over the output rows."""
+    """The CUDA kernel ``shifted_ri`` as a Numba loop over the output rows."""
     import numba
 
     @numba.njit(cache=True, nogil=True)
