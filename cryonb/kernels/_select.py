@@ -11,8 +11,13 @@ weights build histograms of the float bit pattern (11, 11 and 10 bits; positive 
 their bit patterns), with the count and the weight sum of each bin (weights as 2^-40 fixed
 point in 64-bit integers: exact, order-independent sums), and walk them from the top until the
 fraction (or ``maxsig``) is reached; after the third pass the threshold's 32 bits are known. No
-sort, no temporaries, deterministic. GPU: one CUDA block per particle. CPU: a Numba loop per
-segment (the weights from NumPy's ``exp``, as the reference's). The select and the sort differ
+sort, no temporaries, deterministic. Weights below 2^-40 add nothing to the sums and are
+skipped (the walk never reaches their bins). GPU: one CUDA block per particle; the walk over a
+histogram's 2048 bins is a block-wide prefix sum (one thread walking them alone held each
+block for three serial loops of 2048 steps, which took longer than reading the weights at
+10^4-10^5 samples per particle). CPU: a Numba loop per segment (the weights from NumPy's
+``exp``, as the reference's), whose last two passes read only the first pass's threshold
+bin. The select and the sort differ
 only where rounding decides between two equal-looking cumulative sums (below 2^-40 of the
 total).
 """
@@ -50,15 +55,55 @@ def significant_samples_reference(lw, fraction: float, maxsig: int = -1):
 
 _CUDA_SRC = r"""
 #define UNROLL 4
+#define NT 1024  // threads per block (the launch's)
 #define INFINITY_F __int_as_float(0x7f800000)
+// weights below 2^-40 (bit pattern 87 << 23) add 0 to the fixed-point sums: the walk never
+// reaches their bins (the sum reaches the target at a bin above), so they are skipped
+#define TINY_KEY 0x2B800000u
+
+// Inclusive prefix sums over the block's threads (in thread order) of two 64-bit values;
+// returns the block's totals in *tot_a, *tot_b (every thread). Uses warp_a/warp_b[NT / 32].
+__device__ void block_scan2(unsigned long long* a, unsigned long long* b,
+                            unsigned long long* tot_a, unsigned long long* tot_b,
+                            unsigned long long* warp_a, unsigned long long* warp_b)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    unsigned long long x = *a, y = *b;
+    for (int o = 1; o < 32; o <<= 1) {
+        const unsigned long long xo = __shfl_up_sync(0xffffffffu, x, o);
+        const unsigned long long yo = __shfl_up_sync(0xffffffffu, y, o);
+        if (lane >= o) { x += xo; y += yo; }
+    }
+    if (lane == 31) { warp_a[warp] = x; warp_b[warp] = y; }
+    __syncthreads();
+    if (warp == 0) {
+        unsigned long long u = warp_a[lane], v = warp_b[lane];  // NT / 32 == 32 warps
+        for (int o = 1; o < 32; o <<= 1) {
+            const unsigned long long uo = __shfl_up_sync(0xffffffffu, u, o);
+            const unsigned long long vo = __shfl_up_sync(0xffffffffu, v, o);
+            if (lane >= o) { u += uo; v += vo; }
+        }
+        warp_a[lane] = u;
+        warp_b[lane] = v;
+    }
+    __syncthreads();
+    if (warp > 0) { x += warp_a[warp - 1]; y += warp_b[warp - 1]; }
+    *a = x;
+    *b = y;
+    *tot_a = warp_a[31];
+    *tot_b = warp_b[31];
+}
+
 extern "C" __global__
 void significant_select(const float* lw, const float* rowmax, const long long* starts,
                         double fraction, long long maxsig, bool* out)
 {
     __shared__ unsigned int cnt[2048];
     __shared__ unsigned long long wsum[2048];
+    __shared__ unsigned long long warp_w[NT / 32], warp_c[NT / 32];
     __shared__ unsigned int s_prefix, s_mask;
-    __shared__ unsigned long long s_above_w, s_above_c, s_target;
+    __shared__ int s_bin;
+    __shared__ unsigned long long s_above_w, s_above_c;
     const long long first = starts[blockIdx.x];
     const long long N = starts[blockIdx.x + 1] - first;
     const float* x = lw + first;
@@ -66,49 +111,63 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
     if (N <= 0) return;
     const float scale = 1099511627776.0f;  // 2^40
     if (threadIdx.x == 0) { s_prefix = 0u; s_mask = 0u; s_above_w = 0ull; s_above_c = 0ull; }
+    unsigned long long target = 0ull;
     for (int p = 0; p < 3; ++p) {
         const int shift = p == 0 ? 21 : (p == 1 ? 10 : 0);
         const int nb = p == 2 ? 1024 : 2048;
-        for (int i = threadIdx.x; i < nb; i += blockDim.x) { cnt[i] = 0u; wsum[i] = 0ull; }
+        for (int i = threadIdx.x; i < nb; i += NT) { cnt[i] = 0u; wsum[i] = 0ull; }
+        if (threadIdx.x == 0) s_bin = 0;
         __syncthreads();
         const unsigned int prefix = s_prefix, mask = s_mask;
         // UNROLL independent loads per thread in flight (memory-level parallelism)
-        for (long long i0 = threadIdx.x; i0 < N; i0 += (long long)UNROLL * blockDim.x) {
+        for (long long i0 = threadIdx.x; i0 < N; i0 += (long long)UNROLL * NT) {
             float v[UNROLL];
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
-                const long long i = i0 + (long long)u * blockDim.x;
+                const long long i = i0 + (long long)u * NT;
                 v[u] = i < N ? x[i] : -INFINITY_F;
             }
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 const float w = expf(v[u] - m);
                 const unsigned int key = __float_as_uint(w);
-                // weights that underflow to zero (most of them) add nothing to any bin that
-                // the walk reads (it stops at bin 0): skip them instead of contending for it
-                if (key == 0u || (key & mask) != prefix) continue;
+                if (key < TINY_KEY || (key & mask) != prefix) continue;
                 const unsigned int d = (key >> shift) & (unsigned int)(nb - 1);
                 atomicAdd(&cnt[d], 1u);
                 atomicAdd(&wsum[d], (unsigned long long)(w * scale));
             }
         }
         __syncthreads();
-        if (threadIdx.x == 0) {
-            if (p == 0) {
-                unsigned long long tot = 0ull;
-                for (int d = 0; d < nb; ++d) tot += wsum[d];
-                s_target = (unsigned long long)ceil(fraction * (double)tot);
+        // The walk from the top bin down to the first bin d where the weight above it plus
+        // its own reaches the target (or the count reaches maxsig); bin 0 if none. In
+        // parallel: thread t holds the bins nb-1-t*per .. nb-per-t*per (top first), a block
+        // scan gives the sums above each thread's bins, and the topmost bin found wins.
+        const int per = nb / NT;
+        unsigned long long tw = 0ull, tc = 0ull;
+        for (int j = 0; j < per; ++j) {
+            const int d = nb - 1 - (threadIdx.x * per + j);
+            tw += wsum[d];
+            tc += cnt[d];
+        }
+        unsigned long long iw = tw, ic = tc, tot_w, tot_c;
+        block_scan2(&iw, &ic, &tot_w, &tot_c, warp_w, warp_c);
+        if (p == 0) target = (unsigned long long)ceil(fraction * (double)tot_w);
+        unsigned long long aw = s_above_w + (iw - tw), ac = s_above_c + (ic - tc);
+        int found = -1;
+        for (int j = 0; j < per; ++j) {
+            const int d = nb - 1 - (threadIdx.x * per + j);
+            if (d == 0 || aw + wsum[d] >= target
+                || (maxsig > 0 && ac + cnt[d] >= (unsigned long long)maxsig)) {
+                found = d;
+                break;
             }
-            unsigned long long aw = s_above_w, ac = s_above_c;
-            const unsigned long long target = s_target;
-            int d = nb - 1;
-            for (; d > 0; --d) {
-                if (aw + wsum[d] >= target) break;
-                if (maxsig > 0 && ac + cnt[d] >= (unsigned long long)maxsig) break;
-                aw += wsum[d];
-                ac += cnt[d];
-            }
-            s_prefix = prefix | ((unsigned int)d << shift);
+            aw += wsum[d];
+            ac += cnt[d];
+        }
+        if (found > 0) atomicMax(&s_bin, found);
+        __syncthreads();
+        if (found >= 0 && found == s_bin) {  // one thread: the winning bin's
+            s_prefix = prefix | ((unsigned int)found << shift);
             s_mask = mask | ((unsigned int)(nb - 1) << shift);
             s_above_w = aw;
             s_above_c = ac;
@@ -117,16 +176,16 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
     }
     const unsigned int thr = s_prefix;
     bool* o = out + first;
-    for (long long i0 = threadIdx.x; i0 < N; i0 += (long long)UNROLL * blockDim.x) {
+    for (long long i0 = threadIdx.x; i0 < N; i0 += (long long)UNROLL * NT) {
         float v[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            const long long i = i0 + (long long)u * blockDim.x;
+            const long long i = i0 + (long long)u * NT;
             v[u] = i < N ? x[i] : 0.0f;
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            const long long i = i0 + (long long)u * blockDim.x;
+            const long long i = i0 + (long long)u * NT;
             if (i < N) o[i] = __float_as_uint(expf(v[u] - m)) >= thr;
         }
     }
@@ -228,6 +287,7 @@ def _select_cpu():
         cnt = np.zeros(2048, np.int64)
         wsum = np.zeros(2048, np.int64)  # 2^-40 fixed point: < 2^63 below 2^23 samples
         scale = 1099511627776.0  # 2^40
+        tiny = np.int64(0x2B800000)  # the bit pattern of 2^-40
         longest = 0
         for s in range(starts.shape[0] - 1):
             longest = max(longest, starts[s + 1] - starts[s])
@@ -249,8 +309,9 @@ def _select_cpu():
                 if p == 0:
                     for i in range(a, b):
                         key = np.int64(bits[i])
-                        # zero weights add nothing to any bin the walk reads (it stops at 0)
-                        if key == 0:
+                        # weights below 2^-40 add 0 to the sums: the walk never reaches
+                        # their bins (the CUDA kernel's TINY_KEY)
+                        if key < tiny:
                             continue
                         d = key >> shift
                         cnt[d] += 1
@@ -278,7 +339,7 @@ def _select_cpu():
                 if p == 0:
                     for i in range(a, b):
                         key = np.int64(bits[i])
-                        if key != 0 and (key >> shift) == d:
+                        if key >= tiny and (key >> shift) == d:
                             cand[n_cand] = bits[i]
                             n_cand += 1
             for i in range(a, b):
