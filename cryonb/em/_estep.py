@@ -650,10 +650,12 @@ class EStepContext:
         w = xp.exp(lw - mx[b])
         tot = segment_sums(w, starts)
         loglik = mx + xp.log(tot) - self.logsigma2[xp.asarray(batch.optics[sub])]
+        self._mark("fine: log-posteriors")
         # RELION's significance in the second pass: per particle, the largest weights that
         # hold adaptive_fraction of the total; the rest are dropped
         keep = significant_in_segments(lw, b, Bs, self.config.adaptive_fraction, seg_max=mx,
                                        starts=starts)
+        self._mark("fine: significance")
         w = xp.where(keep, w, 0)
         w = (w / segment_sums(w, starts)[b]).astype(xp.float32)
         psi = f.psi_dev
@@ -706,6 +708,7 @@ class EStepContext:
         pk = xp.bincount(bn * K + kn, weights=wd, minlength=Bs * K).reshape(Bs, K)
         S.class_overlap += pk.T @ pk
         self._norm_and_totals(batch, sub, resid, res)
+        self._mark("fine: noise, priors and totals")
 
     def _results(self, f, batch, sub, w, tf, rf, offs, loglik, res, Xf, ctf, inv):
         """Best pose, max probability, log-likelihood, posterior spread per particle."""
