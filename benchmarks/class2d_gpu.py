@@ -101,7 +101,7 @@ def _timed_estep(job, pools, images):
 
 
 #: the E-step's scatter-adds that choose between atomic adds and sparse products, in call
-#: order per pool (the residual's per-particle sums go by runs, without a choice)
+#: order per pool (the residual's per-particle sums are cryonb.kernels.residual_sums)
 SCATTER_KINDS = ("data", "weights")
 
 
@@ -120,10 +120,7 @@ def scatter_choice(job, pools, images) -> list:
 
     orig, rec = _estep.scatter_products, []
 
-    def timed(acc, U, V, iu, iv, iacc, w, sparse=None, starts=None):
-        if starts is not None:  # summed per row by one block (no choice to time)
-            orig(acc, U, V, iu, iv, iacc, w, starts=starts)
-            return
+    def timed(acc, U, V, iu, iv, iacc, w, sparse=None):
         t = {}
         for how in (False, True):
             a = acc.copy()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import array_module, upload
+from ..backend import add_rows_at, array_module, upload
 from ..ctf import CTFParams, ctf_at
 from ..data.conventions import inplane_matrix
 from ..fourier import Projector, fft2_centered, ifft2_centered
@@ -33,6 +33,7 @@ from ..kernels import (
     insert_slices_2d,
     mask_images_2d,
     pose_neighbours,
+    residual_sums,
     sampled_dot,
     scatter_products,
     segment_argmax,
@@ -612,8 +613,9 @@ class EStepContext:
         """
         xp = self.xp
         ts, ps = f.ts, f.ps
-        Bs, P = Xf.shape
+        Bs = Xf.shape[0]
         R = len(f.psi)
+        K = self.K
         T = sig.shape[1]
         cb, ct, cr = xp.nonzero(sig)  # coarse pairs, sorted by particle
         qt = xp.arange(ts)[None, :, None]
@@ -678,26 +680,25 @@ class EStepContext:
         self._mark("fine: back-projection sums (data)")
         scatter_products(f.acc_weight, c2, None, bn, bn, rn, wn)
         self._mark("fine: back-projection sums (weights)")
-        # per particle: its samples are one run of bn (sorted by particle)
-        runs = segment_starts(bn, Bs)
-        Q = xp.zeros((Bs, 2 * P), xp.float64)  # sum w Re(X(t) conj(A)) per pixel, [Re | Im]
-        scatter_products(Q, Xt, f.refs_ri, btn, rn, bn, wn, starts=runs)
-        self._mark("fine: back-projection sums (residual cross term)")
-        Ra = xp.zeros((Bs, P), xp.float64)  # sum w |A|^2 per pixel
-        scatter_products(Ra, f.refs_a2, None, rn, rn, bn, wn, starts=runs)
-        crossn = ((Q[:, :P] + Q[:, P:]) * ctf) @ f.onehot.astype(xp.float64)
-        a2n = (Ra * (ctf * ctf)) @ f.onehot.astype(xp.float64)
+        # the residual's per-pixel sums, sum w Re(X(t) conj(A)) and sum w |A|^2, per particle
+        # over its samples in (shifted image, rotation) order: its run of samples reads each
+        # shifted image once (btn numbers the shifted images in particle order)
+        o = xp.argsort(btn * (K * R) + rn)
+        runs = segment_starts(bn[o], Bs)
+        Q, Ra = residual_sums(Xt, f.refs_ri, btn[o], rn[o], runs, wn[o])
+        self._mark("fine: back-projection sums (residual)")
+        onehot = f.onehot.astype(xp.float64)
+        crossn = (Q * ctf) @ onehot
+        a2n = (Ra * (ctf * ctf)) @ onehot
         x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
         resid = self._complete_shells(x2n - 2 * crossn + a2n, x2n, power_full, f.size)
         self._mark("fine: back-projection sums (residual power, shells)")
         self._accumulate_stats(batch, sub, resid, crossn, a2n)
         # priors and class statistics
         S = self.sums
-        K = self.K
-        wd = w.astype(xp.float64)
-        S.sigma2_offset += (wd * d2).sum()
-        # per-class sums over the samples with non-zero weights (the others add zeros)
-        wd, kn = wd[nz], k[nz]
+        # sums over the samples with non-zero weights (the others add zeros)
+        wd, kn = wn.astype(xp.float64), k[nz]
+        S.sigma2_offset += (wd * d2[nz]).sum()
         on = offs[nz]
         sums = weighted_bincounts(kn, xp.stack([wd, wd * on[:, 0], wd * on[:, 1],
                                                 wd * acc_rot[bn], wd * acc_tr[bn]]), K)
@@ -865,21 +866,22 @@ class EStepContext:
         self._norm_and_totals(batch, sub, resid, res)
 
     def _accumulate_stats(self, batch, sub, resid, crossn, a2n):
-        """Noise spectra per optics group, scale sums per group."""
+        """Noise spectra per optics group, scale sums per group.
+
+        One indexed add per table whatever the number of groups (real data sets have a scale
+        group per micrograph: hundreds to thousands; a loop over them cost a few small
+        device operations per group and pool).
+        """
         xp = self.xp
         S = self.sums
-        optics = batch.optics[sub]
-        groups = batch.group[sub]
+        optics = np.asarray(batch.optics[sub])
         # per-particle terms summed over particles in float64 (independent of the pools)
-        resid, crossn, a2n = (v.astype(xp.float64) for v in (resid, crossn, a2n))
-        for g in np.unique(optics):
-            sel = xp.asarray(optics == g)
-            S.sigma2_noise[int(g)] += resid[sel].sum(axis=0)
-            S.sumw_optics[int(g)] += int((optics == g).sum())
-        for g in np.unique(groups):
-            sel = xp.asarray(groups == g)
-            S.scale_xa[int(g)] += crossn[sel].sum(axis=0)
-            S.scale_aa[int(g)] += a2n[sel].sum(axis=0)
+        add_rows_at(S.sigma2_noise, xp.asarray(optics), resid)
+        S.sumw_optics += xp.asarray(np.bincount(optics, minlength=S.sumw_optics.shape[0]),
+                                    dtype=S.sumw_optics.dtype)
+        groups = xp.asarray(batch.group[sub])
+        add_rows_at(S.scale_xa, groups, crossn)
+        add_rows_at(S.scale_aa, groups, a2n)
 
     # ------------------------------------------------------------------ finish
     def finish(self) -> Class2DSums:

@@ -25,6 +25,8 @@ from ._prepare import (
     shifted_images_ri_reference,
 )
 from ._sampled import (
+    residual_sums,
+    residual_sums_reference,
     sampled_dot,
     sampled_dot_reference,
     scatter_products,
@@ -52,6 +54,8 @@ __all__ = [
     "prune_peak_clusters_reference",
     "remove_close_peaks",
     "remove_close_peaks_reference",
+    "residual_sums",
+    "residual_sums_reference",
     "sampled_dot",
     "sampled_dot_reference",
     "scatter_products",

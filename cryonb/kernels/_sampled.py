@@ -7,7 +7,9 @@ an array expression without large temporaries, so each is a Numba kernel (CPU, p
 samples or output rows, no write conflicts) and, on the GPU, a CuPy ``RawKernel`` (a warp per
 sample) for the products and sparse x dense matrix products (cuSPARSE, float64) for the
 scatter-adds (atomic adds in double precision where those do not apply), with a plain NumPy
-reference for the tests.
+reference for the tests. The noise model's per-particle residual terms are one pass over each
+particle's run of samples (:func:`residual_sums`: a thread per particle on the CPU, a CUDA
+block per particle on the GPU, the same bits on both).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from ..backend import array_module
 from ._cuda import cuda_function
 
 __all__ = [
+    "residual_sums",
+    "residual_sums_reference",
     "sampled_dot",
     "sampled_dot_reference",
     "scatter_products",
@@ -37,6 +41,22 @@ def scatter_products_reference(acc, U, V, iu, iv, iacc, w):
     if V is not None:
         rows = rows * np.asarray(V, np.float64)[iv]
     np.add.at(acc, iacc, rows)
+
+
+def residual_sums_reference(X, A, ix, ia, starts, w):
+    """Per-segment residual sums (NumPy, for tests); parameters and returns as
+    :func:`residual_sums`."""
+    P = X.shape[1] // 2
+    X, A, w = np.asarray(X, np.float64), np.asarray(A, np.float64), np.asarray(w, np.float64)
+    x, a = X[ix], A[ia]
+    cross = w[:, None] * (x[:, :P] * a[:, :P] + x[:, P:] * a[:, P:])
+    power = w[:, None] * (a[:, :P] ** 2 + a[:, P:] ** 2)
+    seg = np.repeat(np.arange(len(starts) - 1), np.diff(starts))
+    q = np.zeros((len(starts) - 1, P))
+    a2 = np.zeros((len(starts) - 1, P))
+    np.add.at(q, seg, cross)
+    np.add.at(a2, seg, power)
+    return q, a2
 
 
 # ----------------------------------------------------------------------------- CPU (Numba)
@@ -77,8 +97,31 @@ def _numba_kernels():
                         for d in range(D):
                             tgt[d] += ws * a[d]
 
+        @numba.njit(parallel=True, cache=True, nogil=True)
+        def residual(X, A, ix, ia, starts, w, q, a2):
+            # the CUDA kernel residual_sums: one thread per segment, samples in order, the
+            # same float64 operations without fused multiply-adds (no fastmath)
+            P = q.shape[1]
+            for g in numba.prange(starts.shape[0] - 1):
+                qg = q[g]
+                ag = a2[g]
+                qg[:] = 0.0
+                ag[:] = 0.0
+                for s in range(starts[g], starts[g + 1]):
+                    x = X[ix[s]]
+                    a = A[ia[s]]
+                    ws = np.float64(w[s])
+                    for p in range(P):
+                        xr = np.float64(x[p])
+                        xi = np.float64(x[P + p])
+                        ar = np.float64(a[p])
+                        ai = np.float64(a[P + p])
+                        qg[p] += ws * (xr * ar + xi * ai)
+                        ag[p] += ws * (ar * ar + ai * ai)
+
         _numba["dot"] = dot
         _numba["scatter"] = scatter
+        _numba["residual"] = residual
     return _numba
 
 
@@ -117,24 +160,35 @@ void scatter_products(double* acc, const float* U, const float* V, const long lo
 }
 
 extern "C" __global__
-void segment_products(double* acc, const float* U, const float* V, const long long* iu,
-                      const long long* iv, const long long* starts, const float* w, int D,
-                      int use_v)
+void residual_sums(const float* X, const float* A, const long long* ix, const long long* ia,
+                   const long long* starts, const float* w, int P, double* q, double* a2)
 {
-    // one block per accumulator row: its samples are the run starts[g]:starts[g + 1],
-    // summed in sample order in registers (no atomic adds, deterministic)
+    // one block per segment (particle): its samples are the run starts[g]:starts[g + 1],
+    // summed in sample order in registers (no atomic adds, deterministic). A run of samples
+    // with the same row of X (sorted that way by the caller) reads that row once.
     const long long g = blockIdx.x;
     const long long s0 = starts[g], s1 = starts[g + 1];
-    if (s1 <= s0) return;
-    double* t = acc + g * (long long)D;
-    for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        double sum = 0.0;
+    const long long D = 2LL * P;
+    for (int p = threadIdx.x; p < P; p += blockDim.x) {
+        double sq = 0.0, sa = 0.0, xr = 0.0, xi = 0.0;
+        long long cur = -1;
         for (long long s = s0; s < s1; ++s) {
-            const float a = U[iu[s] * (long long)D + d];
-            const double v = use_v ? (double)(a * V[iv[s] * (long long)D + d]) : (double)a;
-            sum += (double)w[s] * v;
+            const long long jx = ix[s];
+            if (jx != cur) {  // the same for every thread of the block: no divergence
+                cur = jx;
+                xr = (double)X[jx * D + p];
+                xi = (double)X[jx * D + P + p];
+            }
+            const float* a = A + ia[s] * D;
+            const double ar = (double)a[p], ai = (double)a[P + p];
+            const double ws = (double)w[s];
+            // products of floats are exact in double; __d*_rn: no contraction into fused
+            // multiply-adds, so that the CPU twin gives the same bits
+            sq = __dadd_rn(sq, __dmul_rn(ws, __dadd_rn(xr * ar, xi * ai)));
+            sa = __dadd_rn(sa, __dmul_rn(ws, __dadd_rn(ar * ar, ai * ai)));
         }
-        t[d] += sum;
+        q[g * (long long)P + p] = sq;
+        a2[g * (long long)P + p] = sa;
     }
 }
 """
@@ -236,8 +290,7 @@ def sampled_dot(U, V, iu, iv):
     return out
 
 
-def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None,
-                     starts=None) -> None:
+def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None) -> None:
     """Add weighted rows (or row products) into an accumulator, in place.
 
     Parameters
@@ -255,11 +308,6 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None,
         GPU: sparse x dense products where they apply (else atomic adds). Default: when
         there are at least ``SPARSE_FROM`` samples per row of ``acc``; ``SPARSE_SUMS``
         overrides both when set.
-    starts : int array of shape (M + 1,), optional
-        When ``iacc`` is non-decreasing, the boundaries of its runs
-        (:func:`cryonb.kernels.segment_starts` ``(iacc, M)``). GPU: each row of ``acc`` is then
-        summed by one CUDA block over its run, in sample order and without atomic adds
-        (deterministic; ``sparse`` is not used). The CPU ignores it.
 
     Notes
     -----
@@ -277,9 +325,6 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None,
         return
     if acc.dtype != xp.float64 or not acc.flags.c_contiguous:
         raise ValueError("acc must be a C-contiguous float64 array")
-    if starts is not None and starts.shape != (acc.shape[0] + 1,):
-        raise ValueError(f"starts has shape {starts.shape}; the runs of an accumulator with "
-                         f"{acc.shape[0]} rows need ({acc.shape[0] + 1},)")
     U = xp.ascontiguousarray(U, dtype=xp.float32)
     Vc = U if V is None else xp.ascontiguousarray(V, dtype=xp.float32)
     if xp is np:
@@ -297,12 +342,6 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None,
     rows_u = xp.ascontiguousarray(iu, xp.int64)
     rows_v = xp.ascontiguousarray(iv, xp.int64) if V is not None else rows_u
     wc = xp.ascontiguousarray(w, xp.float32)
-    if starts is not None:
-        _cuda_kernel("segment_products")(
-            (acc.shape[0],), (256,),
-            (acc, U, Vc, rows_u, rows_v, xp.ascontiguousarray(starts, dtype=xp.int64), wc,
-             np.int32(D), np.int32(V is not None)))
-        return
     if _sparse_chosen(n, acc.shape[0], sparse) and _scatter_sparse(
             acc, U, Vc if V is not None else None, iu, iv, iacc, w):
         return
@@ -310,3 +349,58 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None,
         (n,), (128,),
         (acc, U, Vc, rows_u, rows_v, xp.ascontiguousarray(iacc, xp.int64), wc, np.int64(n),
          np.int32(D), np.int32(V is not None)))
+
+
+def residual_sums(X, A, ix, ia, starts, w):
+    """Per-particle sums of the residual's sample terms (the noise model's cross term and
+    reference power), over runs of samples.
+
+    Parameters
+    ----------
+    X : float32 array of shape (n_x, 2P)
+        Shifted images as ``[Re | Im]`` rows.
+    A : float32 array of shape (n_a, 2P)
+        References as ``[Re | Im]`` rows.
+    ix, ia : int arrays of shape (n,)
+        Row of ``X`` and row of ``A`` of each sample. Within a run, samples that share a row
+        of ``X`` should be adjacent (the GPU then reads that row once).
+    starts : int array of shape (G + 1,)
+        Runs: segment ``g`` holds the samples ``starts[g]:starts[g + 1]``
+        (:func:`cryonb.kernels.segment_starts`); empty runs give rows of zeros.
+    w : float32 array of shape (n,)
+        Weights.
+
+    Returns
+    -------
+    q : float64 array of shape (G, P)
+        ``sum_s w_s Re(X[ix_s] conj(A[ia_s]))`` per pixel.
+    a2 : float64 array of shape (G, P)
+        ``sum_s w_s |A[ia_s]|^2`` per pixel.
+
+    Notes
+    -----
+    One pass over the samples for both sums, in sample order, in float64 (products of the
+    float32 inputs are exact there), without fused multiply-adds: the CPU (Numba, a thread
+    per segment) and the GPU (a CUDA block per segment) give the same bits.
+    """
+    xp = array_module(X, A)
+    G = int(starts.shape[0]) - 1
+    P = int(X.shape[1]) // 2
+    if A.shape[1] != 2 * P:
+        raise ValueError(f"X has rows of {X.shape[1]} values and A of {A.shape[1]}; both need "
+                         "2P ([Re | Im])")
+    q = xp.empty((G, P), xp.float64)
+    a2 = xp.empty((G, P), xp.float64)
+    if G == 0:
+        return q, a2
+    X = xp.ascontiguousarray(X, dtype=xp.float32)
+    A = xp.ascontiguousarray(A, dtype=xp.float32)
+    args = (xp.ascontiguousarray(ix, dtype=xp.int64), xp.ascontiguousarray(ia, dtype=xp.int64),
+            xp.ascontiguousarray(starts, dtype=xp.int64),
+            xp.ascontiguousarray(w, dtype=xp.float32))
+    if xp is np:
+        _numba_kernels()["residual"](X, A, *args, q, a2)
+        return q, a2
+    _cuda_kernel("residual_sums")((G,), (256,), (X, A, *args, np.int32(P), q, a2))
+    return q, a2
+

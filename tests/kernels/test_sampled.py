@@ -77,35 +77,42 @@ def test_gpu_kernels_match_reference(sparse):
         np.testing.assert_allclose(a.get(), b, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("with_v", [True, False])
-def test_scatter_products_by_runs(xp, with_v):
-    """Sorted targets with their runs given (the residual's per-particle sums): the same
-    sums, one row per run, empty runs left alone; on the GPU deterministic."""
+def _runs(seed, n=3000, G=40, P=35, nx=60, na=25):
+    """Samples of G segments (one empty) sorted by segment, their X rows in runs."""
     from cryonb.kernels import segment_starts
 
-    U, V, iu, iv, iacc, w, M = _data(5, n=3000, M=40)
-    iacc = np.sort(iacc)
-    iacc[iacc == 7] = 8  # an empty run
-    args = [xp.asarray(a) for a in (U, V if with_v else None, iu, iv, iacc, w)
-            if a is not None]
-    if not with_v:
-        args.insert(1, None)
-    runs = segment_starts(xp.asarray(iacc), M)
-    a = xp.ones((M, U.shape[1]))
-    scatter_products(a, *args, starts=runs)
-    b = np.ones((M, U.shape[1]))
-    scatter_products_reference(b, U, V if with_v else None, iu, iv, iacc, w)
-    got = a.get() if hasattr(a, "get") else a
-    np.testing.assert_allclose(got, b, rtol=1e-5, atol=1e-5)
-    assert np.all(got[7] == 1.0)
-    again = xp.ones((M, U.shape[1]))
-    scatter_products(again, *args, starts=runs)
-    assert bool((again == a).all())
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(nx, 2 * P)).astype(np.float32)
+    A = rng.normal(size=(na, 2 * P)).astype(np.float32)
+    seg = np.sort(rng.integers(0, G, n))
+    seg[seg == 7] = 8  # an empty run
+    ix = np.sort(rng.integers(0, nx, n))  # runs of equal rows, as the E-step sorts them
+    ia = rng.integers(0, na, n)
+    w = rng.random(n).astype(np.float32)
+    return X, A, ix, ia, segment_starts(seg, G), w
 
 
-def test_scatter_products_runs_must_match_rows():
-    """Runs for another number of rows are refused (the GPU would read past them)."""
-    U, V, iu, iv, iacc, w, M = _data(6, n=50, M=10)
-    with pytest.raises(ValueError, match=r"runs of an accumulator with 10 rows need \(11,\)"):
-        scatter_products(np.zeros((M, U.shape[1])), U, V, iu, iv, np.sort(iacc), w,
-                         starts=np.arange(M, dtype=np.int64))
+def test_residual_sums_follow_the_reference(xp):
+    """Both sums per segment as the reference's; empty segments give zeros; the CPU and the
+    GPU give the same bits (float64, no fused multiply-adds)."""
+    from cryonb.kernels import residual_sums, residual_sums_reference
+
+    data = _runs(5)
+    got = residual_sums(*(xp.asarray(a) for a in data))
+    want = residual_sums_reference(*data)
+    host = [a.get() if hasattr(a, "get") else a for a in got]
+    for g, r in zip(host, want):
+        np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)
+        assert np.all(g[7] == 0.0)
+    if xp is not np:
+        cpu = residual_sums(*data)
+        assert all(np.array_equal(a, b) for a, b in zip(host, cpu))
+
+
+def test_residual_sums_need_matching_rows():
+    """Rows of X and A of different widths are refused with both widths named."""
+    from cryonb.kernels import residual_sums
+
+    X, A, ix, ia, starts, w = _runs(6, n=50, G=10)
+    with pytest.raises(ValueError, match=r"X has rows of 70 values and A of 68"):
+        residual_sums(X, A[:, :68], ix, ia, starts, w)
