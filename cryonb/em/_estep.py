@@ -222,6 +222,12 @@ class EStepContext:
         self.profile: dict[str, float] = {}
         self._profiling = bool(os.environ.get("CRYONB_PROFILE"))
         self._t = 0.0
+        # GPU: (host images, device copy, event) of the pools whose copies prefetch() started,
+        # the stream that copies, and the last pool's device images (kept until the next
+        # pool is done: the memory pool must not hand them to a new copy while in use)
+        self._prefetched: list = []
+        self._copy_stream = None
+        self._held = None
 
     # ------------------------------------------------------------------ set-up
     def _grid(self, size, projs, psi, trans, ts=1, ps=1, accumulate=False) -> _Grid:
@@ -289,10 +295,46 @@ class EStepContext:
             out = out * xp.asarray(self.model.scale[batch.group], dtype=xp.float32)[:, None]
         return out
 
+    def prefetch(self, images) -> None:
+        """Start copying a later pool's images to the device, behind the current work.
+
+        GPU: the copy runs on a stream of its own, so that it overlaps the E-step of the pool
+        before (from pinned host memory, see :func:`cryonb.backend.pinned_empty`, the copy is
+        asynchronous); :meth:`expectation` of a batch with these very ``images`` then waits
+        for the copy instead of making it. The caller keeps ``images`` alive until then. At
+        most two copies wait (a third call drops the oldest); a no-op on the CPU.
+
+        Parameters
+        ----------
+        images : ndarray of shape (B, N, N), float32
+        """
+        xp = self.xp
+        if xp is np:
+            return
+        if self._copy_stream is None:
+            self._copy_stream = xp.cuda.Stream(non_blocking=True)
+        with self._copy_stream:
+            dev = upload(images, xp)
+            done = self._copy_stream.record()
+        self._prefetched = [*self._prefetched[-1:], (images, dev, done)]
+
+    def _upload(self, images):
+        """The pool's images on the device: the prefetched copy, or a copy made now."""
+        xp = self.xp
+        hit = [pf for pf in self._prefetched if pf[0] is images]
+        if hit:
+            self._prefetched = [pf for pf in self._prefetched if pf[0] is not images]
+            xp.cuda.get_current_stream().wait_event(hit[0][2])
+            imgs = hit[0][1]
+        else:
+            imgs = upload(images, xp)
+        if xp is not np:
+            self._held = imgs
+        return imgs
+
     def _prepare_images(self, batch: ParticleBatch):
         """Norm-correct, centre on the rounded previous offset, mask, Fourier transform."""
-        xp = self.xp
-        imgs = upload(batch.images, xp)
+        imgs = self._upload(batch.images)
         self._mark("prepare: upload")
         f = (self.model.avg_norm / np.maximum(batch.norm, 1e-6)).astype(np.float32) \
             if self.config.norm else None
@@ -890,6 +932,7 @@ class EStepContext:
         The returned sums live on this context's device; call ``.to_host()`` to combine them.
         """
         xp = self.xp
+        self._prefetched, self._held = [], None
         pad = self.config.pad
         S = self.sums
         S.data = xp.zeros((self.K, pad * self.N, pad * self.N // 2 + 1), xp.complex128)

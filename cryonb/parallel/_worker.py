@@ -341,12 +341,15 @@ class WorkerService:
 
     def _compute_loop(self, t: int) -> None:
         with self._device_scope(t):
+            nxt = None
             while True:
-                gen, task, images, read_s = self._ready.get()
+                gen, task, images, read_s = nxt or self._ready.get()
+                nxt = None
                 if task is _STOP:
                     return
                 if gen != self._gen:
                     continue
+                nxt = self._prefetch_next(t, gen)
                 n = len(task["index"])
                 t0 = time.monotonic()
                 self._busy[t] = (task["id"], n, t0)
@@ -359,6 +362,21 @@ class WorkerService:
                         exc, rank=self.rank, thread=t, stage="compute")}
                 self._busy[t] = None
                 self._done(gen, rec, (t0, read_s, n))
+
+    def _prefetch_next(self, t: int, gen: int):
+        """GPU E-step: take the next ready pool, if there is one, and start copying its
+        images to the device while this thread computes the current one (the copy then
+        overlaps the work instead of preceding it). Returns that queue item (or None)."""
+        ctx = self._ctx[t]
+        if not self.devices or self._phase[0] != "estep" or ctx is None:
+            return None
+        try:
+            item = self._ready.get_nowait()
+        except queue.Empty:
+            return None
+        if item[1] is not _STOP and item[0] == gen:
+            ctx.prefetch(item[2])
+        return item
 
     def _done(self, gen: int, rec: dict, timing) -> None:
         with self._lock:

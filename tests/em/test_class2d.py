@@ -67,6 +67,38 @@ def test_estep_recovers_known_poses_and_reconstructs(xp):
     assert np.corrcoef(img.ravel(), C.ravel())[0, 1] > 0.99
 
 
+def _split(batch, parts):
+    """The batch as ``parts`` pools (copies of its rows)."""
+    out = []
+    for idx in np.array_split(np.arange(len(batch.index)), parts):
+        out.append(ParticleBatch(
+            index=batch.index[idx], images=np.ascontiguousarray(batch.images[idx]),
+            offset=batch.offset[idx], norm=batch.norm[idx], optics=batch.optics[idx],
+            group=batch.group[idx], ctf={k: v[idx] for k, v in batch.ctf.items()},
+            seed_class=batch.seed_class[idx]))
+    return out
+
+
+def test_prefetched_pools_give_the_same_estep(xp):
+    """Pools whose images were copied ahead (EStepContext.prefetch, as a GPU worker thread
+    does) give the same results and sums as pools copied when they are computed, also when a
+    prefetched pool is not the one computed next (it is then copied again)."""
+    batch, model, *_ = _known_pose_batch(B=30)
+    cfg = Class2DConfig(i="x", o="y", K=1, particle_diameter=0.8 * 48 * 3.0, perturb=0)
+    pools = _split(batch, 3)
+    plain, ahead = EStepContext(model, cfg, xp), EStepContext(model, cfg, xp)
+    want = np.concatenate([plain.expectation(p) for p in pools])
+    got = []
+    for i, p in enumerate(pools):
+        nxt = pools[(i + 1) % 3] if i < 2 else pools[0]  # the last one prefetches a stray
+        ahead.prefetch(nxt.images)
+        got.append(ahead.expectation(p))
+    np.testing.assert_array_equal(np.concatenate(got), want)
+    a, b = plain.finish().to_host(), ahead.finish().to_host()
+    np.testing.assert_array_equal(a.data, b.data)
+    np.testing.assert_array_equal(a.sigma2_noise, b.sigma2_noise)
+
+
 def test_class_margins_find_one_view_in_two_classes(xp):
     """The E-step's class margins: a turned copy of the particles' class costs them nothing."""
     from dataclasses import replace
