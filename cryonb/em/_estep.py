@@ -132,8 +132,9 @@ class _Grid:
     trans_dev: object = None
     acc_data: object = None  # (K*R, 2P) float64 back-projection slices [Re | Im]
     acc_weight: object = None  # (K*R, P) float64
-    kx_dev: object = None
+    kx_dev: object = None  # float32 (the sub-pixel phases)
     ky_dev: object = None
+    k64_dev: object = None  # (kx, ky) float64 (the CTF)
     stencil: object = None  # (2P, 4) float32: the pose refinement's shifts by +-tstep
 
 
@@ -287,8 +288,9 @@ class EStepContext:
         if not self.config.ctf:
             out = xp.ones((B, len(grid.kx)), xp.float32)
         else:
-            out = ctf_at(CTFParams.from_dict(batch.ctf), xp.asarray(grid.kx),
-                         xp.asarray(grid.ky), self.N, self.apix, xp,
+            if grid.k64_dev is None:  # the pixels' indices on the device, once per grid
+                grid.k64_dev = (xp.asarray(grid.kx), xp.asarray(grid.ky))
+            out = ctf_at(CTFParams.from_dict(batch.ctf), *grid.k64_dev, self.N, self.apix, xp,
                          intact_first_peak=self.config.ctf_intact_first_peak)
             out = out.reshape(B, -1)
         if self.config.scale:
@@ -386,18 +388,20 @@ class EStepContext:
         F, frac = self._prepare_images(batch)
         f = self.fine
         Xf = F[:, f.flat] * self._frac_phase(frac, f)
+        self._mark("prepare: sub-pixel phases and window")
         ctf_f = self._ctf(batch, f)
+        self._mark("prepare: CTF")
         inv_f = f.invsig[xp.asarray(batch.optics)]
         # the coarse window's pixels are a subset of the current size's (its values there are
         # the same, element by element)
         c_in_f = self.coarse_in_fine
         Xc, ctf_c, inv_c = (Xf, ctf_f, inv_f) if c_in_f is None else (
             Xf[:, c_in_f], ctf_f[:, c_in_f], inv_f[:, c_in_f])
-        self._mark("prepare: CTF and windows")
+        self._mark("prepare: noise weights and coarse window")
         sig, best = self._coarse_pass(batch, Xc, ctf_c, inv_c)
         res = np.zeros((B, len(RESULT_COLUMNS)))
         power_full = self._power_beyond(F)
-        self._mark("prepare: CTF and windows")
+        self._mark("prepare: power beyond the current size")
         n_sig = _to_host(sig.reshape(B, -1).sum(axis=1))
         res[:, RESULT_COLUMNS.index("n_sig")] = n_sig
         broad = n_sig > BROAD_FRACTION * sig.shape[1] * sig.shape[2]
@@ -712,9 +716,10 @@ class EStepContext:
         pmax = w[best]  # the largest weight is the best sample's
         self._mark("fine: weights and results")
         pose = self._best_pose(f, best_rf, tf[best], best_off, Xf, ctf, inv)
+        self._mark("fine: refined poses")
         self._write_results(res, sub, best_rf // R, pose, pmax=pmax, loglik=loglik,
                             acc_rot=acc_rot, acc_trans=acc_tr)
-        self._mark("fine: refined poses")
+        self._mark("fine: results to the host")
         # back-projection sums and the residual's per-shell terms, non-zero weights only
         nz = xp.flatnonzero(w > 0)
         wn, bn, rn, btn = w[nz], b[nz], rf[nz], ibt[nz]
@@ -945,10 +950,15 @@ class EStepContext:
             rows = xp.flatnonzero(g.acc_weight.any(axis=1))
             if rows.size:
                 R, P = len(g.psi), len(g.kx)
+                # rows by (angle, class): slices inserted together go to different classes'
+                # grids (the GPU's atomic adds to one class's low frequencies then collide
+                # less than with a class's angles one after another)
+                rows = rows[xp.argsort((rows % R) * self.K + rows // R)]
                 vals = g.acc_data[rows, :P] + 1j * g.acc_data[rows, P:]
                 insert_slices_2d(S.data, S.weight, vals, g.acc_weight[rows], coords[rows % R],
                                  rows // R, pad * (g.size / 2.0))
             g.acc_data = g.acc_weight = None
+        self._mark("finish")
         return S
 
 

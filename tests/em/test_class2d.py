@@ -95,8 +95,9 @@ def test_prefetched_pools_give_the_same_estep(xp):
         got.append(ahead.expectation(p))
     np.testing.assert_array_equal(np.concatenate(got), want)
     a, b = plain.finish().to_host(), ahead.finish().to_host()
-    np.testing.assert_array_equal(a.data, b.data)
-    np.testing.assert_array_equal(a.sigma2_noise, b.sigma2_noise)
+    # the GPU's back-projection sums are float64 atomic adds (order-dependent at 1e-16)
+    np.testing.assert_allclose(a.data, b.data, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(a.sigma2_noise, b.sigma2_noise, rtol=1e-12)
 
 
 def test_class_margins_find_one_view_in_two_classes(xp):
