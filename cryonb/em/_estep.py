@@ -671,12 +671,15 @@ class EStepContext:
         tf = xp.broadcast_to(ct[:, None, None] * ts + qt, shape).reshape(-1)
         rf = xp.broadcast_to(cr[:, None, None] * ps + qr, shape).reshape(-1)
         # rows: the shifted images of each (particle, translation) in use, numbered in
-        # (particle, translation) order through a table of the pairs used (no sort)
-        flat = b * (T * ts) + tf
-        used = xp.zeros(Bs * T * ts, bool)
-        used[flat] = True
-        key = xp.flatnonzero(used)
-        ibt = (xp.cumsum(used) - 1)[flat]
+        # (particle, translation) order through a table of the pairs used (no sort); a
+        # coarse translation in use has all its ts sub-translations in use, so the table is
+        # made for the coarse pairs (ts x ps times fewer than the samples)
+        flat_c = cb * T + ct
+        used = xp.zeros(Bs * T, bool)
+        used[flat_c] = True
+        key = (xp.flatnonzero(used)[:, None] * ts + xp.arange(ts)[None]).reshape(-1)
+        ibt_c = (xp.cumsum(used) - 1)[flat_c]
+        ibt = xp.broadcast_to(ibt_c[:, None, None] * ts + qt, shape).reshape(-1)
         rb, rt = key // (T * ts), key % (T * ts)
         cinv = ctf * inv
         c2 = ctf * cinv
