@@ -28,7 +28,7 @@ import numpy as np
 
 from ..backend import array_module
 
-__all__ = ["euler_to_matrix", "inplane_matrix", "matrix_to_euler"]
+__all__ = ["euler_to_matrix", "inplane_matrix", "matrix_to_euler", "rotated_indices"]
 
 
 def euler_to_matrix(rot, tilt, psi):
@@ -75,6 +75,29 @@ def inplane_matrix(psi):
     g = xp.deg2rad(xp.asarray(psi, dtype=xp.float64))
     c, s = xp.cos(g), xp.sin(g)
     return xp.stack([xp.stack([c, s], axis=-1), xp.stack([-s, c], axis=-1)], axis=-2)
+
+
+def rotated_indices(kx, ky, psi):
+    """Fourier indices rotated by in-plane angles: where each pixel of a slice at angle psi
+    reads the reference (and a back-projection writes it).
+
+    Parameters
+    ----------
+    kx, ky : arrays of shape (P,)
+        Fourier indices of the pixels.
+    psi : float or array of shape (R,)
+        In-plane angles in degrees (:func:`inplane_matrix`).
+
+    Returns
+    -------
+    ndarray of shape (R, P, 2) (or (P, 2) for a scalar angle), float64
+        ``[kx, ky] @ inplane_matrix(psi)`` for every angle. A batched matrix product: the
+        same sums as ``einsum("pi,rij->rpj")``, which NumPy evaluated 100x slower (20 ms for
+        120 angles x 1,800 pixels, once per iteration and pool).
+    """
+    xp = array_module(kx)
+    k = xp.stack([xp.asarray(kx, dtype=xp.float64), xp.asarray(ky, dtype=xp.float64)], axis=-1)
+    return xp.matmul(k, inplane_matrix(psi))
 
 
 def matrix_to_euler(A):

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..backend import add_rows_at, array_module, upload
 from ..ctf import CTFParams, ctf_at
-from ..data.conventions import inplane_matrix
+from ..data.conventions import rotated_indices
 from ..fourier import Projector, fft2_centered, ifft2_centered
 from ..kernels import (
     coarse_log_posterior,
@@ -235,9 +235,7 @@ class EStepContext:
         xp = self.xp
         tstep = self.config.offset_step / math.isqrt(ts)  # ts = (2**os)**2 sub-translations
         flat, kx, ky, shells = _pixels(self.N, size)
-        k = np.stack([kx, ky], axis=-1)
-        rots = inplane_matrix(psi)  # (R, 2, 2)
-        coords = xp.asarray(np.einsum("pi,rij->rpj", k, rots), dtype=xp.float32)
+        coords = xp.asarray(rotated_indices(kx, ky, psi), dtype=xp.float32)  # (R, P, 2)
         refs = projs.sample(coords)  # (K, R, P): all classes from one set of weights
         refs = refs.reshape(-1, refs.shape[-1]).astype(xp.complex64)
         refs_ri = xp.concatenate([refs.real, refs.imag], axis=1)
@@ -947,9 +945,7 @@ class EStepContext:
         S.weight = xp.zeros(S.data.shape, xp.float64)
         b = self._broad
         for g in [self.fine] + ([b] if b is not None and b is not self.fine else []):
-            k = np.stack([g.kx, g.ky], axis=-1)
-            coords = xp.asarray(np.einsum("pi,rij->rpj", k, inplane_matrix(g.psi)) * pad,
-                                dtype=xp.float32)
+            coords = xp.asarray(rotated_indices(g.kx, g.ky, g.psi) * pad, dtype=xp.float32)
             rows = xp.flatnonzero(g.acc_weight.any(axis=1))
             if rows.size:
                 R, P = len(g.psi), len(g.kx)

@@ -105,7 +105,7 @@ def initial_pass_sums(images, meta: dict, config, pixel_size: float, n_optics: i
         Particle mask (applied with ``--zero_mask``, background set to its mean).
     """
     from ..ctf import CTFParams, ctf_at
-    from ..data.conventions import inplane_matrix
+    from ..data.conventions import rotated_indices
     from ..kernels import insert_slices_2d
     from ._estep import _pixels
 
@@ -132,8 +132,7 @@ def initial_pass_sums(images, meta: dict, config, pixel_size: float, n_optics: i
                    intact_first_peak=config.ctf_intact_first_peak).reshape(B, -1)
     else:
         c = np.ones((B, len(flat)), np.float32)
-    k = np.stack([kx, ky], axis=-1)
-    coords = np.einsum("pi,bij->bpj", k, inplane_matrix(meta["init_psi"])) * config.pad
+    coords = rotated_indices(kx, ky, meta["init_psi"]) * config.pad
     insert_slices_2d(out.data, out.weight, (X * c).astype(np.complex128), (c * c).astype(
         np.float64), coords.astype(np.float32), np.asarray(meta["init_class"], np.int64),
         config.pad * h)
