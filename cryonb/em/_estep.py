@@ -41,7 +41,7 @@ from ..kernels import (
     segment_sums,
     shifted_images_ri,
     significant_in_segments,
-    significant_samples,
+    significant_indices,
     weighted_bincounts,
 )
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch, Sampling
@@ -396,31 +396,43 @@ class EStepContext:
         Xc, ctf_c, inv_c = (Xf, ctf_f, inv_f) if c_in_f is None else (
             Xf[:, c_in_f], ctf_f[:, c_in_f], inv_f[:, c_in_f])
         self._mark("prepare: noise weights and coarse window")
-        sig, best = self._coarse_pass(batch, Xc, ctf_c, inv_c)
+        counts, sidx, best = self._coarse_pass(batch, Xc, ctf_c, inv_c)
         res = np.zeros((B, len(RESULT_COLUMNS)))
         power_full = self._power_beyond(F)
         self._mark("prepare: power beyond the current size")
-        n_sig = _to_host(sig.reshape(B, -1).sum(axis=1))
+        T, M = self.coarse.phases.shape[0], self.coarse.refs.shape[0]
+        n_sig = _to_host(counts)
         res[:, RESULT_COLUMNS.index("n_sig")] = n_sig
-        broad = n_sig > BROAD_FRACTION * sig.shape[1] * sig.shape[2]
+        # each significant sample's particle (the samples are grouped by particle)
+        owner = xp.searchsorted(xp.cumsum(counts), xp.arange(sidx.shape[0]), side="right")
+        broad = n_sig > BROAD_FRACTION * T * M
         sel = np.flatnonzero(broad)
         if sel.size:
-            isel = xp.asarray(sel)
-            sig_s = sig[isel]
+            # broad posteriors: their significant samples as (particle, T, M) masks
+            is_b = xp.asarray(broad)
+            keep = is_b[owner]
+            sig_s = xp.zeros((sel.size, T * M), bool)
+            sig_s[(xp.cumsum(is_b) - 1)[owner[keep]], sidx[keep]] = True
+            sig_s = sig_s.reshape(sel.size, T, M)
             sig_t, sig_r, best_s = (_to_host(a) for a in (
-                sig_s.any(axis=2), sig_s.any(axis=1), best[isel]))
-            del sig_s
-            for sub, r_union in self._groups(sig_t, sig_r, best_s, self.broad):
-                sub = sel[sub]
+                sig_s.any(axis=2), sig_s.any(axis=1), best[xp.asarray(sel)]))
+            for pos, r_union in self._groups(sig_t, sig_r, best_s, self.broad):
+                sub = sel[pos]
                 isub = xp.asarray(sub)
-                self._dense_pass(self.broad, batch, sub, r_union, sig[isub], Xf[isub],
-                                 ctf_f[isub], inv_f[isub], power_full[isub], res)
+                self._dense_pass(self.broad, batch, sub, r_union, sig_s[xp.asarray(pos)],
+                                 Xf[isub], ctf_f[isub], inv_f[isub], power_full[isub], res)
+            del sig_s
         sel = np.flatnonzero(~broad)
         if sel.size:
-            # all particles (the usual case): views, not copies of the pool's arrays
-            isub = slice(None) if sel.size == B else xp.asarray(sel)
-            self._sparse_pass(self.fine, batch, sel, sig[isub], Xf[isub], ctf_f[isub],
-                              inv_f[isub], power_full[isub], res)
+            if sel.size == B:  # all particles (the usual case): views of the pool's arrays
+                isub, cb, flat = slice(None), owner, sidx
+            else:
+                is_p = xp.asarray(~broad)
+                keep = is_p[owner]
+                isub = xp.asarray(sel)
+                cb, flat = (xp.cumsum(is_p) - 1)[owner[keep]], sidx[keep]
+            self._sparse_pass(self.fine, batch, sel, cb, flat // M, flat % M, T, Xf[isub],
+                              ctf_f[isub], inv_f[isub], power_full[isub], res)
         self._mark("second pass")
         self.n_done += B
         return res
@@ -506,9 +518,10 @@ class EStepContext:
         best = best_t.argmax(axis=1)
         self._accumulate_margins(best_t.reshape(B, self.K, self.n_psi).max(axis=2))
         self._mark("coarse: priors")
-        sig = self._significant(lw, best_t.max(axis=1))
+        counts, idx = significant_indices(lw.reshape(B, -1), self.config.adaptive_fraction,
+                                          self.config.maxsig, rowmax=best_t.max(axis=1))
         self._mark("coarse: significance")
-        return sig, best
+        return counts, idx, best
 
     def _accumulate_margins(self, lp):
         """Class margins (``Class2DSums.class_margin``) from each particle's best coarse
@@ -526,15 +539,6 @@ class EStepContext:
                                       weights=cost.reshape(-1).astype(xp.float64),
                                       minlength=K * K).reshape(K, K)
         S.margin_n += xp.bincount(a, minlength=K).astype(xp.float64)
-
-    def _significant(self, lw, rowmax=None):
-        """RELION's significant samples (:func:`cryonb.kernels.significant_samples`), per
-        particle over all (translation, rotation) pairs of ``lw`` (B, T, M); ``rowmax`` (B,):
-        each particle's maximum, where known."""
-        B = lw.shape[0]
-        sig = significant_samples(lw.reshape(B, -1), self.config.adaptive_fraction,
-                                  self.config.maxsig, rowmax=rowmax)
-        return sig.reshape(lw.shape)
 
     def _groups(self, sig_t, sig_r, best, grid, budget_bytes: float | None = None):
         """Split broad-posterior particles into groups for the dense second pass.
@@ -646,8 +650,13 @@ class EStepContext:
         self._accumulate_priors(batch, sub, w, omega, rcls_b, offs, d2, resid, res)
         self._mark("dense: residual and priors")
 
-    def _sparse_pass(self, f: _Grid, batch, sub, sig, Xf, ctf, inv, power_full, res):
+    def _sparse_pass(self, f: _Grid, batch, sub, cb, ct, cr, T, Xf, ctf, inv, power_full,
+                     res):
         """Second pass for peaked posteriors: only the significant samples, sparse sums.
+
+        ``cb``, ``ct``, ``cr`` (int arrays of one length): the significant coarse samples'
+        particles (rows of ``Xf``, non-decreasing), translations and (class, rotation) rows,
+        in (particle, translation, rotation) order; ``T`` coarse translations.
 
         Every significant coarse (translation, rotation) pair of a particle expands into its
         ``f.ts x f.ps`` oversampled samples, which are scored with sampled dot products
@@ -660,8 +669,6 @@ class EStepContext:
         Bs = Xf.shape[0]
         R = len(f.psi)
         K = self.K
-        T = sig.shape[1]
-        cb, ct, cr = xp.nonzero(sig)  # coarse pairs, sorted by particle
         qt = xp.arange(ts)[None, :, None]
         qr = xp.arange(ps)[None, None, :]
         shape = (cb.shape[0], ts, ps)

@@ -35,6 +35,7 @@ from ._sampled import (
 from ._segments import segment_argmax, segment_starts, segment_sums
 from ._select import (
     significant_in_segments,
+    significant_indices,
     significant_samples,
     significant_samples_reference,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "shifted_images_ri",
     "shifted_images_ri_reference",
     "significant_in_segments",
+    "significant_indices",
     "significant_samples",
     "significant_samples_reference",
     "update_best_2d",

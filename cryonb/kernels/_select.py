@@ -33,7 +33,8 @@ from ..backend import array_module
 from ._cuda import cuda_function
 from ._segments import segment_argmax, segment_starts
 
-__all__ = ["significant_in_segments", "significant_samples", "significant_samples_reference"]
+__all__ = ["significant_in_segments", "significant_indices", "significant_samples",
+           "significant_samples_reference"]
 
 
 def significant_samples_reference(lw, fraction: float, maxsig: int = -1):
@@ -96,14 +97,15 @@ __device__ void block_scan2(unsigned long long* a, unsigned long long* b,
 
 extern "C" __global__
 void significant_select(const float* lw, const float* rowmax, const long long* starts,
-                        double fraction, long long maxsig, bool* out)
+                        double fraction, long long maxsig, bool* out, int write_mask,
+                        unsigned int* thr_out, long long* count_out)
 {
     __shared__ unsigned int cnt[2048];
     __shared__ unsigned long long wsum[2048];
     __shared__ unsigned long long warp_w[NT / 32], warp_c[NT / 32];
     __shared__ unsigned int s_prefix, s_mask;
     __shared__ int s_bin;
-    __shared__ unsigned long long s_above_w, s_above_c;
+    __shared__ unsigned long long s_above_w, s_above_c, s_count;
     const long long first = starts[blockIdx.x];
     const long long N = starts[blockIdx.x + 1] - first;
     const float* x = lw + first;
@@ -171,10 +173,16 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
             s_mask = mask | ((unsigned int)(nb - 1) << shift);
             s_above_w = aw;
             s_above_c = ac;
+            s_count = ac + cnt[found];  // after the last pass: the samples >= the threshold
         }
         __syncthreads();
     }
     const unsigned int thr = s_prefix;
+    if (threadIdx.x == 0) {
+        thr_out[blockIdx.x] = thr;
+        count_out[blockIdx.x] = (long long)s_count;
+    }
+    if (!write_mask) return;
     bool* o = out + first;
     for (long long i0 = threadIdx.x; i0 < N; i0 += (long long)UNROLL * NT) {
         float v[UNROLL];
@@ -188,6 +196,41 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
             const long long i = i0 + (long long)u * NT;
             if (i < N) o[i] = __float_as_uint(expf(v[u] - m)) >= thr;
         }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NT, 2)
+significant_compact(const float* lw, const float* rowmax, const long long* starts,
+                         const unsigned int* thr, const long long* offsets, long long* idx)
+{
+    // the indices (within the row) of the samples at or above the row's threshold, in
+    // order: tiles of NT samples, a warp ballot and the warps' counts give each selected
+    // sample its place; tiles with none (most of them) cost one barrier
+    __shared__ int warp_n[NT / 32];
+    const long long first = starts[blockIdx.x];
+    const long long N = starts[blockIdx.x + 1] - first;
+    const float* x = lw + first;
+    const float m = rowmax[blockIdx.x];
+    const unsigned int t = thr[blockIdx.x];
+    long long* o = idx + offsets[blockIdx.x];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    long long base = 0;
+    for (long long i0 = 0; i0 < N; i0 += NT) {
+        const long long i = i0 + threadIdx.x;
+        const bool f = i < N && __float_as_uint(expf(x[i] - m)) >= t;
+        if (!__syncthreads_or(f)) continue;
+        const unsigned int ballot = __ballot_sync(0xffffffffu, f);
+        if (lane == 0) warp_n[warp] = __popc(ballot);
+        __syncthreads();
+        int before = 0, total = 0;
+        for (int w = 0; w < NT / 32; ++w) {
+            const int c = warp_n[w];
+            before += w < warp ? c : 0;
+            total += c;
+        }
+        if (f) o[base + before + __popc(ballot & ((1u << lane) - 1u))] = i;
+        base += total;
+        __syncthreads();  // warp_n is rewritten by the next tile
     }
 }
 """
@@ -229,6 +272,45 @@ def significant_samples(lw, fraction: float, maxsig: int = -1, rowmax=None):
         return out
     _select_gpu(lw, rowmax, starts, fraction, maxsig, out)
     return out
+
+
+def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None):
+    """:func:`significant_samples` as indices: each row's significant columns, in order.
+
+    At large K and fine psi sampling a particle has 10^5-10^6 coarse samples of which
+    10^2-10^3 are significant; the E-step needs their positions, not a mask. On the GPU the
+    select kernel counts each row's significant samples and a second kernel writes their
+    columns (no mask and no scan over the whole mask).
+
+    Parameters
+    ----------
+    lw, fraction, maxsig, rowmax
+        As :func:`significant_samples`.
+
+    Returns
+    -------
+    counts : int64 array of shape (B,)
+        Significant samples per row (at least 1).
+    idx : int64 array of shape (counts.sum(),)
+        Their columns, row after row, ascending within a row: the columns of
+        ``significant_samples(lw, ...)`` row by row (``nonzero`` of the mask).
+    """
+    xp = array_module(lw)
+    B, N = lw.shape
+    if B == 0 or N == 0 or xp is np:
+        rows, idx = np.nonzero(significant_samples(lw, fraction, maxsig, rowmax))
+        return np.bincount(rows, minlength=B).astype(np.int64), idx.astype(np.int64)
+    lw = xp.ascontiguousarray(lw, dtype=xp.float32)
+    starts = xp.arange(B + 1, dtype=xp.int64) * N
+    rowmax = xp.ascontiguousarray(lw.max(axis=1) if rowmax is None else rowmax,
+                                  dtype=xp.float32)
+    thr, counts = _select_gpu(lw, rowmax, starts, fraction, maxsig)
+    offsets = xp.zeros(B + 1, xp.int64)
+    xp.cumsum(counts, out=offsets[1:])
+    idx = xp.empty(int(offsets[-1]), xp.int64)
+    cuda_function(_CUDA_SRC, "significant_compact")(
+        (B,), (1024,), (lw, rowmax, starts, thr, offsets, idx))
+    return counts, idx
 
 
 def significant_in_segments(lw, seg, n_seg: int, fraction: float, maxsig: int = -1,
@@ -348,12 +430,20 @@ def _select_cpu():
     return kern
 
 
-def _select_gpu(lw, rowmax, starts, fraction, maxsig, out) -> None:
-    """Launch the radix select: one block per segment ``starts[i]:starts[i + 1]``."""
+def _select_gpu(lw, rowmax, starts, fraction, maxsig, out=None):
+    """Launch the radix select: one block per segment ``starts[i]:starts[i + 1]``.
+
+    Fills the mask ``out`` (bool, like ``lw``) unless it is None; returns each segment's
+    threshold (the bit pattern of its smallest significant weight) and count."""
     import cupy
 
     n_seg = int(starts.shape[0]) - 1
+    thr = cupy.empty(n_seg, cupy.uint32)
+    count = cupy.empty(n_seg, cupy.int64)
     cuda_function(_CUDA_SRC, "significant_select")(
         (n_seg,), (1024,), (lw, cupy.ascontiguousarray(rowmax, dtype=cupy.float32),
                             cupy.ascontiguousarray(starts, dtype=cupy.int64),
-                            np.float64(fraction), np.int64(maxsig), out))
+                            np.float64(fraction), np.int64(maxsig),
+                            cupy.empty(1, cupy.bool_) if out is None else out,
+                            np.int32(out is not None), thr, count))
+    return thr, count

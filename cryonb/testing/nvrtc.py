@@ -94,6 +94,7 @@ def kernel_sources() -> list[tuple[str, str]]:
         _cuda.cuda_function(_pose._CUDA_SRC, "pose_neighbours")
         _cuda.cuda_function(_bins._CUDA_SRC, "weighted_bincounts")
         _cuda.cuda_function(_select._CUDA_SRC, "significant_select")
+        _cuda.cuda_function(_select._CUDA_SRC, "significant_compact")
     finally:
         _cuda._compiled.clear()
         _cuda._compiled.update(saved_cache)

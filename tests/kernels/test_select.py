@@ -114,6 +114,29 @@ def test_select_matches_the_sort(xp, maxsig):
             assert np.array_equal(got, again)
 
 
+@pytest.mark.parametrize("maxsig", [-1, 7])
+def test_indices_are_the_masks_columns(xp, maxsig):
+    """significant_indices: per row the count and the ascending columns of the mask, rows
+    one after another (on the GPU from the select's counts and a compaction kernel)."""
+    from cryonb.kernels import significant_indices
+
+    rng = np.random.default_rng(8)
+    lw = (rng.normal(size=(9, 70_000)) * np.linspace(3, 3000, 9)[:, None]).astype(np.float32)
+    lw[2, :] = -np.inf
+    lw[2, [5, 69_999]] = 0.0  # two samples, one in the last tile
+    lw[4, 1000:2025] = 10_000.0  # a selection filling whole tiles
+    for fraction in (0.5, 0.999):
+        d = xp.asarray(lw)
+        mask = _host(significant_samples(d, fraction, maxsig))
+        counts, idx = (_host(a) for a in significant_indices(d, fraction, maxsig,
+                                                             rowmax=d.max(axis=1)))
+        rows, cols = np.nonzero(mask)
+        assert counts.tolist() == np.bincount(rows, minlength=9).tolist()
+        assert np.array_equal(idx, cols)
+        assert counts.min() >= 1
+    assert np.array_equal(idx[counts[:2].sum():counts[:3].sum()], [5, 69_999])
+
+
 def test_select_peaked_rows_with_given_maxima(xp):
     """Rows whose weights mostly underflow to zero (the coarse pass at 128 px and beyond),
     with the row maxima passed in as the coarse pass does."""
