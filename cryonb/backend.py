@@ -264,7 +264,7 @@ def add_rows_at(acc, idx, rows) -> None:
     Notes
     -----
     NumPy: rows are sorted by index and summed with ``add.reduceat`` (one pass, deterministic
-    order). CuPy: ``cupyx.scatter_add`` (atomic adds; float64 makes the order irrelevant to
+    order). CuPy: ``cupy.add.at`` (atomic adds; float64 makes the order irrelevant to
     ~1e-16).
     """
     xp = array_module(acc)
@@ -277,6 +277,4 @@ def add_rows_at(acc, idx, rows) -> None:
         sums = np.add.reduceat(rows[order].astype(acc.dtype, copy=False), starts, axis=0)
         acc[sidx[starts]] += sums
         return
-    import cupyx
-
-    cupyx.scatter_add(acc, idx, rows.astype(acc.dtype, copy=False))
+    xp.add.at(acc, idx, rows.astype(acc.dtype, copy=False))

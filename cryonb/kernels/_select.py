@@ -57,6 +57,7 @@ def significant_samples_reference(lw, fraction: float, maxsig: int = -1):
 _CUDA_SRC = r"""
 #define UNROLL 4
 #define NT 1024  // threads per block (the launch's)
+#define CAND 4096  // candidates the third pass reads from shared memory
 #define INFINITY_F __int_as_float(0x7f800000)
 // weights below 2^-40 (bit pattern 87 << 23) add 0 to the fixed-point sums: the walk never
 // reaches their bins (the sum reaches the target at a bin above), so they are skipped
@@ -106,6 +107,10 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
     __shared__ unsigned int s_prefix, s_mask;
     __shared__ int s_bin;
     __shared__ unsigned long long s_above_w, s_above_c, s_count;
+    // the second pass keeps the samples of the first pass's threshold bin (their keys) for
+    // the third, which then reads them here instead of all samples again (when they fit)
+    __shared__ unsigned int cand[CAND];
+    __shared__ int s_ncand;
     const long long first = starts[blockIdx.x];
     const long long N = starts[blockIdx.x + 1] - first;
     const float* x = lw + first;
@@ -119,8 +124,19 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
         const int nb = p == 2 ? 1024 : 2048;
         for (int i = threadIdx.x; i < nb; i += NT) { cnt[i] = 0u; wsum[i] = 0ull; }
         if (threadIdx.x == 0) s_bin = 0;
+        if (threadIdx.x == 0 && p == 0) s_ncand = 0;
         __syncthreads();
         const unsigned int prefix = s_prefix, mask = s_mask;
+        const int n_cand = s_ncand;
+        if (p == 2 && n_cand <= CAND) {
+            for (int j = threadIdx.x; j < n_cand; j += NT) {
+                const unsigned int key = cand[j];
+                if ((key & mask) != prefix) continue;
+                const unsigned int d = key & 1023u;
+                atomicAdd(&cnt[d], 1u);
+                atomicAdd(&wsum[d], (unsigned long long)(__uint_as_float(key) * scale));
+            }
+        } else
         // UNROLL independent loads per thread in flight (memory-level parallelism)
         for (long long i0 = threadIdx.x; i0 < N; i0 += (long long)UNROLL * NT) {
             float v[UNROLL];
@@ -137,6 +153,10 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
                 const unsigned int d = (key >> shift) & (unsigned int)(nb - 1);
                 atomicAdd(&cnt[d], 1u);
                 atomicAdd(&wsum[d], (unsigned long long)(w * scale));
+                if (p == 1) {
+                    const int c = atomicAdd(&s_ncand, 1);
+                    if (c < CAND) cand[c] = key;
+                }
             }
         }
         __syncthreads();
