@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import queue
+
 import numpy as np
 import pytest
 
@@ -106,3 +109,35 @@ def test_gpu_worker_stages_pools_in_pinned_memory(table, gpu):
     # past the budget: no pinned copy
     w.threads = 10**6
     assert w._host_buffer(want.shape) is None
+
+
+def test_gpu_worker_prefetches_the_next_ready_pool():
+    """In a GPU E-step a compute thread takes the next ready pool early and hands its images
+    to its context's prefetch (the copy overlaps the current pool); stale pools, the stop
+    signal, the initial pass, the CPU path and an empty queue start no copy."""
+    from types import SimpleNamespace
+
+    from cryonb.em import Class2DConfig
+    from cryonb.parallel._worker import _STOP, WorkerService
+
+    w = WorkerService(rank=1, config=Class2DConfig(i="x", o="y"), setup={"N": 8}, threads=1)
+    w.close()  # its threads are gone: the queues are the test's
+    copies: list = []
+    w._ctx = [SimpleNamespace(prefetch=copies.append)]
+    w._phase = ("estep", None, 3)
+    assert w._prefetch_next(0, 7) is None  # the CPU path
+    w.devices = [0]
+    with contextlib.suppress(queue.Empty):
+        while True:
+            w._ready.get_nowait()
+    assert w._prefetch_next(0, 7) is None  # nothing ready
+    for item, copied in (((7, {"id": 1}, "pool 1", 0.0), ["pool 1"]),
+                         ((6, {"id": 2}, "stale", 0.0), []),
+                         ((7, _STOP, None, 0.0), [])):
+        copies.clear()
+        w._ready.put(item)
+        assert w._prefetch_next(0, 7) is item
+        assert copies == copied
+    w._phase = ("init", None, 0)
+    w._ready.put((7, {"id": 3}, "pool 3", 0.0))
+    assert w._prefetch_next(0, 7) is None and w._ready.qsize() == 1
