@@ -30,7 +30,7 @@ __all__ = ["WorkerService", "error_record"]
 _STOP = object()
 #: a GPU worker's reader puts each pool's images in pinned host memory, whose transfer to
 #: the device is ~10x faster (H200: 524 MB in 0.010 s instead of 0.092 s), unless the pools
-#: in flight (up to 2 --j + 1) would take more
+#: in flight (up to 3 --j + 1: queued, computed, prefetched, being read) would take more
 PINNED_BUDGET_BYTES = 4 * 2**30
 
 
@@ -316,7 +316,7 @@ class WorkerService:
         """Pinned host memory for one pool's images on a GPU worker, within
         :data:`PINNED_BUDGET_BYTES`; ``None`` on the CPU or past the budget."""
         nbytes = 4 * int(np.prod(shape))
-        if not self.devices or nbytes * (2 * self.threads + 1) > PINNED_BUDGET_BYTES:
+        if not self.devices or nbytes * (3 * self.threads + 1) > PINNED_BUDGET_BYTES:
             return None
         return pinned_empty(shape, np.float32, device=self.devices[0])
 
