@@ -310,14 +310,16 @@ def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None):
     Returns
     -------
     counts : int64 array of shape (B,)
-        Significant samples per row (at least 1).
+        Significant samples per row (at least 1 in a row with samples).
     idx : int64 array of shape (counts.sum(),)
         Their columns, row after row, ascending within a row: the columns of
         ``significant_samples(lw, ...)`` row by row (``nonzero`` of the mask).
     """
     xp = array_module(lw)
     B, N = lw.shape
-    if B == 0 or N == 0 or xp is np:
+    if B == 0 or N == 0:
+        return xp.zeros(B, xp.int64), xp.zeros(0, xp.int64)
+    if xp is np:
         rows, idx = np.nonzero(significant_samples(lw, fraction, maxsig, rowmax))
         return np.bincount(rows, minlength=B).astype(np.int64), idx.astype(np.int64)
     lw = xp.ascontiguousarray(lw, dtype=xp.float32)
