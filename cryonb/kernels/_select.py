@@ -15,11 +15,15 @@ sort, no temporaries, deterministic. Weights below 2^-40 add nothing to the sums
 skipped (the walk never reaches their bins). GPU: one CUDA block per particle; the walk over a
 histogram's 2048 bins is a block-wide prefix sum (one thread walking them alone held each
 block for three serial loops of 2048 steps, which took longer than reading the weights at
-10^4-10^5 samples per particle). CPU: a Numba loop per segment (the weights from NumPy's
-``exp``, as the reference's), whose last two passes read only the first pass's threshold
-bin. The select and the sort differ
-only where rounding decides between two equal-looking cumulative sums (below 2^-40 of the
-total).
+10^4-10^5 samples per particle), and the third pass reads the samples of the first pass's
+threshold bin from shared memory, where the second pass put them (up to 4096). CPU: a Numba
+loop per segment (the weights from NumPy's ``exp``, as the reference's), whose last two
+passes read only the first pass's threshold bin. The select and the sort differ only where
+rounding decides between two equal-looking cumulative sums (below 2^-40 of the total).
+
+:func:`significant_samples` returns the selection as a mask; :func:`significant_indices` as
+each row's count and columns (on the GPU the select counts, a compaction kernel writes the
+columns in order), which is what the E-step uses: 10^2-10^3 of 10^5-10^6 samples.
 """
 
 from __future__ import annotations
