@@ -405,14 +405,20 @@ class EStepContext:
         res[:, RESULT_COLUMNS.index("n_sig")] = n_sig
         # each significant sample's particle (the samples are grouped by particle)
         owner = xp.searchsorted(xp.cumsum(counts), xp.arange(sidx.shape[0]), side="right")
+
+        def samples_of(chosen):
+            """The significant samples of the ``chosen`` particles (bool (B,)): each one's
+            particle numbered among the chosen, and its column (t * M + m)."""
+            is_c = xp.asarray(chosen)
+            keep = is_c[owner]
+            return (xp.cumsum(is_c) - 1)[owner[keep]], sidx[keep]
+
         broad = n_sig > BROAD_FRACTION * T * M
         sel = np.flatnonzero(broad)
         if sel.size:
             # broad posteriors: their significant samples as (particle, T, M) masks
-            is_b = xp.asarray(broad)
-            keep = is_b[owner]
             sig_s = xp.zeros((sel.size, T * M), bool)
-            sig_s[(xp.cumsum(is_b) - 1)[owner[keep]], sidx[keep]] = True
+            sig_s[samples_of(broad)] = True
             sig_s = sig_s.reshape(sel.size, T, M)
             sig_t, sig_r, best_s = (_to_host(a) for a in (
                 sig_s.any(axis=2), sig_s.any(axis=1), best[xp.asarray(sel)]))
@@ -427,10 +433,8 @@ class EStepContext:
             if sel.size == B:  # all particles (the usual case): views of the pool's arrays
                 isub, cb, flat = slice(None), owner, sidx
             else:
-                is_p = xp.asarray(~broad)
-                keep = is_p[owner]
                 isub = xp.asarray(sel)
-                cb, flat = (xp.cumsum(is_p) - 1)[owner[keep]], sidx[keep]
+                cb, flat = samples_of(~broad)
             self._sparse_pass(self.fine, batch, sel, cb, flat // M, flat % M, T, Xf[isub],
                               ctf_f[isub], inv_f[isub], power_full[isub], res)
         self._mark("second pass")

@@ -338,17 +338,15 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None) -> 
                                     starts, order, np.asarray(w, np.float32), V is not None)
         return
     D = U.shape[1]
-    # the kernels read these through raw pointers: contiguous, of the kernels' types
-    rows_u = xp.ascontiguousarray(iu, xp.int64)
-    rows_v = xp.ascontiguousarray(iv, xp.int64) if V is not None else rows_u
-    wc = xp.ascontiguousarray(w, xp.float32)
     if _sparse_chosen(n, acc.shape[0], sparse) and _scatter_sparse(
             acc, U, Vc if V is not None else None, iu, iv, iacc, w):
         return
     _cuda_kernel("scatter_products")(
         (n,), (128,),
-        (acc, U, Vc, rows_u, rows_v, xp.ascontiguousarray(iacc, xp.int64), wc, np.int64(n),
-         np.int32(D), np.int32(V is not None)))
+        (acc, U, Vc, xp.ascontiguousarray(iu, xp.int64),
+         xp.ascontiguousarray(iv if V is not None else iu, xp.int64),
+         xp.ascontiguousarray(iacc, xp.int64), xp.ascontiguousarray(w, xp.float32),
+         np.int64(n), np.int32(D), np.int32(V is not None)))
 
 
 def residual_sums(X, A, ix, ia, starts, w):
