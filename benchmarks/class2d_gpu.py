@@ -114,12 +114,13 @@ SCATTER_KINDS = ("data", "weights")
 
 
 def scatter_choice(job, pools, images) -> list:
-    """Each back-projection sum of one E-step timed as atomic adds and as sparse products.
+    """Each back-projection sum of one E-step timed three ways: atomic adds, sparse products and
+    samples grouped by row (the default).
 
-    The E-step's :func:`cryonb.kernels.scatter_products` calls per pool that choose (in the order
-    of ``SCATTER_KINDS``) are each run both ways on copies of the accumulator, between device
-    synchronisations, then as the E-step's rule chose. Returns one record per call: samples
-    ``n``, accumulator rows and those hit, row width, both times, the rule's choice.
+    The E-step's :func:`cryonb.kernels.scatter_products` calls per pool (in the order of
+    ``SCATTER_KINDS``) are each run every way on copies of the accumulator, between device
+    synchronisations, then as the E-step does. Returns one record per call: samples ``n``,
+    accumulator rows and those hit, row width, the three times.
     """
     import cupy
 
@@ -130,7 +131,7 @@ def scatter_choice(job, pools, images) -> list:
 
     def timed(acc, U, V, iu, iv, iacc, w, sparse=None):
         t = {}
-        for how in (False, True):
+        for how in (False, True, None):
             a = acc.copy()
             _sampled.SPARSE_SUMS = how
             cupy.cuda.Device().synchronize()
@@ -140,11 +141,10 @@ def scatter_choice(job, pools, images) -> list:
             t[how] = time.perf_counter() - t0
         _sampled.SPARSE_SUMS = None
         orig(acc, U, V, iu, iv, iacc, w, sparse)
-        sparse = _sampled._sparse_chosen(int(iu.shape[0]), acc.shape[0], sparse)
         rec.append({"kind": SCATTER_KINDS[len(rec) % len(SCATTER_KINDS)], "n": int(iu.shape[0]),
                     "acc_rows": int(acc.shape[0]), "rows_hit": int(cupy.unique(iacc).size),
                     "D": int(acc.shape[1]), "atomic_s": t[False], "sparse_s": t[True],
-                    "rule_sparse": bool(sparse)})
+                    "rows_s": t[None]})
 
     _estep.scatter_products = timed
     try:
@@ -321,16 +321,15 @@ def _pool(spec: str, n: int, box: int, K: int, psi: float) -> int:
 
 
 def _print_scatter(box, K, psi, calls) -> None:
-    """Per kind of sum: seconds both ways and as the rule chose, samples per row hit."""
+    """Per kind of sum: seconds each way, samples per row hit."""
     for kind in SCATTER_KINDS:
         c = [r for r in calls if r["kind"] == kind]
         if not c:
             continue
-        at, spr = sum(r["atomic_s"] for r in c), sum(r["sparse_s"] for r in c)
-        rule = sum(r["sparse_s"] if r["rule_sparse"] else r["atomic_s"] for r in c)
+        at, spr, rows = (sum(r[k] for r in c) for k in ("atomic_s", "sparse_s", "rows_s"))
         per_row = [r["n"] / max(r["rows_hit"], 1) for r in c]
         print(f"scatter {box} px K={K} psi {psi:g} {kind}: atomic {at:.4f} s, sparse "
-              f"{spr:.4f} s, rule {rule:.4f} s; samples per row hit "
+              f"{spr:.4f} s, by rows (default) {rows:.4f} s; samples per row hit "
               f"{min(per_row):.0f}-{max(per_row):.0f}, samples per call "
               f"{min(r['n'] for r in c)}-{max(r['n'] for r in c)}, rows {c[0]['acc_rows']}",
               flush=True)

@@ -5,11 +5,11 @@ first pass found significant: a sparse subset of a matrix product ("sampled dens
 multiplication"), and it accumulates weighted rows into the back-projection sums. Neither is
 an array expression without large temporaries, so each is a Numba kernel (CPU, parallel over
 samples or output rows, no write conflicts) and, on the GPU, a CuPy ``RawKernel`` (a warp per
-sample) for the products and sparse x dense matrix products (cuSPARSE, float64) for the
-scatter-adds (atomic adds in double precision where those do not apply), with a plain NumPy
-reference for the tests. The noise model's per-particle residual terms are one pass over each
-particle's run of samples (:func:`residual_sums`: a thread per particle on the CPU, a CUDA
-block per particle on the GPU, the same bits on both).
+sample) for the products and a block per chunk of samples with the same target row for the
+scatter-adds (float64 sums; cuSPARSE products and atomic adds remain as the benchmarks'
+alternatives), with a plain NumPy reference for the tests. The noise model's per-particle
+residual terms are one pass over each particle's run of samples (:func:`residual_sums`: a
+thread per particle on the CPU, a CUDA block per particle on the GPU, the same bits on both).
 """
 
 from __future__ import annotations
@@ -161,6 +161,40 @@ void scatter_products(double* acc, const float* U, const float* V, const long lo
 }
 
 extern "C" __global__
+void scatter_rows(double* acc, const float* U, const float* V, const long long* iu,
+                  const long long* iv, const float* w, const long long* chunk_start,
+                  const long long* chunk_row, int D, int use_v, int whole)
+{
+    // one block per chunk of samples with the same target row (sorted by row, in sample
+    // order within a row): summed in registers in that order, then added to the row once.
+    // whole: every row is one chunk (a plain add: deterministic); else rows split into
+    // several chunks add theirs atomically (order-independent to ~1e-16 relative)
+    const long long c = blockIdx.x;
+    const long long c0 = chunk_start[c], c1 = chunk_start[c + 1];
+    double* t = acc + chunk_row[c] * (long long)D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        double sum = 0.0;
+        for (long long j = c0; j < c1; j += RS_UNROLL) {
+            const int n = (c1 - j < RS_UNROLL) ? (int)(c1 - j) : RS_UNROLL;
+            float v[RS_UNROLL], ws[RS_UNROLL];
+#pragma unroll
+            for (int u = 0; u < RS_UNROLL; ++u) {
+                if (u < n) {
+                    v[u] = U[iu[j + u] * (long long)D + d];
+                    if (use_v) v[u] *= V[iv[j + u] * (long long)D + d];
+                    ws[u] = w[j + u];
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < RS_UNROLL; ++u)
+                if (u < n) sum = __dadd_rn(sum, __dmul_rn((double)ws[u], (double)v[u]));
+        }
+        if (whole) t[d] += sum;
+        else atomicAdd(t + d, sum);
+    }
+}
+
+extern "C" __global__
 void residual_sums(const float* X, const float* A, const long long* ix, const long long* ia,
                    const long long* starts, const float* w, int P, double* q, double* a2)
 {
@@ -253,22 +287,57 @@ def _scatter_sparse(acc, U, V, iu, iv, iacc, w) -> bool:
     return True
 
 
-#: GPU scatter-adds: None chooses per call (``SPARSE_FROM``); True / False force sparse x
-#: dense products where they apply / atomic adds (benchmarks/class2d_gpu.py times the E-step
-#: all three ways)
+#: GPU scatter-adds: None (default) groups the samples by target row
+#: (:func:`_scatter_rows`); True / False force sparse x dense products where they apply /
+#: atomic adds (benchmarks/class2d_gpu.py times the E-step all three ways)
 SPARSE_SUMS: bool | None = None
-#: GPU: sparse products when a call has at least this many samples per accumulator row,
-#: atomic adds below. Measured on an H200 (E-step sums at 64-256 px, benchmarks/RESULTS.md):
-#: the atomics were 1.5-16x faster at 2-78 samples per row, the products as fast or 2-22x
-#: faster at 390-6,300 (atomic adds to one row serialise)
-SPARSE_FROM = 200
+#: GPU: samples per block of :func:`_scatter_rows` (a row with more is split into chunks that
+#: add their sums atomically)
+ROW_CHUNK = 4096
 
 
-def _sparse_chosen(n: int, rows: int, sparse: bool | None = None) -> bool:
-    """Whether a GPU scatter-add of ``n`` samples into ``rows`` rows uses sparse products."""
+def _scatter_method(sparse: bool | None = None) -> str:
+    """The GPU scatter-add's method: ``"rows"``, ``"sparse"`` or ``"atomic"``."""
     if SPARSE_SUMS is not None:
-        return SPARSE_SUMS
-    return n >= SPARSE_FROM * rows if sparse is None else sparse
+        sparse = SPARSE_SUMS
+    return "rows" if sparse is None else ("sparse" if sparse else "atomic")
+
+
+def _scatter_rows(acc, U, V, iu, iv, iacc, w) -> None:
+    """GPU: the scatter-add with the samples grouped by target row.
+
+    The samples are sorted by target row (stable: in sample order within a row) and cut into
+    chunks of at most ``ROW_CHUNK``; one block per chunk sums its samples in float64 in that
+    order and adds the sum to the row. Each sample reads its row of ``U`` (and ``V``) once and
+    no row is written more than once per chunk. Measured on an H200 (64 px, K=200, one pool of
+    82 million samples into 24,000 rows of 1,800 values): cuSPARSE's float64 product took
+    0.99 s, its float32 product 0.90 s (the random rows of ``U`` each nonzero reads), this
+    kernel's kind of loop 0.23 s (:func:`residual_sums`, the same reads).
+    """
+    import cupy
+
+    n = int(iu.shape[0])
+    iacc = cupy.asarray(iacc, cupy.int64)
+    order = cupy.argsort(iacc)  # CuPy's sort is stable
+    key = iacc[order]
+    brk = cupy.flatnonzero(key[1:] != key[:-1]) + 1
+    rs = cupy.concatenate([cupy.zeros(1, brk.dtype), brk])  # each row's first sample
+    re = cupy.concatenate([brk, cupy.full(1, n, brk.dtype)])
+    nch = (re - rs + ROW_CHUNK - 1) // ROW_CHUNK  # chunks per row
+    cid = cupy.cumsum(nch)
+    total = int(cid[-1])
+    ci = cupy.arange(total)
+    roc = cupy.searchsorted(cid, ci, side="right")  # each chunk's row run
+    starts = cupy.concatenate([rs[roc] + (ci - (cid - nch)[roc]) * ROW_CHUNK,
+                               cupy.full(1, n, brk.dtype)])
+    iu_s = cupy.ascontiguousarray(cupy.asarray(iu, cupy.int64)[order])
+    iv_s = iu_s if V is None else cupy.ascontiguousarray(cupy.asarray(iv, cupy.int64)[order])
+    _cuda_kernel("scatter_rows")(
+        (total,), (128,),
+        (acc, U, U if V is None else V, iu_s, iv_s,
+         cupy.ascontiguousarray(cupy.asarray(w, cupy.float32)[order]), starts,
+         cupy.ascontiguousarray(key[rs][roc]), np.int32(U.shape[1]), np.int32(V is not None),
+         np.int32(total == rs.shape[0])))
 
 
 # ----------------------------------------------------------------------------- public
@@ -325,19 +394,19 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None) -> 
     w : array of shape (n,)
         Weights.
     sparse : bool, optional
-        GPU: sparse x dense products where they apply (else atomic adds). Default: when
-        there are at least ``SPARSE_FROM`` samples per row of ``acc``; ``SPARSE_SUMS``
-        overrides both when set.
+        GPU: the method. Default (None): samples grouped by target row
+        (:func:`_scatter_rows`); True: sparse x dense products where they apply
+        (:func:`_scatter_sparse`); False: atomic adds. ``SPARSE_SUMS`` overrides it when set.
 
     Notes
     -----
     ``acc[iacc[s]] += w[s] * U[iu[s]] * V[iv[s]]``. CPU: samples are grouped by target row and
-    each row is summed by one thread in sample order (deterministic). GPU: sparse x dense
-    matrix products in float64 (cuSPARSE), see :func:`_scatter_sparse`; where those do not
-    apply (``V`` given and ``iacc`` not a function of ``iu``) or when ``sparse`` is false,
-    double-precision atomic adds (order-independent to ~1e-16 relative). With the products
-    the E-step is 1.7-2.6x faster at 64 px (many samples per accumulator row); at
-    128-256 px (few) the atomics are faster (benchmarks/RESULTS.md), hence the default rule.
+    each row is summed by one thread in sample order (deterministic). GPU, by default the same
+    grouping: a block per chunk of at most ``ROW_CHUNK`` samples of one row, summed in float64
+    in sample order (deterministic where no row is split; split rows add their chunks
+    atomically, order-independent to ~1e-16 relative). At 64 px, K=200 (a pool's 82 million
+    samples into 24,000 rows) it replaced cuSPARSE's float64 products, which took 0.99 s
+    (benchmarks/RESULTS.md); the atomic adds were slower still with many samples per row.
     """
     xp = array_module(acc)
     n = int(iu.shape[0])
@@ -358,8 +427,12 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None) -> 
                                     starts, order, np.asarray(w, np.float32), V is not None)
         return
     D = U.shape[1]
-    if _sparse_chosen(n, acc.shape[0], sparse) and _scatter_sparse(
-            acc, U, Vc if V is not None else None, iu, iv, iacc, w):
+    how = _scatter_method(sparse)
+    if how == "rows":
+        _scatter_rows(acc, U, V if V is None else Vc, iu, iv, iacc, w)
+        return
+    if how == "sparse" and _scatter_sparse(acc, U, Vc if V is not None else None, iu, iv,
+                                           iacc, w):
         return
     _cuda_kernel("scatter_products")(
         (n,), (128,),

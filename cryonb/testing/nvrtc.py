@@ -86,7 +86,7 @@ def kernel_sources() -> list[tuple[str, str]]:
         for dtype in ("float32", "float64"):
             _segments._cuda_kernel("seg_argmax", dtype)
         _segments._cuda_kernel("seg_sum")
-        for fname in ("sampled_dot", "scatter_products", "residual_sums"):
+        for fname in ("sampled_dot", "scatter_products", "scatter_rows", "residual_sums"):
             _sampled._cuda_kernel(fname)
         _cuda.cuda_function(_coarse._CUDA_SRC, "coarse_log_posterior")
         _cuda.cuda_function(_prepare._CUDA_SRC, "mask_images")

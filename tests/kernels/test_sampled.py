@@ -77,6 +77,38 @@ def test_gpu_kernels_match_reference(sparse):
         np.testing.assert_allclose(a.get(), b, rtol=tol, atol=tol)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk", [64, 4096])
+def test_gpu_row_sums_split_crowded_rows(monkeypatch, chunk):
+    """The default GPU scatter-add (samples grouped by row): a crowded row split into chunks
+    (64 samples each) and rows in one chunk both give the reference; without split rows the
+    result has the same bits every time; rows no sample hits keep their values."""
+    import cupy
+
+    from cryonb.kernels import _sampled
+
+    monkeypatch.setattr(_sampled, "ROW_CHUNK", chunk)
+    U, V, iu, iv, iacc, w, M = _data(7, n=6000, M=40)
+    iacc[iacc == 5] = 6  # a row no sample hits
+    iacc[:3000] = 3  # a crowded row
+    for with_v in (True, False):
+        start = np.random.default_rng(1).normal(size=(M, U.shape[1]))
+        got = []
+        for _ in range(2):
+            a = cupy.asarray(start)
+            scatter_products(a, cupy.asarray(U), cupy.asarray(V) if with_v else None,
+                             cupy.asarray(iu), cupy.asarray(iv), cupy.asarray(iacc),
+                             cupy.asarray(w))
+            got.append(a.get())
+        b = start.copy()
+        scatter_products_reference(b, U, V if with_v else None, iu, iv, iacc, w)
+        tol = 1e-5 if with_v else 1e-9  # float32 products / exact ones
+        np.testing.assert_allclose(got[0], b, rtol=tol, atol=tol)
+        assert np.array_equal(got[0][5], start[5])
+        if chunk == 4096:
+            assert np.array_equal(got[0], got[1])
+
+
 def _runs(seed, n=3000, G=40, P=35, nx=60, na=25):
     """Samples of G segments (one empty) sorted by segment, their X rows in runs."""
     from cryonb.kernels import segment_starts
