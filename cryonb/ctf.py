@@ -13,7 +13,7 @@ import numpy as np
 
 from .fourier import frequency_grid_2d
 
-__all__ = ["CTFParams", "ctf_2d", "ctf_at", "electron_wavelength"]
+__all__ = ["CTFParams", "ctf_2d", "ctf_at", "ctf_features", "electron_wavelength"]
 
 
 def electron_wavelength(voltage_kv):
@@ -92,8 +92,35 @@ def ctf_2d(params: CTFParams, n: int, pixel_size, xp=np, *, intact_first_peak: b
                   dtype=dtype)
 
 
+def ctf_features(kx, ky, xp=np):
+    """The per-pixel factors of the CTF's argument (:func:`ctf_at`), for reuse over calls.
+
+    Parameters
+    ----------
+    kx, ky : arrays of shape S
+        Fourier indices.
+    xp : module
+
+    Returns
+    -------
+    float64 array of shape (*S, 5)
+        ``k^2, k^2 cos(2 phi), k^2 sin(2 phi), k^4, 1`` with ``k = |(kx, ky)|`` and ``phi`` its
+        direction.
+    """
+    kx = xp.asarray(kx, dtype=xp.float64)
+    ky = xp.asarray(ky, dtype=xp.float64)
+    k2pix = kx * kx + ky * ky
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = xp.where(k2pix > 0, k2pix, 1.0)
+    cos2 = (kx * kx - ky * ky) / r  # cos(2 phi)
+    sin2 = 2 * kx * ky / r  # sin(2 phi)
+    return xp.stack([k2pix, k2pix * cos2, k2pix * sin2, k2pix * k2pix, xp.ones_like(k2pix)],
+                    axis=-1)
+
+
 def ctf_at(params: CTFParams, kx, ky, n: int, pixel_size, xp=np, *,
-           intact_first_peak: bool = False, dtype="float32", aligned: bool = False):
+           intact_first_peak: bool = False, dtype="float32", aligned: bool = False,
+           features=None):
     """CTF values at given Fourier indices (RELION's ``CTF::getCTF``).
 
     Parameters
@@ -111,6 +138,9 @@ def ctf_at(params: CTFParams, kx, ky, n: int, pixel_size, xp=np, *,
         low frequencies up to the first peak are left uncorrected.
     aligned : bool
         ``kx``/``ky`` have shape (m, ...): particle ``i``'s own coordinates in row ``i``.
+    features : array of shape (*S, 5), optional
+        :func:`ctf_features` of ``kx``, ``ky`` (computed once by callers that evaluate many
+        particles at the same pixels; ``kx``, ``ky`` are then only used for their shape).
 
     Returns
     -------
@@ -143,15 +173,8 @@ def ctf_at(params: CTFParams, kx, ky, n: int, pixel_size, xp=np, *,
     coef = np.stack([k1 * df_avg * s2, k1 * df_dev * np.cos(2 * th) * s2,
                      k1 * df_dev * np.sin(2 * th) * s2, k2 * s2 * s2,
                      -np.deg2rad(v["phase_shift"]) - np.arctan(q / np.sqrt(1 - q * q))], axis=1)
-    kx = xp.asarray(kx, dtype=xp.float64)
-    ky = xp.asarray(ky, dtype=xp.float64)
-    k2pix = kx * kx + ky * ky
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = xp.where(k2pix > 0, k2pix, 1.0)
-    cos2 = (kx * kx - ky * ky) / r  # cos(2 phi)
-    sin2 = 2 * kx * ky / r  # sin(2 phi)
-    feat = xp.stack([k2pix, k2pix * cos2, k2pix * sin2, k2pix * k2pix, xp.ones_like(k2pix)],
-                    axis=-1)
+    feat = ctf_features(kx, ky, xp) if features is None else features
+    k2pix = feat[..., 0]
     C = xp.asarray(coef)
     if aligned:
         arg = xp.einsum("m...f,mf->m...", feat, C)
@@ -160,12 +183,15 @@ def ctf_at(params: CTFParams, kx, ky, n: int, pixel_size, xp=np, *,
     ctf = -xp.sin(arg)
     if intact_first_peak:
         ctf = xp.where(xp.abs(arg) < np.pi / 2, 1.0, ctf)
-    extra = (1,) * (kx.ndim - 1 if aligned else kx.ndim)
+    nd = feat.ndim - 1  # the pixels' dimensions (with the particles' first when aligned)
+    extra = (1,) * (nd - 1 if aligned else nd)
     shape = (m, *extra)
     if np.any(v["bfactor"] != 0):
         b4 = xp.asarray(-v["bfactor"] / 4.0 * s2).reshape(shape)
         ctf = ctf * xp.exp(b4 * (k2pix if aligned else k2pix[None]))
-    ctf = (ctf * xp.asarray(v["scale"]).reshape(shape)).astype(dtype)
+    if np.any(v["scale"] != 1):
+        ctf = ctf * xp.asarray(v["scale"]).reshape(shape)
+    ctf = ctf.astype(dtype, copy=False)
     return ctf[0] if scalar else ctf
 
 

@@ -40,6 +40,25 @@ def test_intact_first_peak_and_bfactor():
 
 
 @pytest.mark.relion
+def test_ctf_from_precomputed_features():
+    """Per-particle CTFs at given pixels from their precomputed factors (as the E-step does
+    once per grid) are those computed from the indices; scale factors other than 1 apply."""
+    from cryonb.ctf import ctf_at, ctf_features
+
+    rng = np.random.default_rng(2)
+    kx, ky = rng.integers(0, 33, 200).astype(float), rng.integers(-32, 33, 200).astype(float)
+    p = CTFParams(rng.uniform(1e4, 3e4, 5), rng.uniform(1e4, 3e4, 5), rng.uniform(0, 180, 5),
+                  bfactor=np.array([0.0, 50, 0, 0, 0]), scale=np.array([1, 1, 0.5, 1, 1.0]))
+    want = ctf_at(p, kx, ky, 64, 1.5)
+    got = ctf_at(p, kx, ky, 64, 1.5, features=ctf_features(kx, ky))
+    assert got.shape == (5, 200) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+    p.scale = 1.0
+    unscaled = ctf_at(p, kx, ky, 64, 1.5)
+    np.testing.assert_allclose(want[2], 0.5 * unscaled[2], rtol=1e-6)
+    np.testing.assert_array_equal(want[[0, 1, 3, 4]], unscaled[[0, 1, 3, 4]])
+
+
 def test_projection_with_ctf_matches_relion_project(tmp_path):
     exe = require_tool("relion_project")
     rng = np.random.default_rng(7)

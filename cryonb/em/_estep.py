@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import add_rows_at, array_module, upload
-from ..ctf import CTFParams, ctf_at
+from ..ctf import CTFParams, ctf_at, ctf_features
 from ..data.conventions import rotated_indices
 from ..fourier import Projector, fft2_centered, ifft2_centered
 from ..kernels import (
@@ -134,7 +134,7 @@ class _Grid:
     acc_weight: object = None  # (K*R, P) float64
     kx_dev: object = None  # float32 (the sub-pixel phases)
     ky_dev: object = None
-    k64_dev: object = None  # (kx, ky) float64 (the CTF)
+    ctf_feat: object = None  # the CTF's per-pixel factors (cryonb.ctf.ctf_features)
     stencil: object = None  # (2P, 4) float32: the pose refinement's shifts by +-tstep
 
 
@@ -286,9 +286,10 @@ class EStepContext:
         if not self.config.ctf:
             out = xp.ones((B, len(grid.kx)), xp.float32)
         else:
-            if grid.k64_dev is None:  # the pixels' indices on the device, once per grid
-                grid.k64_dev = (xp.asarray(grid.kx), xp.asarray(grid.ky))
-            out = ctf_at(CTFParams.from_dict(batch.ctf), *grid.k64_dev, self.N, self.apix, xp,
+            if grid.ctf_feat is None:  # the pixels' factors on the device, once per grid
+                grid.ctf_feat = ctf_features(grid.kx, grid.ky, xp)
+            out = ctf_at(CTFParams.from_dict(batch.ctf), grid.kx, grid.ky, self.N, self.apix, xp,
+                         features=grid.ctf_feat,
                          intact_first_peak=self.config.ctf_intact_first_peak)
             out = out.reshape(B, -1)
         if self.config.scale:
