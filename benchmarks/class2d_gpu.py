@@ -115,12 +115,12 @@ SCATTER_KINDS = ("data", "weights")
 
 def scatter_choice(job, pools, images) -> list:
     """Each back-projection sum of one E-step timed three ways: atomic adds, sparse products and
-    samples grouped by row (the default).
+    samples grouped by row.
 
     The E-step's :func:`cryonb.kernels.scatter_products` calls per pool (in the order of
     ``SCATTER_KINDS``) are each run every way on copies of the accumulator, between device
     synchronisations, then as the E-step does. Returns one record per call: samples ``n``,
-    accumulator rows and those hit, row width, the three times.
+    accumulator rows and those hit, row width, the three times, the default rule's choice.
     """
     import cupy
 
@@ -129,22 +129,23 @@ def scatter_choice(job, pools, images) -> list:
 
     orig, rec = _estep.scatter_products, []
 
-    def timed(acc, U, V, iu, iv, iacc, w, sparse=None):
+    def timed(acc, U, V, iu, iv, iacc, w, method=None):
         t = {}
-        for how in (False, True, None):
+        for how in ("atomic", "sparse", "rows"):
             a = acc.copy()
-            _sampled.SPARSE_SUMS = how
+            _sampled.SUMS_METHOD = how
             cupy.cuda.Device().synchronize()
             t0 = time.perf_counter()
             orig(a, U, V, iu, iv, iacc, w)
             cupy.cuda.Device().synchronize()
             t[how] = time.perf_counter() - t0
-        _sampled.SPARSE_SUMS = None
-        orig(acc, U, V, iu, iv, iacc, w, sparse)
+        _sampled.SUMS_METHOD = None
+        orig(acc, U, V, iu, iv, iacc, w, method)
         rec.append({"kind": SCATTER_KINDS[len(rec) % len(SCATTER_KINDS)], "n": int(iu.shape[0]),
                     "acc_rows": int(acc.shape[0]), "rows_hit": int(cupy.unique(iacc).size),
-                    "D": int(acc.shape[1]), "atomic_s": t[False], "sparse_s": t[True],
-                    "rows_s": t[None]})
+                    "D": int(acc.shape[1]), "atomic_s": t["atomic"], "sparse_s": t["sparse"],
+                    "rows_s": t["rows"],
+                    "rule": _sampled._scatter_method(int(iu.shape[0]), acc.shape[0])})
 
     _estep.scatter_products = timed
     try:
@@ -231,14 +232,14 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
     # each call chooses by samples per accumulator row)
     from cryonb.kernels import _sampled
 
-    forced = {False: float("nan"), True: float("nan")}
-    for how in (False, True) if variants else ():
-        _sampled.SPARSE_SUMS = how
+    forced = {"atomic": float("nan"), "sparse": float("nan")}
+    for how in forced if variants else ():
+        _sampled.SUMS_METHOD = how
         try:
             forced[how] = _timed_estep(job, pools, images)[1]
         finally:
-            _sampled.SPARSE_SUMS = None
-    dt_atomic, dt_sparse = forced[False], forced[True]
+            _sampled.SUMS_METHOD = None
+    dt_atomic, dt_sparse = forced["atomic"], forced["sparse"]
     scatter_calls = scatter_choice(job, pools, images) if scatter else None
     profile = _host_profile(job, pools, images) if host_profile else None
     sweep = {}
@@ -328,8 +329,9 @@ def _print_scatter(box, K, psi, calls) -> None:
             continue
         at, spr, rows = (sum(r[k] for r in c) for k in ("atomic_s", "sparse_s", "rows_s"))
         per_row = [r["n"] / max(r["rows_hit"], 1) for r in c]
+        rule = sum(r[r["rule"] + "_s"] for r in c)
         print(f"scatter {box} px K={K} psi {psi:g} {kind}: atomic {at:.4f} s, sparse "
-              f"{spr:.4f} s, by rows (default) {rows:.4f} s; samples per row hit "
+              f"{spr:.4f} s, by rows {rows:.4f} s, rule {rule:.4f} s; samples per row hit "
               f"{min(per_row):.0f}-{max(per_row):.0f}, samples per call "
               f"{min(r['n'] for r in c)}-{max(r['n'] for r in c)}, rows {c[0]['acc_rows']}",
               flush=True)

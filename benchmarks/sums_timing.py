@@ -4,8 +4,8 @@ Times, each with ``cupyx.profiler.benchmark`` (GPU time, median of repeats):
 
 - ``ctf_at`` for one pool (2048 particles, the pixels of a 64-pixel current size at 128 px);
 - the second pass's data sums at 64 px, K=200 (one pool's samples): the sparse products of
-  :func:`cryonb.kernels.scatter_products`, split into building the CSR matrix (COO input,
-  sorted by cuSPARSE's conversion) and the product itself;
+  :func:`cryonb.kernels.scatter_products` as cuSPARSE products (split into building the CSR
+  matrix and the product itself) and with the samples grouped by row;
 - :func:`cryonb.kernels.residual_sums` on the same samples.
 
 Run on the GPU machine: ``python benchmarks/sums_timing.py``.
@@ -58,7 +58,9 @@ def main() -> dict:
     acc = cupy.zeros((rows, 2 * P), cupy.float64)
     out["samples"] = n
     out["sort_s"] = t(lambda: cupy.argsort(btn * rows + rn), 3)
-    out["scatter_sparse_s"] = t(lambda: scatter_products(acc, Y, None, btn, btn, rn, w, True), 3)
+    for how in ("sparse", "rows"):
+        out[f"scatter_{how}_s"] = t(
+            lambda how=how: scatter_products(acc, Y, None, btn, btn, rn, w, how), 3)
 
     def build():
         return sp.coo_matrix((w.astype(cupy.float64), (rn.astype(cupy.int32),

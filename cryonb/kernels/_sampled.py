@@ -287,20 +287,29 @@ def _scatter_sparse(acc, U, V, iu, iv, iacc, w) -> bool:
     return True
 
 
-#: GPU scatter-adds: None (default) groups the samples by target row
-#: (:func:`_scatter_rows`); True / False force sparse x dense products where they apply /
-#: atomic adds (benchmarks/class2d_gpu.py times the E-step all three ways)
-SPARSE_SUMS: bool | None = None
+#: GPU scatter-adds: None (default) chooses per call (``ROWS_FROM``); "rows", "sparse" or
+#: "atomic" force one method (benchmarks/class2d_gpu.py times the E-step each way)
+SUMS_METHOD: str | None = None
 #: GPU: samples per block of :func:`_scatter_rows` (a row with more is split into chunks that
 #: add their sums atomically)
 ROW_CHUNK = 4096
+#: GPU: samples grouped by row when a call has at least this many samples per accumulator
+#: row, atomic adds below. Measured on an H100 (benchmarks/RESULTS.md): at 64 px (390-6,300
+#: samples per row) grouping was 2.6x faster than cuSPARSE's products, which the atomic adds
+#: were slower than; at 128 px (2-78 per row) sorting the samples made it 1.5-3.5x slower
+#: than the atomic adds
+ROWS_FROM = 200
+_METHODS = ("rows", "sparse", "atomic")
 
 
-def _scatter_method(sparse: bool | None = None) -> str:
-    """The GPU scatter-add's method: ``"rows"``, ``"sparse"`` or ``"atomic"``."""
-    if SPARSE_SUMS is not None:
-        sparse = SPARSE_SUMS
-    return "rows" if sparse is None else ("sparse" if sparse else "atomic")
+def _scatter_method(n: int, rows: int, method: str | None = None) -> str:
+    """The GPU scatter-add's method for ``n`` samples into ``rows`` rows."""
+    method = SUMS_METHOD or method
+    if method is None:
+        return "rows" if n >= ROWS_FROM * rows else "atomic"
+    if method not in _METHODS:
+        raise ValueError(f"unknown scatter-add method {method!r}; use one of {_METHODS}")
+    return method
 
 
 def _scatter_rows(acc, U, V, iu, iv, iacc, w) -> None:
@@ -379,7 +388,7 @@ def sampled_dot(U, V, iu, iv):
     return out
 
 
-def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None) -> None:
+def scatter_products(acc, U, V, iu, iv, iacc, w, method: str | None = None) -> None:
     """Add weighted rows (or row products) into an accumulator, in place.
 
     Parameters
@@ -393,20 +402,21 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None) -> 
         Target row of each sample.
     w : array of shape (n,)
         Weights.
-    sparse : bool, optional
-        GPU: the method. Default (None): samples grouped by target row
-        (:func:`_scatter_rows`); True: sparse x dense products where they apply
-        (:func:`_scatter_sparse`); False: atomic adds. ``SPARSE_SUMS`` overrides it when set.
-
+    method : {None, "rows", "sparse", "atomic"}
+        GPU: samples grouped by target row (:func:`_scatter_rows`), sparse x dense products
+        where they apply (:func:`_scatter_sparse`; else atomic adds) or atomic adds. Default:
+        grouped with at least ``ROWS_FROM`` samples per row of ``acc``, else atomic adds.
+        ``SUMS_METHOD`` overrides it when set.
     Notes
     -----
     ``acc[iacc[s]] += w[s] * U[iu[s]] * V[iv[s]]``. CPU: samples are grouped by target row and
-    each row is summed by one thread in sample order (deterministic). GPU, by default the same
-    grouping: a block per chunk of at most ``ROW_CHUNK`` samples of one row, summed in float64
-    in sample order (deterministic where no row is split; split rows add their chunks
-    atomically, order-independent to ~1e-16 relative). At 64 px, K=200 (a pool's 82 million
-    samples into 24,000 rows) it replaced cuSPARSE's float64 products, which took 0.99 s
-    (benchmarks/RESULTS.md); the atomic adds were slower still with many samples per row.
+    each row is summed by one thread in sample order (deterministic). GPU, with many samples
+    per row the same grouping: a block per chunk of at most ``ROW_CHUNK`` samples of one row,
+    summed in float64 in sample order (deterministic where no row is split; split rows add
+    their chunks atomically, order-independent to ~1e-16 relative); at 64 px, K=200 (a pool's
+    82 million samples into 24,000 rows) it replaced cuSPARSE's float64 products, which took
+    0.99 s. With few samples per row, double-precision atomic adds (order-independent to
+    ~1e-16 relative), faster there than sorting the samples (benchmarks/RESULTS.md).
     """
     xp = array_module(acc)
     n = int(iu.shape[0])
@@ -427,7 +437,7 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, sparse: bool | None = None) -> 
                                     starts, order, np.asarray(w, np.float32), V is not None)
         return
     D = U.shape[1]
-    how = _scatter_method(sparse)
+    how = _scatter_method(n, acc.shape[0], method)
     if how == "rows":
         _scatter_rows(acc, U, V if V is None else Vc, iu, iv, iacc, w)
         return

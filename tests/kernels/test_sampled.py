@@ -47,9 +47,9 @@ def test_scatter_is_deterministic():
 
 
 @pytest.mark.gpu
-# sparse products where they apply; atomics; the default choice (by samples per row)
-@pytest.mark.parametrize("sparse", [True, False, None])
-def test_gpu_kernels_match_reference(sparse):
+# each method, and the default choice (by samples per row)
+@pytest.mark.parametrize("method", ["sparse", "atomic", "rows", None])
+def test_gpu_kernels_match_reference(method):
     import cupy
 
     U, V, iu, iv, iacc, w, M = _data(3)
@@ -60,7 +60,7 @@ def test_gpu_kernels_match_reference(sparse):
         a = cupy.zeros((M, U.shape[1]))
         scatter_products(a, cupy.asarray(U), cupy.asarray(V) if with_v else None,
                          cupy.asarray(iu), cupy.asarray(iv), cupy.asarray(iacc), cupy.asarray(w),
-                         sparse)
+                         method)
         b = np.zeros((M, U.shape[1]))
         scatter_products_reference(b, U, V if with_v else None, iu, iv, iacc, w)
         np.testing.assert_allclose(a.get(), b, rtol=1e-5, atol=1e-5)
@@ -70,17 +70,17 @@ def test_gpu_kernels_match_reference(sparse):
         a = cupy.zeros((M, U.shape[1]))
         scatter_products(a, cupy.asarray(U), cupy.asarray(V) if with_v else None,
                          cupy.asarray(iu), cupy.asarray(iv), cupy.asarray(owner[iu]),
-                         cupy.asarray(w), sparse)
+                         cupy.asarray(w), method)
         b = np.zeros((M, U.shape[1]))
         scatter_products_reference(b, U, V if with_v else None, iu, iv, owner[iu], w)
-        tol = 1e-9 if sparse is True else 1e-5  # float64 products / float32 products
+        tol = 1e-9 if method == "sparse" else 1e-5  # float64 products / float32 products
         np.testing.assert_allclose(a.get(), b, rtol=tol, atol=tol)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("chunk", [64, 4096])
 def test_gpu_row_sums_split_crowded_rows(monkeypatch, chunk):
-    """The default GPU scatter-add (samples grouped by row): a crowded row split into chunks
+    """The GPU scatter-add with samples grouped by row: a crowded row split into chunks
     (64 samples each) and rows in one chunk both give the reference; without split rows the
     result has the same bits every time; rows no sample hits keep their values."""
     import cupy
@@ -98,7 +98,7 @@ def test_gpu_row_sums_split_crowded_rows(monkeypatch, chunk):
             a = cupy.asarray(start)
             scatter_products(a, cupy.asarray(U), cupy.asarray(V) if with_v else None,
                              cupy.asarray(iu), cupy.asarray(iv), cupy.asarray(iacc),
-                             cupy.asarray(w))
+                             cupy.asarray(w), "rows")
             got.append(a.get())
         b = start.copy()
         scatter_products_reference(b, U, V if with_v else None, iu, iv, iacc, w)
@@ -107,6 +107,19 @@ def test_gpu_row_sums_split_crowded_rows(monkeypatch, chunk):
         assert np.array_equal(got[0][5], start[5])
         if chunk == 4096:
             assert np.array_equal(got[0], got[1])
+
+
+def test_scatter_method_rule_and_bad_names():
+    """Grouping by row from ROWS_FROM samples per row, atomic adds below; a forced method
+    wins; an unknown one is refused by name."""
+    from cryonb.kernels import _sampled
+
+    rows = 100
+    assert _sampled._scatter_method(_sampled.ROWS_FROM * rows, rows) == "rows"
+    assert _sampled._scatter_method(_sampled.ROWS_FROM * rows - 1, rows) == "atomic"
+    assert _sampled._scatter_method(10, rows, "sparse") == "sparse"
+    with pytest.raises(ValueError, match="'dense'"):
+        _sampled._scatter_method(10, rows, "dense")
 
 
 def _runs(seed, n=3000, G=40, P=35, nx=60, na=25):
