@@ -307,10 +307,8 @@ def iteration_time(star, K: int, iterations: int, pool: int = 0, j: int = 1) -> 
 
 def _pool(spec: str, n: int, box: int, K: int, psi: float) -> int:
     """The E-step grid's pool size for ``--pool`` (see :func:`main`)."""
-    if spec and spec != "auto":
+    if spec != "auto":
         return int(spec)
-    if not spec:
-        return 2048 if box <= 128 else 512
     import cupy
 
     from cryonb.em import Class2DConfig
@@ -349,10 +347,11 @@ def main(argv=None):
                     help="--j values of the whole-iteration runs (default 1 2)")
     ap.add_argument("--skip_iterations", action="store_true",
                     help="no whole-iteration runs (only the E-step grid)")
-    ap.add_argument("--pool", default="",
-                    help="E-step pool size: a number, or 'auto' for the runtime's own choice "
-                         "(cryonb.parallel.pools.auto_pool: one rank, the free device memory); "
-                         "default 2048 (512 at 256 px)")
+    ap.add_argument("--pool", default="auto",
+                    help="E-step pool size: 'auto' (default) for the runtime's own choice, what "
+                         "a run without --pool gets (cryonb.parallel.pools.auto_pool: one rank, "
+                         "the free device memory), or a number; sections of RESULTS.md before "
+                         "2026-12-05's fourth session used 2048 (512 at 256 px)")
     ap.add_argument("--no_variants", action="store_true",
                     help="time the E-step only as the runtime runs it (not again with pageable "
                          "images, all-atomic and all-sparse sums)")
