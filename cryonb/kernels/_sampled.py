@@ -5,9 +5,10 @@ first pass found significant: a sparse subset of a matrix product ("sampled dens
 multiplication"), and it accumulates weighted rows into the back-projection sums. Neither is
 an array expression without large temporaries, so each is a Numba kernel (CPU, parallel over
 samples or output rows, no write conflicts) and, on the GPU, a CuPy ``RawKernel`` (a warp per
-sample) for the products and a block per chunk of samples with the same target row for the
-scatter-adds (float64 sums; cuSPARSE products and atomic adds remain as the benchmarks'
-alternatives), with a plain NumPy reference for the tests. The noise model's per-particle
+sample) for the products and, for the scatter-adds, a block per chunk of samples with the
+same target row where rows get many samples, double-precision atomic adds where they get few
+(cuSPARSE products remain as the benchmarks' alternative), with a plain NumPy reference for
+the tests. The noise model's per-particle
 residual terms are one pass over each particle's run of samples (:func:`residual_sums`: a
 thread per particle on the CPU, a CUDA block per particle on the GPU, the same bits on both).
 """
@@ -407,6 +408,7 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, method: str | None = None) -> N
         where they apply (:func:`_scatter_sparse`; else atomic adds) or atomic adds. Default:
         grouped with at least ``ROWS_FROM`` samples per row of ``acc``, else atomic adds.
         ``SUMS_METHOD`` overrides it when set.
+
     Notes
     -----
     ``acc[iacc[s]] += w[s] * U[iu[s]] * V[iv[s]]``. CPU: samples are grouped by target row and
@@ -439,7 +441,7 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, method: str | None = None) -> N
     D = U.shape[1]
     how = _scatter_method(n, acc.shape[0], method)
     if how == "rows":
-        _scatter_rows(acc, U, V if V is None else Vc, iu, iv, iacc, w)
+        _scatter_rows(acc, U, None if V is None else Vc, iu, iv, iacc, w)
         return
     if how == "sparse" and _scatter_sparse(acc, U, Vc if V is not None else None, iu, iv,
                                            iacc, w):
