@@ -674,9 +674,11 @@ class EStepContext:
         Bs = Xf.shape[0]
         R = len(f.psi)
         K = self.K
-        qt = xp.arange(ts)[None, :, None]
-        qr = xp.arange(ps)[None, None, :]
-        shape = (cb.shape[0], ts, ps)
+        # each coarse sample's ts x ps samples in (sub-rotation, sub-translation) order: runs
+        # of ts samples with one target row, which the GPU's atomic sums add once
+        qt = xp.arange(ts)[None, None, :]
+        qr = xp.arange(ps)[None, :, None]
+        shape = (cb.shape[0], ps, ts)
         b = xp.broadcast_to(cb[:, None, None], shape).reshape(-1)
         tf = xp.broadcast_to(ct[:, None, None] * ts + qt, shape).reshape(-1)
         rf = xp.broadcast_to(cr[:, None, None] * ps + qr, shape).reshape(-1)

@@ -7,10 +7,11 @@ an array expression without large temporaries, so each is a Numba kernel (CPU, p
 samples or output rows, no write conflicts) and, on the GPU, a CuPy ``RawKernel`` (a warp per
 sample) for the products and, for the scatter-adds, a block per chunk of samples with the
 same target row where rows get many samples, double-precision atomic adds where they get few
-(cuSPARSE products remain as the benchmarks' alternative), with a plain NumPy reference for
-the tests. The noise model's per-particle
-residual terms are one pass over each particle's run of samples (:func:`residual_sums`: a
-thread per particle on the CPU, a CUDA block per particle on the GPU, the same bits on both).
+(one per run of consecutive samples with the same target row; cuSPARSE products remain as
+the benchmarks' alternative), with a plain NumPy reference for the tests. The noise model's
+per-particle residual terms are one pass over each particle's run of samples
+(:func:`residual_sums`: a thread per particle on the CPU, a CUDA block per particle on the
+GPU, the same bits on both).
 """
 
 from __future__ import annotations
@@ -127,8 +128,13 @@ def _numba_kernels():
 
 
 # ----------------------------------------------------------------------------- GPU (CuPy)
+#: GPU: consecutive samples per block of the atomic adds (``scatter_products``), whose runs
+#: with the same target row are summed before their atomic add (a run is cut where a block ends)
+SP_CHUNK = 32
+
 _CUDA_SRC = r"""
 #define RS_UNROLL 8
+#define SP_CHUNK @SP_CHUNK@  // samples per block of scatter_products
 extern "C" __global__
 void sampled_dot(const float* U, const float* V, const long long* iu, const long long* iv,
                  float* out, long long n, int D)
@@ -149,15 +155,49 @@ void scatter_products(double* acc, const float* U, const float* V, const long lo
                       const long long* iv, const long long* iacc, const float* w,
                       long long n, int D, int use_v)
 {
-    long long s = blockIdx.x;
-    if (s >= n) return;
-    const float* a = U + iu[s] * (long long)D;
-    const float* b = use_v ? V + iv[s] * (long long)D : 0;
-    double* t = acc + iacc[s] * (long long)D;
-    double ws = (double)w[s];
+    // one block per chunk of SP_CHUNK consecutive samples. A run of consecutive samples with
+    // the same target row is summed in registers (float64, in sample order) and added to the
+    // row with one atomic add per value: the E-step's fine samples come in runs of up to 4
+    // (the sub-translations of one sub-rotation), which took 2.6x as many atomic adds as rows
+    __shared__ long long s_row[SP_CHUNK], s_u[SP_CHUNK], s_v[SP_CHUNK];
+    __shared__ float s_w[SP_CHUNK];
+    const long long c0 = blockIdx.x * (long long)SP_CHUNK;
+    const int cnt = (int)((n - c0 < SP_CHUNK) ? (n - c0) : SP_CHUNK);
+    if (threadIdx.x < cnt) {
+        const long long s = c0 + threadIdx.x;
+        s_row[threadIdx.x] = iacc[s];
+        s_u[threadIdx.x] = iu[s];
+        s_v[threadIdx.x] = use_v ? iv[s] : 0;
+        s_w[threadIdx.x] = w[s];
+    }
+    __syncthreads();
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        double v = use_v ? (double)(a[d] * b[d]) : (double)a[d];
-        atomicAdd(t + d, ws * v);
+        double sum = 0.0;
+        long long cur = s_row[0];
+        for (int j0 = 0; j0 < cnt; j0 += RS_UNROLL) {
+            const int m = (cnt - j0 < RS_UNROLL) ? cnt - j0 : RS_UNROLL;
+            float v[RS_UNROLL];
+#pragma unroll
+            for (int u = 0; u < RS_UNROLL; ++u) {  // the group's loads first, then the adds
+                if (u < m) {
+                    v[u] = U[s_u[j0 + u] * (long long)D + d];
+                    if (use_v) v[u] *= V[s_v[j0 + u] * (long long)D + d];
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < RS_UNROLL; ++u) {
+                if (u < m) {
+                    const long long r = s_row[j0 + u];
+                    if (r != cur) {  // the same for every thread of the block
+                        atomicAdd(acc + cur * (long long)D + d, sum);
+                        sum = 0.0;
+                        cur = r;
+                    }
+                    sum += (double)s_w[j0 + u] * (double)v[u];
+                }
+            }
+        }
+        atomicAdd(acc + cur * (long long)D + d, sum);
     }
 }
 
@@ -246,7 +286,7 @@ void residual_sums(const float* X, const float* A, const long long* ix, const lo
         a2[g * (long long)P + p] = sa;
     }
 }
-"""
+""".replace("@SP_CHUNK@", str(SP_CHUNK))
 
 
 def _cuda_kernel(name):
@@ -418,7 +458,10 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, method: str | None = None) -> N
     their chunks atomically, order-independent to ~1e-16 relative); at 64 px, K=200 (a pool's
     82 million samples into 24,000 rows) it replaced cuSPARSE's float64 products, which took
     0.99 s. With few samples per row, double-precision atomic adds (order-independent to
-    ~1e-16 relative), faster there than sorting the samples (benchmarks/RESULTS.md).
+    ~1e-16 relative), faster there than sorting the samples (benchmarks/RESULTS.md); a block
+    takes ``SP_CHUNK`` consecutive samples and sums each run of them with the same target row
+    before its atomic add, so samples ordered with equal target rows next to each other (as
+    the E-step's second pass orders them) need fewer atomic adds.
     """
     xp = array_module(acc)
     n = int(iu.shape[0])
@@ -447,7 +490,7 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, method: str | None = None) -> N
                                            iacc, w):
         return
     _cuda_kernel("scatter_products")(
-        (n,), (128,),
+        ((n + SP_CHUNK - 1) // SP_CHUNK,), (128,),
         (acc, U, Vc, xp.ascontiguousarray(iu, xp.int64),
          xp.ascontiguousarray(iv if V is not None else iu, xp.int64),
          xp.ascontiguousarray(iacc, xp.int64), xp.ascontiguousarray(w, xp.float32),

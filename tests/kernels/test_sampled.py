@@ -109,6 +109,35 @@ def test_gpu_row_sums_split_crowded_rows(monkeypatch, chunk):
             assert np.array_equal(got[0], got[1])
 
 
+@pytest.mark.gpu
+def test_gpu_atomic_sums_merge_runs_of_one_row():
+    """The atomic adds sum each run of consecutive samples with one target row first: runs
+    of 1 to 70 samples (shorter and longer than a block's SP_CHUNK, across block ends, the
+    same row again after another) give the reference."""
+    import cupy
+
+    from cryonb.kernels import _sampled
+
+    rng = np.random.default_rng(11)
+    U, V, *_ = _data(8)
+    M = 9
+    lengths = rng.integers(1, 71, 60)
+    iacc = np.repeat(rng.integers(0, M, lengths.shape[0]), lengths)
+    n = iacc.shape[0]
+    assert n % _sampled.SP_CHUNK and lengths.max() > _sampled.SP_CHUNK
+    iu, iv = rng.integers(0, U.shape[0], n), rng.integers(0, V.shape[0], n)
+    w = rng.random(n).astype(np.float32)
+    for with_v in (True, False):
+        a = cupy.zeros((M, U.shape[1]))
+        scatter_products(a, cupy.asarray(U), cupy.asarray(V) if with_v else None,
+                         cupy.asarray(iu), cupy.asarray(iv), cupy.asarray(iacc),
+                         cupy.asarray(w), "atomic")
+        b = np.zeros((M, U.shape[1]))
+        scatter_products_reference(b, U, V if with_v else None, iu, iv, iacc, w)
+        tol = 1e-5 if with_v else 1e-9  # float32 products / exact ones
+        np.testing.assert_allclose(a.get(), b, rtol=tol, atol=tol)
+
+
 def test_scatter_method_rule_and_bad_names():
     """Grouping by row from ROWS_FROM samples per row, atomic adds below; a forced method
     wins; an unknown one is refused by name."""
