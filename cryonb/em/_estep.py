@@ -29,7 +29,7 @@ from ..ctf import CTFParams, ctf_at, ctf_features
 from ..data.conventions import rotated_indices
 from ..fourier import Projector, fft2_centered, ifft2_centered
 from ..kernels import (
-    coarse_significance,
+    coarse_log_posterior,
     insert_slices_2d,
     mask_images_2d,
     pose_neighbours,
@@ -41,6 +41,7 @@ from ..kernels import (
     segment_sums,
     shifted_images_ri,
     significant_in_segments,
+    significant_indices,
     weighted_bincounts,
 )
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch, Sampling
@@ -516,14 +517,14 @@ class EStepContext:
         x2 = ((Xc.real**2 + Xc.imag**2) * inv).sum(axis=1)
         offs = xp.asarray(batch.offset[:, None, :], dtype=xp.float32) + self.trans_coarse
         prior = self._offset_logprior(offs) + self.log_pdf  # (B, T, K)
-        self._mark("coarse: priors")
-        # the log-posteriors (cross term, powers, priors) and their significant samples;
         # best_t: the best over the translations, (B, K * R)
-        counts, idx, best_t = coarse_significance(
-            cross, x2, a2, prior, xp.asarray(batch.seed_class), self.n_psi,
-            self.config.adaptive_fraction, self.config.maxsig)
+        lw, best_t = coarse_log_posterior(cross, x2, a2, prior, xp.asarray(batch.seed_class),
+                                          self.n_psi)
         best = best_t.argmax(axis=1)
         self._accumulate_margins(best_t.reshape(B, self.K, self.n_psi).max(axis=2))
+        self._mark("coarse: priors")
+        counts, idx = significant_indices(lw.reshape(B, -1), self.config.adaptive_fraction,
+                                          self.config.maxsig, rowmax=best_t.max(axis=1))
         self._mark("coarse: significance")
         return counts, idx, best
 

@@ -20,7 +20,7 @@ import numpy as np
 from ..backend import array_module
 from ._cuda import cuda_function
 
-__all__ = ["coarse_log_posterior", "coarse_log_posterior_reference", "coarse_significance"]
+__all__ = ["coarse_log_posterior", "coarse_log_posterior_reference"]
 
 
 def coarse_log_posterior_reference(cross, x2, a2, prior, seed, R: int):
@@ -41,11 +41,8 @@ def coarse_log_posterior_reference(cross, x2, a2, prior, seed, R: int):
 _CUDA_SRC = r"""
 extern "C" __global__
 void coarse_log_posterior(float* lw, const float* x2, const float* a2, const float* prior,
-                          const long long* seed, int T, int M, int R, float* best_t,
-                          int write)
+                          const long long* seed, int T, int M, int R, float* best_t)
 {
-    // write == 0: only the maxima (the significance kernels compute the values again where
-    // they read the cross terms, so the (B, T, M) log-posteriors are never written)
     const int chunks = (M + blockDim.x - 1) / blockDim.x;
     const long long b = blockIdx.x / chunks;
     const int m = (blockIdx.x % chunks) * blockDim.x + threadIdx.x;
@@ -71,7 +68,7 @@ void coarse_log_posterior(float* lw, const float* x2, const float* a2, const flo
             const int t = t0 + u;
             if (t >= T) break;
             const float v = excluded ? neg_inf : (c[u] - 0.5f * base) + pr[t * K];
-            if (write) row[(long long)t * M] = v;
+            row[(long long)t * M] = v;
             mx = fmaxf(mx, v);
         }
     }
@@ -109,7 +106,7 @@ def coarse_log_posterior(cross, x2, a2, prior, seed, R: int):
         ``lw.max(axis=1)``.
     """
     xp = array_module(cross)
-    B, _, M = cross.shape
+    B, T, M = cross.shape
     lw = xp.ascontiguousarray(cross, dtype=xp.float32)
     best_t = xp.empty((B, M), xp.float32)
     if B == 0 or M == 0:
@@ -120,67 +117,13 @@ def coarse_log_posterior(cross, x2, a2, prior, seed, R: int):
                       np.ascontiguousarray(prior, dtype=f32),
                       np.ascontiguousarray(seed, dtype=np.int64), R, best_t)
         return lw, best_t
-    _coarse_gpu(lw, x2, a2, prior, seed, R, best_t, True)
-    return lw, best_t
-
-
-def _coarse_gpu(cross, x2, a2, prior, seed, R: int, best_t, write: bool) -> None:
-    """Launch the CUDA kernel: ``best_t`` (B, M) filled, ``cross`` (B, T, M) float32
-    overwritten with the log-posteriors if ``write``."""
-    import cupy as xp
-
-    B, T, M = cross.shape
-    f32 = xp.float32
     nt = 256
     cuda_function(_CUDA_SRC, "coarse_log_posterior")(
         (B * ((M + nt - 1) // nt),), (nt,),
-        (cross, xp.ascontiguousarray(x2, dtype=f32), xp.ascontiguousarray(a2, dtype=f32),
+        (lw, xp.ascontiguousarray(x2, dtype=f32), xp.ascontiguousarray(a2, dtype=f32),
          xp.ascontiguousarray(prior, dtype=f32), xp.ascontiguousarray(seed, dtype=xp.int64),
-         np.int32(T), np.int32(M), np.int32(R), best_t, np.int32(write)))
-
-
-def coarse_significance(cross, x2, a2, prior, seed, R: int, fraction: float, maxsig: int = -1):
-    """The coarse pass's significant samples and best log-posteriors, from its cross terms.
-
-    :func:`coarse_log_posterior` followed by :func:`cryonb.kernels.significant_indices` with
-    its maxima. On the GPU the log-posteriors are not written: the first kernel keeps only
-    their maxima over the translations, and the significance kernels compute each value again
-    where they read its cross term (the same operations, so the same values and the same
-    selection; at 128 px, K=200, psi 10 the log-posteriors are 2.4 GB per pool of 4000,
-    written once and read three times).
-
-    Parameters
-    ----------
-    cross, x2, a2, prior, seed, R
-        As :func:`coarse_log_posterior` (``cross`` (B, T, M) may be overwritten).
-    fraction, maxsig
-        As :func:`cryonb.kernels.significant_samples`.
-
-    Returns
-    -------
-    counts : int64 array of shape (B,)
-        Significant samples per particle.
-    idx : int64 array of shape (counts.sum(),)
-        Their columns ``t M + m``, particle after particle, ascending within a particle.
-    best_t : float32 array of shape (B, M)
-        The log-posteriors' maxima over the translations.
-    """
-    from ._select import significant_indices
-
-    xp = array_module(cross)
-    B, _, M = cross.shape
-    if xp is np or B == 0 or M == 0:
-        lw, best_t = coarse_log_posterior(cross, x2, a2, prior, seed, R)
-        counts, idx = significant_indices(lw.reshape(B, -1), fraction, maxsig,
-                                          rowmax=best_t.max(axis=1) if B and M else None)
-        return counts, idx, best_t
-    cross = xp.ascontiguousarray(cross, dtype=xp.float32)
-    best_t = xp.empty((B, M), xp.float32)
-    _coarse_gpu(cross, x2, a2, prior, seed, R, best_t, False)
-    counts, idx = significant_indices(cross.reshape(B, -1), fraction, maxsig,
-                                      rowmax=best_t.max(axis=1),
-                                      terms=(x2, a2, prior, seed, R))
-    return counts, idx, best_t
+         np.int32(T), np.int32(M), np.int32(R), best_t))
+    return lw, best_t
 
 
 @functools.cache

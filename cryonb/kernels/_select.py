@@ -100,36 +100,11 @@ __device__ void block_scan2(unsigned long long* a, unsigned long long* b,
     *tot_b = warp_b[31];
 }
 
-// Coarse mode (M > 0): the samples hold the coarse pass's cross terms, row b = the block's
-// particle, sample i = t M + m; their log-posteriors are computed here as
-// coarse_log_posterior computes them (the same operations: the same bits), so that they are
-// never written out. M == 0: the samples are the log-weights themselves.
-struct CoarseTerms {
-    const float* x2; const float* a2; const float* prior; const long long* seed;
-    int T, M, R;
-};
-
-__device__ __forceinline__ float sample_value(float c, long long i, long long b,
-                                              const CoarseTerms& q)
-{
-    if (q.M == 0) return c;
-    const unsigned int t = (unsigned int)i / (unsigned int)q.M;
-    const int m = (int)((unsigned int)i - t * (unsigned int)q.M);
-    const int k = m / q.R;
-    const long long s = q.seed[b];
-    if (s >= 0 && s != k) return -INFINITY_F;
-    const float base = q.x2[b] + q.a2[b * q.M + m];
-    return (c - 0.5f * base) + q.prior[(b * q.T + t) * (long long)(q.M / q.R) + k];
-}
-
 extern "C" __global__
 void significant_select(const float* lw, const float* rowmax, const long long* starts,
                         double fraction, long long maxsig, bool* out, int write_mask,
-                        unsigned int* thr_out, long long* count_out, const float* x2,
-                        const float* a2, const float* prior, const long long* seed, int T,
-                        int M, int R)
+                        unsigned int* thr_out, long long* count_out)
 {
-    const CoarseTerms q = {x2, a2, prior, seed, T, M, R};
     __shared__ unsigned int cnt[2048];
     __shared__ unsigned long long wsum[2048];
     __shared__ unsigned long long warp_w[NT / 32], warp_c[NT / 32];
@@ -176,8 +151,7 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
             }
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
-                const long long i = i0 + (long long)u * NT;
-                const float w = i < N ? expf(sample_value(v[u], i, blockIdx.x, q) - m) : 0.0f;
+                const float w = expf(v[u] - m);
                 const unsigned int key = __float_as_uint(w);
                 if (key < TINY_KEY || (key & mask) != prefix) continue;
                 const unsigned int d = (key >> shift) & (unsigned int)(nb - 1);
@@ -244,19 +218,15 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const long long i = i0 + (long long)u * NT;
-            if (i < N) o[i] = __float_as_uint(expf(sample_value(v[u], i, blockIdx.x, q) - m))
-                              >= thr;
+            if (i < N) o[i] = __float_as_uint(expf(v[u] - m)) >= thr;
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(NT, 2)
 significant_compact(const float* lw, const float* rowmax, const long long* starts,
-                         const unsigned int* thr, const long long* offsets, long long* idx,
-                         const float* x2, const float* a2, const float* prior,
-                         const long long* seed, int T, int M, int R)
+                         const unsigned int* thr, const long long* offsets, long long* idx)
 {
-    const CoarseTerms q = {x2, a2, prior, seed, T, M, R};
     // the indices (within the row) of the samples at or above the row's threshold, in
     // order: tiles of NT samples, a warp ballot and the warps' counts give each selected
     // sample its place; tiles with none (most of them) cost one barrier
@@ -271,8 +241,7 @@ significant_compact(const float* lw, const float* rowmax, const long long* start
     long long base = 0;
     for (long long i0 = 0; i0 < N; i0 += NT) {
         const long long i = i0 + threadIdx.x;
-        const bool f = i < N
-            && __float_as_uint(expf(sample_value(x[i], i, blockIdx.x, q) - m)) >= t;
+        const bool f = i < N && __float_as_uint(expf(x[i] - m)) >= t;
         if (!__syncthreads_or(f)) continue;
         const unsigned int ballot = __ballot_sync(0xffffffffu, f);
         if (lane == 0) warp_n[warp] = __popc(ballot);
@@ -329,7 +298,7 @@ def significant_samples(lw, fraction: float, maxsig: int = -1, rowmax=None):
     return out
 
 
-def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None, terms=None):
+def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None):
     """:func:`significant_samples` as indices: each row's significant columns, in order.
 
     At large K and fine psi sampling a particle has 10^5-10^6 coarse samples of which
@@ -341,12 +310,6 @@ def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None, term
     ----------
     lw, fraction, maxsig, rowmax
         As :func:`significant_samples`.
-    terms : tuple (x2, a2, prior, seed, R), optional
-        GPU: ``lw`` holds the coarse pass's cross terms (B, T, M) instead (``T`` from
-        ``prior``'s shape), and the log-weights are those
-        :func:`cryonb.kernels.coarse_log_posterior` makes of them with these arguments,
-        computed where they are read (the same values; they are never written out). Needs
-        ``rowmax``. CPU: computed first with that function (into ``lw``).
 
     Returns
     -------
@@ -360,33 +323,19 @@ def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None, term
     B, N = lw.shape
     if B == 0 or N == 0:
         return xp.zeros(B, xp.int64), xp.zeros(0, xp.int64)
-    if terms is not None and rowmax is None:
-        raise ValueError("significant_indices: terms need rowmax")
     if xp is np:
-        if terms is not None:
-            from ._coarse import coarse_log_posterior
-
-            x2, a2, prior, seed, R = terms
-            T = prior.shape[1]
-            lw = coarse_log_posterior(lw.reshape(B, T, N // T), x2, a2, prior, seed,
-                                      R)[0].reshape(B, N)
         rows, idx = np.nonzero(significant_samples(lw, fraction, maxsig, rowmax))
         return np.bincount(rows, minlength=B).astype(np.int64), idx.astype(np.int64)
     lw = xp.ascontiguousarray(lw, dtype=xp.float32)
     starts = xp.arange(B + 1, dtype=xp.int64) * N
     rowmax = xp.ascontiguousarray(lw.max(axis=1) if rowmax is None else rowmax,
                                   dtype=xp.float32)
-    targs = ()
-    if terms is not None:
-        T = terms[2].shape[1]
-        targs = _terms_args(terms, T, N // T)
-    thr, counts = _select_gpu(lw, rowmax, starts, fraction, maxsig, terms=targs)
+    thr, counts = _select_gpu(lw, rowmax, starts, fraction, maxsig)
     offsets = xp.zeros(B + 1, xp.int64)
     xp.cumsum(counts, out=offsets[1:])
     idx = xp.empty(int(offsets[-1]), xp.int64)
     cuda_function(_CUDA_SRC, "significant_compact")(
-        (B,), (1024,), (lw, rowmax, starts, thr, offsets, idx,
-                        *(targs or _terms_args(None, 0, 0))))
+        (B,), (1024,), (lw, rowmax, starts, thr, offsets, idx))
     return counts, idx
 
 
@@ -507,29 +456,11 @@ def _select_cpu():
     return kern
 
 
-def _terms_args(terms, T: int, M: int) -> tuple:
-    """The kernels' coarse-mode arguments (``CoarseTerms``): ``terms`` = (x2, a2, prior, seed,
-    R) of :func:`cryonb.kernels.coarse_log_posterior` for cross terms (B, T, M), or None
-    (the samples are log-weights; ``M = 0`` in the kernels)."""
-    import cupy
-
-    if terms is None:
-        none = cupy.empty(1, cupy.float32)
-        return none, none, none, cupy.empty(1, cupy.int64), np.int32(0), np.int32(0), np.int32(1)
-    x2, a2, prior, seed, R = terms
-    f32 = cupy.float32
-    return (cupy.ascontiguousarray(x2, dtype=f32), cupy.ascontiguousarray(a2, dtype=f32),
-            cupy.ascontiguousarray(prior, dtype=f32),
-            cupy.ascontiguousarray(seed, dtype=cupy.int64), np.int32(T), np.int32(M),
-            np.int32(R))
-
-
-def _select_gpu(lw, rowmax, starts, fraction, maxsig, out=None, terms=()):
+def _select_gpu(lw, rowmax, starts, fraction, maxsig, out=None):
     """Launch the radix select: one block per segment ``starts[i]:starts[i + 1]``.
 
     Fills the mask ``out`` (bool, like ``lw``) unless it is None; returns each segment's
-    threshold (the bit pattern of its smallest significant weight) and count. ``terms``: the
-    kernels' coarse-mode arguments (:func:`_terms_args`; default: none)."""
+    threshold (the bit pattern of its smallest significant weight) and count."""
     import cupy
 
     n_seg = int(starts.shape[0]) - 1
@@ -540,6 +471,5 @@ def _select_gpu(lw, rowmax, starts, fraction, maxsig, out=None, terms=()):
                             cupy.ascontiguousarray(starts, dtype=cupy.int64),
                             np.float64(fraction), np.int64(maxsig),
                             cupy.empty(1, cupy.bool_) if out is None else out,
-                            np.int32(out is not None), thr, count,
-                            *(terms or _terms_args(None, 0, 0))))
+                            np.int32(out is not None), thr, count))
     return thr, count

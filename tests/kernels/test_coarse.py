@@ -18,10 +18,6 @@ def _inputs(seed=0, B=5, T=7, K=4, R=9):
     return cross, x2, a2, prior, seed_cls, R
 
 
-def _host(a):
-    return a.get() if hasattr(a, "get") else a
-
-
 def _by_definition(cross, x2, a2, prior, seed_cls, R):
     B, T, M = cross.shape
     lw = np.empty_like(cross)
@@ -82,66 +78,3 @@ def test_gpu_log_posterior_large_rows_and_empty():
          cupy.zeros(0, cupy.int64)]
     lw, best = coarse_log_posterior(*e, 3)
     assert lw.shape == (0, 4, 6) and best.shape == (0, 6)
-
-
-@pytest.mark.parametrize("scale", [3.0, 20.0])
-def test_significance_from_cross_terms_matches_the_sort(xp, scale):
-    """coarse_significance: the significant samples of the log-posteriors (the sort-based
-    reference's, as columns t M + m per particle) and their maxima over the translations;
-    with classes excluded by the seed and by a -inf prior, rows longer than a block reads at
-    once, a broad (scale 3) and a peaked (scale 20) posterior."""
-    from cryonb.kernels import (
-        coarse_significance,
-        significant_indices,
-        significant_samples_reference,
-    )
-
-    cross, x2, a2, prior, seed_cls, R = _inputs(3, B=5, T=21, K=50, R=36)
-    cross = cross / 50 * scale
-    lw, best = coarse_log_posterior_reference(cross, x2, a2, prior, seed_cls, R)
-    B = cross.shape[0]
-    for fraction, maxsig in ((0.999, -1), (0.9, 30)):
-        mask = significant_samples_reference(lw.reshape(B, -1), fraction, maxsig)
-        rows, cols = np.nonzero(mask)
-        counts, idx, got_best = (
-            a.get() if hasattr(a, "get") else a
-            # (a copy: the cross terms may be overwritten)
-            for a in coarse_significance(*(xp.array(a) for a in (cross, x2, a2, prior,
-                                                                  seed_cls)),
-                                         R, fraction, maxsig))
-        assert np.array_equal(counts, np.bincount(rows, minlength=B))
-        assert np.array_equal(idx, cols)
-        assert np.array_equal(got_best, best)
-        # significant_indices given the terms: the same
-        dev = [xp.array(a) for a in (cross, x2, a2, prior, seed_cls)]
-        c2, i2 = significant_indices(dev[0].reshape(B, -1), fraction, maxsig,
-                                     rowmax=xp.asarray(best.max(axis=1)), terms=(*dev[1:], R))
-        assert np.array_equal(_host(c2), counts) and np.array_equal(_host(i2), idx)
-    with pytest.raises(ValueError, match="rowmax"):
-        significant_indices(xp.asarray(lw.reshape(B, -1)), 0.9, terms=(*dev[1:], R))
-
-
-@pytest.mark.gpu
-def test_gpu_significance_without_written_log_posteriors_is_the_same():
-    """On the GPU the significance kernels compute the log-posteriors where they read the
-    cross terms: the same counts, columns and maxima as from the written log-posteriors
-    (significant_indices on coarse_log_posterior's output), bit for bit; an empty pool."""
-    import cupy
-
-    from cryonb.kernels import coarse_significance, significant_indices
-
-    args = _inputs(4, B=7, T=21, K=40, R=30)
-    dev = [cupy.asarray(a) for a in args[:5]]
-    B = args[0].shape[0]
-    for fraction in (0.999, 0.5):
-        counts, idx, best = coarse_significance(dev[0].copy(), *dev[1:], args[5], fraction)
-        lw, want_best = coarse_log_posterior(dev[0].copy(), *dev[1:], args[5])
-        want_counts, want_idx = significant_indices(lw.reshape(B, -1), fraction,
-                                                    rowmax=want_best.max(axis=1))
-        assert cupy.array_equal(best, want_best)
-        assert cupy.array_equal(counts, want_counts) and cupy.array_equal(idx, want_idx)
-    e = [cupy.zeros((0, 4, 6), cupy.float32), cupy.zeros(0, cupy.float32),
-         cupy.zeros((0, 6), cupy.float32), cupy.zeros((0, 4, 2), cupy.float32),
-         cupy.zeros(0, cupy.int64)]
-    counts, idx, best = coarse_significance(*e, 3, 0.999)
-    assert counts.shape == (0,) and idx.shape == (0,) and best.shape == (0, 6)
