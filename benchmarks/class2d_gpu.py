@@ -6,7 +6,9 @@ Run on the GPU machine (through the device tool). In one run it measures, on the
    the coarse pass uses, with cupyx.profiler.benchmark;
 2. the E-step alone (coarse pass + second pass + accumulation) on pools of simulated particles
    at 64, 128 and 256 px with K = 50..200 and psi_step 6..10: particles/s, and the coarse
-   pass's matrix products as a fraction of the TF32 ceiling;
+   pass's matrix products as a fraction of the TF32 ceiling (and the most that fraction can
+   be while the images are copied from host memory: the product's time at the complex
+   ceiling over the copy's at the pinned host-to-device rate measured in the same run);
 3. whole iterations (``cryonb.parallel.run_class2d``, one rank) on RELION 5's published shape:
    10,000 particles, 128 px, K=20, psi_step 10, offset range 5 / step 2.
 
@@ -68,6 +70,31 @@ def gemm_ceiling(m: int, n: int, k: int) -> dict:
             rl.set_compute_type(dtype, old)
         out[name] = flops / float(np.median(t)) / 1e12
     return out
+
+
+def h2d_bandwidth(nbytes: int = 512 << 20) -> float:
+    """Host-to-device copy rate from pinned memory (bytes/s, the faster of 5 copies)."""
+    import cupy
+
+    host = _pinned_buffer(nbytes)
+    dev = cupy.empty(nbytes, cupy.uint8)
+    best = float("inf")
+    for _ in range(5):
+        cupy.cuda.Device().synchronize()
+        t0 = time.perf_counter()
+        dev.set(host)
+        cupy.cuda.Device().synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
+
+
+def _pinned_buffer(nbytes: int) -> np.ndarray:
+    """A pinned (page-locked) host buffer of ``nbytes`` bytes."""
+    import cupyx
+
+    buf = cupyx.empty_pinned(nbytes, np.uint8)
+    buf[:] = 1
+    return buf
 
 
 def simulate(n: int, box: int, views: int, seed: int = 0, snr: float = 0.1):
@@ -374,6 +401,8 @@ def main(argv=None):
     results["gemm"] = gemm_ceiling(16384, 7200, 4096)
     print("GEMM ceiling (TFLOP/s):", results["gemm"], flush=True)
     rl.set_compute_type(cupy.float32, rl.COMPUTE_TYPE_TF32)  # coarse pass ranks samples
+    results["h2d_gb_per_s"] = h2d_bandwidth() / 1e9
+    print(f"host-to-device copies (pinned): {results['h2d_gb_per_s']:.1f} GB/s", flush=True)
     cases = [(128, 50, 10.0)] if a.quick else [
         (64, 50, 10.0), (64, 200, 6.0), (128, 50, 10.0), (128, 100, 6.0), (128, 200, 10.0),
         (256, 50, 10.0)]
@@ -394,6 +423,11 @@ def main(argv=None):
             # twice the real [Re | Im] product's (which computes only the real part it needs)
             r["fraction_of_tf32_complex"] = (2 * r["coarse_tflops_achieved"]
                                              / results["gemm"]["tf32_complex"])
+            # the most that fraction can be while the images come from host memory each
+            # iteration: the complex product's time over the float32 images' copy alone
+            upload_s = n * box * box * 4 / (results["h2d_gb_per_s"] * 1e9)
+            r["upload_bound_of_tf32_complex"] = (r["fraction_of_tf32_complex"] * r["seconds"]
+                                                 / upload_s)
         except Exception as exc:  # keep measuring the other shapes
             r = {"box": box, "K": K, "psi_step": psi, "error": repr(exc)}
         results["estep"].append(r)
@@ -424,11 +458,13 @@ def main(argv=None):
     lines = [f"card: {results['card']}, {results['date']}, CuPy {results['cupy']}",
              f"GEMM ceiling: FP32 {results['gemm']['fp32']:.0f} TFLOP/s, "
              f"TF32 {results['gemm']['tf32']:.0f} TFLOP/s, "
-             f"complex64 TF32 {results['gemm']['tf32_complex']:.0f} TFLOP/s",
+             f"complex64 TF32 {results['gemm']['tf32_complex']:.0f} TFLOP/s; "
+             f"host-to-device copies {results['h2d_gb_per_s']:.1f} GB/s",
              "", "| box | K | psi step | particles | E-step particles/s | (atomic sums) |"
              " (sparse sums) | (pageable images) | coarse TFLOP/s | % of TF32 |"
-             " % of TF32 complex | product alone TFLOP/s | significant samples |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " % of TF32 complex | product alone TFLOP/s | significant samples |"
+             " bound from the upload |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["estep"]:
         if "error" in r:
             lines.append(f"| {r['box']} | {r['K']} | {r['psi_step']} | error: {r['error']} ||||")
@@ -440,7 +476,8 @@ def main(argv=None):
                      f"{r['coarse_tflops_achieved']:.1f} | "
                      f"{100 * r['fraction_of_tf32']:.1f}% | "
                      f"{100 * r['fraction_of_tf32_complex']:.1f}% | "
-                     f"{r['coarse_product_tflops'] or 0:.0f} | {r['mean_significant']:.0f} |")
+                     f"{r['coarse_product_tflops'] or 0:.0f} | {r['mean_significant']:.0f} | "
+                     f"{100 * r['upload_bound_of_tf32_complex']:.0f}% |")
     for r in results["iterations"]:
         lines.append(f"\n{n} x 128 px, K=20, psi 10, offsets 5/2, --j {r.get('threads')}: "
                      + (f"{np.mean(r['per_iteration_s'][1:] or r['per_iteration_s']):.2f} s "
