@@ -743,11 +743,9 @@ class EStepContext:
         scatter_products(f.acc_weight, c2, None, bn, bn, rn, wn)
         self._mark("fine: back-projection sums (weights)")
         # the residual's per-pixel sums, sum w Re(X(t) conj(A)) and sum w |A|^2, per particle
-        # over its samples in (rotation, shifted image) order: its run of samples reads each
-        # reference row once for all its translations (the references are tens of MB, a
-        # particle's shifted images stay in the caches; btn numbers the shifted images in
-        # particle order)
-        o = xp.argsort((bn * (K * R) + rn) * Xt.shape[0] + btn)
+        # over its samples in (shifted image, rotation) order: its run of samples reads each
+        # shifted image once (btn numbers the shifted images in particle order)
+        o = xp.argsort(btn * (K * R) + rn)
         runs = segment_starts(bn[o], Bs)
         Q, Ra = residual_sums(Xt, f.refs_ri, btn[o], rn[o], runs, wn[o])
         self._mark("fine: back-projection sums (residual)")
