@@ -515,14 +515,17 @@ class EStepContext:
         self._mark("coarse: matrix product")
         a2 = (ctf * ctf * inv) @ c.refs_a2.T  # (B, M)
         x2 = ((Xc.real**2 + Xc.imag**2) * inv).sum(axis=1)
+        self._mark("coarse: powers")
         offs = xp.asarray(batch.offset[:, None, :], dtype=xp.float32) + self.trans_coarse
         prior = self._offset_logprior(offs) + self.log_pdf  # (B, T, K)
+        self._mark("coarse: offset priors")
         # best_t: the best over the translations, (B, K * R)
         lw, best_t = coarse_log_posterior(cross, x2, a2, prior, xp.asarray(batch.seed_class),
                                           self.n_psi)
+        self._mark("coarse: log-posteriors")
         best = best_t.argmax(axis=1)
         self._accumulate_margins(best_t.reshape(B, self.K, self.n_psi).max(axis=2))
-        self._mark("coarse: priors")
+        self._mark("coarse: best and class margins")
         counts, idx = significant_indices(lw.reshape(B, -1), self.config.adaptive_fraction,
                                           self.config.maxsig, rowmax=best_t.max(axis=1))
         self._mark("coarse: significance")
@@ -693,10 +696,11 @@ class EStepContext:
         ibt_c = (xp.cumsum(used) - 1)[flat_c]
         ibt = xp.broadcast_to(ibt_c[:, None, None] * ts + qt, shape).reshape(-1)
         rb, rt = key // (T * ts), key % (T * ts)
+        self._mark("fine: samples")
         cinv = ctf * inv
         c2 = ctf * cinv
         Xt, Y = shifted_images_ri(Xf, f.phases, cinv, rb, rt)  # (n_bt, 2P) [Re | Im]
-        self._mark("fine: samples and shifted images")
+        self._mark("fine: shifted images")
         cross = sampled_dot(Y, f.refs_ri, ibt, rf)
         a2 = sampled_dot(c2, f.refs_a2, b, rf)
         self._mark("fine: sampled products")
@@ -756,6 +760,7 @@ class EStepContext:
         resid = self._complete_shells(x2n - 2 * crossn + a2n, x2n, power_full, f.size)
         self._mark("fine: back-projection sums (residual power, shells)")
         self._accumulate_stats(batch, sub, resid, crossn, a2n)
+        self._mark("fine: noise and scale sums")
         # priors and class statistics
         S = self.sums
         # sums over the samples with non-zero weights (the others add zeros)
@@ -770,8 +775,9 @@ class EStepContext:
         S.acc_trans += sums[4]
         pk = xp.bincount(bn * K + kn, weights=wd, minlength=Bs * K).reshape(Bs, K)
         S.class_overlap += pk.T @ pk
+        self._mark("fine: priors and class overlaps")
         self._norm_and_totals(batch, sub, resid, res)
-        self._mark("fine: noise, priors and totals")
+        self._mark("fine: norm corrections and totals")
 
     def _results(self, f, batch, sub, w, tf, rf, offs, loglik, res, Xf, ctf, inv):
         """Best pose, max probability, log-likelihood, posterior spread per particle."""
