@@ -29,6 +29,7 @@ from ..ctf import CTFParams, ctf_at, ctf_features
 from ..data.conventions import rotated_indices
 from ..fourier import Projector, fft2_centered, ifft2_centered
 from ..kernels import (
+    class_maxima,
     coarse_log_posterior,
     insert_slices_2d,
     mask_images_2d,
@@ -493,11 +494,6 @@ class EStepContext:
         edge = (xp.arange(self.nsh) >= size // 2)[None]
         return xp.where(edge, resid + power_full - x2n, resid)
 
-    def _offset_logprior(self, offsets):
-        """log pdf_offset for offsets (..., 2) against every class prior -> (..., K)."""
-        d = offsets[..., None, :] - self.prior_offset
-        return -(d * d).sum(axis=-1) * self.inv2_sig_off
-
     def _coarse_pass(self, batch, Xc, ctf, inv):
         xp = self.xp
         c = self.coarse
@@ -517,14 +513,13 @@ class EStepContext:
         x2 = ((Xc.real**2 + Xc.imag**2) * inv).sum(axis=1)
         self._mark("coarse: powers")
         offs = xp.asarray(batch.offset[:, None, :], dtype=xp.float32) + self.trans_coarse
-        prior = self._offset_logprior(offs) + self.log_pdf  # (B, T, K)
-        self._mark("coarse: offset priors")
         # best_t: the best over the translations, (B, K * R)
-        lw, best_t = coarse_log_posterior(cross, x2, a2, prior, xp.asarray(batch.seed_class),
+        lw, best_t = coarse_log_posterior(cross, x2, a2, offs, self.prior_offset, self.log_pdf,
+                                          self.inv2_sig_off, xp.asarray(batch.seed_class),
                                           self.n_psi)
         self._mark("coarse: log-posteriors")
-        best = best_t.argmax(axis=1)
-        self._accumulate_margins(best_t.reshape(B, self.K, self.n_psi).max(axis=2))
+        lp, best = class_maxima(best_t, self.n_psi)
+        self._accumulate_margins(lp)
         self._mark("coarse: best and class margins")
         counts, idx = significant_indices(lw.reshape(B, -1), self.config.adaptive_fraction,
                                           self.config.maxsig, rowmax=best_t.max(axis=1))

@@ -7,18 +7,26 @@ from cryonb.kernels import coarse_log_posterior, coarse_log_posterior_reference
 
 
 def _inputs(seed=0, B=5, T=7, K=4, R=9):
+    """Arguments of coarse_log_posterior (cross, x2, a2, offsets, centres, log_pdf, inv2,
+    seed classes, R)."""
     rng = np.random.default_rng(seed)
     f32 = np.float32
     cross = rng.normal(size=(B, T, K * R)).astype(f32) * 50
     x2 = rng.uniform(100, 200, B).astype(f32)
     a2 = rng.uniform(10, 50, (B, K * R)).astype(f32)
-    prior = rng.normal(size=(B, T, K)).astype(f32)
-    prior[:, :, 2] = -np.inf  # a class without prior weight
+    offsets = rng.uniform(-6, 6, (B, T, 2)).astype(f32)
+    centres = rng.uniform(-1, 1, (K, 2)).astype(f32)
+    log_pdf = np.log(rng.dirichlet(np.ones(K))).astype(f32)
+    log_pdf[2] = -np.inf  # a class without prior weight
     seed_cls = np.array([-1, 1, -1, 3, 0][:B])
-    return cross, x2, a2, prior, seed_cls, R
+    return cross, x2, a2, offsets, centres, log_pdf, f32(0.37), seed_cls, R
 
 
-def _by_definition(cross, x2, a2, prior, seed_cls, R):
+def _host(a):
+    return a.get() if hasattr(a, "get") else a
+
+
+def _by_definition(cross, x2, a2, offsets, centres, log_pdf, inv2, seed_cls, R):
     B, T, M = cross.shape
     lw = np.empty_like(cross)
     for b in range(B):
@@ -28,18 +36,18 @@ def _by_definition(cross, x2, a2, prior, seed_cls, R):
                 if seed_cls[b] >= 0 and k != seed_cls[b]:
                     lw[b, t, m] = -np.inf
                 else:
-                    lw[b, t, m] = cross[b, t, m] - 0.5 * (x2[b] + a2[b, m]) + prior[b, t, k]
+                    d2 = ((offsets[b, t] - centres[k]) ** 2).sum()
+                    prior = log_pdf[k] - d2 * inv2
+                    lw[b, t, m] = cross[b, t, m] - 0.5 * (x2[b] + a2[b, m]) + prior
     return lw, lw.max(axis=1)
 
 
 def test_log_posterior_follows_the_definition(xp):
     args = _inputs()
     want_lw, want_best = _by_definition(*args)
-    cross, x2, a2, prior, seed_cls, R = args
-    lw, best = coarse_log_posterior(xp.asarray(cross), xp.asarray(x2), xp.asarray(a2),
-                                    xp.asarray(prior), xp.asarray(seed_cls), R)
-    lw = lw.get() if hasattr(lw, "get") else lw
-    best = best.get() if hasattr(best, "get") else best
+    R = args[-1]
+    lw, best = (_host(a) for a in coarse_log_posterior(
+        *(xp.asarray(a) for a in args[:6]), args[6], xp.asarray(args[7]), R))
     assert lw.shape == want_lw.shape and lw.dtype == np.float32
     fin = np.isfinite(want_lw)
     assert np.array_equal(fin, np.isfinite(lw))
@@ -57,8 +65,9 @@ def test_cpu_kernel_is_the_array_expressions_bit_for_bit():
     assert np.array_equal(lw, want_lw) and np.array_equal(best, want_best)
     lw, best = coarse_log_posterior(cross, *rest)
     assert lw is cross and np.array_equal(lw, want_lw) and np.array_equal(best, want_best)
-    lw, best = coarse_log_posterior(cross[:0], rest[0][:0], rest[1][:0], rest[2][:0],
-                                    rest[3][:0], rest[4])
+    x2, a2, offsets, centres, log_pdf, inv2, seed_cls, R = rest
+    lw, best = coarse_log_posterior(cross[:0], x2[:0], a2[:0], offsets[:0], centres, log_pdf,
+                                    inv2, seed_cls[:0], R)
     assert lw.shape == (0, 21, 216) and best.shape == (0, 216)
 
 
@@ -69,12 +78,39 @@ def test_gpu_log_posterior_large_rows_and_empty():
 
     args = _inputs(1, B=3, T=21, K=50, R=36)
     want_lw, want_best = _by_definition(*args)
-    got_lw, got_best = coarse_log_posterior(*[cupy.asarray(a) for a in args[:5]], args[5])
+    got_lw, got_best = coarse_log_posterior(*[cupy.asarray(a) for a in args[:6]], args[6],
+                                            cupy.asarray(args[7]), args[8])
+    # the CPU twin's bits (the same float32 operations, no fused multiply-adds)
+    cpu_lw, cpu_best = coarse_log_posterior(*args)
+    assert np.array_equal(got_lw.get(), cpu_lw) and np.array_equal(got_best.get(), cpu_best)
     fin = np.isfinite(want_lw)
     np.testing.assert_allclose(got_lw.get()[fin], want_lw[fin], rtol=1e-6, atol=1e-4)
     np.testing.assert_allclose(got_best.get(), want_best, rtol=1e-6, atol=1e-4)
     e = [cupy.zeros((0, 4, 6), cupy.float32), cupy.zeros(0, cupy.float32),
          cupy.zeros((0, 6), cupy.float32), cupy.zeros((0, 4, 2), cupy.float32),
+         cupy.zeros((2, 2), cupy.float32), cupy.zeros(2, cupy.float32), 0.5,
          cupy.zeros(0, cupy.int64)]
     lw, best = coarse_log_posterior(*e, 3)
     assert lw.shape == (0, 4, 6) and best.shape == (0, 6)
+
+
+@pytest.mark.parametrize("R", [1, 7, 36])
+def test_class_maxima_are_the_array_expressions(xp, R):
+    """Per-class maxima and the first column of each row's maximum, as reshape-max and
+    argmax give them: with ties between classes and inside a class, classes excluded (all
+    -inf) and a row with every class excluded; more classes than a block has threads."""
+    from cryonb.kernels import class_maxima
+
+    rng = np.random.default_rng(R)
+    K = 300
+    bt = np.round(rng.normal(size=(6, K * R)), 1).astype(np.float32)  # many equal values
+    bt[1, :] = 2.0  # every column ties
+    bt[2, R * 5:R * 9] = -np.inf
+    bt[3, :] = -np.inf
+    bt[4, 3 * R] = bt[4, 250 * R] = 9.0  # a tie between classes: the first wins
+    lp, best = (_host(a) for a in class_maxima(xp.asarray(bt), R))
+    assert np.array_equal(lp, bt.reshape(6, K, R).max(axis=2))
+    assert np.array_equal(best, bt.argmax(axis=1)) and best.dtype == np.int64
+    assert best[3] == 0 and best[4] == 3 * R
+    lp, best = class_maxima(xp.zeros((0, K * R), np.float32), R)
+    assert lp.shape == (0, K) and best.shape == (0,)
