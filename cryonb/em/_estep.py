@@ -29,7 +29,6 @@ from ..ctf import CTFParams, ctf_at, ctf_features
 from ..data.conventions import rotated_indices
 from ..fourier import Projector, fft2_centered, ifft2_centered
 from ..kernels import (
-    class_maxima,
     coarse_log_posterior,
     insert_slices_2d,
     mask_images_2d,
@@ -518,8 +517,8 @@ class EStepContext:
                                           self.inv2_sig_off, xp.asarray(batch.seed_class),
                                           self.n_psi)
         self._mark("coarse: log-posteriors")
-        lp, best = class_maxima(best_t, self.n_psi)
-        self._accumulate_margins(lp)
+        best = best_t.argmax(axis=1)
+        self._accumulate_margins(best_t.reshape(B, self.K, self.n_psi).max(axis=2))
         self._mark("coarse: best and class margins")
         counts, idx = significant_indices(lw.reshape(B, -1), self.config.adaptive_fraction,
                                           self.config.maxsig, rowmax=best_t.max(axis=1))

@@ -5,7 +5,7 @@ Each public function dispatches on its arguments' array module and has a plain N
 """
 
 from ._bins import weighted_bincounts, weighted_bincounts_reference
-from ._coarse import class_maxima, coarse_log_posterior, coarse_log_posterior_reference
+from ._coarse import coarse_log_posterior, coarse_log_posterior_reference
 from ._insert import insert_slices_2d, insert_slices_2d_reference
 from ._peaks import (
     find_peaks_2d,
@@ -41,7 +41,6 @@ from ._select import (
 )
 
 __all__ = [
-    "class_maxima",
     "coarse_log_posterior",
     "coarse_log_posterior_reference",
     "find_peaks_2d",

@@ -9,8 +9,7 @@ maximum over translations, and the offset prior another few over (B, T, K, 2); h
 CUDA thread per (particle, m) that walks the translations, computes the offset prior, writes
 the log-posteriors in place and keeps their maximum. On the CPU, the same in one Numba pass
 (row by row, the same float32 operations in the same order as the array expressions, so the
-same values bit for bit). :func:`class_maxima` then gives each particle's best column and
-per-class maxima.
+same values bit for bit).
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import numpy as np
 from ..backend import array_module
 from ._cuda import cuda_function
 
-__all__ = ["class_maxima", "coarse_log_posterior", "coarse_log_posterior_reference"]
+__all__ = ["coarse_log_posterior", "coarse_log_posterior_reference"]
 
 
 def offset_log_prior_reference(offsets, centres, log_pdf, inv2):
@@ -91,45 +90,6 @@ void coarse_log_posterior(float* lw, const float* x2, const float* a2, const flo
     }
     best_t[b * M + m] = mx;
 }
-
-extern "C" __global__
-void class_maxima(const float* best_t, int M, int R, float* lp, long long* best)
-{
-    // one block per particle: each class's maximum over its R rotations, and the first
-    // column holding the row's maximum (as argmax: the smallest index among equal maxima)
-    __shared__ float s_v[32];
-    __shared__ int s_i[32];
-    const long long b = blockIdx.x;
-    const float* row = best_t + b * (long long)M;
-    const int K = M / R;
-    const float neg_inf = __int_as_float(0xff800000);
-    float bv = neg_inf;
-    int bi = M;  // M: none yet
-    for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        float cv = row[k * R];
-        int ci = k * R;
-        for (int r = 1; r < R; ++r) {
-            const float v = row[k * R + r];
-            if (v > cv) { cv = v; ci = k * R + r; }
-        }
-        lp[b * K + k] = cv;
-        if (bi == M || cv > bv) { bv = cv; bi = ci; }  // classes in increasing order
-    }
-    // block reduction: the largest value, the smallest index among equals
-    for (int o = 16; o > 0; o >>= 1) {
-        const float v = __shfl_down_sync(0xffffffffu, bv, o);
-        const int i = __shfl_down_sync(0xffffffffu, bi, o);
-        if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }
-    }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) { s_v[warp] = bv; s_i[warp] = bi; }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (int w = 1; w < (int)(blockDim.x + 31) / 32; ++w)
-            if (s_v[w] > bv || (s_v[w] == bv && s_i[w] < bi)) { bv = s_v[w]; bi = s_i[w]; }
-        best[b] = bi < M ? bi : 0;
-    }
-}
 """
 
 
@@ -185,42 +145,6 @@ def coarse_log_posterior(cross, x2, a2, offsets, centres, log_pdf, inv2, seed, R
         (B * ((M + nt - 1) // nt),), (nt,),
         (lw, *args, np.int32(T), np.int32(M), np.int32(R), best_t))
     return lw, best_t
-
-
-def class_maxima(best_t, R: int):
-    """Each class's best log-posterior and each particle's best (class, rotation) column.
-
-    Parameters
-    ----------
-    best_t : float32 array of shape (B, M)
-        Log-posteriors maximised over the translations (:func:`coarse_log_posterior`),
-        column ``m = k R + r``.
-    R : int
-        Rotations per class.
-
-    Returns
-    -------
-    lp : float32 array of shape (B, K)
-        ``best_t.reshape(B, K, R).max(axis=2)``.
-    best : int64 array of shape (B,)
-        ``best_t.argmax(axis=1)`` (the first column of the row's maximum).
-
-    Notes
-    -----
-    On the GPU one block per particle (the array expressions took 1-1.5 ms per pool of 4000
-    at K=50-200 on an H100, for 115 MB of input).
-    """
-    xp = array_module(best_t)
-    B, M = best_t.shape
-    K = M // R
-    if xp is np or B == 0 or M == 0:
-        return best_t.reshape(B, K, R).max(axis=2), best_t.argmax(axis=1).astype(xp.int64)
-    best_t = xp.ascontiguousarray(best_t, dtype=xp.float32)
-    lp = xp.empty((B, K), xp.float32)
-    best = xp.empty(B, xp.int64)
-    cuda_function(_CUDA_SRC, "class_maxima")((B,), (128,),
-                                             (best_t, np.int32(M), np.int32(R), lp, best))
-    return lp, best
 
 
 @functools.cache

@@ -89,7 +89,6 @@ def kernel_sources() -> list[tuple[str, str]]:
         for fname in ("sampled_dot", "scatter_products", "scatter_rows", "residual_sums"):
             _sampled._cuda_kernel(fname)
         _cuda.cuda_function(_coarse._CUDA_SRC, "coarse_log_posterior")
-        _cuda.cuda_function(_coarse._CUDA_SRC, "class_maxima")
         _cuda.cuda_function(_prepare._CUDA_SRC, "mask_images")
         _cuda.cuda_function(_prepare._SHIFT_SRC, "shifted_ri")
         _cuda.cuda_function(_pose._CUDA_SRC, "pose_neighbours")

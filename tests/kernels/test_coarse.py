@@ -92,25 +92,3 @@ def test_gpu_log_posterior_large_rows_and_empty():
          cupy.zeros(0, cupy.int64)]
     lw, best = coarse_log_posterior(*e, 3)
     assert lw.shape == (0, 4, 6) and best.shape == (0, 6)
-
-
-@pytest.mark.parametrize("R", [1, 7, 36])
-def test_class_maxima_are_the_array_expressions(xp, R):
-    """Per-class maxima and the first column of each row's maximum, as reshape-max and
-    argmax give them: with ties between classes and inside a class, classes excluded (all
-    -inf) and a row with every class excluded; more classes than a block has threads."""
-    from cryonb.kernels import class_maxima
-
-    rng = np.random.default_rng(R)
-    K = 300
-    bt = np.round(rng.normal(size=(6, K * R)), 1).astype(np.float32)  # many equal values
-    bt[1, :] = 2.0  # every column ties
-    bt[2, R * 5:R * 9] = -np.inf
-    bt[3, :] = -np.inf
-    bt[4, 3 * R] = bt[4, 250 * R] = 9.0  # a tie between classes: the first wins
-    lp, best = (_host(a) for a in class_maxima(xp.asarray(bt), R))
-    assert np.array_equal(lp, bt.reshape(6, K, R).max(axis=2))
-    assert np.array_equal(best, bt.argmax(axis=1)) and best.dtype == np.int64
-    assert best[3] == 0 and best[4] == 3 * R
-    lp, best = class_maxima(xp.zeros((0, K * R), np.float32), R)
-    assert lp.shape == (0, K) and best.shape == (0,)
