@@ -3,7 +3,9 @@
 #   bash benchmarks/gpu_session.sh STEP [STEP ...]
 # Steps: tests (every GPU-marked test), picktests (those of tests/pick with the map carried in
 #        .gpudata/), profile (E-step per stage), bench (class2d_gpu.py grid),
-#        parallel (parallel_gpu_check.py), scaling (parallel_scaling.py --gpu, $SCALING_ARGS), panel (panel_gpu_check.py),
+#        ab (class2d_gpu_ab.py: the tree in $AB_BASE, default _base/, against this one, in
+#        turns; $AB_ARGS; carry _base), parallel (parallel_gpu_check.py),
+#        scaling (parallel_scaling.py --gpu, $SCALING_ARGS), panel (panel_gpu_check.py),
 #        autopick (benchmarks/autopick.py GPU and CPU rows), notebooks (notebooks on the GPU).
 # TEST_PATHS: the tests step's folders (default: fourier kernels em pick parallel).
 # Each step has its own time limit (STEP_TIMEOUT_<step>, seconds). Logs and results go to $OUT
@@ -41,6 +43,8 @@ for what in "$@"; do
                  -p no:cacheprovider --timeout 140 tests/pick ;;
     profile) step profile 120 python3 benchmarks/estep_profile.py --gpu ${PROFILE_ARGS:---n 4000 --box 128 --K 50} ;;
     bench) step bench 420 python3 benchmarks/class2d_gpu.py --out "$OUT" ${BENCH_ARGS:-} ;;
+    ab) step ab 420 python3 benchmarks/class2d_gpu_ab.py --base "${AB_BASE:-_base}" --out "$OUT" \
+          ${AB_ARGS:-} ;;
     parallel) step parallel_check 200 python3 benchmarks/parallel_gpu_check.py ;;
     scaling) step scaling 300 python3 benchmarks/parallel_scaling.py --gpu '' \
                ${SCALING_ARGS:---n 20000 --box 128 --K 50 --workers 1 2 --threads 1 2 4} \
