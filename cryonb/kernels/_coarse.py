@@ -123,8 +123,8 @@ def coarse_log_posterior(cross, x2, a2, offsets, centres, log_pdf, inv2, seed, R
     Returns
     -------
     lw : float32 array of shape (B, T, M)
-        ``cross - (x2 + a2) / 2 + prior``, ``-inf`` in classes other than the seed, with the
-        translation's log prior in the class.
+        ``cross - (x2 + a2) / 2`` plus the translation's log prior in the class (offset prior
+        and ``log_pdf``); ``-inf`` in classes other than the seed.
     best_t : float32 array of shape (B, M)
         ``lw.max(axis=1)``.
     """

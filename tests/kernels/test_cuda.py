@@ -68,9 +68,8 @@ def test_every_kernel_source_compiles_with_nvrtc():
         missing("NVRTC (pip package nvidia-cuda-nvrtc-cu12)")
     sources = kernel_sources()
     names = {n for _, n in sources}
-    assert {"coarse_log_posterior", "mask_images", "shifted_ri",
-            "significant_select", "seg_argmax", "seg_sum", "sampled_dot", "scatter_products",
-            "insert2d"} <= names
+    assert {"coarse_log_posterior", "mask_images", "shifted_ri", "significant_select",
+            "seg_argmax", "seg_sum", "sampled_dot", "scatter_products", "insert2d"} <= names
     for src, name in sources:
         ok, log = compile_cuda(lib, src, f"{name}.cu")
         assert ok, f"{name}: {log}"
