@@ -129,7 +129,8 @@ def _numba_kernels():
 
 # ----------------------------------------------------------------------------- GPU (CuPy)
 #: GPU: consecutive samples per block of the atomic adds (``scatter_products``), whose runs
-#: with the same target row are summed before their atomic add (a run is cut where a block ends)
+#: with the same target row are summed before their atomic add (a run is cut where a block
+#: ends); at most the block's 128 threads (each loads one sample's indices)
 SP_CHUNK = 32
 
 _CUDA_SRC = r"""
@@ -490,8 +491,11 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, method: str | None = None) -> N
     if how == "sparse" and _scatter_sparse(acc, U, Vc if V is not None else None, iu, iv,
                                            iacc, w):
         return
+    threads = 128
+    if SP_CHUNK > threads:
+        raise ValueError(f"SP_CHUNK ({SP_CHUNK}) must be at most {threads}")
     _cuda_kernel("scatter_products")(
-        ((n + SP_CHUNK - 1) // SP_CHUNK,), (128,),
+        ((n + SP_CHUNK - 1) // SP_CHUNK,), (threads,),
         (acc, U, Vc, xp.ascontiguousarray(iu, xp.int64),
          xp.ascontiguousarray(iv if V is not None else iu, xp.int64),
          xp.ascontiguousarray(iacc, xp.int64), xp.ascontiguousarray(w, xp.float32),
