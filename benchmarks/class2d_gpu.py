@@ -76,7 +76,10 @@ def h2d_bandwidth(nbytes: int = 512 << 20) -> float:
     """Host-to-device copy rate from pinned memory (bytes/s, the faster of 5 copies)."""
     import cupy
 
-    host = _pinned_buffer(nbytes)
+    from cryonb.backend import pinned_empty
+
+    host = pinned_empty(nbytes, np.uint8)
+    host[:] = 1
     dev = cupy.empty(nbytes, cupy.uint8)
     best = float("inf")
     for _ in range(5):
@@ -86,15 +89,6 @@ def h2d_bandwidth(nbytes: int = 512 << 20) -> float:
         cupy.cuda.Device().synchronize()
         best = min(best, time.perf_counter() - t0)
     return nbytes / best
-
-
-def _pinned_buffer(nbytes: int) -> np.ndarray:
-    """A pinned (page-locked) host buffer of ``nbytes`` bytes."""
-    import cupyx
-
-    buf = cupyx.empty_pinned(nbytes, np.uint8)
-    buf[:] = 1
-    return buf
 
 
 def simulate(n: int, box: int, views: int, seed: int = 0, snr: float = 0.1):
