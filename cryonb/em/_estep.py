@@ -34,7 +34,7 @@ from ..kernels import (
     mask_images_2d,
     pose_neighbours,
     residual_sums,
-    sampled_dot,
+    sampled_dot_blocks,
     scatter_products,
     segment_argmax,
     segment_starts,
@@ -661,10 +661,11 @@ class EStepContext:
         in (particle, translation, rotation) order; ``T`` coarse translations.
 
         Every significant coarse (translation, rotation) pair of a particle expands into its
-        ``f.ts x f.ps`` oversampled samples, which are scored with sampled dot products
-        (:func:`cryonb.kernels.sampled_dot`) at the current image size. As RELION, weights
-        below the second pass's significance threshold (``adaptive_fraction``) are dropped;
-        the rest are accumulated with :func:`cryonb.kernels.scatter_products`.
+        ``f.ts x f.ps`` oversampled samples, which are scored with blocks of sampled dot
+        products (:func:`cryonb.kernels.sampled_dot_blocks`) at the current image size. As
+        RELION, weights below the second pass's significance threshold
+        (``adaptive_fraction``) are dropped; the rest are accumulated with
+        :func:`cryonb.kernels.scatter_products`.
         """
         xp = self.xp
         ts, ps = f.ts, f.ps
@@ -695,8 +696,11 @@ class EStepContext:
         c2 = ctf * cinv
         Xt, Y = shifted_images_ri(Xf, f.phases, cinv, rb, rt)  # (n_bt, 2P) [Re | Im]
         self._mark("fine: shifted images")
-        cross = sampled_dot(Y, f.refs_ri, ibt, rf)
-        a2 = sampled_dot(c2, f.refs_a2, b, rf)
+        # a coarse sample's ts x ps products from one read of its rows; the reference power
+        # depends on the particle and the rotation only (the same for the ts translations)
+        cross = sampled_dot_blocks(Y, f.refs_ri, ibt_c, cr, ts, ps).reshape(-1)
+        a2 = xp.broadcast_to(sampled_dot_blocks(c2, f.refs_a2, cb, cr, 1, ps),
+                             shape).reshape(-1)
         self._mark("fine: sampled products")
         x2 = ((Xf.real**2 + Xf.imag**2) * inv).sum(axis=1)
         k = rf // R
@@ -741,11 +745,10 @@ class EStepContext:
         scatter_products(f.acc_weight, c2, None, bn, bn, rn, wn)
         self._mark("fine: back-projection sums (weights)")
         # the residual's per-pixel sums, sum w Re(X(t) conj(A)) and sum w |A|^2, per particle
-        # over its samples in (shifted image, rotation) order: its run of samples reads each
-        # shifted image once (btn numbers the shifted images in particle order)
-        o = xp.argsort(btn * (K * R) + rn)
-        runs = segment_starts(bn[o], Bs)
-        Q, Ra = residual_sums(Xt, f.refs_ri, btn[o], rn[o], runs, wn[o])
+        # over its samples in their own order (no sort): a reference row repeats over a
+        # coarse sample's sub-translations, whose few shifted images repeat over its
+        # rotations, and the GPU reads the repeats from its caches
+        Q, Ra = residual_sums(Xt, f.refs_ri, btn, rn, segment_starts(bn, Bs), wn)
         self._mark("fine: back-projection sums (residual)")
         onehot = f.onehot.astype(xp.float64)
         crossn = (Q * ctf) @ onehot

@@ -11,7 +11,9 @@ same target row where rows get many samples, double-precision atomic adds where 
 the benchmarks' alternative), with a plain NumPy reference for the tests. The noise model's
 per-particle residual terms are one pass over each particle's run of samples
 (:func:`residual_sums`: a thread per particle on the CPU, a CUDA block per particle on the
-GPU, the same bits on both).
+GPU, the same bits on both). The second pass's products come in blocks, a coarse sample's
+sub-translations against its sub-rotations (:func:`sampled_dot_blocks`: a warp reads each
+row once for all the block's products).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "residual_sums",
     "residual_sums_reference",
     "sampled_dot",
+    "sampled_dot_blocks",
     "sampled_dot_reference",
     "scatter_products",
     "scatter_products_reference",
@@ -242,44 +245,41 @@ void residual_sums(const float* X, const float* A, const long long* ix, const lo
                    const long long* starts, const float* w, int P, double* q, double* a2)
 {
     // one block per segment (particle): its samples are the run starts[g]:starts[g + 1],
-    // summed in sample order in registers (no atomic adds, deterministic). A run of samples
-    // with the same row of X (sorted that way by the caller) reads that row once. Samples go
-    // in groups of RS_UNROLL: the group's reference values are all requested before the first
-    // is used (one dependent load per sample left the loop waiting on memory: 1.2 of 2.6 s
-    // of the E-step at 64 px, K=200); the sums still add them one by one, in order.
+    // summed in sample order in registers (no atomic adds, deterministic). Samples go in
+    // groups of RS_UNROLL whose values (a row of X and a row of A each) are all requested
+    // before the first is used (one dependent load per sample left the loop waiting on
+    // memory); the sums still add them one by one, in order. Rows that repeat among nearby
+    // samples are read from the cache: the E-step passes its samples in their own order,
+    // where a reference row repeats over a coarse sample's sub-translations and those
+    // sub-translations' few shifted images over its rotations.
     const long long g = blockIdx.x;
     const long long s0 = starts[g], s1 = starts[g + 1];
     const long long D = 2LL * P;
     for (int p = threadIdx.x; p < P; p += blockDim.x) {
-        double sq = 0.0, sa = 0.0, xr = 0.0, xi = 0.0;
-        long long cur = -1;
-        long long s = s0;
-        for (; s < s1; s += RS_UNROLL) {
+        double sq = 0.0, sa = 0.0;
+        for (long long s = s0; s < s1; s += RS_UNROLL) {
             const int n = (s1 - s < RS_UNROLL) ? (int)(s1 - s) : RS_UNROLL;
-            float ar[RS_UNROLL], ai[RS_UNROLL], ws[RS_UNROLL];
-            long long jx[RS_UNROLL];
+            float xr[RS_UNROLL], xi[RS_UNROLL], ar[RS_UNROLL], ai[RS_UNROLL], ws[RS_UNROLL];
 #pragma unroll
             for (int u = 0; u < RS_UNROLL; ++u) {
                 if (u < n) {
+                    const float* x = X + ix[s + u] * D;
                     const float* a = A + ia[s + u] * D;
+                    xr[u] = x[p];
+                    xi[u] = x[P + p];
                     ar[u] = a[p];
                     ai[u] = a[P + p];
                     ws[u] = w[s + u];
-                    jx[u] = ix[s + u];
                 }
             }
 #pragma unroll
             for (int u = 0; u < RS_UNROLL; ++u) {
                 if (u < n) {
-                    if (jx[u] != cur) {  // the same for every thread of the block
-                        cur = jx[u];
-                        xr = (double)X[cur * D + p];
-                        xi = (double)X[cur * D + P + p];
-                    }
                     const double dr = (double)ar[u], di = (double)ai[u], wd = (double)ws[u];
+                    const double dxr = (double)xr[u], dxi = (double)xi[u];
                     // products of floats are exact in double; __d*_rn: no contraction into
                     // fused multiply-adds, so that the CPU twin gives the same bits
-                    sq = __dadd_rn(sq, __dmul_rn(wd, __dadd_rn(xr * dr, xi * di)));
+                    sq = __dadd_rn(sq, __dmul_rn(wd, __dadd_rn(dxr * dr, dxi * di)));
                     sa = __dadd_rn(sa, __dmul_rn(wd, __dadd_rn(dr * dr, di * di)));
                 }
             }
@@ -289,6 +289,56 @@ void residual_sums(const float* X, const float* A, const long long* ix, const lo
     }
 }
 """.replace("@SP_CHUNK@", str(SP_CHUNK))
+
+
+_BLOCKS_SRC = r"""
+extern "C" __global__
+void sampled_dot_blocks(const float* U, const float* V, const long long* iu,
+                        const long long* iv, float* out, long long n, int D)
+{
+    // a warp per block of samples: rows iu[c] * TS + t of U against rows iv[c] * PS + q of
+    // V, for the TS x PS pairs (t, q). Each loaded value serves PS (or TS) products; every
+    // product is summed as sampled_dot sums it (the same operations in the same order:
+    // the same bits), out[(c * PS + q) * TS + t]
+    const long long c = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x & 31;
+    if (c >= n) return;
+    const float* a = U + iu[c] * (long long)TS * D;
+    const float* b = V + iv[c] * (long long)PS * D;
+    float acc[PS][TS];
+#pragma unroll
+    for (int q = 0; q < PS; ++q)
+#pragma unroll
+        for (int t = 0; t < TS; ++t) acc[q][t] = 0.f;
+    for (int d = lane; d < D; d += 32) {
+        float av[TS], bv[PS];
+#pragma unroll
+        for (int t = 0; t < TS; ++t) av[t] = a[t * (long long)D + d];
+#pragma unroll
+        for (int q = 0; q < PS; ++q) bv[q] = b[q * (long long)D + d];
+#pragma unroll
+        for (int q = 0; q < PS; ++q)
+#pragma unroll
+            for (int t = 0; t < TS; ++t) acc[q][t] += av[t] * bv[q];
+    }
+#pragma unroll
+    for (int q = 0; q < PS; ++q)
+#pragma unroll
+        for (int t = 0; t < TS; ++t) {
+            float v = acc[q][t];
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
+            if (lane == 0) out[(c * PS + q) * TS + t] = v;
+        }
+}
+"""
+
+#: the largest ``ts * ps`` of :func:`sampled_dot_blocks` on the GPU (registers per thread)
+BLOCK_MAX = 16
+
+
+def _blocks_kernel(ts: int, ps: int):
+    return cuda_function(f"#define TS {ts}\n#define PS {ps}\n" + _BLOCKS_SRC,
+                         "sampled_dot_blocks")
 
 
 def _cuda_kernel(name):
@@ -431,6 +481,57 @@ def sampled_dot(U, V, iu, iv):
     return out
 
 
+def sampled_dot_blocks(U, V, iu, iv, ts: int, ps: int):
+    """Dot products of blocks of consecutive rows: ``ts`` rows of ``U`` against ``ps`` rows
+    of ``V`` per block.
+
+    The E-step's second pass scores each significant coarse sample's ``ts`` sub-translations
+    (consecutive rows of its shifted images) against its ``ps`` sub-rotations (consecutive
+    reference rows). On the GPU a warp computes a block's ``ts x ps`` products from one read
+    of its ``ts + ps`` rows, where :func:`sampled_dot` reads two rows per product.
+
+    Parameters
+    ----------
+    U : float32 array of shape (n_u * ts, D)
+    V : float32 array of shape (n_v * ps, D)
+    iu, iv : int arrays of shape (n,)
+        Each block's rows: ``U[iu * ts + t]`` for ``t < ts`` and ``V[iv * ps + q]`` for
+        ``q < ps``.
+    ts, ps : int
+        Rows of ``U`` and of ``V`` per block.
+
+    Returns
+    -------
+    float32 array of shape (n, ps, ts)
+        ``out[c, q, t] = sum_d U[iu[c] * ts + t, d] * V[iv[c] * ps + q, d]``: the same values,
+        bit for bit, as :func:`sampled_dot` of the expanded row indices (on the GPU the same
+        summation order; on the CPU it is that function).
+    """
+    xp = array_module(U, V)
+    ts, ps = int(ts), int(ps)
+    if ts < 1 or ps < 1:
+        raise ValueError(f"blocks need at least one row of each array (ts={ts}, ps={ps})")
+    iu = xp.asarray(iu, xp.int64)
+    iv = xp.asarray(iv, xp.int64)
+    n = int(iu.shape[0])
+    if xp is np or ts * ps > BLOCK_MAX:
+        rows_u = (iu[:, None, None] * ts + xp.arange(ts)[None, None, :])
+        rows_v = (iv[:, None, None] * ps + xp.arange(ps)[None, :, None])
+        shape = (n, ps, ts)
+        return sampled_dot(U, V, xp.broadcast_to(rows_u, shape).reshape(-1),
+                           xp.broadcast_to(rows_v, shape).reshape(-1)).reshape(shape)
+    out = xp.empty((n, ps, ts), xp.float32)
+    if n == 0:
+        return out
+    U = xp.ascontiguousarray(U, dtype=xp.float32)
+    V = xp.ascontiguousarray(V, dtype=xp.float32)
+    threads = 256
+    blocks = (n * 32 + threads - 1) // threads
+    _blocks_kernel(ts, ps)((blocks,), (threads,),
+                           (U, V, iu, iv, out, np.int64(n), np.int32(U.shape[1])))
+    return out
+
+
 def scatter_products(acc, U, V, iu, iv, iacc, w, method: str | None = None) -> None:
     """Add weighted rows (or row products) into an accumulator, in place.
 
@@ -513,8 +614,8 @@ def residual_sums(X, A, ix, ia, starts, w):
     A : float32 array of shape (n_a, 2P)
         References as ``[Re | Im]`` rows.
     ix, ia : int arrays of shape (n,)
-        Row of ``X`` and row of ``A`` of each sample. Within a run, samples that share a row
-        of ``X`` should be adjacent (the GPU then reads that row once).
+        Row of ``X`` and row of ``A`` of each sample. Samples near each other that share
+        rows read them from the GPU's caches.
     starts : int array of shape (G + 1,)
         Runs: segment ``g`` holds the samples ``starts[g]:starts[g + 1]``
         (:func:`cryonb.kernels.segment_starts`); empty runs give rows of zeros.

@@ -88,6 +88,8 @@ def kernel_sources() -> list[tuple[str, str]]:
         _segments._cuda_kernel("seg_sum")
         for fname in ("sampled_dot", "scatter_products", "scatter_rows", "residual_sums"):
             _sampled._cuda_kernel(fname)
+        for ts, ps in ((4, 2), (1, 2)):  # the E-step's blocks (2D oversampling 1)
+            _sampled._blocks_kernel(ts, ps)
         _cuda.cuda_function(_coarse._CUDA_SRC, "coarse_log_posterior")
         _cuda.cuda_function(_prepare._CUDA_SRC, "mask_images")
         _cuda.cuda_function(_prepare._SHIFT_SRC, "shifted_ri")

@@ -27,6 +27,35 @@ def test_sampled_dot_cpu():
     assert sampled_dot(U, V, iu[:0], iv[:0]).shape == (0,)
 
 
+@pytest.mark.parametrize("ts, ps", [(4, 2), (1, 2), (3, 1), (9, 2)])
+def test_sampled_dot_blocks_are_the_expanded_products(xp, ts, ps):
+    """Blocks of ts x ps products equal, bit for bit, the per-sample products of the expanded
+    rows on the same backend (the GPU kernel sums each product in sampled_dot's order; 9 x 2
+    exceeds the GPU's block registers and takes the per-sample kernel)."""
+    from cryonb.kernels import sampled_dot_blocks
+
+    rng = np.random.default_rng(ts * 10 + ps)
+    D, nu, nv, n = 70, 13, 11, 300
+    U = xp.asarray(rng.normal(size=(nu * ts, D)).astype(np.float32))
+    V = xp.asarray(rng.normal(size=(nv * ps, D)).astype(np.float32))
+    iu, iv = xp.asarray(rng.integers(0, nu, n)), xp.asarray(rng.integers(0, nv, n))
+    got = sampled_dot_blocks(U, V, iu, iv, ts, ps)
+    assert got.shape == (n, ps, ts) and got.dtype == np.float32
+    rows_u = iu[:, None, None] * ts + xp.arange(ts)[None, None, :]
+    rows_v = iv[:, None, None] * ps + xp.arange(ps)[None, :, None]
+    shape = (n, ps, ts)
+    want = sampled_dot(U, V, xp.broadcast_to(rows_u, shape).reshape(-1),
+                       xp.broadcast_to(rows_v, shape).reshape(-1)).reshape(shape)
+    host = [a.get() if hasattr(a, "get") else a for a in (got, want, U, V, iu, iv)]
+    assert np.array_equal(host[0], host[1])
+    Uh, Vh, iuh, ivh = host[2:]
+    np.testing.assert_allclose(host[0][:, 1 % ps, ts - 1], sampled_dot_reference(
+        Uh, Vh, iuh * ts + ts - 1, ivh * ps + 1 % ps), rtol=1e-4, atol=1e-4)
+    assert sampled_dot_blocks(U, V, iu[:0], iv[:0], ts, ps).shape == (0, ps, ts)
+    with pytest.raises(ValueError, match="ts=0"):
+        sampled_dot_blocks(U, V, iu, iv, 0, ps)
+
+
 @pytest.mark.parametrize("with_v", [True, False])
 def test_scatter_products_cpu(with_v):
     U, V, iu, iv, iacc, w, M = _data(1)
