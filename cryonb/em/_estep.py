@@ -33,7 +33,7 @@ from ..kernels import (
     insert_slices_2d,
     mask_images_2d,
     pose_neighbours,
-    residual_sums,
+    residual_sums_blocks,
     sampled_dot_blocks,
     scatter_products,
     segment_argmax,
@@ -745,10 +745,12 @@ class EStepContext:
         scatter_products(f.acc_weight, c2, None, bn, bn, rn, wn)
         self._mark("fine: back-projection sums (weights)")
         # the residual's per-pixel sums, sum w Re(X(t) conj(A)) and sum w |A|^2, per particle
-        # over its samples in their own order (no sort): a reference row repeats over a
-        # coarse sample's sub-translations, whose few shifted images repeat over its
-        # rotations, and the GPU reads the repeats from its caches
-        Q, Ra = residual_sums(Xt, f.refs_ri, btn, rn, segment_starts(bn, Bs), wn)
+        # over the coarse samples with a non-zero weight, each block of ts x ps samples from
+        # one read of its rows
+        wc = w.reshape(shape)
+        live = xp.flatnonzero((wc > 0).any(axis=(1, 2)))
+        Q, Ra = residual_sums_blocks(Xt, f.refs_ri, ibt_c[live], cr[live], ts, ps,
+                                     segment_starts(cb[live], Bs), wc[live])
         self._mark("fine: back-projection sums (residual)")
         onehot = f.onehot.astype(xp.float64)
         crossn = (Q * ctf) @ onehot

@@ -26,6 +26,7 @@ from ._prepare import (
 )
 from ._sampled import (
     residual_sums,
+    residual_sums_blocks,
     residual_sums_reference,
     sampled_dot,
     sampled_dot_blocks,
@@ -57,6 +58,7 @@ __all__ = [
     "remove_close_peaks",
     "remove_close_peaks_reference",
     "residual_sums",
+    "residual_sums_blocks",
     "residual_sums_reference",
     "sampled_dot",
     "sampled_dot_blocks",

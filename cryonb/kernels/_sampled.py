@@ -25,6 +25,7 @@ from ._cuda import cuda_function
 
 __all__ = [
     "residual_sums",
+    "residual_sums_blocks",
     "residual_sums_reference",
     "sampled_dot",
     "sampled_dot_blocks",
@@ -330,15 +331,75 @@ void sampled_dot_blocks(const float* U, const float* V, const long long* iu,
             if (lane == 0) out[(c * PS + q) * TS + t] = v;
         }
 }
+
+extern "C" __global__
+void residual_sums_blocks(const float* X, const float* A, const long long* iu,
+                          const long long* iv, const long long* starts, const float* w, int P,
+                          double* q, double* a2)
+{
+    // residual_sums over blocks of samples: block c pairs rows iu[c] * TS + t of X with rows
+    // iv[c] * PS + q of A, weight w[(c * PS + q) * TS + t]. One CUDA block per segment
+    // (particle, blocks starts[g]:starts[g + 1]); each block's TS + PS rows are read once for
+    // its TS x PS samples (the next block's requested before this one is summed). Samples of
+    // weight 0 are skipped, the others summed in (c, q, t) order with residual_sums's
+    // operations: the same bits as residual_sums over the samples of non-zero weight.
+    const long long g = blockIdx.x;
+    const long long c0 = starts[g], c1 = starts[g + 1];
+    const long long D = 2LL * P;
+    for (int p = threadIdx.x; p < P; p += blockDim.x) {
+        double sq = 0.0, sa = 0.0;
+        float xr[TS], xi[TS], ar[PS], ai[PS];
+        float nxr[TS], nxi[TS], nar[PS], nai[PS];
+        if (c0 < c1) {
+            const float* x = X + iu[c0] * TS * D;
+            const float* a = A + iv[c0] * PS * D;
+#pragma unroll
+            for (int t = 0; t < TS; ++t) { xr[t] = x[t * D + p]; xi[t] = x[t * D + P + p]; }
+#pragma unroll
+            for (int k = 0; k < PS; ++k) { ar[k] = a[k * D + p]; ai[k] = a[k * D + P + p]; }
+        }
+        for (long long c = c0; c < c1; ++c) {
+            if (c + 1 < c1) {  // the next block's rows, in flight while this one is summed
+                const float* x = X + iu[c + 1] * TS * D;
+                const float* a = A + iv[c + 1] * PS * D;
+#pragma unroll
+                for (int t = 0; t < TS; ++t) { nxr[t] = x[t * D + p]; nxi[t] = x[t * D + P + p]; }
+#pragma unroll
+                for (int k = 0; k < PS; ++k) { nar[k] = a[k * D + p]; nai[k] = a[k * D + P + p]; }
+            }
+            const float* wc = w + c * (PS * TS);
+#pragma unroll
+            for (int k = 0; k < PS; ++k) {
+                const double dr = (double)ar[k], di = (double)ai[k];
+                const double pa = __dadd_rn(dr * dr, di * di);
+#pragma unroll
+                for (int t = 0; t < TS; ++t) {
+                    const float ws = wc[k * TS + t];  // the same for every thread of the block
+                    if (ws > 0.f) {
+                        const double wd = (double)ws;
+                        sq = __dadd_rn(sq, __dmul_rn(wd, __dadd_rn((double)xr[t] * dr,
+                                                                   (double)xi[t] * di)));
+                        sa = __dadd_rn(sa, __dmul_rn(wd, pa));
+                    }
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < TS; ++t) { xr[t] = nxr[t]; xi[t] = nxi[t]; }
+#pragma unroll
+            for (int k = 0; k < PS; ++k) { ar[k] = nar[k]; ai[k] = nai[k]; }
+        }
+        q[g * (long long)P + p] = sq;
+        a2[g * (long long)P + p] = sa;
+    }
+}
 """
 
 #: the largest ``ts * ps`` of :func:`sampled_dot_blocks` on the GPU (registers per thread)
 BLOCK_MAX = 16
 
 
-def _blocks_kernel(ts: int, ps: int):
-    return cuda_function(f"#define TS {ts}\n#define PS {ps}\n" + _BLOCKS_SRC,
-                         "sampled_dot_blocks")
+def _blocks_kernel(ts: int, ps: int, name: str = "sampled_dot_blocks"):
+    return cuda_function(f"#define TS {ts}\n#define PS {ps}\n" + _BLOCKS_SRC, name)
 
 
 def _cuda_kernel(name):
@@ -656,3 +717,59 @@ def residual_sums(X, A, ix, ia, starts, w):
     _cuda_kernel("residual_sums")((G,), (256,), (X, A, *args, np.int32(P), q, a2))
     return q, a2
 
+
+
+def residual_sums_blocks(X, A, iu, iv, ts: int, ps: int, starts, w):
+    """:func:`residual_sums` over blocks of samples, as :func:`sampled_dot_blocks` forms them.
+
+    Parameters
+    ----------
+    X : float32 array of shape (n_x * ts, 2P)
+        Shifted images as ``[Re | Im]`` rows.
+    A : float32 array of shape (n_a * ps, 2P)
+        References as ``[Re | Im]`` rows.
+    iu, iv : int arrays of shape (n,)
+        Each block's rows: ``X[iu * ts + t]`` for ``t < ts``, ``A[iv * ps + q]`` for ``q < ps``.
+    ts, ps : int
+        Rows of ``X`` and of ``A`` per block.
+    starts : int array of shape (G + 1,)
+        Segment ``g`` holds the blocks ``starts[g]:starts[g + 1]``.
+    w : float32 array of shape (n, ps, ts)
+        Each sample's weight; samples of weight 0 (or less) are left out.
+
+    Returns
+    -------
+    q, a2 : float64 arrays of shape (G, P)
+        As :func:`residual_sums` of the samples with positive weight in (block, ``q``, ``t``)
+        order, bit for bit (on the CPU it is that function). The GPU reads a block's
+        ``ts + ps`` rows once for its ``ts x ps`` samples.
+    """
+    xp = array_module(X, A)
+    ts, ps = int(ts), int(ps)
+    iu = xp.asarray(iu, xp.int64)
+    iv = xp.asarray(iv, xp.int64)
+    n = int(iu.shape[0])
+    w = xp.ascontiguousarray(w, dtype=xp.float32).reshape(n, ps, ts)
+    if xp is np or ts * ps > BLOCK_MAX:
+        keep = xp.flatnonzero(w.reshape(-1) > 0)
+        blk, qt = keep // (ps * ts), keep % (ps * ts)
+        seg = xp.searchsorted(xp.asarray(starts, xp.int64), blk, side="right") - 1
+        counts = xp.bincount(seg, minlength=int(starts.shape[0]) - 1)
+        run = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(counts)])
+        return residual_sums(X, A, iu[blk] * ts + qt % ts, iv[blk] * ps + qt // ts, run,
+                             w.reshape(-1)[keep])
+    G = int(starts.shape[0]) - 1
+    P = int(X.shape[1]) // 2
+    if A.shape[1] != 2 * P:
+        raise ValueError(f"X has rows of {X.shape[1]} values and A of {A.shape[1]}; both need "
+                         "2P ([Re | Im])")
+    q = xp.empty((G, P), xp.float64)
+    a2 = xp.empty((G, P), xp.float64)
+    if G == 0:
+        return q, a2
+    X = xp.ascontiguousarray(X, dtype=xp.float32)
+    A = xp.ascontiguousarray(A, dtype=xp.float32)
+    _blocks_kernel(ts, ps, "residual_sums_blocks")(
+        (G,), (256,), (X, A, iu, iv, xp.ascontiguousarray(starts, dtype=xp.int64), w,
+                       np.int32(P), q, a2))
+    return q, a2

@@ -212,6 +212,35 @@ def test_residual_sums_follow_the_reference(xp):
         assert all(np.array_equal(a, b) for a, b in zip(host, cpu))
 
 
+@pytest.mark.parametrize("ts, ps", [(4, 2), (1, 2), (9, 2)])
+def test_residual_sums_blocks_are_the_sums_of_the_weighted_samples(xp, ts, ps):
+    """Blocks of ts x ps samples (about half of their weights zero, one segment empty) give
+    the bits of residual_sums over the samples of non-zero weight in (block, q, t) order, on
+    either backend, and the GPU the CPU's bits (9 x 2: the GPU's per-sample kernel)."""
+    from cryonb.kernels import residual_sums, residual_sums_blocks, segment_starts
+
+    rng = np.random.default_rng(ts + 7 * ps)
+    P, nx, na, n, G = 35, 15, 9, 400, 30
+    X = rng.normal(size=(nx * ts, 2 * P)).astype(np.float32)
+    A = rng.normal(size=(na * ps, 2 * P)).astype(np.float32)
+    iu, iv = rng.integers(0, nx, n), rng.integers(0, na, n)
+    seg = np.sort(rng.integers(0, G, n))
+    seg[seg == 4] = 5
+    w = (rng.random((n, ps, ts)) * (rng.random((n, ps, ts)) < 0.5)).astype(np.float32)
+    starts = segment_starts(seg, G)
+    data = (X, A, iu, iv, ts, ps, starts, w)
+    got = residual_sums_blocks(*(xp.asarray(a) if isinstance(a, np.ndarray) else a
+                                 for a in data))
+    host = [a.get() if hasattr(a, "get") else a for a in got]
+    keep = np.flatnonzero(w.reshape(-1) > 0)
+    blk, qt = keep // (ps * ts), keep % (ps * ts)
+    want = residual_sums(X, A, iu[blk] * ts + qt % ts, iv[blk] * ps + qt // ts,
+                         segment_starts(seg[blk], G), w.reshape(-1)[keep])
+    for g, r in zip(host, want):
+        assert np.array_equal(g, r)
+        assert np.all(g[4] == 0.0)
+
+
 def test_residual_sums_need_matching_rows():
     """Rows of X and A of different widths are refused with both widths named."""
     from cryonb.kernels import residual_sums
