@@ -125,6 +125,37 @@ def _numba_kernels():
                         qg[p] += ws * (xr * ar + xi * ai)
                         ag[p] += ws * (ar * ar + ai * ai)
 
+        @numba.njit(parallel=True, cache=True, nogil=True)
+        def residual_blocks(X, A, iu, iv, ts, ps, starts, w, q, a2):
+            # the CUDA kernel residual_sums_blocks: one thread per segment, the same float32
+            # and float64 operations in the same order, without fused multiply-adds (no
+            # fastmath)
+            P = q.shape[1]
+            for g in numba.prange(starts.shape[0] - 1):
+                qg = q[g]
+                ag = a2[g]
+                qg[:] = 0.0
+                ag[:] = 0.0
+                for c in range(starts[g], starts[g + 1]):
+                    wc = w[c]
+                    for p in range(P):
+                        bq = np.float32(0.0)
+                        ba = np.float32(0.0)
+                        for k in range(ps):
+                            a = A[iv[c] * ps + k]
+                            ar = a[p]
+                            ai = a[P + p]
+                            wk = np.float32(0.0)
+                            for t in range(ts):
+                                x = X[iu[c] * ts + t]
+                                ws = wc[k, t]
+                                bq = bq + ws * (x[p] * ar + x[P + p] * ai)
+                                wk = wk + ws
+                            ba = ba + wk * (ar * ar + ai * ai)
+                        qg[p] += np.float64(bq)
+                        ag[p] += np.float64(ba)
+
+        _numba["residual_blocks"] = residual_blocks
         _numba["dot"] = dot
         _numba["scatter"] = scatter
         _numba["residual"] = residual
@@ -337,12 +368,13 @@ void residual_sums_blocks(const float* X, const float* A, const long long* iu,
                           const long long* iv, const long long* starts, const float* w, int P,
                           double* q, double* a2)
 {
-    // residual_sums over blocks of samples: block c pairs rows iu[c] * TS + t of X with rows
-    // iv[c] * PS + q of A, weight w[(c * PS + q) * TS + t]. One CUDA block per segment
-    // (particle, blocks starts[g]:starts[g + 1]); each block's TS + PS rows are read once for
-    // its TS x PS samples (the next block's requested before this one is summed). Samples of
-    // weight 0 are skipped, the others summed in (c, q, t) order with residual_sums's
-    // operations: the same bits as residual_sums over the samples of non-zero weight.
+    // block c pairs rows iu[c] * TS + t of X with rows iv[c] * PS + k of A, weights
+    // w[(c * PS + k) * TS + t]. One CUDA block per segment (particle: blocks starts[g] to
+    // starts[g + 1]), a thread per pixel; a block's TS + PS rows are read once for its
+    // TS x PS samples (the next block's requested before this one is summed). Each block's
+    // terms are summed in float32 in (k, t) order, its sum then added in float64. Rounded
+    // operations (__f*_rn, __d*_rn: no fused multiply-adds) and a fixed order: the CPU twin
+    // gives the same bits.
     const long long g = blockIdx.x;
     const long long c0 = starts[g], c1 = starts[g + 1];
     const long long D = 2LL * P;
@@ -367,22 +399,23 @@ void residual_sums_blocks(const float* X, const float* A, const long long* iu,
 #pragma unroll
                 for (int k = 0; k < PS; ++k) { nar[k] = a[k * D + p]; nai[k] = a[k * D + P + p]; }
             }
-            const float* wc = w + c * (PS * TS);
+            const float* wc = w + c * (PS * TS);  // the same for every thread of the block
+            float bq = 0.f, ba = 0.f;
 #pragma unroll
             for (int k = 0; k < PS; ++k) {
-                const double dr = (double)ar[k], di = (double)ai[k];
-                const double pa = __dadd_rn(dr * dr, di * di);
+                float wk = 0.f;
 #pragma unroll
                 for (int t = 0; t < TS; ++t) {
-                    const float ws = wc[k * TS + t];  // the same for every thread of the block
-                    if (ws > 0.f) {
-                        const double wd = (double)ws;
-                        sq = __dadd_rn(sq, __dmul_rn(wd, __dadd_rn((double)xr[t] * dr,
-                                                                   (double)xi[t] * di)));
-                        sa = __dadd_rn(sa, __dmul_rn(wd, pa));
-                    }
+                    const float ws = wc[k * TS + t];
+                    bq = __fadd_rn(bq, __fmul_rn(ws, __fadd_rn(__fmul_rn(xr[t], ar[k]),
+                                                               __fmul_rn(xi[t], ai[k]))));
+                    wk = __fadd_rn(wk, ws);
                 }
+                ba = __fadd_rn(ba, __fmul_rn(wk, __fadd_rn(__fmul_rn(ar[k], ar[k]),
+                                                           __fmul_rn(ai[k], ai[k]))));
             }
+            sq = __dadd_rn(sq, (double)bq);
+            sa = __dadd_rn(sa, (double)ba);
 #pragma unroll
             for (int t = 0; t < TS; ++t) { xr[t] = nxr[t]; xi[t] = nxi[t]; }
 #pragma unroll
@@ -720,7 +753,8 @@ def residual_sums(X, A, ix, ia, starts, w):
 
 
 def residual_sums_blocks(X, A, iu, iv, ts: int, ps: int, starts, w):
-    """:func:`residual_sums` over blocks of samples, as :func:`sampled_dot_blocks` forms them.
+    """Per-particle sums of the residual's sample terms (the noise model's cross term and
+    reference power), over blocks of samples as :func:`sampled_dot_blocks` forms them.
 
     Parameters
     ----------
@@ -733,31 +767,32 @@ def residual_sums_blocks(X, A, iu, iv, ts: int, ps: int, starts, w):
     ts, ps : int
         Rows of ``X`` and of ``A`` per block.
     starts : int array of shape (G + 1,)
-        Segment ``g`` holds the blocks ``starts[g]:starts[g + 1]``.
+        Segment ``g`` holds the blocks ``starts[g]:starts[g + 1]``
+        (:func:`cryonb.kernels.segment_starts`); empty segments give rows of zeros.
     w : float32 array of shape (n, ps, ts)
-        Each sample's weight; samples of weight 0 (or less) are left out.
+        Each sample's weight.
 
     Returns
     -------
-    q, a2 : float64 arrays of shape (G, P)
-        As :func:`residual_sums` of the samples with positive weight in (block, ``q``, ``t``)
-        order, bit for bit (on the CPU it is that function). The GPU reads a block's
-        ``ts + ps`` rows once for its ``ts x ps`` samples.
+    q : float64 array of shape (G, P)
+        ``sum_s w_s Re(X[row_s] conj(A[row_s]))`` per pixel over the segment's samples.
+    a2 : float64 array of shape (G, P)
+        ``sum_s w_s |A[row_s]|^2`` per pixel.
+
+    Notes
+    -----
+    A block's ``ts x ps`` terms are summed in float32 in (``q``, ``t``) order (relative error
+    ~1e-7 of the block's sum), the blocks' sums in float64 in block order, with rounded
+    operations only (no fused multiply-adds): the CPU (Numba, a thread per segment) and the
+    GPU (a CUDA block per segment, a thread per pixel, each block's ``ts + ps`` rows read
+    once for its ``ts x ps`` samples) give the same bits.
     """
     xp = array_module(X, A)
     ts, ps = int(ts), int(ps)
-    iu = xp.asarray(iu, xp.int64)
-    iv = xp.asarray(iv, xp.int64)
+    iu = xp.ascontiguousarray(iu, dtype=xp.int64)
+    iv = xp.ascontiguousarray(iv, dtype=xp.int64)
     n = int(iu.shape[0])
     w = xp.ascontiguousarray(w, dtype=xp.float32).reshape(n, ps, ts)
-    if xp is np or ts * ps > BLOCK_MAX:
-        keep = xp.flatnonzero(w.reshape(-1) > 0)
-        blk, qt = keep // (ps * ts), keep % (ps * ts)
-        seg = xp.searchsorted(xp.asarray(starts, xp.int64), blk, side="right") - 1
-        counts = xp.bincount(seg, minlength=int(starts.shape[0]) - 1)
-        run = xp.concatenate([xp.zeros(1, xp.int64), xp.cumsum(counts)])
-        return residual_sums(X, A, iu[blk] * ts + qt % ts, iv[blk] * ps + qt // ts, run,
-                             w.reshape(-1)[keep])
     G = int(starts.shape[0]) - 1
     P = int(X.shape[1]) // 2
     if A.shape[1] != 2 * P:
@@ -769,7 +804,10 @@ def residual_sums_blocks(X, A, iu, iv, ts: int, ps: int, starts, w):
         return q, a2
     X = xp.ascontiguousarray(X, dtype=xp.float32)
     A = xp.ascontiguousarray(A, dtype=xp.float32)
+    starts = xp.ascontiguousarray(starts, dtype=xp.int64)
+    if xp is np:
+        _numba_kernels()["residual_blocks"](X, A, iu, iv, ts, ps, starts, w, q, a2)
+        return q, a2
     _blocks_kernel(ts, ps, "residual_sums_blocks")(
-        (G,), (256,), (X, A, iu, iv, xp.ascontiguousarray(starts, dtype=xp.int64), w,
-                       np.int32(P), q, a2))
+        (G,), (256,), (X, A, iu, iv, starts, w, np.int32(P), q, a2))
     return q, a2
