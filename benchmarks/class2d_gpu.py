@@ -130,7 +130,7 @@ def run_pools(ctx, job, pools, images) -> None:
 
 
 #: the E-step's scatter-adds that choose between atomic adds and sparse products, in call
-#: order per pool (the residual's per-particle sums are cryonb.kernels.residual_sums)
+#: order per pool (the residual's per-particle sums are cryonb.kernels.residual_sums_blocks)
 SCATTER_KINDS = ("data", "weights")
 
 

@@ -6,7 +6,8 @@ Times, each with ``cupyx.profiler.benchmark`` (GPU time, median of repeats):
 - the second pass's data sums at 64 px, K=200 (one pool's samples): the sparse products of
   :func:`cryonb.kernels.scatter_products` as cuSPARSE products (split into building the CSR
   matrix and the product itself) and with the samples grouped by row;
-- :func:`cryonb.kernels.residual_sums` on the same samples.
+- :func:`cryonb.kernels.residual_sums_blocks` on as many samples in blocks of 4 x 2 (a coarse
+  sample's sub-translations and sub-rotations).
 
 Run on the GPU machine: ``python benchmarks/sums_timing.py``.
 """
@@ -24,7 +25,7 @@ def main() -> dict:
     from cupyx.profiler import benchmark
 
     from cryonb.ctf import CTFParams, ctf_at
-    from cryonb.kernels import residual_sums, scatter_products, segment_starts
+    from cryonb.kernels import residual_sums_blocks, scatter_products, segment_starts
 
     def t(fn, n=5):
         return float(np.median(benchmark(fn, n_repeat=n, n_warmup=1).gpu_times[0]))
@@ -79,8 +80,15 @@ def main() -> dict:
     ST = sp.csr_matrix((w.astype(cupy.float64), rn.astype(cupy.int32), indptr),
                        shape=(B * T, rows))
     out["spmm_transposed_f64_s"] = t(lambda: ST.T @ Y64, 3)
-    starts = segment_starts(cupy.asarray(b), B)
-    out["residual_sums_s"] = t(lambda: residual_sums(Y, A, btn, rn, starts, w), 3)
+    # the same number of samples as blocks of 4 sub-translations x 2 sub-rotations
+    nb = n // 8
+    bb = cupy.asarray(np.repeat(np.arange(B), per // 8))
+    iu = bb * (T // 4) + cupy.asarray(rng.integers(0, T // 4, nb))
+    iv = cupy.asarray(rng.integers(0, rows // 2, nb))
+    wb = cupy.asarray(rng.random((nb, 2, 4)), cupy.float32)
+    starts = segment_starts(bb, B)
+    out["residual_sums_blocks_s"] = t(
+        lambda: residual_sums_blocks(Y, A, iu, iv, 4, 2, starts, wb), 3)
     print(json.dumps(out), flush=True)
     return out
 

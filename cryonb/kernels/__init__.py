@@ -25,7 +25,6 @@ from ._prepare import (
     shifted_images_ri_reference,
 )
 from ._sampled import (
-    residual_sums,
     residual_sums_blocks,
     residual_sums_reference,
     sampled_dot,
@@ -57,7 +56,6 @@ __all__ = [
     "prune_peak_clusters_reference",
     "remove_close_peaks",
     "remove_close_peaks_reference",
-    "residual_sums",
     "residual_sums_blocks",
     "residual_sums_reference",
     "sampled_dot",

@@ -8,12 +8,12 @@ samples or output rows, no write conflicts) and, on the GPU, a CuPy ``RawKernel`
 sample) for the products and, for the scatter-adds, a block per chunk of samples with the
 same target row where rows get many samples, double-precision atomic adds where they get few
 (one per run of consecutive samples with the same target row; cuSPARSE products remain as
-the benchmarks' alternative), with a plain NumPy reference for the tests. The noise model's
-per-particle residual terms are one pass over each particle's run of samples
-(:func:`residual_sums`: a thread per particle on the CPU, a CUDA block per particle on the
-GPU, the same bits on both). The second pass's products come in blocks, a coarse sample's
-sub-translations against its sub-rotations (:func:`sampled_dot_blocks`: a warp reads each
-row once for all the block's products).
+the benchmarks' alternative), with a plain NumPy reference for the tests. The second pass's
+samples come in blocks, a coarse sample's sub-translations against its sub-rotations: its
+products (:func:`sampled_dot_blocks`, a warp reading each row once for all the block's
+products) and the noise model's per-particle residual terms (:func:`residual_sums_blocks`,
+one pass over each particle's blocks: a thread per particle on the CPU, a CUDA block per
+particle on the GPU, the same bits on both).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from ..backend import array_module
 from ._cuda import cuda_function
 
 __all__ = [
-    "residual_sums",
     "residual_sums_blocks",
     "residual_sums_reference",
     "sampled_dot",
@@ -50,8 +49,9 @@ def scatter_products_reference(acc, U, V, iu, iv, iacc, w):
 
 
 def residual_sums_reference(X, A, ix, ia, starts, w):
-    """Per-segment residual sums (NumPy, for tests); parameters and returns as
-    :func:`residual_sums`."""
+    """Per-segment residual sums of single samples (NumPy, float64, for tests): ``X[ix]``
+    and ``A[ia]`` per sample, segment ``g`` the samples ``starts[g]:starts[g + 1]``; returns
+    as :func:`residual_sums_blocks`."""
     P = X.shape[1] // 2
     X, A, w = np.asarray(X, np.float64), np.asarray(A, np.float64), np.asarray(w, np.float64)
     x, a = X[ix], A[ia]
@@ -104,28 +104,6 @@ def _numba_kernels():
                             tgt[d] += ws * a[d]
 
         @numba.njit(parallel=True, cache=True, nogil=True)
-        def residual(X, A, ix, ia, starts, w, q, a2):
-            # the CUDA kernel residual_sums: one thread per segment, samples in order, the
-            # same float64 operations without fused multiply-adds (no fastmath)
-            P = q.shape[1]
-            for g in numba.prange(starts.shape[0] - 1):
-                qg = q[g]
-                ag = a2[g]
-                qg[:] = 0.0
-                ag[:] = 0.0
-                for s in range(starts[g], starts[g + 1]):
-                    x = X[ix[s]]
-                    a = A[ia[s]]
-                    ws = np.float64(w[s])
-                    for p in range(P):
-                        xr = np.float64(x[p])
-                        xi = np.float64(x[P + p])
-                        ar = np.float64(a[p])
-                        ai = np.float64(a[P + p])
-                        qg[p] += ws * (xr * ar + xi * ai)
-                        ag[p] += ws * (ar * ar + ai * ai)
-
-        @numba.njit(parallel=True, cache=True, nogil=True)
         def residual_blocks(X, A, iu, iv, ts, ps, starts, w, q, a2):
             # the CUDA kernel residual_sums_blocks: one thread per segment, the same float32
             # and float64 operations in the same order, without fused multiply-adds (no
@@ -158,7 +136,6 @@ def _numba_kernels():
         _numba["residual_blocks"] = residual_blocks
         _numba["dot"] = dot
         _numba["scatter"] = scatter
-        _numba["residual"] = residual
     return _numba
 
 
@@ -269,55 +246,6 @@ void scatter_rows(double* acc, const float* U, const float* V, const long long* 
         }
         if (whole) t[d] += sum;
         else atomicAdd(t + d, sum);
-    }
-}
-
-extern "C" __global__
-void residual_sums(const float* X, const float* A, const long long* ix, const long long* ia,
-                   const long long* starts, const float* w, int P, double* q, double* a2)
-{
-    // one block per segment (particle): its samples are the run starts[g]:starts[g + 1],
-    // summed in sample order in registers (no atomic adds, deterministic). Samples go in
-    // groups of RS_UNROLL whose values (a row of X and a row of A each) are all requested
-    // before the first is used (one dependent load per sample left the loop waiting on
-    // memory); the sums still add them one by one, in order. Rows that repeat among nearby
-    // samples are read from the cache: the E-step passes its samples in their own order,
-    // where a reference row repeats over a coarse sample's sub-translations and those
-    // sub-translations' few shifted images over its rotations.
-    const long long g = blockIdx.x;
-    const long long s0 = starts[g], s1 = starts[g + 1];
-    const long long D = 2LL * P;
-    for (int p = threadIdx.x; p < P; p += blockDim.x) {
-        double sq = 0.0, sa = 0.0;
-        for (long long s = s0; s < s1; s += RS_UNROLL) {
-            const int n = (s1 - s < RS_UNROLL) ? (int)(s1 - s) : RS_UNROLL;
-            float xr[RS_UNROLL], xi[RS_UNROLL], ar[RS_UNROLL], ai[RS_UNROLL], ws[RS_UNROLL];
-#pragma unroll
-            for (int u = 0; u < RS_UNROLL; ++u) {
-                if (u < n) {
-                    const float* x = X + ix[s + u] * D;
-                    const float* a = A + ia[s + u] * D;
-                    xr[u] = x[p];
-                    xi[u] = x[P + p];
-                    ar[u] = a[p];
-                    ai[u] = a[P + p];
-                    ws[u] = w[s + u];
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < RS_UNROLL; ++u) {
-                if (u < n) {
-                    const double dr = (double)ar[u], di = (double)ai[u], wd = (double)ws[u];
-                    const double dxr = (double)xr[u], dxi = (double)xi[u];
-                    // products of floats are exact in double; __d*_rn: no contraction into
-                    // fused multiply-adds, so that the CPU twin gives the same bits
-                    sq = __dadd_rn(sq, __dmul_rn(wd, __dadd_rn(dxr * dr, dxi * di)));
-                    sa = __dadd_rn(sa, __dmul_rn(wd, __dadd_rn(dr * dr, di * di)));
-                }
-            }
-        }
-        q[g * (long long)P + p] = sq;
-        a2[g * (long long)P + p] = sa;
     }
 }
 """.replace("@SP_CHUNK@", str(SP_CHUNK))
@@ -508,7 +436,7 @@ def _scatter_rows(acc, U, V, iu, iv, iacc, w) -> None:
     no row is written more than once per chunk. Measured on an H200 (64 px, K=200, one pool of
     82 million samples into 24,000 rows of 1,800 values): cuSPARSE's float64 product took
     0.99 s, its float32 product 0.90 s (the random rows of ``U`` each nonzero reads), this
-    kernel's kind of loop 0.23 s (:func:`residual_sums`, the same reads).
+    kernel's kind of loop 0.23 s (the per-sample residual sums of then, the same reads).
     """
     import cupy
 
@@ -695,61 +623,6 @@ def scatter_products(acc, U, V, iu, iv, iacc, w, method: str | None = None) -> N
          xp.ascontiguousarray(iv if V is not None else iu, xp.int64),
          xp.ascontiguousarray(iacc, xp.int64), xp.ascontiguousarray(w, xp.float32),
          np.int64(n), np.int32(D), np.int32(V is not None)))
-
-
-def residual_sums(X, A, ix, ia, starts, w):
-    """Per-particle sums of the residual's sample terms (the noise model's cross term and
-    reference power), over runs of samples.
-
-    Parameters
-    ----------
-    X : float32 array of shape (n_x, 2P)
-        Shifted images as ``[Re | Im]`` rows.
-    A : float32 array of shape (n_a, 2P)
-        References as ``[Re | Im]`` rows.
-    ix, ia : int arrays of shape (n,)
-        Row of ``X`` and row of ``A`` of each sample. Samples near each other that share
-        rows read them from the GPU's caches.
-    starts : int array of shape (G + 1,)
-        Runs: segment ``g`` holds the samples ``starts[g]:starts[g + 1]``
-        (:func:`cryonb.kernels.segment_starts`); empty runs give rows of zeros.
-    w : float32 array of shape (n,)
-        Weights.
-
-    Returns
-    -------
-    q : float64 array of shape (G, P)
-        ``sum_s w_s Re(X[ix_s] conj(A[ia_s]))`` per pixel.
-    a2 : float64 array of shape (G, P)
-        ``sum_s w_s |A[ia_s]|^2`` per pixel.
-
-    Notes
-    -----
-    One pass over the samples for both sums, in sample order, in float64 (products of the
-    float32 inputs are exact there), without fused multiply-adds: the CPU (Numba, a thread
-    per segment) and the GPU (a CUDA block per segment) give the same bits.
-    """
-    xp = array_module(X, A)
-    G = int(starts.shape[0]) - 1
-    P = int(X.shape[1]) // 2
-    if A.shape[1] != 2 * P:
-        raise ValueError(f"X has rows of {X.shape[1]} values and A of {A.shape[1]}; both need "
-                         "2P ([Re | Im])")
-    q = xp.empty((G, P), xp.float64)
-    a2 = xp.empty((G, P), xp.float64)
-    if G == 0:
-        return q, a2
-    X = xp.ascontiguousarray(X, dtype=xp.float32)
-    A = xp.ascontiguousarray(A, dtype=xp.float32)
-    args = (xp.ascontiguousarray(ix, dtype=xp.int64), xp.ascontiguousarray(ia, dtype=xp.int64),
-            xp.ascontiguousarray(starts, dtype=xp.int64),
-            xp.ascontiguousarray(w, dtype=xp.float32))
-    if xp is np:
-        _numba_kernels()["residual"](X, A, *args, q, a2)
-        return q, a2
-    _cuda_kernel("residual_sums")((G,), (256,), (X, A, *args, np.int32(P), q, a2))
-    return q, a2
-
 
 
 def residual_sums_blocks(X, A, iu, iv, ts: int, ps: int, starts, w):

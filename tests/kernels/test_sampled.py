@@ -180,38 +180,6 @@ def test_scatter_method_rule_and_bad_names():
         _sampled._scatter_method(10, rows, "dense")
 
 
-def _runs(seed, n=3000, G=40, P=35, nx=60, na=25):
-    """Samples of G segments (one empty) sorted by segment, their X rows in runs."""
-    from cryonb.kernels import segment_starts
-
-    rng = np.random.default_rng(seed)
-    X = rng.normal(size=(nx, 2 * P)).astype(np.float32)
-    A = rng.normal(size=(na, 2 * P)).astype(np.float32)
-    seg = np.sort(rng.integers(0, G, n))
-    seg[seg == 7] = 8  # an empty run
-    ix = np.sort(rng.integers(0, nx, n))  # runs of equal rows, as the E-step sorts them
-    ia = rng.integers(0, na, n)
-    w = rng.random(n).astype(np.float32)
-    return X, A, ix, ia, segment_starts(seg, G), w
-
-
-def test_residual_sums_follow_the_reference(xp):
-    """Both sums per segment as the reference's; empty segments give zeros; the CPU and the
-    GPU give the same bits (float64, no fused multiply-adds)."""
-    from cryonb.kernels import residual_sums, residual_sums_reference
-
-    data = _runs(5)
-    got = residual_sums(*(xp.asarray(a) for a in data))
-    want = residual_sums_reference(*data)
-    host = [a.get() if hasattr(a, "get") else a for a in got]
-    for g, r in zip(host, want):
-        np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)
-        assert np.all(g[7] == 0.0)
-    if xp is not np:
-        cpu = residual_sums(*data)
-        assert all(np.array_equal(a, b) for a, b in zip(host, cpu))
-
-
 @pytest.mark.parametrize("ts, ps", [(4, 2), (1, 2), (3, 3)])
 def test_residual_sums_blocks_follow_the_reference(xp, ts, ps):
     """Blocks of ts x ps samples (about half of their weights zero, one segment empty) give
@@ -245,8 +213,9 @@ def test_residual_sums_blocks_follow_the_reference(xp, ts, ps):
 
 def test_residual_sums_need_matching_rows():
     """Rows of X and A of different widths are refused with both widths named."""
-    from cryonb.kernels import residual_sums
+    from cryonb.kernels import residual_sums_blocks
 
-    X, A, ix, ia, starts, w = _runs(6, n=50, G=10)
+    X = np.zeros((8, 70), np.float32)
+    A = np.zeros((4, 68), np.float32)
     with pytest.raises(ValueError, match=r"X has rows of 70 values and A of 68"):
-        residual_sums(X, A[:, :68], ix, ia, starts, w)
+        residual_sums_blocks(X, A, [0], [0], 4, 2, np.array([0, 1]), np.ones((1, 2, 4)))
