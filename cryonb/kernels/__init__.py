@@ -30,7 +30,6 @@ from ._sampled import (
     sampled_dot,
     sampled_dot_blocks,
     sampled_dot_reference,
-    scatter_blocks,
     scatter_products,
     scatter_products_reference,
 )
@@ -62,7 +61,6 @@ __all__ = [
     "sampled_dot",
     "sampled_dot_blocks",
     "sampled_dot_reference",
-    "scatter_blocks",
     "scatter_products",
     "scatter_products_reference",
     "segment_argmax",
