@@ -105,33 +105,37 @@ def _numba_kernels():
 
         @numba.njit(parallel=True, cache=True, nogil=True)
         def residual_blocks(X, A, iu, iv, ts, ps, starts, w, q, a2):
-            # the CUDA kernel residual_sums_blocks: one thread per segment, the same float32
-            # and float64 operations in the same order, without fused multiply-adds (no
-            # fastmath)
+            # the CUDA kernel residual_sums_blocks: one thread per segment; per pixel the same
+            # float32 and float64 operations in the same order, without fused multiply-adds
+            # (no fastmath). The loops over pixels are innermost (each pixel has its own
+            # sums, so they vectorise without reordering any pixel's operations); terms of
+            # weight 0 are skipped (adding them changes no bit: a sum is never -0)
             P = q.shape[1]
             for g in numba.prange(starts.shape[0] - 1):
                 qg = q[g]
                 ag = a2[g]
                 qg[:] = 0.0
                 ag[:] = 0.0
+                bq = np.empty(P, np.float32)
+                ba = np.empty(P, np.float32)
                 for c in range(starts[g], starts[g + 1]):
-                    wc = w[c]
-                    for p in range(P):
-                        bq = np.float32(0.0)
-                        ba = np.float32(0.0)
-                        for k in range(ps):
-                            a = A[iv[c] * ps + k]
-                            ar = a[p]
-                            ai = a[P + p]
-                            wk = np.float32(0.0)
-                            for t in range(ts):
+                    bq[:] = 0.0
+                    ba[:] = 0.0
+                    for k in range(ps):
+                        a = A[iv[c] * ps + k]
+                        wk = np.float32(0.0)
+                        for t in range(ts):
+                            ws = w[c, k, t]
+                            wk = wk + ws
+                            if ws != 0:
                                 x = X[iu[c] * ts + t]
-                                ws = wc[k, t]
-                                bq = bq + ws * (x[p] * ar + x[P + p] * ai)
-                                wk = wk + ws
-                            ba = ba + wk * (ar * ar + ai * ai)
-                        qg[p] += np.float64(bq)
-                        ag[p] += np.float64(ba)
+                                for p in range(P):
+                                    bq[p] = bq[p] + ws * (x[p] * a[p] + x[P + p] * a[P + p])
+                        for p in range(P):
+                            ba[p] = ba[p] + wk * (a[p] * a[p] + a[P + p] * a[P + p])
+                    for p in range(P):
+                        qg[p] += np.float64(bq[p])
+                        ag[p] += np.float64(ba[p])
 
         _numba["residual_blocks"] = residual_blocks
         _numba["dot"] = dot
