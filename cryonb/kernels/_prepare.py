@@ -253,13 +253,14 @@ def _mask_cpu():
 
 @functools.cache
 def _shifted_cpu():
-    """The CUDA kernel ``shifted_ri`` as a Numba loop over the output rows."""
+    """The CUDA kernel ``shifted_ri`` as a Numba loop over the output rows (in parallel: each
+    row is written by one thread, the same operations as on one)."""
     import numba
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(parallel=True, cache=True, nogil=True)
     def kern(X, ph, w, rows, shifts, Xt, Y):
         P = X.shape[1]
-        for i in range(rows.shape[0]):
+        for i in numba.prange(rows.shape[0]):
             b, t = rows[i], shifts[i]
             for p in range(P):
                 x, e, c = X[b, p], ph[t, p], w[b, p]
