@@ -66,6 +66,17 @@ def test_scatter_products_cpu(with_v):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_keys", [1, 700, 1 << 16, (1 << 16) + 5, 1 << 35])
+def test_stable_order_is_the_stable_argsort(n_keys):
+    """The 16-bit radix passes give NumPy's stable argsort for keys of any range."""
+    from cryonb.kernels._sampled import _stable_order
+
+    rng = np.random.default_rng(n_keys % 1000)
+    keys = rng.integers(0, n_keys, 5000)
+    keys[:50] = n_keys - 1
+    assert np.array_equal(_stable_order(keys, n_keys), np.argsort(keys, kind="stable"))
+
+
 def test_scatter_is_deterministic():
     U, V, iu, iv, iacc, w, M = _data(2, n=5000)
     a = np.zeros((M, U.shape[1]))
