@@ -75,6 +75,50 @@ def soft_circular_mask(n: int, radius: float, edge: float = 5.0, xp=np):
     return m.astype(xp.float32)
 
 
+def mask_diameter(particle_diameter: float, n: int, pixel_size: float) -> float:
+    """The particle mask's diameter (Angstrom) for ``--particle_diameter``: the given value,
+    or without one (0) 90% of the box, as RELION.
+
+    Parameters
+    ----------
+    particle_diameter : float
+        ``--particle_diameter`` in Angstrom, 0 for the default.
+    n : int
+        Box size (pixels).
+    pixel_size : float
+        Angstrom per pixel.
+    """
+    return particle_diameter or 0.9 * n * pixel_size
+
+
+def mask_radius(particle_diameter: float, n: int, pixel_size: float) -> float:
+    """Radius (pixels) of the particle mask: :func:`mask_diameter` over twice the pixel
+    size."""
+    return mask_diameter(particle_diameter, n, pixel_size) / (2 * pixel_size)
+
+
+def check_mask_radius(particle_diameter: float, n: int, pixel_size: float) -> float:
+    """:func:`mask_radius`, or a :class:`~cryonb.errors.ConfigError` when it leaves no
+    background.
+
+    The noise estimate and ``--zero_mask``'s background mean need pixels outside the mask: a
+    pixel farther than the radius from the box centre ``n // 2`` (RELION stops there too:
+    "No pixels in background are found. Radius of circular mask is too large").
+    """
+    from ..errors import ConfigError
+
+    r = mask_radius(particle_diameter, n, pixel_size)
+    far = float(np.hypot(n // 2, n // 2))  # the farthest pixel, the corner (0, 0)
+    if r >= far:
+        box = n * pixel_size
+        raise ConfigError(
+            f"--particle_diameter {particle_diameter:g} A is a mask of radius {r:.1f} px, "
+            f"which leaves no background pixels in the {n} px box ({box:.0f} A at "
+            f"{pixel_size:g} A/px): the noise estimate needs some. Give the particle's "
+            f"diameter, at most {box:.0f} A (the box's width) as a rule")
+    return r
+
+
 def coarse_image_size(psi_step: float, particle_diameter: float, ori_size: int,
                       pixel_size: float, current_size: int) -> int:
     """RELION's coarse image size for adaptive oversampling.
@@ -170,8 +214,7 @@ class EStepContext:
         self.n_optics = n_optics or model.sigma2_noise.shape[0]
         self.n_groups = n_groups or len(model.scale)
         self.nsh = N // 2 + 1
-        diameter = config.particle_diameter or 0.9 * N * self.apix
-        self.mask_radius = diameter / (2 * self.apix)
+        self.mask_radius = mask_radius(config.particle_diameter, N, self.apix)
         self.mask = soft_circular_mask(N, self.mask_radius, 5.0, xp)
         cur = int(model.current_size)
         coarse = int(model.coarse_size) if config.oversampling else cur

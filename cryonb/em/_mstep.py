@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..fourier import fft2_centered, radial_index_2d
-from ._estep import coarse_image_size, soft_circular_mask
+from ._estep import coarse_image_size, mask_diameter, soft_circular_mask
 from ._model import (
     MINRES_MAP,
     Class2DModel,
@@ -179,7 +179,7 @@ def initial_model(sums: InitSums, config, pixel_size: float, n_groups: int,
     N = sums.image_sum.shape[-1]
     K, pad = config.K, config.pad
     n = sums.count.sum()
-    diameter = config.particle_diameter or 0.9 * N * pixel_size
+    diameter = mask_diameter(config.particle_diameter, N, pixel_size)
     mask = soft_circular_mask(N, diameter / (2 * pixel_size), 5.0).astype(np.float64)
     avg = sums.image_sum / max(n, 1)
     F = fft2_centered(avg)
@@ -327,7 +327,7 @@ def maximization(model: Class2DModel, sums: Class2DSums, config) -> Class2DModel
         if counts.sum() > 0:
             sc = sc / (np.sum(counts * sc) / counts.sum())
         new.scale = sc
-    diameter = config.particle_diameter or 0.9 * N * apix
+    diameter = mask_diameter(config.particle_diameter, N, apix)
     mask = soft_circular_mask(N, diameter / (2 * apix), 5.0).astype(np.float64)
     r_max = pad * model.current_size / 2.0
     classes = np.empty_like(model.classes)

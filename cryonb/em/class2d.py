@@ -42,7 +42,7 @@ import pandas as pd
 
 from ..errors import ConfigError, InputError
 from ._config import Class2DConfig
-from ._estep import EStepContext, soft_circular_mask
+from ._estep import EStepContext, check_mask_radius, mask_radius, soft_circular_mask
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch
 from ._mstep import InitSums, initial_model, initial_pass_sums, maximization
 
@@ -149,6 +149,7 @@ class Class2DJob:
             raise InputError(f"particles have different pixel sizes ({sorted(set(ps))}): "
                              "2D classification needs one pixel size; rescale first", config.i)
         self.pixel_size = float(ps[0])
+        check_mask_radius(config.particle_diameter, self.N, self.pixel_size)
         if config.ctf and not t.has_ctf:
             raise InputError("--ctf was asked for but the STAR file has no CTF columns "
                              "(rlnDefocusU, rlnDefocusV, ...): run CTF estimation or drop --ctf",
@@ -262,8 +263,7 @@ class Class2DJob:
     @property
     def mask_radius_px(self) -> float:
         """Radius of the particle mask in pixels."""
-        d = self.config.particle_diameter or 0.9 * self.N * self.pixel_size
-        return d / (2 * self.pixel_size)
+        return mask_radius(self.config.particle_diameter, self.N, self.pixel_size)
 
     def _ctf_arrays(self) -> dict:
         p = self.table.ctf_params()

@@ -345,6 +345,13 @@ def test_bad_input_errors(tmp_path):
     (tmp_path / "particles.mrcs").symlink_to(tmp_path / "data" / "particles.mrcs")
     with pytest.raises(InputError, match="no CTF"):
         Class2DJob(_cfg(tmp_path / "noctf.star", tmp_path / "o" / "r"))
+    # a mask wider than the box's diagonal leaves no background (RELION stops there too); a
+    # mask that covers all but the corners is accepted
+    box_a = 32 * 3.0
+    with pytest.raises(ConfigError, match=r"--particle_diameter 140 A .* at most 96 A"):
+        Class2DJob(_cfg(star, tmp_path / "o" / "r", particle_diameter=140))
+    assert Class2DJob(_cfg(star, tmp_path / "o" / "r",
+                           particle_diameter=1.3 * box_a)).mask_radius_px == pytest.approx(20.8)
 
 
 @pytest.mark.relion
