@@ -29,9 +29,11 @@ from .relion import (
     fibonacci_views,
     find_relion_tool,
     make_class2d_set,
+    oracle_purity,
     read_relion_data,
     run_relion_class2d,
     score_relion_run,
+    view_templates,
     write_relion31_star,
 )
 
@@ -51,10 +53,12 @@ __all__ = [
     "majority_views",
     "make_class2d_set",
     "offset_errors",
+    "oracle_purity",
     "read_relion_data",
     "rotate_2d",
     "run_relion_class2d",
     "score_class2d",
     "score_relion_run",
+    "view_templates",
     "write_relion31_star",
 ]

@@ -8,6 +8,8 @@
   per iteration.
 - :func:`read_relion_data` / :func:`score_relion_run`: read a run's ``_data.star`` back in the
   input order and score it against the truth (:mod:`cryonb.testing.metrics`).
+- :func:`oracle_purity`: the purity a run's E-step reaches with the true views as class
+  images (:func:`view_templates`), the best the set's noise allows.
 
 RELION conventions measured with RELION 3.1.3 (details, file layouts and excerpts in
 ``docs/relion_outputs.md``):
@@ -55,9 +57,11 @@ __all__ = [
     "fibonacci_views",
     "find_relion_tool",
     "make_class2d_set",
+    "oracle_purity",
     "read_relion_data",
     "run_relion_class2d",
     "score_relion_run",
+    "view_templates",
     "write_relion31_star",
 ]
 
@@ -1001,3 +1005,92 @@ def score_relion_run(run, class_set: ClassSet) -> dict:
     data_star = run.data_star if isinstance(run, RelionRun) else Path(run)
     est = read_relion_data(data_star, order_by=class_set.truth["image_name"])
     return score_class2d(est, class_set.truth, pixel_size=class_set.pixel_size)
+
+
+# --------------------------------------------------------------------------------------------
+# the best purity the data allow
+# --------------------------------------------------------------------------------------------
+
+
+def view_templates(class_set: ClassSet, workdir=None, relion_bin_dir=None) -> np.ndarray:
+    """Each view's noiseless projection, in the units of the set's normalised particles.
+
+    ``relion_project --rot --tilt --psi 0`` of the set's map (origin 0, no CTF), divided by
+    the set's ``noise_sigma``: ``relion_preprocess --norm`` divided each particle by its
+    background's standard deviation, which is the noise's.
+
+    Parameters
+    ----------
+    class_set : ClassSet
+    workdir : str or os.PathLike, optional
+        Folder for the projections (default: ``templates/`` in the set's folder).
+
+    Returns
+    -------
+    ndarray of shape (n_views, box, box), float64
+    """
+    if class_set.view_angles is None or not class_set.noise_sigma > 0:
+        raise InputError("the set has no view angles or noise level (set.json)",
+                         class_set.outdir)
+    exe = find_relion_tool("relion_project", relion_bin_dir)
+    work = Path(workdir) if workdir is not None else class_set.outdir / "templates"
+    work.mkdir(parents=True, exist_ok=True)
+    out = np.empty((class_set.n_views, class_set.box, class_set.box))
+    for k, (rot, tilt) in enumerate(np.asarray(class_set.view_angles, float)):
+        name = f"view{k:03d}.mrc"
+        _run([exe, "--i", str(Path(class_set.map).resolve()), "--o", name, "--rot",
+              f"{rot:.6f}", "--tilt", f"{tilt:.6f}", "--psi", "0", "--angpix",
+              f"{class_set.pixel_size:.6f}"], work, f"projecting view {k}")
+        with mrcfile.open(work / name, permissive=True) as m:
+            out[k] = np.asarray(m.data, dtype=np.float64).reshape(class_set.box, class_set.box)
+    return out / class_set.noise_sigma
+
+
+def oracle_purity(optimiser_star, class_set: ClassSet, workdir=None, pool: int = 256) -> dict:
+    """The purity of a cryonb run's E-step with the true views as its class images.
+
+    The run's last iteration is reloaded (noise model, offsets, norm corrections, image sizes
+    and sampling), its class images are replaced by :func:`view_templates` (class ``k`` =
+    view ``k``, equal class priors, offset priors at the centre) and one E-step assigns every
+    particle. No classifier can tell the views apart better on this set than one that knows
+    them, so this is the purity the data allow; a run's purity near it means classification
+    lost nothing to the optimisation.
+
+    Parameters
+    ----------
+    optimiser_star : str or os.PathLike
+        A cryonb run's ``_optimiser.star`` on ``class_set``, with ``--K`` = the number of views.
+    class_set : ClassSet
+    workdir : str or os.PathLike, optional
+        Folder for the projections (see :func:`view_templates`).
+    pool : int
+        Particles per E-step batch.
+
+    Returns
+    -------
+    dict
+        ``purity`` (majority view per class, :func:`~cryonb.testing.class_purity`) and
+        ``accuracy`` (class ``k`` taken as view ``k``).
+    """
+    from ..em.class2d import Class2DJob
+    from .metrics import class_purity
+
+    job = Class2DJob.from_optimiser(optimiser_star, cpu=True)
+    if job.config.K != class_set.n_views:
+        raise InputError(f"the run has --K {job.config.K} but the set {class_set.n_views} "
+                         "views: the oracle needs one class per view", optimiser_star)
+    if job.n != class_set.n_particles:
+        raise InputError(f"the run has {job.n} particles, the set {class_set.n_particles}",
+                         optimiser_star)
+    m = job.model
+    K = job.config.K
+    m.classes = view_templates(class_set, workdir).astype(m.classes.dtype)
+    m.pdf_class = np.full(K, 1.0 / K)
+    m.prior_offset = np.zeros_like(m.prior_offset)
+    ctx = job.estep_context(np)
+    cls = np.empty(job.n, np.int64)
+    for p in job.pools(pool, job.iteration + 1):
+        res = ctx.expectation(job.make_batch(job.batch_meta(p), job.table.images(p)))
+        cls[p] = res[:, 0].astype(np.int64)
+    view = class_set.truth["view"].to_numpy()
+    return {"purity": class_purity(cls, view), "accuracy": float(np.mean(cls == view))}
