@@ -4,7 +4,9 @@ For each data set (made by RELION's own programs, :func:`cryonb.testing.make_cla
 runs ``relion_refine --j 2`` (RELION's GUI command for 2D classification) and
 ``cryonb class2d --cpu --j 2`` with the same flags, then prints wall and CPU seconds per
 iteration of both, their ratio, and both purities and pose errors against the truth. Also runs
-cryonb without class re-seeding (``--no_reseed``), to show what re-seeding does.
+cryonb without class re-seeding (``--no_reseed``), to show what re-seeding does, and gives the
+purity reached when the classes are right (:func:`cryonb.testing.oracle_purity`: cryonb's
+E-step with classes made from the true views, on the other half of the particles).
 
     python benchmarks/class2d_vs_relion.py [--sets small,large] [--iter 25] [--out DIR]
 
@@ -54,7 +56,8 @@ def run_cryonb(s, out: Path, iterations: int, reseed: bool = True) -> dict:
     score = score_class2d(read_star(res.files["data"])["particles"], s.truth,
                           pixel_size=s.pixel_size)
     return {"wall_s": wall, "cpu_s": cpu, "wall_per_iteration": float(np.mean(per)),
-            "cpu_per_iteration": cpu / iterations, "score": _short(score)}
+            "cpu_per_iteration": cpu / iterations, "score": _short(score),
+            "optimiser": str(res.files["optimiser"])}
 
 
 def run_relion(s, out: Path, iterations: int, reuse: bool = False) -> dict:
@@ -97,7 +100,7 @@ def main(argv=None):
                     help="reuse RELION's numbers from an earlier run of this script on the "
                          "same set and iterations (RELION's runs take most of the time)")
     a = ap.parse_args(argv)
-    from cryonb.testing import make_class2d_set
+    from cryonb.testing import make_class2d_set, oracle_purity
 
     out = Path(a.out)
     rows = []
@@ -113,13 +116,15 @@ def main(argv=None):
         print(name, "cryonb", json.dumps(ours), flush=True)
         plain = run_cryonb(s, out / f"{name}_cryonb_noreseed", a.iter, reseed=False)
         print(name, "cryonb --no_reseed", json.dumps(plain), flush=True)
-        rows.append((name, n, box, views, snr, rel, ours, plain))
+        oracle = oracle_purity(ours["optimiser"], s, workdir=out / f"{name}_templates")
+        print(name, "oracle", json.dumps(oracle), flush=True)
+        rows.append((name, n, box, views, snr, rel, ours, plain, oracle))
     lines = [f"machine: {machine}, {time.strftime('%Y-%m-%d')}, {a.iter} iterations, "
              "--tau2_fudge 2 --psi_step 10 --offset_range 5 --offset_step 2",
              "", "| set | program | total wall (s) | s/iteration (wall) | s/iteration (CPU) | "
              "purity | in-plane median (deg) | offset median (px) |",
              "|---|---|---|---|---|---|---|---|"]
-    for _name, n, box, views, snr, rel, ours, plain in rows:
+    for _name, n, box, views, snr, rel, ours, plain, oracle in rows:
         label = f"{n} x {box} px, K={views}, SNR {snr}"
         for prog, r in (("relion_refine --j 2", rel), ("cryonb --cpu --j 2", ours),
                         ("cryonb --no_reseed", plain)):
@@ -133,6 +138,8 @@ def main(argv=None):
                      f"{rel['wall_s'] / ours['wall_s']:.1f}x | "
                      f"{rel['wall_per_iteration'] / ours['wall_per_iteration']:.1f}x | "
                      f"{rel['cpu_per_iteration'] / ours['cpu_per_iteration']:.1f}x | | | |")
+        lines.append(f"| {label} | oracle (classes from the true views) | | | | "
+                     f"{oracle['purity']:.3f} | | |")
     text = "\n".join(lines)
     (out / "class2d_vs_relion.md").write_text(text + "\n")
     print(text)

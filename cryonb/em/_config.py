@@ -68,8 +68,10 @@ class Class2DConfig(JobConfig):
                                        "never use data beyond this resolution (A) in the "
                                        "E-step (-1 = no limit)", relion_default=-1.0)
     random_seed: int = option(0, "--random_seed", "random seed (-1 = from the clock)")
-    reseed: bool = option(True, "--reseed", "re-seed empty, junk and duplicate classes and "
-                          "re-align junk classes during the first iterations (cryonb)",
+    reseed: bool = option(True, "--reseed", "re-seed empty, junk and duplicate classes, "
+                          "re-align junk classes and anneal the prior during the first "
+                          "iterations, and keep the sampling grid in place in the last ones "
+                          "(cryonb)",
                           relion=False)
     reseed_until: float = option(0.85, "--reseed_until", "last iteration that may re-seed, as "
                                  "a fraction of --iter (cryonb)", relion=False)

@@ -25,7 +25,9 @@ classes; judged from the E-step's class margins). EM then refines the two halves
 :mod:`cryonb.em._reseed`. In the same part of the run the prior is annealed
 (``--tau2_anneal``, :meth:`Class2DJob.tau2_factor`): the regularisation parameter T starts
 larger and returns to the user's value, which lets classes that are still blends of many
-views separate sooner on noisy data. ``--no_reseed`` gives the plain algorithm
+views separate sooner on noisy data. In the last ``SETTLE_FRACTION`` of the run the sampling
+grid is no longer perturbed at random, so that the final classes do not depend on the last
+draw (:meth:`Class2DJob.grid_perturbation`). ``--no_reseed`` gives the plain algorithm
 (benchmarks/RESULTS.md compares the two).
 """
 
@@ -53,6 +55,9 @@ __all__ = ["ANNEAL_UNTIL", "REALIGN_JUNK", "REALIGN_MIN_GAIN", "RESEED_MIN_PMAX"
 RESEED_MIN_PMAX = 0.2
 #: prior annealing (``--tau2_anneal``) ends at this fraction of ``--iter``
 ANNEAL_UNTIL = 0.6
+#: with ``--reseed``, the last iterations (this fraction of ``--iter``) keep the sampling grid
+#: in place: no random perturbation (:meth:`Class2DJob.grid_perturbation`)
+SETTLE_FRACTION = 0.1
 #: re-align junk classes that cannot be split (see :meth:`Class2DJob._maybe_reseed`)
 REALIGN_JUNK = True
 #: ... when the re-aligned average's log-likelihood is this much higher per particle
@@ -319,9 +324,26 @@ class Class2DJob:
         return self.model
 
     def _perturb(self) -> None:
-        """RELION's random perturbation of the sampling grids, new every iteration."""
-        rng = np.random.default_rng([self.seed, self.iteration, 3])
-        self.model.perturb = float(rng.uniform(-self.config.perturb, self.config.perturb))
+        """Set the model's grid perturbation for the next E-step (:meth:`grid_perturbation`)."""
+        self.model.perturb = self.grid_perturbation(self.iteration + 1)
+
+    def grid_perturbation(self, iteration: int) -> float:
+        """RELION's random perturbation of the sampling grids in the E-step of ``iteration``
+        (a fraction of the steps, new every iteration, within ``--perturb``); with
+        ``--reseed``, none in the last ``SETTLE_FRACTION`` of the run.
+
+        Why: on coarse grids a particle's best class can depend on where the grid falls. At
+        48 px and pixel SNR 0.25 (``benchmarks/class2d_vs_relion.py``'s small set) the
+        purity swung between 0.95 and 0.995 from one iteration to the next with the draw,
+        so the final answer was a lottery; one E-step on the grid left in place brought it
+        back to 0.995, and on five 64 px sets the last two iterations without perturbation
+        moved the purity by at most 0.001 (benchmarks/RESULTS.md).
+        """
+        cfg = self.config
+        if cfg.reseed and iteration > cfg.iter - round(SETTLE_FRACTION * cfg.iter):
+            return 0.0
+        rng = np.random.default_rng([self.seed, iteration - 1, 3])
+        return float(rng.uniform(-cfg.perturb, cfg.perturb))
 
     # ------------------------------------------------------------------ E-step side
     def estep_context(self, xp=np) -> EStepContext:

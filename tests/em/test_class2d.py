@@ -329,6 +329,19 @@ def test_prior_annealing_schedule(tmp_path):
         _cfg(star, tmp_path / "q" / "run", tau2_anneal=0.5).validate()
 
 
+def test_grid_perturbation_schedule(tmp_path):
+    """RELION's random grid perturbation every iteration, within --perturb; with --reseed
+    none in the last 10% of the iterations (the final classes do not depend on the draw)."""
+    star, _ = _small_set(tmp_path)
+    job = Class2DJob(_cfg(star, tmp_path / "o" / "run", iter=25))
+    p = [job.grid_perturbation(it) for it in range(1, 26)]
+    assert all(0 < abs(x) <= Class2DConfig.perturb for x in p[:23]) and set(p[23:]) == {0.0}
+    assert len(set(p[:23])) == 23  # a new draw every iteration
+    plain = Class2DJob(_cfg(star, tmp_path / "p" / "run", iter=25, reseed=False))
+    q = [plain.grid_perturbation(it) for it in range(1, 26)]
+    assert q[:23] == p[:23] and all(x != 0 for x in q[23:])
+
+
 def test_bad_input_errors(tmp_path):
     from cryonb.errors import ConfigError, InputError
 
@@ -374,14 +387,14 @@ def test_accuracy_on_relion_made_set(tmp_path):
     assert score["inplane_median_deg"] <= 1.5, score
     assert score["offset_median_px"] <= 0.5, score
     assert class_purity(est.rlnClassNumber.values, s.truth.view.values) == score["purity"]
-    # the best the set's noise allows: the run's E-step with the true views as class images
-    # (measured: run 0.990, oracle 0.993 on 2026-12-05; 0.961-0.971 against 0.963-0.972 on
-    # four sets at pixel SNR 0.05-0.08, benchmarks/RESULTS.md)
+    # what classification reaches when the classes are right: the run's E-step with classes
+    # made from the true views (on the other half of the particles)
     from cryonb.testing import oracle_purity
 
     oracle = oracle_purity(res.files["optimiser"], s, workdir=tmp_path / "templates")
+    print("purity", score["purity"], "oracle", oracle)
     assert oracle["accuracy"] >= 0.9, oracle  # class k is view k: the templates are right
-    assert score["purity"] >= oracle["purity"] - 0.01, (score, oracle)
+    assert score["purity"] >= oracle["purity"] - 0.02, (score, oracle)
 
 
 @pytest.mark.gpu
