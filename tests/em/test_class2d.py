@@ -388,11 +388,11 @@ def test_accuracy_on_relion_made_set(tmp_path):
     assert score["offset_median_px"] <= 0.5, score
     assert class_purity(est.rlnClassNumber.values, s.truth.view.values) == score["purity"]
     # what classification reaches when the classes are right: the run's E-step with classes
-    # made from the true views (on the other half of the particles)
+    # made from the true views (on the other half of the particles); measured 2026-12-05:
+    # run 0.990, oracle 0.990
     from cryonb.testing import oracle_purity
 
     oracle = oracle_purity(res.files["optimiser"], s, workdir=tmp_path / "templates")
-    print("purity", score["purity"], "oracle", oracle)
     assert oracle["accuracy"] >= 0.9, oracle  # class k is view k: the templates are right
     assert score["purity"] >= oracle["purity"] - 0.02, (score, oracle)
 
