@@ -228,6 +228,9 @@ class Class2DJob:
         job = cls(cfg)
         job.seed = int(gen["rlnRandomSeed"].iloc[0])
         job._restore(st)
+        # the next E-step's grid perturbation follows this run's --iter (the settling part,
+        # see grid_perturbation); the same value as saved when --iter is unchanged
+        job.model.perturb = job.grid_perturbation(job.iteration + 1)
         return job
 
     def _restore(self, st: dict) -> None:

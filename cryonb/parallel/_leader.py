@@ -36,6 +36,37 @@ def _make_job(config):
                                      o=config.o or None, **parallel)
 
 
+def ignored_on_continue(given, kept) -> str | None:
+    """The algorithm options given with ``--continue`` that the continued run does not take.
+
+    ``--continue`` keeps the algorithm of the run it continues (so that it gives the same
+    result as an uninterrupted run); an option set to something else than both its default
+    and the run's value would otherwise be dropped without a word.
+
+    Parameters
+    ----------
+    given, kept : Class2DConfig
+        The configuration asked for, and the one the continued job runs with.
+
+    Returns
+    -------
+    str or None
+        A warning naming each dropped flag with both values; None when nothing is dropped.
+    """
+    dropped = []
+    for f in type(given).option_fields():
+        if f.metadata.get("group") not in ("algorithm", "sampling") or f.name == "iter":
+            continue
+        mine, theirs = getattr(given, f.name), getattr(kept, f.name)
+        if mine != f.default and mine != theirs:
+            flag = f.metadata.get("flag") or f"--{f.name}"
+            dropped.append(f"{flag} {mine} (the run's {theirs} is kept)")
+    if not dropped:
+        return None
+    return ("--continue keeps the continued run's algorithm options; ignored: "
+            + "; ".join(dropped) + ". Start a new run to change them.")
+
+
 class LeaderCore:
     """Rank 0's state and operations.
 
@@ -50,6 +81,8 @@ class LeaderCore:
 
     def __init__(self, config, comm=None, timeout: float = 600.0):
         self.job = _make_job(config)
+        self.continue_note = (ignored_on_continue(config, self.job.config)
+                              if config.continue_from else None)
         self.comm = comm
         self.timeout = float(timeout)
         self._shapes: dict[str, list] = {}
@@ -64,7 +97,8 @@ class LeaderCore:
                 "n_optics": len(job.optics_names), "n_groups": len(job.group_names),
                 "mask_radius_px": job.mask_radius_px, "iteration": job.iteration,
                 "has_model": job.model is not None, "config": job.config,
-                "root": job.output_root(), "stacks": len(job.table.stacks)}
+                "root": job.output_root(), "stacks": len(job.table.stacks),
+                "continue_note": self.continue_note}
 
     def _template(self, kind: str):
         if kind not in self._shapes:

@@ -179,6 +179,7 @@ class _Run(RankSession):
         self._inprocess_note()
         leader = LeaderCore(cfg, timeout=self.timeout)
         self.info = info = leader.info()
+        self._continue_note()
         jcfg = self._job_config()
         dmap = resolve_device_map(cfg.gpu, 1, cfg.j, n_devices=self._local_devices())
         devices = list(dmap.devices_of(0))
@@ -227,6 +228,12 @@ class _Run(RankSession):
              seconds=time.monotonic() - t0)
         return out
 
+    def _continue_note(self) -> None:
+        """Warn about options that ``--continue`` ignores (the leader's ``continue_note``)."""
+        note = self.info.get("continue_note")
+        if note:
+            self.warnings.append(note)
+
     def _scratch_warning(self, copy, host) -> None:
         if not copy.complete:
             self.warnings.append(f"host {host}: {copy.describe()}")
@@ -247,6 +254,7 @@ class _Run(RankSession):
         self.info = info = self._wait(self.leader, self.leader.run_async(
             _engine.open_leader, self.run_id, cfg, cwd=cwd, timeout=self.timeout),
             "reading the particles")
+        self._continue_note()
         jcfg = self._job_config()
         wprobes = {w.rank: probes[w.info.engine] for w in self.workers}
         n_dev = self._engine_devices(wprobes)

@@ -119,6 +119,19 @@ def test_continue_gives_the_uninterrupted_sums(tiny_set, reference, tmp_path):
     assert_same_as_reference(result, reference)
 
 
+def test_continue_warns_about_the_algorithm_options_it_ignores(tiny_set, tmp_path):
+    first = run_class2d(tiny_config(tiny_set, tmp_path / "a", iter=1, pool=40))
+    quiet = run_class2d(tiny_config(tiny_set, tmp_path / "b", iter=2, pool=40,
+                                    continue_from=first.files["optimiser"]))
+    assert not any("--continue" in w for w in quiet.warnings)
+    cfg = tiny_config(tiny_set, tmp_path / "c", iter=2, pool=40, perturb=0.0, psi_step=7.5,
+                      continue_from=first.files["optimiser"])
+    result = run_class2d(cfg)
+    (note,) = [w for w in result.warnings if "--continue" in w]
+    assert "--perturb 0.0 (the run's 0.5 is kept)" in note, note
+    assert "--psi_step 7.5 (the run's 20.0 is kept)" in note, note
+
+
 def test_gpu_flag_without_a_gpu_runs_on_the_cpu(tiny_set, tmp_path, monkeypatch):
     monkeypatch.setenv("CRYONB_BACKEND", "cpu")
     result = run_class2d(tiny_config(tiny_set, tmp_path, iter=1, gpu="", cpu=False))
