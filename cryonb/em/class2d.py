@@ -161,6 +161,9 @@ class Class2DJob:
                              config.i)
         df = t.particles
         self.n = len(df)
+        if config.K > self.n:
+            raise ConfigError(f"--K {config.K} asks for more classes than there are particles "
+                              f"({self.n} in {config.i})")
         codes, names = pd.factorize(df["rlnOpticsGroup"].astype(int), sort=True)
         self.optics = codes.astype(np.int64)
         opt_names = []
@@ -193,7 +196,12 @@ class Class2DJob:
         #: the image size the last E-step used (RELION's rlnCurrentImageSize of its iteration)
         self.size_used: int | None = None
         self.mask = soft_circular_mask(self.N, self.mask_radius_px, 5.0)
-        Path(config.o).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(config.o).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--o {config.o}: cannot create the output folder "
+                              f"{Path(config.o).parent} ({exc.strerror or exc}); choose a "
+                              "folder you can write to") from exc
 
     @classmethod
     def from_optimiser(cls, optimiser_star, **overrides) -> Class2DJob:

@@ -358,6 +358,11 @@ def test_bad_input_errors(tmp_path):
     (tmp_path / "particles.mrcs").symlink_to(tmp_path / "data" / "particles.mrcs")
     with pytest.raises(InputError, match="no CTF"):
         Class2DJob(_cfg(tmp_path / "noctf.star", tmp_path / "o" / "r"))
+    with pytest.raises(ConfigError, match="--K 30 asks for more classes than there are"):
+        Class2DJob(_cfg(star, tmp_path / "o" / "r", K=30))
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="cannot create the output folder"):
+        Class2DJob(_cfg(star, tmp_path / "afile" / "sub" / "r"))
     # a mask wider than the box's diagonal leaves no background (RELION stops there too); a
     # mask that covers all but the corners is accepted
     box_a = 32 * 3.0
