@@ -69,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cryonb {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # a file or folder the command could not read or make (permissions, a missing or
+        # read-only parent, a full disc): say which and why instead of a traceback
+        if args.debug or not exc.filename:
+            raise
+        print(f"cryonb {args.command}: error: {exc.filename}: {exc.strerror or exc} "
+              "(check the path and that you may write there; --debug shows the traceback)",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"cryonb {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -138,3 +138,12 @@ def test_ranks_start_and_stop_their_own_engines(sim_star, tmp_path, capsys):
     engines = [p for p in psutil.Process().children(recursive=True)
                if "ipyparallel" in " ".join(p.cmdline())]
     assert not engines  # stopped with the run
+
+
+def test_a_folder_that_cannot_be_made_is_a_message_not_a_traceback(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    rc = main(["simulate", "--o", str(blocker / "sim"), "--n", "4", "--box", "16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cryonb simulate: error:" in err and str(blocker) in err, err
+    assert "Traceback" not in err
