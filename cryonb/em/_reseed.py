@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CROWDED_RATIO", "CROWDED_SEPARATION", "JUNK_PMAX_RATIO", "MERGE_RATIO",
-           "SPLIT_SEPARATION", "class_similarity", "find_free_classes", "merge_candidates",
-           "merge_ratios", "realign_class", "split_accepted", "split_class"]
+__all__ = ["CROWDED_RATIO", "CROWDED_SEPARATION", "HALF_RATIO", "HALF_SIZE", "HALF_TOTAL",
+           "JUNK_PMAX_RATIO", "MERGE_RATIO", "SPLIT_SEPARATION", "class_similarity",
+           "find_free_classes", "half_pairs", "merge_candidates", "merge_ratios",
+           "realign_class", "split_accepted", "split_class"]
 
 #: a class whose particles' mean maximum probability is below this fraction of the median
 #: class's is "junk" (it collects particles that fit nowhere well) and is re-seeded
@@ -54,6 +55,12 @@ CROWDED_SEPARATION = 3.0
 #: particles fit both almost equally: moving them costs less than this fraction of what
 #: moving them to a typical other class would (:func:`merge_candidates`; 0 = never)
 MERGE_RATIO = 0.35
+#: :func:`half_pairs`: each class at most this fraction of the median class, ...
+HALF_SIZE = 0.7
+#: ... the two together within this range of it, ...
+HALF_TOTAL = (0.7, 1.4)
+#: ... and a merge ratio below this
+HALF_RATIO = 0.85
 
 
 def split_accepted(separation: float, share: float, count: float, median_count: float,
@@ -215,6 +222,49 @@ def merge_candidates(margin: np.ndarray, counts: np.ndarray, exclude=()) -> list
     pairs = sorted((float(r[a, b]), a, b) for a in range(K) for b in range(K)
                    if a != b and counts[a] > 0 and (counts[a], a) < (counts[b], b)
                    and r[a, b] < MERGE_RATIO)
+    out, taken = [], set(exclude)
+    for ratio, a, b in pairs:
+        if a not in taken and b not in taken:
+            out.append((ratio, a, b))
+            taken.update((a, b))
+    return out
+
+
+def half_pairs(margin: np.ndarray, counts: np.ndarray, exclude=()) -> list:
+    """Pairs of small classes that likely split one view, for a class that clearly holds two.
+
+    When a crowded class splits clearly (:data:`SPLIT_SEPARATION`) and no class is free or
+    cheap to merge (:func:`merge_candidates`), two classes that are each at most
+    ``HALF_SIZE`` of the median class, together ``HALF_TOTAL`` of it, and whose particles
+    fit each other's class better than a typical one (merge ratio below ``HALF_RATIO``) are
+    the other half of the picture: one view split in two. With ``--ctf_intact_first_peak``
+    on data without strong low-resolution contrast such a pair kept merge ratios of
+    0.58-0.77 for as long as it stayed split.
+
+    Parameters
+    ----------
+    margin : ndarray of shape (K, K)
+        ``Class2DModel.class_margin``.
+    counts : ndarray of shape (K,)
+        Particles per class.
+    exclude : iterable of int
+        Classes that may not be part of a pair.
+
+    Returns
+    -------
+    list of (ratio, smaller, larger)
+        Sorted by ratio; each class in at most one pair.
+    """
+    K = len(counts)
+    if margin is None or margin.shape != (K, K) or not (counts > 0).any():
+        return []
+    med = float(np.median(counts[counts > 0]))
+    r = merge_ratios(margin)
+    pairs = sorted((float(r[a, b]), a, b) for a in range(K) for b in range(K)
+                   if a != b and 0 < counts[a] and (counts[a], a) < (counts[b], b)
+                   and counts[b] <= HALF_SIZE * med
+                   and HALF_TOTAL[0] * med <= counts[a] + counts[b] <= HALF_TOTAL[1] * med
+                   and r[a, b] < HALF_RATIO)
     out, taken = [], set(exclude)
     for ratio, a, b in pairs:
         if a not in taken and b not in taken:

@@ -432,7 +432,14 @@ class Class2DJob:
         probability reaches ``RESEED_MIN_PMAX``) until ``reseed_until * iter``, at most every
         other iteration.
         """
-        from ._reseed import CROWDED_RATIO, find_free_classes, merge_candidates, split_accepted
+        from ._reseed import (
+            CROWDED_RATIO,
+            SPLIT_SEPARATION,
+            find_free_classes,
+            half_pairs,
+            merge_candidates,
+            split_accepted,
+        )
 
         cfg, m = self.config, self.model
         K = cfg.K
@@ -450,7 +457,9 @@ class Class2DJob:
             max_res_px=max(4, m.current_size // 4))
         late = self.iteration >= self._anneal_last()
         merges = merge_candidates(m.class_margin, counts, free) if late else []
-        if not free and not merges:
+        # one view split in two small classes, for a class that clearly holds two views
+        halves = half_pairs(m.class_margin, counts, free) if late else []
+        if not free and not merges and not halves:
             return
         # the classes to split: the largest, and junk classes (often two views merged: split,
         # such a class keeps one half and gives the other to a free slot)
@@ -485,18 +494,20 @@ class Class2DJob:
                 # a class holding two views with nowhere to go: merge a pair that describes
                 # the same particles (one view split over two classes) to free a slot
                 pair = next((p for p in merges if big not in p[1:]), None)
+                if pair is None and crowded and sep >= SPLIT_SEPARATION:
+                    pair = next((p for p in halves if big not in p[1:]), None)
                 if pair is not None:
-                    merges.remove(pair)
                     ratio, slot, into = pair
                     reasons[slot] = (f"merged into class {into + 1} (merge cost ratio "
                                      f"{ratio:.2f})")
             if slot is None:
                 exhausted = True
-                if not merges:
+                if not merges and not halves:
                     break
                 continue
             slots = [k for k in slots if k not in (slot, big)]
             merges = [p for p in merges if slot not in p[1:] and big not in p[1:]]
+            halves = [p for p in halves if slot not in p[1:] and big not in p[1:]]
             total = m.pdf_class[big]
             m.classes[big], m.classes[slot] = avgs[0], avgs[1]
             m.pdf_class[big], m.pdf_class[slot] = total * (1 - share), total * share

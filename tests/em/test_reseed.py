@@ -8,10 +8,12 @@ import pytest
 from cryonb.data.conventions import euler_to_matrix
 from cryonb.em._reseed import (
     CROWDED_RATIO,
+    HALF_RATIO,
     MERGE_RATIO,
     SPLIT_SEPARATION,
     class_similarity,
     find_free_classes,
+    half_pairs,
     merge_candidates,
     merge_ratios,
     realign_class,
@@ -182,3 +184,22 @@ def test_merge_candidates_pair_one_view_in_two_classes():
     assert merge_candidates(margin, counts) == []
     # fewer than three classes: no typical cost to compare with
     assert merge_candidates(np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([5.0, 6.0])) == []
+
+
+def test_half_pairs_find_one_view_in_two_small_classes():
+    # classes 1 and 3 split one view (half a typical class each) but their particles still
+    # lose 60% of a typical move by swapping (ratio 0.6, no merge candidate); class 4 holds
+    # two views
+    margin = np.full((5, 5), 40.0)
+    np.fill_diagonal(margin, 0.0)
+    margin[1, 3], margin[3, 1] = 24.0, 26.0
+    counts = np.array([250.0, 120, 250, 130, 480])
+    assert merge_candidates(margin, counts) == []
+    assert half_pairs(margin, counts) == [(pytest.approx(0.6), 1, 3)]
+    assert half_pairs(margin, counts, exclude=[1]) == []
+    # two typical classes are no such pair, whatever their ratio
+    assert half_pairs(margin, np.array([250.0, 240, 250, 260, 480])) == []
+    # nor are a typical and a small one, or two that fit each other no better than others
+    assert half_pairs(margin, np.array([250.0, 120, 250, 230, 480])) == []
+    margin[1, 3] = 40.0 * HALF_RATIO * 1.05
+    assert half_pairs(margin, counts) == []
