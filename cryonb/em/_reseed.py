@@ -19,7 +19,10 @@ the first part of a run (``--reseed_until``), frees those classes and gives them
    averages become the split class and the free class. A junk or crowded class that finds
    no free slot may take one from a *merge*: the smaller of two classes whose particles fit
    both almost equally well (:func:`merge_candidates`, from the E-step's class margins),
-   typically one view split over two classes while another class holds two views.
+   typically one view split over two classes while another class holds two views. A crowded
+   class that splits clearly may also take the smaller of two half-size classes whose
+   particles fit each other's class better than a typical one (:func:`half_pairs`): the
+   same state when the two halves' averages differ by more than noise.
 3. EM then refines both from there.
 4. A junk class left without a slot (nothing to split into) is often a class *smeared by
    rotation*: a round blob, the rotational average of its view, whose particles' angles are

@@ -21,7 +21,9 @@ shift), and gives each free slot one half of a class split in two: the largest c
 their aligned particles fall into two well-separated clusters, and junk classes always (low
 probabilities are how merged views show). A junk or crowded class with no free slot takes the
 smaller class of a pair whose particles fit both almost equally well (one view split over two
-classes; judged from the E-step's class margins). EM then refines the two halves. See
+classes; judged from the E-step's class margins), or, for a crowded class that splits
+clearly, the smaller of two half-size classes that fit each other better than the rest. EM
+then refines the two halves. See
 :mod:`cryonb.em._reseed`. In the same part of the run the prior is annealed
 (``--tau2_anneal``, :meth:`Class2DJob.tau2_factor`): the regularisation parameter T starts
 larger and returns to the user's value, which lets classes that are still blends of many
