@@ -221,10 +221,17 @@ def merge_candidates(margin: np.ndarray, counts: np.ndarray, exclude=()) -> list
     K = len(counts)
     if MERGE_RATIO <= 0 or margin is None or margin.shape != (K, K):
         return []
-    r = merge_ratios(margin)
-    pairs = sorted((float(r[a, b]), a, b) for a in range(K) for b in range(K)
+    return _disjoint_pairs(merge_ratios(margin), counts, exclude,
+                           lambda a, b, ratio: ratio < MERGE_RATIO)
+
+
+def _disjoint_pairs(ratios: np.ndarray, counts: np.ndarray, exclude, accept) -> list:
+    """Pairs ``(ratio, smaller, larger)`` of non-empty classes that ``accept(a, b, ratio)``,
+    cheapest first, each class in at most one pair and none in ``exclude``."""
+    K = len(counts)
+    pairs = sorted((float(ratios[a, b]), a, b) for a in range(K) for b in range(K)
                    if a != b and counts[a] > 0 and (counts[a], a) < (counts[b], b)
-                   and r[a, b] < MERGE_RATIO)
+                   and accept(a, b, float(ratios[a, b])))
     out, taken = [], set(exclude)
     for ratio, a, b in pairs:
         if a not in taken and b not in taken:
@@ -244,36 +251,19 @@ def half_pairs(margin: np.ndarray, counts: np.ndarray, exclude=()) -> list:
     on data without strong low-resolution contrast such a pair kept merge ratios of
     0.58-0.77 for as long as it stayed split.
 
-    Parameters
-    ----------
-    margin : ndarray of shape (K, K)
-        ``Class2DModel.class_margin``.
-    counts : ndarray of shape (K,)
-        Particles per class.
-    exclude : iterable of int
-        Classes that may not be part of a pair.
-
-    Returns
-    -------
-    list of (ratio, smaller, larger)
-        Sorted by ratio; each class in at most one pair.
+    Parameters and result as :func:`merge_candidates`.
     """
     K = len(counts)
     if margin is None or margin.shape != (K, K) or not (counts > 0).any():
         return []
     med = float(np.median(counts[counts > 0]))
-    r = merge_ratios(margin)
-    pairs = sorted((float(r[a, b]), a, b) for a in range(K) for b in range(K)
-                   if a != b and 0 < counts[a] and (counts[a], a) < (counts[b], b)
-                   and counts[b] <= HALF_SIZE * med
-                   and HALF_TOTAL[0] * med <= counts[a] + counts[b] <= HALF_TOTAL[1] * med
-                   and r[a, b] < HALF_RATIO)
-    out, taken = [], set(exclude)
-    for ratio, a, b in pairs:
-        if a not in taken and b not in taken:
-            out.append((ratio, a, b))
-            taken.update((a, b))
-    return out
+
+    def accept(a, b, ratio):
+        total = counts[a] + counts[b]
+        return (counts[b] <= HALF_SIZE * med and ratio < HALF_RATIO
+                and HALF_TOTAL[0] * med <= total <= HALF_TOTAL[1] * med)
+
+    return _disjoint_pairs(merge_ratios(margin), counts, exclude, accept)
 
 
 def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
