@@ -50,8 +50,8 @@ from ._estep import EStepContext, check_mask_radius, mask_radius, soft_circular_
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch
 from ._mstep import InitSums, initial_model, initial_pass_sums, maximization
 
-__all__ = ["ANNEAL_UNTIL", "REALIGN_JUNK", "REALIGN_MIN_GAIN", "RESEED_MIN_PMAX", "Class2DJob",
-           "ParticleState"]
+__all__ = ["ANNEAL_UNTIL", "REALIGN_JUNK", "REALIGN_MIN_GAIN", "RESEED_MIN_PMAX",
+           "SETTLE_FRACTION", "Class2DJob", "ParticleState"]
 
 #: re-seeding starts once the average maximum posterior probability reaches this value
 RESEED_MIN_PMAX = 0.2
