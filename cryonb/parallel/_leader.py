@@ -53,14 +53,14 @@ def ignored_on_continue(given, kept) -> str | None:
     str or None
         A warning naming each dropped flag with both values; None when nothing is dropped.
     """
+    default = type(given)()
     dropped = []
     for f in type(given).option_fields():
         if f.metadata.get("group") not in ("algorithm", "sampling") or f.name == "iter":
             continue
         mine, theirs = getattr(given, f.name), getattr(kept, f.name)
-        if mine != f.default and mine != theirs:
-            flag = f.metadata.get("flag") or f"--{f.name}"
-            dropped.append(f"{flag} {mine} (the run's {theirs} is kept)")
+        if mine != getattr(default, f.name) and mine != theirs:
+            dropped.append(f"{given.flag(f.name)} {mine} (the run's {theirs} is kept)")
     if not dropped:
         return None
     return ("--continue keeps the continued run's algorithm options; ignored: "

@@ -1034,7 +1034,7 @@ def score_relion_run(run, class_set: ClassSet) -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# the best purity the data allow
+# what classification reaches when the classes are right
 # --------------------------------------------------------------------------------------------
 
 
