@@ -30,6 +30,7 @@ from ._sampled import (
     sampled_dot,
     sampled_dot_blocks,
     sampled_dot_reference,
+    scatter_blocks,
     scatter_products,
     scatter_products_reference,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "sampled_dot",
     "sampled_dot_blocks",
     "sampled_dot_reference",
+    "scatter_blocks",
     "scatter_products",
     "scatter_products_reference",
     "segment_argmax",
