@@ -56,7 +56,9 @@ def compare(runs_a: list, runs_b: list, top: int = 8) -> dict:
             "b_particles_per_s": [round(r["particles_per_s"]) for r in runs_b],
             "a_best": a["particles_per_s"], "b_best": b["particles_per_s"],
             "ratio_b_over_a": b["particles_per_s"] / a["particles_per_s"],
-            "stages_a_b": [(n, x, y) for n, x, y in diff]}
+            "stages_a_b": [(n, x, y) for n, x, y in diff],
+            "stages_a_all": a["stages_s"], "stages_b_all": b["stages_s"],
+            "mean_significant_a_b": (a.get("mean_significant"), b.get("mean_significant"))}
 
 
 def main(argv=None):
@@ -67,6 +69,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="runs of each version per shape")
     ap.add_argument("--pool", default="auto")
     ap.add_argument("--out", default=".")
+    ap.add_argument("--json", default="class2d_gpu_ab.json", help="file name in --out")
     a = ap.parse_args(argv)
     trees = {"A": Path(a.base).resolve(), "B": Path(a.new).resolve()}
     for name, tree in trees.items():
@@ -88,7 +91,7 @@ def main(argv=None):
         for n, x, y in c["stages_a_b"]:
             print(f"    {n:<52} A {1e3 * x:7.2f} ms   B {1e3 * y:7.2f} ms")
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / "class2d_gpu_ab.json").write_text(json.dumps(results, indent=1))
+        (Path(a.out) / a.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 # Steps: tests (every GPU-marked test), picktests (those of tests/pick with the map carried in
 #        .gpudata/), profile (E-step per stage), bench (class2d_gpu.py grid),
 #        ab (class2d_gpu_ab.py: the tree in $AB_BASE, default _base/, against this one, in
-#        turns; $AB_ARGS; carry _base), parallel (parallel_gpu_check.py),
+#        turns; $AB_NEW: version B's tree, default this one; $AB_ARGS; carry _base), ab2 (a
+#        second comparison: $AB2_BASE, $AB2_NEW, $AB2_ARGS), parallel (parallel_gpu_check.py),
 #        scaling (parallel_scaling.py --gpu, $SCALING_ARGS), panel (panel_gpu_check.py),
 #        autopick (benchmarks/autopick.py GPU and CPU rows), notebooks (notebooks on the GPU).
 # TEST_PATHS: the tests step's folders (default: fourier kernels em pick parallel).
@@ -44,7 +45,9 @@ for what in "$@"; do
     profile) step profile 120 python3 benchmarks/estep_profile.py --gpu ${PROFILE_ARGS:---n 4000 --box 128 --K 50} ;;
     bench) step bench 420 python3 benchmarks/class2d_gpu.py --out "$OUT" ${BENCH_ARGS:-} ;;
     ab) step ab 420 python3 benchmarks/class2d_gpu_ab.py --base "${AB_BASE:-_base}" --out "$OUT" \
-          ${AB_ARGS:-} ;;
+          --new "${AB_NEW:-.}" ${AB_ARGS:-} ;;
+    ab2) step ab2 420 python3 benchmarks/class2d_gpu_ab.py --base "${AB2_BASE:-_base}" \
+           --new "${AB2_NEW:-.}" --out "$OUT" --json class2d_gpu_ab2.json ${AB2_ARGS:-} ;;
     parallel) step parallel_check 200 python3 benchmarks/parallel_gpu_check.py ;;
     scaling) step scaling 300 python3 benchmarks/parallel_scaling.py --gpu '' \
                ${SCALING_ARGS:---n 20000 --box 128 --K 50 --workers 1 2 --threads 1 2 4} \
