@@ -98,6 +98,11 @@ class JobKind:
         """
         raise ConfigError(f"{self.config_cls.__name__} runs cannot be continued")
 
+    def continue_note(self, cfg, new) -> str | None:
+        """A warning when continuing (``new``, from :meth:`continue_config`) drops options
+        the form had set (``cfg``); None when nothing is dropped."""
+        return None
+
 
 # ------------------------------------------------------------------------------ class2d
 _ITER = re.compile(r"_it(\d{3,})_optimiser\.star$")
@@ -168,6 +173,11 @@ class Class2DKind(JobKind):
         job = Class2DJob.from_optimiser(path, iter=target, o=cfg.o or None,
                                         continue_from=path, **parallel)
         return job.config
+
+    def continue_note(self, cfg, new) -> str | None:
+        from ..parallel._leader import ignored_on_continue
+
+        return ignored_on_continue(cfg, new)
 
 
 # ------------------------------------------------------------------------------ autopick

@@ -108,6 +108,9 @@ class JobPanel:
         The current (or last) run.
     result, error
         Of the last run.
+    notice : str
+        A warning about the last run's start, shown under the status (Continue: the options
+        set in the form that the continued run does not take); empty for a new run.
     monitor : cryonb.viz.LoadMonitor or None
         Load samples of the runs (created at the first run).
     grid, convergence, dashboard
@@ -146,6 +149,7 @@ class JobPanel:
         self.result: Any = None
         self.error: BaseException | None = None
         self.errors: dict[str, str] = {}
+        self.notice = ""
         self.device_report: DeviceReport | None = None
         self._cfg = None  # the last valid configuration shown (None: invalid)
         self.monitor: LoadMonitor | None = None
@@ -344,6 +348,9 @@ class JobPanel:
                     f"<code>{html.escape(self.config_cls.PROGRAM)}</code></span>")
         else:
             body = '<span class="cryonb-ready" style="color:#1b7f3b">ready</span>'
+        if self.notice:
+            body += (f'<div class="cryonb-notice" style="color:{_LEVEL_COLORS["warning"]}">'
+                     f"warning: {html.escape(self.notice)}</div>")
         self.status.value = body + extra
 
     def _update_buttons(self) -> None:
@@ -423,10 +430,13 @@ class JobPanel:
             raise RuntimeError("a run is going on: stop it first")
         cfg = self.form.to_config()
         new = self.kind.continue_config(cfg, self.more.value if more is None else more)
+        # options set in the form that the continued run does not take (the form then shows
+        # the run's values): said in the status line, as the command line's warning
+        note = self.kind.continue_note(cfg, new)
         self.from_config(new)
         if self.errors:
             raise ConfigError("; ".join(self.errors.values()))
-        return self._start(new)
+        return self._start(new, notice=note or "")
 
     def wait(self, timeout: float | None = None):
         """Wait for the current run to end (scripts and tests; see :meth:`RunHandle.wait`)."""
@@ -434,10 +444,11 @@ class JobPanel:
             raise RuntimeError("nothing was run")
         return self.handle.wait(timeout)
 
-    def _start(self, cfg) -> RunHandle:
+    def _start(self, cfg, notice: str = "") -> RunHandle:
         if self.running:
             raise RuntimeError("a run is going on: stop it first")
         self.result = self.error = None
+        self.notice = notice
         self._ensure_views()
         if self.convergence is not None and len(self.convergence.data) and not getattr(
                 cfg, "continue_from", ""):  # a new run: its own convergence plots

@@ -65,10 +65,19 @@ def test_run_stop_continue_with_the_buttons(particles, tmp_path):
     assert result.first_iteration == stopped_at
     assert panel.progress.state.status == "finished"
     assert read_mrc(result.classes).data.shape == (2, 24, 24)
-    # a finished run continues for "more" iterations
+    assert not panel.notice and "warning" not in panel.status.value
+    # a finished run continues for "more" iterations; an algorithm option changed in the form
+    # is not taken by the continued run, and the panel says so
     panel.more.value = 1
+    panel.form["tau2_fudge"].value = 4.0
     panel.continue_button.click()
+    assert panel.handle.config.tau2_fudge == cfg.tau2_fudge != 4.0
+    assert panel.form["tau2_fudge"].value == cfg.tau2_fudge
+    assert "--tau2_fudge 4.0" in panel.notice and "cryonb-notice" in panel.status.value
     assert panel.wait(60).iteration == stopped_at + 3
+    panel.run_button.click()  # a new run: no notice
+    assert not panel.notice and "cryonb-notice" not in panel.status.value
+    panel.wait(60)
 
 
 def test_run_on_the_event_loop(particles, tmp_path):
