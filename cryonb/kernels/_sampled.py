@@ -730,11 +730,7 @@ def residual_sums_blocks(X, A, iu, iv, ts: int, ps: int, starts, w):
     once for its ``ts x ps`` samples) give the same bits.
     """
     xp = array_module(X, A)
-    ts, ps = int(ts), int(ps)
-    iu = xp.ascontiguousarray(iu, dtype=xp.int64)
-    iv = xp.ascontiguousarray(iv, dtype=xp.int64)
-    n = int(iu.shape[0])
-    w = xp.ascontiguousarray(w, dtype=xp.float32).reshape(n, ps, ts)
+    ts, ps, iu, iv, w = _block_args(xp, ts, ps, iu, iv, w)
     G = int(starts.shape[0]) - 1
     P = int(X.shape[1]) // 2
     if A.shape[1] != 2 * P:
@@ -753,6 +749,15 @@ def residual_sums_blocks(X, A, iu, iv, ts: int, ps: int, starts, w):
     _blocks_kernel(ts, ps, "residual_sums_blocks")(
         (G,), (_threads_per_pixel_pass(P),), (X, A, iu, iv, starts, w, np.int32(P), q, a2))
     return q, a2
+
+
+def _block_args(xp, ts, ps, iu, iv, w):
+    """The block kernels' arguments as they take them: ``ts``, ``ps`` (int), ``iu``, ``iv``
+    (contiguous int64), ``w`` (contiguous float32 of shape (n, ps, ts))."""
+    iu = xp.ascontiguousarray(iu, dtype=xp.int64)
+    iv = xp.ascontiguousarray(iv, dtype=xp.int64)
+    ts, ps = int(ts), int(ps)
+    return ts, ps, iu, iv, xp.ascontiguousarray(w, dtype=xp.float32).reshape(-1, ps, ts)
 
 
 def _threads_per_pixel_pass(P: int, most: int = 512) -> int:
@@ -793,11 +798,8 @@ def scatter_blocks(acc, U, iu, iv, ts: int, ps: int, w, *, one_row: bool = False
     ~1e-16 relative).
     """
     xp = array_module(acc, U)
-    ts, ps = int(ts), int(ps)
-    iu = xp.ascontiguousarray(iu, dtype=xp.int64)
-    iv = xp.ascontiguousarray(iv, dtype=xp.int64)
+    ts, ps, iu, iv, w = _block_args(xp, ts, ps, iu, iv, w)
     n = int(iu.shape[0])
-    w = xp.ascontiguousarray(w, dtype=xp.float32).reshape(n, ps, ts)
     if n == 0:
         return
     D = int(U.shape[1])
