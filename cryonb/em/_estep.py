@@ -29,6 +29,7 @@ from ..ctf import CTFParams, ctf_at, ctf_features
 from ..data.conventions import rotated_indices
 from ..fourier import Projector, fft2_centered, ifft2_centered
 from ..kernels import (
+    block_order,
     coarse_log_posterior,
     insert_slices_2d,
     mask_images_2d,
@@ -715,6 +716,11 @@ class EStepContext:
         Bs = Xf.shape[0]
         R = len(f.psi)
         K = self.K
+        # GPU: each particle's blocks with one target row (its translations of a rotation)
+        # together, so that the sums add a run of them at once
+        perm = block_order(cb, ct, cr, T, self.coarse.refs.shape[0])
+        if perm is not None:
+            cb, ct, cr = cb[perm], ct[perm], cr[perm]
         # each coarse sample's ts x ps samples in (sub-rotation, sub-translation) order: a
         # block whose rows the GPU kernels read once for all its samples
         qt = xp.arange(ts)[None, None, :]

@@ -25,6 +25,7 @@ from ._prepare import (
     shifted_images_ri_reference,
 )
 from ._sampled import (
+    block_order,
     residual_sums_blocks,
     residual_sums_reference,
     sampled_dot,
@@ -43,6 +44,7 @@ from ._select import (
 )
 
 __all__ = [
+    "block_order",
     "coarse_log_posterior",
     "coarse_log_posterior_reference",
     "find_peaks_2d",

@@ -24,6 +24,7 @@ from ..backend import array_module
 from ._cuda import cuda_function
 
 __all__ = [
+    "block_order",
     "residual_sums_blocks",
     "residual_sums_reference",
     "sampled_dot",
@@ -366,8 +367,9 @@ void scatter_blocks(double* acc, const float* U, const long long* iu, const long
     // acc[iv[c] * PS + k] += sum_t w[(c * PS + k) * TS + t] * U[row t of block c], rows
     // iu[c] * TS + t (urows = TS) or iu[c] for every t (urows = 1). A CUDA block takes
     // SB_CHUNK consecutive blocks, a thread per value: each block's rows are read once for
-    // its TS x PS samples and each (block, k) with a non-zero weight adds its float64 sum,
-    // in t order, with one atomic add per value.
+    // its TS x PS samples, and a run of consecutive blocks with the same target rows (iv)
+    // is summed in float64 registers, in (block, t) order, before one atomic add per value
+    // and k (the E-step orders its blocks by target row on the GPU: see block_order).
     __shared__ long long s_u[SB_CHUNK], s_v[SB_CHUNK];
     __shared__ float s_w[SB_CHUNK * PS * TS];
     const long long c0 = blockIdx.x * (long long)SB_CHUNK;
@@ -380,6 +382,10 @@ void scatter_blocks(double* acc, const float* U, const long long* iu, const long
     }
     __syncthreads();
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        double sum[PS];
+        bool any[PS];
+#pragma unroll
+        for (int k = 0; k < PS; ++k) { sum[k] = 0.0; any[k] = false; }
         for (int j = 0; j < cnt; ++j) {
             float u[TS];
             const float* a = U + s_u[j] * (long long)urows * D + d;
@@ -389,17 +395,22 @@ void scatter_blocks(double* acc, const float* U, const long long* iu, const long
             const float* wj = s_w + j * PS * TS;
 #pragma unroll
             for (int k = 0; k < PS; ++k) {
-                double sum = 0.0;
-                bool any = false;
 #pragma unroll
                 for (int t = 0; t < TS; ++t) {
                     const float ws = wj[k * TS + t];  // the same for every thread
                     if (ws != 0.f) {
-                        sum += (double)ws * (double)u[t];
-                        any = true;
+                        sum[k] += (double)ws * (double)u[t];
+                        any[k] = true;
                     }
                 }
-                if (any) atomicAdd(acc + (s_v[j] * PS + k) * (long long)D + d, sum);
+            }
+            if (j + 1 == cnt || s_v[j + 1] != s_v[j]) {  // the run ends: add its sums
+#pragma unroll
+                for (int k = 0; k < PS; ++k) {
+                    if (any[k]) atomicAdd(acc + (s_v[j] * PS + k) * (long long)D + d, sum[k]);
+                    sum[k] = 0.0;
+                    any[k] = false;
+                }
             }
         }
     }
@@ -407,7 +418,7 @@ void scatter_blocks(double* acc, const float* U, const long long* iu, const long
 """
 
 #: GPU: blocks of samples per CUDA block of :func:`scatter_blocks`
-SB_CHUNK = 8
+SB_CHUNK = 32
 
 #: the largest ``ts * ps`` of :func:`sampled_dot_blocks` on the GPU (registers per thread)
 BLOCK_MAX = 16
@@ -793,9 +804,10 @@ def scatter_blocks(acc, U, iu, iv, ts: int, ps: int, w, *, one_row: bool = False
     ``acc[iv[c] * ps + q] += sum_t w[c, q, t] * U[row(c, t)]``. The same sums as
     :func:`scatter_products` of the blocks' samples of non-zero weight in (block, ``q``,
     ``t``) order; on the CPU it is that function. On the GPU a CUDA block takes
-    ``SB_CHUNK`` blocks, reads each block's rows once for its ``ts x ps`` samples, and adds
-    each (block, ``q``)'s float64 sum with one atomic add per value (order-independent to
-    ~1e-16 relative).
+    ``SB_CHUNK`` blocks and reads each block's rows once for its ``ts x ps`` samples; a run of
+    consecutive blocks with the same ``iv`` is summed in float64 registers and added with one
+    atomic add per value and ``q`` (order-independent to ~1e-16 relative). Blocks ordered by
+    ``iv`` (:func:`block_order`) make long runs and few atomic adds.
     """
     xp = array_module(acc, U)
     ts, ps, iu, iv, w = _block_args(xp, ts, ps, iu, iv, w)
@@ -816,3 +828,29 @@ def scatter_blocks(acc, U, iu, iv, ts: int, ps: int, w, *, one_row: bool = False
     _blocks_kernel(ts, ps, "scatter_blocks")(
         ((n + SB_CHUNK - 1) // SB_CHUNK,), (128,),
         (acc, U, iu, iv, w, np.int64(n), np.int32(D), np.int32(1 if one_row else ts)))
+
+
+def block_order(cb, ct, cr, T: int, M: int):
+    """The order in which the E-step's second pass takes its blocks of samples.
+
+    Parameters
+    ----------
+    cb, ct, cr : int arrays of shape (n,)
+        Each coarse sample's particle (non-decreasing), translation and (class, rotation)
+        row, in (particle, translation, rotation) order.
+    T, M : int
+        Coarse translations, and (class, rotation) rows.
+
+    Returns
+    -------
+    int array of shape (n,) or None
+        GPU: the permutation to (particle, rotation, translation) order, in which a
+        particle's blocks with one target row (its translations of one rotation) are
+        consecutive, so that :func:`scatter_blocks` adds each run with one atomic add instead
+        of one per block. CPU: None (keep the order; its sums sort by target row anyway).
+    """
+    xp = array_module(cb, ct, cr)
+    if xp is np or cb.shape[0] == 0:
+        return None
+    key = (cb.astype(xp.int64) * M + cr) * T + ct
+    return xp.argsort(key)

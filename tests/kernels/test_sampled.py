@@ -222,17 +222,22 @@ def test_residual_sums_blocks_follow_the_reference(xp, ts, ps):
         assert all(np.array_equal(a, b) for a, b in zip(host, cpu))
 
 
+@pytest.mark.parametrize("runs", [False, True], ids=["any order", "runs of one row"])
 @pytest.mark.parametrize("one_row", [False, True])
-def test_scatter_blocks_add_the_weighted_samples(xp, one_row):
+def test_scatter_blocks_add_the_weighted_samples(xp, one_row, runs):
     """Blocks of 4 x 2 samples (about half of their weights zero) add what scatter_products
     adds for their samples of non-zero weight: on the CPU the same bits, on the GPU (atomic
-    adds) to float64 rounding."""
+    adds, a run of blocks with one target row summed first) to float64 rounding. Runs of
+    2-108 blocks, across the GPU's chunks of 32 blocks."""
     from cryonb.kernels import scatter_blocks
 
     rng = np.random.default_rng(11 + one_row)
     ts, ps, D, nu, M, n = 4, 2, 70, 12, 9, 300
     U = rng.normal(size=(nu if one_row else nu * ts, D)).astype(np.float32)
     iu, iv = rng.integers(0, nu, n), rng.integers(0, M, n)
+    if runs:
+        iv = np.repeat(np.arange(M), np.diff(np.r_[0, np.sort(rng.choice(n - 1, M - 1,
+                                                                        replace=False) + 1), n]))
     w = (rng.random((n, ps, ts)) * (rng.random((n, ps, ts)) < 0.5)).astype(np.float32)
     got = xp.zeros((M * ps, D))
     scatter_blocks(got, xp.asarray(U), xp.asarray(iu), xp.asarray(iv), ts, ps, xp.asarray(w),
