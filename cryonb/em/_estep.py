@@ -29,13 +29,14 @@ from ..ctf import CTFParams, ctf_at, ctf_features
 from ..data.conventions import rotated_indices
 from ..fourier import Projector, fft2_centered, ifft2_centered
 from ..kernels import (
+    block_order,
     coarse_log_posterior,
     insert_slices_2d,
     mask_images_2d,
     pose_neighbours,
     residual_sums_blocks,
     sampled_dot_blocks,
-    scatter_products,
+    scatter_blocks,
     segment_argmax,
     segment_starts,
     segment_sums,
@@ -708,15 +709,20 @@ class EStepContext:
         products (:func:`cryonb.kernels.sampled_dot_blocks`) at the current image size. As
         RELION, weights below the second pass's significance threshold
         (``adaptive_fraction``) are dropped; the rest are accumulated with
-        :func:`cryonb.kernels.scatter_products`.
+        :func:`cryonb.kernels.scatter_blocks`.
         """
         xp = self.xp
         ts, ps = f.ts, f.ps
         Bs = Xf.shape[0]
         R = len(f.psi)
         K = self.K
-        # each coarse sample's ts x ps samples in (sub-rotation, sub-translation) order: runs
-        # of ts samples with one target row, which the GPU's atomic sums add once
+        # GPU: each particle's blocks with one target row (its translations of a rotation)
+        # together, so that the sums add a run of them at once
+        perm = block_order(cb, ct, cr, T, self.coarse.refs.shape[0])
+        if perm is not None:
+            cb, ct, cr = cb[perm], ct[perm], cr[perm]
+        # each coarse sample's ts x ps samples in (sub-rotation, sub-translation) order: a
+        # block whose rows the GPU kernels read once for all its samples
         qt = xp.arange(ts)[None, None, :]
         qr = xp.arange(ps)[None, :, None]
         shape = (cb.shape[0], ps, ts)
@@ -732,7 +738,6 @@ class EStepContext:
         used[flat_c] = True
         key = (xp.flatnonzero(used)[:, None] * ts + xp.arange(ts)[None]).reshape(-1)
         ibt_c = (xp.cumsum(used) - 1)[flat_c]
-        ibt = xp.broadcast_to(ibt_c[:, None, None] * ts + qt, shape).reshape(-1)
         rb, rt = key // (T * ts), key % (T * ts)
         self._mark("fine: samples")
         cinv = ctf * inv
@@ -780,20 +785,21 @@ class EStepContext:
         self._write_results(res, sub, best_rf // R, pose, pmax=pmax, loglik=loglik,
                             acc_rot=acc_rot, acc_trans=acc_tr)
         self._mark("fine: results to the host")
-        # back-projection sums and the residual's per-shell terms, non-zero weights only
+        # back-projection sums and the residual's per-shell terms over the coarse samples
+        # with a non-zero weight, each block of ts x ps samples from one read of its rows
         nz = xp.flatnonzero(w > 0)
-        wn, bn, rn, btn = w[nz], b[nz], rf[nz], ibt[nz]
-        scatter_products(f.acc_data, Y, None, btn, btn, rn, wn)
-        self._mark("fine: back-projection sums (data)")
-        scatter_products(f.acc_weight, c2, None, bn, bn, rn, wn)
-        self._mark("fine: back-projection sums (weights)")
-        # the residual's per-pixel sums, sum w Re(X(t) conj(A)) and sum w |A|^2, per particle
-        # over the coarse samples with a non-zero weight, each block of ts x ps samples from
-        # one read of its rows
+        wn, bn = w[nz], b[nz]
         wc = w.reshape(shape)
         live = xp.flatnonzero((wc > 0).any(axis=(1, 2)))
-        Q, Ra = residual_sums_blocks(Xt, f.refs_ri, ibt_c[live], cr[live], ts, ps,
-                                     segment_starts(cb[live], Bs), wc[live])
+        ibl, cbl, crl, wcl = ibt_c[live], cb[live], cr[live], wc[live]
+        scatter_blocks(f.acc_data, Y, ibl, crl, ts, ps, wcl)
+        self._mark("fine: back-projection sums (data)")
+        scatter_blocks(f.acc_weight, c2, cbl, crl, ts, ps, wcl, one_row=True)
+        self._mark("fine: back-projection sums (weights)")
+        # the residual's per-pixel sums, sum w Re(X(t) conj(A)) and sum w |A|^2, per particle
+        # (the samples of non-zero weight, nz, for the priors below)
+        Q, Ra = residual_sums_blocks(Xt, f.refs_ri, ibl, crl, ts, ps, segment_starts(cbl, Bs),
+                                     wcl)
         self._mark("fine: back-projection sums (residual)")
         onehot = f.onehot.astype(xp.float64)
         crossn = (Q * ctf) @ onehot

@@ -25,11 +25,13 @@ from ._prepare import (
     shifted_images_ri_reference,
 )
 from ._sampled import (
+    block_order,
     residual_sums_blocks,
     residual_sums_reference,
     sampled_dot,
     sampled_dot_blocks,
     sampled_dot_reference,
+    scatter_blocks,
     scatter_products,
     scatter_products_reference,
 )
@@ -42,6 +44,7 @@ from ._select import (
 )
 
 __all__ = [
+    "block_order",
     "coarse_log_posterior",
     "coarse_log_posterior_reference",
     "find_peaks_2d",
@@ -61,6 +64,7 @@ __all__ = [
     "sampled_dot",
     "sampled_dot_blocks",
     "sampled_dot_reference",
+    "scatter_blocks",
     "scatter_products",
     "scatter_products_reference",
     "segment_argmax",

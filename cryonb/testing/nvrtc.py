@@ -91,6 +91,7 @@ def kernel_sources() -> list[tuple[str, str]]:
         for ts, ps in ((4, 2), (1, 2)):  # the E-step's blocks (2D oversampling 1)
             _sampled._blocks_kernel(ts, ps)
             _sampled._blocks_kernel(ts, ps, "residual_sums_blocks")
+            _sampled._blocks_kernel(ts, ps, "scatter_blocks")
         _cuda.cuda_function(_coarse._CUDA_SRC, "coarse_log_posterior")
         _cuda.cuda_function(_prepare._CUDA_SRC, "mask_images")
         _cuda.cuda_function(_prepare._SHIFT_SRC, "shifted_ri")

@@ -2,6 +2,7 @@
 
 import itertools
 import subprocess
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -102,7 +103,6 @@ def test_prefetched_pools_give_the_same_estep(xp):
 
 def test_class_margins_find_one_view_in_two_classes(xp):
     """The E-step's class margins: a turned copy of the particles' class costs them nothing."""
-    from dataclasses import replace
 
     from cryonb.em._reseed import merge_candidates
     from cryonb.fourier import rotate_2d
@@ -159,6 +159,50 @@ def test_refined_poses_are_finer_than_the_grid(xp, monkeypatch, broad):
     assert err[True][0] < 0.35 * err[False][0] and err[True][1] < 0.35 * err[False][1], err
     if not broad:
         assert err[True][0] < 0.4 and err[True][1] < 0.12, err
+
+
+def test_sparse_pass_does_not_depend_on_the_order_of_its_samples(xp, monkeypatch):
+    """The GPU takes the second pass's blocks in (particle, rotation, translation) order
+    (cryonb.kernels.block_order), the CPU in (particle, translation, rotation) order: both
+    orders give the same poses and sums (up to the order of float sums)."""
+    import cryonb.em._estep as estep
+    from cryonb.kernels import block_order
+
+    monkeypatch.setattr(estep, "BROAD_FRACTION", 2.0)  # every particle through the sparse pass
+    batch, model, *_ = _known_pose_batch(B=32, seed=5, noise=0.6)
+    model = replace(model, sigma2_noise=model.sigma2_noise * 4e4)  # broad posteriors
+    cfg = Class2DConfig(i="x", o="y", K=1, particle_diameter=0.8 * 48 * 3.0, perturb=0)
+    seen = []
+
+    def rotation_major(cb, ct, cr, T, M):
+        perm = np.argsort((cb * M + cr) * T + ct, kind="stable")
+        seen.append(not np.array_equal(perm, np.arange(len(perm))))
+        return xp.asarray(perm)
+
+    out = []
+    for order in (None, rotation_major):
+        monkeypatch.setattr(estep, "block_order", lambda *a, order=order: (
+            None if order is None else order(*map(_host, a))))
+        ctx = EStepContext(model, cfg, xp)
+        res = ctx.expectation(batch)
+        out.append((res, ctx.finish().to_host()))
+    assert seen == [True]  # the samples were reordered
+    (r0, s0), (r1, s1) = out
+    assert np.median(r0[:, RESULT_COLUMNS.index("n_sig")]) > 10
+    np.testing.assert_allclose(r1, r0, rtol=1e-4, atol=1e-6)
+    for name in ("data", "weight", "sigma2_noise", "prior_offset"):
+        a, b = np.asarray(getattr(s0, name)), np.asarray(getattr(s1, name))
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-9 * np.abs(a).max())
+    cb, ct, cr = (xp.asarray(a) for a in ([0, 0, 0, 1, 1], [0, 0, 1, 0, 1], [2, 5, 2, 3, 3]))
+    perm = block_order(cb, ct, cr, 2, 6)
+    if xp is np:
+        assert perm is None  # the CPU keeps its order
+    else:  # the GPU: (particle, rotation, translation)
+        assert _host(perm).tolist() == [0, 2, 1, 3, 4]
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 def test_parabola_vertex():

@@ -222,6 +222,41 @@ def test_residual_sums_blocks_follow_the_reference(xp, ts, ps):
         assert all(np.array_equal(a, b) for a, b in zip(host, cpu))
 
 
+@pytest.mark.parametrize("runs", [False, True], ids=["any order", "runs of one row"])
+@pytest.mark.parametrize("one_row", [False, True])
+def test_scatter_blocks_add_the_weighted_samples(xp, one_row, runs):
+    """Blocks of 4 x 2 samples (about half of their weights zero) add what scatter_products
+    adds for their samples of non-zero weight: on the CPU the same bits, on the GPU (atomic
+    adds, a run of blocks with one target row summed first) to float64 rounding. Runs of
+    2-108 blocks, across the GPU's chunks of 32 blocks."""
+    from cryonb.kernels import scatter_blocks
+
+    rng = np.random.default_rng(11 + one_row)
+    ts, ps, D, nu, M, n = 4, 2, 70, 12, 9, 300
+    U = rng.normal(size=(nu if one_row else nu * ts, D)).astype(np.float32)
+    iu, iv = rng.integers(0, nu, n), rng.integers(0, M, n)
+    if runs:
+        iv = np.repeat(np.arange(M), np.diff(np.r_[0, np.sort(rng.choice(n - 1, M - 1,
+                                                                        replace=False) + 1), n]))
+    w = (rng.random((n, ps, ts)) * (rng.random((n, ps, ts)) < 0.5)).astype(np.float32)
+    got = xp.zeros((M * ps, D))
+    scatter_blocks(got, xp.asarray(U), xp.asarray(iu), xp.asarray(iv), ts, ps, xp.asarray(w),
+                   one_row=one_row)
+    keep = np.flatnonzero(w.reshape(-1) != 0)
+    blk, qt = np.divmod(keep, ps * ts)
+    rows = iu[blk] if one_row else iu[blk] * ts + qt % ts
+    want = np.zeros((M * ps, D))
+    scatter_products(want, U, None, rows, rows, iv[blk] * ps + qt // ts, w.reshape(-1)[keep])
+    host = got.get() if hasattr(got, "get") else got
+    if xp is np:
+        assert np.array_equal(host, want)
+    else:
+        np.testing.assert_allclose(host, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="acc has rows of 70 values and U of 69"):
+        scatter_blocks(xp.zeros((M * ps, D)), xp.asarray(U[:, :69]), xp.asarray(iu),
+                       xp.asarray(iv), ts, ps, xp.asarray(w), one_row=one_row)
+
+
 def test_residual_sums_need_matching_rows():
     """Rows of X and A of different widths are refused with both widths named."""
     from cryonb.kernels import residual_sums_blocks
