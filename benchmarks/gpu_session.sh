@@ -2,7 +2,8 @@
 # One call on the GPU machine: install the carried wheels, then run the named steps in order.
 #   bash benchmarks/gpu_session.sh STEP [STEP ...]
 # Steps: tests (every GPU-marked test), picktests (those of tests/pick with the map carried in
-#        .gpudata/), profile (E-step per stage), bench (class2d_gpu.py grid),
+#        .gpudata/), profile (E-step per stage), bench (class2d_gpu.py grid; $BENCH_TREE: the
+#        tree it measures, default this one; $BENCH_ARGS),
 #        ab (class2d_gpu_ab.py: the tree in $AB_BASE, default _base/, against this one, in
 #        turns; $AB_NEW: version B's tree, default this one; $AB_ARGS; carry _base), ab2 (a
 #        second comparison: $AB2_BASE, $AB2_NEW, $AB2_ARGS), parallel (parallel_gpu_check.py),
@@ -43,7 +44,8 @@ for what in "$@"; do
     picktests) CRYONB_SHARED_DATA=$PWD/.gpudata step picktests 150 python3 -m pytest -q -m gpu \
                  -p no:cacheprovider --timeout 140 tests/pick ;;
     profile) step profile 120 python3 benchmarks/estep_profile.py --gpu ${PROFILE_ARGS:---n 4000 --box 128 --K 50} ;;
-    bench) step bench 420 python3 benchmarks/class2d_gpu.py --out "$OUT" ${BENCH_ARGS:-} ;;
+    bench) ( t=$(realpath "${BENCH_TREE:-.}"); export PYTHONPATH=/tmp/site:$t
+             step bench 420 python3 "$t/benchmarks/class2d_gpu.py" --out "$OUT" ${BENCH_ARGS:-} ) ;;
     ab) step ab 420 python3 benchmarks/class2d_gpu_ab.py --base "${AB_BASE:-_base}" --out "$OUT" \
           --new "${AB_NEW:-.}" ${AB_ARGS:-} ;;
     ab2) step ab2 420 python3 benchmarks/class2d_gpu_ab.py --base "${AB2_BASE:-_base}" \
