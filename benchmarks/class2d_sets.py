@@ -41,6 +41,11 @@ SETS = {
     "kv200_icfp": (dict(n_particles=2000, box=64, n_views=8, snr=0.08, seed=17, voltage=200.0,
                         amplitude_contrast=0.07), 8, {"ctf_intact_first_peak": True},
                    "200 kV, Q0 0.07, --ctf_intact_first_peak"),
+    "box100": (dict(n_particles=2400, box=100, n_views=6, snr=0.06, seed=18, pixel_size=3.5,
+                    max_offset_px=4.0), 6, {}, "100 px at 3.5 A/px, SNR 0.06"),
+    "snr004": (dict(n_particles=3000, box=64, n_views=5, snr=0.04, seed=19,
+                    defocus_range=(5000.0, 50000.0)), 5, {},
+               "5 views, SNR 0.04, defocus 0.5-5 um"),
 }
 
 
