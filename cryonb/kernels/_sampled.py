@@ -367,11 +367,14 @@ void scatter_blocks(double* acc, const float* U, const long long* iu, const long
     // acc[iv[c] * PS + k] += sum_t w[(c * PS + k) * TS + t] * U[row t of block c], rows
     // iu[c] * TS + t (urows = TS) or iu[c] for every t (urows = 1). A CUDA block takes
     // SB_CHUNK consecutive blocks, a thread per value: each block's rows are read once for
-    // its TS x PS samples, and a run of consecutive blocks with the same target rows (iv)
-    // is summed in float64 registers, in (block, t) order, before one atomic add per value
-    // and k (the E-step orders its blocks by target row on the GPU: see block_order).
+    // its TS x PS samples. A block's TS terms of one k are summed in float32 (in t order),
+    // and a run of consecutive blocks with the same target rows (iv) sums these in float64
+    // registers before one atomic add per value and k (the E-step orders its blocks by
+    // target row on the GPU: see block_order). A (block, k) whose weights are all zero adds
+    // nothing.
     __shared__ long long s_u[SB_CHUNK], s_v[SB_CHUNK];
     __shared__ float s_w[SB_CHUNK * PS * TS];
+    __shared__ int s_nz[SB_CHUNK * PS];
     const long long c0 = blockIdx.x * (long long)SB_CHUNK;
     const int cnt = (int)((n - c0 < SB_CHUNK) ? (n - c0) : SB_CHUNK);
     for (int i = threadIdx.x; i < cnt * PS * TS; i += blockDim.x)
@@ -379,6 +382,13 @@ void scatter_blocks(double* acc, const float* U, const long long* iu, const long
     if (threadIdx.x < cnt) {
         s_u[threadIdx.x] = iu[c0 + threadIdx.x];
         s_v[threadIdx.x] = iv[c0 + threadIdx.x];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < cnt * PS; i += blockDim.x) {
+        int nz = 0;
+#pragma unroll
+        for (int t = 0; t < TS; ++t) nz |= (s_w[i * TS + t] != 0.f);
+        s_nz[i] = nz;
     }
     __syncthreads();
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
@@ -395,13 +405,13 @@ void scatter_blocks(double* acc, const float* U, const long long* iu, const long
             const float* wj = s_w + j * PS * TS;
 #pragma unroll
             for (int k = 0; k < PS; ++k) {
+                if (s_nz[j * PS + k]) {  // the same for every thread
+                    float part = 0.f;
 #pragma unroll
-                for (int t = 0; t < TS; ++t) {
-                    const float ws = wj[k * TS + t];  // the same for every thread
-                    if (ws != 0.f) {
-                        sum[k] += (double)ws * (double)u[t];
-                        any[k] = true;
-                    }
+                    for (int t = 0; t < TS; ++t)
+                        part = __fadd_rn(part, __fmul_rn(wj[k * TS + t], u[t]));
+                    sum[k] += (double)part;
+                    any[k] = true;
                 }
             }
             if (j + 1 == cnt || s_v[j + 1] != s_v[j]) {  // the run ends: add its sums
@@ -804,10 +814,12 @@ def scatter_blocks(acc, U, iu, iv, ts: int, ps: int, w, *, one_row: bool = False
     ``acc[iv[c] * ps + q] += sum_t w[c, q, t] * U[row(c, t)]``. The same sums as
     :func:`scatter_products` of the blocks' samples of non-zero weight in (block, ``q``,
     ``t``) order; on the CPU it is that function. On the GPU a CUDA block takes
-    ``SB_CHUNK`` blocks and reads each block's rows once for its ``ts x ps`` samples; a run of
-    consecutive blocks with the same ``iv`` is summed in float64 registers and added with one
-    atomic add per value and ``q`` (order-independent to ~1e-16 relative). Blocks ordered by
-    ``iv`` (:func:`block_order`) make long runs and few atomic adds.
+    ``SB_CHUNK`` blocks and reads each block's rows once for its ``ts x ps`` samples. A
+    block's ``ts`` terms of one ``q`` are summed in float32 (~1e-7 of their magnitude, as
+    RELION's GPU path sums in float32), then a run of consecutive blocks with the same ``iv``
+    in float64 registers, added with one atomic add per value and ``q`` (order-independent to
+    ~1e-16 relative). Blocks ordered by ``iv`` (:func:`block_order`) make long runs and few
+    atomic adds.
     """
     xp = array_module(acc, U)
     ts, ps, iu, iv, w = _block_args(xp, ts, ps, iu, iv, w)
