@@ -32,7 +32,6 @@ from ._sampled import (
     sampled_dot_blocks,
     sampled_dot_reference,
     scatter_blocks,
-    scatter_blocks_residual,
     scatter_products,
     scatter_products_reference,
 )
@@ -66,7 +65,6 @@ __all__ = [
     "sampled_dot_blocks",
     "sampled_dot_reference",
     "scatter_blocks",
-    "scatter_blocks_residual",
     "scatter_products",
     "scatter_products_reference",
     "segment_argmax",
