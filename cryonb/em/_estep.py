@@ -34,9 +34,8 @@ from ..kernels import (
     insert_slices_2d,
     mask_images_2d,
     pose_neighbours,
-    residual_sums_blocks,
     sampled_dot_blocks,
-    scatter_blocks,
+    scatter_blocks_residual,
     segment_argmax,
     segment_starts,
     segment_sums,
@@ -742,7 +741,7 @@ class EStepContext:
         self._mark("fine: samples")
         cinv = ctf * inv
         c2 = ctf * cinv
-        Xt, Y = shifted_images_ri(Xf, f.phases, cinv, rb, rt)  # (n_bt, 2P) [Re | Im]
+        _, Y = shifted_images_ri(Xf, f.phases, cinv, rb, rt)  # (n_bt, 2P) [Re | Im]
         self._mark("fine: shifted images")
         # a coarse sample's ts x ps products from one read of its rows; the reference power
         # depends on the particle and the rotation only (the same for the ts translations)
@@ -792,17 +791,14 @@ class EStepContext:
         wc = w.reshape(shape)
         live = xp.flatnonzero((wc > 0).any(axis=(1, 2)))
         ibl, cbl, crl, wcl = ibt_c[live], cb[live], cr[live], wc[live]
-        scatter_blocks(f.acc_data, Y, ibl, crl, ts, ps, wcl)
-        self._mark("fine: back-projection sums (data)")
-        scatter_blocks(f.acc_weight, c2, cbl, crl, ts, ps, wcl, one_row=True)
-        self._mark("fine: back-projection sums (weights)")
-        # the residual's per-pixel sums, sum w Re(X(t) conj(A)) and sum w |A|^2, per particle
-        # (the samples of non-zero weight, nz, for the priors below)
-        Q, Ra = residual_sums_blocks(Xt, f.refs_ri, ibl, crl, ts, ps, segment_starts(cbl, Bs),
-                                     wcl)
-        self._mark("fine: back-projection sums (residual)")
+        # the data and weights' sums and, over the same samples, the residual's per-pixel
+        # sums per particle: sum w Re(Y conj(A)) = ctf inv sum w Re(X(t) conj(A)) (Y = X(t)
+        # ctf inv) and sum w |A|^2 (on the GPU from the data sums' runs, images read once)
+        Q, Ra = scatter_blocks_residual(f.acc_data, Y, f.refs_ri, f.acc_weight, c2, ibl, crl,
+                                        cbl, ts, ps, wcl, Bs)
+        self._mark("fine: back-projection sums (data, weights, residual)")
         onehot = f.onehot.astype(xp.float64)
-        crossn = (Q * ctf) @ onehot
+        crossn = (Q / inv) @ onehot  # sum w Re(X(t) conj(A)) ctf per shell
         a2n = (Ra * (ctf * ctf)) @ onehot
         x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
         resid = self._complete_shells(x2n - 2 * crossn + a2n, x2n, power_full, f.size)

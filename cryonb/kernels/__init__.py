@@ -32,6 +32,7 @@ from ._sampled import (
     sampled_dot_blocks,
     sampled_dot_reference,
     scatter_blocks,
+    scatter_blocks_residual,
     scatter_products,
     scatter_products_reference,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "sampled_dot_blocks",
     "sampled_dot_reference",
     "scatter_blocks",
+    "scatter_blocks_residual",
     "scatter_products",
     "scatter_products_reference",
     "segment_argmax",

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..backend import array_module
 from ._cuda import cuda_function
+from ._segments import segment_starts
 
 __all__ = [
     "block_order",
@@ -31,6 +32,7 @@ __all__ = [
     "sampled_dot_blocks",
     "sampled_dot_reference",
     "scatter_blocks",
+    "scatter_blocks_residual",
     "scatter_products",
     "scatter_products_reference",
 ]
@@ -362,16 +364,27 @@ void residual_sums_blocks(const float* X, const float* A, const long long* iu,
 
 extern "C" __global__
 void scatter_blocks(double* acc, const float* U, const long long* iu, const long long* iv,
-                    const float* w, long long n, int D, int urows)
+                    const float* w, long long n, int D, int urows,
+                    int resid, const float* A, const long long* ib, double* qd, double* rd,
+                    double* accw, const float* C)
 {
     // acc[iv[c] * PS + k] += sum_t w[(c * PS + k) * TS + t] * U[row t of block c], rows
     // iu[c] * TS + t (urows = TS) or iu[c] for every t (urows = 1). A CUDA block takes
     // SB_CHUNK consecutive blocks, a thread per value: each block's rows are read once for
-    // its TS x PS samples, and a run of consecutive blocks with the same target rows (iv)
-    // is summed in float64 registers, in (block, t) order, before one atomic add per value
-    // and k (the E-step orders its blocks by target row on the GPU: see block_order).
-    __shared__ long long s_u[SB_CHUNK], s_v[SB_CHUNK];
+    // its TS x PS samples. A block's TS terms of one k are summed in float32 (in t order),
+    // and a run of consecutive blocks with the same target rows (iv) sums these in float64
+    // registers before one atomic add per value and k (the E-step orders its blocks by
+    // target row on the GPU: see block_order). A (block, k) whose weights are all zero adds
+    // nothing.
+    // With resid: also the residual's terms per segment ib[c] (non-decreasing):
+    // qd[ib * D + d] += sum w U[d] A[d] and rd[ib * D + d] += sum w A[d]^2, A's rows
+    // iv[c] * PS + k: each run's sums times its reference rows, read once per run; and the
+    // weights' sums accw[(iv[c] * PS + k) * (D / 2) + d] += sum w C[ib * (D / 2) + d] for
+    // d < D / 2 (a segment's one row C).
+    __shared__ long long s_u[SB_CHUNK], s_v[SB_CHUNK], s_b[SB_CHUNK];
     __shared__ float s_w[SB_CHUNK * PS * TS];
+    __shared__ float s_ws[SB_CHUNK * PS];
+    __shared__ int s_nz[SB_CHUNK * PS];
     const long long c0 = blockIdx.x * (long long)SB_CHUNK;
     const int cnt = (int)((n - c0 < SB_CHUNK) ? (n - c0) : SB_CHUNK);
     for (int i = threadIdx.x; i < cnt * PS * TS; i += blockDim.x)
@@ -379,13 +392,27 @@ void scatter_blocks(double* acc, const float* U, const long long* iu, const long
     if (threadIdx.x < cnt) {
         s_u[threadIdx.x] = iu[c0 + threadIdx.x];
         s_v[threadIdx.x] = iv[c0 + threadIdx.x];
+        s_b[threadIdx.x] = resid ? ib[c0 + threadIdx.x] : 0;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < cnt * PS; i += blockDim.x) {
+        int nz = 0;
+        float ws = 0.f;
+#pragma unroll
+        for (int t = 0; t < TS; ++t) {
+            nz |= (s_w[i * TS + t] != 0.f);
+            ws = __fadd_rn(ws, s_w[i * TS + t]);
+        }
+        s_nz[i] = nz;
+        s_ws[i] = ws;
     }
     __syncthreads();
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        double sum[PS];
+        double sum[PS], wsum[PS];
         bool any[PS];
+        double q = 0.0, r = 0.0;
 #pragma unroll
-        for (int k = 0; k < PS; ++k) { sum[k] = 0.0; any[k] = false; }
+        for (int k = 0; k < PS; ++k) { sum[k] = 0.0; wsum[k] = 0.0; any[k] = false; }
         for (int j = 0; j < cnt; ++j) {
             float u[TS];
             const float* a = U + s_u[j] * (long long)urows * D + d;
@@ -395,21 +422,41 @@ void scatter_blocks(double* acc, const float* U, const long long* iu, const long
             const float* wj = s_w + j * PS * TS;
 #pragma unroll
             for (int k = 0; k < PS; ++k) {
+                if (s_nz[j * PS + k]) {  // the same for every thread
+                    float part = 0.f;
 #pragma unroll
-                for (int t = 0; t < TS; ++t) {
-                    const float ws = wj[k * TS + t];  // the same for every thread
-                    if (ws != 0.f) {
-                        sum[k] += (double)ws * (double)u[t];
-                        any[k] = true;
-                    }
+                    for (int t = 0; t < TS; ++t)
+                        part = __fadd_rn(part, __fmul_rn(wj[k * TS + t], u[t]));
+                    sum[k] += (double)part;
+                    wsum[k] += (double)s_ws[j * PS + k];
+                    any[k] = true;
                 }
             }
-            if (j + 1 == cnt || s_v[j + 1] != s_v[j]) {  // the run ends: add its sums
+            if (j + 1 == cnt || s_v[j + 1] != s_v[j] || s_b[j + 1] != s_b[j]) {
+                // the run ends: add its sums (and its residual terms to its segment's)
 #pragma unroll
                 for (int k = 0; k < PS; ++k) {
-                    if (any[k]) atomicAdd(acc + (s_v[j] * PS + k) * (long long)D + d, sum[k]);
+                    if (any[k]) {
+                        const long long row = s_v[j] * PS + k;
+                        atomicAdd(acc + row * (long long)D + d, sum[k]);
+                        if (resid) {
+                            const double av = (double)A[row * (long long)D + d];
+                            q += sum[k] * av;
+                            r += wsum[k] * av * av;
+                            if (d < D / 2)
+                                atomicAdd(accw + row * (long long)(D / 2) + d,
+                                          wsum[k] * (double)C[s_b[j] * (long long)(D / 2) + d]);
+                        }
+                    }
                     sum[k] = 0.0;
+                    wsum[k] = 0.0;
                     any[k] = false;
+                }
+                if (resid && (j + 1 == cnt || s_b[j + 1] != s_b[j])) {
+                    atomicAdd(qd + s_b[j] * (long long)D + d, q);
+                    atomicAdd(rd + s_b[j] * (long long)D + d, r);
+                    q = 0.0;
+                    r = 0.0;
                 }
             }
         }
@@ -762,6 +809,67 @@ def residual_sums_blocks(X, A, iu, iv, ts: int, ps: int, starts, w):
     return q, a2
 
 
+def scatter_blocks_residual(acc, U, A, acc_w, C, iu, iv, ib, ts: int, ps: int, w, G: int):
+    """The second pass's sums over blocks of samples in one go: the data and weights' sums
+    (:func:`scatter_blocks`) and the residual's per-segment terms with ``U``'s rows as the
+    images (:func:`residual_sums_blocks`).
+
+    Parameters
+    ----------
+    acc : float64 array of shape (M, 2P)
+        Data sums, added to in place: ``acc[iv * ps + q] += sum_t w[c, q, t] U[iu * ts + t]``.
+    U : float32 array of shape (n_u * ts, 2P)
+        Rows as ``[Re | Im]``.
+    A : float32 array of shape (M, 2P)
+        References as ``[Re | Im]`` rows, in the rows of ``acc``.
+    acc_w : float64 array of shape (M, P)
+        Weights' sums, added to in place: ``acc_w[iv * ps + q] += sum_t w[c, q, t] C[ib]``.
+    C : float32 array of shape (G, P)
+        One row per segment.
+    iu, iv, ib : int arrays of shape (n,)
+        Each block's rows of ``U`` and ``A`` / ``acc`` (as :func:`scatter_blocks`), and its
+        segment (non-decreasing, ``< G``).
+    ts, ps : int
+    w : float32 array of shape (n, ps, ts)
+    G : int
+        Segments (the pool's particles).
+
+    Returns
+    -------
+    q, a2 : float64 arrays of shape (G, P)
+        ``sum_s w_s Re(U[row_s] conj(A[row_s]))`` and ``sum_s w_s |A[row_s]|^2`` per pixel
+        over each segment's samples.
+
+    Notes
+    -----
+    CPU: the three functions, the same bits. GPU: one kernel. A run of blocks with one target
+    row (:func:`block_order`) sums its data and its weights, then multiplies them by its
+    reference rows, read once per run, and by its segment's row of ``C``: the images are
+    read once for all three sums. The sums agree with the three functions' to float32
+    rounding (~1e-7 relative; the weights of a block's ``ts`` samples are summed first).
+    """
+    xp = array_module(acc, U, A)
+    if xp is np or ts * ps > BLOCK_MAX:
+        scatter_blocks(acc, U, iu, iv, ts, ps, w)
+        scatter_blocks(acc_w, C, ib, iv, ts, ps, w, one_row=True)
+        return residual_sums_blocks(U, A, iu, iv, ts, ps, segment_starts(ib, G), w)
+    ts, ps, iu, iv, w = _block_args(xp, ts, ps, iu, iv, w)
+    D = int(U.shape[1])
+    if acc.shape[1] != D or A.shape[1] != D or 2 * acc_w.shape[1] != D or 2 * C.shape[1] != D:
+        raise ValueError(f"acc, U and A have rows of {acc.shape[1]}, {D} and {A.shape[1]} "
+                         f"values, acc_w and C of {acc_w.shape[1]} and {C.shape[1]}; they "
+                         "need 2P ([Re | Im]) and P")
+    qd = xp.zeros((G, D), xp.float64)
+    rd = xp.zeros((G, D), xp.float64)
+    if iu.shape[0]:
+        f32 = xp.float32
+        _scatter_blocks_gpu(acc, U, iu, iv, ts, ps, w, ts, xp.ascontiguousarray(A, f32),
+                            xp.ascontiguousarray(ib, xp.int64), qd, rd, acc_w,
+                            xp.ascontiguousarray(C, f32))
+    P = D // 2
+    return qd[:, :P] + qd[:, P:], rd[:, :P] + rd[:, P:]
+
+
 def _block_args(xp, ts, ps, iu, iv, w):
     """The block kernels' arguments as they take them: ``ts``, ``ps`` (int), ``iu``, ``iv``
     (contiguous int64), ``w`` (contiguous float32 of shape (n, ps, ts))."""
@@ -804,10 +912,12 @@ def scatter_blocks(acc, U, iu, iv, ts: int, ps: int, w, *, one_row: bool = False
     ``acc[iv[c] * ps + q] += sum_t w[c, q, t] * U[row(c, t)]``. The same sums as
     :func:`scatter_products` of the blocks' samples of non-zero weight in (block, ``q``,
     ``t``) order; on the CPU it is that function. On the GPU a CUDA block takes
-    ``SB_CHUNK`` blocks and reads each block's rows once for its ``ts x ps`` samples; a run of
-    consecutive blocks with the same ``iv`` is summed in float64 registers and added with one
-    atomic add per value and ``q`` (order-independent to ~1e-16 relative). Blocks ordered by
-    ``iv`` (:func:`block_order`) make long runs and few atomic adds.
+    ``SB_CHUNK`` blocks and reads each block's rows once for its ``ts x ps`` samples. A
+    block's ``ts`` terms of one ``q`` are summed in float32 (~1e-7 of their magnitude, as
+    RELION's GPU path sums in float32), then a run of consecutive blocks with the same ``iv``
+    in float64 registers, added with one atomic add per value and ``q`` (order-independent to
+    ~1e-16 relative). Blocks ordered by ``iv`` (:func:`block_order`) make long runs and few
+    atomic adds.
     """
     xp = array_module(acc, U)
     ts, ps, iu, iv, w = _block_args(xp, ts, ps, iu, iv, w)
@@ -824,10 +934,22 @@ def scatter_blocks(acc, U, iu, iv, ts: int, ps: int, w, *, one_row: bool = False
         scatter_products(acc, U, None, rows, rows, iv[blk] * ps + qt // ts,
                          w.reshape(-1)[keep])
         return
+    _scatter_blocks_gpu(acc, U, iu, iv, ts, ps, w, 1 if one_row else ts)
+
+
+def _scatter_blocks_gpu(acc, U, iu, iv, ts, ps, w, urows, A=None, ib=None, qd=None, rd=None,
+                        accw=None, C=None):
+    """GPU: the ``scatter_blocks`` kernel (with ``qd``: also the residual's terms and the
+    weights' sums)."""
+    xp = array_module(acc, U)
+    n, D = int(iu.shape[0]), int(U.shape[1])
     U = xp.ascontiguousarray(U, dtype=xp.float32)
+    on = qd is not None  # without: unused pointers to arrays of the call
     _blocks_kernel(ts, ps, "scatter_blocks")(
         ((n + SB_CHUNK - 1) // SB_CHUNK,), (128,),
-        (acc, U, iu, iv, w, np.int64(n), np.int32(D), np.int32(1 if one_row else ts)))
+        (acc, U, iu, iv, w, np.int64(n), np.int32(D), np.int32(urows), np.int32(on),
+         A if on else U, ib if on else iu, qd if on else acc, rd if on else acc,
+         accw if on else acc, C if on else U))
 
 
 def block_order(cb, ct, cr, T: int, M: int):

@@ -226,8 +226,9 @@ def test_residual_sums_blocks_follow_the_reference(xp, ts, ps):
 @pytest.mark.parametrize("one_row", [False, True])
 def test_scatter_blocks_add_the_weighted_samples(xp, one_row, runs):
     """Blocks of 4 x 2 samples (about half of their weights zero) add what scatter_products
-    adds for their samples of non-zero weight: on the CPU the same bits, on the GPU (atomic
-    adds, a run of blocks with one target row summed first) to float64 rounding. Runs of
+    adds for their samples of non-zero weight: on the CPU the same bits, on the GPU (a
+    block's terms in float32, a run of blocks with one target row summed, atomic adds) to
+    float32 rounding. Runs of
     2-108 blocks, across the GPU's chunks of 32 blocks."""
     from cryonb.kernels import scatter_blocks
 
@@ -251,10 +252,57 @@ def test_scatter_blocks_add_the_weighted_samples(xp, one_row, runs):
     if xp is np:
         assert np.array_equal(host, want)
     else:
-        np.testing.assert_allclose(host, want, rtol=1e-12, atol=1e-12)
+        # a block's terms of one target row are summed in float32 first
+        np.testing.assert_allclose(host, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
     with pytest.raises(ValueError, match="acc has rows of 70 values and U of 69"):
         scatter_blocks(xp.zeros((M * ps, D)), xp.asarray(U[:, :69]), xp.asarray(iu),
                        xp.asarray(iv), ts, ps, xp.asarray(w), one_row=one_row)
+
+
+@pytest.mark.parametrize("runs", [False, True], ids=["any order", "runs of one row"])
+def test_scatter_blocks_residual_gives_the_three_sums(xp, runs):
+    """The data and weights' sums of scatter_blocks and, over the same samples,
+    residual_sums_blocks of the same rows: on the CPU the three functions' bits, on the GPU
+    (one kernel, the residual from each run's sums) to float32 rounding. Segments of 1-60
+    blocks, one empty, runs of one target row across segment and chunk ends."""
+    from cryonb.kernels import (
+        residual_sums_blocks,
+        scatter_blocks,
+        scatter_blocks_residual,
+        segment_starts,
+    )
+
+    rng = np.random.default_rng(5 + runs)
+    ts, ps, D, nu, M, n, G = 4, 2, 70, 40, 9, 400, 12
+    U = rng.normal(size=(nu * ts, D)).astype(np.float32)
+    A = rng.normal(size=(M * ps, D)).astype(np.float32)
+    C = rng.random((G, D // 2)).astype(np.float32)
+    iu, iv = rng.integers(0, nu, n), rng.integers(0, M, n)
+    ib = np.sort(rng.choice(np.r_[0:4, 5:G], n))  # segment 4 empty
+    if runs:  # (segment, target row) order: runs of one row within a segment
+        order = np.lexsort((iv, ib))
+        iu, iv, ib = iu[order], iv[order], ib[order]
+    w = (rng.random((n, ps, ts)) * (rng.random((n, ps, ts)) < 0.5)).astype(np.float32)
+    got, got_w = xp.zeros((M * ps, D)), xp.zeros((M * ps, D // 2))
+    q, a2 = scatter_blocks_residual(got, xp.asarray(U), xp.asarray(A), got_w, xp.asarray(C),
+                                    xp.asarray(iu), xp.asarray(iv), xp.asarray(ib), ts, ps,
+                                    xp.asarray(w), G)
+    want, want_w = np.zeros((M * ps, D)), np.zeros((M * ps, D // 2))
+    scatter_blocks(want, U, iu, iv, ts, ps, w)
+    scatter_blocks(want_w, C, ib, iv, ts, ps, w, one_row=True)
+    wq, wa2 = residual_sums_blocks(U, A, iu, iv, ts, ps, segment_starts(ib, G), w)
+    host = [x.get() if hasattr(x, "get") else x for x in (got, got_w, q, a2)]
+    assert host[2].shape == host[3].shape == (G, D // 2)
+    for h, want_h in zip(host, (want, want_w, wq, wa2)):
+        if xp is np:
+            assert np.array_equal(h, want_h)
+        else:
+            np.testing.assert_allclose(h, want_h, rtol=1e-5, atol=1e-6 * np.abs(want_h).max())
+    assert not host[2][4].any() and not host[3][4].any()
+    with pytest.raises(ValueError, match="need 2P"):
+        scatter_blocks_residual(got, xp.asarray(U), xp.asarray(A[:, :68]), got_w,
+                                xp.asarray(C), xp.asarray(iu), xp.asarray(iv),
+                                xp.asarray(ib), ts, ps, xp.asarray(w), G)
 
 
 def test_residual_sums_need_matching_rows():
