@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from . import __version__
 
@@ -48,22 +49,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _plain_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings on the command line: one line of text, no source line (``--debug``: Python's
+    own format)."""
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cryonb`` console script."""
+    from .commands._options import explain_unknown
     from .errors import CryonbError
 
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
+        parser.print_help(sys.stderr)
+        print("\ncryonb: error: name a command, e.g. cryonb demo", file=sys.stderr)
+        return 2
     if unknown:
         handler = getattr(args, "unknown_handler", None)
         if handler is None:
-            parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            sub.choices[args.command].error(explain_unknown(unknown))
         handler(unknown)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            if not args.debug:
+                warnings.showwarning = _plain_warning
+            return int(args.func(args) or 0)
     except CryonbError as exc:
         if args.debug:
             raise

@@ -96,6 +96,8 @@ class JobConfig:
 
     PROGRAM: ClassVar[str] = "cryonb"
     RELION_PROGRAM: ClassVar[str] = ""
+    #: shared options that a job does not use: left off its command line
+    CLI_UNUSED: ClassVar[tuple[str, ...]] = ()
 
     ranks: int = option(1, "--ranks", "number of ranks (mpirun -n); rank 0 leads", group="parallel",
                         relion=False)
@@ -158,7 +160,8 @@ class JobConfig:
         """Fields with metadata, optionally only those exposed on the CLI / in widgets."""
         out = []
         for f in fields(cls):
-            if cli is not None and f.metadata.get("cli", True) != cli:
+            if cli is not None and (f.metadata.get("cli", True) and
+                                    f.name not in cls.CLI_UNUSED) != cli:
                 continue
             if widget is not None and f.metadata.get("widget", True) != widget:
                 continue

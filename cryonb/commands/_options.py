@@ -19,7 +19,8 @@ import typing
 
 from ..errors import ConfigError
 
-__all__ = ["IGNORED_FLAGS", "RELION_ALIASES", "add_config_arguments", "config_from_args"]
+__all__ = ["IGNORED_FLAGS", "NOT_IMPLEMENTED", "RELION_ALIASES", "add_config_arguments",
+           "config_from_args", "explain_unknown"]
 
 _GROUP_TITLES = {
     "io": "input and output",
@@ -58,6 +59,31 @@ IGNORED_FLAGS = {
     "--ini_high": (True, "the initial image size follows RELION 3.1's default"),
     "--gpu_memory_per_thread": (True, "GPU memory is budgeted from what is free"),
 }
+
+#: relion_refine flags of what cryonb does not implement: name -> what to do instead (an
+#: error, since each changes the result)
+NOT_IMPLEMENTED = {
+    "--grad": "RELION 4-5's gradient-driven (VDAM) 2D classification is not implemented: "
+              "cryonb runs the expectation-maximisation algorithm (the GUI's \"Use VDAM "
+              "algorithm? No\"); drop --grad, --class_inactivity_threshold and "
+              "--grad_write_iter",
+    "--class_inactivity_threshold": "a VDAM (--grad) option; drop it",
+    "--grad_write_iter": "a VDAM (--grad) option; drop it",
+    "--skip_align": "classification without alignment is not implemented",
+    "--helical_outer_diameter": "helical processing is not implemented",
+    "--ref": "this command takes no references (2D classification starts from random "
+             "subsets of the particles)",
+    "--sigma_ang": "local angular searches are not implemented in 2D",
+    "--sym": "symmetry is for 3D jobs; 2D classification has none",
+}
+
+
+def explain_unknown(unknown: list[str]) -> str:
+    """The error for unrecognised command-line words, naming what known-but-unimplemented
+    RELION flags among them do instead."""
+    msg = f"unrecognised arguments: {' '.join(unknown)}"
+    notes = [f"{w}: {NOT_IMPLEMENTED[w]}" for w in dict.fromkeys(unknown) if w in NOT_IMPLEMENTED]
+    return msg + ("\n  " + "\n  ".join(notes) if notes else "")
 
 
 class _Ignored(argparse.Action):
@@ -108,8 +134,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, relion: bool =
         # argparse formats help with %-substitution: a literal "%" must be written "%%"
         help_ = md.get("help", "").replace("%", "%%")
         if tp is bool:
+            state = f"on; --no_{flag[2:]} turns it off" if dflt else "off"
             grp.add_argument(flag, dest=f.name, action="store_const", const=True, default=None,
-                             help=f"{help_} (default: {'on' if dflt else 'off'})")
+                             help=f"{help_} (default: {state})")
             grp.add_argument("--no_" + flag[2:], dest=f.name, action="store_const", const=False,
                              default=None, help=argparse.SUPPRESS)
         elif f.name == "gpu":
@@ -126,8 +153,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, relion: bool =
     grp = parser.add_argument_group("RELION spellings")
     for flag, (_, _, why) in RELION_ALIASES.items():
         grp.add_argument(flag, nargs=0, action=_Alias, help=why)
+    own = {f.metadata.get("flag") or f"--{f.name}" for f in cls.option_fields(cli=True)}
     for flag, (value, _) in IGNORED_FLAGS.items():
-        parser.add_argument(flag, nargs=1 if value else 0, action=_Ignored, help=argparse.SUPPRESS)
+        if flag not in own:  # a job that implements the flag (class2d's --angpix) keeps it
+            parser.add_argument(flag, nargs=1 if value else 0, action=_Ignored,
+                                help=argparse.SUPPRESS)
 
 
 def config_from_args(cls, args: argparse.Namespace, **extra):

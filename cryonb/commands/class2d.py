@@ -19,6 +19,7 @@ examples:
   cryonb class2d --ranks 3 --j 4 --gpu 0:1 ...        (2 workers, one GPU each)
   cryonb class2d --ranks 5 --engines mpi --no_parallel_disc_io ...
   cryonb class2d --continue Class2D/run_it010_optimiser.star --iter 25
+      (without --o the run goes on under its own rootname, Class2D/run)
 
 RELION's --no_parallel_disc_io, --preread_images, --dont_combine_weights_via_disc and
 --scratch_dir are understood; harmless relion_refine flags (--dont_check_norm,
@@ -53,7 +54,7 @@ def run(args) -> int:
     from ._runner import run_job
 
     config, warnings = config_from_args(Class2DConfig, args)
-    if not config.o:
+    if not config.o and not config.continue_from:
         raise ConfigError("--o is required: the output rootname, e.g. Class2D/run")
     if not config.i and not config.continue_from:
         raise ConfigError("--i is required: the particles STAR file (or --continue "

@@ -63,7 +63,7 @@ def run(args) -> int:
         psi_step=args.psi_step, offset_range=args.offset_range, random_seed=args.random_seed,
         j=args.j or min(4, cpu_count()), ranks=args.ranks, gpu=args.gpu, cpu=args.cpu,
     ).validate()
-    print(f"particles: {star}", file=sys.stderr)
+    print(f"particles: {star}")
     result = run_job(run_class2d, config, quiet=args.quiet)
     report(result)
     if result.files.get("data"):
@@ -73,5 +73,10 @@ def run(args) -> int:
         counts = pd.crosstab(cls, truth["view"].to_numpy()).to_numpy()
         purity = counts.max(axis=1).sum() / max(1, len(cls))
         print(f"class purity against the simulated views: {purity:.3f} "
-              f"({len(np.unique(cls))} classes used)")
+              f"({len(np.unique(cls))} classes used; 1.000 = every class holds particles of "
+              "one view only)")
+        print(f"next: look at the classes with `relion_display --i {result.classes}` or "
+              "`cryonb info` on them, or in a notebook (notebooks/02_class2d.ipynb); run on your "
+              "own particles with `cryonb class2d --i particles.star --o Class2D/run --K 50 "
+              "--particle_diameter <A>` (RELION's flags)")
     return 0

@@ -17,8 +17,9 @@ class Class2DConfig(JobConfig):
 
     Flags are ``relion_refine``'s (``--i --o --K --iter --tau2_fudge ...``) so that a RELION
     command line runs unchanged with ``cryonb class2d``. Defaults are ``relion_refine``'s, except
-    where noted (``tau2_fudge`` 2 and ``flatten_solvent``/``zero_mask``/``norm``/``scale`` on, as
-    RELION's GUI passes them; ``reseed`` is cryonb's own, see :mod:`cryonb.em.class2d`).
+    where noted (``tau2_fudge`` 2 and ``ctf``/``flatten_solvent``/``zero_mask``/``norm``/``scale``
+    on, as RELION's GUI passes them, each with a ``--no_`` form; ``reseed`` is cryonb's own,
+    see :mod:`cryonb.em.class2d`).
     """
 
     PROGRAM: ClassVar[str] = "cryonb class2d"
@@ -28,6 +29,9 @@ class Class2DConfig(JobConfig):
     o: str = option("", "--o", "output rootname, e.g. Class2D/run", group="io")
     continue_from: str = option("", "--continue", "continue from this _optimiser.star",
                                 group="io")
+    angpix: float = option(-1.0, "--angpix", "pixel size (A) of particles whose STAR file "
+                           "gives none (-1 = from the file's optics group)", group="io",
+                           relion_default=-1.0)
     K: int = option(10, "--K", "number of classes")
     iter: int = option(25, "--iter", "number of iterations")
     tau2_fudge: float = option(2.0, "--tau2_fudge", "regularisation parameter T")
@@ -36,7 +40,8 @@ class Class2DConfig(JobConfig):
     zero_mask: bool = option(True, "--zero_mask", "zeros outside the mask (else noise)")
     flatten_solvent: bool = option(True, "--flatten_solvent",
                                    "mask the class averages with the particle mask")
-    ctf: bool = option(True, "--ctf", "do CTF correction")
+    ctf: bool = option(True, "--ctf", "do CTF correction (a STAR file without CTF "
+                       "parameters is classified without it, with a warning)")
     ctf_intact_first_peak: bool = option(False, "--ctf_intact_first_peak",
                                          "leave the CTF uncorrected up to its first peak")
     psi_step: float = option(10.0, "--psi_step", "in-plane angular step (degrees)",
@@ -97,6 +102,8 @@ class Class2DConfig(JobConfig):
             (self.particle_diameter >= 0, "--particle_diameter must be >= 0"),
             (self.incr_size >= 0, "--incr_size must be >= 0"),
             (self.tau2_anneal >= 1, "--tau2_anneal must be >= 1 (1 = no annealing)"),
+            (self.angpix == -1 or self.angpix > 0, "--angpix must be > 0 (or -1: from the "
+             "STAR file)"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -578,7 +578,9 @@ class EStepContext:
         a = lp.argmax(axis=1)
         lk = xp.where(xp.isfinite(self.log_pdf), lp - self.log_pdf, -xp.inf)
         best = xp.take_along_axis(lk, a[:, None], axis=1)
-        cost = xp.clip(xp.nan_to_num(best - lk, nan=MARGIN_CAP, posinf=MARGIN_CAP), 0, MARGIN_CAP)
+        with np.errstate(invalid="ignore"):  # -inf - -inf where a class is excluded: capped
+            gap = best - lk
+        cost = xp.clip(xp.nan_to_num(gap, nan=MARGIN_CAP, posinf=MARGIN_CAP), 0, MARGIN_CAP)
         S = self.sums
         S.class_margin += xp.bincount((a[:, None] * K + xp.arange(K)).reshape(-1),
                                       weights=cost.reshape(-1).astype(xp.float64),

@@ -91,6 +91,8 @@ def _model_blocks(job, paths) -> dict[str, pd.DataFrame]:
 
 def _data_table(job) -> pd.DataFrame:
     df = job.table.particles.copy()
+    # names that resolve from the output folder too (RELION's: relative to the project)
+    df["rlnImageName"] = job.output_image_names
     st = job.state
     apix = job.pixel_size
     done = st.cls >= 0
@@ -125,7 +127,11 @@ def write_iteration_files(job, it: int) -> dict[str, Path]:
     m = job.model
     write_mrc(paths["classes"], m.classes.astype(np.float32), m.pixel_size, stack=True)
     write_star(paths["model"], _model_blocks(job, paths))
-    write_particles(paths["data"], _data_table(job), job.table.optics)
+    optics = job.table.optics.copy()
+    for col, value in (("rlnImageSize", job.N), ("rlnImageDimensionality", 2)):
+        if col not in optics.columns:
+            optics[col] = value
+    write_particles(paths["data"], _data_table(job), optics)
     write_star(paths["sampling"], _sampling_blocks(job))
     # the cryonb state needed to continue exactly (RELION keeps it in its own files too)
     with atomic_write(paths["state"]) as fh:

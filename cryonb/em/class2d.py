@@ -35,8 +35,10 @@ draw (:meth:`Class2DJob.grid_perturbation`). ``--no_reseed`` gives the plain alg
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,8 +104,9 @@ class ParticleState:
     @classmethod
     def initial(cls, n: int, offset=None, norm=None) -> ParticleState:
         """Starting state: offsets/norms from the input table when present."""
-        return cls(offset=np.zeros((n, 2)) if offset is None else np.asarray(offset, float),
-                   norm=np.ones(n) if norm is None else np.asarray(norm, float),
+        # copies: the E-step writes into them, and pandas may hand out read-only views
+        return cls(offset=np.zeros((n, 2)) if offset is None else np.array(offset, float),
+                   norm=np.ones(n) if norm is None else np.array(norm, float),
                    cls=np.full(n, -1), psi=np.zeros(n), pmax=np.zeros(n),
                    loglik=np.zeros(n), n_sig=np.zeros(n), acc_rot=np.zeros(n),
                    acc_trans=np.zeros(n))
@@ -150,17 +153,31 @@ class Class2DJob:
             raise InputError("the particle table has no particles", config.i)
         self.N = int(t.box)
         ps = t.pixel_sizes
+        if config.angpix > 0 and (ps is None or not np.all(np.isfinite(ps))):
+            t.set_missing_pixel_size(config.angpix)
+            ps = t.pixel_sizes
+        elif config.angpix > 0 and np.any(np.abs(ps - config.angpix) > 1e-4 * ps):
+            warnings.warn(f"--angpix {config.angpix:g} is ignored: the STAR file gives "
+                          f"{ps[0]:g} A (rlnImagePixelSize)", UserWarning, stacklevel=2)
         if ps is None or not np.all(np.isfinite(ps)):
-            raise InputError("no pixel size: the optics group needs rlnImagePixelSize", config.i)
+            raise InputError("no pixel size: the optics group needs rlnImagePixelSize (or "
+                             "rlnMagnification and rlnDetectorPixelSize); give it with --angpix",
+                             config.i)
         if np.ptp(ps) > 1e-4 * ps.max():
             raise InputError(f"particles have different pixel sizes ({sorted(set(ps))}): "
                              "2D classification needs one pixel size; rescale first", config.i)
         self.pixel_size = float(ps[0])
         check_mask_radius(config.particle_diameter, self.N, self.pixel_size)
         if config.ctf and not t.has_ctf:
-            raise InputError("--ctf was asked for but the STAR file has no CTF columns "
-                             "(rlnDefocusU, rlnDefocusV, ...): run CTF estimation or drop --ctf",
-                             config.i)
+            missing = [c for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
+                                   "rlnSphericalAberration", "rlnAmplitudeContrast")
+                       if c not in t.particles.columns]
+            warnings.warn(f"{config.i}: no CTF parameters ({', '.join(missing)}): classifying "
+                          "without CTF correction, as with --no_ctf; if the images have a CTF, "
+                          "estimate it first (RELION's CTF estimation job)", UserWarning,
+                          stacklevel=2)
+            # the workers take the leader's configuration, so they follow
+            self.config = config = self.config.replace(ctf=False)
         df = t.particles
         self.n = len(df)
         if config.K > self.n:
@@ -278,6 +295,13 @@ class Class2DJob:
                 self._realigned[int(t["class"]) - 1] = int(h["iteration"])
 
     # ------------------------------------------------------------------ basics
+    @functools.cached_property
+    def output_image_names(self) -> np.ndarray:
+        """``rlnImageName`` of the output ``_data.star`` files, object array of shape (n,):
+        the input's names made to resolve from the output folder too
+        (:meth:`cryonb.io.ParticleTable.portable_image_names`, from the current directory)."""
+        return self.table.portable_image_names().to_numpy(dtype=object)
+
     @property
     def mask_radius_px(self) -> float:
         """Radius of the particle mask in pixels."""

@@ -53,7 +53,7 @@ _HEADER_BYTES = HEADER_DTYPE.itemsize  # 1024
 _MODES = {0: "int8", 1: "int16", 2: "float32", 4: "complex64", 6: "uint16", 12: "float16"}
 _OPENERS: dict[str, Callable[..., Any]] = {"gzip": gzip.open, "bzip2": bz2.open}
 _DV_ID = -16224  # DeltaVision files carry 0xC0A0 at byte 96
-_RECOPY = "re-copy the file, or pass permissive=True to read what can be read"
+_RECOPY = "re-copy or re-make the file (in Python, permissive=True reads what can be read)"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -225,8 +225,8 @@ def _inspect(path: str | os.PathLike) -> _Header:
             "not MRC"
         )
         hdr.fix = (
-            "convert it to MRC (e.g. with IMOD or Fiji), or pass permissive=True to read its "
-            "pixels (the DV pixel size in micrometres is converted to Angstrom)"
+            "convert it to MRC (e.g. with IMOD or Fiji; in Python, permissive=True reads its "
+            "pixels, the DV pixel size in micrometres converted to Angstrom)"
         )
     if swapped:
         (hdr.problems if stamp_ok else hdr.notes).append(
@@ -315,14 +315,16 @@ def _check_missing_map_id(hdr: _Header, stamp_ok: bool) -> None:
     what = "no 'MAP ' id at byte 208" + ("" if stamp_ok else " and no machine stamp")
     if hdr.problems:
         hdr.problems.insert(0, f"{what}: not an MRC file, or corrupt")
-        hdr.fix = "check the file type, or pass permissive=True to try reading it anyway"
+        hdr.fix = ("check the file type (in Python, permissive=True tries to read it "
+                   "anyway)")
         return
     if hdr.compression is None and hdr.file_size - hdr.offset != hdr.data_bytes:
         hdr.problems.append(
             f"{what}, and the header's {hdr.describe_data()} does not match the file size "
             f"({hdr.file_size} bytes): not an MRC file, or corrupt"
         )
-        hdr.fix = "check the file type, or pass permissive=True to try reading it anyway"
+        hdr.fix = ("check the file type (in Python, permissive=True tries to read it "
+                   "anyway)")
         hdr.notes = [n for n in hdr.notes if "bytes more than" not in n]
         return
     hdr.notes.append(

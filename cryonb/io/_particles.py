@@ -197,7 +197,8 @@ def resolve_stack_path(
             tried.append(c)
             if c.is_file():
                 return c
-    hint = "; pass project_dir= the RELION project folder"
+    hint = ("; run from the RELION project folder that the names are relative to (in Python: "
+            "project_dir=)")
     if project_dir is not None or rel.is_absolute():
         hint = ""
     raise InputError(
@@ -392,8 +393,9 @@ def _pick_block(
     for k, v in blocks.items():
         if avoid is not None and avoid in v.columns:
             raise InputError(
-                f"data_{k} has a {avoid} column: it is a particle table, not {preferred}; "
-                "use read_particles",
+                f"data_{k} has a {avoid} column: it is a particle table, not {preferred} "
+                "(give the micrographs STAR file of a CTF estimation or motion correction job; "
+                "in Python, read_particles reads particles)",
                 path,
             )
     return None
@@ -477,6 +479,43 @@ class ParticleTable:
             self._paths[stack] = resolve_stack_path(stack, self.star_path, self.project_dir)
         return self._paths[stack]
 
+    def portable_image_names(self, base: str | os.PathLike | None = None) -> pd.Series:
+        """``rlnImageName`` as a STAR file written anywhere under ``base`` should give it.
+
+        RELION resolves image names relative to the project folder, the folder it runs in.
+        A name that already resolves from ``base`` to the stack read is kept as it is; any
+        other (one found next to the input STAR file, or through ``project_dir``) is
+        rewritten relative to ``base`` when the stack lies under it, else as an absolute path.
+        So an output STAR file in another folder (``Class2D/run_it025_data.star``) names the
+        same images, for cryonb and for RELION's programs run from ``base``.
+
+        Parameters
+        ----------
+        base : str or os.PathLike, optional
+            The project folder; default the current directory.
+
+        Returns
+        -------
+        pandas.Series of str
+            One name per particle, ``index@stack`` where the input has an index.
+        """
+        base = Path.cwd() if base is None else Path(base).absolute()
+        names = self.particles[_IMAGE].astype(str)
+        parts = names.str.split("@", n=1)
+        prefix = parts.map(lambda p: p[0] + "@" if len(p) == 2 else "")
+        stack = parts.str[-1]
+        new = {}
+        for name in pd.unique(stack):
+            found = self.stack_path(name).absolute()
+            here = base / name
+            if Path(name).is_absolute() or (here.is_file() and here.samefile(found)):
+                new[name] = name
+            elif found.is_relative_to(base):
+                new[name] = found.relative_to(base).as_posix()
+            else:
+                new[name] = str(found)
+        return prefix + stack.map(new)
+
     def _open_stack(self, stack: str) -> np.ndarray:
         with self._lock:
             data = self._stacks.pop(stack, None)
@@ -539,6 +578,22 @@ class ParticleTable:
             If the particles have several pixel sizes (use :attr:`pixel_sizes`).
         """
         return _pixel_size(self.particles, "rlnImagePixelSize", self.star_path)
+
+    def set_missing_pixel_size(self, angpix: float) -> None:
+        """Give the particles (and their optics groups) that have no pixel size ``angpix``
+        Angstrom, in place (``rlnImagePixelSize``); rows that have one keep it.
+
+        Parameters
+        ----------
+        angpix : float
+            Pixel size in Angstrom, > 0.
+        """
+        if not angpix > 0:
+            raise ConfigError(f"the pixel size must be > 0 A, not {angpix}")
+        for df in (self.particles, self.optics):
+            old = (df["rlnImagePixelSize"].to_numpy(dtype=np.float64, na_value=np.nan)
+                   if "rlnImagePixelSize" in df.columns else np.full(len(df), np.nan))
+            df["rlnImagePixelSize"] = np.where(np.isfinite(old), old, float(angpix))
 
     def _missing_ctf(self) -> list[str]:
         need = [*_CTF_REQUIRED.values(), "rlnImagePixelSize"]

@@ -266,6 +266,10 @@ class RunStats:
             lines.append("")
             lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
             lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+            lines.append(f"(read_s: reading images, overlapped with computing; compute_s: "
+                         f"the threads' time, summed; finish_s: summing the threads' results; "
+                         f"from origin: {unit} read from the original files although a "
+                         f"scratch copy was asked for)")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

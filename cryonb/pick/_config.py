@@ -25,6 +25,10 @@ class AutopickConfig(JobConfig):
     units; ``max_stddev_noise``/``min_avg_noise`` in units of the z-scored micrograph.
     """
 
+    #: micrographs are split over the ranks whole, read by the rank that works on them
+    CLI_UNUSED: ClassVar[tuple[str, ...]] = ("pool", "io_mode", "scratch_dir",
+                                             "keep_free_scratch", "combine")
+
     PROGRAM: ClassVar[str] = "cryonb autopick"
     RELION_PROGRAM: ClassVar[str] = "relion_autopick"
 

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from ..backend import gpu_available, use_device
-from ..errors import ConfigError, ResourceError
+from ..errors import ConfigError, InputError, ResourceError
 from ._config import AutopickConfig, as_config
 from ._fom import PickGeometry, TemplatePicker
 from ._io import MicrographSet, coordinate_path, write_coordinate_list, write_coordinates
@@ -259,6 +259,10 @@ def open_picker(config: AutopickConfig, device: int | None = None):
         particle_diameter=config.particle_diameter if config.particle_diameter > 0 else None,
         invert=config.invert, shrink_particle_mask=config.shrink_particle_mask)
     ysize, xsize = mics.shape()
+    if templates.box > min(xsize, ysize):
+        raise InputError(f"the micrographs are {xsize} x {ysize} px, smaller than the "
+                         f"references ({templates.box} px at {mics.pixel_size:g} A/px): check "
+                         "that --i holds micrographs and --angpix / --angpix_ref", config.i)
     geometry = PickGeometry.for_micrographs(xsize, ysize, mics.pixel_size,
                                             lowpass=config.lowpass, shrink=config.shrink,
                                             optimise_scale=not config.skip_optimise_scale)

@@ -71,6 +71,10 @@ class ExtractConfig(JobConfig):
     its micrographs with ``j`` threads, and the leader joins the particle tables.
     """
 
+    #: micrographs are split over the ranks whole, read by the rank that works on them
+    CLI_UNUSED: ClassVar[tuple[str, ...]] = ("pool", "io_mode", "scratch_dir",
+                                             "keep_free_scratch", "combine")
+
     PROGRAM: ClassVar[str] = "cryonb extract"
     RELION_PROGRAM: ClassVar[str] = "relion_preprocess"
 

@@ -54,9 +54,9 @@ def test_flags_build_the_config():
 
 def test_harmless_relion_flags_are_ignored_with_a_warning():
     _, warnings = _parse("--dont_check_norm", "--pipeline_control", "Class2D/job008/",
-                           "--memory_per_thread", "4", "--angpix", "1.2", "--onthefly_shifts",
+                           "--memory_per_thread", "4", "--onthefly_shifts",
                            "--skip_gridding", "--auto_sampling", "--fast_subsets")
-    assert len(warnings) == 8
+    assert len(warnings) == 7
     assert "--pipeline_control Class2D/job008/ is ignored" in warnings[1]
     assert all(" is ignored: " in w for w in warnings)
     assert set(IGNORED_FLAGS) >= {"--dont_check_norm", "--pipeline_control"}

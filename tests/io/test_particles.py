@@ -178,7 +178,7 @@ def test_missing_stack_real(shared_data, local):
     assert Path(local).name in message
     assert f"stack {stack!r} not found; tried: " in message
     assert str((shared_data / local).parent / stack) in message
-    assert "pass project_dir=" in message
+    assert "run from the RELION project folder" in message and "project_dir=" in message
 
 
 @pytest.mark.parametrize(
@@ -308,7 +308,8 @@ def test_resolve_relion_project_layout(tmp_path, monkeypatch):
     assert table.stack_path("Extract/job012/x.mrcs") == project / "Extract/job012/x.mrcs"
     elsewhere = tmp_path / "elsewhere.star"
     star.rename(elsewhere)
-    with pytest.raises(InputError, match=r"not found; tried: .*pass project_dir="):
+    with pytest.raises(InputError,
+                       match=r"not found; tried: .*RELION project folder.*project_dir="):
         read_particles(elsewhere).images()
     assert read_particles(elsewhere, project_dir=project).images().shape == (1, 4, 4)
     monkeypatch.chdir(project)
