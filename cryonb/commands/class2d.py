@@ -54,11 +54,13 @@ def run(args) -> int:
     from ._runner import run_job
 
     config, warnings = config_from_args(Class2DConfig, args)
-    if not config.o and not config.continue_from:
-        raise ConfigError("--o is required: the output rootname, e.g. Class2D/run")
-    if not config.i and not config.continue_from:
-        raise ConfigError("--i is required: the particles STAR file (or --continue "
-                          "<run>_it###_optimiser.star)")
+    if not config.continue_from:
+        missing = [text for flag, text in (
+            (config.i, "--i, the particles STAR file"),
+            (config.o, "--o, the output rootname (e.g. Class2D/run)")) if not flag]
+        if missing:
+            raise ConfigError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                              "required (or --continue <run>_it###_optimiser.star)")
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     result = run_job(run_class2d, config, quiet=args.quiet)

@@ -172,6 +172,10 @@ class Class2DJob:
             missing = [c for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
                                    "rlnSphericalAberration", "rlnAmplitudeContrast")
                        if c not in t.particles.columns]
+            if {"rlnDefocusU", "rlnDefocusV"} & set(t.particles.columns):
+                raise InputError(f"incomplete CTF parameters: no {', '.join(missing)} column: "
+                                 "add it (to data_optics) or give --no_ctf to classify without "
+                                 "CTF correction", config.i)
             warnings.warn(f"{config.i}: no CTF parameters ({', '.join(missing)}): classifying "
                           "without CTF correction, as with --no_ctf; if the images have a CTF, "
                           "estimate it first (RELION's CTF estimation job)", UserWarning,

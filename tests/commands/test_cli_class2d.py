@@ -93,7 +93,7 @@ def test_unknown_flag_exits_with_usage(capsys):
 
 def test_missing_input_is_a_clear_error(tmp_path, capsys):
     assert main(["class2d", "--o", str(tmp_path / "run")]) == 2
-    assert "--i is required" in capsys.readouterr().err
+    assert "--i, the particles STAR file is required" in capsys.readouterr().err
     assert main(["class2d", "--i", str(tmp_path / "nope.star"), "--o", str(tmp_path / "r"),
                  *FAST]) == 2
     err = capsys.readouterr().err

@@ -55,6 +55,13 @@ def test_real_particle_files_classify(shared_data, tmp_path, monkeypatch, capsys
     assert int(opt["rlnDoCorrectCtf"].iloc[0]) == (0 if warning else 1)
 
 
+def test_incomplete_ctf_is_an_error(shared_data, tmp_path, capsys):
+    star = shared_data / ASPIRE / "sample_incomplete_ctf_params.star"
+    assert main(["class2d", "--i", str(star), "--o", str(tmp_path / "run"), *ONE]) == 2
+    err = capsys.readouterr().err
+    assert "no rlnVoltage column" in err and "--no_ctf" in err and "Traceback" not in err
+
+
 def test_no_pixel_size_names_angpix(shared_data, tmp_path, capsys):
     star = shared_data / ASPIRE / "rln_proj_64.star"
     assert main(["class2d", "--i", str(star), "--o", str(tmp_path / "run"), *ONE]) == 2

@@ -400,8 +400,14 @@ def test_bad_input_errors(tmp_path):
 
     write_particles(tmp_path / "noctf.star", df)
     (tmp_path / "particles.mrcs").symlink_to(tmp_path / "data" / "particles.mrcs")
-    with pytest.raises(InputError, match="no CTF"):
+    with pytest.raises(InputError, match=r"incomplete CTF parameters: no rlnDefocusU column.*"
+                                         r"--no_ctf"):
         Class2DJob(_cfg(tmp_path / "noctf.star", tmp_path / "o" / "r"))
+    write_particles(tmp_path / "nodefocus.star", t.particles.drop(
+        columns=["rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle"]))
+    with pytest.warns(UserWarning, match="no CTF parameters .*without CTF correction"):
+        job = Class2DJob(_cfg(tmp_path / "nodefocus.star", tmp_path / "o" / "r"))
+    assert not job.config.ctf
     with pytest.raises(ConfigError, match="--K 30 asks for more classes than there are"):
         Class2DJob(_cfg(star, tmp_path / "o" / "r", K=30))
     (tmp_path / "afile").write_text("")
