@@ -11,6 +11,7 @@ generated; nothing is listed twice.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shlex
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -134,6 +135,9 @@ class JobConfig:
             if ch and getattr(self, f.name) not in ch:
                 raise ConfigError(f"{self.flag(f.name)} {getattr(self, f.name)!r}: choose one of "
                                   f"{', '.join(map(str, ch))}")
+            value = getattr(self, f.name)
+            if isinstance(value, float) and math.isnan(value):
+                raise ConfigError(f"{self.flag(f.name)} nan: give a number")
         if self.ranks < 1:
             raise ConfigError(f"--ranks {self.ranks}: at least 1 rank is needed")
         if self.j < 1:

@@ -75,6 +75,21 @@ NOT_IMPLEMENTED = {
              "subsets of the particles)",
     "--sigma_ang": "local angular searches are not implemented in 2D",
     "--sym": "symmetry is for 3D jobs; 2D classification has none",
+    # relion_autopick: cryonb picks with templates only
+    "--LoG": "Laplacian-of-Gaussian picking is not implemented: cryonb autopick picks with "
+             "2D references (--ref)",
+    "--LoG_diam_min": "a --LoG option; cryonb autopick picks with 2D references (--ref)",
+    "--LoG_diam_max": "a --LoG option; cryonb autopick picks with 2D references (--ref)",
+    "--LoG_adjust_threshold": "a --LoG option; use --threshold with --ref",
+    "--LoG_upper_threshold": "a --LoG option; use --threshold with --ref",
+    "--highpass": "high-pass filtering of the micrographs is not implemented (--lowpass is)",
+    "--write_fom_maps": "figure-of-merit maps are not written",
+    "--read_fom_maps": "figure-of-merit maps are not read; every run computes them",
+    "--helix": "helical picking is not implemented",
+    "--amyloid": "helical (amyloid) picking is not implemented",
+    "--gauss_max": "picking with a Gaussian blob is not implemented: give 2D references (--ref)",
+    "--white_dust": "dust removal is not implemented: remove the outliers beforehand",
+    "--black_dust": "dust removal is not implemented: remove the outliers beforehand",
 }
 
 

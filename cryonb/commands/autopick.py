@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["MicrographProgress", "add_parser", "rank_devices", "run", "run_with_progress"]
+__all__ = ["MicrographProgress", "add_parser", "nothing_picked_hint", "rank_devices", "run",
+           "run_with_progress"]
 
 _EPILOG = """\
 examples:
@@ -47,7 +48,7 @@ def add_parser(sub) -> None:
                     "and <odir>summary.star.",
         epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(p, AutopickConfig, relion=False)
-    p.add_argument("--psi_step", dest="psi_step", type=float, default=None,
+    p.add_argument("--psi_step", dest="psi_step_alias", type=float, default=None,
                    help="the same as --ang")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -153,6 +154,12 @@ def run(args) -> int:
     from ..pick import AutopickConfig
     from ._options import config_from_args
 
+    alias = getattr(args, "psi_step_alias", None)
+    if alias is not None:
+        if args.psi_step is not None and args.psi_step != alias:
+            raise ConfigError(f"--ang {args.psi_step:g} and --psi_step {alias:g} are the same "
+                              "option: give one")
+        args.psi_step = alias
     config, _ = config_from_args(AutopickConfig, args)
     if not config.i or not config.ref:
         raise ConfigError("--i (micrographs STAR file) and --ref (2D references) are required")
@@ -167,4 +174,19 @@ def run(args) -> int:
           f"({n / max(out.seconds, 1e-9):.2f} micrographs/s)")
     print(f"coordinate files: {result.coordinate_list}")
     print(f"summary:          {result.summary}")
+    if result.n_picks == 0 and n:
+        print(nothing_picked_hint(config), file=sys.stderr)
     return 0
+
+
+def nothing_picked_hint(config) -> str:
+    """What to try when a run picked nothing, from the options it ran with."""
+    tries = []
+    if not config.invert:
+        tries.append("--invert if the particles are dark in the micrographs and white in the "
+                     "references (class averages of --invert_contrast extracted particles)")
+    if not config.ctf:
+        tries.append("--ctf if the micrographs have a CTF and the references are "
+                     "CTF-corrected class averages")
+    tries.append(f"a lower --threshold (this run: {config.threshold:g})")
+    return "nothing was picked; try " + "; or ".join(tries)

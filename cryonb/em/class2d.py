@@ -140,7 +140,7 @@ class Class2DJob:
     """
 
     def __init__(self, config: Class2DConfig, table=None):
-        from ..io import read_particles
+        from ..io import output_folder, read_particles
 
         self.config = config.validate()
         if not config.i and table is None:
@@ -219,12 +219,7 @@ class Class2DJob:
         #: the image size the last E-step used (RELION's rlnCurrentImageSize of its iteration)
         self.size_used: int | None = None
         self.mask = soft_circular_mask(self.N, self.mask_radius_px, 5.0)
-        try:
-            Path(config.o).parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"--o {config.o}: cannot create the output folder "
-                              f"{Path(config.o).parent} ({exc.strerror or exc}); choose a "
-                              "folder you can write to") from exc
+        output_folder(Path(config.o).parent, f"--o {config.o}")
 
     @classmethod
     def from_optimiser(cls, optimiser_star, **overrides) -> Class2DJob:

@@ -21,7 +21,7 @@ Other
 
 from __future__ import annotations
 
-from ._atomic import atomic_path, atomic_write
+from ._atomic import atomic_path, atomic_write, output_folder
 from ._describe import describe
 from ._mrc import MrcVolume, read_map, read_mrc, read_mrc_header, read_stack, write_mrc
 from ._particles import (
@@ -46,6 +46,7 @@ __all__ = [
     "atomic_path",
     "atomic_write",
     "describe",
+    "output_folder",
     "parse_image_name",
     "read_map",
     "read_micrographs",

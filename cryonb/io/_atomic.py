@@ -12,7 +12,7 @@ from typing import IO, Any
 
 from ..errors import ConfigError, ResourceError
 
-__all__ = ["atomic_path", "atomic_write"]
+__all__ = ["atomic_path", "atomic_write", "output_folder"]
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -131,3 +131,35 @@ def atomic_write(
             f = open(tmp, "w", encoding=encoding, newline="\n")
         with f:
             yield f
+
+
+def output_folder(folder: str | os.PathLike, flag: str) -> Path:
+    """Make an output folder and check that files can be made in it, before any work.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        The folder (made with its parents when missing).
+    flag : str
+        The option that named it, for the message (``"--odir AutoPick/"``).
+
+    Returns
+    -------
+    pathlib.Path
+
+    Raises
+    ------
+    ConfigError
+        The folder cannot be made, or nothing can be written in it, saying why.
+    """
+    path = Path(folder)
+    probe = _temp_name(path / "write-test")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot write in the folder {path} "
+                          f"({exc.strerror or exc}); choose a folder you can write to") from exc
+    return path
+

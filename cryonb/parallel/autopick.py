@@ -42,6 +42,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InputError
@@ -256,6 +257,19 @@ class _AllRanksRun(RankSession):
         self.split = {i["rank"]: (i["first"], i["stop"]) for i in infos}
 
     # -------------------------------------------------------------- the work
+    def _output_folders(self) -> None:
+        """Make the output folders and check them, before any micrograph is worked on (and
+        after the options and devices were checked, so that a refused run leaves none)."""
+        from ..io import output_folder
+
+        cfg = self.cfg
+        if self.job == "autopick":
+            output_folder(cfg.odir or ".", f"--odir {cfg.odir}")
+            return
+        output_folder(cfg.part_dir or ".", f"--part_dir {cfg.part_dir}")
+        if cfg.part_star:
+            output_folder(Path(cfg.part_star).parent, f"--part_star {cfg.part_star}")
+
     def _collect(self) -> tuple[list, dict, bool]:
         """Poll the ranks until all have finished: the items, each rank's times, stopped."""
         what = "picking" if self.job == "autopick" else "extracting"
@@ -324,6 +338,7 @@ class _AllRanksRun(RankSession):
         t0 = time.monotonic()
         try:
             self._setup()
+            self._output_folders()
             t1 = time.monotonic()
             self.stats.setup_s = t1 - t0
             emit(self.progress, "stage", iteration=1, stage=self.stage, state="start")

@@ -45,9 +45,15 @@ from ._config import AutopickConfig
 from ._templates import PickTemplates, relion_fourier_rows, relion_round, synchronized
 
 __all__ = ["COORDINATE_COLUMNS", "PeakOptions", "PickGeometry", "PickMaps", "TemplatePicker",
+           "UnusableMicrograph",
            "copy_fourier_window", "good_fourier_size", "prepare_micrograph"]
 
 #: Columns of a RELION 3.1 autopick coordinate file, in RELION's order.
+class UnusableMicrograph(InputError):
+    """One micrograph that cannot be picked (constant, not finite, or of another size than
+    the run's first): the job goes on without it, as RELION's does."""
+
+
 COORDINATE_COLUMNS = ("rlnCoordinateX", "rlnCoordinateY", "rlnClassNumber",
                       "rlnAutopickFigureOfMerit", "rlnAnglePsi")
 _LARGEST_ACCEPTABLE_PRIME = 43
@@ -242,15 +248,16 @@ def prepare_micrograph(image, geometry: PickGeometry, outlier_zscore: float = 8.
         A micrograph of another size than the geometry's, constant, or not finite.
     """
     if tuple(image.shape) != (geometry.ysize, geometry.xsize):
-        raise InputError(f"micrograph of {image.shape[1]} x {image.shape[0]} pixels, but the "
-                         f"run's first micrograph is {geometry.xsize} x {geometry.ysize}: all "
-                         "micrographs of one run must have the same size")
+        raise UnusableMicrograph(f"micrograph of {image.shape[1]} x {image.shape[0]} pixels, "
+                                 f"but the run's first micrograph is {geometry.xsize} x "
+                                 f"{geometry.ysize}: all micrographs of one run must have the "
+                                 "same size")
     img = xp.asarray(image).astype(xp.float64)
     avg, std = float(img.mean()), float(img.std(ddof=1)) if img.size > 1 else 0.0
     if not (np.isfinite(avg) and np.isfinite(std)):
-        raise InputError("the micrograph holds NaN or infinite values")
+        raise UnusableMicrograph("the micrograph holds NaN or infinite values")
     if not std > 0:
-        raise InputError("the micrograph is constant (std 0): nothing to pick")
+        raise UnusableMicrograph("the micrograph is constant (std 0): nothing to pick")
     img = xp.where(xp.abs(img - avg) / std > outlier_zscore, avg, img)
     img = ((img - avg) / std).astype(xp.float32)
     s = geometry.size

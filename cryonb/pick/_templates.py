@@ -19,6 +19,7 @@ products (:meth:`PickTemplates.oversampled_grid`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,12 @@ def _star_images(path: Path) -> tuple[np.ndarray, float | None]:
     name, df, label = found[0]
     if not len(df):
         raise InputError(f"data_{name} lists no references", path)
+    particle_columns = [c for c in ("rlnMicrographName", "rlnCoordinateX") if c in df.columns]
+    if label == "rlnImageName" and particle_columns:
+        raise InputError(f"data_{name} has {' and '.join(particle_columns)}: this is a particle "
+                         "STAR file, not references; give the class averages "
+                         "(Class2D/jobNNN/run_it025_classes.mrcs) or a Select job's "
+                         "class_averages.star", path)
     cache: dict[Path, tuple[np.ndarray, float | None]] = {}
     images, sizes = [], []
     for row, value in enumerate(df[label].astype(str)):
@@ -96,6 +103,10 @@ def _star_images(path: Path) -> tuple[np.ndarray, float | None]:
         raise InputError(f"the references have different sizes {sorted(shapes)}", path)
     known = [s for s in sizes if s]
     return np.stack(images), (known[0] if known else None)
+
+
+#: more references than this are warned about (a particle stack given as --ref?)
+MANY_REFERENCES = 200
 
 
 def read_references(path) -> tuple[np.ndarray, float | None]:
@@ -132,6 +143,10 @@ def read_references(path) -> tuple[np.ndarray, float | None]:
         raise InputError(f"the references are only {refs.shape[-1]} pixels wide", p)
     if not np.all(np.isfinite(refs)):
         raise InputError("the references hold NaN or infinite values", p)
+    if len(refs) > MANY_REFERENCES:
+        warnings.warn(f"{p}: {len(refs)} references; picking time grows with their number "
+                      "(a few to a few dozen class averages are usual): is it a particle "
+                      "stack?", UserWarning, stacklevel=2)
     return refs, apix
 
 

@@ -40,8 +40,14 @@ import pandas as pd
 from ..backend import gpu_available, use_device
 from ..errors import ConfigError, InputError, ResourceError
 from ._config import AutopickConfig, as_config
-from ._fom import PickGeometry, TemplatePicker
-from ._io import MicrographSet, coordinate_path, write_coordinate_list, write_coordinates
+from ._fom import COORDINATE_COLUMNS, PickGeometry, TemplatePicker, UnusableMicrograph
+from ._io import (
+    MicrographSet,
+    coordinate_path,
+    read_coordinates,
+    write_coordinate_list,
+    write_coordinates,
+)
 from ._templates import PickTemplates, read_references
 
 __all__ = [
@@ -164,7 +170,11 @@ class MicrographPicks:
     device : int or None
         CUDA device (None: CPU).
     skipped : bool
-        True when ``--only_do_unfinished`` found its coordinate file already there.
+        True when ``--only_do_unfinished`` found its coordinate file already there (its
+        picks are counted from that file).
+    problem : str
+        Why nothing was picked on an unusable micrograph (constant, not finite, of another
+        size); its coordinate file is written empty, as RELION does. Empty otherwise.
     """
 
     index: int
@@ -176,6 +186,7 @@ class MicrographPicks:
     rank: int
     device: int | None
     skipped: bool = False
+    problem: str = ""
 
 
 @dataclass
@@ -251,9 +262,10 @@ def open_picker(config: AutopickConfig, device: int | None = None):
     refs, header_apix = read_references(config.ref)
     ref_apix = config.angpix_ref if config.angpix_ref > 0 else mics.pixel_size
     if header_apix and abs(header_apix - ref_apix) > 1e-3 * ref_apix:
+        how = ("as --angpix_ref gives" if config.angpix_ref > 0 else
+               "the micrographs' (give --angpix_ref to change it)")
         warnings.warn(f"{config.ref}: the header says {header_apix:g} A/px but {ref_apix:g} A/px "
-                      "is used for the references (give --angpix_ref to change it)",
-                      UserWarning, stacklevel=2)
+                      f"is used for the references, {how}", UserWarning, stacklevel=2)
     templates = PickTemplates.from_references(
         refs, mics.pixel_size, ref_pixel_size=ref_apix,
         particle_diameter=config.particle_diameter if config.particle_diameter > 0 else None,
@@ -263,6 +275,10 @@ def open_picker(config: AutopickConfig, device: int | None = None):
         raise InputError(f"the micrographs are {xsize} x {ysize} px, smaller than the "
                          f"references ({templates.box} px at {mics.pixel_size:g} A/px): check "
                          "that --i holds micrographs and --angpix / --angpix_ref", config.i)
+    if 2 * templates.box > min(xsize, ysize):
+        warnings.warn(f"{config.ref}: the references ({templates.box} px) are more than half "
+                      f"the micrographs' size ({xsize} x {ysize} px): is --ref a micrograph?",
+                      UserWarning, stacklevel=2)
     geometry = PickGeometry.for_micrographs(xsize, ysize, mics.pixel_size,
                                             lowpass=config.lowpass, shrink=config.shrink,
                                             optimise_scale=not config.skip_optimise_scale)
@@ -281,14 +297,21 @@ def _pick_one(picker: TemplatePicker, mics: MicrographSet, i: int, config: Autop
     t0 = time.perf_counter()
     out = coordinate_path(config.odir, mics.names[i], config.pickname)
     if config.only_do_unfinished and out.exists():
-        return MicrographPicks(i, mics.names[i], str(out), 0, 0.0, 0.0, rank, device, True)
-    with use_device(device), _stream(device):
-        picks = picker.pick(mics.image(i), mics.ctf(i), index=i)
+        done = read_coordinates(out)  # the summary counts what the earlier run picked
+        fom = done.get("rlnAutopickFigureOfMerit", pd.Series(dtype=float))
+        return MicrographPicks(i, mics.names[i], str(out), len(done),
+                               float(fom.mean()) if len(fom) else 0.0, 0.0, rank, device, True)
+    problem = ""
+    try:
+        with use_device(device), _stream(device):
+            picks = picker.pick(mics.image(i), mics.ctf(i), index=i)
+    except UnusableMicrograph as exc:
+        picks, problem = pd.DataFrame(columns=list(COORDINATE_COLUMNS)), str(exc)
     write_coordinates(out, picks)
     fom = picks["rlnAutopickFigureOfMerit"]
     return MicrographPicks(i, mics.names[i], str(out), len(picks),
                            float(fom.mean()) if len(fom) else 0.0,
-                           time.perf_counter() - t0, rank, device)
+                           time.perf_counter() - t0, rank, device, problem=problem)
 
 
 def _stream(device: int | None):
@@ -483,4 +506,8 @@ def autopick_result(config, results: Sequence, t0: float) -> AutopickResult:
     """
     rows = _sorted_picks(results)
     listing, summary = write_summary(config, rows)
+    for r in rows:
+        if r.problem:
+            warnings.warn(f"{r.micrograph}: {r.problem}; nothing picked there (its coordinate "
+                          "file is written empty)", UserWarning, stacklevel=2)
     return AutopickResult(rows, listing, summary, time.perf_counter() - t0)

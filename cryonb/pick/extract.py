@@ -270,6 +270,27 @@ def _particle_rows(config: ExtractConfig, mics: MicrographSet, i: int, coords: p
     return rows
 
 
+def _why_no_particles(config: ExtractConfig, mics: MicrographSet) -> str:
+    """The message of a run that extracted nothing: no coordinate file found (where it
+    looked), or files whose picks were all empty or below ``--minimum_pick_fom``."""
+    files = _coordinate_files(config, mics)
+    found = [f for f in files if f is not None and f.is_file()]
+    if not found:
+        first = next((f for f in files if f is not None), None)
+        if first is None:
+            return (f"no particles to extract: {config.coord_list} names no coordinate file "
+                    "for these micrographs")
+        return ("no particles to extract: no coordinate file was found (the first "
+                f"micrograph's would be {first}); check --coord_dir and --coord_suffix (or "
+                "--coord_list) against the micrograph names")
+    picks = sum(len(read_coordinates(f)) for f in found)
+    if picks and config.minimum_pick_fom > -999:
+        return (f"no particles to extract: the {len(found)} coordinate files found hold {picks} "
+                f"picks, none with rlnAutopickFigureOfMerit >= {config.minimum_pick_fom:g} "
+                "(--minimum_pick_fom)")
+    return f"no particles to extract: the {len(found)} coordinate files found hold no picks"
+
+
 def _extract_one(config: ExtractConfig, mics: MicrographSet, i: int,
                  coord_file: Path | None) -> tuple[pd.DataFrame | None, Path | None]:
     from ..io import write_mrc
@@ -374,8 +395,7 @@ def write_particle_star(config, parts: Sequence[tuple]) -> tuple[Path, int]:
     mics = MicrographSet.read(config.i)
     tables = [rows for _, rows, _ in sorted(parts, key=lambda p: p[0]) if rows is not None]
     if not tables:
-        where = config.coord_list or f"{config.coord_dir}*{config.coord_suffix}"
-        raise InputError(f"no particles to extract: no coordinates found ({where})")
+        raise InputError(_why_no_particles(config, mics))
     particles = pd.concat(tables, ignore_index=True)
     optics = (mics.optics.copy() if mics.optics is not None
               else pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"]}))

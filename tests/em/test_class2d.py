@@ -411,7 +411,7 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(ConfigError, match="--K 30 asks for more classes than there are"):
         Class2DJob(_cfg(star, tmp_path / "o" / "r", K=30))
     (tmp_path / "afile").write_text("")
-    with pytest.raises(ConfigError, match="cannot create the output folder"):
+    with pytest.raises(ConfigError, match="cannot write in the folder"):
         Class2DJob(_cfg(star, tmp_path / "afile" / "sub" / "r"))
     # a mask wider than the box's diagonal leaves no background (RELION stops there too); a
     # mask that covers all but the corners is accepted

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from cryonb.cli import main
@@ -46,3 +48,87 @@ def test_clear_errors(pick_set, tmp_path, capsys):
     assert main(["autopick", "--i", str(pick_set.micrographs_star), "--ref",
                  str(pick_set.references), "--ranks", "2", "--engines", "inprocess"]) == 2
     assert "--engines inprocess runs one rank" in capsys.readouterr().err
+
+
+def _pick_argv(mics, refs, odir, *extra):
+    return ["autopick", "--i", str(mics), "--ref", str(refs), "--odir", f"{odir}/",
+            "--particle_diameter", "270", "--ang", "10", "--lowpass", "20", "--ctf", "--invert",
+            "--threshold", "0.1", "--shrink", "0", "--quiet", *extra]
+
+
+def test_an_unusable_micrograph_is_skipped_with_a_warning(pick_set, first_micrographs,
+                                                          tmp_path, capsys):
+    """A constant (or NaN) micrograph gets an empty coordinate file and a warning naming it;
+    the others are picked and the lists written (relion_autopick goes on too). Run again
+    with --only_do_unfinished, the summary keeps the counts of the files already there."""
+    from cryonb.io import read_star, write_mrc, write_star
+
+    star = first_micrographs(2, tmp_path.name)
+    blocks = read_star(star)
+    mics = blocks["micrographs"]
+    flat = tmp_path / "flat.mrc"
+    write_mrc(flat, np.full((512, 512), 3.0, np.float32), 5.0)
+    nan = tmp_path / "nan.mrc"
+    write_mrc(nan, np.full((512, 512), np.nan, np.float32), 5.0)
+    extra = mics.iloc[[0, 0]].copy()
+    extra["rlnMicrographName"] = [str(flat), str(nan)]
+    blocks["micrographs"] = pd.concat([mics, extra], ignore_index=True)
+    write_star(star, blocks)
+    odir = tmp_path / "AutoPick"
+    assert main(_pick_argv(star, pick_set.references, odir)) == 0
+    cap = capsys.readouterr()
+    assert f"warning: {flat}: the micrograph is constant" in cap.err
+    assert f"warning: {nan}: the micrograph holds NaN" in cap.err
+    summary = read_star(odir / "summary.star")[""]
+    counts = summary["rlnGroupNrParticles"].tolist()
+    assert counts[2:] == [0, 0] and min(counts[:2]) >= 15
+    assert main(_pick_argv(star, pick_set.references, odir, "--only_do_unfinished")) == 0
+    assert f"{sum(counts)} particles picked on 4 micrographs" in capsys.readouterr().out
+    again = read_star(odir / "summary.star")[""]
+    assert again["rlnGroupNrParticles"].tolist() == counts
+    np.testing.assert_allclose(again["rlnAutopickFigureOfMerit"],
+                               summary["rlnAutopickFigureOfMerit"], rtol=1e-6)
+
+
+def test_output_and_reference_errors_come_first(pick_set, first_micrographs, tmp_path, capsys):
+    star = first_micrographs(1, tmp_path.name)
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    assert main(_pick_argv(star, pick_set.references, blocker / "AutoPick")) == 2
+    err = capsys.readouterr().err
+    assert "--odir" in err and "cannot write in the folder" in err and "Traceback" not in err
+    # a particle STAR file given as the references
+    from cryonb.io import write_mrc, write_star
+
+    write_mrc(tmp_path / "p.mrcs", np.zeros((2, 64, 64), np.float32), 5.0, stack=True)
+    write_star(tmp_path / "particles.star", {"particles": pd.DataFrame({
+        "rlnImageName": ["1@p.mrcs", "2@p.mrcs"], "rlnMicrographName": ["m.mrc"] * 2,
+        "rlnCoordinateX": [1.0, 2.0], "rlnCoordinateY": [1.0, 2.0]})})
+    assert main(_pick_argv(star, tmp_path / "particles.star", tmp_path / "A")) == 2
+    assert "a particle STAR file, not references" in capsys.readouterr().err
+    assert main(_pick_argv(star, pick_set.references, tmp_path / "B", "--psi_step", "5")) == 2
+    assert "--ang 10 and --psi_step 5 are the same option" in capsys.readouterr().err
+    assert main(_pick_argv(star, pick_set.references, tmp_path / "C", "--threshold",
+                           "nan")) == 2
+    assert "--threshold nan: give a number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(_pick_argv(star, pick_set.references, tmp_path / "D", "--LoG"))
+    assert "--LoG: Laplacian-of-Gaussian picking is not implemented" in capsys.readouterr().err
+
+
+def test_nothing_picked_says_what_to_try(pick_set, first_micrographs, tmp_path, capsys):
+    star = first_micrographs(1, tmp_path.name)
+    argv = [a for a in _pick_argv(star, pick_set.references, tmp_path / "A")
+            if a not in ("--ctf", "--invert")]
+    argv[argv.index("--threshold") + 1] = "50"
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "nothing was picked; try --invert" in err and "--ctf" in err
+    assert "a lower --threshold (this run: 50)" in err
+    assert main(["extract", "--i", str(star), "--coord_dir", f"{tmp_path}/A/", "--o",
+                 f"{tmp_path}/E/", "--extract_size", "64"]) == 2
+    assert "hold no picks" in capsys.readouterr().err
+    assert main(["extract", "--i", str(star), "--coord_dir", f"{tmp_path}/none/", "--o",
+                 f"{tmp_path}/E/", "--extract_size", "64"]) == 2
+    assert "no coordinate file was found (the first micrograph's would be" in \
+        capsys.readouterr().err
