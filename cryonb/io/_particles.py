@@ -152,6 +152,7 @@ def resolve_stack_path(
     stack: str | os.PathLike,
     star_path: str | os.PathLike | None = None,
     project_dir: str | os.PathLike | None = None,
+    what: str = "stack",
 ) -> Path:
     """Find the file a STAR file's image or micrograph name refers to.
 
@@ -169,6 +170,8 @@ def resolve_stack_path(
         The STAR file that names it.
     project_dir : str or os.PathLike, optional
         The RELION project folder.
+    what : str
+        What the file is, for the message ("stack", "micrograph").
 
     Returns
     -------
@@ -202,7 +205,7 @@ def resolve_stack_path(
     if project_dir is not None or rel.is_absolute():
         hint = ""
     raise InputError(
-        f"stack {str(stack)!r} not found; tried: {', '.join(map(str, tried))}{hint}", star_path
+        f"{what} {str(stack)!r} not found; tried: {', '.join(map(str, tried))}{hint}", star_path
     )
 
 
@@ -791,7 +794,7 @@ class MicrographTable:
             If it is not found (see :func:`resolve_stack_path`).
         """
         name = self.micrographs[_MICROGRAPH].iloc[row]
-        return resolve_stack_path(name, self.star_path, self.project_dir)
+        return resolve_stack_path(name, self.star_path, self.project_dir, what="micrograph")
 
 
 def _table_fields(
