@@ -19,8 +19,9 @@ from cryonb.testing.tools import require_tool
 
 ASPIRE = "ComputationalCryoEM+ASPIRE-Python/tests/saved_test_data"
 DRGN = "ml-struct-bio+cryodrgn/tests/data"
-ONE = ["--K", "2", "--iter", "1", "--psi_step", "30", "--offset_range", "2", "--cpu", "--j", "1",
+ONE = ["--K", "2", "--iter", "1", "--psi_step", "30", "--offset_range", "2", "--j", "1",
        "--quiet"]
+CPU = [*ONE, "--cpu"]
 
 #: (file, extra flags, what the run must show): files RELION and other programs wrote
 RUNS = [
@@ -37,13 +38,14 @@ RUNS = [
 ]
 
 
+@pytest.mark.parametrize("device", ["--cpu", pytest.param("--gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize(("local", "extra", "warning"), RUNS,
                          ids=[r[0].split("/")[-1] for r in RUNS])
 def test_real_particle_files_classify(shared_data, tmp_path, monkeypatch, capsys, local, extra,
-                                      warning):
+                                      warning, device):
     star = shared_data / local
     monkeypatch.chdir(tmp_path)
-    assert main(["class2d", "--i", str(star), "--o", "Class2D/run", *ONE, *extra]) == 0
+    assert main(["class2d", "--i", str(star), "--o", "Class2D/run", *ONE, device, *extra]) == 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and (warning in err)
     assert "UserWarning" not in err and "data_optics has no" not in err  # one plain line each
@@ -57,20 +59,20 @@ def test_real_particle_files_classify(shared_data, tmp_path, monkeypatch, capsys
 
 def test_incomplete_ctf_is_an_error(shared_data, tmp_path, capsys):
     star = shared_data / ASPIRE / "sample_incomplete_ctf_params.star"
-    assert main(["class2d", "--i", str(star), "--o", str(tmp_path / "run"), *ONE]) == 2
+    assert main(["class2d", "--i", str(star), "--o", str(tmp_path / "run"), *CPU]) == 2
     err = capsys.readouterr().err
     assert "no rlnVoltage column" in err and "--no_ctf" in err and "Traceback" not in err
 
 
 def test_no_pixel_size_names_angpix(shared_data, tmp_path, capsys):
     star = shared_data / ASPIRE / "rln_proj_64.star"
-    assert main(["class2d", "--i", str(star), "--o", str(tmp_path / "run"), *ONE]) == 2
+    assert main(["class2d", "--i", str(star), "--o", str(tmp_path / "run"), *CPU]) == 2
     err = capsys.readouterr().err
     assert "no pixel size" in err and "--angpix" in err and "Traceback" not in err
 
 
 def test_angpix_does_not_override_the_file(sim_star, tmp_path, capsys):
-    assert main(["class2d", "--i", str(sim_star), "--o", str(tmp_path / "run"), *ONE,
+    assert main(["class2d", "--i", str(sim_star), "--o", str(tmp_path / "run"), *CPU,
                  "--angpix", "9"]) == 0
     assert "warning: --angpix 9 is ignored: the STAR file gives" in capsys.readouterr().err
     opt = read_particles(tmp_path / "run_it001_data.star").optics
@@ -84,12 +86,12 @@ def test_output_names_resolve_from_the_project(sim_star, tmp_path, monkeypatch, 
     project = tmp_path / "project"
     shutil.copytree(sim_star.parent, project / "data")
     monkeypatch.chdir(project)
-    assert main(["class2d", "--i", "data/particles.star", "--o", "Class2D/run", *ONE]) == 0
+    assert main(["class2d", "--i", "data/particles.star", "--o", "Class2D/run", *CPU]) == 0
     data = project / "Class2D" / "run_it001_data.star"
     names = read_particles(data).particles["rlnImageName"]
     assert names.str.endswith("@data/particles.mrcs").all(), names.iloc[0]
     # a second job on the first one's output, in another folder
-    assert main(["class2d", "--i", str(data), "--o", "Class2D2/run", *ONE]) == 0
+    assert main(["class2d", "--i", str(data), "--o", "Class2D2/run", *CPU]) == 0
     again = read_particles(project / "Class2D2" / "run_it001_data.star").particles
     assert (again["rlnImageName"] == names).all()  # project-relative names are kept
     capsys.readouterr()
@@ -100,7 +102,7 @@ def test_relion_reads_the_output_images(sim_star, tmp_path, monkeypatch, capsys)
     project = tmp_path / "project"
     shutil.copytree(sim_star.parent, project / "data")
     monkeypatch.chdir(project)
-    assert main(["class2d", "--i", "data/particles.star", "--o", "Class2D/run", *ONE]) == 0
+    assert main(["class2d", "--i", "data/particles.star", "--o", "Class2D/run", *CPU]) == 0
     subprocess.run([tool, "--i", "Class2D/run_it001_data.star", "--o", "stacked"], check=True,
                    capture_output=True, cwd=project, timeout=120)
     stacked = read_mrc(project / "stacked.mrcs").data
@@ -109,7 +111,7 @@ def test_relion_reads_the_output_images(sim_star, tmp_path, monkeypatch, capsys)
 
 def test_continue_without_o_keeps_the_rootname(sim_star, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["class2d", "--i", str(sim_star), "--o", str(out), *ONE]) == 0
+    assert main(["class2d", "--i", str(sim_star), "--o", str(out), *CPU]) == 0
     assert main(["class2d", "--continue", f"{out}_it001_optimiser.star", "--iter", "2",
                  "--quiet"]) == 0
     assert f"class averages: {out}_it002_classes.mrcs" in capsys.readouterr().out
