@@ -221,10 +221,12 @@ class JobConfig:
                     out.append(flag)
                 elif not relion:
                     out.append("--no_" + flag[2:])
-            elif relion and v in ("", 0) and f.name in ("pool", "scratch_dir", "continue_from"):
-                continue
+            elif relion and (v == "" or (v == 0 and f.name == "pool")) and f.name != "gpu":
+                continue  # RELION's empty options are left out (``--coord_dir ''``)
             elif relion and f.name == "gpu":
                 out += [flag, v] if v else [flag]
+            elif isinstance(v, float):  # 153.6, not 153.60000000000002
+                out += [flag, repr(float(f"{v:.12g}"))]
             else:
                 out += [flag, str(v)]
         return out
