@@ -576,9 +576,9 @@ class EStepContext:
         xp = self.xp
         K = self.K
         a = lp.argmax(axis=1)
-        lk = xp.where(xp.isfinite(self.log_pdf), lp - self.log_pdf, -xp.inf)
-        best = xp.take_along_axis(lk, a[:, None], axis=1)
         with np.errstate(invalid="ignore"):  # -inf - -inf where a class is excluded: capped
+            lk = xp.where(xp.isfinite(self.log_pdf), lp - self.log_pdf, -xp.inf)
+            best = xp.take_along_axis(lk, a[:, None], axis=1)
             gap = best - lk
         cost = xp.clip(xp.nan_to_num(gap, nan=MARGIN_CAP, posinf=MARGIN_CAP), 0, MARGIN_CAP)
         S = self.sums

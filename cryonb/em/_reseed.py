@@ -39,10 +39,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CROWDED_RATIO", "CROWDED_SEPARATION", "HALF_RATIO", "HALF_SIZE", "HALF_TOTAL",
-           "JUNK_PMAX_RATIO", "MERGE_RATIO", "SPLIT_SEPARATION", "class_similarity",
+__all__ = ["CROWDED_RATIO", "CROWDED_SEPARATION", "DUP_MARGIN_RATIO", "HALF_RATIO", "HALF_SIZE",
+           "HALF_TOTAL", "JUNK_PMAX_RATIO", "MERGE_RATIO", "SPLIT_SEPARATION", "class_similarity",
            "find_free_classes", "half_pairs", "merge_candidates", "merge_ratios",
            "realign_class", "split_accepted", "split_class"]
+
+#: two look-alike classes are duplicates only where the smaller one's particles would move to
+#: the other at less than this merge ratio (:func:`merge_ratios`; one view split over two
+#: classes: 0.21-0.33)
+DUP_MARGIN_RATIO = 0.5
 
 #: a class whose particles' mean maximum probability is below this fraction of the median
 #: class's is "junk" (it collects particles that fit nowhere well) and is re-seeded
@@ -268,7 +273,7 @@ def half_pairs(margin: np.ndarray, counts: np.ndarray, exclude=()) -> list:
 
 def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
                       overlap: np.ndarray | None = None, pmax: np.ndarray | None = None, *,
-                      empty_fraction: float = 0.2,
+                      margin: np.ndarray | None = None, empty_fraction: float = 0.2,
                       dup_threshold: float = 0.9, overlap_threshold: float = 0.25,
                       n_psi: int = 36, max_res_px: int | None = None):
     """Classes to re-seed: nearly empty ones and the smaller of each duplicate pair.
@@ -285,6 +290,13 @@ def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
         Particles per class (best class).
     classes : ndarray of shape (K, N, N)
     n_particles : int
+    margin : ndarray of shape (K, K), optional
+        The E-step's class margins (``Class2DModel.class_margin``). Given, two classes that
+        look alike are duplicates only when the smaller one's particles would also fit the
+        other: their margin to it below ``DUP_MARGIN_RATIO`` times their smallest margin to
+        any other class not already free (the next-best real class). At low resolution two
+        classes of different views (blobs of several views each, with junk in the set)
+        reached a similarity of 0.91, and freeing one merged them.
     empty_fraction : float
         A class with fewer than ``empty_fraction * n_particles / K`` particles is free.
     dup_threshold : float
@@ -308,6 +320,20 @@ def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
                 free.append(k)
                 reasons[k] = f"junk (mean max. probability {pmax[k]:.2f}, median {med:.2f})"
     sim = class_similarity(classes, n_psi=n_psi, max_res_px=max_res_px)
+    if margin is not None and margin.shape == (K, K):
+        # relative to the next-best class that is not free already (not a median: where junk
+        # takes several classes, its fit-nowhere margins made any pair of real classes cheap)
+        keep = np.array([k not in free for k in range(K)])
+        sim = sim.copy()
+        for a in range(K):
+            for b in range(K):
+                small, large = (a, b) if counts[a] <= counts[b] else (b, a)
+                others = keep.copy()
+                others[[a, b]] = False
+                typical = float(np.min(margin[small, others])) if others.any() else 0.0
+                if a != b and not (typical > 0 and
+                                   margin[small, large] / typical < DUP_MARGIN_RATIO):
+                    sim[a, b] = 0.0
     ov = np.zeros((K, K)) if overlap is None or overlap.shape != (K, K) else overlap
     score = np.maximum(sim / dup_threshold, ov / overlap_threshold)
     pairs = sorted(((score[a, b], a, b) for a in range(K) for b in range(a + 1, K)),

@@ -478,8 +478,8 @@ class Class2DJob:
         pmax = np.array([self.state.pmax[cls == k].mean() if counts[k] else 0.0
                          for k in range(K)])
         free, reasons = find_free_classes(
-            counts, m.classes, self.n, m.class_overlap, pmax, n_psi=max(36, 2 * cfg.n_psi),
-            max_res_px=max(4, m.current_size // 4))
+            counts, m.classes, self.n, m.class_overlap, pmax, margin=m.class_margin,
+            n_psi=max(36, 2 * cfg.n_psi), max_res_px=max(4, m.current_size // 4))
         late = self.iteration >= self._anneal_last()
         merges = merge_candidates(m.class_margin, counts, free) if late else []
         # one view split in two small classes, for a class that clearly holds two views

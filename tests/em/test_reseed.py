@@ -78,6 +78,25 @@ def test_free_classes_and_why(views):
     assert 2 in free and why[2].startswith("duplicate of class 1")
 
 
+def test_look_alike_classes_are_duplicates_only_if_their_particles_fit_both(views):
+    """With the E-step's class margins, a look-alike pair is a duplicate only when the
+    smaller class's particles fit the other about as well as their own: relative to their
+    next-best class that is not free (junk classes, which fit nothing, do not count)."""
+    copy = _turned(views[1], 120.0, (0.5, 0.5))
+    classes = np.concatenate([views, copy[None], views[2:3] * 0.01])
+    counts = np.array([300.0, 250, 300, 280, 120, 5])
+    pmax = np.array([0.9, 0.92, 0.91, 0.5, 0.9, 0.4])
+    margin = np.full((6, 6), 40.0)  # classes 3 (junk) and 5 (empty) are free already
+    margin[:, 3] = margin[:, 5] = 400.0
+    np.fill_diagonal(margin, 0.0)
+    margin[4, 1] = 8.0  # class 5's particles fit class 2 almost as well: the same view
+    free, why = find_free_classes(counts, classes, int(counts.sum()), pmax=pmax, margin=margin)
+    assert free == [3, 4, 5] and why[4].startswith("duplicate of class 2")
+    margin[4, 1] = 30.0  # ... or clearly worse than their own: two views that look alike
+    free, why = find_free_classes(counts, classes, int(counts.sum()), pmax=pmax, margin=margin)
+    assert free == [3, 5]
+
+
 def _aligned_set(n_views, n=400, snr=0.1, seed=0):
     sim = simulate_particles(n=n, box=N, n_views=n_views, snr=snr, ctf=False, seed=seed)
     t = sim.truth
