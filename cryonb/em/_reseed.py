@@ -169,7 +169,7 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
     return sim
 
 
-def merge_ratios(margin: np.ndarray) -> np.ndarray:
+def merge_ratios(margin: np.ndarray, exclude=()) -> np.ndarray:
     """How cheaply each class's particles would move to each other class, relative to the rest.
 
     Parameters
@@ -178,23 +178,32 @@ def merge_ratios(margin: np.ndarray) -> np.ndarray:
         ``margin[a, b]``: mean over class ``a``'s particles of their log-likelihood in ``a``
         minus that in ``b`` (best pose in each; ``Class2DModel.class_margin``).
 
+    exclude : iterable of int
+        Classes left out of the median (free ones: junk, which fits nothing, would make any
+        pair of real classes look cheap; with 180 empty picks in four classes, two classes
+        of distinct views were merged at a ratio below 0.35 that way). Where no class is
+        left, all are used.
+
     Returns
     -------
     ndarray of shape (K, K)
         ``margin[a, b]`` over the median of ``margin[a, c]`` for the other classes ``c``
-        (neither ``a`` nor ``b``); ``inf`` on the diagonal and where there is no other class
-        or no margin. On 8-view sets at pixel SNR 0.05, one view split over two classes gave
-        0.21-0.33 for as long as it stayed split; distinct views settle at 0.5 and more, but
-        pass through 0.3-0.4 for a few iterations after re-seeding.
+        (neither ``a`` nor ``b``, nor in ``exclude``); ``inf`` on the diagonal and where there
+        is no other class or no margin. On 8-view sets at pixel SNR 0.05, one view split
+        over two classes gave 0.21-0.33 for as long as it stayed split; distinct views settle
+        at 0.5 and more, but pass through 0.3-0.4 for a few iterations after re-seeding.
     """
     K = margin.shape[0]
     out = np.full((K, K), np.inf)
     if K < 3:
         return out
+    skip = set(int(k) for k in exclude)
     for a in range(K):
         for b in range(K):
             if a != b:
-                typical = float(np.median(np.delete(margin[a], [a, b])))
+                rest = [c for c in range(K) if c not in (a, b) and c not in skip]
+                rest = rest or [c for c in range(K) if c not in (a, b)]
+                typical = float(np.median(margin[a, rest]))
                 if typical > 0:
                     out[a, b] = margin[a, b] / typical
     return out
@@ -226,7 +235,7 @@ def merge_candidates(margin: np.ndarray, counts: np.ndarray, exclude=()) -> list
     K = len(counts)
     if MERGE_RATIO <= 0 or margin is None or margin.shape != (K, K):
         return []
-    return _disjoint_pairs(merge_ratios(margin), counts, exclude,
+    return _disjoint_pairs(merge_ratios(margin, exclude), counts, exclude,
                            lambda a, b, ratio: ratio < MERGE_RATIO)
 
 
@@ -268,7 +277,7 @@ def half_pairs(margin: np.ndarray, counts: np.ndarray, exclude=()) -> list:
         return (counts[b] <= HALF_SIZE * med and ratio < HALF_RATIO
                 and HALF_TOTAL[0] * med <= total <= HALF_TOTAL[1] * med)
 
-    return _disjoint_pairs(merge_ratios(margin), counts, exclude, accept)
+    return _disjoint_pairs(merge_ratios(margin, exclude), counts, exclude, accept)
 
 
 def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,

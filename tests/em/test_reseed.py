@@ -205,6 +205,20 @@ def test_merge_candidates_pair_one_view_in_two_classes():
     assert merge_candidates(np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([5.0, 6.0])) == []
 
 
+def test_junk_classes_do_not_make_distinct_views_look_cheap_to_merge():
+    """Classes of junk fit no particle (large margins to them): left out of the typical
+    margin (``exclude``, the free classes), two distinct views are no merge pair; counted,
+    the median would be a junk class's and the pair would look cheap."""
+    margin = np.full((6, 6), 40.0)
+    margin[:, 3:] = 400.0  # classes 3-5: junk, free
+    np.fill_diagonal(margin, 0.0)
+    margin[0, 1] = margin[1, 0] = 35.0  # two distinct views that look somewhat alike
+    counts = np.array([190.0, 200, 180, 40, 30, 60])
+    assert merge_ratios(margin)[0, 1] < MERGE_RATIO  # 35 / 400: "cheap"
+    assert merge_ratios(margin, exclude=[3, 4, 5])[0, 1] == pytest.approx(35 / 40)
+    assert merge_candidates(margin, counts, exclude=[3, 4, 5]) == []
+
+
 def test_half_pairs_find_one_view_in_two_small_classes():
     # classes 1 and 3 split one view (half a typical class each) but their particles still
     # lose 60% of a typical move by swapping (ratio 0.6, no merge candidate); class 4 holds
