@@ -44,9 +44,9 @@ __all__ = ["CROWDED_RATIO", "CROWDED_SEPARATION", "DUP_MARGIN_RATIO", "HALF_RATI
            "find_free_classes", "half_pairs", "merge_candidates", "merge_ratios",
            "realign_class", "split_accepted", "split_class"]
 
-#: two look-alike classes are duplicates only where the smaller one's particles would move to
-#: the other at less than this merge ratio (:func:`merge_ratios`; one view split over two
-#: classes: 0.21-0.33)
+#: two look-alike classes are duplicates only where the smaller one's particles lose less
+#: than this fraction of their margin to their next-best class that is not free by moving to
+#: the other (see :func:`find_free_classes`)
 DUP_MARGIN_RATIO = 0.5
 
 #: a class whose particles' mean maximum probability is below this fraction of the median
@@ -333,16 +333,14 @@ def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
         # relative to the next-best class that is not free already (not a median: where junk
         # takes several classes, its fit-nowhere margins made any pair of real classes cheap)
         keep = np.array([k not in free for k in range(K)])
-        sim = sim.copy()
         for a in range(K):
-            for b in range(K):
+            for b in range(a + 1, K):
                 small, large = (a, b) if counts[a] <= counts[b] else (b, a)
                 others = keep.copy()
                 others[[a, b]] = False
                 typical = float(np.min(margin[small, others])) if others.any() else 0.0
-                if a != b and not (typical > 0 and
-                                   margin[small, large] / typical < DUP_MARGIN_RATIO):
-                    sim[a, b] = 0.0
+                if not (typical > 0 and margin[small, large] / typical < DUP_MARGIN_RATIO):
+                    sim[a, b] = sim[b, a] = 0.0
     ov = np.zeros((K, K)) if overlap is None or overlap.shape != (K, K) else overlap
     score = np.maximum(sim / dup_threshold, ov / overlap_threshold)
     pairs = sorted(((score[a, b], a, b) for a in range(K) for b in range(a + 1, K)),

@@ -169,9 +169,7 @@ class Class2DJob:
         self.pixel_size = float(ps[0])
         check_mask_radius(config.particle_diameter, self.N, self.pixel_size)
         if config.ctf and not t.has_ctf:
-            missing = [c for c in ("rlnDefocusU", "rlnDefocusV", "rlnDefocusAngle", "rlnVoltage",
-                                   "rlnSphericalAberration", "rlnAmplitudeContrast")
-                       if c not in t.particles.columns]
+            missing = t.missing_ctf_columns()  # the pixel size is there by now
             if {"rlnDefocusU", "rlnDefocusV"} & set(t.particles.columns):
                 raise InputError(f"incomplete CTF parameters: no {', '.join(missing)} column: "
                                  "add it (to data_optics) or give --no_ctf to classify without "

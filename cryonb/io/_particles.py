@@ -598,14 +598,15 @@ class ParticleTable:
                    if "rlnImagePixelSize" in df.columns else np.full(len(df), np.nan))
             df["rlnImagePixelSize"] = np.where(np.isfinite(old), old, float(angpix))
 
-    def _missing_ctf(self) -> list[str]:
+    def missing_ctf_columns(self) -> list[str]:
+        """The columns :meth:`ctf_params` needs that the table lacks (empty: it has a CTF)."""
         need = [*_CTF_REQUIRED.values(), "rlnImagePixelSize"]
         return [c for c in need if c not in self.particles.columns]
 
     @property
     def has_ctf(self) -> bool:
         """Whether every column :meth:`ctf_params` needs is present."""
-        return not self._missing_ctf()
+        return not self.missing_ctf_columns()
 
     def ctf_params(self) -> dict[str, np.ndarray]:
         """Per-particle CTF parameters as RELION defines them.
@@ -624,7 +625,7 @@ class ParticleTable:
         InputError
             Naming the first missing column, or a row with a missing value.
         """
-        missing = self._missing_ctf()
+        missing = self.missing_ctf_columns()
         if missing:
             extra = (
                 " (nor rlnMagnification and rlnDetectorPixelSize to derive it)"
