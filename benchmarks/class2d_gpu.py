@@ -278,7 +278,7 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
             "particles_per_s_pageable_images": job.n / dt_pageable,
             "coarse_tflops_achieved": flops / dt / 1e12,
             "coarse_product_tflops": flops / gemm_s / 1e12 if gemm_s > 0 else None,
-            "stages_s": stages,
+            "stages_s": stages, "tally": dict(prof.tally),
             "mean_significant": float(job.state.n_sig.mean()),
             **({"pool_sweep_particles_per_s": sweep} if sweep else {}),
             **({"host_profile": profile} if profile else {}),

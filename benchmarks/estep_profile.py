@@ -64,7 +64,8 @@ def main(argv=None):
         print(json.dumps({"iteration": it, "estep_s": round(e, 3), "finish_s": round(fin, 3),
                           "mstep_s": round(m, 3), "n_sig": float(job.state.n_sig.mean()),
                           "current_size": job.model.current_size,
-                          "profile": {k: round(v, 3) for k, v in ctx.profile.items()}}),
+                          "profile": {k: round(v, 3) for k, v in ctx.profile.items()},
+                          "tally": ctx.tally}),
               flush=True)
 
 

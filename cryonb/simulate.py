@@ -323,19 +323,25 @@ def simulate_particles(volume=None, *, n: int = 1000, box: int | None = None,
 def write_particle_set(sim: SimulatedParticles, outdir, name: str = "particles"):
     """Write ``name.mrcs``, ``name.star`` (RELION 3.1) and ``name_truth.csv`` into ``outdir``.
 
+    The STAR file names the stack as RELION does (:func:`cryonb.io.project_name`): relative
+    to the current directory when ``outdir`` is under it, else by its absolute path.
+
     Returns
     -------
     Path
         The STAR file.
     """
-    from .io import write_mrc, write_particles
+    from .io import project_name, write_mrc, write_particles
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     stack = outdir / f"{name}.mrcs"
     write_mrc(stack, sim.images, sim.pixel_size, stack=True)
     table = sim.table.copy()
-    table["rlnImageName"] = [f"{i + 1:06d}@{stack.name}" for i in range(len(table))]
+    # as RELION names images: relative to the project folder (the current one), so that
+    # relion_refine --i sim/particles.star run from there finds them; absolute elsewhere
+    stack_name = project_name(stack)
+    table["rlnImageName"] = [f"{i + 1:06d}@{stack_name}" for i in range(len(table))]
     star = outdir / f"{name}.star"
     write_particles(star, table)
     sim.truth.to_csv(outdir / f"{name}_truth.csv", index=False)

@@ -1,5 +1,7 @@
 """Simulation: reproducible, written as RELION 3.1 files, truth round trip."""
 
+import subprocess
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +17,7 @@ from cryonb.simulate import (
     write_micrograph_set,
     write_particle_set,
 )
+from cryonb.testing.tools import require_tool
 
 
 def test_particles_reproducible_and_truth_roundtrip(tmp_path):
@@ -30,6 +33,36 @@ def test_particles_reproducible_and_truth_roundtrip(tmp_path):
     np.testing.assert_allclose(t.ctf_params()["defocus_u"], truth.defocus_u)
     # the particle table carries no poses: those are what a job must find
     assert "rlnAnglePsi" not in t.particles and "rlnOriginXAngst" not in t.particles
+
+
+def test_particle_names_as_relion_finds_them(tmp_path, monkeypatch):
+    """Stacks are named relative to the project folder (the current one), as RELION's
+    programs run there look them up; absolute when written outside it."""
+    sim = simulate_particles(n=6, box=32, n_views=2, snr=0.5, seed=1)
+    monkeypatch.chdir(tmp_path)
+    star = write_particle_set(sim, "sim")
+    names = read_star(star)["particles"]["rlnImageName"]
+    assert names.iloc[0] == "000001@sim/particles.mrcs"
+    # cryonb reads the file from anywhere
+    (tmp_path / "deeper").mkdir()
+    monkeypatch.chdir(tmp_path / "deeper")
+    np.testing.assert_allclose(read_particles(tmp_path / "sim" / "particles.star").images([0]),
+                               sim.images[:1], atol=1e-6)
+    outside = write_particle_set(sim, tmp_path / "sim2")  # not under the current folder
+    assert read_star(outside)["particles"]["rlnImageName"].iloc[0] == \
+        f"000001@{tmp_path / 'sim2' / 'particles.mrcs'}"
+
+
+@pytest.mark.relion
+def test_relion_reads_simulated_particles(tmp_path, monkeypatch):
+    handler = require_tool("relion_image_handler")
+    sim = simulate_particles(n=4, box=32, n_views=2, snr=0.5, seed=1)
+    monkeypatch.chdir(tmp_path)
+    write_particle_set(sim, "sim")
+    out = subprocess.run([handler, "--i", "sim/particles.star", "--stats"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("sim/particles.mrcs") == 4
 
 
 def test_noiseless_particles_are_the_model():

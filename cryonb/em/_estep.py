@@ -264,6 +264,8 @@ class EStepContext:
         #: seconds per stage of the E-step (filled when ``profile`` is true; the device is
         #: synchronised at every stage boundary, which costs a little time)
         self.profile: dict[str, float] = {}
+        #: counts behind the profile's stages (particles of the dense pass, its groups)
+        self.tally: dict[str, int] = {}
         self._profiling = bool(os.environ.get("CRYONB_PROFILE"))
         self._t = 0.0
         # GPU: (host images, device copy, event) of the pools whose copies prefetch() started,
@@ -322,6 +324,11 @@ class EStepContext:
         if stage is not None:
             self.profile[stage] = self.profile.get(stage, 0.0) + now - self._t
         self._t = now
+
+    def _count(self, what: str, n: int) -> None:
+        """Profiling: add ``n`` to the tally ``what``."""
+        if self._profiling:
+            self.tally[what] = self.tally.get(what, 0) + int(n)
 
     def _ctf(self, batch: ParticleBatch, grid: _Grid):
         xp = self.xp
@@ -466,7 +473,11 @@ class EStepContext:
             sig_s = sig_s.reshape(sel.size, T, M)
             sig_t, sig_r, best_s = (_to_host(a) for a in (
                 sig_s.any(axis=2), sig_s.any(axis=1), best[xp.asarray(sel)]))
-            for pos, r_union in self._groups(sig_t, sig_r, best_s, self.broad):
+            groups = self._groups(sig_t, sig_r, best_s, self.broad)
+            self._count("dense: particles", sel.size)
+            self._count("dense: groups", len(groups))
+            self._mark("dense: grouping")
+            for pos, r_union in groups:
                 sub = sel[pos]
                 isub = xp.asarray(sub)
                 self._dense_pass(self.broad, batch, sub, r_union, sig_s[xp.asarray(pos)],
@@ -793,6 +804,9 @@ class EStepContext:
         wc = w.reshape(shape)
         live = xp.flatnonzero((wc > 0).any(axis=(1, 2)))
         ibl, cbl, crl, wcl = ibt_c[live], cb[live], cr[live], wc[live]
+        self._count("fine: particles", Bs)
+        self._count("fine: coarse samples", cb.shape[0])
+        self._count("fine: blocks summed", live.size)
         # the data and weights' sums and, over the same samples, the residual's per-pixel
         # sums per particle: sum w Re(Y conj(A)) = ctf inv sum w Re(X(t) conj(A)) (Y = X(t)
         # ctf inv) and sum w |A|^2 (on the GPU from the data sums' runs, images read once)

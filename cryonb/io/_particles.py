@@ -148,6 +148,33 @@ def _check_image_names(names: pd.Series, path: Path) -> None:
         raise InputError(f"rlnImageName row {row}: {names.iloc[row]!r} is not 'index@stack'", path)
 
 
+def project_name(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
+    """A file's name as RELION's programs run from the project folder ``base`` find it.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file (absolute, or relative to the current directory).
+    base : str or os.PathLike, optional
+        The project folder; default the current directory.
+
+    Returns
+    -------
+    str
+        ``path`` relative to ``base`` (``/`` separators) when it lies under it, else absolute.
+
+    Examples
+    --------
+    >>> project_name("/data/p/Extract/a.mrcs", "/data/p")
+    'Extract/a.mrcs'
+    >>> project_name("/elsewhere/a.mrcs", "/data/p")
+    '/elsewhere/a.mrcs'
+    """
+    base = Path.cwd() if base is None else Path(base).absolute()
+    found = Path(path).absolute()
+    return found.relative_to(base).as_posix() if found.is_relative_to(base) else str(found)
+
+
 def resolve_stack_path(
     stack: str | os.PathLike,
     star_path: str | os.PathLike | None = None,
@@ -513,10 +540,8 @@ class ParticleTable:
             here = base / name
             if Path(name).is_absolute() or (here.is_file() and here.samefile(found)):
                 new[name] = name
-            elif found.is_relative_to(base):
-                new[name] = found.relative_to(base).as_posix()
             else:
-                new[name] = str(found)
+                new[name] = project_name(found, base)
         return prefix + stack.map(new)
 
     def _open_stack(self, stack: str) -> np.ndarray:
