@@ -3,7 +3,9 @@
 Run on the GPU machine (through the device tool). In one run it measures, on the same card:
 
 1. the GEMM ceilings: float32 (FP32 pipes) and TF32 tensor cores, real products of the shapes
-   the coarse pass uses, with cupyx.profiler.benchmark;
+   the coarse pass uses, with cupyx.profiler.benchmark, and the rate of the E-step's own
+   product (``cryonb.kernels.cross_products``) on the same shape; the E-step runs as a user's
+   job does (TF32 in the coarse product only, set per call: no process-wide compute type);
 2. the E-step alone (coarse pass + second pass + accumulation) on pools of simulated particles
    at 64, 128 and 256 px with K = 50..200 and psi_step 6..10: particles/s, and the coarse
    pass's matrix products as a fraction of the TF32 ceiling (and the most that fraction can
@@ -69,6 +71,11 @@ def gemm_ceiling(m: int, n: int, k: int) -> dict:
         finally:
             rl.set_compute_type(dtype, old)
         out[name] = flops / float(np.median(t)) / 1e12
+    # the E-step's own coarse product (cryonb.kernels.cross_products: TF32 per call)
+    from cryonb.kernels import cross_products
+
+    t = benchmark(lambda: cross_products(a, b), n_repeat=20, n_warmup=3).gpu_times.ravel()
+    out["cross_products"] = 2.0 * m * n * k / float(np.median(t)) / 1e12
     return out
 
 
@@ -387,14 +394,12 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     import cupy
-    from cupy._core import _routines_linalg as rl
 
     results = {"card": card_name(), "date": time.strftime("%Y-%m-%d"),
                "cupy": cupy.__version__, "estep": [], "iterations": []}
     print("card:", results["card"], flush=True)
     results["gemm"] = gemm_ceiling(16384, 7200, 4096)
     print("GEMM ceiling (TFLOP/s):", results["gemm"], flush=True)
-    rl.set_compute_type(cupy.float32, rl.COMPUTE_TYPE_TF32)  # coarse pass ranks samples
     results["h2d_gb_per_s"] = h2d_bandwidth() / 1e9
     print(f"host-to-device copies (pinned): {results['h2d_gb_per_s']:.1f} GB/s", flush=True)
     cases = [(128, 50, 10.0)] if a.quick else [
@@ -452,7 +457,8 @@ def main(argv=None):
     lines = [f"card: {results['card']}, {results['date']}, CuPy {results['cupy']}",
              f"GEMM ceiling: FP32 {results['gemm']['fp32']:.0f} TFLOP/s, "
              f"TF32 {results['gemm']['tf32']:.0f} TFLOP/s, "
-             f"complex64 TF32 {results['gemm']['tf32_complex']:.0f} TFLOP/s; "
+             f"complex64 TF32 {results['gemm']['tf32_complex']:.0f} TFLOP/s, the E-step's "
+             f"own product {results['gemm']['cross_products']:.0f} TFLOP/s; "
              f"host-to-device copies {results['h2d_gb_per_s']:.1f} GB/s",
              "", "| box | K | psi step | particles | E-step particles/s | (atomic sums) |"
              " (sparse sums) | (pageable images) | coarse TFLOP/s | % of TF32 |"

@@ -39,9 +39,6 @@ def main(argv=None):
     job = Class2DJob(cfg)
     if a.gpu:
         import cupy as xp
-        from cupy._core import _routines_linalg as rl
-
-        rl.set_compute_type(xp.float32, rl.COMPUTE_TYPE_TF32)
     else:
         xp = np
     init = job.init_sums_template()

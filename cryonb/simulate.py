@@ -320,11 +320,13 @@ def simulate_particles(volume=None, *, n: int = 1000, box: int | None = None,
     return SimulatedParticles(images, table, truth, pixel_size, volume)
 
 
-def write_particle_set(sim: SimulatedParticles, outdir, name: str = "particles"):
+def write_particle_set(sim: SimulatedParticles, outdir, name: str = "particles", *,
+                       project=None):
     """Write ``name.mrcs``, ``name.star`` (RELION 3.1) and ``name_truth.csv`` into ``outdir``.
 
     The STAR file names the stack as RELION does (:func:`cryonb.io.project_name`): relative
-    to the current directory when ``outdir`` is under it, else by its absolute path.
+    to the project folder ``project`` (default: the current directory) when ``outdir`` is
+    under it, else by its absolute path. ``project=outdir`` names it ``name.mrcs``.
 
     Returns
     -------
@@ -340,7 +342,7 @@ def write_particle_set(sim: SimulatedParticles, outdir, name: str = "particles")
     table = sim.table.copy()
     # as RELION names images: relative to the project folder (the current one), so that
     # relion_refine --i sim/particles.star run from there finds them; absolute elsewhere
-    stack_name = project_name(stack)
+    stack_name = project_name(stack, project)
     table["rlnImageName"] = [f"{i + 1:06d}@{stack_name}" for i in range(len(table))]
     star = outdir / f"{name}.star"
     write_particles(star, table)

@@ -51,6 +51,8 @@ def test_particle_names_as_relion_finds_them(tmp_path, monkeypatch):
     outside = write_particle_set(sim, tmp_path / "sim2")  # not under the current folder
     assert read_star(outside)["particles"]["rlnImageName"].iloc[0] == \
         f"000001@{tmp_path / 'sim2' / 'particles.mrcs'}"
+    own = write_particle_set(sim, tmp_path / "sim3", project=tmp_path / "sim3")
+    assert read_star(own)["particles"]["rlnImageName"].iloc[0] == "000001@particles.mrcs"
 
 
 @pytest.mark.relion

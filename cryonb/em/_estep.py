@@ -31,6 +31,7 @@ from ..fourier import Projector, fft2_centered, ifft2_centered
 from ..kernels import (
     block_order,
     coarse_log_posterior,
+    cross_products,
     insert_slices_2d,
     mask_images_2d,
     pose_neighbours,
@@ -555,12 +556,12 @@ class EStepContext:
         Y = Xc * (ctf * inv)
         if self.shifted_refs is not None:
             # references pre-multiplied by the translations' phases: one product with B rows
-            cross = (_ri(Y) @ self.shifted_refs.T).reshape(B, T, M)
+            cross = cross_products(_ri(Y), self.shifted_refs).reshape(B, T, M)
         else:
             Yt = Y[:, None, :] * c.phases[None]  # (B, T, P)
             Yri = xp.concatenate([Yt.real, Yt.imag], axis=2).reshape(B * T, 2 * P)
             self._mark("coarse: shifted images")
-            cross = (Yri @ c.refs_ri.T).reshape(B, T, M)
+            cross = cross_products(Yri, c.refs_ri).reshape(B, T, M)
         self._mark("coarse: matrix product")
         a2 = (ctf * ctf * inv) @ c.refs_a2.T  # (B, M)
         x2 = ((Xc.real**2 + Xc.imag**2) * inv).sum(axis=1)

@@ -5,7 +5,12 @@ Each public function dispatches on its arguments' array module and has a plain N
 """
 
 from ._bins import weighted_bincounts, weighted_bincounts_reference
-from ._coarse import coarse_log_posterior, coarse_log_posterior_reference
+from ._coarse import (
+    coarse_log_posterior,
+    coarse_log_posterior_reference,
+    cross_products,
+    tf32_enabled,
+)
 from ._insert import insert_slices_2d, insert_slices_2d_reference
 from ._peaks import (
     find_peaks_2d,
@@ -48,6 +53,7 @@ __all__ = [
     "block_order",
     "coarse_log_posterior",
     "coarse_log_posterior_reference",
+    "cross_products",
     "find_peaks_2d",
     "find_peaks_2d_reference",
     "insert_slices_2d",
@@ -78,6 +84,7 @@ __all__ = [
     "significant_indices",
     "significant_samples",
     "significant_samples_reference",
+    "tf32_enabled",
     "update_best_2d",
     "update_best_2d_reference",
     "weighted_bincounts",

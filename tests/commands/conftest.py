@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from cryonb.cli import main
@@ -9,8 +11,14 @@ from cryonb.cli import main
 
 @pytest.fixture(scope="session")
 def sim_star(tmp_path_factory):
-    """``particles.star`` of 150 particles, 32 px, 3 views."""
+    """``particles.star`` of 150 particles, 32 px, 3 views; the images named next to it
+    (``particles.mrcs``: simulated with the set's folder as the project folder)."""
     d = tmp_path_factory.mktemp("sim")
-    assert main(["simulate", "--o", str(d), "--n", "150", "--box", "32", "--views", "3",
-                 "--random_seed", "5"]) == 0
+    here = os.getcwd()
+    os.chdir(d)
+    try:
+        assert main(["simulate", "--o", ".", "--n", "150", "--box", "32", "--views", "3",
+                     "--random_seed", "5"]) == 0
+    finally:
+        os.chdir(here)
     return d / "particles.star"

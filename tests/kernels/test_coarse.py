@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from cryonb.kernels import coarse_log_posterior, coarse_log_posterior_reference
+from cryonb.kernels import (
+    coarse_log_posterior,
+    coarse_log_posterior_reference,
+    cross_products,
+    tf32_enabled,
+)
 
 
 def _inputs(seed=0, B=5, T=7, K=4, R=9):
@@ -92,3 +97,65 @@ def test_gpu_log_posterior_large_rows_and_empty():
          cupy.zeros(0, cupy.int64)]
     lw, best = coarse_log_posterior(*e, 3)
     assert lw.shape == (0, 4, 6) and best.shape == (0, 6)
+
+
+def _product_inputs(m=300, n=200, k=1024, seed=3):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((m, k)).astype(np.float32),
+            rng.standard_normal((n, k)).astype(np.float32))
+
+
+def test_cross_products_cpu_is_blas(monkeypatch):
+    x, y = _product_inputs(7, 5, 64)
+    assert np.array_equal(cross_products(x, y), x @ y.T)
+    monkeypatch.setenv("CRYONB_TF32", "0")
+    assert not tf32_enabled()
+    monkeypatch.setenv("CRYONB_TF32", "off")
+    assert not tf32_enabled()
+    monkeypatch.setenv("CRYONB_TF32", "1")
+    assert tf32_enabled()
+
+
+def _relative_error(got, x, y):
+    want = x.astype(np.float64) @ y.astype(np.float64).T
+    return np.abs(got - want).max() / np.abs(want).max()
+
+
+@pytest.mark.gpu
+def test_cross_products_gpu_tf32_is_tensor_cores(monkeypatch):
+    """TF32 (the default) errs as 10-bit mantissas do, well above float32's rounding and
+    well below what would change a ranking; tf32=False and CRYONB_TF32=0 give float32's."""
+    import cupy
+
+    x, y = _product_inputs()
+    xd, yd = cupy.asarray(x), cupy.asarray(y)
+    tf = cross_products(xd, yd)
+    assert tf.shape == (300, 200) and tf.dtype == cupy.float32
+    err_tf32 = _relative_error(tf.get(), x, y)
+    err_fp32 = _relative_error(cross_products(xd, yd, tf32=False).get(), x, y)
+    assert 2e-5 < err_tf32 < 3e-3, err_tf32
+    assert err_fp32 < 2e-6, err_fp32
+    monkeypatch.setenv("CRYONB_TF32", "0")
+    assert _relative_error(cross_products(xd, yd).get(), x, y) < 2e-6
+    # CuPy's own float32 products keep their precision (the setting is per call)
+    assert _relative_error((xd @ yd.T).get(), x, y) < 2e-6
+
+
+@pytest.mark.gpu
+def test_cross_products_gpu_streams_views_and_empty():
+    import cupy
+
+    x, y = _product_inputs(64, 48, 96, seed=4)
+    want = x @ y.T
+    s = cupy.cuda.Stream(non_blocking=True)
+    with s:  # the product runs on the caller's stream
+        xd = cupy.asarray(np.asfortranarray(x))  # not C-contiguous: copied
+        got = cross_products(xd, cupy.asarray(y)[:, :])
+        s.synchronize()
+    np.testing.assert_allclose(got.get(), want, rtol=0, atol=3e-3 * np.abs(want).max())
+    assert cross_products(cupy.zeros((0, 8), cupy.float32),
+                          cupy.zeros((5, 8), cupy.float32)).shape == (0, 5)
+    z = cross_products(cupy.ones((3, 0), cupy.float32), cupy.ones((4, 0), cupy.float32))
+    assert z.shape == (3, 4) and not z.any().get()
+    with pytest.raises(ValueError, match="rows of 8 values, y of 9"):
+        cross_products(cupy.zeros((2, 8), cupy.float32), cupy.zeros((2, 9), cupy.float32))

@@ -11,11 +11,12 @@ import pytest
 
 @pytest.fixture(scope="session")
 def particles(tmp_path_factory):
-    """``particles.star`` of the tiny set."""
+    """``particles.star`` of the tiny set, its images named next to it (``particles.mrcs``)."""
     from cryonb.simulate import simulate_particles, write_particle_set
 
     sim = simulate_particles(n=120, box=24, n_views=3, snr=0.2, seed=2)
-    return write_particle_set(sim, tmp_path_factory.mktemp("particles"))
+    d = tmp_path_factory.mktemp("particles")
+    return write_particle_set(sim, d, project=d)
 
 
 @pytest.fixture(scope="session")
