@@ -1,0 +1,226 @@
+"""Do the CPU and GPU paths of ``cryonb class2d`` give the same classes on RELION-made sets?
+
+Issue 3 asks the two paths to agree (the same class for >= 99% of the particles, class images
+correlating >= 0.99) on its accuracy sets (2000 x 64 px, 8 views, pixel SNR 0.05-0.1, 25
+iterations). Per set this runs the CLI, each run in a process of its own, with the accuracy
+test's flags:
+
+- ``cpu``: the CPU path, and the CPU path again on the same images plus noise of 1e-6 of their
+  standard deviation (four realisations): what a rounding-level difference alone does to a
+  run (two correct
+  floating-point implementations, CPU and GPU, differ at that level: FFT libraries,
+  summation orders);
+- ``gpu``: the GPU path with the TF32 coarse product (the default) twice, and once with
+  ``CRYONB_TF32=0``.
+
+``compare`` prints, per iteration, the fraction of particles in the same class as the CPU run,
+and at the end each run's purity (against the truth) and its class images' correlations with
+the CPU run's, as numbered and after matching the classes (the assignment of largest total
+correlation).
+
+The GPU machine has no RELION: make the sets and the CPU runs here, carry the sets' folder
+(``--float16`` halves it; every run then reads the same float16 values)::
+
+    python benchmarks/class2d_cpu_gpu.py make --out .agree --float16
+    python benchmarks/class2d_cpu_gpu.py cpu --out .agree --runs bench_out/cpu_gpu
+    python benchmarks/class2d_cpu_gpu.py gpu --out .agree --runs $OUT/runs   # GPU machine
+    python benchmarks/class2d_cpu_gpu.py compare --runs bench_out/cpu_gpu --gpu_runs DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+#: name: make_class2d_set options (the accuracy test's set, and one at the low end of SNR)
+SETS = {
+    "acc": dict(n_particles=2000, box=64, n_views=8, snr=0.08, seed=1),
+    "noise05": dict(n_particles=2000, box=64, n_views=8, snr=0.05, seed=11, noise="relion"),
+}
+ITER = 25
+#: the iterations compared (the GPU step keeps only their _data.star files)
+SHOWN = (1, 5, 10, 13, 15, 20, 25)
+FLAGS = ["--K", "8", "--iter", str(ITER), "--tau2_fudge", "2", "--psi_step", "10",
+         "--offset_range", "5", "--offset_step", "2", "--random_seed", "0", "--quiet"]
+_CLI = "import sys; from cryonb.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def make(out: Path, names, float16: bool) -> None:
+    """Make each set with RELION's programs; keep its particles, truth and description."""
+    import mrcfile
+
+    from cryonb.testing import make_class2d_set
+
+    for name in names:
+        work = out / name / "made"
+        s = make_class2d_set(work, **SETS[name])
+        dst = out / name
+        shutil.copy(s.particles_star, dst / "particles.star")
+        shutil.copy(work / "set.json", dst / "set.json")
+        s.truth.to_csv(dst / "truth.csv", index=False)
+        with mrcfile.open(work / "particles.mrcs", permissive=True) as m:
+            data, voxel = np.asarray(m.data), m.voxel_size
+        with mrcfile.new(dst / "particles.mrcs", overwrite=True) as m:
+            m.set_data(data.astype(np.float16 if float16 else np.float32))
+            m.set_image_stack()
+            m.voxel_size = voxel
+        shutil.rmtree(work)
+        print(f"{name}: {dst / 'particles.star'}", flush=True)
+
+
+def _run(star: Path, root: Path, device: list, diameter: float, env=None) -> float:
+    root.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", _CLI, "class2d", "--i", str(star), "--o", str(root),
+                    "--particle_diameter", str(diameter), *FLAGS, *device], check=True,
+                   env={**os.environ, **(env or {})})
+    return time.perf_counter() - t0
+
+
+def _diameter(folder: Path) -> float:
+    return float(json.loads((folder / "set.json").read_text())["particle_diameter"])
+
+
+def cpu(out: Path, runs: Path, names, perturbations: int = 4) -> None:
+    """The CPU path, and again on images perturbed by 1e-6 of their standard deviation
+    (``perturbations`` noise realisations)."""
+    import mrcfile
+
+    for name in names:
+        src = out / name
+        d = _diameter(src)
+        dt = _run(src / "particles.star", runs / name / "cpu" / "run", ["--cpu", "--j", "2"], d)
+        print(f"{name} cpu: {dt:.0f} s", flush=True)
+        with mrcfile.open(src / "particles.mrcs", permissive=True) as m:
+            x = np.asarray(m.data, np.float32)
+        for seed in range(perturbations):
+            pert = runs / name / f"perturbed_input_{seed}"
+            pert.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src / "particles.star", pert / "particles.star")
+            rng = np.random.default_rng(seed)
+            with mrcfile.new(pert / "particles.mrcs", overwrite=True) as m:
+                m.set_data(x + np.float32(1e-6 * x.std())
+                           * rng.standard_normal(x.shape, np.float32))
+                m.set_image_stack()
+            dt = _run(pert / "particles.star", runs / name / f"cpu_perturbed_{seed}" / "run",
+                      ["--cpu", "--j", "2"], d)
+            print(f"{name} cpu, perturbed images {seed}: {dt:.0f} s", flush=True)
+
+
+def gpu(out: Path, runs: Path, names) -> None:
+    """The GPU path with the TF32 coarse product twice, and once without."""
+    for name in names:
+        src = out / name
+        for tf, rep in (("1", "a"), ("1", "b"), ("0", "a")):
+            dt = _run(src / "particles.star", runs / name / f"gpu_tf{tf}_{rep}" / "run",
+                      ["--gpu", "0", "--j", "1"], _diameter(src), {"CRYONB_TF32": tf})
+            print(f"{name} gpu, CRYONB_TF32={tf}, run {rep}: {dt:.0f} s", flush=True)
+            _prune(runs / name / f"gpu_tf{tf}_{rep}")
+
+
+def _prune(folder: Path) -> None:
+    """Keep the compared iterations' _data.star and the last class images."""
+    keep = {f"run_it{it:03d}_data.star" for it in SHOWN} | {f"run_it{ITER:03d}_classes.mrcs"}
+    for f in folder.iterdir():
+        if f.name not in keep:
+            f.unlink()
+
+
+def _classes_per_iteration(root: Path) -> dict:
+    """Each compared iteration's classes (1-based) of a run, where its _data.star is kept."""
+    from cryonb.io import read_star
+
+    return {it: read_star(f"{root}_it{it:03d}_data.star")["particles"].rlnClassNumber
+            .to_numpy() for it in SHOWN if Path(f"{root}_it{it:03d}_data.star").exists()}
+
+
+def _matched(ca, cb):
+    """Correlations of class images as numbered, and after matching classes."""
+    from scipy.optimize import linear_sum_assignment
+
+    K = len(ca)
+    C = np.array([[np.corrcoef(ca[i].ravel(), cb[j].ravel())[0, 1] for j in range(K)]
+                  for i in range(K)])
+    rows, cols = linear_sum_assignment(-C)
+    return np.diag(C), C[rows, cols], cols
+
+
+def compare(runs: Path, gpu_runs: Path | None, sets_dir: Path, names) -> str:
+    """Per-iteration agreement with the CPU run, final purities and class correlations."""
+    import pandas as pd
+
+    from cryonb.io import read_mrc, read_star
+    from cryonb.testing import score_class2d
+
+    lines = []
+    for name in names:
+        truth = pd.read_csv(sets_dir / name / "truth.csv")
+        apix = float(json.loads((sets_dir / name / "set.json").read_text())["pixel_size"])
+        roots = {f"cpu, images perturbed ({p.name.split('_')[-1]})": p / "run"
+                 for p in sorted((runs / name).glob("cpu_perturbed_*"))}
+        for folder in sorted(((gpu_runs or runs) / name).glob("gpu_tf*_*")):
+            tf, rep = folder.name.split("_")[1:]
+            roots[f"gpu {'TF32' if tf == 'tf1' else 'FP32'} {rep}"] = folder / "run"
+        ref = runs / name / "cpu" / "run"
+        ref_cls = _classes_per_iteration(ref)
+        ref_img = read_mrc(f"{ref}_it{ITER:03d}_classes.mrcs").data
+        sc = score_class2d(read_star(f"{ref}_it{ITER:03d}_data.star")["particles"], truth,
+                           pixel_size=apix)
+        lines += [f"### {name}: {SETS[name]}", "",
+                  f"CPU run: purity {sc['purity']:.3f}", "",
+                  f"| run | same class as the CPU run, iterations {', '.join(map(str, SHOWN))} | "
+                  "purity | class correlation, min as numbered | min after matching | "
+                  "same class after matching |", "|---|---|---|---|---|---|"]
+        for label, root in roots.items():
+            cls = _classes_per_iteration(root)
+            same = [f"{(cls[it] == ref_cls[it]).mean():.3f}" if it in cls else "-"
+                    for it in SHOWN]
+            img = read_mrc(f"{root}_it{ITER:03d}_classes.mrcs").data
+            diag, matched, perm = _matched(ref_img, img)
+            mapped = perm[ref_cls[ITER] - 1] + 1
+            s = score_class2d(read_star(f"{root}_it{ITER:03d}_data.star")["particles"], truth,
+                              pixel_size=apix)
+            lines.append(f"| {label} | {', '.join(same)} | {s['purity']:.3f} | "
+                         f"{diag.min():.3f} | {matched.min():.3f} | "
+                         f"{(mapped == cls[ITER]).mean():.3f} |")
+        lines.append("")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("step", choices=["make", "cpu", "gpu", "compare"])
+    ap.add_argument("--out", default=".agree", help="the sets' folder")
+    ap.add_argument("--runs", default="bench_out/cpu_gpu", help="the runs' folder")
+    ap.add_argument("--gpu_runs", default=None, help="compare: the GPU runs' folder, if apart")
+    ap.add_argument("--sets", default=",".join(SETS))
+    ap.add_argument("--float16", action="store_true", help="make: float16 stacks")
+    ap.add_argument("--perturbations", type=int, default=4,
+                    help="cpu: runs on perturbed images (noise realisations)")
+    a = ap.parse_args(argv)
+    names = a.sets.split(",")
+    out, runs = Path(a.out), Path(a.runs)
+    if a.step == "make":
+        make(out, names, a.float16)
+    elif a.step == "cpu":
+        cpu(out, runs, names, a.perturbations)
+    elif a.step == "gpu":
+        gpu(out, runs, names)
+    else:
+        text = compare(runs, Path(a.gpu_runs) if a.gpu_runs else None, out, names)
+        runs.mkdir(parents=True, exist_ok=True)
+        (runs / "class2d_cpu_gpu.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
