@@ -43,17 +43,28 @@ def micrograph_root(name: str) -> str:
     """The part of a micrograph name RELION keeps for output names (RELION's
     ``decomposePipelineFileName``): what follows the first ``/jobNNN/``, without extension.
 
+    The root is relative, so that the outputs named from it stay in the output folder: a
+    leading ``/`` (a micrograph named by its absolute path) and ``.``/``..`` parts are
+    dropped. RELION joins the two as strings (``AutoPick/job006//data/raw/m1``, the same
+    folder for an absolute name) and lets ``..`` climb out; a join of paths would have put
+    the coordinate files and particle stacks next to the micrographs.
+
     Examples
     --------
     >>> micrograph_root("MotionCorr/job002/Movies/m1.mrc")
     'Movies/m1'
     >>> micrograph_root("Micrographs/mic001.mrc")
     'Micrographs/mic001'
+    >>> micrograph_root("/data/raw/m1.mrc")
+    'data/raw/m1'
+    >>> micrograph_root("../other/./m1.mrc")
+    'other/m1'
     """
     m = _JOB.search(name)
     post = name[m.end():] if m else name
     root, _ = os.path.splitext(post)
-    return root
+    parts = [p for p in root.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+    return "/".join(parts)
 
 
 def coordinate_path(odir, micrograph_name: str, pickname: str = "autopick",

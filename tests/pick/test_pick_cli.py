@@ -132,3 +132,30 @@ def test_nothing_picked_says_what_to_try(pick_set, first_micrographs, tmp_path, 
                  f"{tmp_path}/E/", "--extract_size", "64"]) == 2
     assert "no coordinate file was found (the first micrograph's would be" in \
         capsys.readouterr().err
+
+
+def test_absolute_micrograph_names_keep_outputs_in_their_folders(pick_set, first_micrographs,
+                                                                 tmp_path, capsys):
+    """Micrographs named by absolute paths (STAR files of other programs): the coordinate
+    files and particle stacks go under --odir and --o, as RELION's string join puts them,
+    never next to the micrographs."""
+    from cryonb.io import read_star, write_star
+
+    star = first_micrographs(1, tmp_path.name)
+    blocks = read_star(star)
+    mics = blocks["micrographs"]
+    absolute = (star.parent / mics["rlnMicrographName"].iloc[0]).resolve()
+    mics["rlnMicrographName"] = [str(absolute)]
+    write_star(star, blocks)
+    before = set(absolute.parent.iterdir())
+    odir = tmp_path / "AutoPick"
+    assert main(_pick_argv(star, pick_set.references, odir)) == 0
+    coords = odir / str(absolute.with_suffix("")).lstrip("/")
+    coords = coords.with_name(coords.name + "_autopick.star")
+    assert len(read_coordinates(coords)) >= 15
+    assert main(["extract", "--i", str(star), "--coord_dir", f"{odir}/", "--o",
+                 f"{tmp_path}/Extract/", "--extract_size", "64"]) == 0
+    stack = tmp_path / "Extract" / (str(absolute.with_suffix("")).lstrip("/") + ".mrcs")
+    assert stack.is_file()
+    assert set(absolute.parent.iterdir()) == before  # nothing written beside the micrograph
+    capsys.readouterr()
