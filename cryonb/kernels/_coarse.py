@@ -64,8 +64,8 @@ def cross_products(x, y, *, tf32: bool | None = None):
     ``gemmEx`` with ``CUBLAS_COMPUTE_32F_FAST_TF32``), not CuPy's process-wide compute type,
     so no other product of the run changes precision. On a RELION-made set at pixel SNR 0.05
     it moved a few per cent of the ambiguous particles to other classes over 25 iterations
-    (same purity; ``benchmarks/RESULTS.md``): ``CRYONB_TF32=0`` for runs that must follow
-    the CPU path's closely.
+    (same purity; ``benchmarks/RESULTS.md``); the float32 GPU run of that set ended no
+    closer to the CPU run's classes.
     """
     xp = array_module(x, y)
     if xp is np or not (tf32_enabled() if tf32 is None else tf32):
