@@ -152,7 +152,7 @@ def _matched(ca, cb):
     C = np.array([[np.corrcoef(ca[i].ravel(), cb[j].ravel())[0, 1] for j in range(K)]
                   for i in range(K)])
     rows, cols = linear_sum_assignment(-C)
-    return np.diag(C), C[rows, cols], cols
+    return np.diag(C), C[rows, cols]
 
 
 def _same_after_relabelling(a, b) -> float:
@@ -199,7 +199,7 @@ def compare(runs: Path, gpu_runs: Path | None, sets_dir: Path, names) -> str:
             same = [f"{(cls[it] == ref_cls[it]).mean():.3f}" if it in cls else "-"
                     for it in SHOWN]
             img = read_mrc(f"{root}_it{ITER:03d}_classes.mrcs").data
-            diag, matched, _ = _matched(ref_img, img)
+            diag, matched = _matched(ref_img, img)
             shared = _same_after_relabelling(ref_cls[ITER], cls[ITER])
             s = score_class2d(read_star(f"{root}_it{ITER:03d}_data.star")["particles"], truth,
                               pixel_size=apix)

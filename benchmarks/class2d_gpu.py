@@ -212,7 +212,7 @@ def _pinned_pools(job, pool: int, iteration: int):
 
 
 def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int = 2,
-                     tf32: bool = True, scatter: bool = False, variants: bool = True,
+                     scatter: bool = False, variants: bool = True,
                      pool_sweep=(), host_profile: bool = False) -> dict:
     """Time the E-step on the GPU for one pool size, after ``iterations`` warm-up iterations.
 
