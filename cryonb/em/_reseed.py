@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import array_module, to_numpy
+
 __all__ = ["CROWDED_RATIO", "CROWDED_SEPARATION", "DUP_MARGIN_RATIO", "HALF_RATIO", "HALF_SIZE",
            "HALF_TOTAL", "JUNK_PMAX_RATIO", "MERGE_RATIO", "SPLIT_SEPARATION", "class_similarity",
            "find_free_classes", "half_pairs", "merge_candidates", "merge_ratios",
@@ -361,7 +363,7 @@ def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
 
 
 def split_class(images, psi, offsets, ctf, sigma2, tau2, tau2_fudge, current_size, mask,
-                pixel_size, seed: int = 0, n_components: int = 3):
+                pixel_size, seed: int = 0, n_components: int = 3, xp=np):
     """Split aligned particles of one class in two; return the two Wiener averages.
 
     Parameters
@@ -387,6 +389,9 @@ def split_class(images, psi, offsets, ctf, sigma2, tau2, tau2_fudge, current_siz
     seed : int
     n_components : int
         Principal components used for the 2-means.
+    xp : module
+        Where to compute (``numpy`` or ``cupy``, on the current device): the images are
+        copied there in chunks; the inputs and the results are host arrays either way.
 
     Returns
     -------
@@ -401,31 +406,32 @@ def split_class(images, psi, offsets, ctf, sigma2, tau2, tau2_fudge, current_siz
 
     N = images.shape[-1]
     X, c, flat, _kx, _ky, shells = _class_frame_pixels(
-        images, np.asarray(psi, float)[:, None], offsets, ctf, current_size, pixel_size)
+        images, np.asarray(psi, float)[:, None], offsets, ctf, current_size, pixel_size, xp)
     X, c = X[:, 0], c[:, 0]
     # features: phase-flipped, noise-whitened low-resolution pixels (DC left out)
-    w = 1.0 / np.sqrt(np.maximum(sigma2[shells], 1e-30))
-    feat = X * np.sign(c) * w
-    feat = feat[:, shells > 0]
-    Z = np.concatenate([feat.real, feat.imag], axis=1)
+    inv_s2 = 1.0 / np.maximum(sigma2[shells], 1e-30)
+    feat = (X * xp.sign(c) * xp.asarray(np.sqrt(inv_s2)))[:, xp.asarray(shells > 0)]
+    Z = xp.concatenate([feat.real, feat.imag], axis=1)
     Z -= Z.mean(axis=0)
-    scores = _principal_scores(Z, n_components, seed)
+    # the clustering on the host: a few values per particle
+    scores = to_numpy(_principal_scores(Z, n_components, seed))
     labels = _two_means(scores, seed)
     separation = _separation(scores, labels)
-    inv_s2 = 1.0 / np.maximum(sigma2[shells], 1e-30)
     reg = np.where(shells >= 1, 1.0 / np.maximum(tau2_fudge * tau2[shells], 1e-30), 0.0)
-    out = np.zeros((2, N, N), np.float32)
+    inv_s2, reg, mask = xp.asarray(inv_s2), xp.asarray(reg), xp.asarray(mask)
+    out = xp.zeros((2, N, N), xp.float32)
     for g in range(2):
-        sel = labels == g
+        sel = xp.asarray(labels == g)
         num = (c[sel] * X[sel]).sum(axis=0) * inv_s2
         den = (c[sel] ** 2).sum(axis=0) * inv_s2 + reg
-        half = np.zeros(N * (N // 2 + 1), np.complex128)
-        half[flat] = num / np.maximum(den, 1e-30)
+        half = xp.zeros(N * (N // 2 + 1), xp.complex128)
+        half[xp.asarray(flat)] = num / xp.maximum(den, 1e-30)
         out[g] = ifft2_centered(half.reshape(N, N // 2 + 1), N) * mask
-    return out, labels, separation
+    return to_numpy(out), labels, separation
 
 
-def _class_frame_pixels(images, psi, offsets, ctf, size: int, pixel_size: float):
+def _class_frame_pixels(images, psi, offsets, ctf, size: int, pixel_size: float, xp=None,
+                        chunk_bytes: int = 1 << 27):
     """The particles' Fourier pixels in class frames: shifted by their origins, rotated by psi.
 
     Parameters
@@ -439,13 +445,16 @@ def _class_frame_pixels(images, psi, offsets, ctf, size: int, pixel_size: float)
     size : int
         Fourier box: the pixels with ``|q| < size / 2`` (DC included) are sampled.
     pixel_size : float
+    xp : module, optional
+        Where to compute (default: the images' module). Host images go there in chunks of
+        about ``chunk_bytes`` (with their transforms, the largest arrays made here).
 
     Returns
     -------
-    X : complex ndarray of shape (n, J, P)
+    X : complex array of shape (n, J, P)
         ``X[i, j, p]``: particle ``i``'s transform at ``A(psi_ij) q_p`` (bilinear), with
         ``q_p`` the class-frame pixel ``p``.
-    c : ndarray of shape (n, J, P), float64
+    c : array of shape (n, J, P), float64
         The CTF at the same points (ones without CTF).
     flat : ndarray of shape (P,)
         Indices of the pixels in the ``(N, N//2+1)`` half plane.
@@ -453,30 +462,43 @@ def _class_frame_pixels(images, psi, offsets, ctf, size: int, pixel_size: float)
         Their Fourier indices ``q_p``.
     shells : ndarray of shape (P,), int
     """
+    from ..backend import array_module, fft_module
     from ..ctf import ctf_at
     from ..data.conventions import inplane_matrix
-    from ..fourier import fft2_centered, shift_phases_2d, window_2d
+    from ..fourier import window_2d
     from ._estep import _pixels
 
+    xp = array_module(images) if xp is None else xp
     n, N = images.shape[0], images.shape[-1]
     J = psi.shape[1]
     # only |k| < size / 2 is used: window the transforms to that (plus a margin for the
-    # interpolation), and shift them there (phases of the original box's frequencies)
+    # interpolation). The transforms are of the images as stored (origin at the corner); one
+    # phase per axis moves the origin to the box centre (fft2_centered's ifftshift), shifts by
+    # +origin (shift_phases_2d) and divides by N^2: exp(2 pi i k (N//2 - origin) / N) / N^2
     n_w = min(N, size + 4 + size % 2)
-    F = window_2d(fft2_centered(np.asarray(images, np.float32)), n_w)
-    F = F * shift_phases_2d(n_w, np.asarray(offsets, float) * (n_w / N))  # shift by +origin
+    step = max(1, chunk_bytes // (4 * N * N))
+    F = xp.concatenate([
+        window_2d(fft_module(xp).rfft2(xp.asarray(images[i:i + step], dtype=xp.float32),
+                                       axes=(-2, -1)), n_w)
+        for i in range(0, max(n, 1), step)])
+    o = xp.asarray(offsets, dtype=xp.float64)
+    k_y = xp.asarray(np.fft.fftfreq(n_w, 1.0 / n_w))[None]
+    k_x = xp.arange(n_w // 2 + 1, dtype=xp.float64)[None]
+    F *= xp.exp((2j * np.pi / N) * k_y * (N // 2 - o[:, 1, None])).astype(xp.complex64)[:, :, None]
+    F *= (xp.exp((2j * np.pi / N) * k_x * (N // 2 - o[:, 0, None]))
+          / (N * N)).astype(xp.complex64)[:, None, :]
     flat, kx, ky, shells = _pixels(N, size, include_dc=True)
-    A = inplane_matrix(psi.ravel()).reshape(n, J, 2, 2)  # particle pixel k <-> class A^T k
-    # particle-frame coordinates A q, (n, J * P, 2)
-    kpart = np.stack([A[..., 0, 0, None] * kx + A[..., 0, 1, None] * ky,
-                      A[..., 1, 0, None] * kx + A[..., 1, 1, None] * ky], axis=-1)
-    kpart = kpart.reshape(n, -1, 2)
-    X = _interp_halfplane(F, kpart).reshape(n, J, -1)
+    A = inplane_matrix(xp.asarray(psi, dtype=xp.float64).ravel()).reshape(n, J, 2, 2)
+    # particle-frame coordinates A q (particle pixel k <-> class pixel A^T k), (n, J * P)
+    qx, qy = xp.asarray(kx), xp.asarray(ky)
+    px = (A[..., 0, 0, None] * qx + A[..., 0, 1, None] * qy).reshape(n, -1)
+    py = (A[..., 1, 0, None] * qx + A[..., 1, 1, None] * qy).reshape(n, -1)
+    X = _interp_halfplane(F, px, py).reshape(n, J, -1)
     if ctf is not None:
-        c = ctf_at(ctf, kpart[..., 0], kpart[..., 1], N, pixel_size, aligned=True).astype(
-            np.float64).reshape(n, J, -1)
+        c = ctf_at(ctf, px, py, N, pixel_size, xp, aligned=True).astype(
+            xp.float64).reshape(n, J, -1)
     else:
-        c = np.ones(X.shape)
+        c = xp.ones(X.shape)
     return X, c, flat, kx, ky, shells
 
 
@@ -596,16 +618,17 @@ def _principal_scores(Z, n_components: int, seed: int, n_power: int = 4, extra: 
     ndarray of shape (n, n_components)
         ``U[:, :k] * S[:k]`` of the SVD ``Z = U S V^T``.
     """
+    xp = array_module(Z)
     k = min(n_components + extra, *Z.shape)
     if k >= min(Z.shape) // 2:  # small matrix: the exact SVD is as cheap
-        u, s, _ = np.linalg.svd(Z, full_matrices=False)
+        u, s, _ = xp.linalg.svd(Z, full_matrices=False)
         return u[:, :n_components] * s[:n_components]
-    rng = np.random.default_rng(seed)
-    q, _ = np.linalg.qr(Z @ rng.standard_normal((Z.shape[1], k)))
+    rng = np.random.default_rng(seed)  # the same start on either backend
+    q, _ = xp.linalg.qr(Z @ xp.asarray(rng.standard_normal((Z.shape[1], k)), dtype=Z.dtype))
     for _ in range(n_power):
-        q, _ = np.linalg.qr(Z.T @ q)
-        q, _ = np.linalg.qr(Z @ q)
-    ub, s, _ = np.linalg.svd(q.T @ Z, full_matrices=False)
+        q, _ = xp.linalg.qr(Z.T @ q)
+        q, _ = xp.linalg.qr(Z @ q)
+    ub, s, _ = xp.linalg.svd(q.T @ Z, full_matrices=False)
     return (q @ ub[:, :n_components]) * s[:n_components]
 
 
@@ -638,7 +661,7 @@ def _two_means(x, seed: int, n_iter: int = 30):
     return labels
 
 
-def _interp_halfplane(F, coords):
+def _interp_halfplane(F, x, y):
     """Bilinear interpolation of half-plane transforms at (x, y) Fourier coordinates.
 
     Points with ``x < 0`` are read at ``(-x, -y)`` and conjugated (Friedel symmetry);
@@ -646,31 +669,38 @@ def _interp_halfplane(F, coords):
 
     Parameters
     ----------
-    F : complex ndarray of shape (n, N, N//2+1)
-    coords : ndarray of shape (n, P, 2)
+    F : complex array of shape (n, N, N//2+1)
+    x, y : float arrays of shape (n, Q)
+        Transform ``i``'s points in row ``i``.
 
     Returns
     -------
-    complex ndarray of shape (n, P)
+    complex array of shape (n, Q)
     """
+    xp = array_module(F)
     n, N, W = F.shape
-    x, y = coords[..., 0], coords[..., 1]
+    h = N // 2
     neg = x < 0
-    x = np.where(neg, -x, x)
-    y = np.where(neg, -y, y)
-    x0, y0 = np.floor(x), np.floor(y)
-    fx, fy = (x - x0).astype(np.float32), (y - y0).astype(np.float32)
-    x0, y0 = x0.astype(np.int64), y0.astype(np.int64)
+    x = xp.abs(x)
+    y = xp.where(neg, -y, y)
+    x0, y0 = xp.floor(x), xp.floor(y)
+    fx, fy = (x - x0).astype(xp.float32), (y - y0).astype(xp.float32)
+    x0, y0 = x0.astype(xp.int64), y0.astype(xp.int64)
     flat = F.reshape(-1)  # (n * N * W,): one view, indexed below
-    base = (np.arange(n) * (N * W))[:, None]
-    out = np.zeros(x.shape, np.result_type(F.dtype, np.complex64))
+    base = (xp.arange(n) * (N * W))[:, None] + x0
+    # every neighbour inside the box (the usual case): no bounds to test
+    inside = x0.size == 0 or (int(x0.max()) < h and int(xp.abs(y0).max()) < h)
+    out = xp.zeros(x.shape, xp.result_type(F.dtype, xp.complex64))
     for dy in (0, 1):
         yi = y0 + dy
-        row = np.mod(yi, N) * W + base
-        ok_y = np.abs(yi) <= N // 2
+        row = xp.mod(yi, N) * W + base
         wy = fy if dy else 1 - fy
         for dx in (0, 1):
-            xi = x0 + dx
-            b = np.where(ok_y & (xi <= N // 2), (fx if dx else 1 - fx) * wy, 0)
-            out += b * flat[row + np.minimum(xi, N // 2)]
-    return np.where(neg, out.conj(), out)
+            b = (fx if dx else 1 - fx) * wy
+            if inside:
+                out += b * flat[row + dx]
+            else:
+                xi = x0 + dx
+                b = xp.where((xp.abs(yi) <= h) & (xi <= h), b, 0)
+                out += b * flat[row + dx - xp.maximum(xi - h, 0)]
+    return xp.where(neg, out.conj(), out)

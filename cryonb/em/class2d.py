@@ -214,6 +214,10 @@ class Class2DJob:
         self._last_reseed = -10
         self._realigned: dict[int, int] = {}  # class -> iteration of its last re-alignment
         self._realign_tried: list[dict] = []
+        #: the CUDA device on which the M-step's split tests run (None: the host); the runtime
+        #: sets it when the leader's process drives a GPU (one rank with ``--gpu``)
+        self.reseed_device: int | None = None
+        self._split_on_host = 0  # this M-step's split tests that found the device's memory short
         #: the image size the last E-step used (RELION's rlnCurrentImageSize of its iteration)
         self.size_used: int | None = None
         self.mask = soft_circular_mask(self.N, self.mask_radius_px, 5.0)
@@ -406,6 +410,7 @@ class Class2DJob:
         self.iteration = self.model.iteration
         self.seed_class = np.full(self.n, -1)
         self._realign_tried = []
+        self._split_on_host = 0
         self._maybe_reseed()
         self._perturb()
         pdf = self.model.pdf_class
@@ -415,6 +420,8 @@ class Class2DJob:
                 self.model.current_resolution, "current_size": self.model.current_size,
             "n_empty": int((pdf <= 0).sum()), "reseeded": list(self.model.reseeded),
             "tau2_fudge_used": cfg_m.tau2_fudge, "realign_tried": self._realign_tried,
+            **({"split_tests_on_host_for_memory": self._split_on_host}
+               if self._split_on_host else {}),
         })
         return self.model
 
@@ -492,10 +499,18 @@ class Class2DJob:
         cands = cands[: 2 * len(free) + 2]
         rng = np.random.default_rng([self.seed, self.iteration, 11])
         # the particles of each candidate (drawn in order: the same whatever the threads),
-        # then the split tests in parallel (FFTs, gathers and BLAS release the GIL)
+        # then the split tests: one after the other on the device, or in parallel on the host
+        # (FFTs, gathers and BLAS release the GIL) with one BLAS thread each (with as many as
+        # cores each, 14 tests on 16 cores took as long as on 2)
         picks = [self._split_particles(k, rng) for k in cands]
-        with ThreadPoolExecutor(max_workers=max(1, min(len(picks), os.cpu_count() or 1))) as ex:
-            splits = list(ex.map(self._split, cands, picks))
+        if self.reseed_device is not None:
+            splits = [self._split(k, idx) for k, idx in zip(cands, picks)]
+        else:
+            from threadpoolctl import threadpool_limits
+
+            workers = max(1, min(len(picks), os.cpu_count() or 1))
+            with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as ex:
+                splits = list(ex.map(self._split, cands, picks))
         tests = []
         med = float(np.median(counts[counts > 0]))
         top = max((sep for _a, _l, sep in splits), default=0.0)
@@ -587,10 +602,25 @@ class Class2DJob:
 
         cfg, m = self.config, self.model
         imgs, ctf, sigma2 = self._class_particles(idx)
-        return split_class(imgs, self.state.psi[idx], self.state.offset[idx], ctf,
-                           sigma2, m.tau2[k], cfg.tau2_fudge,
-                           min(m.current_size, max(16, self.N // 2)), self.mask,
-                           self.pixel_size, seed=self.seed + self.iteration)
+        test = functools.partial(split_class, imgs, self.state.psi[idx], self.state.offset[idx],
+                                 ctf, sigma2, m.tau2[k], cfg.tau2_fudge,
+                                 min(m.current_size, max(16, self.N // 2)), self.mask,
+                                 self.pixel_size, seed=self.seed + self.iteration)
+        if self.reseed_device is None:
+            return test()
+        from ..backend import release_device_memory, use_device
+
+        try:
+            with use_device(self.reseed_device):
+                import cupy
+
+                return test(xp=cupy)
+        except Exception as exc:  # the device's memory is shared with the E-step's pools
+            if type(exc).__name__ != "OutOfMemoryError":
+                raise
+        release_device_memory([self.reseed_device])
+        self._split_on_host += 1
+        return test()
 
     def _realign(self, k: int, idx: np.ndarray):
         """Reference-free re-alignment of class ``k`` on particles ``idx``

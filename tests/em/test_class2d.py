@@ -320,6 +320,46 @@ def test_continue_gives_the_same_result(tmp_path):
     _same_iteration_4(tmp_path / "a" / "run", tmp_path / "b" / "run")
 
 
+def test_split_tests_short_of_device_memory_run_on_the_host(tmp_path, monkeypatch):
+    """With a device for the M-step, a split test that runs out of device memory (shared
+    with the E-step's pools) frees the device's cached blocks and runs on the host; the
+    iteration's history counts it. Other errors on the device are not hidden."""
+    import contextlib
+
+    import cryonb.backend
+    from cryonb.em import _reseed
+
+    star, _ = _small_set(tmp_path)
+    run_class2d(_cfg(star, tmp_path / "a" / "run", iter=2))
+    job = Class2DJob.from_optimiser(tmp_path / "a" / "run_it002_optimiser.star",
+                                    o=str(tmp_path / "b" / "run"))
+    idx = np.flatnonzero(job.state.cls == 0)
+    want = job._split(0, idx)
+
+    class OutOfMemoryError(MemoryError):  # as cupy.cuda.memory names it
+        pass
+
+    real, released = _reseed.split_class, []
+
+    def on_device(*a, xp=np, **kw):
+        if xp is not np:
+            raise (OutOfMemoryError if on_device.oom else ValueError)("device")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_reseed, "split_class", on_device)
+    monkeypatch.setattr(cryonb.backend, "use_device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(cryonb.backend, "release_device_memory", released.append)
+    monkeypatch.setitem(__import__("sys").modules, "cupy", object())
+    job.reseed_device, on_device.oom = 0, True
+    got = job._split(0, idx)
+    assert job._split_on_host == 1 and released == [[0]]
+    assert got[2] == want[2] and (got[1] == want[1]).all()
+    np.testing.assert_array_equal(got[0], want[0])
+    on_device.oom = False
+    with pytest.raises(ValueError, match="device"):
+        job._split(0, idx)
+
+
 def test_continue_restores_the_reseeding_schedule(tmp_path):
     """The re-seeding schedule's memory (last re-seeding, last re-alignment per class) comes
     back from the history, so a continued run re-seeds when the uninterrupted one would."""

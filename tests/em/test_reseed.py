@@ -11,6 +11,8 @@ from cryonb.em._reseed import (
     HALF_RATIO,
     MERGE_RATIO,
     SPLIT_SEPARATION,
+    _class_frame_pixels,
+    _interp_halfplane,
     class_similarity,
     find_free_classes,
     half_pairs,
@@ -20,7 +22,14 @@ from cryonb.em._reseed import (
     split_accepted,
     split_class,
 )
-from cryonb.fourier import Projector, fft2_centered, ifft2_centered, rotate_2d, shift_2d
+from cryonb.fourier import (
+    Projector,
+    fft2_centered,
+    ifft2_centered,
+    rotate_2d,
+    shift_2d,
+    shift_phases_2d,
+)
 from cryonb.simulate import phantom_map, simulate_particles
 
 N = 48
@@ -104,12 +113,12 @@ def _aligned_set(n_views, n=400, snr=0.1, seed=0):
     return sim, t.psi.to_numpy(), offsets
 
 
-def _split(sim, psi, offsets):
+def _split(sim, psi, offsets, xp=np):
     shells = N // 2 + 1
     noise = fft2_centered(sim.images[:50] - sim.images.mean(axis=0))
     sigma2 = np.full(shells, float(np.mean(np.abs(noise) ** 2)) / 2)
     return split_class(sim.images, psi, offsets, None, sigma2, np.ones(shells), 2.0, N,
-                       np.ones((N, N), np.float32), sim.pixel_size, seed=0)
+                       np.ones((N, N), np.float32), sim.pixel_size, seed=0, xp=xp)
 
 
 def test_two_merged_views_split_along_the_views():
@@ -120,6 +129,67 @@ def test_two_merged_views_split_along_the_views():
     agree = max(np.mean(labels == view), np.mean(labels != view))
     assert agree >= 0.95, agree
     assert averages.shape == (2, N, N) and averages.dtype == np.float32
+
+
+@pytest.mark.gpu
+def test_the_split_test_gives_the_same_on_the_gpu():
+    import cupy
+
+    sim, psi, offsets = _aligned_set(2)
+    averages, labels, separation = _split(sim, psi, offsets)
+    averages_gpu, labels_gpu, separation_gpu = _split(sim, psi, offsets, xp=cupy)
+    assert isinstance(averages_gpu, np.ndarray) and isinstance(labels_gpu, np.ndarray)
+    assert (labels_gpu == labels).all()
+    assert separation_gpu == pytest.approx(separation, rel=1e-4)
+    np.testing.assert_allclose(averages_gpu, averages, atol=1e-4 * np.abs(averages).max())
+
+
+@pytest.mark.parametrize("psi", [0.0, 90.0])
+def test_class_frame_pixels_are_the_shifted_transform_turned(psi):
+    """At 0 and 90 degrees the class frame's pixels fall on the particles' grid: the values are
+    the full transform of the image shifted by its origin (the 90 degree case reads half of
+    them through Friedel symmetry), whether the transforms are made in one chunk or several."""
+    rng = np.random.default_rng(0)
+    imgs = rng.standard_normal((5, N, N)).astype(np.float32)
+    off = rng.uniform(-3, 3, (5, 2))
+    shifted = ifft2_centered(fft2_centered(imgs) * shift_phases_2d(N, off), N)
+    full = np.fft.fft2(np.fft.ifftshift(shifted, axes=(-2, -1))) / N**2  # (5, ky, kx)
+    for chunk in (1 << 27, 2 * 4 * N * N):  # one chunk; chunks of two images
+        X, c, _flat, kx, ky, _ = _class_frame_pixels(imgs, np.full((5, 1), psi), off, None,
+                                                    24, 3.0, chunk_bytes=chunk)
+        # particle pixel A q, A = [[cos, sin], [-sin, cos]]
+        t = np.deg2rad(psi)
+        px = np.rint(np.cos(t) * kx + np.sin(t) * ky).astype(int)
+        py = np.rint(-np.sin(t) * kx + np.cos(t) * ky).astype(int)
+        want = full[:, py % N, px % N]
+        np.testing.assert_allclose(X[:, 0], want, atol=2e-6 * np.abs(want).max())
+        assert (c == 1).all()
+
+
+def test_halfplane_interpolation_inside_and_at_the_edges():
+    """Bilinear values against a loop over the four neighbours (Friedel for x < 0, zero
+    beyond Nyquist), for points well inside (the split test's case) and up to the edges."""
+    rng = np.random.default_rng(1)
+    n, W = 8, 8 // 2 + 1
+    F = (rng.standard_normal((2, n, W)) + 1j * rng.standard_normal((2, n, W))).astype(
+        np.complex64)
+
+    def value(i, x, y):
+        conj = x < 0
+        x, y = (-x, -y) if conj else (x, y)
+        x0, y0 = int(np.floor(x)), int(np.floor(y))
+        out = 0j
+        for xi, wx in ((x0, 1 - (x - x0)), (x0 + 1, x - x0)):
+            for yi, wy in ((y0, 1 - (y - y0)), (y0 + 1, y - y0)):
+                if xi <= n // 2 and abs(yi) <= n // 2:
+                    out += wx * wy * F[i, yi % n, xi]
+        return np.conj(out) if conj else out
+
+    for r in (2.9, 4.4):  # every neighbour inside the box; up to and beyond Nyquist
+        x, y = rng.uniform(-r, r, (2, 2, 50))
+        got = _interp_halfplane(F, x, y)
+        want = np.array([[value(i, x[i, q], y[i, q]) for q in range(50)] for i in range(2)])
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_one_view_does_not_split():
