@@ -110,7 +110,8 @@ def split_accepted(separation: float, share: float, count: float, median_count: 
 
 
 def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | None = None,
-                     upsample: int = 4, refine_above: float = 0.75):
+                     upsample: int = 4, refine_above: float = 0.75, xp=np,
+                     chunk_bytes: int = 1 << 26):
     """Normalised correlation of every pair of class images, maximised over rotations and shifts.
 
     Parameters
@@ -127,6 +128,11 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
         ``refine_above``. On whole pixels of the small images (several
         original pixels each), two halves of one view score ~0.9; sub-pixel, ~0.95, while
         distinct views stay near 0.5-0.7.
+    xp : module
+        Where to compute the cross-correlations (``numpy`` or ``cupy``, on the current
+        device): ``K (K - 1) / 2 * n_psi`` inverse transforms, made for one class against
+        all later ones at a time, in chunks of about ``chunk_bytes``. At K=100, 72 angles and
+        a radius of 32 pixels that is 356,400 transforms of 66 x 66 pixels.
 
     Returns
     -------
@@ -134,6 +140,7 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
         Symmetric, 1 on the diagonal; ``sim[a, b]`` = max over psi and (circular) shifts of the
         correlation of the low-pass filtered ``A_a`` with ``A_b`` rotated by psi (DC excluded).
     """
+    from ..backend import fft_module
     from ..data.conventions import inplane_matrix
     from ..fourier import Projector, fft2_centered, ifft2_centered, window_2d
 
@@ -153,22 +160,37 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
     wcol = np.where((kx == 0) | (kx == n // 2), 1.0, 2.0)
     norms = np.sqrt((np.abs(F0) ** 2 * wcol).sum(axis=(-2, -1)))
     sim = np.eye(K)
+    best = np.zeros((K, K), np.int64)  # the best angle of each pair (a < b)
+    fft = fft_module(xp)
+    par = {"workers": -1} if xp is np else {}  # scipy.fft: the batches over every core
+    Fd = xp.asarray(F, dtype=xp.complex64)
+    step = max(1, chunk_bytes // (F[0].size * 16))  # G (complex64) and its transform
+    for a in range(K - 1):
+        for b0 in range(a + 1, K, step):
+            b1 = min(K, b0 + step)
+            G = Fd[a, 0][None, None] * xp.conj(Fd[b0:b1])  # (b, R, n, n//2+1)
+            cc = fft.irfft2(G, s=(n, n), axes=(-2, -1), **par)
+            cc = cc.reshape(b1 - b0, n_psi, -1).max(axis=2)
+            cc = to_numpy(cc).astype(np.float64) * (n * n)  # (b, R): the best shift per angle
+            sim[a, b0:b1] = cc.max(axis=1) / np.maximum(norms[a] * norms[b0:b1], 1e-30)
+            best[a, b0:b1] = cc.argmax(axis=1)
+    # sub-pixel shifts: the zero-padded cross-correlation at the best angle and its two
+    # neighbours on each side, for the pairs above refine_above (many pairs in the first
+    # iterations, whose classes are blobs alike)
+    pairs = np.argwhere(np.triu(sim, 1) > refine_above) if upsample > 1 else np.zeros((0, 2))
     m, h = upsample * n, n // 2
-    for a in range(K):
-        for b in range(a + 1, K):
-            G = F0[a][None] * np.conj(F[b])  # (R, n, n//2+1); rows: 0..h-1, then -h..-1
-            cc = np.fft.irfft2(G, s=(n, n)) * n * n
-            sim[a, b] = cc.max() / max(norms[a] * norms[b], 1e-30)
-            if upsample > 1 and sim[a, b] > refine_above:  # sub-pixel shifts: zero-padding
-                best = int(np.argmax(cc.reshape(len(cc), -1).max(axis=1)))
-                G = G[(best + np.arange(-2, 3)) % len(G)]  # the best angle and its neighbours
-                Gp = np.zeros((G.shape[0], m, m // 2 + 1), G.dtype)
-                Gp[:, :h, :h + 1] = G[:, :h]
-                Gp[:, m - h:, :h + 1] = G[:, h:]
-                cc = np.fft.irfft2(Gp, s=(m, m)) * m * m
-                sim[a, b] = max(sim[a, b], cc.max() / max(norms[a] * norms[b], 1e-30))
-            sim[b, a] = sim[a, b]
-    return sim
+    step = max(1, chunk_bytes // (5 * m * (m // 2 + 1) * 12))
+    for i in range(0, len(pairs), step):
+        a, b = pairs[i:i + step].T
+        turns = (best[a, b][:, None] + np.arange(-2, 3)) % n_psi  # (pairs, 5)
+        G = Fd[a, 0][:, None] * xp.conj(Fd[xp.asarray(b)[:, None], xp.asarray(turns)])
+        Gp = xp.zeros((len(a), 5, m, m // 2 + 1), xp.complex64)
+        Gp[..., :h, :h + 1] = G[..., :h, :]
+        Gp[..., m - h:, :h + 1] = G[..., h:, :]
+        cc = fft.irfft2(Gp, s=(m, m), axes=(-2, -1), **par).reshape(len(a), -1).max(axis=1)
+        cc = to_numpy(cc).astype(np.float64) * (m * m)
+        sim[a, b] = np.maximum(sim[a, b], cc / np.maximum(norms[a] * norms[b], 1e-30))
+    return np.maximum(sim, sim.T)
 
 
 def merge_ratios(margin: np.ndarray, exclude=()) -> np.ndarray:
@@ -286,7 +308,7 @@ def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
                       overlap: np.ndarray | None = None, pmax: np.ndarray | None = None, *,
                       margin: np.ndarray | None = None, empty_fraction: float = 0.2,
                       dup_threshold: float = 0.9, overlap_threshold: float = 0.25,
-                      n_psi: int = 36, max_res_px: int | None = None):
+                      n_psi: int = 36, max_res_px: int | None = None, xp=np):
     """Classes to re-seed: nearly empty ones and the smaller of each duplicate pair.
 
     A class is junk when its particles' mean maximum probability ``pmax`` (per class) is below
@@ -312,6 +334,8 @@ def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
         A class with fewer than ``empty_fraction * n_particles / K`` particles is free.
     dup_threshold : float
         Similarity (see :func:`class_similarity`) above which two classes are duplicates.
+    xp : module
+        Where :func:`class_similarity` computes (``numpy`` or ``cupy``).
 
     Returns
     -------
@@ -330,7 +354,7 @@ def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
             if k not in free and counts[k] > 0 and pmax[k] < JUNK_PMAX_RATIO * med:
                 free.append(k)
                 reasons[k] = f"junk (mean max. probability {pmax[k]:.2f}, median {med:.2f})"
-    sim = class_similarity(classes, n_psi=n_psi, max_res_px=max_res_px)
+    sim = class_similarity(classes, n_psi=n_psi, max_res_px=max_res_px, xp=xp)
     if margin is not None and margin.shape == (K, K):
         # relative to the next-best class that is not free already (not a median: where junk
         # takes several classes, its fit-nowhere margins made any pair of real classes cheap)

@@ -214,10 +214,11 @@ class Class2DJob:
         self._last_reseed = -10
         self._realigned: dict[int, int] = {}  # class -> iteration of its last re-alignment
         self._realign_tried: list[dict] = []
-        #: the CUDA device on which the M-step's split tests run (None: the host); the runtime
-        #: sets it when the leader's process drives a GPU (one rank with ``--gpu``)
+        #: the CUDA device on which the M-step's re-seeding (class similarities, split tests)
+        #: runs (None: the host); the runtime sets it when the leader's process drives a GPU
+        #: (one rank with ``--gpu``)
         self.reseed_device: int | None = None
-        self._split_on_host = 0  # this M-step's split tests that found the device's memory short
+        self._reseed_on_host = 0  # this M-step's re-seeding work short of device memory
         #: the image size the last E-step used (RELION's rlnCurrentImageSize of its iteration)
         self.size_used: int | None = None
         self.mask = soft_circular_mask(self.N, self.mask_radius_px, 5.0)
@@ -410,7 +411,7 @@ class Class2DJob:
         self.iteration = self.model.iteration
         self.seed_class = np.full(self.n, -1)
         self._realign_tried = []
-        self._split_on_host = 0
+        self._reseed_on_host = 0
         self._maybe_reseed()
         self._perturb()
         pdf = self.model.pdf_class
@@ -420,8 +421,8 @@ class Class2DJob:
                 self.model.current_resolution, "current_size": self.model.current_size,
             "n_empty": int((pdf <= 0).sum()), "reseeded": list(self.model.reseeded),
             "tau2_fudge_used": cfg_m.tau2_fudge, "realign_tried": self._realign_tried,
-            **({"split_tests_on_host_for_memory": self._split_on_host}
-               if self._split_on_host else {}),
+            **({"reseed_on_host_for_memory": self._reseed_on_host}
+               if self._reseed_on_host else {}),
         })
         return self.model
 
@@ -482,9 +483,10 @@ class Class2DJob:
         counts = np.bincount(cls[cls >= 0], minlength=K).astype(float)
         pmax = np.array([self.state.pmax[cls == k].mean() if counts[k] else 0.0
                          for k in range(K)])
-        free, reasons = find_free_classes(
-            counts, m.classes, self.n, m.class_overlap, pmax, margin=m.class_margin,
-            n_psi=max(36, 2 * cfg.n_psi), max_res_px=max(4, m.current_size // 4))
+        free, reasons = self._on_reseed_device(functools.partial(
+            find_free_classes, counts, m.classes, self.n, m.class_overlap, pmax,
+            margin=m.class_margin, n_psi=max(36, 2 * cfg.n_psi),
+            max_res_px=max(4, m.current_size // 4)))
         late = self.iteration >= self._anneal_last()
         merges = merge_candidates(m.class_margin, counts, free) if late else []
         # one view split in two small classes, for a class that clearly holds two views
@@ -602,25 +604,32 @@ class Class2DJob:
 
         cfg, m = self.config, self.model
         imgs, ctf, sigma2 = self._class_particles(idx)
-        test = functools.partial(split_class, imgs, self.state.psi[idx], self.state.offset[idx],
-                                 ctf, sigma2, m.tau2[k], cfg.tau2_fudge,
-                                 min(m.current_size, max(16, self.N // 2)), self.mask,
-                                 self.pixel_size, seed=self.seed + self.iteration)
+        return self._on_reseed_device(functools.partial(
+            split_class, imgs, self.state.psi[idx], self.state.offset[idx], ctf, sigma2,
+            m.tau2[k], cfg.tau2_fudge, min(m.current_size, max(16, self.N // 2)), self.mask,
+            self.pixel_size, seed=self.seed + self.iteration))
+
+    def _on_reseed_device(self, work):
+        """``work(xp=...)`` on the M-step's device (``reseed_device``), else on the host.
+
+        The device's memory is shared with the E-step's pools: work that runs out of it frees
+        CuPy's cached blocks and runs on the host (counted in the iteration's history).
+        """
         if self.reseed_device is None:
-            return test()
+            return work()
         from ..backend import release_device_memory, use_device
 
         try:
             with use_device(self.reseed_device):
                 import cupy
 
-                return test(xp=cupy)
-        except Exception as exc:  # the device's memory is shared with the E-step's pools
+                return work(xp=cupy)
+        except Exception as exc:
             if type(exc).__name__ != "OutOfMemoryError":
                 raise
         release_device_memory([self.reseed_device])
-        self._split_on_host += 1
-        return test()
+        self._reseed_on_host += 1
+        return work()
 
     def _realign(self, k: int, idx: np.ndarray):
         """Reference-free re-alignment of class ``k`` on particles ``idx``

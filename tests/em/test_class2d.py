@@ -352,7 +352,7 @@ def test_split_tests_short_of_device_memory_run_on_the_host(tmp_path, monkeypatc
     monkeypatch.setitem(__import__("sys").modules, "cupy", object())
     job.reseed_device, on_device.oom = 0, True
     got = job._split(0, idx)
-    assert job._split_on_host == 1 and released == [[0]]
+    assert job._reseed_on_host == 1 and released == [[0]]
     assert got[2] == want[2] and (got[1] == want[1]).all()
     np.testing.assert_array_equal(got[0], want[0])
     on_device.oom = False

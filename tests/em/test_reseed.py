@@ -70,6 +70,33 @@ def test_a_turned_copy_is_a_duplicate_and_other_views_are_not(views):
     assert coarse[0, 4] <= sim[0, 4]
 
 
+@pytest.fixture(scope="module")
+def views_and_copy(views):
+    rng = np.random.default_rng(0)
+    copy = _turned(views[0], 37.0, (1.3, -2.6))
+    copy += rng.normal(0, 0.1 * copy.std(), copy.shape).astype(np.float32)
+    return np.concatenate([views, copy[None]])
+
+
+def test_class_similarity_in_chunks(views_and_copy):
+    """One class against a few others at a time, and a few pairs at a time in the sub-pixel
+    search, give what one batch gives."""
+    whole = class_similarity(views_and_copy, n_psi=72, max_res_px=N // 4)
+    per = 72 * (N // 2 + 2) * (N // 4 + 2) * 16  # one class's rotated transforms, and G
+    chunked = class_similarity(views_and_copy, n_psi=72, max_res_px=N // 4, chunk_bytes=per)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+
+
+@pytest.mark.gpu
+def test_class_similarity_is_the_same_on_the_gpu(views_and_copy):
+    import cupy
+
+    host = class_similarity(views_and_copy, n_psi=72, max_res_px=N // 4)
+    device = class_similarity(views_and_copy, n_psi=72, max_res_px=N // 4, xp=cupy)
+    assert isinstance(device, np.ndarray)
+    np.testing.assert_allclose(device, host, atol=1e-4)
+
+
 def test_free_classes_and_why(views):
     copy = _turned(views[1], 120.0, (0.5, 0.5))
     classes = np.concatenate([views, copy[None], views[2:3] * 0.01])
