@@ -48,6 +48,25 @@ def one_run(args) -> dict:
             orig(job)
 
         Class2DJob._maybe_reseed = on_host
+    profiles = []
+    if args.profile_mstep:  # cProfile of each re-seeding M-step's re-seeding
+        import cProfile
+        import io
+        import pstats
+
+        inner = Class2DJob._maybe_reseed
+
+        def profiled(job):
+            pr = cProfile.Profile()
+            pr.enable()
+            inner(job)
+            pr.disable()
+            if job.model.reseeded:
+                text = io.StringIO()
+                pstats.Stats(pr, stream=text).sort_stats("cumtime").print_stats(30)
+                profiles.append(text.getvalue())
+
+        Class2DJob._maybe_reseed = profiled
     out = Path(args.out) / args.variant / "run"
     cfg = Class2DConfig(i=args.star, o=str(out), K=args.K, iter=args.iter, psi_step=10,
                         offset_range=5, offset_step=2, random_seed=0, j=args.j,
@@ -63,7 +82,7 @@ def one_run(args) -> dict:
                      "reseeded": [r["class"] for r in h.get("reseeded", [])],
                      "on_host_for_memory": h.get("reseed_on_host_for_memory", 0)})
     return {"variant": args.variant, "total_s": round(time.perf_counter() - t0, 2),
-            "iterations": rows}
+            "iterations": rows, **({"profiles": profiles} if profiles else {})}
 
 
 def similarity_timing(Ks, box: int = 128) -> list[dict]:
@@ -126,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu", action="store_true", help="run on the host (no --gpu)")
     p.add_argument("--base", help="another cryonb tree for the 'base' variant")
     p.add_argument("--variants", nargs="*", default=["device", "host", "base"])
+    p.add_argument("--profile_mstep", action="store_true",
+                   help="cProfile each re-seeding (in the JSON, printed for the device run)")
     p.add_argument("--similarity", type=int, nargs="*", default=[],
                    help="time the class similarities alone for these K first")
     p.add_argument("--variant", help=argparse.SUPPRESS)
@@ -151,7 +172,7 @@ def main(argv=None) -> int:
             [str(tree)] + [x for x in os.environ.get("PYTHONPATH", "").split(os.pathsep) if x]))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--star", star,
                "--variant", v, "--K", str(a.K), "--iter", str(a.iter), "--j", str(a.j)]
-        cmd += ["--cpu"] if a.cpu else []
+        cmd += (["--cpu"] if a.cpu else []) + (["--profile_mstep"] if a.profile_mstep else [])
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
@@ -159,6 +180,9 @@ def main(argv=None) -> int:
         else:
             r = json.loads(line[len("RESULT "):])
         results.append(r)
+        for text in r.pop("profiles", []):
+            print(f"--- {v}: the re-seeding M-step's profile\n" + "\n".join(
+                text.splitlines()[:45]), flush=True)
         print(json.dumps(r), flush=True)
     (out / "class2d_reseed.json").write_text(json.dumps(results, indent=1))
     print(f"\n{a.n} x {a.box} px, K={a.K}, {'CPU' if a.cpu else 'GPU 0'}, --j {a.j}")

@@ -111,7 +111,7 @@ def split_accepted(separation: float, share: float, count: float, median_count: 
 
 def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | None = None,
                      upsample: int = 4, refine_above: float = 0.75, xp=np,
-                     chunk_bytes: int = 1 << 26):
+                     chunk_bytes: int | None = None):
     """Normalised correlation of every pair of class images, maximised over rotations and shifts.
 
     Parameters
@@ -131,8 +131,9 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
     xp : module
         Where to compute the cross-correlations (``numpy`` or ``cupy``, on the current
         device): ``K (K - 1) / 2 * n_psi`` inverse transforms, made for one class against
-        all later ones at a time, in chunks of about ``chunk_bytes``. At K=100, 72 angles and
-        a radius of 32 pixels that is 356,400 transforms of 66 x 66 pixels.
+        all later ones at a time, in chunks of about ``chunk_bytes`` (default 64 MiB on the
+        host, 512 MiB on the device). At K=100, 72 angles and a radius of 32 pixels that is
+        356,400 transforms of 66 x 66 pixels.
 
     Returns
     -------
@@ -164,6 +165,7 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
     fft = fft_module(xp)
     par = {"workers": -1} if xp is np else {}  # scipy.fft: the batches over every core
     Fd = xp.asarray(F, dtype=xp.complex64)
+    chunk_bytes = chunk_bytes or (1 << 26 if xp is np else 1 << 29)
     step = max(1, chunk_bytes // (F[0].size * 16))  # G (complex64) and its transform
     for a in range(K - 1):
         for b0 in range(a + 1, K, step):
@@ -420,7 +422,9 @@ def split_class(images, psi, offsets, ctf, sigma2, tau2, tau2_fudge, current_siz
     Returns
     -------
     averages : ndarray of shape (2, N, N), float32
+        The Wiener averages of clusters 0 and 1.
     labels : ndarray of shape (n,), int (0 or 1)
+        0 for the larger cluster (on a tie, the first particle's).
     separation : float
         Distance between the two clusters' centres over the pooled within-cluster standard
         deviation along that direction: about 1-2 for one view split by noise, well above 3
@@ -439,7 +443,11 @@ def split_class(images, psi, offsets, ctf, sigma2, tau2, tau2_fudge, current_siz
     Z -= Z.mean(axis=0)
     # the clustering on the host: a few values per particle
     scores = to_numpy(_principal_scores(Z, n_components, seed))
+    # label 0 is the larger cluster (the class keeps it; the free class gets cluster 1): the
+    # components' signs, and so the clusters' order, differ between LAPACK and cuSOLVER
     labels = _two_means(scores, seed)
+    if 2 * labels.sum() > len(labels) or (2 * labels.sum() == len(labels) and labels[0]):
+        labels = 1 - labels
     separation = _separation(scores, labels)
     reg = np.where(shells >= 1, 1.0 / np.maximum(tau2_fudge * tau2[shells], 1e-30), 0.0)
     inv_s2, reg, mask = xp.asarray(inv_s2), xp.asarray(reg), xp.asarray(mask)
