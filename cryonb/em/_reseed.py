@@ -150,48 +150,59 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
     n = min(N, 2 * r + 2)
     n += n % 2
     small = ifft2_centered(window_2d(fft2_centered(classes.astype(np.float32)), n), n)
-    psi = np.arange(n_psi) * 360.0 / n_psi
-    rots = inplane_matrix(psi)
+    rots = inplane_matrix(np.arange(n_psi) * 360.0 / n_psi)
     ky = np.fft.fftfreq(n, 1.0 / n)[:, None]
     kx = np.arange(n // 2 + 1)[None]
     keep = ((kx**2 + ky**2) <= r * r) & ((kx**2 + ky**2) > 0)
-    F = np.stack([Projector(c).project(rots) for c in small]) * keep  # (K, R, n, n//2+1)
-    F0 = F[:, 0]
+    # (K, R, n, n//2+1): every class at every angle, from one set of interpolation weights
+    F = Projector(xp.asarray(small), stack=True).project(xp.asarray(rots)) * xp.asarray(keep)
+    F = F.astype(xp.complex64, copy=False)
     # full-plane sums from the half plane: columns 0 < kx < n/2 stand for two pixels each
-    wcol = np.where((kx == 0) | (kx == n // 2), 1.0, 2.0)
-    norms = np.sqrt((np.abs(F0) ** 2 * wcol).sum(axis=(-2, -1)))
-    sim = np.eye(K)
-    best = np.zeros((K, K), np.int64)  # the best angle of each pair (a < b)
+    wcol = xp.asarray(np.where((kx == 0) | (kx == n // 2), 1.0, 2.0))
+    norms = to_numpy(xp.sqrt((xp.abs(F[:, 0]) ** 2 * wcol).sum(axis=(-2, -1))))
     fft = fft_module(xp)
     par = {"workers": -1} if xp is np else {}  # scipy.fft: the batches over every core
-    Fd = xp.asarray(F, dtype=xp.complex64)
     chunk_bytes = chunk_bytes or (1 << 26 if xp is np else 1 << 29)
-    step = max(1, chunk_bytes // (F[0].size * 16))  # G (complex64) and its transform
-    for a in range(K - 1):
-        for b0 in range(a + 1, K, step):
-            b1 = min(K, b0 + step)
-            G = Fd[a, 0][None, None] * xp.conj(Fd[b0:b1])  # (b, R, n, n//2+1)
-            cc = fft.irfft2(G, s=(n, n), axes=(-2, -1), **par)
-            cc = cc.reshape(b1 - b0, n_psi, -1).max(axis=2)
-            cc = to_numpy(cc).astype(np.float64) * (n * n)  # (b, R): the best shift per angle
-            sim[a, b0:b1] = cc.max(axis=1) / np.maximum(norms[a] * norms[b0:b1], 1e-30)
-            best[a, b0:b1] = cc.argmax(axis=1)
+
+    def best_shift(a, b, turns, m):
+        """Max over (circular) shifts of the cross-correlations of pairs ``(a, b)`` at the
+        angles ``turns`` (pairs, T), on an m x m grid (zero-padded for m > n): (pairs, T)."""
+        G = F[xp.asarray(a), 0][:, None] * xp.conj(F[xp.asarray(b)[:, None], xp.asarray(turns)])
+        if m > n:
+            h = n // 2
+            Gp = xp.zeros((*G.shape[:2], m, m // 2 + 1), G.dtype)
+            Gp[..., :h, :h + 1] = G[..., :h, :]
+            Gp[..., m - h:, :h + 1] = G[..., h:, :]
+            G = Gp
+        cc = fft.irfft2(G, s=(m, m), axes=(-2, -1), **par)
+        return to_numpy(cc.reshape(len(a), turns.shape[1], -1).max(axis=2)).astype(
+            np.float64) * (m * m)
+
+    def chunks(pairs, turns, m, per_pair):
+        # fixed-size chunks (one FFT plan for all but the last)
+        step = max(1, chunk_bytes // per_pair)
+        for i in range(0, len(pairs), step):
+            yield i, best_shift(*pairs[i:i + step].T, turns[i:i + step], m)
+
+    sim = np.eye(K)
+    pairs = np.argwhere(np.triu(np.ones((K, K), bool), 1))  # (K (K-1) / 2, 2), a < b
+    best = np.zeros(len(pairs), np.int64)  # each pair's best angle
+    turns = np.broadcast_to(np.arange(n_psi), (len(pairs), n_psi))
+    for i, cc in chunks(pairs, turns, n, n_psi * n * (n // 2 + 1) * 16):
+        a, b = pairs[i:i + len(cc)].T
+        sim[a, b] = cc.max(axis=1) / np.maximum(norms[a] * norms[b], 1e-30)
+        best[i:i + len(cc)] = cc.argmax(axis=1)
     # sub-pixel shifts: the zero-padded cross-correlation at the best angle and its two
     # neighbours on each side, for the pairs above refine_above (many pairs in the first
     # iterations, whose classes are blobs alike)
-    pairs = np.argwhere(np.triu(sim, 1) > refine_above) if upsample > 1 else np.zeros((0, 2))
-    m, h = upsample * n, n // 2
-    step = max(1, chunk_bytes // (5 * m * (m // 2 + 1) * 12))
-    for i in range(0, len(pairs), step):
-        a, b = pairs[i:i + step].T
-        turns = (best[a, b][:, None] + np.arange(-2, 3)) % n_psi  # (pairs, 5)
-        G = Fd[a, 0][:, None] * xp.conj(Fd[xp.asarray(b)[:, None], xp.asarray(turns)])
-        Gp = xp.zeros((len(a), 5, m, m // 2 + 1), xp.complex64)
-        Gp[..., :h, :h + 1] = G[..., :h, :]
-        Gp[..., m - h:, :h + 1] = G[..., h:, :]
-        cc = fft.irfft2(Gp, s=(m, m), axes=(-2, -1), **par).reshape(len(a), -1).max(axis=1)
-        cc = to_numpy(cc).astype(np.float64) * (m * m)
-        sim[a, b] = np.maximum(sim[a, b], cc / np.maximum(norms[a] * norms[b], 1e-30))
+    up = sim[pairs[:, 0], pairs[:, 1]] > refine_above if upsample > 1 else np.zeros(0, bool)
+    if up.any():
+        m = upsample * n
+        turns = (best[up][:, None] + np.arange(-2, 3)) % n_psi
+        for i, cc in chunks(pairs[up], turns, m, 5 * m * (m // 2 + 1) * 12):
+            a, b = pairs[up][i:i + len(cc)].T
+            sim[a, b] = np.maximum(sim[a, b], cc.max(axis=1)
+                                   / np.maximum(norms[a] * norms[b], 1e-30))
     return np.maximum(sim, sim.T)
 
 

@@ -129,6 +129,17 @@ class ParticleState:
         self.pose_offset[index, 1] = c["offset_y_refined"]
 
 
+
+def _read_ahead(read, items, ahead: int = 2):
+    """``read(item)`` for each item in order, up to ``ahead`` of them read by helper threads
+    while the caller works on the previous ones."""
+    with ThreadPoolExecutor(max_workers=ahead) as ex:
+        todo = [ex.submit(read, x) for x in items[:ahead]]
+        for i in range(len(items)):
+            if i + ahead < len(items):
+                todo.append(ex.submit(read, items[i + ahead]))
+            yield todo[i].result()
+
 class Class2DJob:
     """The leader of a 2D classification: data, model, per-particle state, output files.
 
@@ -505,8 +516,10 @@ class Class2DJob:
         # (FFTs, gathers and BLAS release the GIL) with one BLAS thread each (with as many as
         # cores each, 14 tests on 16 cores took as long as on 2)
         picks = [self._split_particles(k, rng) for k in cands]
-        if self.reseed_device is not None:
-            splits = [self._split(k, idx) for k, idx in zip(cands, picks)]
+        if self.reseed_device is not None:  # a helper thread reads the next class's images
+            read = functools.partial(self._class_particles, device=self.reseed_device)
+            splits = [self._split(k, idx, p)
+                      for k, idx, p in zip(cands, picks, _read_ahead(read, picks))]
         else:
             from threadpoolctl import threadpool_limits
 
@@ -583,12 +596,20 @@ class Class2DJob:
             idx = np.sort(rng.choice(idx, at_most, replace=False))
         return idx
 
-    def _class_particles(self, idx: np.ndarray):
-        """Images (norm-corrected), CTF parameters and noise power of the particles ``idx``."""
+    def _class_particles(self, idx: np.ndarray, device: int | None = None):
+        """Images (norm-corrected), CTF parameters and noise power of the particles ``idx``;
+        the images in pinned memory of ``device``'s context when given (copied at the bus's
+        full speed)."""
+        from ..backend import pinned_empty
         from ..ctf import CTFParams
 
         cfg, m = self.config, self.model
-        imgs = self.table.images(idx).astype(np.float32)
+        imgs = self.table.images(idx)
+        if device is not None:
+            imgs, pageable = pinned_empty(imgs.shape, np.float32, device), imgs
+            imgs[...] = pageable
+        else:
+            imgs = imgs.astype(np.float32)
         if cfg.norm:
             imgs *= (m.avg_norm / np.maximum(self.state.norm[idx], 1e-6))[:, None, None]
         ctf = None
@@ -598,12 +619,13 @@ class Class2DJob:
         g = int(np.bincount(self.optics[idx]).argmax())
         return imgs, ctf, m.sigma2_noise[g]
 
-    def _split(self, k: int, idx: np.ndarray):
-        """Split test of class ``k`` on particles ``idx`` (see ``_reseed.split_class``)."""
+    def _split(self, k: int, idx: np.ndarray, particles=None):
+        """Split test of class ``k`` on particles ``idx`` (see ``_reseed.split_class``);
+        ``particles``: their :meth:`_class_particles`, if read already."""
         from ._reseed import split_class
 
         cfg, m = self.config, self.model
-        imgs, ctf, sigma2 = self._class_particles(idx)
+        imgs, ctf, sigma2 = particles or self._class_particles(idx)
         return self._on_reseed_device(functools.partial(
             split_class, imgs, self.state.psi[idx], self.state.offset[idx], ctf, sigma2,
             m.tau2[k], cfg.tau2_fudge, min(m.current_size, max(16, self.N // 2)), self.mask,

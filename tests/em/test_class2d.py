@@ -320,6 +320,26 @@ def test_continue_gives_the_same_result(tmp_path):
     _same_iteration_4(tmp_path / "a" / "run", tmp_path / "b" / "run")
 
 
+def test_read_ahead_keeps_the_order_and_reads_at_most_ahead():
+    import threading
+
+    from cryonb.em.class2d import _read_ahead
+
+    started, lock = [], threading.Lock()
+
+    def read(x):
+        with lock:
+            started.append(x)
+        return 10 * x
+
+    got = []
+    for i, v in enumerate(_read_ahead(read, list(range(7)), ahead=2)):
+        with lock:
+            assert max(started) <= i + 2  # the one in hand and at most two more
+        got.append(v)
+    assert got == [10 * x for x in range(7)]
+
+
 def test_split_tests_short_of_device_memory_run_on_the_host(tmp_path, monkeypatch):
     """With a device for the M-step, a split test that runs out of device memory (shared
     with the E-step's pools) frees the device's cached blocks and runs on the host; the

@@ -79,10 +79,10 @@ def views_and_copy(views):
 
 
 def test_class_similarity_in_chunks(views_and_copy):
-    """One class against a few others at a time, and a few pairs at a time in the sub-pixel
-    search, give what one batch gives."""
+    """A few pairs at a time, in the whole-pixel and the sub-pixel search, give what one batch
+    gives."""
     whole = class_similarity(views_and_copy, n_psi=72, max_res_px=N // 4)
-    per = 72 * (N // 2 + 2) * (N // 4 + 2) * 16  # one class's rotated transforms, and G
+    per = 3 * 72 * (N // 2 + 2) * (N // 4 + 2) * 16  # three pairs' products and transforms
     chunked = class_similarity(views_and_copy, n_psi=72, max_res_px=N // 4, chunk_bytes=per)
     np.testing.assert_allclose(chunked, whole, rtol=1e-6)
 
