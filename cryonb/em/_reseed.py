@@ -520,10 +520,13 @@ def _class_frame_pixels(images, psi, offsets, ctf, size: int, pixel_size: float,
     # +origin (shift_phases_2d) and divides by N^2: exp(2 pi i k (N//2 - origin) / N) / N^2
     n_w = min(N, size + 4 + size % 2)
     step = max(1, chunk_bytes // (4 * N * N))
-    F = xp.concatenate([
-        window_2d(fft_module(xp).rfft2(xp.asarray(images[i:i + step], dtype=xp.float32),
-                                       axes=(-2, -1)), n_w)
-        for i in range(0, max(n, 1), step)])
+    parts = []
+    for i in range(0, max(n, 1), step):
+        part = xp.asarray(images[i:i + step], dtype=xp.float32)
+        if xp is not np and len(part) < step:  # one cuFFT plan for every chunk and class
+            part = xp.concatenate([part, xp.zeros((step - len(part), N, N), xp.float32)])
+        parts.append(window_2d(fft_module(xp).rfft2(part, axes=(-2, -1)), n_w))
+    F = xp.concatenate(parts)[:n]
     o = xp.asarray(offsets, dtype=xp.float64)
     k_y = xp.asarray(np.fft.fftfreq(n_w, 1.0 / n_w))[None]
     k_x = xp.arange(n_w // 2 + 1, dtype=xp.float64)[None]

@@ -516,10 +516,9 @@ class Class2DJob:
         # (FFTs, gathers and BLAS release the GIL) with one BLAS thread each (with as many as
         # cores each, 14 tests on 16 cores took as long as on 2)
         picks = [self._split_particles(k, rng) for k in cands]
-        if self.reseed_device is not None:  # a helper thread reads the next class's images
-            read = functools.partial(self._class_particles, device=self.reseed_device)
-            splits = [self._split(k, idx, p)
-                      for k, idx, p in zip(cands, picks, _read_ahead(read, picks))]
+        if self.reseed_device is not None:  # helper threads read the next classes' images
+            splits = [self._split(k, idx, p) for k, idx, p in
+                      zip(cands, picks, _read_ahead(self._class_particles, picks))]
         else:
             from threadpoolctl import threadpool_limits
 
@@ -596,20 +595,12 @@ class Class2DJob:
             idx = np.sort(rng.choice(idx, at_most, replace=False))
         return idx
 
-    def _class_particles(self, idx: np.ndarray, device: int | None = None):
-        """Images (norm-corrected), CTF parameters and noise power of the particles ``idx``;
-        the images in pinned memory of ``device``'s context when given (copied at the bus's
-        full speed)."""
-        from ..backend import pinned_empty
+    def _class_particles(self, idx: np.ndarray):
+        """Images (norm-corrected), CTF parameters and noise power of the particles ``idx``."""
         from ..ctf import CTFParams
 
         cfg, m = self.config, self.model
-        imgs = self.table.images(idx)
-        if device is not None:
-            imgs, pageable = pinned_empty(imgs.shape, np.float32, device), imgs
-            imgs[...] = pageable
-        else:
-            imgs = imgs.astype(np.float32)
+        imgs = self.table.images(idx).astype(np.float32)
         if cfg.norm:
             imgs *= (m.avg_norm / np.maximum(self.state.norm[idx], 1e-6))[:, None, None]
         ctf = None
