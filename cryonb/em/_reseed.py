@@ -550,7 +550,7 @@ def _class_frame_pixels(images, psi, offsets, ctf, size: int, pixel_size: float,
 
 def realign_class(images, ctf, sigma2, tau2, tau2_fudge, size: int, current, mask,
                   pixel_size: float, *, offset_range: float = 3.0, n_starts: int = 8,
-                  n_keep: int = 2, n_iter: int = 10, n_psi: int = 72, seed: int = 0):
+                  n_keep: int = 2, n_iter: int = 10, n_psi: int = 72, seed: int = 0, xp=np):
     """Align one class's particles afresh (reference-free), for a class smeared by rotation.
 
     A class can settle as the rotational average of its view (a round blob): its particles'
@@ -584,6 +584,9 @@ def realign_class(images, ctf, sigma2, tau2, tau2_fudge, size: int, current, mas
     n_starts, n_keep, n_iter, n_psi : int
         Starts, starts kept after three iterations, EM iterations, in-plane angles.
     seed : int
+    xp : module
+        Where to compute (``numpy`` or ``cupy``, on the current device); the inputs and the
+        results are host arrays either way.
 
     Returns
     -------
@@ -593,48 +596,48 @@ def realign_class(images, ctf, sigma2, tau2, tau2_fudge, size: int, current, mas
         Its log-likelihood minus that of the run started from ``current``, per particle
         (> 0: it explains the particles better).
     """
-    from scipy.special import logsumexp
-
     from ..fourier import fft2_centered, ifft2_centered
 
     n, N = images.shape[0], images.shape[-1]
     psi = np.broadcast_to(np.arange(n_psi) * (360.0 / n_psi), (n, n_psi))
     X, c, flat, kx, ky, shells = _class_frame_pixels(images, psi, np.zeros((n, 2)), ctf, size,
-                                                     pixel_size)
+                                                     pixel_size, xp)
     P = X.shape[-1]
-    half = 1.0 / (2.0 * np.maximum(sigma2[shells], 1e-30))
-    CX = (c * X * half).astype(np.complex64).reshape(n * n_psi, P)
-    CC = (c * c * half).astype(np.float32)  # (n, J, P)
-    reg = np.where(shells >= 1, 1.0 / np.maximum(2.0 * tau2_fudge * tau2[shells], 1e-30), 0.0)
+    half = xp.asarray(1.0 / (2.0 * np.maximum(sigma2[shells], 1e-30)))
+    CX = (c * X * half).astype(xp.complex64).reshape(n * n_psi, P)
+    CC = (c * c * half).astype(xp.float32)  # (n, J, P)
+    reg = xp.asarray(np.where(shells >= 1, 1.0 / np.maximum(2.0 * tau2_fudge * tau2[shells],
+                                                            1e-30), 0.0))
     # shifts of the reference (class frame) on a grid within offset_range
     step = max(1.0, offset_range / 3.0)
     g = np.arange(-np.floor(offset_range / step), np.floor(offset_range / step) + 1) * step
     sh = np.array([(x, y) for x in g for y in g if x * x + y * y <= offset_range**2 + 1e-9])
-    ph = np.exp(2j * np.pi * (np.outer(kx, sh[:, 0]) + np.outer(ky, sh[:, 1])) / N).astype(
-        np.complex64)  # (P, T): the cross term of the reference shifted by -t
+    ph = xp.asarray(np.exp(2j * np.pi * (np.outer(kx, sh[:, 0]) + np.outer(ky, sh[:, 1])) / N),
+                    dtype=xp.complex64)  # (P, T): the cross term of the reference shifted by -t
     T = len(sh)
 
     def scaled(a0):
         # the start scaled to the particles (least squares at each particle's best angle)
-        cross = 2 * np.real(CX @ np.conj(a0).astype(np.complex64)).reshape(n, n_psi)
-        quad = CC @ (np.abs(a0) ** 2).astype(np.float32)
+        cross = 2 * xp.real(CX @ xp.conj(a0).astype(xp.complex64)).reshape(n, n_psi)
+        quad = CC @ (xp.abs(a0) ** 2).astype(xp.float32)
         best = cross.argmax(axis=1)
-        r = np.arange(n)
-        return a0 * max(float(np.median(cross[r, best] / (2 * np.maximum(quad[r, best],
+        r = xp.arange(n)
+        return a0 * max(float(xp.median(cross[r, best] / (2 * xp.maximum(quad[r, best],
                                                                          1e-30)))), 0.0)
 
     def run(a, iters):
         for _ in range(iters):
-            ll = 2 * np.real((CX * np.conj(a).astype(np.complex64)) @ ph).reshape(n, n_psi, T)
-            ll -= (CC @ (np.abs(a) ** 2).astype(np.float32))[..., None]
-            L = logsumexp(ll.reshape(n, -1), axis=1)
-            w = np.exp(ll - L[:, None, None]).astype(np.float32)
+            ll = 2 * xp.real((CX * xp.conj(a).astype(xp.complex64)) @ ph).reshape(n, n_psi, T)
+            ll -= (CC @ (xp.abs(a) ** 2).astype(xp.float32))[..., None]
+            top = ll.reshape(n, -1).max(axis=1)  # log-sum-exp over (angle, shift)
+            L = xp.log(xp.exp(ll.reshape(n, -1) - top[:, None]).sum(axis=1)) + top
+            w = xp.exp(ll - L[:, None, None]).astype(xp.float32)
             num = (CX * (w.reshape(-1, T) @ ph.T)).sum(axis=0)
-            den = np.einsum("nj,njp->p", w.sum(axis=-1), CC) + reg
-            a = num / np.maximum(den, 1e-30)
+            den = xp.einsum("nj,njp->p", w.sum(axis=-1), CC) + reg
+            a = num / xp.maximum(den, 1e-30)
         return a, L
 
-    cur = fft2_centered(np.asarray(current, np.float32)).reshape(-1)[flat]
+    cur = xp.asarray(fft2_centered(np.asarray(current, np.float32)).reshape(-1)[flat])
     _, l_cur = run(scaled(cur), n_iter)
     # every start a few iterations, the most likely ones to the end
     rng = np.random.default_rng(seed)
@@ -643,13 +646,13 @@ def realign_class(images, ctf, sigma2, tau2, tau2_fudge, size: int, current, mas
     for i in rng.choice(n, min(n_starts, n), replace=False):
         ci, xi = c[i, 0], X[i, 0]
         runs.append(run(scaled(ci * xi / (ci * ci + 0.1)), first))
-    runs.sort(key=lambda r: -r[1].sum())
+    runs.sort(key=lambda r: -float(r[1].sum()))
     best_a, best_l = max((run(a, n_iter - first) if n_iter > first else (a, ll)
-                          for a, ll in runs[:n_keep]), key=lambda r: r[1].sum())
-    out = np.zeros(N * (N // 2 + 1), np.complex128)
-    out[flat] = best_a
-    image = (ifft2_centered(out.reshape(N, N // 2 + 1), N) * mask).astype(np.float32)
-    return image, float((best_l - l_cur).mean())
+                          for a, ll in runs[:n_keep]), key=lambda r: float(r[1].sum()))
+    out = xp.zeros(N * (N // 2 + 1), xp.complex128)
+    out[xp.asarray(flat)] = best_a
+    image = ifft2_centered(out.reshape(N, N // 2 + 1), N) * xp.asarray(mask)
+    return to_numpy(image).astype(np.float32), float((best_l - l_cur).mean())
 
 
 def _principal_scores(Z, n_components: int, seed: int, n_power: int = 4, extra: int = 10):

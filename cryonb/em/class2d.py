@@ -225,9 +225,9 @@ class Class2DJob:
         self._last_reseed = -10
         self._realigned: dict[int, int] = {}  # class -> iteration of its last re-alignment
         self._realign_tried: list[dict] = []
-        #: the CUDA device on which the M-step's re-seeding (class similarities, split tests)
-        #: runs (None: the host); the runtime sets it when the leader's process drives a GPU
-        #: (one rank with ``--gpu``)
+        #: the CUDA device on which the M-step's re-seeding (class similarities, split tests,
+        #: re-alignments) runs (None: the host); the runtime sets it when the leader's process
+        #: drives a GPU (one rank with ``--gpu``)
         self.reseed_device: int | None = None
         self._reseed_on_host = 0  # this M-step's re-seeding work short of device memory
         #: the image size the last E-step used (RELION's rlnCurrentImageSize of its iteration)
@@ -653,11 +653,11 @@ class Class2DJob:
         imgs, ctf, sigma2 = self._class_particles(idx)
         others = [j for j in range(cfg.K) if j != k and m.pdf_class[j] > 0]
         tau2 = np.median(m.tau2[others or [k]], axis=0)
-        return realign_class(imgs, ctf, sigma2, tau2, cfg.tau2_fudge,
-                             min(m.current_size, max(16, self.N // 2), 24), m.classes[k],
-                             self.mask, self.pixel_size,
-                             offset_range=min(cfg.offset_range, 5.0),
-                             seed=self.seed + self.iteration)
+        return self._on_reseed_device(functools.partial(
+            realign_class, imgs, ctf, sigma2, tau2, cfg.tau2_fudge,
+            min(m.current_size, max(16, self.N // 2), 24), m.classes[k], self.mask,
+            self.pixel_size, offset_range=min(cfg.offset_range, 5.0),
+            seed=self.seed + self.iteration))
 
     # ------------------------------------------------------------------ outputs
     def output_root(self) -> str:

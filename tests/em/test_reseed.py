@@ -245,9 +245,22 @@ def one_view_set():
     return sim, view.astype(np.float32), blob.astype(np.float32), sigma2, tau2
 
 
-def _realign(sim, current, sigma2, tau2):
+def _realign(sim, current, sigma2, tau2, xp=np):
     return realign_class(sim.images, None, sigma2, tau2, 2.0, N // 2, current,
-                         np.ones((N, N), np.float32), sim.pixel_size, offset_range=3.0, seed=0)
+                         np.ones((N, N), np.float32), sim.pixel_size, offset_range=3.0, seed=0,
+                         xp=xp)
+
+
+@pytest.mark.gpu
+def test_realignment_is_the_same_on_the_gpu(one_view_set):
+    import cupy
+
+    sim, _view, blob, sigma2, tau2 = one_view_set
+    image, gain = _realign(sim, blob, sigma2, tau2)
+    image_gpu, gain_gpu = _realign(sim, blob, sigma2, tau2, xp=cupy)
+    assert isinstance(image_gpu, np.ndarray) and image_gpu.dtype == np.float32
+    assert gain_gpu == pytest.approx(gain, rel=1e-3)
+    assert np.corrcoef(image.ravel(), image_gpu.ravel())[0, 1] > 0.9999
 
 
 def test_a_class_smeared_by_rotation_is_realigned(one_view_set):
