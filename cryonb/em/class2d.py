@@ -24,10 +24,12 @@ smaller class of a pair whose particles fit both almost equally well (one view s
 classes; judged from the E-step's class margins), or, for a crowded class that splits
 clearly, the smaller of two half-size classes that fit each other better than the rest. EM
 then refines the two halves. See
-:mod:`cryonb.em._reseed`. In the same part of the run the prior is annealed
-(``--tau2_anneal``, :meth:`Class2DJob.tau2_factor`): the regularisation parameter T starts
-larger and returns to the user's value, which lets classes that are still blends of many
-views separate sooner on noisy data. In the last ``SETTLE_FRACTION`` of the run the sampling
+:mod:`cryonb.em._reseed`. Where the leader drives a GPU (one rank with ``--gpu``), the class
+similarities, split tests and re-alignments run there (``Class2DJob.reseed_device``). In the
+same part of the run the prior is annealed (``--tau2_anneal``,
+:meth:`Class2DJob.tau2_factor`): the regularisation parameter T starts larger and returns to
+the user's value, which lets classes that are still blends of many views separate sooner on
+noisy data. In the last ``SETTLE_FRACTION`` of the run the sampling
 grid is no longer perturbed at random, so that the final classes do not depend on the last
 draw (:meth:`Class2DJob.grid_perturbation`). ``--no_reseed`` gives the plain algorithm
 (benchmarks/RESULTS.md compares the two).
