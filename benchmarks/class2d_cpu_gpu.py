@@ -117,11 +117,12 @@ def cpu(out: Path, runs: Path, names, perturbations: int = 4) -> None:
             print(f"{name} cpu, perturbed images {seed}: {dt:.0f} s", flush=True)
 
 
-def gpu(out: Path, runs: Path, names) -> None:
-    """The GPU path with the TF32 coarse product twice, and once without."""
+def gpu(out: Path, runs: Path, names, variants=("1a", "1b", "0a")) -> None:
+    """The GPU path with the TF32 coarse product twice, and once without (``variants``:
+    ``CRYONB_TF32`` value and run letter)."""
     for name in names:
         src = out / name
-        for tf, rep in (("1", "a"), ("1", "b"), ("0", "a")):
+        for tf, rep in variants:
             dt = _run(src / "particles.star", runs / name / f"gpu_tf{tf}_{rep}" / "run",
                       ["--gpu", "0", "--j", "1"], _diameter(src), {"CRYONB_TF32": tf})
             print(f"{name} gpu, CRYONB_TF32={tf}, run {rep}: {dt:.0f} s", flush=True)
@@ -221,6 +222,8 @@ def main(argv=None):
     ap.add_argument("--float16", action="store_true", help="make: float16 stacks")
     ap.add_argument("--perturbations", type=int, default=4,
                     help="cpu: runs on perturbed images (noise realisations)")
+    ap.add_argument("--gpu_variants", default="1a,1b,0a",
+                    help="gpu: runs as CRYONB_TF32 value and run letter (1a: TF32, run a)")
     a = ap.parse_args(argv)
     names = a.sets.split(",")
     out, runs = Path(a.out), Path(a.runs)
@@ -229,7 +232,7 @@ def main(argv=None):
     elif a.step == "cpu":
         cpu(out, runs, names, a.perturbations)
     elif a.step == "gpu":
-        gpu(out, runs, names)
+        gpu(out, runs, names, a.gpu_variants.split(","))
     else:
         text = compare(runs, Path(a.gpu_runs) if a.gpu_runs else None, out, names)
         runs.mkdir(parents=True, exist_ok=True)
