@@ -32,10 +32,20 @@ __all__ = [
     "release_device_memory",
     "to_device",
     "to_numpy",
+    "usable_cores",
     "use_device",
 ]
 
 _local = threading.local()
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: a Slurm allocation, ``taskset``),
+    not all of the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover  (macOS)
+        return os.cpu_count() or 1
 
 
 @functools.cache

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module, to_numpy
+from ..backend import array_module, to_numpy, usable_cores
 
 __all__ = ["CROWDED_RATIO", "CROWDED_SEPARATION", "DUP_MARGIN_RATIO", "HALF_RATIO", "HALF_SIZE",
            "HALF_TOTAL", "JUNK_PMAX_RATIO", "MERGE_RATIO", "SPLIT_SEPARATION", "class_similarity",
@@ -161,7 +161,7 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
     wcol = xp.asarray(np.where((kx == 0) | (kx == n // 2), 1.0, 2.0))
     norms = to_numpy(xp.sqrt((xp.abs(F[:, 0]) ** 2 * wcol).sum(axis=(-2, -1))))
     fft = fft_module(xp)
-    par = {"workers": -1} if xp is np else {}  # scipy.fft: the batches over every core
+    par = {"workers": usable_cores()} if xp is np else {}  # scipy.fft: the batches over cores
     chunk_bytes = chunk_bytes or (1 << 26 if xp is np else 1 << 29)
 
     def best_shift(a, b, turns, m):

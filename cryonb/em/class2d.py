@@ -38,7 +38,6 @@ draw (:meth:`Class2DJob.grid_perturbation`). ``--no_reseed`` gives the plain alg
 from __future__ import annotations
 
 import functools
-import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -524,7 +523,9 @@ class Class2DJob:
         else:
             from threadpoolctl import threadpool_limits
 
-            workers = max(1, min(len(picks), os.cpu_count() or 1))
+            from ..backend import usable_cores
+
+            workers = max(1, min(len(picks), usable_cores()))
             with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as ex:
                 splits = list(ex.map(self._split, cands, picks))
         tests = []

@@ -37,11 +37,10 @@ _PINNED: tuple[str, ...] | None = None  # entries pinned (CUDA may have read the
 
 
 def cpu_count() -> int:
-    """Cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover  (macOS)
-        return os.cpu_count() or 1
+    """Cores this process may run on (:func:`cryonb.backend.usable_cores`)."""
+    from ..backend import usable_cores
+
+    return usable_cores()
 
 
 def mpi_world() -> tuple[int, int] | None:

@@ -202,3 +202,15 @@ def test_gpu_threads_match_the_cpu(tiny_set, reference, tmp_path):
     import cupy
 
     assert cupy.get_default_memory_pool().total_bytes() < 64 << 20
+
+
+def test_cores_are_those_the_process_may_run_on(monkeypatch):
+    """A Slurm allocation or taskset leaves a process fewer cores than the machine has: the
+    runtime's BLAS limit and the M-step's split-test threads count those."""
+    import os
+
+    from cryonb.backend import usable_cores
+    from cryonb.parallel import hardware
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 5}, raising=False)
+    assert usable_cores() == 2 and hardware.cpu_count() == 2
