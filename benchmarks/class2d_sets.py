@@ -57,7 +57,8 @@ def _score(data_star, s) -> dict:
     return {k: sc[k] for k in ("purity", "inplane_median_deg", "offset_median_px")}
 
 
-def run_set(name: str, out: Path, iterations: int, relion: bool) -> dict:
+def run_set(name: str, out: Path, iterations: int, relion: bool, seed: int = 0,
+            oracle: bool = True) -> dict:
     """Make one set, classify it with cryonb (and RELION), score both and the oracle."""
     from cryonb.em import Class2DConfig
     from cryonb.parallel import run_class2d
@@ -77,13 +78,13 @@ def run_set(name: str, out: Path, iterations: int, relion: bool) -> dict:
     flags = dict(tau2_fudge=2, particle_diameter=s.particle_diameter, psi_step=10,
                  offset_range=5, offset_step=2)
     cfg = Class2DConfig(i=str(s.particles_star), o=str(out / name / "cryonb" / "run"), K=K,
-                        iter=iterations, random_seed=0, cpu=True, j=2, **flags, **extra)
+                        iter=iterations, random_seed=seed, cpu=True, j=2, **flags, **extra)
     t0 = time.perf_counter()
     res = run_class2d(cfg)
     row = {"set": name, "what": what, "n": s.n_particles, "box": s.box, "K": K,
            "snr": round(s.snr, 3), "cryonb_s": round(time.perf_counter() - t0, 1),
            "cryonb": _score(res.files["data"], s)}
-    if K == s.n_views:
+    if oracle and K == s.n_views:
         row["oracle"] = oracle_purity(res.files["optimiser"], s,
                                       workdir=out / name / "templates")["purity"]
     if relion:
@@ -104,15 +105,19 @@ def main(argv=None):
     ap.add_argument("--iter", type=int, default=25)
     ap.add_argument("--relion", action="store_true", help="also run relion_refine (slow)")
     ap.add_argument("--out", default="bench_out/class2d_sets")
+    ap.add_argument("--seed", type=int, default=0, help="cryonb's --random_seed")
+    ap.add_argument("--no_oracle", action="store_true",
+                    help="skip the classes made from the truth (their purity)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     rows = []
     for name in a.sets.split(","):
-        row = run_set(name, out, a.iter, a.relion)
+        row = run_set(name, out, a.iter, a.relion, a.seed, not a.no_oracle)
         print(json.dumps(row), flush=True)
         rows.append(row)
     machine = f"{platform.node()} ({os.cpu_count()} cores)"
-    lines = [f"machine: {machine}, {time.strftime('%Y-%m-%d')}, {a.iter} iterations, --ctf "
+    lines = [f"machine: {machine}, {time.strftime('%Y-%m-%d')}, {a.iter} iterations, "
+             f"--random_seed {a.seed}, --ctf "
              "--zero_mask --tau2_fudge 2 --psi_step 10 --offset_range 5 --offset_step 2",
              "", "| set | particles x px, K, SNR | cryonb purity | oracle purity | "
              "RELION purity | in-plane median (deg) | offset median (px) | cryonb s |",

@@ -538,11 +538,16 @@ class Class2DJob:
         # slots: nearly empty classes first, then duplicates, then junk
         rank = {"nearly": 0, "duplicate": 1, "junk": 2}
         slots = sorted(free, key=lambda k: (rank[reasons[k].split()[0]], k))
-        # A class seeded earlier in this loop can be split again later in it (its test was
-        # made on its previous particles). Skipping such a split was tried: it lowered two of
-        # the three runs in which it made a difference (benchmarks/RESULTS.md), so it stays.
+        # A class seeded earlier in this loop is not split again in it: its split test was
+        # made on its previous particles, and splitting it would throw the new seed away (a
+        # junk slot given half of a two-view class, then split from its empty picks:
+        # notebook 02's set stayed at purity 0.81-0.82 after 15 or 25 iterations in two of
+        # six runs; benchmarks/RESULTS.md, 2026-12-06 twelfth session)
         exhausted = False  # the free slots ran out: from then on only merges give slots
+        seeded = set()
         for sep, big, avgs, share in tests:
+            if big in seeded:
+                continue
             slot = None if exhausted else next((k for k in slots if k != big), None)
             crowded = counts[big] >= CROWDED_RATIO * med
             if slot is None and (big in junk or crowded):
@@ -569,6 +574,7 @@ class Class2DJob:
             m.prior_offset[slot] = m.prior_offset[big]
             m.tau2[slot] = m.tau2[big]
             m.data_vs_prior[slot] = m.data_vs_prior[big]
+            seeded.add(slot)
             m.reseeded.append({"class": slot + 1, "split": big + 1, "why": reasons[slot],
                                "separation": round(sep, 2), "share": round(share, 3)})
         # junk classes left (no slot to split into): often a class smeared by rotation (a

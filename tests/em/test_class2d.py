@@ -340,6 +340,34 @@ def test_read_ahead_keeps_the_order_and_reads_at_most_ahead():
     assert got == [10 * x for x in range(7)]
 
 
+def test_a_class_seeded_in_a_round_is_not_split_again_in_it(tmp_path, monkeypatch):
+    """Two junk slots: class 1 splits into the first; junk class 3 (now holding class 1's
+    second half) would split next from its old particles into the second slot, which threw
+    the new seed away. It is skipped; its test was made before it was seeded."""
+    from cryonb.em import _reseed
+
+    star, _ = _small_set(tmp_path)
+    run_class2d(_cfg(star, tmp_path / "a" / "run", K=4, iter=2))
+    job = Class2DJob.from_optimiser(tmp_path / "a" / "run_it002_optimiser.star",
+                                    o=str(tmp_path / "b" / "run"), iter=10)
+    job.iteration, job.model.avg_pmax = 4, 0.5
+    job.state.cls = np.arange(job.n) % 4
+    why = "junk (mean max. probability 0.10, median 0.50)"
+    monkeypatch.setattr(_reseed, "find_free_classes", lambda *a, **k: ([2, 3], {2: why, 3: why}))
+    N = job.N
+
+    def split(k, idx, particles=None):  # class k's halves: images filled with 10 k and 10 k + 1
+        sep = {0: 9.0, 1: 0.5, 2: 1.0, 3: 0.9}[k]
+        labels = (np.arange(len(idx)) % 5 < 2).astype(int)
+        return np.stack([np.full((N, N), 10.0 * k), np.full((N, N), 10.0 * k + 1)]), labels, sep
+
+    monkeypatch.setattr(job, "_split", split)
+    monkeypatch.setattr(job, "_realign", lambda k, idx: (np.zeros((N, N)), -1.0))
+    job._maybe_reseed()
+    assert [(r["class"], r["split"]) for r in job.model.reseeded] == [(3, 1)]
+    assert (job.model.classes[0] == 0).all() and (job.model.classes[2] == 1).all()
+
+
 def test_split_tests_short_of_device_memory_run_on_the_host(tmp_path, monkeypatch):
     """With a device for the M-step, a split test that runs out of device memory (shared
     with the E-step's pools) frees the device's cached blocks and runs on the host; the
