@@ -59,7 +59,7 @@ JUNK_PMAX_RATIO = 0.88
 SPLIT_SEPARATION = 4.0
 #: a class this many times the median class size is *crowded* (0 = no crowded rule) ...
 CROWDED_RATIO = 1.6
-#: ... and splits at this separation when it separates best among the candidates
+#: ... and splits at this separation when it separates best among the crowded ones
 CROWDED_SEPARATION = 3.0
 #: a junk or crowded class with no free slot may take the smaller class of a pair whose
 #: particles fit both almost equally: moving them costs less than this fraction of what
@@ -82,7 +82,7 @@ def split_accepted(separation: float, share: float, count: float, median_count: 
     mixes views, and on noisy data two merged views can separate by as little as one view
     split by noise, ~3; EM then decides from the two seeds); and a *crowded* class's
     (``CROWDED_RATIO`` times the median class size) at ``CROWDED_SEPARATION`` when it
-    separates best among the candidates: while a class is free (often a duplicate, two
+    separates best among the crowded candidates: while a class is free (often a duplicate, two
     classes for one view) a class holding twice the typical share most likely holds two
     views, and at pixel SNR 0.05 two merged views separated by 3.6 where single views gave
     2.5-3.3. The crowded rule holds only ``late`` (once the classes have formed: in the first
@@ -96,7 +96,7 @@ def split_accepted(separation: float, share: float, count: float, median_count: 
     count, median_count : float
         The class's particles and the median over non-empty classes.
     best_separation : float
-        The highest separation among this round's candidates.
+        The highest separation among this round's crowded candidates.
     junk : bool
         The class is junk (see :func:`find_free_classes`).
     late : bool

@@ -530,7 +530,12 @@ class Class2DJob:
                 splits = list(ex.map(self._split, cands, picks))
         tests = []
         med = float(np.median(counts[counts > 0]))
-        top = max((sep for _a, _l, sep in splits), default=0.0)
+        # the crowded rule's bar: the best separation among the crowded candidates (a class
+        # of typical size that separates better is not split, so it does not hold them back:
+        # a class of five times the median size holding three views stayed unsplit to the end
+        # behind one of 1.3 times; benchmarks/RESULTS.md, 2026-12-06 twelfth session)
+        top = max((sep for k, (_a, _l, sep) in zip(cands, splits)
+                   if counts[k] >= CROWDED_RATIO * med), default=0.0)
         for k, (avgs, labels, sep) in zip(cands, splits):
             if split_accepted(sep, float(labels.mean()), counts[k], med, top, k in junk, late):
                 tests.append((sep, k, avgs, float(labels.mean())))

@@ -368,6 +368,34 @@ def test_a_class_seeded_in_a_round_is_not_split_again_in_it(tmp_path, monkeypatc
     assert (job.model.classes[0] == 0).all() and (job.model.classes[2] == 1).all()
 
 
+def test_a_crowded_class_is_not_held_back_by_a_typical_one(tmp_path, monkeypatch):
+    """The crowded rule splits the crowded class that separates best among the crowded ones
+    (at CROWDED_SEPARATION); a class of typical size that separates better (but below
+    SPLIT_SEPARATION, so it does not split) does not veto it."""
+    from cryonb.em import _reseed
+
+    star, _ = _small_set(tmp_path)
+    run_class2d(_cfg(star, tmp_path / "a" / "run", K=4, iter=2))
+    job = Class2DJob.from_optimiser(tmp_path / "a" / "run_it002_optimiser.star",
+                                    o=str(tmp_path / "b" / "run"), iter=10)
+    job.iteration, job.model.avg_pmax = 7, 0.5  # after the prior's annealing (late)
+    # 150 / 40 / 30 / 20 particles: median 35, class 1 crowded
+    job.state.cls = np.repeat([0, 1, 2, 3], [150, 40, 30, job.n - 220])
+    monkeypatch.setattr(_reseed, "find_free_classes",
+                        lambda *a, **k: ([3], {3: "nearly empty (20 particles)"}))
+    monkeypatch.setattr(_reseed, "merge_candidates", lambda *a, **k: [])
+    monkeypatch.setattr(_reseed, "half_pairs", lambda *a, **k: [])
+    seps = {0: _reseed.CROWDED_SEPARATION + 0.1, 1: _reseed.SPLIT_SEPARATION - 0.5, 2: 1.0}
+
+    def split(k, idx, particles=None):
+        labels = (np.arange(len(idx)) % 2).astype(int)
+        return np.zeros((2, job.N, job.N)), labels, seps[k]
+
+    monkeypatch.setattr(job, "_split", split)
+    job._maybe_reseed()
+    assert [(r["class"], r["split"]) for r in job.model.reseeded] == [(4, 1)]
+
+
 def test_split_tests_short_of_device_memory_run_on_the_host(tmp_path, monkeypatch):
     """With a device for the M-step, a split test that runs out of device memory (shared
     with the E-step's pools) frees the device's cached blocks and runs on the host; the
