@@ -130,10 +130,12 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
         distinct views stay near 0.5-0.7.
     xp : module
         Where to compute the cross-correlations (``numpy`` or ``cupy``, on the current
-        device): ``K (K - 1) / 2 * n_psi`` inverse transforms, made for one class against
-        all later ones at a time, in chunks of about ``chunk_bytes`` (default 64 MiB on the
-        host, 512 MiB on the device). At K=100, 72 angles and a radius of 32 pixels that is
-        356,400 transforms of 66 x 66 pixels.
+        device): ``K (K - 1) / 2 * n_psi`` inverse transforms, all pairs in chunks of about
+        ``chunk_bytes`` (default 64 MiB on the host, 512 MiB on the device), and five
+        zero-padded ones per pair refined. At K=100, 72 angles and a radius of 32 pixels
+        that is 356,400 transforms of 66 x 66 pixels: 12.6 s on 16 host cores, 0.12 s on
+        an H100.
+    chunk_bytes : int, optional
 
     Returns
     -------

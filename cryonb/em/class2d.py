@@ -130,7 +130,6 @@ class ParticleState:
         self.pose_offset[index, 1] = c["offset_y_refined"]
 
 
-
 def _read_ahead(read, items, ahead: int = 2):
     """``read(item)`` for each item in order, up to ``ahead`` of them read by helper threads
     while the caller works on the previous ones."""
@@ -140,6 +139,7 @@ def _read_ahead(read, items, ahead: int = 2):
             if i + ahead < len(items):
                 todo.append(ex.submit(read, items[i + ahead]))
             yield todo[i].result()
+
 
 class Class2DJob:
     """The leader of a 2D classification: data, model, per-particle state, output files.
@@ -545,9 +545,9 @@ class Class2DJob:
         slots = sorted(free, key=lambda k: (rank[reasons[k].split()[0]], k))
         # A class seeded earlier in this loop is not split again in it: its split test was
         # made on its previous particles, and splitting it would throw the new seed away (a
-        # junk slot given half of a two-view class, then split from its empty picks:
-        # notebook 02's set stayed at purity 0.81-0.82 after 15 or 25 iterations in two of
-        # six runs; benchmarks/RESULTS.md, 2026-12-06 twelfth session)
+        # junk slot given half of a two-view class, then split from its empty picks: two of
+        # twelve runs on notebook 02's set stayed at purity 0.81-0.82 that way;
+        # benchmarks/RESULTS.md, 2026-12-06 twelfth session)
         exhausted = False  # the free slots ran out: from then on only merges give slots
         seeded = set()
         for sep, big, avgs, share in tests:

@@ -183,7 +183,7 @@ class _Run(RankSession):
         jcfg = self._job_config()
         dmap = resolve_device_map(cfg.gpu, 1, cfg.j, n_devices=self._local_devices())
         devices = list(dmap.devices_of(0))
-        # the leader drives the rank's (first) GPU: its M-step's split tests run there too
+        # the leader drives the rank's (first) GPU: its M-step's re-seeding runs there too
         leader.job.reseed_device = devices[0] if devices else None
         proc = hardware.describe_process()
         rinfo = RankInfo(0, "leader+worker", proc["host"], proc["pid"], threads=cfg.j,
