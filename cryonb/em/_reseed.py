@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module, to_numpy, usable_cores
+from ..backend import array_module, fft_module, to_numpy, usable_cores
 
 __all__ = ["CROWDED_RATIO", "CROWDED_SEPARATION", "DUP_MARGIN_RATIO", "HALF_RATIO", "HALF_SIZE",
            "HALF_TOTAL", "JUNK_PMAX_RATIO", "MERGE_RATIO", "SPLIT_SEPARATION", "class_similarity",
@@ -143,7 +143,6 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
         Symmetric, 1 on the diagonal; ``sim[a, b]`` = max over psi and (circular) shifts of the
         correlation of the low-pass filtered ``A_a`` with ``A_b`` rotated by psi (DC excluded).
     """
-    from ..backend import fft_module
     from ..data.conventions import inplane_matrix
     from ..fourier import Projector, fft2_centered, ifft2_centered, window_2d
 
@@ -507,7 +506,6 @@ def _class_frame_pixels(images, psi, offsets, ctf, size: int, pixel_size: float,
         Their Fourier indices ``q_p``.
     shells : ndarray of shape (P,), int
     """
-    from ..backend import array_module, fft_module
     from ..ctf import ctf_at
     from ..data.conventions import inplane_matrix
     from ..fourier import window_2d
