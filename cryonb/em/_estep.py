@@ -29,6 +29,7 @@ from ..ctf import CTFParams, ctf_at, ctf_features
 from ..data.conventions import rotated_indices
 from ..fourier import Projector, fft2_centered, ifft2_centered
 from ..kernels import (
+    add_bincount,
     block_order,
     coarse_log_posterior,
     cross_products,
@@ -261,6 +262,9 @@ class EStepContext:
         self.sums.data = None  # filled by finish()
         self.sums.weight = None
         self.n_done = 0
+        # per-particle results waiting for the pool's one copy to the host (_flush_results)
+        self._queued: list = []
+        self._totals: list = []
         self._beyond = None  # (pixels, one-hot shells) of _power_beyond, made on first use
         #: seconds per stage of the E-step (filled when ``profile`` is true; the device is
         #: synchronised at every stage boundary, which costs a little time)
@@ -482,7 +486,7 @@ class EStepContext:
                 sub = sel[pos]
                 isub = xp.asarray(sub)
                 self._dense_pass(self.broad, batch, sub, r_union, sig_s[xp.asarray(pos)],
-                                 Xf[isub], ctf_f[isub], inv_f[isub], power_full[isub], res)
+                                 Xf[isub], ctf_f[isub], inv_f[isub], power_full[isub])
             del sig_s
         sel = np.flatnonzero(~broad)
         if sel.size:
@@ -492,8 +496,10 @@ class EStepContext:
                 isub = xp.asarray(sel)
                 cb, flat = samples_of(~broad)
             self._sparse_pass(self.fine, batch, sel, cb, flat // M, flat % M, T, Xf[isub],
-                              ctf_f[isub], inv_f[isub], power_full[isub], res)
+                              ctf_f[isub], inv_f[isub], power_full[isub])
         self._mark("second pass")
+        self._flush_results(res)
+        self._mark("results to the host")
         self.n_done += B
         return res
 
@@ -594,10 +600,9 @@ class EStepContext:
             gap = best - lk
         cost = xp.clip(xp.nan_to_num(gap, nan=MARGIN_CAP, posinf=MARGIN_CAP), 0, MARGIN_CAP)
         S = self.sums
-        S.class_margin += xp.bincount((a[:, None] * K + xp.arange(K)).reshape(-1),
-                                      weights=cost.reshape(-1).astype(xp.float64),
-                                      minlength=K * K).reshape(K, K)
-        S.margin_n += xp.bincount(a, minlength=K).astype(xp.float64)
+        add_bincount(S.class_margin.reshape(-1), (a[:, None] * K + xp.arange(K)).reshape(-1),
+                     cost.reshape(-1))
+        add_bincount(S.margin_n, a)
 
     def _groups(self, sig_t, sig_r, best, grid, budget_bytes: float | None = None):
         """Split broad-posterior particles into groups for the dense second pass.
@@ -641,7 +646,7 @@ class EStepContext:
             groups.append((np.array(cur), np.flatnonzero(urot)))
         return groups
 
-    def _dense_pass(self, f: _Grid, batch, sub, r_union, sig, Xf, ctf, inv, power_full, res):
+    def _dense_pass(self, f: _Grid, batch, sub, r_union, sig, Xf, ctf, inv, power_full):
         """Second pass for broad posteriors: one matrix product per group, dense sums.
 
         Evaluates each particle's significant coarse translations (sub-sampled by ``f.ts``)
@@ -697,8 +702,8 @@ class EStepContext:
         rcls_b = xp.broadcast_to(rcls, (Bs, Rf))
         d2 = d2k[:, :, rcls[0]]
         self._mark("dense: weights")
-        self._results(f, batch, sub, w, tf, xp.broadcast_to(rf, (Bs, Rf)), offs, loglik, res,
-                      Xf, ctf, inv)
+        spreads = self._results(f, sub, w, tf, xp.broadcast_to(rf, (Bs, Rf)), offs, loglik, Xf,
+                                ctf, inv)
         self._mark("dense: results")
         omega = w.sum(axis=1)  # (Bs, Rf)
         crossn, a2n = self._accumulate_dense(f, w, Y, Xt, Ari, A2, rf[0], omega, ctf, cinv)
@@ -706,11 +711,10 @@ class EStepContext:
         x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
         resid = self._complete_shells(x2n - 2 * crossn + a2n, x2n, power_full, f.size)
         self._accumulate_stats(batch, sub, resid, crossn, a2n)
-        self._accumulate_priors(batch, sub, w, omega, rcls_b, offs, d2, resid, res)
+        self._accumulate_priors(batch, sub, w, omega, rcls_b, offs, d2, resid, spreads)
         self._mark("dense: residual and priors")
 
-    def _sparse_pass(self, f: _Grid, batch, sub, cb, ct, cr, T, Xf, ctf, inv, power_full,
-                     res):
+    def _sparse_pass(self, f: _Grid, batch, sub, cb, ct, cr, T, Xf, ctf, inv, power_full):
         """Second pass for peaked posteriors: only the significant samples, sparse sums.
 
         ``cb``, ``ct``, ``cr`` (int arrays of one length): the significant coarse samples'
@@ -795,9 +799,9 @@ class EStepContext:
         self._mark("fine: weights and results")
         pose = self._best_pose(f, best_rf, tf[best], best_off, Xf, ctf, inv)
         self._mark("fine: refined poses")
-        self._write_results(res, sub, best_rf // R, pose, pmax=pmax, loglik=loglik,
-                            acc_rot=acc_rot, acc_trans=acc_tr)
-        self._mark("fine: results to the host")
+        self._queue_results(sub, best_rf // R, pose, pmax=pmax, loglik=loglik, acc_rot=acc_rot,
+                            acc_trans=acc_tr)
+        self._mark("fine: results queued")
         # back-projection sums and the residual's per-shell terms over the coarse samples
         # with a non-zero weight, each block of ts x ps samples from one read of its rows
         nz = xp.flatnonzero(w > 0)
@@ -834,14 +838,18 @@ class EStepContext:
         S.prior_offset += sums[1:3].T
         S.acc_rot += sums[3]
         S.acc_trans += sums[4]
-        pk = xp.bincount(bn * K + kn, weights=wd, minlength=Bs * K).reshape(Bs, K)
+        pk = xp.zeros(Bs * K, xp.float64)
+        add_bincount(pk, bn * K + kn, wd)
+        pk = pk.reshape(Bs, K)
         S.class_overlap += pk.T @ pk
         self._mark("fine: priors and class overlaps")
-        self._norm_and_totals(batch, sub, resid, res)
+        self._norm_and_totals(batch, sub, resid)
         self._mark("fine: norm corrections and totals")
 
-    def _results(self, f, batch, sub, w, tf, rf, offs, loglik, res, Xf, ctf, inv):
-        """Best pose, max probability, log-likelihood, posterior spread per particle."""
+    def _results(self, f, sub, w, tf, rf, offs, loglik, Xf, ctf, inv):
+        """Best pose, max probability, log-likelihood, posterior spread per particle (queued
+        for the pool's results, :meth:`_queue_results`); returns the angular and
+        translational spreads, float64 arrays of shape (Bs,)."""
         xp = self.xp
         Bs, _, Rf = w.shape
         R = len(f.psi)
@@ -858,23 +866,47 @@ class EStepContext:
         dt = offs - best_off[:, None, :]
         acc_tr = xp.sqrt((wt * (dt * dt).sum(axis=-1)).sum(axis=1))
         pose = self._best_pose(f, best_rf, tf[ar, bt], best_off, Xf, ctf, inv)
-        self._write_results(res, sub, best_rf // R, pose, pmax=w.reshape(Bs, -1).max(axis=1),
+        self._queue_results(sub, best_rf // R, pose, pmax=w.reshape(Bs, -1).max(axis=1),
                             loglik=loglik, acc_rot=acc_rot, acc_trans=acc_tr)
+        return acc_rot.astype(xp.float64), acc_tr.astype(xp.float64)
 
-    @staticmethod
-    def _write_results(res, sub, cls, poses, **cols):
-        """Copy per-particle result columns (device arrays) into the host table ``res``;
-        ``poses``: the best sample's and the refined (psi, offsets) (:meth:`_best_pose`)."""
+    def _queue_results(self, sub, cls=None, poses=(), **cols):
+        """Queue per-particle result columns (arrays of shape (Bs,)) for the pool's table;
+        ``poses``: the best sample's and the refined (psi, offsets) (:meth:`_best_pose`).
+        :meth:`_flush_results` copies every queued column to the host at once."""
         for (psi, off), end in zip(poses, ("", "_refined")):
             cols.update({"psi" + end: psi, "offset_x" + end: off[:, 0],
                          "offset_y" + end: off[:, 1]})
-        cols["class"] = cls
+        if cls is not None:
+            cols["class"] = cls
+        xp = self.xp
         names = list(cols)
-        xp = array_module(*cols.values())
-        # one device-to-host copy (one synchronisation) for all columns
-        host = _to_host(xp.stack([xp.asarray(cols[n]).astype(xp.float64) for n in names],
-                                 axis=1))
-        res[np.ix_(np.asarray(sub), [RESULT_COLUMNS.index(n) for n in names])] = host
+        self._queued.append((np.asarray(sub), [RESULT_COLUMNS.index(n) for n in names],
+                             xp.stack([xp.asarray(cols[n]).astype(xp.float64) for n in names],
+                                      axis=1)))
+
+    def _flush_results(self, res) -> None:
+        """Write the queued result columns into the host table ``res`` (B, len(RESULT_COLUMNS))
+        with one device-to-host copy, then add the log-likelihoods and max probabilities of
+        the particles done (:meth:`_norm_and_totals`) to the sums, in the order queued.
+
+        The pool's other device-to-host copies size arrays (significant samples, rows in
+        use); the results wait here until the pool's work is queued, so that reading them
+        does not stop the host from queueing what follows."""
+        xp = self.xp
+        if self._queued:
+            flat = _to_host(xp.concatenate([q[2].reshape(-1) for q in self._queued]))
+            at = 0
+            for sub, cols, _ in self._queued:
+                n = sub.size * len(cols)
+                res[np.ix_(sub, cols)] = flat[at:at + n].reshape(sub.size, len(cols))
+                at += n
+        self._queued = []
+        S = self.sums
+        for sub in self._totals:
+            S.loglik += float(res[sub, RESULT_COLUMNS.index("loglik")].sum())
+            S.pmax += float(res[sub, RESULT_COLUMNS.index("pmax")].sum())
+        self._totals = []
 
     def _best_pose(self, f: _Grid, best_rf, best_t, best_off, Xf, ctf, inv):
         """Each particle's best sample, and its reported pose (refined unless
@@ -954,8 +986,9 @@ class EStepContext:
         a2n = ((omega @ A2) * ctf * ctf) @ f.onehot
         return crossn, a2n
 
-    def _norm_and_totals(self, batch, sub, resid, res):
-        """New norm corrections; log-likelihood, max-probability and particle totals."""
+    def _norm_and_totals(self, batch, sub, resid):
+        """New norm corrections; log-likelihood, max-probability and particle totals (the
+        first two when the results are copied, :meth:`_flush_results`)."""
         xp = self.xp
         S = self.sums
         old_norm = xp.asarray(batch.norm[sub], dtype=xp.float64)
@@ -964,35 +997,33 @@ class EStepContext:
                 resid.sum(axis=1), 1e-30))
         else:
             new_norm = old_norm
-        res[sub, RESULT_COLUMNS.index("norm")] = _to_host(new_norm)
+        self._queue_results(sub, norm=new_norm)
         S.norm_sum += new_norm.sum()
-        S.loglik += float(res[sub, RESULT_COLUMNS.index("loglik")].sum())
-        S.pmax += float(res[sub, RESULT_COLUMNS.index("pmax")].sum())
+        self._totals.append(np.asarray(sub))
         S.n += len(sub)
 
-    def _accumulate_priors(self, batch, sub, w, omega, rcls, offs, d2, resid, res):
-        """Class priors and overlaps, offsets, then norm and totals (dense layout)."""
+    def _accumulate_priors(self, batch, sub, w, omega, rcls, offs, d2, resid, spreads):
+        """Class priors and overlaps, offsets, then norm and totals (dense layout);
+        ``spreads``: each particle's angular and translational spread (:meth:`_results`)."""
         xp = self.xp
         S = self.sums
         Bs = w.shape[0]
         flat_cls = rcls.reshape(-1)
-        S.pdf_class += xp.bincount(flat_cls, weights=omega.reshape(-1).astype(xp.float64),
-                                   minlength=self.K)
-        pk = xp.bincount((xp.arange(Bs)[:, None] * self.K + rcls).reshape(-1),
-                         weights=omega.reshape(-1).astype(xp.float64),
-                         minlength=Bs * self.K).reshape(Bs, self.K)
+        om = omega.reshape(-1).astype(xp.float64)
+        add_bincount(S.pdf_class, flat_cls, om)
+        pk = xp.zeros(Bs * self.K, xp.float64)
+        add_bincount(pk, (xp.arange(Bs)[:, None] * self.K + rcls).reshape(-1), om)
+        pk = pk.reshape(Bs, self.K)
         S.class_overlap += pk.T @ pk
         wo = xp.einsum("btr,btc->brc", w, offs)  # (Bs, Rf, 2) = sum_t w * offset
+        po = xp.zeros((2, self.K), xp.float64)
         for a in range(2):
-            S.prior_offset[:, a] += xp.bincount(flat_cls, weights=wo[..., a].reshape(-1)
-                                                .astype(xp.float64), minlength=self.K)
+            add_bincount(po[a], flat_cls, wo[..., a].reshape(-1))
+        S.prior_offset += po.T
         S.sigma2_offset += (w.astype(xp.float64) * d2).sum()
-        for name in ("acc_rot", "acc_trans"):
-            v = xp.asarray(res[sub, RESULT_COLUMNS.index(name)])
-            getattr(S, name)[...] += xp.bincount(
-                flat_cls, weights=(omega * v[:, None]).reshape(-1).astype(xp.float64),
-                minlength=self.K)
-        self._norm_and_totals(batch, sub, resid, res)
+        for name, v in zip(("acc_rot", "acc_trans"), spreads):
+            add_bincount(getattr(S, name), flat_cls, (omega * v[:, None]).reshape(-1))
+        self._norm_and_totals(batch, sub, resid)
 
     def _accumulate_stats(self, batch, sub, resid, crossn, a2n):
         """Noise spectra per optics group, scale sums per group.

@@ -4,7 +4,7 @@ Each public function dispatches on its arguments' array module and has a plain N
 (``*_reference``) that the tests compare both implementations against.
 """
 
-from ._bins import weighted_bincounts, weighted_bincounts_reference
+from ._bins import add_bincount, weighted_bincounts, weighted_bincounts_reference
 from ._coarse import (
     coarse_log_posterior,
     coarse_log_posterior_reference,
@@ -50,6 +50,7 @@ from ._select import (
 )
 
 __all__ = [
+    "add_bincount",
     "block_order",
     "coarse_log_posterior",
     "coarse_log_posterior_reference",

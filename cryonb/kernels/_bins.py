@@ -7,6 +7,11 @@ and translational spreads) are sums of per-sample weights into the sample's clas
 each CUDA block adds its share of the samples into its own copy of the bins in shared
 memory and then adds that copy to the result: one pass, and K atomic adds per block and
 statistic in global memory. On the CPU, ``bincount`` per statistic (the reference).
+
+:func:`add_bincount`: ``out += bincount(idx, weights)`` without reading anything back. CuPy's
+``bincount`` copies ``(idx < 0).any()`` and ``idx.max()`` to the host, two device
+synchronisations per call: each one stops the host from queueing the pool's next kernels
+until the device has finished every kernel before it.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import numpy as np
 from ..backend import array_module
 from ._cuda import cuda_function
 
-__all__ = ["weighted_bincounts", "weighted_bincounts_reference"]
+__all__ = ["add_bincount", "weighted_bincounts", "weighted_bincounts_reference"]
 
 #: the shared-memory copy of the bins holds at most this many float64 sums (48 KiB)
 _SHARED_SUMS = 6144
@@ -83,3 +88,30 @@ def weighted_bincounts(idx, weights, n_bins: int):
          np.int64(n), np.int32(c), np.int32(n_bins), out),
         shared_mem=8 * c * n_bins)
     return out
+
+
+def add_bincount(out, idx, weights=None) -> None:
+    """``out += bincount(idx, weights, minlength=len(out))``, in place.
+
+    Parameters
+    ----------
+    out : float64 array of shape (n_bins,)
+    idx : int array of shape (n,)
+        Bin of each sample, in ``0..n_bins-1`` (not checked on the GPU).
+    weights : float array of shape (n,), optional
+        Each sample's weight (default 1).
+
+    Notes
+    -----
+    CPU: ``numpy.bincount`` (summation in sample order). GPU: float64 atomic adds
+    (``cupy.add.at``), in no fixed order, and no device synchronisation: indices outside
+    ``0..n_bins-1`` are not detected (CuPy's ``bincount`` reads the largest one back to size
+    its result).
+    """
+    xp = array_module(out)
+    if xp is np:
+        out += np.bincount(idx, weights=weights, minlength=out.shape[0])
+        return
+    w = (xp.ones(idx.shape, out.dtype) if weights is None
+         else xp.asarray(weights).astype(out.dtype, copy=False))
+    xp.add.at(out, idx, w)

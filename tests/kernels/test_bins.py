@@ -20,3 +20,26 @@ def test_weighted_bincounts_equal_bincount(xp, n_bins):
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
     empty = weighted_bincounts(xp.asarray(idx[:0]), xp.asarray(w[:, :0]), n_bins)
     assert float(abs(empty).sum()) == 0.0 and empty.shape == (5, n_bins)
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_add_bincount_adds_bincount_in_place(xp, weighted):
+    """Into a view of a larger array (a K x K table's rows), counts or float32 weights."""
+    from cryonb.kernels import add_bincount
+
+    rng = np.random.default_rng(2)
+    n, n_bins = 50_001, 40_000  # K = 200 classes' K x K margins
+    idx = rng.integers(0, n_bins, n)
+    idx[:3000] = 7
+    w = rng.uniform(0, 1, n).astype(np.float32)
+    table = rng.uniform(size=(200, 200))
+    want = table.reshape(-1) + np.bincount(idx, weights=w if weighted else None,
+                                           minlength=n_bins)
+    got = xp.asarray(table)
+    add_bincount(got.reshape(-1), xp.asarray(idx), xp.asarray(w) if weighted else None)
+    got = got.get() if hasattr(got, "get") else got
+    np.testing.assert_allclose(got.reshape(-1), want, rtol=1e-12)
+    col = xp.zeros((5, 2))  # a strided column
+    add_bincount(col[:, 1], xp.asarray([0, 4, 4]))
+    col = col.get() if hasattr(col, "get") else col
+    np.testing.assert_array_equal(col, [[0, 1], [0, 0], [0, 0], [0, 0], [0, 2]])
