@@ -194,7 +194,9 @@ def _host_profile(job, pools, images, top: int = 25) -> str:
     _timed_estep(job, pools, images)
     pr.disable()
     s = io.StringIO()
-    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(top)
+    st = pstats.Stats(pr, stream=s)
+    st.sort_stats("tottime").print_stats(top)
+    st.sort_stats("cumulative").print_stats("cryonb", top)  # the E-step's own functions
     return s.getvalue()
 
 

@@ -35,6 +35,7 @@ from ..kernels import (
     cross_products,
     insert_slices_2d,
     mask_images_2d,
+    mask_outside,
     pose_neighbours,
     sampled_dot_blocks,
     scatter_blocks_residual,
@@ -218,6 +219,7 @@ class EStepContext:
         self.nsh = N // 2 + 1
         self.mask_radius = mask_radius(config.particle_diameter, N, self.apix)
         self.mask = soft_circular_mask(N, self.mask_radius, 5.0, xp)
+        self.mask_outside = mask_outside(self.mask)  # once (a read back from the device)
         cur = int(model.current_size)
         coarse = int(model.coarse_size) if config.oversampling else cur
         projs = Projector(xp.asarray(model.classes, dtype=xp.float32), config.pad, stack=True)
@@ -400,7 +402,8 @@ class EStepContext:
         # Outside the mask: with --zero_mask the image's own weighted background mean
         # (RELION's softMaskOutsideMap), else coloured noise.
         masked = mask_images_2d(imgs, f, r, self.mask,
-                                None if self.config.zero_mask else self._noise(batch))
+                                None if self.config.zero_mask else self._noise(batch),
+                                outside=self.mask_outside)
         self._mark("prepare: shift and mask")
         F = fft2_centered(masked).reshape(len(batch), -1)
         self._mark("prepare: FFT")

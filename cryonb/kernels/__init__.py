@@ -26,6 +26,7 @@ from ._pose import pose_neighbours, pose_neighbours_reference
 from ._prepare import (
     mask_images_2d,
     mask_images_2d_reference,
+    mask_outside,
     shifted_images_ri,
     shifted_images_ri_reference,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "insert_slices_2d_reference",
     "mask_images_2d",
     "mask_images_2d_reference",
+    "mask_outside",
     "pose_neighbours",
     "pose_neighbours_reference",
     "prune_peak_clusters",

@@ -93,7 +93,7 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
 """
 
 
-def mask_images_2d(imgs, scale, shift, mask, noise=None):
+def mask_images_2d(imgs, scale, shift, mask, noise=None, outside=None):
     """Norm-corrected, centred, masked images.
 
     Parameters
@@ -110,6 +110,9 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None):
     noise : float32 array of shape (B, N, N), optional
         What goes outside the mask; None: each image's own weighted background mean,
         ``sum(img (1 - mask)) / sum(1 - mask)`` (RELION's ``--zero_mask``).
+    outside : float, optional
+        ``sum(1 - mask)``, if known (see :func:`mask_outside`); otherwise computed here,
+        which on the GPU reads a sum back from the device (a synchronisation per call).
 
     Returns
     -------
@@ -124,7 +127,7 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None):
     f32 = xp.float32
     scale = xp.ones(B, f32) if scale is None else xp.asarray(scale, dtype=f32)
     mask = xp.ascontiguousarray(mask, dtype=f32)
-    inv_out = np.float32(1.0 / float((1 - mask).sum()))
+    inv_out = np.float32(1.0 / (mask_outside(mask) if outside is None else float(outside)))
     if xp is np:
         _mask_cpu()(np.ascontiguousarray(imgs, dtype=f32), scale,
                     np.ascontiguousarray(shift, dtype=np.int64), mask,
@@ -138,6 +141,12 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None):
          out if noise is None else xp.ascontiguousarray(noise, dtype=f32),
          np.int32(noise is not None), inv_out, np.int32(N), out))
     return out
+
+
+def mask_outside(mask) -> float:
+    """``sum(1 - mask)`` of a float32 mask (N, N) as :func:`mask_images_2d` computes it."""
+    xp = array_module(mask)
+    return float((1 - xp.ascontiguousarray(mask, dtype=xp.float32)).sum())
 
 
 def shifted_images_ri_reference(X, phases, weight, rows, shifts):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cryonb.em._estep import soft_circular_mask
-from cryonb.kernels import mask_images_2d
+from cryonb.kernels import mask_images_2d, mask_outside
 
 
 def _by_definition(imgs, scale, shift, mask, noise):
@@ -38,6 +38,12 @@ def test_masked_images_follow_the_definition(xp, with_noise, with_scale, N):
     got = got.get() if hasattr(got, "get") else got
     assert got.shape == (B, N, N) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # the mask's outside sum given (the E-step computes it once, not per pool): the same
+    again = mask_images_2d(xp.asarray(imgs), scale, shift, xp.asarray(mask),
+                           None if noise is None else xp.asarray(noise),
+                           outside=mask_outside(xp.asarray(mask)))
+    again = again.get() if hasattr(again, "get") else again
+    np.testing.assert_array_equal(again, got)
 
 
 def test_shifted_images_follow_the_definition(xp):
