@@ -305,7 +305,10 @@ class WorkerService:
         elif self.source is None:
             raise ResourceError(f"rank {self.rank} has no way to read images")
         else:
-            images = self.source.images(task["index"])
+            # straight into the pinned buffer where there is one (no intermediate copy)
+            N = self.setup["N"]
+            buf = self._host_buffer((len(task["index"]), N, N))
+            return self.source.images(task["index"], out=buf)
         buf = self._host_buffer(images.shape)
         if buf is None:
             return images

@@ -136,8 +136,9 @@ class ImageSource:
         self.fallback = 0
         self._count_lock = threading.Lock()
 
-    def images(self, rows) -> np.ndarray:
-        """Images of the table rows ``rows``, shape ``(len(rows), N, N)``, float32."""
+    def images(self, rows, out=None) -> np.ndarray:
+        """Images of the table rows ``rows``, shape ``(len(rows), N, N)``, float32; into
+        ``out`` (an array of that shape and type) if given."""
         raise NotImplementedError
 
     def reset_counts(self) -> int:
@@ -164,9 +165,9 @@ class TableSource(ImageSource):
         super().__init__()
         self.table = table
 
-    def images(self, rows) -> np.ndarray:
+    def images(self, rows, out=None) -> np.ndarray:
         """See :meth:`ImageSource.images`."""
-        return self.table.images(np.asarray(rows, np.int64))
+        return self.table.images(np.asarray(rows, np.int64), out=out)
 
 
 class PrereadSource(ImageSource):
@@ -194,9 +195,12 @@ class PrereadSource(ImageSource):
         for s in range(0, n, _CHUNK):
             self.data[s : s + _CHUNK] = table.images(slice(s, min(n, s + _CHUNK)))
 
-    def images(self, rows) -> np.ndarray:
+    def images(self, rows, out=None) -> np.ndarray:
         """See :meth:`ImageSource.images`."""
-        return self.data[np.asarray(rows, np.int64)]
+        rows = np.asarray(rows, np.int64)
+        if out is None:
+            return self.data[rows]
+        return np.take(self.data, rows, axis=0, out=out)
 
     def close(self) -> None:
         """Drop the images."""
@@ -341,13 +345,14 @@ class ScratchSource(ImageSource):
             raise ResourceError(f"the scratch copy {copy.path} holds {self._data.shape[0]} "
                                 f"particles, expected {copy.n_copied}")
 
-    def images(self, rows) -> np.ndarray:
+    def images(self, rows, out=None) -> np.ndarray:
         """See :meth:`ImageSource.images`; rows not copied come from the original stacks."""
         rows = np.asarray(rows, np.int64)
         local = rows < self.copy.n_copied
-        if local.all():
+        if local.all() and out is None:
             return np.asarray(self._data[rows], np.float32)
-        out = np.empty((len(rows), self.copy.box, self.copy.box), np.float32)
+        if out is None:
+            out = np.empty((len(rows), self.copy.box, self.copy.box), np.float32)
         out[local] = self._data[rows[local]]
         out[~local] = self.table.images(rows[~local])
         with self._count_lock:

@@ -536,3 +536,7 @@ def test_images_from_other_modes(tmp_path, dtype):
     images = read_particles(star).images()
     assert images.dtype == np.float32
     np.testing.assert_array_equal(images, (stack[[2, 0]] % 1000).astype(dtype).astype(np.float32))
+    # straight into a float32 buffer (a GPU worker's pinned pool): converted the same way
+    buf = np.full(images.shape, np.nan, np.float32)
+    assert read_particles(star).images(out=buf) is buf
+    np.testing.assert_array_equal(buf, images)

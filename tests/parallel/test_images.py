@@ -30,12 +30,25 @@ def table(tiny_set):
 ROWS = np.array([149, 0, 51, 37, 120, 49, 50, 3])  # across the 3 stacks, out of order
 
 
+def _into_buffer(source, rows, box):
+    """``source.images(rows, out=buf)`` into a buffer holding other values first; the buffer
+    itself comes back."""
+    buf = np.full((len(rows), box, box), np.nan, np.float32)
+    got = source.images(rows, out=buf)
+    assert got is buf
+    return got
+
+
 def test_sources_agree(table):
     want = table.images(ROWS)
     np.testing.assert_array_equal(TableSource(table).images(ROWS), want)
+    np.testing.assert_array_equal(_into_buffer(TableSource(table), ROWS, table.box), want)
     pre = PrereadSource(table)
     assert pre.data.shape == (table.n, table.box, table.box)
     np.testing.assert_array_equal(pre.images(ROWS), want)
+    np.testing.assert_array_equal(_into_buffer(pre, ROWS, table.box), want)
+    with pytest.raises(ValueError, match="the images need float32"):
+        table.images(ROWS, out=np.empty((len(ROWS), table.box, table.box + 1), np.float32))
 
 
 @pytest.mark.parametrize("fit", [0, 40, 150])
@@ -45,6 +58,8 @@ def test_scratch_copy_and_per_particle_fallback(table, tmp_path, fit):
     assert copy.n_copied == fit and copy.complete == (fit == table.n)
     src = ScratchSource(table, copy)
     np.testing.assert_array_equal(src.images(ROWS), table.images(ROWS))
+    assert src.reset_counts() == int((ROWS >= fit).sum())
+    np.testing.assert_array_equal(_into_buffer(src, ROWS, table.box), table.images(ROWS))
     assert src.reset_counts() == int((ROWS >= fit).sum())
     if not copy.complete:
         assert f"room for {fit} of 150 particles" in copy.describe()
