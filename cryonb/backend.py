@@ -27,6 +27,7 @@ __all__ = [
     "array_module",
     "device_count",
     "fft_module",
+    "fft_threads",
     "gpu_available",
     "is_gpu_array",
     "release_device_memory",
@@ -119,6 +120,20 @@ def array_module(*arrays: Any) -> ModuleType:
 
             return cupy
     return np
+
+
+@contextlib.contextmanager
+def fft_threads(n: int):
+    """Host FFTs (``scipy.fft``) of the calling thread use ``n`` threads inside the block.
+
+    The setting is per thread (``scipy.fft.set_workers``): a rank's ``--j`` threads each get
+    their share of the cores, as its BLAS does. The results do not depend on ``n`` (a batch
+    of transforms is split between the threads, each transform computed as before).
+    """
+    import scipy.fft
+
+    with scipy.fft.set_workers(max(1, int(n))):
+        yield
 
 
 def fft_module(xp: ModuleType) -> ModuleType:

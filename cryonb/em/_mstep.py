@@ -27,11 +27,19 @@ def shell_pixel_counts(n: int) -> np.ndarray:
     return np.bincount(sh[sh <= n // 2], minlength=n // 2 + 1).astype(np.float64)
 
 
-def _shell_mean(power2d, n):
-    """Mean of a half-plane quantity of an ``n`` box per shell -> (..., n//2+1)."""
+def _shell_mean(power2d, n, *, of_power: bool = False):
+    """Mean of a half-plane quantity of an ``n`` box per shell -> (..., n//2+1).
+
+    With ``of_power``, ``power2d`` is a complex transform and the mean is of its power
+    ``|F|^2`` in float64, computed for the pixels within the shells only (the same values
+    as ``_shell_mean((F.real**2 + F.imag**2).astype(np.float64), n)``, without the
+    full-size power and float64 arrays: a third of the initial pass's time at 128 px).
+    """
     sh = radial_index_2d(n, np).ravel()
     keep = sh <= n // 2
     flat = power2d.reshape((*power2d.shape[:-2], -1))[..., keep]
+    if of_power:
+        flat = (flat.real**2 + flat.imag**2).astype(np.float64)
     onehot = (sh[keep][:, None] == np.arange(n // 2 + 1)[None]).astype(np.float64)
     return flat @ onehot / np.maximum(onehot.sum(axis=0), 1)
 
@@ -116,7 +124,7 @@ def initial_pass_sums(images, meta: dict, config, pixel_size: float, n_optics: i
         bg = (imgs * outside).sum(axis=(1, 2)) / outside.sum()
         imgs = imgs * mask + bg[:, None, None] * outside
     F = fft2_centered(imgs)
-    ps = _shell_mean((F.real**2 + F.imag**2).astype(np.float64), N)
+    ps = _shell_mean(F, N, of_power=True)
     out = InitSums.zeros(config.K, N, config.pad, n_optics)
     np.add.at(out.power_sum, meta["optics"], ps)
     np.add.at(out.count, meta["optics"], 1)

@@ -99,7 +99,7 @@ def open_worker(run_id: str, rank: int, config, setup: dict, *, threads: int, de
     src = make_source(source, config)
     state["worker"] = WorkerService(rank=rank, config=config, setup=setup, threads=threads,
                                     devices=local or None, source=src, comm=state.get("comm"),
-                                    timeout=timeout)
+                                    timeout=timeout, fft_threads=blas_threads or 1)
     return {"devices": local, "gpu": bool(local), "uuids": uuids}
 
 

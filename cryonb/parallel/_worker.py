@@ -20,7 +20,7 @@ import traceback
 
 import numpy as np
 
-from ..backend import pinned_empty
+from ..backend import fft_threads, pinned_empty
 from ..errors import CryonbError, ResourceError
 from .combine import mpi_send_sum, ordered_sum, write_rank_sum
 from .hardware import device_memory
@@ -63,8 +63,10 @@ class WorkerService:
     """
 
     def __init__(self, *, rank: int, config, setup: dict, threads: int, devices=None,
-                 source=None, comm=None, timeout: float = 600.0):
+                 source=None, comm=None, timeout: float = 600.0, fft_threads: int = 1):
         self.rank = rank
+        #: host FFT threads of each compute thread (its share of the cores, as for BLAS)
+        self.fft_threads = max(1, int(fft_threads))
         self.config = config
         self.setup = dict(setup)
         self.threads = int(threads)
@@ -357,7 +359,8 @@ class WorkerService:
                 t0 = time.monotonic()
                 self._busy[t] = (task["id"], n, t0)
                 try:
-                    res = self._process(t, task, images)
+                    with fft_threads(self.fft_threads):
+                        res = self._process(t, task, images)
                     rec = {"id": task["id"], "thread": t, "n": n, "res": res, "read_s": read_s,
                            "compute_s": time.monotonic() - t0}
                 except BaseException as exc:

@@ -195,7 +195,8 @@ class _Run(RankSession):
         free = self._free_per_thread([rinfo], {0: proc})
         self._choose_pool(free)
         worker = WorkerService(rank=0, config=jcfg, setup=_setup_of(info), threads=cfg.j,
-                               devices=devices or None, source=src, timeout=self.timeout)
+                               devices=devices or None, source=src, timeout=self.timeout,
+                               fft_threads=max(1, proc["cores"] // cfg.j))
         rank = LocalRank(rinfo, {"leader": leader, "worker": worker})
         self.ranks = [rank]
         self.leader = rank

@@ -8,6 +8,7 @@ import queue
 import numpy as np
 import pytest
 
+from cryonb.backend import fft_threads as backend_fft_threads
 from cryonb.errors import ResourceError
 from cryonb.io import read_particles
 from cryonb.parallel import images
@@ -156,3 +157,35 @@ def test_gpu_worker_prefetches_the_next_ready_pool():
     w._phase = ("init", None, 0)
     w._ready.put((7, {"id": 3}, "pool 3", 0.0))
     assert w._prefetch_next(0, 7) is None and w._ready.qsize() == 1
+
+
+def test_worker_threads_run_host_ffts_on_their_share_of_the_cores(table, monkeypatch):
+    """Each compute thread's pools run with scipy.fft's workers set to the rank's share of the
+    cores (``fft_threads``); outside the pool the thread's default is back."""
+    import scipy.fft
+
+    from cryonb.em import Class2DConfig
+    from cryonb.parallel._worker import WorkerService
+
+    seen = []
+
+    def process(self, t, task, images):
+        seen.append((scipy.fft.get_workers(), images.shape))
+
+    monkeypatch.setattr(WorkerService, "_process", process)
+    w = WorkerService(rank=1, config=Class2DConfig(i="x", o="y"), setup={"N": table.box},
+                      threads=2, source=TableSource(table), fft_threads=3)
+    try:
+        w.begin("init")
+        got = w.exchange([{"id": 0, "index": ROWS}, {"id": 1, "index": ROWS[:3]}], 10.0)
+        results = got["results"]
+        while len(results) < 2:
+            results += w.exchange([], 10.0)["results"]
+    finally:
+        w.close()
+    assert sorted(seen, key=lambda s: s[1][0]) == [(3, (3, table.box, table.box)),
+                                                   (3, (len(ROWS), table.box, table.box))]
+    assert all("error" not in r for r in results)
+    with backend_fft_threads(2):
+        assert scipy.fft.get_workers() == 2
+    assert scipy.fft.get_workers() == 1
