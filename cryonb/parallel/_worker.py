@@ -60,6 +60,9 @@ class WorkerService:
         For images sent by the leader (``leader`` I/O mode under MPI) and MPI sums.
     timeout : float
         Seconds to wait for the leader's images before giving up.
+    fft_threads : int
+        Threads of each compute thread's host FFTs (``scipy.fft``): its share of the cores,
+        the same as its BLAS threads.
     """
 
     def __init__(self, *, rank: int, config, setup: dict, threads: int, devices=None,
