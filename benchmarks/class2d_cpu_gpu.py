@@ -10,8 +10,9 @@ test's flags:
   run (two correct
   floating-point implementations, CPU and GPU, differ at that level: FFT libraries,
   summation orders);
-- ``gpu``: the GPU path with the TF32 coarse product (the default) twice, and once with
-  ``CRYONB_TF32=0``.
+- ``gpu``: the GPU path as a user runs it (3 x TF32 in the coarse product up to
+  ``--tf32_from``, TF32 after) twice, and once with TF32 in every iteration (``--tf32_from
+  0``); ``--gpu_variants`` also offers float32 throughout (``CRYONB_TF32=0``).
 
 ``compare`` prints, per iteration, the fraction of particles in the same class as the CPU run,
 and at the end each run's purity (against the truth), its class images' correlations with
@@ -117,16 +118,27 @@ def cpu(out: Path, runs: Path, names, perturbations: int = 4) -> None:
             print(f"{name} cpu, perturbed images {seed}: {dt:.0f} s", flush=True)
 
 
-def gpu(out: Path, runs: Path, names, variants=("1a", "1b", "0a")) -> None:
-    """The GPU path with the TF32 coarse product twice, and once without (``variants``:
-    ``CRYONB_TF32`` value and run letter)."""
+#: GPU runs: name -> (environment, extra flags, label)
+GPU_VARIANTS = {
+    "default": ({}, [], "GPU, 3 x TF32 up to --tf32_from, TF32 after (default)"),
+    "tf32": ({}, ["--tf32_from", "0"], "GPU, TF32 in every iteration (--tf32_from 0)"),
+    "fp32": ({"CRYONB_TF32": "0"}, [], "GPU, float32 (CRYONB_TF32=0)"),
+}
+
+
+def gpu(out: Path, runs: Path, names, variants=("default_a", "default_b", "tf32_a")) -> None:
+    """The GPU path's runs ``variants``: a :data:`GPU_VARIANTS` name and a run letter (the
+    same variant twice shows whether the GPU path is deterministic)."""
     for name in names:
         src = out / name
-        for tf, rep in variants:
-            dt = _run(src / "particles.star", runs / name / f"gpu_tf{tf}_{rep}" / "run",
-                      ["--gpu", "0", "--j", "1"], _diameter(src), {"CRYONB_TF32": tf})
-            print(f"{name} gpu, CRYONB_TF32={tf}, run {rep}: {dt:.0f} s", flush=True)
-            _prune(runs / name / f"gpu_tf{tf}_{rep}")
+        for v in variants:
+            kind, rep = v.split("_")
+            env, flags, label = GPU_VARIANTS[kind]
+            folder = runs / name / f"gpu_{kind}_{rep}"
+            dt = _run(src / "particles.star", folder / "run", ["--gpu", "0", "--j", "1", *flags],
+                      _diameter(src), env)
+            print(f"{name}: {label}, run {rep}: {dt:.0f} s", flush=True)
+            _prune(folder)
 
 
 def _prune(folder: Path) -> None:
@@ -182,9 +194,10 @@ def compare(runs: Path, gpu_runs: Path | None, sets_dir: Path, names) -> str:
         apix = float(json.loads((sets_dir / name / "set.json").read_text())["pixel_size"])
         roots = {f"cpu, images perturbed ({p.name.split('_')[-1]})": p / "run"
                  for p in sorted((runs / name).glob("cpu_perturbed_*"))}
-        for folder in sorted(((gpu_runs or runs) / name).glob("gpu_tf*_*")):
-            tf, rep = folder.name.split("_")[1:]
-            roots[f"gpu {'TF32' if tf == 'tf1' else 'FP32'} {rep}"] = folder / "run"
+        for folder in sorted(((gpu_runs or runs) / name).glob("gpu_*_*")):
+            kind, rep = folder.name.split("_")[1:]
+            label = GPU_VARIANTS[kind][2] if kind in GPU_VARIANTS else f"GPU, {kind}"
+            roots[f"{label}, run {rep}"] = folder / "run"
         ref = runs / name / "cpu" / "run"
         ref_cls = _classes_per_iteration(ref)
         ref_img = read_mrc(f"{ref}_it{ITER:03d}_classes.mrcs").data
@@ -222,8 +235,9 @@ def main(argv=None):
     ap.add_argument("--float16", action="store_true", help="make: float16 stacks")
     ap.add_argument("--perturbations", type=int, default=4,
                     help="cpu: runs on perturbed images (noise realisations)")
-    ap.add_argument("--gpu_variants", default="1a,1b,0a",
-                    help="gpu: runs as CRYONB_TF32 value and run letter (1a: TF32, run a)")
+    ap.add_argument("--gpu_variants", default="default_a,default_b,tf32_a",
+                    help="gpu: runs as variant and run letter (default_a, tf32_a, fp32_a: "
+                         "see GPU_VARIANTS)")
     a = ap.parse_args(argv)
     names = a.sets.split(",")
     out, runs = Path(a.out), Path(a.runs)

@@ -10,7 +10,9 @@ Run on the GPU machine (through the device tool). In one run it measures, on the
    at 64, 128 and 256 px with K = 50..200 and psi_step 6..10: particles/s, and the coarse
    pass's matrix products as a fraction of the TF32 ceiling (and the most that fraction can
    be while the images are copied from host memory: the product's time at the complex
-   ceiling over the copy's at the pinned host-to-device rate measured in the same run);
+   ceiling over the copy's at the pinned host-to-device rate measured in the same run); the
+   E-step of a late iteration (TF32 product), and the same again as in the first part of a
+   run, with three TF32 products (``--tf32_from``);
 3. whole iterations (``cryonb.parallel.run_class2d``, one rank) on RELION 5's published shape:
    10,000 particles, 128 px, K=20, psi_step 10, offset range 5 / step 2.
 
@@ -247,6 +249,17 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
     ctx, dt = min((_timed_estep(job, pools, images) for _ in range(2)), key=lambda r: r[1])
     dt_pageable = _timed_estep(job, pools, pageable)[1] if variants else float("nan")
     del pageable
+    # the same E-step as in the first part of a run (--tf32_from): the coarse product as
+    # three TF32 products (float32's accuracy)
+    assert ctx.precision in ("tf32", "float32"), ctx.precision
+    tf32_from, job.config.tf32_from = job.config.tf32_from, 1.0
+    try:
+        ctx3, dt_3x = min((_timed_estep(job, pools, images) for _ in range(2)),
+                          key=lambda r: r[1])
+        assert ctx3.precision in ("3xtf32", "float32"), ctx3.precision
+        del ctx3
+    finally:
+        job.config.tf32_from = tf32_from
     c = ctx.coarse
     # (B T, 2P) @ (2P, M) real product ([Re | Im] rows): 2 * B T * M * 2P flops
     flops = 2.0 * job.n * c.phases.shape[0] * c.refs.shape[0] * 2 * len(c.kx)
@@ -281,7 +294,9 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
     return {"K": K, "psi_step": psi_step, "pool": pool, "n": job.n, "box": job.N,
             "coarse_size": c.size, "current_size": ctx.fine.size,
             "translations": int(c.phases.shape[0]), "rotations": int(c.refs.shape[0]),
-            "seconds": dt, "particles_per_s": job.n / dt,
+            "seconds": dt, "particles_per_s": job.n / dt, "precision": ctx.precision,
+            "particles_per_s_3xtf32": job.n / dt_3x,
+            "coarse_tflops_achieved_3xtf32": flops / dt_3x / 1e12,
             "particles_per_s_atomic_sums": job.n / dt_atomic,
             "particles_per_s_sparse_sums": job.n / dt_sparse,
             "particles_per_s_pageable_images": job.n / dt_pageable,
@@ -424,6 +439,9 @@ def main(argv=None):
             # twice the real [Re | Im] product's (which computes only the real part it needs)
             r["fraction_of_tf32_complex"] = (2 * r["coarse_tflops_achieved"]
                                              / results["gemm"]["tf32_complex"])
+            # early iterations (3 x TF32): the useful product's flops, not the three's
+            r["fraction_of_tf32_complex_3xtf32"] = (2 * r["coarse_tflops_achieved_3xtf32"]
+                                                    / results["gemm"]["tf32_complex"])
             # the most that fraction can be while the images come from host memory each
             # iteration: the complex product's time over the float32 images' copy alone
             upload_s = n * box * box * 4 / (results["h2d_gb_per_s"] * 1e9)
@@ -465,8 +483,9 @@ def main(argv=None):
              "", "| box | K | psi step | particles | E-step particles/s | (atomic sums) |"
              " (sparse sums) | (pageable images) | coarse TFLOP/s | % of TF32 |"
              " % of TF32 complex | product alone TFLOP/s | significant samples |"
-             " bound from the upload |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " bound from the upload | early iterations (3 x TF32): particles/s |"
+             " % of TF32 complex |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["estep"]:
         if "error" in r:
             lines.append(f"| {r['box']} | {r['K']} | {r['psi_step']} | error: {r['error']} ||||")
@@ -479,7 +498,9 @@ def main(argv=None):
                      f"{100 * r['fraction_of_tf32']:.1f}% | "
                      f"{100 * r['fraction_of_tf32_complex']:.1f}% | "
                      f"{r['coarse_product_tflops'] or 0:.0f} | {r['mean_significant']:.0f} | "
-                     f"{100 * r['upload_bound_of_tf32_complex']:.0f}% |")
+                     f"{100 * r['upload_bound_of_tf32_complex']:.0f}% | "
+                     f"{r['particles_per_s_3xtf32']:.0f} | "
+                     f"{100 * r['fraction_of_tf32_complex_3xtf32']:.1f}% |")
     for r in results["iterations"]:
         lines.append(f"\n{n} x 128 px, K=20, psi 10, offsets 5/2, --j {r.get('threads')}: "
                      + (f"{np.mean(r['per_iteration_s'][1:] or r['per_iteration_s']):.2f} s "

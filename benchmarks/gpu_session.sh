@@ -8,7 +8,8 @@
 #        turns; $AB_NEW: version B's tree, default this one; $AB_ARGS; carry _base), ab2 (a
 #        second comparison: $AB2_BASE, $AB2_NEW, $AB2_ARGS), parallel (parallel_gpu_check.py),
 #        scaling (parallel_scaling.py --gpu, $SCALING_ARGS), panel (panel_gpu_check.py),
-#        autopick (benchmarks/autopick.py GPU and CPU rows), notebooks (notebooks on the GPU).
+#        autopick (benchmarks/autopick.py GPU and CPU rows), notebooks (notebooks on the GPU),
+#        agree (class2d_cpu_gpu.py's GPU runs on the sets carried in .agree/; $AGREE_ARGS).
 # TEST_PATHS: the tests step's folders (default: fourier kernels em pick parallel).
 # Each step has its own time limit (STEP_TIMEOUT_<step>, seconds). Logs and results go to $OUT
 # (the device tool brings them back); CuPy's kernel cache is kept in .cupy_cache (carry it to
@@ -50,6 +51,8 @@ for what in "$@"; do
           --new "${AB_NEW:-.}" ${AB_ARGS:-} ;;
     ab2) step ab2 420 python3 benchmarks/class2d_gpu_ab.py --base "${AB2_BASE:-_base}" \
            --new "${AB2_NEW:-.}" --out "$OUT" --json class2d_gpu_ab2.json ${AB2_ARGS:-} ;;
+    agree) step agree 500 python3 benchmarks/class2d_cpu_gpu.py gpu --out .agree --runs "$OUT/agree" \
+             ${AGREE_ARGS:-} ;;
     parallel) step parallel_check 200 python3 benchmarks/parallel_gpu_check.py ;;
     scaling) step scaling 300 python3 benchmarks/parallel_scaling.py --gpu '' \
                ${SCALING_ARGS:---n 20000 --box 128 --K 50 --workers 1 2 --threads 1 2 4} \

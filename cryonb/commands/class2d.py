@@ -26,8 +26,11 @@ RELION's --no_parallel_disc_io, --preread_images, --dont_combine_weights_via_dis
 --pipeline_control ...) are accepted with a warning.
 
 On a GPU the coarse pass's matrix product runs on TF32 tensor cores (it only ranks the
-samples; the second pass scores them again in float32). CRYONB_TF32=0 in the environment
-keeps it in float32 (at 128 px, K=100: half the E-step's speed).
+samples; the second pass scores them again in float32), except in the first half of the
+iterations (--tf32_from 0.5), while the classes form: there it runs as three TF32 products
+with float32's accuracy, so that the GPU's classes are the CPU's on noisy sets too.
+--tf32_from 0 uses TF32 throughout; CRYONB_TF32=0 in the environment keeps the product in
+float32 on the FP32 pipes (at 128 px, K=100: half the E-step's speed).
 """
 
 

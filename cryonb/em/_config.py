@@ -83,6 +83,11 @@ class Class2DConfig(JobConfig):
     tau2_anneal: float = option(8.0, "--tau2_anneal", "with --reseed: T is this many times "
                                 "larger in the first M-step, back to T at 60% of --iter "
                                 "(linearly; 1 = off; cryonb)", relion=False)
+    tf32_from: float = option(0.5, "--tf32_from", "GPU: the coarse pass's matrix product "
+                              "runs on TF32 tensor cores after this fraction of --iter, and "
+                              "before it, while the classes form, as three TF32 products with "
+                              "float32's accuracy (3x the product's time; 0 = TF32 "
+                              "throughout; cryonb)", group="parallel", relion=False)
     write_every: int = option(1, "--write_every", "write full output every N iterations "
                               "(the last is always written)", relion=False)
 
@@ -101,6 +106,8 @@ class Class2DConfig(JobConfig):
             (self.pad in (1, 2), "--pad must be 1 or 2"),
             (self.particle_diameter >= 0, "--particle_diameter must be >= 0"),
             (self.incr_size >= 0, "--incr_size must be >= 0"),
+            (0 <= self.tf32_from <= 1, "--tf32_from must be in [0, 1] (a fraction of "
+             "--iter)"),
             (self.tau2_anneal >= 1, "--tau2_anneal must be >= 1 (1 = no annealing)"),
             (self.angpix == -1 or self.angpix > 0, "--angpix must be > 0 (or -1: from the "
              "STAR file)"),
@@ -112,6 +119,19 @@ class Class2DConfig(JobConfig):
             raise ConfigError("--preread_images and --scratch_dir were both given: RELION "
                               "silently ignores the scratch copy; choose one")
         return self
+
+    def coarse_precision(self, iteration: int) -> str:
+        """The precision of the GPU's coarse product in iteration ``iteration`` (1-based).
+
+        ``"3xtf32"`` up to iteration ``int(tf32_from * iter)``, ``"tf32"`` after it (see
+        :func:`cryonb.kernels.cross_products`); ``"float32"`` in every iteration where the
+        environment sets ``CRYONB_TF32=0``. The CPU's product is float32 whatever this says.
+        """
+        from ..kernels import tf32_enabled
+
+        if not tf32_enabled():
+            return "float32"
+        return "tf32" if iteration > int(self.tf32_from * self.iter) else "3xtf32"
 
     @property
     def n_psi(self) -> int:

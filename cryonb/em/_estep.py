@@ -45,6 +45,7 @@ from ..kernels import (
     shifted_images_ri,
     significant_in_segments,
     significant_indices,
+    split_tf32,
     weighted_bincounts,
 )
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch, Sampling
@@ -240,13 +241,24 @@ class EStepContext:
         # the coarse product then has one row per particle instead of one per translation
         c = self.coarse
         T, M, P = c.phases.shape[0], c.refs.shape[0], len(c.kx)
-        self.shifted_refs = None
+        #: the GPU coarse product's precision in this iteration (kernels.cross_products)
+        self.precision = config.coarse_precision(int(model.iteration) + 1)
+        shifted = None
         if T * M * P * 8 <= SHIFTED_REFS_BYTES:
             # Re <X e^{i ph}, A> = <[Re X | Im X], [Re(e^{i ph} conj A) | -Im(e^{i ph} conj A)]>
             z = c.phases[:, None, :] * xp.conj(c.refs)[None]  # (T, M, P)
-            self.shifted_refs = xp.ascontiguousarray(
+            shifted = xp.ascontiguousarray(
                 xp.concatenate([z.real, -z.imag], axis=2).reshape(T * M, 2 * P)
                 .astype(xp.float32))
+            del z
+        #: whether the coarse product's right-hand side is the shifted references (one row per
+        #: particle on the left) or the references (one row per particle and translation)
+        self.shifted_refs = shifted is not None
+        # that right-hand side, split once per E-step for three TF32 products (exactly: the
+        # shifted references are then kept only as their two parts)
+        y = c.refs_ri if shifted is None else shifted
+        self._coarse_y = split_tf32(y) if self.precision == "3xtf32" and xp is not np else y
+        del shifted, y
         self.trans_coarse = xp.asarray(s.trans, dtype=xp.float32)
         # sum over the fine pass's pixels of log(2 pi sigma2), per optics group (log-likelihood)
         sh = _to_host(self.fine.shells)
@@ -563,14 +575,16 @@ class EStepContext:
         B, P = Xc.shape
         T, M = c.phases.shape[0], c.refs.shape[0]
         Y = Xc * (ctf * inv)
-        if self.shifted_refs is not None:
+        if self.shifted_refs:
             # references pre-multiplied by the translations' phases: one product with B rows
-            cross = cross_products(_ri(Y), self.shifted_refs).reshape(B, T, M)
+            cross = cross_products(_ri(Y), self._coarse_y,
+                                   precision=self.precision).reshape(B, T, M)
         else:
             Yt = Y[:, None, :] * c.phases[None]  # (B, T, P)
             Yri = xp.concatenate([Yt.real, Yt.imag], axis=2).reshape(B * T, 2 * P)
             self._mark("coarse: shifted images")
-            cross = cross_products(Yri, c.refs_ri).reshape(B, T, M)
+            cross = cross_products(Yri, self._coarse_y,
+                                   precision=self.precision).reshape(B, T, M)
         self._mark("coarse: matrix product")
         a2 = (ctf * ctf * inv) @ c.refs_a2.T  # (B, M)
         x2 = ((Xc.real**2 + Xc.imag**2) * inv).sum(axis=1)

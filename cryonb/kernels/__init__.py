@@ -6,9 +6,12 @@ Each public function dispatches on its arguments' array module and has a plain N
 
 from ._bins import add_bincount, weighted_bincounts, weighted_bincounts_reference
 from ._coarse import (
+    PRECISIONS,
     coarse_log_posterior,
     coarse_log_posterior_reference,
     cross_products,
+    split_tf32,
+    split_tf32_reference,
     tf32_enabled,
 )
 from ._insert import insert_slices_2d, insert_slices_2d_reference
@@ -51,6 +54,7 @@ from ._select import (
 )
 
 __all__ = [
+    "PRECISIONS",
     "add_bincount",
     "block_order",
     "coarse_log_posterior",
@@ -87,6 +91,8 @@ __all__ = [
     "significant_indices",
     "significant_samples",
     "significant_samples_reference",
+    "split_tf32",
+    "split_tf32_reference",
     "tf32_enabled",
     "update_best_2d",
     "update_best_2d_reference",

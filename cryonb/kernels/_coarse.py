@@ -22,8 +22,11 @@ import numpy as np
 from ..backend import array_module
 from ._cuda import cuda_function
 
-__all__ = ["coarse_log_posterior", "coarse_log_posterior_reference", "cross_products",
-           "tf32_enabled"]
+__all__ = ["PRECISIONS", "coarse_log_posterior", "coarse_log_posterior_reference",
+           "cross_products", "split_tf32", "split_tf32_reference", "tf32_enabled"]
+
+#: the coarse product's precisions on a GPU (the CPU's is always float32, BLAS)
+PRECISIONS = ("tf32", "3xtf32", "float32")
 
 #: cuBLAS's enums (cublas_api.h, library_types.h) for the TF32 product
 _CUDA_R_32F = 0
@@ -32,12 +35,64 @@ _CUBLAS_GEMM_DEFAULT = -1
 
 
 def tf32_enabled() -> bool:
-    """Whether the GPU's coarse product uses TF32 tensor cores: yes unless the environment
-    variable ``CRYONB_TF32`` is ``0`` (or ``false``, ``no``, ``off``)."""
+    """Whether the GPU's coarse product may use TF32 tensor cores: yes unless the environment
+    variable ``CRYONB_TF32`` is ``0`` (or ``false``, ``no``, ``off``), which keeps it on the
+    FP32 pipes in every iteration."""
     return os.environ.get("CRYONB_TF32", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def cross_products(x, y, *, tf32: bool | None = None):
+def split_tf32_reference(a):
+    """:func:`split_tf32` as array expressions (NumPy or CuPy)."""
+    xp = array_module(a)
+    u = xp.ascontiguousarray(a, dtype=xp.float32).view(xp.uint32)
+    hi = ((u + xp.uint32(0x1000)) & xp.uint32(0xFFFFE000)).view(xp.float32)
+    return hi, (xp.asarray(a, dtype=xp.float32) - hi)
+
+
+_SPLIT_SRC = r"""
+extern "C" __global__
+void split_tf32(const float* a, float* hi, float* lo, long long n)
+{
+    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float v = a[i];
+    const float h = __uint_as_float((__float_as_uint(v) + 0x1000u) & 0xFFFFE000u);
+    hi[i] = h;
+    lo[i] = v - h;
+}
+"""
+
+
+def split_tf32(a):
+    """Split float32 values into a TF32 part and the rest: ``a == hi + lo`` exactly.
+
+    ``hi`` is ``a`` rounded to TF32's 10-bit mantissa (to nearest, halves away from zero), so
+    a TF32 tensor core reads it without rounding; ``lo = a - hi`` (exact in float32) is at most
+    2**-11 of ``|a|``, and the tensor core's own rounding of it errs by 2**-22 of ``|a|``:
+    ``hi x hi + hi x lo + lo x hi`` on TF32 tensor cores is as accurate as a float32 product
+    (the "3 x TF32" scheme of CUTLASS).
+
+    Parameters
+    ----------
+    a : float32 array of any shape
+
+    Returns
+    -------
+    hi, lo : float32 arrays of ``a``'s shape (C-contiguous)
+    """
+    xp = array_module(a)
+    if xp is np:
+        return split_tf32_reference(a)
+    a = xp.ascontiguousarray(a, dtype=xp.float32)
+    hi, lo = xp.empty_like(a), xp.empty_like(a)
+    if a.size:
+        threads = 256
+        cuda_function(_SPLIT_SRC, "split_tf32")(((a.size + threads - 1) // threads,),
+                                                (threads,), (a, hi, lo, np.int64(a.size)))
+    return hi, lo
+
+
+def cross_products(x, y, *, precision: str | None = None):
     """The coarse pass's matrix product ``x @ y.T``.
 
     Parameters
@@ -45,11 +100,20 @@ def cross_products(x, y, *, tf32: bool | None = None):
     x : float32 array of shape (m, k)
         One row per (particle, translation) or per particle: ``[Re | Im]`` of the CTF- and
         noise-weighted image.
-    y : float32 array of shape (n, k)
-        One row per (class, rotation) reference (or per (translation, reference)), ``[Re | Im]``.
-    tf32 : bool, optional
-        GPU: multiply on TF32 tensor cores (inputs rounded to 10-bit mantissas, float32
-        sums); default :func:`tf32_enabled`. Ignored on the CPU (BLAS, float32).
+    y : float32 array of shape (n, k), or the pair ``split_tf32(y)``
+        One row per (class, rotation) reference (or per (translation, reference)),
+        ``[Re | Im]``. A caller that multiplies by the same ``y`` many times in
+        ``"3xtf32"`` splits it once and passes the pair.
+    precision : {"tf32", "3xtf32", "float32"}, optional
+        GPU only (the CPU always multiplies in float32, BLAS):
+
+        - ``"tf32"``: TF32 tensor cores (inputs rounded to 10-bit mantissas, float32 sums);
+        - ``"3xtf32"``: three TF32 products of the inputs' :func:`split_tf32` parts, about
+          float32's accuracy at three times the TF32 product's time (still faster than the
+          FP32 pipes: 363 against 50 TFLOP/s on an H100);
+        - ``"float32"``: the FP32 pipes.
+
+        Default: ``"tf32"``, or ``"float32"`` where :func:`tf32_enabled` is false.
 
     Returns
     -------
@@ -60,41 +124,67 @@ def cross_products(x, y, *, tf32: bool | None = None):
     TF32 is used here only: the coarse pass's products rank the samples, to choose the
     significant ones for the second pass, which scores them again in float32 (and sums them
     in float64). TF32's error, about 5e-4 of each term, gives log-posterior errors of a few
-    hundredths where a particle's samples differ by units. The setting is per call (cuBLAS
-    ``gemmEx`` with ``CUBLAS_COMPUTE_32F_FAST_TF32``), not CuPy's process-wide compute type,
-    so no other product of the run changes precision. On a RELION-made set at pixel SNR 0.05
-    it moved a few per cent of the ambiguous particles to other classes over 25 iterations
-    (same purity; ``benchmarks/RESULTS.md``); the float32 GPU run of that set ended no
-    closer to the CPU run's classes.
+    hundredths where a particle's samples differ by units. That is harmless once the classes
+    have formed, but while they form it moves a per cent of the ambiguous particles of a
+    noisy set (pixel SNR 0.05) into other classes, which the run does not undo: the E-step
+    asks for ``"3xtf32"`` in the first part of a run (``Class2DConfig.tf32_from``;
+    ``benchmarks/RESULTS.md``). The setting is per call (cuBLAS ``gemmEx`` with
+    ``CUBLAS_COMPUTE_32F_FAST_TF32``), not CuPy's process-wide compute type, so no other
+    product of the run changes precision.
     """
-    xp = array_module(x, y)
-    if xp is np or not (tf32_enabled() if tf32 is None else tf32):
-        return x @ y.T
-    from cupy_backends.cuda.libs import cublas
-
+    xp = array_module(x)
+    pair = isinstance(y, tuple)
+    if precision is None:
+        precision = "tf32" if tf32_enabled() else "float32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if xp is np or precision == "float32":
+        return x @ (y[0] + y[1] if pair else y).T
     x = xp.ascontiguousarray(x, dtype=xp.float32)
-    y = xp.ascontiguousarray(y, dtype=xp.float32)
-    (m, k), n = x.shape, y.shape[0]
-    if y.shape[1] != k:
-        raise ValueError(f"x has rows of {k} values, y of {y.shape[1]}")
+    if precision == "3xtf32" and not pair:
+        y = split_tf32(y)
+    elif precision == "tf32" and pair:
+        y = y[0] + y[1]
+    y0 = y[0] if isinstance(y, tuple) else y
+    (m, k), n = x.shape, y0.shape[0]
+    if y0.shape[1] != k:
+        raise ValueError(f"x has rows of {k} values, y of {y0.shape[1]}")
     out = xp.empty((m, n), xp.float32)
     if m == 0 or n == 0 or k == 0:
         out[...] = 0
         return out
-    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
-    handle = xp.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, xp.cuda.get_current_stream().ptr)
+    if precision == "tf32":
+        _gemm_tf32(xp.ascontiguousarray(y, dtype=xp.float32), x, out, 0.0)
+        return out
+    xh, xl = split_tf32(x)
+    yh, yl = y
+    # the small terms first, the large one last (float32 sums of the three)
+    _gemm_tf32(yh, xl, out, 0.0)
+    _gemm_tf32(yl, xh, out, 1.0)
+    _gemm_tf32(yh, xh, out, 1.0)
+    return out
+
+
+def _gemm_tf32(y, x, out, beta: float) -> None:
+    """``out = x @ y.T + beta out`` on TF32 tensor cores (C-contiguous float32 CuPy arrays:
+    ``x`` (m, k), ``y`` (n, k), ``out`` (m, n)), on the current stream."""
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    (m, k), n = x.shape, y.shape[0]
+    one, b = np.ones(1, np.float32), np.full(1, beta, np.float32)
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
     mode = cublas.getPointerMode(handle)
     cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
     try:
         # row-major out (m, n) is column-major out^T (n, m) = y (n, k) x^T (k, m)
         cublas.gemmEx(handle, cublas.CUBLAS_OP_T, cublas.CUBLAS_OP_N, n, m, k,
                       one.ctypes.data, y.data.ptr, _CUDA_R_32F, k, x.data.ptr, _CUDA_R_32F, k,
-                      zero.ctypes.data, out.data.ptr, _CUDA_R_32F, n,
+                      b.ctypes.data, out.data.ptr, _CUDA_R_32F, n,
                       _CUBLAS_COMPUTE_32F_FAST_TF32, _CUBLAS_GEMM_DEFAULT)
     finally:
         cublas.setPointerMode(handle, mode)
-    return out
 
 
 def offset_log_prior_reference(offsets, centres, log_pdf, inv2):

@@ -489,6 +489,50 @@ def test_prior_annealing_schedule(tmp_path):
         _cfg(star, tmp_path / "q" / "run", tau2_anneal=0.5).validate()
 
 
+def test_coarse_precision_schedule(monkeypatch):
+    """The GPU's coarse product: 3 x TF32 up to int(tf32_from x iter), TF32 after; float32
+    throughout with CRYONB_TF32=0; --tf32_from outside [0, 1] is refused."""
+    cfg = Class2DConfig(i="x", o="y", iter=25)
+    p = [cfg.coarse_precision(it) for it in range(1, 26)]
+    assert p[:12] == ["3xtf32"] * 12 and p[12:] == ["tf32"] * 13  # TF32 from iteration 13
+    assert {replace(cfg, tf32_from=0).coarse_precision(it) for it in range(1, 26)} == {"tf32"}
+    assert {replace(cfg, tf32_from=1).coarse_precision(it) for it in range(1, 26)} == {"3xtf32"}
+    assert [replace(cfg, iter=3).coarse_precision(it) for it in (1, 2, 3)] == [
+        "3xtf32", "tf32", "tf32"]
+    monkeypatch.setenv("CRYONB_TF32", "0")
+    assert {cfg.coarse_precision(it) for it in range(1, 26)} == {"float32"}
+    with pytest.raises(ConfigError, match=r"--tf32_from must be in \[0, 1\]"):
+        replace(cfg, tf32_from=1.5).validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shifted", [True, False])
+def test_estep_in_3xtf32_is_the_float32_estep(monkeypatch, shifted):
+    """An E-step whose coarse product is three TF32 products gives the float32 E-step's
+    results, with the references pre-shifted (split once per E-step) or not."""
+    import cupy
+
+    import cryonb.em._estep as estep
+
+    if not shifted:
+        monkeypatch.setattr(estep, "SHIFTED_REFS_BYTES", 0)
+    batch, model, *_ = _known_pose_batch(B=40, noise=0.5)
+    cfg = Class2DConfig(i="x", o="y", K=1, particle_diameter=0.8 * 48 * 3.0, perturb=0,
+                        iter=4, tf32_from=0.5)
+    three = EStepContext(model, cfg, cupy)  # model.iteration 1: the E-step of iteration 2
+    assert three.precision == "3xtf32" and isinstance(three._coarse_y, tuple)
+    assert three.shifted_refs is shifted
+    monkeypatch.setenv("CRYONB_TF32", "0")
+    plain = EStepContext(model, cfg, cupy)
+    assert plain.precision == "float32"
+    a, b = three.expectation(batch), plain.expectation(batch)
+    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-4)
+    later = EStepContext(replace(model, iteration=2), replace(cfg, tf32_from=0.5), cupy)
+    assert later.precision == "float32"  # CRYONB_TF32=0 wins
+    monkeypatch.delenv("CRYONB_TF32")
+    assert EStepContext(replace(model, iteration=2), cfg, cupy).precision == "tf32"
+
+
 def test_grid_perturbation_schedule(tmp_path):
     """RELION's random grid perturbation every iteration, within --perturb; with --reseed
     none in the last 10% of the iterations (the final classes do not depend on the draw)."""

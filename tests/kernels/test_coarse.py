@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 
 from cryonb.kernels import (
+    PRECISIONS,
     coarse_log_posterior,
     coarse_log_posterior_reference,
     cross_products,
+    split_tf32,
+    split_tf32_reference,
     tf32_enabled,
 )
 
@@ -106,14 +109,37 @@ def _product_inputs(m=300, n=200, k=1024, seed=3):
 
 
 def test_cross_products_cpu_is_blas(monkeypatch):
+    """The CPU multiplies in float32 whatever precision is asked for (a GPU setting)."""
     x, y = _product_inputs(7, 5, 64)
     assert np.array_equal(cross_products(x, y), x @ y.T)
+    for precision in PRECISIONS:
+        assert np.array_equal(cross_products(x, y, precision=precision), x @ y.T)
+    assert np.array_equal(cross_products(x, split_tf32(y), precision="3xtf32"), x @ y.T)
+    with pytest.raises(ValueError, match="precision 'fp16': expected one of tf32, 3xtf32"):
+        cross_products(x, y, precision="fp16")
     monkeypatch.setenv("CRYONB_TF32", "0")
     assert not tf32_enabled()
     monkeypatch.setenv("CRYONB_TF32", "off")
     assert not tf32_enabled()
     monkeypatch.setenv("CRYONB_TF32", "1")
     assert tf32_enabled()
+
+
+def test_split_tf32_is_exact_and_tf32_representable():
+    """hi + lo == a bit for bit; hi has 10 mantissa bits (rounded to nearest); |lo| is at
+    most half of hi's last place."""
+    rng = np.random.default_rng(5)
+    a = np.concatenate([rng.standard_normal(4000) * 10.0 ** rng.integers(-20, 20, 4000),
+                        [0.0, -0.0, 1.0, -3.0, 1e-40, 2**-126, 1 + 2**-11, 1 + 3 * 2**-12]]
+                       ).astype(np.float32).reshape(8, -1)
+    hi, lo = split_tf32(a)
+    assert hi.shape == lo.shape == a.shape and hi.dtype == lo.dtype == np.float32
+    np.testing.assert_array_equal(hi + lo, a)
+    assert not (hi.view(np.uint32) & 0x1FFF).any()  # the 13 dropped bits are zero
+    normal = np.abs(a) >= 2**-126
+    assert (np.abs(lo[normal]) <= np.abs(a[normal]) * 2.0**-11).all()
+    assert hi.ravel()[-2] == np.float32(1 + 2**-10)  # a half rounds away from zero
+    assert hi.ravel()[-1] == np.float32(1 + 2**-10)  # above a half rounds up
 
 
 def _relative_error(got, x, y):
@@ -132,9 +158,16 @@ def test_cross_products_gpu_tf32_is_tensor_cores(monkeypatch):
     tf = cross_products(xd, yd)
     assert tf.shape == (300, 200) and tf.dtype == cupy.float32
     err_tf32 = _relative_error(tf.get(), x, y)
-    err_fp32 = _relative_error(cross_products(xd, yd, tf32=False).get(), x, y)
+    err_fp32 = _relative_error(cross_products(xd, yd, precision="float32").get(), x, y)
     assert 2e-5 < err_tf32 < 3e-3, err_tf32
     assert err_fp32 < 2e-6, err_fp32
+    # three TF32 products of the split parts: float32's accuracy, y split once or per call
+    err_3x = _relative_error(cross_products(xd, yd, precision="3xtf32").get(), x, y)
+    assert err_3x < 2e-6, err_3x
+    pair = split_tf32(yd)
+    np.testing.assert_array_equal(cross_products(xd, pair, precision="3xtf32").get(),
+                                  cross_products(xd, yd, precision="3xtf32").get())
+    np.testing.assert_array_equal(cross_products(xd, pair, precision="tf32").get(), tf.get())
     monkeypatch.setenv("CRYONB_TF32", "0")
     assert _relative_error(cross_products(xd, yd).get(), x, y) < 2e-6
     # CuPy's own float32 products keep their precision (the setting is per call)
@@ -159,3 +192,26 @@ def test_cross_products_gpu_streams_views_and_empty():
     assert z.shape == (3, 4) and not z.any().get()
     with pytest.raises(ValueError, match="rows of 8 values, y of 9"):
         cross_products(cupy.zeros((2, 8), cupy.float32), cupy.zeros((2, 9), cupy.float32))
+    for precision in ("tf32", "3xtf32"):
+        with s:
+            got = cross_products(xd, cupy.asarray(y)[:, :], precision=precision)
+            s.synchronize()
+        np.testing.assert_allclose(got.get(), want, rtol=0, atol=3e-3 * np.abs(want).max())
+        z = cross_products(cupy.ones((3, 0), cupy.float32), cupy.ones((4, 0), cupy.float32),
+                           precision=precision)
+        assert z.shape == (3, 4) and not z.any().get()
+
+
+@pytest.mark.gpu
+def test_split_tf32_gpu_is_the_reference():
+    import cupy
+
+    rng = np.random.default_rng(6)
+    a = (rng.standard_normal((300, 77)) * 10.0 ** rng.integers(-8, 8, (300, 77))
+         ).astype(np.float32)
+    hi, lo = split_tf32(cupy.asarray(a[:, 1:]))  # a view: copied
+    want = split_tf32_reference(a[:, 1:])
+    np.testing.assert_array_equal(hi.get(), want[0])
+    np.testing.assert_array_equal(lo.get(), want[1])
+    e = split_tf32(cupy.zeros((0, 3), cupy.float32))
+    assert e[0].shape == e[1].shape == (0, 3)
