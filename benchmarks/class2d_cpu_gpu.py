@@ -47,6 +47,9 @@ import numpy as np
 SETS = {
     "acc": dict(n_particles=2000, box=64, n_views=8, snr=0.08, seed=1),
     "noise05": dict(n_particles=2000, box=64, n_views=8, snr=0.05, seed=11, noise="relion"),
+    # two more at SNR 0.05 (other views, poses and noise): how often does the agreement hold?
+    "noise05b": dict(n_particles=2000, box=64, n_views=8, snr=0.05, seed=12, noise="relion"),
+    "noise05c": dict(n_particles=2000, box=64, n_views=8, snr=0.05, seed=13, noise="relion"),
 }
 ITER = 25
 #: the iterations compared (the GPU step keeps only their _data.star files)

@@ -51,8 +51,10 @@ for what in "$@"; do
           --new "${AB_NEW:-.}" ${AB_ARGS:-} ;;
     ab2) step ab2 420 python3 benchmarks/class2d_gpu_ab.py --base "${AB2_BASE:-_base}" \
            --new "${AB2_NEW:-.}" --out "$OUT" --json class2d_gpu_ab2.json ${AB2_ARGS:-} ;;
-    agree) step agree 500 python3 benchmarks/class2d_cpu_gpu.py gpu --out .agree --runs "$OUT/agree" \
-             ${AGREE_ARGS:-} ;;
+    agree) rm -rf /tmp/agree_runs  # the runs' folders are too deep to come back: a tarball does
+           step agree 500 python3 benchmarks/class2d_cpu_gpu.py gpu --out .agree \
+             --runs /tmp/agree_runs ${AGREE_ARGS:-}
+           tar czf "$OUT/agree_runs.tgz" -C /tmp agree_runs ;;
     parallel) step parallel_check 200 python3 benchmarks/parallel_gpu_check.py ;;
     scaling) step scaling 300 python3 benchmarks/parallel_scaling.py --gpu '' \
                ${SCALING_ARGS:---n 20000 --box 128 --K 50 --workers 1 2 --threads 1 2 4} \
