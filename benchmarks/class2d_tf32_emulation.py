@@ -1,12 +1,13 @@
 """Which iterations decide whether a TF32 coarse product changes the classes? (CPU only)
 
-The GPU path's coarse product runs on TF32 tensor cores (inputs rounded to 10-bit
-mantissas); the CPU path's in float32. On RELION-made sets at pixel SNR 0.05 the two paths
-then end with different classes for a few per cent of the particles (``benchmarks/
-RESULTS.md``). This emulates the GPU's rounding on the CPU, so that the effect of *when* and
-*how* the product is rounded can be measured without a GPU: each run is ``cryonb class2d
---cpu --j 1`` (deterministic) in a process of its own, with ``cryonb.em._estep``'s
-``cross_products`` wrapped:
+The GPU path's coarse product can run on TF32 tensor cores (inputs rounded to 10-bit
+mantissas); the CPU path's runs in float32. With TF32 in every iteration (``--tf32_from 0``),
+on RELION-made sets at pixel SNR 0.05 the two paths end with different classes for a few
+per cent of the particles (``benchmarks/RESULTS.md``); these runs chose the default, three
+TF32 products in the first half of a run. This emulates the GPU's rounding on the CPU, so
+that the effect of *when* and *how* the product is rounded can be measured without a GPU:
+each run is ``cryonb class2d --cpu --j 1`` (deterministic) in a process of its own, with
+``cryonb.em._estep``'s ``cross_products`` wrapped:
 
 - ``plain``: not wrapped (the CPU path);
 - ``tf32``: both inputs rounded to TF32 (round half up on the 13 dropped bits) in the E-steps
