@@ -19,7 +19,9 @@ def pool_memory(config, box: int) -> int:
 
     The coarse pass of a pool of ``B`` particles holds ``B x translations x (classes x
     angles)`` float32 scores a few times over, and the particles' shifted transforms
-    (``B x translations x 2P`` float32, ``P`` Fourier pixels); the image size is bounded by
+    (``B x translations x 2P`` float32, ``P`` Fourier pixels) four times: as complex numbers,
+    as ``[Re | Im]`` rows and, in a GPU run's first iterations (``--tf32_from``), as those
+    rows' two TF32 parts (:func:`cryonb.kernels.split_tf32`). The image size is bounded by
     the box.
     """
     from ..em._model import Sampling
@@ -27,7 +29,7 @@ def pool_memory(config, box: int) -> int:
     s = Sampling.build(config.psi_step, config.offset_range, config.offset_step, 0)
     T, M = len(s.trans), config.K * len(s.psi)
     P = math.pi * (box / 2) ** 2 / 2
-    return int(4 * (3 * T * M + 4 * T * P + 8 * box * box))
+    return int(4 * (3 * T * M + 8 * T * P + 8 * box * box))
 
 
 def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
