@@ -75,6 +75,8 @@ def split_tf32(a):
     Parameters
     ----------
     a : float32 array of any shape
+        Finite values below float32's largest less 2**-12 of it (larger ones round to
+        infinity, as any conversion to TF32 does).
 
     Returns
     -------
