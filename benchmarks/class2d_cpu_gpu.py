@@ -123,8 +123,10 @@ def cpu(out: Path, runs: Path, names, perturbations: int = 4) -> None:
 
 #: GPU runs: name -> (environment, extra flags, label)
 GPU_VARIANTS = {
-    "default": ({}, [], "GPU, 3 x TF32 up to --tf32_from, TF32 after (default)"),
-    "tf32": ({}, ["--tf32_from", "0"], "GPU, TF32 in every iteration (--tf32_from 0)"),
+    "default": ({"CRYONB_TF32": "1"}, [], "GPU, 3 x TF32 up to --tf32_from, TF32 after "
+                "(default)"),
+    "tf32": ({"CRYONB_TF32": "1"}, ["--tf32_from", "0"],
+             "GPU, TF32 in every iteration (--tf32_from 0)"),
     "fp32": ({"CRYONB_TF32": "0"}, [], "GPU, float32 (CRYONB_TF32=0)"),
 }
 

@@ -123,7 +123,7 @@ class Class2DConfig(JobConfig):
     def coarse_precision(self, iteration: int) -> str:
         """The precision of the GPU's coarse product in iteration ``iteration`` (1-based).
 
-        ``"3xtf32"`` up to iteration ``int(tf32_from * iter)``, ``"tf32"`` after it (see
+        ``"3xtf32"`` up to iteration ``round(tf32_from * iter)``, ``"tf32"`` after it (see
         :func:`cryonb.kernels.cross_products`); ``"float32"`` in every iteration where the
         environment sets ``CRYONB_TF32=0``. The CPU's product is float32 whatever this says.
         """
@@ -131,7 +131,7 @@ class Class2DConfig(JobConfig):
 
         if not tf32_enabled():
             return "float32"
-        return "tf32" if iteration > int(self.tf32_from * self.iter) else "3xtf32"
+        return "tf32" if iteration > round(self.tf32_from * self.iter) else "3xtf32"
 
     @property
     def n_psi(self) -> int:

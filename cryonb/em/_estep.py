@@ -255,7 +255,8 @@ class EStepContext:
         #: particle on the left) or the references (one row per particle and translation)
         self.shifted_refs = shifted is not None
         # that right-hand side, split once per E-step for three TF32 products (exactly: the
-        # shifted references are then kept only as their two parts)
+        # shifted references are then kept only as their two parts, 2 x SHIFTED_REFS_BYTES
+        # at most, within the memory auto_pool leaves besides the pools)
         y = c.refs_ri if shifted is None else shifted
         self._coarse_y = split_tf32(y) if self.precision == "3xtf32" and xp is not np else y
         del shifted, y

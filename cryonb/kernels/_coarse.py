@@ -159,7 +159,9 @@ def cross_products(x, y, *, precision: str | None = None):
         _gemm_tf32(xp.ascontiguousarray(y, dtype=xp.float32), x, out, 0.0)
         return out
     xh, xl = split_tf32(x)
-    yh, yl = y
+    yh, yl = (xp.ascontiguousarray(v, dtype=xp.float32) for v in y)
+    if yl.shape != yh.shape:
+        raise ValueError(f"y's two parts differ in shape: {yh.shape} and {yl.shape}")
     # the small terms first, the large one last (float32 sums of the three)
     _gemm_tf32(yh, xl, out, 0.0)
     _gemm_tf32(yl, xh, out, 1.0)

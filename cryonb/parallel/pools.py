@@ -14,22 +14,23 @@ GPU_POOL_MIN, GPU_POOL_MAX = 64, 4096
 _FINE_BUDGET = 1.5e9
 
 
-def pool_memory(config, box: int) -> int:
+def pool_memory(config, box: int, *, gpu: bool = True) -> int:
     """Bytes per particle of the E-step's coarse pass (an upper bound).
 
     The coarse pass of a pool of ``B`` particles holds ``B x translations x (classes x
     angles)`` float32 scores a few times over, and the particles' shifted transforms
-    (``B x translations x 2P`` float32, ``P`` Fourier pixels) four times: as complex numbers,
-    as ``[Re | Im]`` rows and, in a GPU run's first iterations (``--tf32_from``), as those
-    rows' two TF32 parts (:func:`cryonb.kernels.split_tf32`). The image size is bounded by
-    the box.
+    (``B x translations x 2P`` float32, ``P`` Fourier pixels) twice: as complex numbers and
+    as ``[Re | Im]`` rows; on a GPU whose run starts with three TF32 products (``--tf32_from``)
+    twice more, as those rows' two TF32 parts (:func:`cryonb.kernels.split_tf32`). The
+    image size is bounded by the box.
     """
     from ..em._model import Sampling
 
     s = Sampling.build(config.psi_step, config.offset_range, config.offset_step, 0)
     T, M = len(s.trans), config.K * len(s.psi)
     P = math.pi * (box / 2) ** 2 / 2
-    return int(4 * (3 * T * M + 8 * T * P + 8 * box * box))
+    split = gpu and hasattr(config, "coarse_precision") and config.coarse_precision(1) == "3xtf32"
+    return int(4 * (3 * T * M + (8 if split else 4) * T * P + 8 * box * box))
 
 
 def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,

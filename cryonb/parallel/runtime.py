@@ -346,7 +346,7 @@ class _Run(RankSession):
         self.pool = cfg.pool or auto_pool(self._job_config(), info["n"], info["N"],
                                           cfg.j * ranks, gpu=self.gpu,
                                           free_bytes=free_per_thread, ranks=ranks)
-        self.pool_bytes = self.pool * pool_memory(self._job_config(), info["N"])
+        self.pool_bytes = self.pool * pool_memory(self._job_config(), info["N"], gpu=self.gpu)
 
     # -------------------------------------------------------------- phases
     def _iterate(self) -> tuple[int, bool, dict]:

@@ -253,7 +253,7 @@ def class2d_io_lines(cfg, n: int, box: int, *, gpu: bool) -> list[Line]:
             else:
                 lines.append(("warning", text + f": only {fit} of {n} particles fit, the "
                                                 "others are read from their stacks"))
-    per_particle = pool_memory(cfg, box)
+    per_particle = pool_memory(cfg, box, gpu=gpu)
     threads = workers * cfg.j
     kind = "GPU" if gpu else "host"
     if cfg.pool:

@@ -498,7 +498,10 @@ def test_coarse_precision_schedule(monkeypatch):
     assert {replace(cfg, tf32_from=0).coarse_precision(it) for it in range(1, 26)} == {"tf32"}
     assert {replace(cfg, tf32_from=1).coarse_precision(it) for it in range(1, 26)} == {"3xtf32"}
     assert [replace(cfg, iter=3).coarse_precision(it) for it in (1, 2, 3)] == [
-        "3xtf32", "tf32", "tf32"]
+        "3xtf32", "3xtf32", "tf32"]  # round(1.5) = 2
+    # rounded, not truncated: 0.58 x 100 is 57.99999999999999 in floating point
+    c = replace(cfg, iter=100, tf32_from=0.58)
+    assert (c.coarse_precision(58), c.coarse_precision(59)) == ("3xtf32", "tf32")
     monkeypatch.setenv("CRYONB_TF32", "0")
     assert {cfg.coarse_precision(it) for it in range(1, 26)} == {"float32"}
     with pytest.raises(ConfigError, match=r"--tf32_from must be in \[0, 1\]"):
@@ -508,29 +511,47 @@ def test_coarse_precision_schedule(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shifted", [True, False])
 def test_estep_in_3xtf32_is_the_float32_estep(monkeypatch, shifted):
-    """An E-step whose coarse product is three TF32 products gives the float32 E-step's
-    results, with the references pre-shifted (split once per E-step) or not."""
+    """In the first part of a run the E-step's coarse products have float32's accuracy
+    (three TF32 products), with the references pre-shifted (split once per E-step) or not;
+    later they are TF32's; the results equal the float32 E-step's."""
     import cupy
 
     import cryonb.em._estep as estep
 
     if not shifted:
         monkeypatch.setattr(estep, "SHIFTED_REFS_BYTES", 0)
+    calls = []
+    product = estep.cross_products
+
+    def recorded(x, y, *, precision=None):
+        out = product(x, y, precision=precision)
+        yy = y[0] + y[1] if isinstance(y, tuple) else y  # the split is exact
+        want = x.astype(cupy.float64) @ yy.astype(cupy.float64).T
+        calls.append((precision, float(cupy.abs(out - want).max() / cupy.abs(want).max())))
+        return out
+
+    monkeypatch.setattr(estep, "cross_products", recorded)
     batch, model, *_ = _known_pose_batch(B=40, noise=0.5)
     cfg = Class2DConfig(i="x", o="y", K=1, particle_diameter=0.8 * 48 * 3.0, perturb=0,
                         iter=4, tf32_from=0.5)
     three = EStepContext(model, cfg, cupy)  # model.iteration 1: the E-step of iteration 2
     assert three.precision == "3xtf32" and isinstance(three._coarse_y, tuple)
     assert three.shifted_refs is shifted
+    a = three.expectation(batch)
+    assert calls and {c[0] for c in calls} == {"3xtf32"}
+    err_3x = max(c[1] for c in calls)
+    assert err_3x < 2e-6, calls
+    calls.clear()
+    later = EStepContext(replace(model, iteration=2), cfg, cupy)  # iteration 3: TF32
+    assert later.precision == "tf32"
+    later.expectation(batch)
+    # TF32's rounding (2**-11 per term) shows well above float32's (2**-24)
+    assert {c[0] for c in calls} == {"tf32"} and max(c[1] for c in calls) > 3 * err_3x, calls
     monkeypatch.setenv("CRYONB_TF32", "0")
     plain = EStepContext(model, cfg, cupy)
     assert plain.precision == "float32"
-    a, b = three.expectation(batch), plain.expectation(batch)
-    np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-4)
-    later = EStepContext(replace(model, iteration=2), replace(cfg, tf32_from=0.5), cupy)
-    assert later.precision == "float32"  # CRYONB_TF32=0 wins
-    monkeypatch.delenv("CRYONB_TF32")
-    assert EStepContext(replace(model, iteration=2), cfg, cupy).precision == "tf32"
+    np.testing.assert_allclose(a, plain.expectation(batch), rtol=2e-5, atol=1e-4)
+    assert EStepContext(replace(model, iteration=2), cfg, cupy).precision == "float32"
 
 
 def test_grid_perturbation_schedule(tmp_path):
