@@ -540,7 +540,7 @@ def test_estep_in_3xtf32_is_the_float32_estep(monkeypatch, shifted):
     a = three.expectation(batch)
     assert calls and {c[0] for c in calls} == {"3xtf32"}
     err_3x = max(c[1] for c in calls)
-    assert err_3x < 2e-6, calls
+    assert err_3x < 5e-6, calls  # float32's own: 8e-7 on the CPU; TF32's: 2e-4
     calls.clear()
     later = EStepContext(replace(model, iteration=2), cfg, cupy)  # iteration 3: TF32
     assert later.precision == "tf32"
