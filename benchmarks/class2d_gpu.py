@@ -129,6 +129,49 @@ def _timed_estep(job, pools, images):
     return ctx, time.perf_counter() - t0
 
 
+def _timed_estep_threads(job, pools, images, threads: int):
+    """The E-step over every pool by ``threads`` host threads sharing the one GPU, as a worker
+    rank with ``--j threads`` and every thread on this GPU runs it (``--gpu 0,0``): each thread
+    has its own CUDA stream and E-step context, takes every ``threads``-th pool and prefetches
+    its next one. Returns the seconds between device synchronisations."""
+    import threading
+
+    import cupy
+
+    errors: list = []
+    start = threading.Barrier(threads + 1)
+
+    def work(t: int) -> None:
+        try:
+            with cupy.cuda.Stream(non_blocking=True) as stream:
+                ctx = job.estep_context(cupy)
+                stream.synchronize()
+                start.wait()
+                mine = range(t, len(pools), threads)
+                run_pools(ctx, job, [pools[i] for i in mine], [images[i] for i in mine])
+                ctx.finish()
+                stream.synchronize()
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+            start.abort()
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    try:
+        start.wait()
+    except threading.BrokenBarrierError:
+        pass
+    t0 = time.perf_counter()
+    for w in workers:
+        w.join()
+    cupy.cuda.Device().synchronize()
+    dt = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return dt
+
+
 def run_pools(ctx, job, pools, images) -> None:
     """The E-step over the pools as a GPU worker thread runs it: the next pool's images are
     copied to the device (``EStepContext.prefetch``) while the current one is computed."""
@@ -217,7 +260,7 @@ def _pinned_pools(job, pool: int, iteration: int):
 
 def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int = 2,
                      scatter: bool = False, variants: bool = True,
-                     pool_sweep=(), host_profile: bool = False) -> dict:
+                     pool_sweep=(), host_profile: bool = False, threads=()) -> dict:
     """Time the E-step on the GPU for one pool size, after ``iterations`` warm-up iterations.
 
     The model comes from running a few real iterations (so that significant sets have the
@@ -260,6 +303,19 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
         del ctx3
     finally:
         job.config.tf32_from = tf32_from
+    # several host threads sharing the GPU, each with its own stream (--j on one device); the
+    # pools are split further where there are fewer than two per thread
+    by_threads = {}
+    for nt in threads:
+        pp, im = pools, images
+        if len(pools) < 2 * nt:
+            pp, im, _ = _pinned_pools(job, -(-job.n // (2 * nt)), iterations + 1)
+        try:
+            by_threads[nt] = round(job.n / min(_timed_estep_threads(job, pp, im, nt)
+                                               for _ in range(2)), 1)
+        except Exception as exc:  # keep the other measurements
+            by_threads[nt] = repr(exc)
+        del pp, im
     c = ctx.coarse
     # (B T, 2P) @ (2P, M) real product ([Re | Im] rows): 2 * B T * M * 2P flops
     flops = 2.0 * job.n * c.phases.shape[0] * c.refs.shape[0] * 2 * len(c.kx)
@@ -305,6 +361,7 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
             "stages_s": stages, "tally": dict(prof.tally),
             "mean_significant": float(job.state.n_sig.mean()),
             **({"pool_sweep_particles_per_s": sweep} if sweep else {}),
+            **({"threads_particles_per_s": by_threads} if by_threads else {}),
             **({"host_profile": profile} if profile else {}),
             **({"scatter_calls": scatter_calls} if scatter else {})}
 
@@ -405,6 +462,9 @@ def main(argv=None):
                          "products) with its sizes")
     ap.add_argument("--pool_sweep", type=int, nargs="*", default=[],
                     help="also time the E-step with these pool sizes (same model)")
+    ap.add_argument("--estep_threads", type=int, nargs="*", default=[2],
+                    help="also time the E-step with this many host threads sharing the GPU, "
+                         "each with its own stream and context (default: 2)")
     ap.add_argument("--host_profile", action="store_true",
                     help="print where the host's time goes in one E-step (cProfile)")
     a = ap.parse_args(argv)
@@ -433,7 +493,8 @@ def main(argv=None):
         try:
             r = estep_throughput(star, K, psi, pool=_pool(a.pool, n, box, K, psi),
                                  scatter=a.scatter, variants=not a.no_variants,
-                                 pool_sweep=a.pool_sweep, host_profile=a.host_profile)
+                                 pool_sweep=a.pool_sweep, host_profile=a.host_profile,
+                                 threads=[t for t in a.estep_threads if t > 1])
             r["fraction_of_tf32"] = r["coarse_tflops_achieved"] / results["gemm"]["tf32"]
             # the cross term as the complex product (B T, P) @ (P, M) counts 8 B T M P flops,
             # twice the real [Re | Im] product's (which computes only the real part it needs)
@@ -442,6 +503,11 @@ def main(argv=None):
             # early iterations (3 x TF32): the useful product's flops, not the three's
             r["fraction_of_tf32_complex_3xtf32"] = (2 * r["coarse_tflops_achieved_3xtf32"]
                                                     / results["gemm"]["tf32_complex"])
+            # with several host threads on the GPU: the same flops in less time
+            r["fraction_of_tf32_complex_threads"] = {
+                nt: r["fraction_of_tf32_complex"] * v / r["particles_per_s"]
+                for nt, v in r.get("threads_particles_per_s", {}).items()
+                if isinstance(v, float)}
             # the most that fraction can be while the images come from host memory each
             # iteration: the complex product's time over the float32 images' copy alone
             upload_s = n * box * box * 4 / (results["h2d_gb_per_s"] * 1e9)
@@ -484,8 +550,8 @@ def main(argv=None):
              " (sparse sums) | (pageable images) | coarse TFLOP/s | % of TF32 |"
              " % of TF32 complex | product alone TFLOP/s | significant samples |"
              " bound from the upload | early iterations (3 x TF32): particles/s |"
-             " % of TF32 complex |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             " % of TF32 complex | more host threads: particles/s (% of TF32 complex) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["estep"]:
         if "error" in r:
             lines.append(f"| {r['box']} | {r['K']} | {r['psi_step']} | error: {r['error']} ||||")
@@ -500,7 +566,12 @@ def main(argv=None):
                      f"{r['coarse_product_tflops'] or 0:.0f} | {r['mean_significant']:.0f} | "
                      f"{100 * r['upload_bound_of_tf32_complex']:.0f}% | "
                      f"{r['particles_per_s_3xtf32']:.0f} | "
-                     f"{100 * r['fraction_of_tf32_complex_3xtf32']:.1f}% |")
+                     f"{100 * r['fraction_of_tf32_complex_3xtf32']:.1f}% | "
+                     + ", ".join(f"{nt}: {v:.0f} "
+                                 f"({100 * r['fraction_of_tf32_complex_threads'][nt]:.1f}%)"
+                                 if isinstance(v, float) else f"{nt}: {v}"
+                                 for nt, v in r.get("threads_particles_per_s", {}).items())
+                     + " |")
     for r in results["iterations"]:
         lines.append(f"\n{n} x 128 px, K=20, psi 10, offsets 5/2, --j {r.get('threads')}: "
                      + (f"{np.mean(r['per_iteration_s'][1:] or r['per_iteration_s']):.2f} s "
