@@ -1,5 +1,5 @@
 # Threads of one rank on one GPU: the runtime's E-step throughput with --j 1 2 (4), in the tree
-# in _base (before the turns) and in this one; SHAPES (";"-separated parallel_scaling.py shapes)
+# in _base and in this one (an A/B of any change to the worker); SHAPES (";"-separated parallel_scaling.py shapes)
 export OUT PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH CUPY_CACHE_DIR=$PWD/.cupy_cache
 [ -n "${TESTS:-}" ] && TEST_PATHS="tests/parallel" STEP_TIMEOUT_tests=120 bash benchmarks/gpu_session.sh tests
 IFS=';' read -ra shapes <<< "${SHAPES:---n 20000 --box 64 --K 50}"

@@ -8,14 +8,6 @@ of the computing threads, so that reading overlaps computing; each computing thr
 own :class:`cryonb.em._estep.EStepContext` (on its own device and CUDA stream on a GPU) for the
 iteration and accumulates the sums of the pools it processed. :meth:`WorkerService.finish`
 adds the threads' sums in thread order.
-
-Threads of one rank on one GPU (``--j 4 --gpu 0``, RELION's habit) take turns in the E-step:
-one pool at a time per device (:data:`TURNS_ON_SHARED_DEVICE`). A pool's GPU E-step is
-launched and waited for by Python code holding the interpreter's lock, so two threads
-launching on one device at once only slow each other: on an H100 two threads without turns
-made 0.42-0.69x of one thread's E-step throughput (``benchmarks/class2d_gpu.py
---estep_threads``). Reading, the next pool's copy to the device and the host work between
-pools still overlap.
 """
 
 from __future__ import annotations
@@ -33,15 +25,13 @@ from ..errors import CryonbError, ResourceError
 from .combine import mpi_send_sum, ordered_sum, write_rank_sum
 from .hardware import device_memory
 
-__all__ = ["WorkerService", "device_turns", "error_record"]
+__all__ = ["WorkerService", "error_record"]
 
 _STOP = object()
 #: a GPU worker's reader puts each pool's images in pinned host memory, whose transfer to
 #: the device is ~10x faster (H200: 524 MB in 0.010 s instead of 0.092 s), unless the pools
 #: in flight (up to 3 --j + 1: queued, computed, prefetched, being read) would take more
 PINNED_BUDGET_BYTES = 4 * 2**30
-#: threads of one rank that share a GPU run their E-step pools one at a time (see above)
-TURNS_ON_SHARED_DEVICE = True
 
 
 def error_record(exc: BaseException, **where) -> dict:
@@ -49,29 +39,6 @@ def error_record(exc: BaseException, **where) -> dict:
     return {"type": type(exc).__name__, "message": str(exc),
             "traceback": "".join(traceback.format_exception(exc)),
             "cryonb": isinstance(exc, CryonbError), **where}
-
-
-def device_turns(devices, threads: int) -> list:
-    """The lock each thread takes for its E-step pools, or ``None`` where it needs none.
-
-    Parameters
-    ----------
-    devices : sequence of int or None
-        Each thread's CUDA device (``None``: the CPU path, where threads run side by side).
-    threads : int
-
-    Returns
-    -------
-    list of (threading.Lock or None), one per thread
-        Threads on one device share one lock (they take turns, see the module's notes);
-        a thread alone on its device, every CPU thread, and every thread when
-        :data:`TURNS_ON_SHARED_DEVICE` is off, get ``None``.
-    """
-    if not devices or not TURNS_ON_SHARED_DEVICE:
-        return [None] * threads
-    devices = list(devices)
-    locks = {d: threading.Lock() for d in set(devices) if devices.count(d) > 1}
-    return [locks.get(d) for d in devices]
 
 
 class WorkerService:
@@ -118,8 +85,6 @@ class WorkerService:
         self._phase: tuple | None = None
         self._ctx: list = [None] * self.threads
         self._streams: list = [None] * self.threads
-        #: each thread's E-step turns (a lock shared with the other threads on its device)
-        self._turns = device_turns(self.devices, self.threads)
         self._busy: list = [None] * self.threads
         self._inflight = 0
         self._stats = self._new_stats()
@@ -455,11 +420,10 @@ class WorkerService:
             return None
         from ..em._model import ParticleBatch
 
+        if self._ctx[t] is None:
+            self._ctx[t] = self._estep_context(model)
         batch = ParticleBatch(images=images, **task["meta"])
-        with self._turns[t] or contextlib.nullcontext():
-            if self._ctx[t] is None:
-                self._ctx[t] = self._estep_context(model)
-            return self._ctx[t].expectation(batch)
+        return self._ctx[t].expectation(batch)
 
     def _estep_context(self, model):
         from ..em._estep import EStepContext

@@ -204,63 +204,6 @@ def test_gpu_threads_match_the_cpu(tiny_set, reference, tmp_path):
     assert cupy.get_default_memory_pool().total_bytes() < 64 << 20
 
 
-def test_threads_sharing_a_gpu_take_turns(monkeypatch):
-    """``--j 3 --gpu 0,0,1``: the two threads on device 0 share one lock for their E-step
-    pools; the thread alone on device 1 and every CPU thread run without one."""
-    from cryonb.parallel import _worker
-
-    t = _worker.device_turns([0, 0, 1, 0], 4)
-    assert t[0] is not None and t[0] is t[1] is t[3] and t[2] is None
-    assert _worker.device_turns(None, 3) == [None] * 3
-    assert _worker.device_turns([0, 1], 2) == [None, None]
-    monkeypatch.setattr(_worker, "TURNS_ON_SHARED_DEVICE", False)
-    assert _worker.device_turns([0, 0], 2) == [None, None]
-
-
-def _concurrent_expectations(monkeypatch, cfg):
-    """Run ``cfg`` in this process; the most E-step pools that were in flight at once, and
-    how many were computed."""
-    import time
-
-    from cryonb.em._estep import EStepContext
-
-    orig = getattr(EStepContext.expectation, "__wrapped__", EStepContext.expectation)
-    lock = threading.Lock()
-    state = {"now": 0, "most": 0, "pools": 0}
-
-    def counted(self, batch):
-        with lock:
-            state["now"] += 1
-            state["most"] = max(state["most"], state["now"])
-            state["pools"] += 1
-        try:
-            time.sleep(0.05)  # room for another thread to come in, were it allowed
-            return orig(self, batch)
-        finally:
-            with lock:
-                state["now"] -= 1
-
-    counted.__wrapped__ = orig
-    monkeypatch.setattr(EStepContext, "expectation", counted)
-    run_class2d(cfg)
-    return state["most"], state["pools"]
-
-
-@pytest.mark.gpu
-def test_gpu_threads_on_one_device_take_turns(tiny_set, tmp_path, monkeypatch):
-    """Two threads of one rank on GPU 0 compute one pool at a time; without the turns they
-    overlap (the check can fail)."""
-    from cryonb.parallel import _worker
-
-    cfg = tiny_config(tiny_set, tmp_path / "turns", j=2, pool=25, gpu="0,0", cpu=False,
-                      iter=1)
-    most, pools = _concurrent_expectations(monkeypatch, cfg)
-    assert most == 1 and pools >= 6
-    monkeypatch.setattr(_worker, "TURNS_ON_SHARED_DEVICE", False)
-    cfg = tiny_config(tiny_set, tmp_path / "free", j=2, pool=25, gpu="0,0", cpu=False, iter=1)
-    assert _concurrent_expectations(monkeypatch, cfg)[0] == 2
-
-
 def test_cores_are_those_the_process_may_run_on(monkeypatch):
     """A Slurm allocation or taskset leaves a process fewer cores than the machine has: the
     runtime's BLAS limit and the M-step's split-test threads count those."""
