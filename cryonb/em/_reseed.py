@@ -111,7 +111,7 @@ def split_accepted(separation: float, share: float, count: float, median_count: 
 
 def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | None = None,
                      upsample: int = 4, refine_above: float = 0.75, xp=np,
-                     chunk_bytes: int | None = None):
+                     chunk_bytes: int | None = None, above: float | None = None):
     """Normalised correlation of every pair of class images, maximised over rotations and shifts.
 
     Parameters
@@ -136,12 +136,22 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
         that is 356,400 transforms of 66 x 66 pixels: 12.6 s on 16 host cores, 0.12 s on
         an H100.
     chunk_bytes : int, optional
+    above : float, optional
+        Search only the pairs whose similarity may exceed ``above``. For any shift, the
+        correlation of two transforms is at most the correlation of their amplitudes
+        (``|sum F G* e^(i k s)| <= sum |F| |G|``), so each pair's amplitude correlation at its
+        best angle (one matrix product for all pairs and angles) bounds its similarity;
+        pairs whose bound is at most ``above`` (less a margin for rounding) are left out, and their
+        entries are NaN. The others' values are those of the full search. On 100 noise-free
+        70S ribosome views at 64 px, 3 of 4950 pairs were searched at ``above=0.9``; class
+        averages of blurred early iterations leave about half of the pairs.
 
     Returns
     -------
     ndarray of shape (K, K)
         Symmetric, 1 on the diagonal; ``sim[a, b]`` = max over psi and (circular) shifts of the
-        correlation of the low-pass filtered ``A_a`` with ``A_b`` rotated by psi (DC excluded).
+        correlation of the low-pass filtered ``A_a`` with ``A_b`` rotated by psi (DC excluded);
+        NaN for the pairs left out by ``above``.
     """
     from ..data.conventions import inplane_matrix
     from ..fourier import Projector, fft2_centered, ifft2_centered, window_2d
@@ -187,6 +197,10 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
 
     sim = np.eye(K)
     pairs = np.argwhere(np.triu(np.ones((K, K), bool), 1))  # (K (K-1) / 2, 2), a < b
+    if above is not None:
+        sim[~np.eye(K, dtype=bool)] = np.nan
+        bound = _amplitude_bound(F, wcol, norms)
+        pairs = pairs[bound[pairs[:, 0], pairs[:, 1]] > above - _BOUND_MARGIN]
     best = np.zeros(len(pairs), np.int64)  # each pair's best angle
     turns = np.broadcast_to(np.arange(n_psi), (len(pairs), n_psi))
     for i, cc in chunks(pairs, turns, n, n_psi * n * (n // 2 + 1) * 16):
@@ -204,7 +218,43 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
             a, b = pairs[up][i:i + len(cc)].T
             sim[a, b] = np.maximum(sim[a, b], cc.max(axis=1)
                                    / np.maximum(norms[a] * norms[b], 1e-30))
-    return np.maximum(sim, sim.T)
+    lower = np.tril_indices(K, -1)
+    sim[lower] = sim.T[lower]
+    return sim
+
+
+#: rounding allowed for in the amplitude bound (see ``class_similarity(above=)``): float32,
+#: or TF32 where CuPy is set to use it for float32 products (``CUPY_TF32=1``), ~5e-4
+_BOUND_MARGIN = 1e-2
+
+
+def _amplitude_bound(F, wcol, norms: np.ndarray) -> np.ndarray:
+    """Upper bound of :func:`class_similarity` for every pair: the correlation of the
+    amplitude spectra at the best angle.
+
+    Parameters
+    ----------
+    F : array of shape (K, R, n, n // 2 + 1), complex
+        Each class's low-pass filtered half-plane transform at each of ``R`` angles.
+    wcol : array of shape (1, n // 2 + 1)
+        Half-plane column weights (1 for ``kx = 0`` and ``n / 2``, else 2).
+    norms : ndarray of shape (K,)
+        Each class's norm (angle 0) with the same weights.
+
+    Returns
+    -------
+    ndarray of shape (K, K)
+        ``bound[a, b]`` = max over angles ``r`` of ``sum wcol |F[a, 0]| |F[b, r]|`` over
+        ``norms[a] norms[b]``: at least the correlation of ``F[a, 0]`` with ``F[b, r]`` at any
+        shift (for ``a < b``, the pairing the search uses).
+    """
+    xp = array_module(F)
+    K, R = F.shape[:2]
+    amp = xp.abs(F)  # float32 for complex64
+    weighted = (amp[:, 0] * wcol.astype(amp.dtype)).reshape(K, -1)
+    cross = weighted @ amp.reshape(K * R, -1).T  # (K, K R)
+    best = to_numpy(cross.reshape(K, K, R).max(axis=2)).astype(np.float64)
+    return best / np.maximum(np.outer(norms, norms), 1e-30)
 
 
 def merge_ratios(margin: np.ndarray, exclude=()) -> np.ndarray:
@@ -368,7 +418,12 @@ def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
             if k not in free and counts[k] > 0 and pmax[k] < JUNK_PMAX_RATIO * med:
                 free.append(k)
                 reasons[k] = f"junk (mean max. probability {pmax[k]:.2f}, median {med:.2f})"
-    sim = class_similarity(classes, n_psi=n_psi, max_res_px=max_res_px, xp=xp)
+    # pairs that cannot reach the threshold are not searched (NaN): below it, a similarity
+    # decides nothing
+    sim = class_similarity(classes, n_psi=n_psi, max_res_px=max_res_px, xp=xp,
+                           above=dup_threshold)
+    below = np.isnan(sim)
+    sim[below] = 0.0
     if margin is not None and margin.shape == (K, K):
         # relative to the next-best class that is not free already (not a median: where junk
         # takes several classes, its fit-nowhere margins made any pair of real classes cheap)
@@ -394,8 +449,9 @@ def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
         s = sim[a, b]
         small = a if counts[a] < counts[b] else b
         free.append(int(small))
+        look = f"below {dup_threshold:.2f}" if below[a, b] else f"{s:.2f}"
         reasons[int(small)] = (f"duplicate of class {int(b if small == a else a) + 1} "
-                               f"(similarity {s:.2f}, shared particles {ov[a, b]:.2f})")
+                               f"(similarity {look}, shared particles {ov[a, b]:.2f})")
         taken.update((int(a), int(b)))
     return sorted(free), reasons
 

@@ -87,6 +87,49 @@ def test_class_similarity_in_chunks(views_and_copy):
     np.testing.assert_allclose(chunked, whole, rtol=1e-6)
 
 
+def _smooth_blobs(n: int, seed: int = 1) -> np.ndarray:
+    """``n`` low-pass filtered noise images (unlike the phantom's views), (n, N, N)."""
+    rng = np.random.default_rng(seed)
+    f = fft2_centered(rng.normal(size=(n, N, N)).astype(np.float32))
+    k = np.hypot(*np.meshgrid(np.arange(N // 2 + 1), np.fft.fftfreq(N, 1 / N)))
+    return ifft2_centered(f * np.exp(-((k / 5.0) ** 2)), N).astype(np.float32)
+
+
+def test_pairs_left_out_cannot_reach_the_threshold(views_and_copy):
+    """``above``: the amplitude spectra's correlation bounds each pair's similarity, so every
+    pair that exceeds ``above`` is searched (with the full search's value) at every level,
+    and the pairs left out are NaN."""
+    classes = np.concatenate([views_and_copy, _smooth_blobs(4)])
+    full = class_similarity(classes, n_psi=36, max_res_px=N // 4)
+    off = ~np.eye(len(classes), dtype=bool)
+    left_out = {}
+    for level in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95):
+        part = class_similarity(classes, n_psi=36, max_res_px=N // 4, above=level)
+        done = ~np.isnan(part)
+        assert done[full > level].all(), level
+        np.testing.assert_allclose(part[done], full[done], rtol=1e-6)
+        np.testing.assert_allclose(part, part.T)
+        left_out[level] = int((~done & off).sum()) // 2
+    # the blobs against the views and the views' copy: most pairs need no search at 0.9
+    assert left_out[0.9] >= 20 and left_out[0.3] <= left_out[0.9], left_out
+    np.testing.assert_allclose(class_similarity(classes, n_psi=36, max_res_px=N // 4,
+                                                above=-1.0), full, rtol=1e-6)
+    none = class_similarity(classes, n_psi=36, max_res_px=N // 4, above=1.5)  # no pair left
+    assert np.isnan(none[off]).all() and (np.diag(none) == 1).all()
+
+
+def test_a_duplicate_by_shared_particles_alone_says_its_similarity_is_low(views):
+    """A pair freed for its shared particles whose images cannot reach the threshold (not
+    searched) reports the similarity as below it."""
+    classes = np.concatenate([views[:2], _smooth_blobs(2)])
+    counts = np.array([300.0, 250, 280, 120])
+    overlap = np.zeros((4, 4))
+    overlap[0, 3] = overlap[3, 0] = 0.4
+    free, why = find_free_classes(counts, classes, int(counts.sum()), overlap)
+    assert free == [3]
+    assert why[3] == "duplicate of class 1 (similarity below 0.90, shared particles 0.40)"
+
+
 @pytest.mark.gpu
 def test_class_similarity_is_the_same_on_the_gpu(views_and_copy):
     import cupy
@@ -95,6 +138,13 @@ def test_class_similarity_is_the_same_on_the_gpu(views_and_copy):
     device = class_similarity(views_and_copy, n_psi=72, max_res_px=N // 4, xp=cupy)
     assert isinstance(device, np.ndarray)
     np.testing.assert_allclose(device, host, atol=1e-4)
+    # only the pairs that may pass a threshold: the same pairs left out as on the host
+    classes = np.concatenate([views_and_copy, _smooth_blobs(4)])
+    full = class_similarity(classes, n_psi=72, max_res_px=N // 4)
+    device = class_similarity(classes, n_psi=72, max_res_px=N // 4, xp=cupy, above=0.9)
+    done = ~np.isnan(device)
+    assert done[full > 0.9].all() and (~done).any()
+    np.testing.assert_allclose(device[done], full[done], atol=1e-4)
 
 
 def test_free_classes_and_why(views):
