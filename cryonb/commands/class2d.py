@@ -15,8 +15,10 @@ __all__ = ["add_parser", "report", "run"]
 _EPILOG = """\
 examples:
   cryonb class2d --i Extract/job007/particles.star --o Class2D/run --K 50 --iter 25 \\
-      --particle_diameter 200 --psi_step 10 --offset_range 5 --offset_step 2 --j 4 --gpu
-  cryonb class2d --ranks 3 --j 4 --gpu 0:1 ...        (2 workers, one GPU each)
+      --particle_diameter 200 --psi_step 10 --offset_range 5 --offset_step 2 --j 1 --gpu
+      (on one GPU, one rank with --j 1 is fastest: threads or ranks sharing it slow
+      each other)
+  cryonb class2d --ranks 3 --j 1 --gpu 0:1 ...        (2 workers, one GPU each)
   cryonb class2d --ranks 5 --engines mpi --no_parallel_disc_io ...
   cryonb class2d --continue Class2D/run_it010_optimiser.star --iter 25
       (without --o the run goes on under its own rootname, Class2D/run)
