@@ -161,6 +161,8 @@ class _Run(RankSession):
             self._setup_inprocess()
         else:
             self._setup_engines()
+        if self.gpu:
+            self.warnings += shared_gpu_advice([(r.rank, r.info.devices) for r in self.ranks])
         emit(self.progress, "setup", ranks=[r.info.to_dict() for r in self.ranks],
              device_table=self.device_table, pool=self.pool, pool_memory=self.pool_bytes,
              io_mode=self.cfg.io_mode, combine=self.cfg.combine, engines=self.engines,
@@ -587,6 +589,35 @@ class _Run(RankSession):
         if self._local_blas is not None:
             self._local_blas.restore_original_limits()
         self._stop_cluster()
+
+
+def shared_gpu_advice(rank_devices) -> list[str]:
+    """Advice for ranks whose threads share a GPU (``--j 2 --gpu 0``, RELION's habit).
+
+    Parameters
+    ----------
+    rank_devices : iterable of (int, sequence of int)
+        Each rank and its threads' devices (empty for the leader or the CPU).
+
+    Returns
+    -------
+    list of str
+        One line per rank and device used by several of its threads. On one GPU they slow
+        each other: a pool's E-step is launched and waited for by Python code under the
+        interpreter's lock (H100, 2-4 threads: 0.86-0.91x of one thread's throughput in a
+        run, 0.42-0.69x in the E-step alone; ``benchmarks/RESULTS.md``, 2026-12-06, fifteenth
+        session).
+    """
+    out = []
+    for rank, devices in rank_devices:
+        devices = list(devices or ())
+        for d in sorted(set(devices)):
+            n = devices.count(d)
+            if n > 1:
+                out.append(f"rank {rank}: {n} threads share GPU {d}, and threads on one GPU "
+                           f"slow each other (0.86-0.91x of one thread's throughput): use "
+                           f"--j 1 for each GPU")
+    return out
 
 
 def _index_of(tasks: list[dict], task_id: int):

@@ -193,6 +193,8 @@ def test_gpu_threads_match_the_cpu(tiny_set, reference, tmp_path):
     result = run_class2d(tiny_config(tiny_set, tmp_path, j=2, pool=40, gpu="", cpu=False),
                          return_sums=True)
     assert result.gpu and result.ranks[0].uuids
+    shared = len(set(result.ranks[0].devices)) == 1  # both threads on one GPU: advised
+    assert shared == any("threads share GPU" in w for w in result.warnings), result.warnings
     cls = read_particles(result.files["data"]).particles["rlnClassNumber"].to_numpy() - 1
     assert np.mean(cls == reference["cls"]) >= 0.99
     got = read_mrc(result.classes).data
@@ -202,6 +204,16 @@ def test_gpu_threads_match_the_cpu(tiny_set, reference, tmp_path):
     import cupy
 
     assert cupy.get_default_memory_pool().total_bytes() < 64 << 20
+
+
+def test_threads_sharing_a_gpu_are_advised_against():
+    """``--j 3 --gpu 0,0,1``: rank 1's two threads on GPU 0 get one line of advice; a thread
+    alone on its GPU, the leader and CPU ranks get none."""
+    from cryonb.parallel.runtime import shared_gpu_advice
+
+    lines = shared_gpu_advice([(0, []), (1, [0, 0, 1]), (2, [2, 3]), (3, None)])
+    assert lines == ["rank 1: 2 threads share GPU 0, and threads on one GPU slow each other "
+                     "(0.86-0.91x of one thread's throughput): use --j 1 for each GPU"]
 
 
 def test_cores_are_those_the_process_may_run_on(monkeypatch):
