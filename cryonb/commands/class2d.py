@@ -21,7 +21,8 @@ examples:
   cryonb class2d --ranks 3 --j 1 --gpu 0:1 ...        (2 workers, one GPU each)
   cryonb class2d --ranks 5 --engines mpi --no_parallel_disc_io ...
   cryonb class2d --continue Class2D/run_it010_optimiser.star --iter 25
-      (without --o the run goes on under its own rootname, Class2D/run)
+      (without --o the run goes on under its own rootname, Class2D/run; without --iter
+      it stops at its own --iter, as relion_refine --continue)
 
 RELION's --no_parallel_disc_io, --preread_images, --dont_combine_weights_via_disc and
 --scratch_dir are understood; harmless relion_refine flags (--dont_check_norm,
@@ -62,7 +63,15 @@ def run(args) -> int:
     from ._options import config_from_args
     from ._runner import run_job
 
-    config, warnings = config_from_args(Class2DConfig, args)
+    extra = {}
+    if getattr(args, "continue_from", None) and getattr(args, "iter", None) is None:
+        # as relion_refine --continue: the run's own --iter unless one is given
+        from ..em.class2d import Class2DJob
+
+        n_iter = Class2DJob.optimiser_iterations(args.continue_from)
+        if n_iter:
+            extra["iter"] = n_iter
+    config, warnings = config_from_args(Class2DConfig, args, **extra)
     if not config.continue_from:
         missing = [text for flag, text in (
             (config.i, "--i, the particles STAR file"),

@@ -27,7 +27,8 @@ class Class2DConfig(JobConfig):
 
     i: str = option("", "--i", "input particles STAR file", group="io")
     o: str = option("", "--o", "output rootname, e.g. Class2D/run", group="io")
-    continue_from: str = option("", "--continue", "continue from this _optimiser.star",
+    continue_from: str = option("", "--continue", "continue from this _optimiser.star (its "
+                                "run's --iter, unless --iter is given, as relion_refine)",
                                 group="io")
     angpix: float = option(-1.0, "--angpix", "pixel size (A) of particles whose STAR file "
                            "gives none (-1 = from the file's optics group)", group="io",

@@ -274,6 +274,19 @@ class Class2DJob:
         job.model.perturb = job.grid_perturbation(job.iteration + 1)
         return job
 
+    @staticmethod
+    def optimiser_iterations(optimiser_star) -> int | None:
+        """The ``--iter`` of the run an ``_optimiser.star`` belongs to
+        (``rlnNumberOfIterations``), or ``None`` where the file does not say (then
+        :meth:`from_optimiser` reports what is wrong with it)."""
+        from ..io import read_star
+
+        try:
+            gen = read_star(optimiser_star).get("optimiser_general")
+            return int(gen["rlnNumberOfIterations"].iloc[0])
+        except Exception:  # from_optimiser gives the error a user can act on
+            return None
+
     def _restore(self, st: dict) -> None:
         import json
 

@@ -128,6 +128,18 @@ def test_continue_from_the_command_line(sim_star, tmp_path, capsys):
     assert f"class averages: {out}_it002_classes.mrcs" in capsys.readouterr().out
 
 
+def test_continue_without_iter_keeps_the_runs_iterations(sim_star, tmp_path, capsys):
+    """As ``relion_refine --continue``: without ``--iter`` the continued run stops where the
+    run it continues was to stop (its ``rlnNumberOfIterations``), not at the default 25."""
+    out = tmp_path / "run"
+    assert main(["class2d", "--i", str(sim_star), "--o", str(out), *FAST]) == 0  # --iter 2
+    (tmp_path / "run_it002_optimiser.star").unlink()
+    assert main(["class2d", "--continue", f"{out}_it001_optimiser.star", "--quiet"]) == 0
+    assert f"class averages: {out}_it002_classes.mrcs" in capsys.readouterr().out
+    assert (tmp_path / "run_it002_optimiser.star").exists()
+    assert not (tmp_path / "run_it003_optimiser.star").exists()
+
+
 def test_ranks_start_and_stop_their_own_engines(sim_star, tmp_path, capsys):
     import psutil
 
