@@ -281,20 +281,66 @@ def merge_ratios(margin: np.ndarray, exclude=()) -> np.ndarray:
         over two classes gave 0.21-0.33 for as long as it stayed split; distinct views settle
         at 0.5 and more, but pass through 0.3-0.4 for a few iterations after re-seeding.
     """
+    margin = np.asarray(margin, dtype=np.float64)
     K = margin.shape[0]
     out = np.full((K, K), np.inf)
     if K < 3:
         return out
-    skip = set(int(k) for k in exclude)
+    skip = np.zeros(K, bool)
+    skip[[int(k) for k in exclude]] = True
     for a in range(K):
-        for b in range(K):
-            if a != b:
-                rest = [c for c in range(K) if c not in (a, b) and c not in skip]
-                rest = rest or [c for c in range(K) if c not in (a, b)]
-                typical = float(np.median(margin[a, rest]))
-                if typical > 0:
-                    out[a, b] = margin[a, b] / typical
+        others = np.arange(K) != a
+        kept = others & ~skip
+        # the median of the kept classes without b; where that leaves none, of all without b
+        typical = _medians_without(margin[a], kept)
+        fallback = _medians_without(margin[a], others)
+        alone = kept.sum() - kept == 0  # b is the only kept class, or none is kept
+        typical = np.where(alone, fallback, typical)
+        ok = others & (typical > 0)
+        out[a, ok] = margin[a, ok] / typical[ok]
     return out
+
+
+def _medians_without(row: np.ndarray, member: np.ndarray) -> np.ndarray:
+    """For every ``b``: the median of ``row[c]`` over the members ``c`` other than ``b``.
+
+    Parameters
+    ----------
+    row : ndarray of shape (K,)
+    member : bool ndarray of shape (K,)
+
+    Returns
+    -------
+    ndarray of shape (K,)
+        ``np.median(row[member & (arange(K) != b)])`` for each ``b`` (the same values: the
+        middle one, or the mean of the middle two, of the sorted members with ``b`` left
+        out); NaN where no member is left or those left hold a NaN.
+    """
+    K = row.shape[0]
+    out = np.full(K, np.nan)
+    nan = np.flatnonzero(member & np.isnan(row))
+    if nan.size:  # NaN unless b is the one NaN member: then the median of the others
+        if nan.size == 1:
+            out[nan[0]] = _medians_without(row, member & ~np.isnan(row))[nan[0]]
+        return out
+    idx = np.flatnonzero(member)
+    n = idx.size
+    if n == 0:
+        return out
+    order = np.argsort(row[idx], kind="stable")
+    v = row[idx][order]
+    pos = np.full(K, n)  # each b's place among the sorted members (n: not a member)
+    pos[idx[order]] = np.arange(n)
+    m = np.where(pos < n, n - 1, n)  # members left
+
+    def kth(k):  # the k-th smallest member left (k < m)
+        return v[np.minimum(np.where(k < pos, k, k + 1), n - 1)]
+
+    hi = m // 2
+    lo = np.where(m % 2 == 1, hi, hi - 1)
+    med = (kth(lo) + kth(hi)) / 2
+    med = np.where(m % 2 == 1, kth(hi), med)
+    return np.where(m > 0, med, np.nan)
 
 
 def merge_candidates(margin: np.ndarray, counts: np.ndarray, exclude=()) -> list:

@@ -403,3 +403,40 @@ def test_half_pairs_find_one_view_in_two_small_classes():
     assert half_pairs(margin, np.array([250.0, 120, 250, 230, 480])) == []
     margin[1, 3] = 40.0 * HALF_RATIO * 1.05
     assert half_pairs(margin, counts) == []
+
+
+def _merge_ratios_reference(margin, exclude=()):
+    """merge_ratios as its docstring says it, one pair at a time (plain NumPy)."""
+    K = margin.shape[0]
+    out = np.full((K, K), np.inf)
+    if K < 3:
+        return out
+    skip = set(int(k) for k in exclude)
+    for a in range(K):
+        for b in range(K):
+            if a != b:
+                rest = [c for c in range(K) if c not in (a, b) and c not in skip]
+                rest = rest or [c for c in range(K) if c not in (a, b)]
+                typical = float(np.median(margin[a, rest]))
+                if typical > 0:
+                    out[a, b] = margin[a, b] / typical
+    return out
+
+
+def test_merge_ratios_are_the_pairwise_medians():
+    """The per-row sorted medians give, bit for bit, the median over the other classes of
+    each pair: with ties, NaN margins, rows of no positive margin, any classes excluded."""
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        K = int(rng.integers(2, 11))
+        margin = rng.normal(20, 10, (K, K))
+        if rng.random() < 0.3:
+            margin = np.round(margin)  # ties
+        for _ in range(int(rng.integers(0, 3))):
+            margin[rng.integers(K), rng.integers(K)] = np.nan
+        if rng.random() < 0.1:
+            margin[rng.integers(K)] = -1.0
+        exclude = rng.choice(K, int(rng.integers(0, K + 1)), replace=False)
+        np.testing.assert_array_equal(merge_ratios(margin, exclude),
+                                      _merge_ratios_reference(margin, exclude))
+
