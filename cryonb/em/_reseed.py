@@ -281,7 +281,7 @@ def merge_ratios(margin: np.ndarray, exclude=()) -> np.ndarray:
         over two classes gave 0.21-0.33 for as long as it stayed split; distinct views settle
         at 0.5 and more, but pass through 0.3-0.4 for a few iterations after re-seeding.
     """
-    margin = np.asarray(margin, dtype=np.float64)
+    margin = np.asarray(margin, dtype=np.float64)  # as class_margin is
     K = margin.shape[0]
     out = np.full((K, K), np.inf)
     if K < 3:
