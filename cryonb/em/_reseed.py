@@ -474,14 +474,13 @@ def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
         # relative to the next-best class that is not free already (not a median: where junk
         # takes several classes, its fit-nowhere margins made any pair of real classes cheap)
         keep = np.array([k not in free for k in range(K)])
-        for a in range(K):
-            for b in range(a + 1, K):
-                small, large = (a, b) if counts[a] <= counts[b] else (b, a)
-                others = keep.copy()
-                others[[a, b]] = False
-                typical = float(np.min(margin[small, others])) if others.any() else 0.0
-                if not (typical > 0 and margin[small, large] / typical < DUP_MARGIN_RATIO):
-                    sim[a, b] = sim[b, a] = 0.0
+        for a, b in np.argwhere(np.triu(sim != 0, 1)):  # pairs left out are 0 already
+            small, large = (a, b) if counts[a] <= counts[b] else (b, a)
+            others = keep.copy()
+            others[[a, b]] = False
+            typical = float(np.min(margin[small, others])) if others.any() else 0.0
+            if not (typical > 0 and margin[small, large] / typical < DUP_MARGIN_RATIO):
+                sim[a, b] = sim[b, a] = 0.0
     ov = np.zeros((K, K)) if overlap is None or overlap.shape != (K, K) else overlap
     score = np.maximum(sim / dup_threshold, ov / overlap_threshold)
     pairs = sorted(((score[a, b], a, b) for a in range(K) for b in range(a + 1, K)),
