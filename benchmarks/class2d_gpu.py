@@ -469,9 +469,10 @@ def main(argv=None):
                          "products) with its sizes")
     ap.add_argument("--pool_sweep", type=int, nargs="*", default=[],
                     help="also time the E-step with these pool sizes (same model)")
-    ap.add_argument("--estep_threads", type=int, nargs="*", default=[2],
+    ap.add_argument("--estep_threads", type=int, nargs="*", default=[],
                     help="also time the E-step with this many host threads sharing the GPU, "
-                         "each with its own stream and context (default: 2)")
+                         "each with its own stream and context, e.g. 2 3 (default: none; "
+                         "measured slower than one thread, RESULTS.md 2026-12-06)")
     ap.add_argument("--host_profile", action="store_true",
                     help="print where the host's time goes in one E-step (cProfile)")
     a = ap.parse_args(argv)
