@@ -113,19 +113,39 @@ def simulate(n: int, box: int, views: int, seed: int = 0, snr: float = 0.1):
     return star
 
 
-def _timed_estep(job, pools, images):
+def _xp():
+    """CuPy where a GPU is usable, else NumPy (``--runs --quick`` as a smoke test on a laptop)."""
+    from cryonb.backend import gpu_available
+
+    if gpu_available():
+        import cupy
+
+        return cupy
+    return np
+
+
+def _sync(xp) -> None:
+    if xp is not np:
+        xp.cuda.Device().synchronize()
+
+
+def _timed_estep(job, pools, images, keep: list | None = None, xp=None):
     """One GPU E-step over every pool, timed between device synchronisations.
 
-    Returns the E-step context and the seconds it took.
+    Returns the E-step context and the seconds it took. With ``keep`` (a list), the pools'
+    results are stored in the job and the E-step's sums appended to ``keep``, as a run does.
     """
-    import cupy
+    if xp is None:
+        import cupy as xp
 
-    ctx = job.estep_context(cupy)
-    cupy.cuda.Device().synchronize()
+    ctx = job.estep_context(xp)
+    _sync(xp)
     t0 = time.perf_counter()
-    run_pools(ctx, job, pools, images)
-    ctx.finish()
-    cupy.cuda.Device().synchronize()
+    run_pools(ctx, job, pools, images, store=keep is not None)
+    sums = ctx.finish()
+    _sync(xp)
+    if keep is not None:
+        keep.append(sums)
     return ctx, time.perf_counter() - t0
 
 
@@ -175,13 +195,17 @@ def _timed_estep_threads(job, pools, images, streams: list) -> float:
     return dt
 
 
-def run_pools(ctx, job, pools, images) -> None:
+def run_pools(ctx, job, pools, images, store: bool = False) -> None:
     """The E-step over the pools as a GPU worker thread runs it: the next pool's images are
-    copied to the device (``EStepContext.prefetch``) while the current one is computed."""
+    copied to the device (``EStepContext.prefetch``) while the current one is computed. With
+    ``store``, each pool's per-particle results are kept in the job (a run's next iteration
+    starts from them)."""
     for i, (p, im) in enumerate(zip(pools, images)):
         if i + 1 < len(images):
             ctx.prefetch(images[i + 1])
-        ctx.expectation(job.make_batch(job.batch_meta(p), im))
+        res = ctx.expectation(job.make_batch(job.batch_meta(p), im))
+        if store:
+            job.store_results(p, res)
 
 
 #: the E-step's scatter-adds that choose between atomic adds and sparse products, in call
@@ -248,17 +272,85 @@ def _host_profile(job, pools, images, top: int = 25) -> str:
     return s.getvalue()
 
 
-def _pinned_pools(job, pool: int, iteration: int):
+def _pinned_pools(job, pool: int, iteration: int, pageable: bool = True):
     """The pools of one iteration and their images in pinned host memory (as a GPU worker's
-    reader thread hands them over, cryonb.parallel._worker), and pageable copies."""
+    reader thread hands them over, cryonb.parallel._worker), and pageable copies (None
+    without ``pageable``)."""
     from cryonb.backend import pinned_empty
 
     pools = job.pools(pool, iteration)
-    pageable = [np.ascontiguousarray(job.table.images(p)) for p in pools]
-    images = [pinned_empty(a.shape) for a in pageable]
-    for a, b in zip(images, pageable):
-        a[...] = b
-    return pools, images, pageable
+    images = []
+    for p in pools:
+        a = np.ascontiguousarray(job.table.images(p))
+        images.append(pinned_empty(a.shape))
+        images[-1][...] = a
+    return pools, images, ([np.ascontiguousarray(a) for a in images] if pageable else None)
+
+
+def _job(star, K: int, psi_step: float, iterations: int, pool: int):
+    """A class2d job on the GPU with the grid's flags (offsets 5 / 2, seed 0), its initial
+    pass done and its model started."""
+    from cryonb.em import Class2DConfig
+    from cryonb.em.class2d import Class2DJob
+
+    cfg = Class2DConfig(i=str(star), o=str(Path(star).parent / f"out_{K}_{psi_step}" / "run"),
+                        K=K, iter=iterations, psi_step=psi_step, offset_range=5,
+                        offset_step=2, random_seed=0, gpu="0")
+    job = Class2DJob(cfg)
+    init = job.init_sums_template()
+    for p in job.pools(pool, 0):
+        init.add_(job.init_accumulate(job.init_meta(p), job.table.images(p)))
+    job.start(init)
+    return job
+
+
+def coarse_flops(job, ctx) -> float:
+    """The useful flops of an E-step's coarse cross term over every particle: the real
+    product (B T, 2P) @ (2P, M) of [Re | Im] rows, ``2 B T M 2P`` (the complex product
+    (B T, P) @ (P, M) counts twice that: see :func:`main`). In the first part of a run
+    (three TF32 products) the useful product's flops, not the three's."""
+    c = ctx.coarse
+    return 2.0 * job.n * c.phases.shape[0] * c.refs.shape[0] * 2 * len(c.kx)
+
+
+def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25) -> dict:
+    """A whole run of ``iterations`` (RELION's default 25) with every E-step timed.
+
+    The grid of :func:`estep_throughput` times one E-step at the model of iteration 3, while
+    the classes still form and each particle keeps thousands of significant samples. A run
+    spends most of its E-steps later: the classes are sharp, few samples are significant and
+    the current resolution (the pixels in the product) has grown. Here each iteration's
+    E-step runs as :func:`_timed_estep` times it (images from pinned memory, the next pool's
+    copy behind the current one), then its M-step (re-seeding included) on the host, timed
+    apart. Returns per-iteration records and the run's totals: the useful coarse flops of
+    all E-steps over their summed time (``run_tflops``) and over the late iterations only
+    (TF32 product, ``late_tflops``).
+    """
+    xp = _xp()
+    job = _job(star, K, psi_step, iterations, pool)
+    rows = []
+    for it in range(1, iterations + 1):
+        pools, images, _ = _pinned_pools(job, pool, it, pageable=False)
+        sums: list = []
+        ctx, dt = _timed_estep(job, pools, images, keep=sums, xp=xp)
+        del images
+        t0 = time.perf_counter()
+        job.maximize(sums.pop().to_host())
+        rows.append({"iteration": it, "precision": ctx.precision, "estep_s": round(dt, 4),
+                     "particles_per_s": round(job.n / dt, 1),
+                     "coarse_tflops": coarse_flops(job, ctx) / dt / 1e12,
+                     "flops": coarse_flops(job, ctx), "current_size": int(ctx.fine.size),
+                     "mean_significant": float(job.state.n_sig.mean()),
+                     "mstep_s": round(time.perf_counter() - t0, 4),
+                     "reseeded": len(job.model.reseeded)})
+        del ctx
+    late = [r for r in rows if r["precision"] != "3xtf32"]
+    return {"box": job.N, "K": K, "psi_step": psi_step, "n": job.n, "pool": pool,
+            "iterations": rows,
+            "run_tflops": sum(r["flops"] for r in rows) / sum(r["estep_s"] for r in rows) / 1e12,
+            "late_tflops": (sum(r["flops"] for r in late) / sum(r["estep_s"] for r in late)
+                            / 1e12 if late else float("nan")),
+            "estep_s": sum(r["estep_s"] for r in rows), "mstep_s": sum(r["mstep_s"] for r in rows)}
 
 
 def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int = 2,
@@ -271,17 +363,7 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
     """
     import cupy
 
-    from cryonb.em import Class2DConfig
-    from cryonb.em.class2d import Class2DJob
-
-    cfg = Class2DConfig(i=str(star), o=str(Path(star).parent / f"out_{K}_{psi_step}" / "run"),
-                        K=K, iter=iterations + 1, psi_step=psi_step, offset_range=5,
-                        offset_step=2, random_seed=0, gpu="0")
-    job = Class2DJob(cfg)
-    init = job.init_sums_template()
-    for p in job.pools(pool, 0):
-        init.add_(job.init_accumulate(job.init_meta(p), job.table.images(p)))
-    job.start(init)
+    job = _job(star, K, psi_step, iterations + 1, pool)
     xp = cupy
     for it in range(1, iterations + 1):
         ctx = job.estep_context(xp)
@@ -322,8 +404,7 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
             by_threads[nt] = repr(exc)
         del pp, im
     c = ctx.coarse
-    # (B T, 2P) @ (2P, M) real product ([Re | Im] rows): 2 * B T * M * 2P flops
-    flops = 2.0 * job.n * c.phases.shape[0] * c.refs.shape[0] * 2 * len(c.kx)
+    flops = coarse_flops(job, ctx)
     # the same E-step again with a device synchronisation at every stage boundary: where the
     # time goes, and the matrix product's own rate
     prof = job.estep_context(xp)
@@ -444,6 +525,45 @@ def _print_scatter(box, K, psi, calls) -> None:
               flush=True)
 
 
+def _whole_run(star, n: int, box: int, K: int, psi: float, a, results: dict) -> dict:
+    """:func:`run_profile` of one shape, with its fractions of the complex TF32 ceiling."""
+    ceiling = results["gemm"]["tf32_complex"]
+    try:
+        r = run_profile(star, K, psi, pool=_pool(a.pool, n, box, K, psi),
+                        iterations=a.runs)
+    except Exception as exc:  # keep measuring the other shapes
+        r = {"box": box, "K": K, "psi_step": psi, "error": repr(exc)}
+        print(json.dumps(r), flush=True)
+        return r
+    # the complex product (B T, P) @ (P, M) counts twice the real product's flops (main)
+    r["run_fraction_of_tf32_complex"] = 2 * r["run_tflops"] / ceiling
+    r["late_fraction_of_tf32_complex"] = 2 * r["late_tflops"] / ceiling
+    for it in r["iterations"]:
+        it["fraction_of_tf32_complex"] = 2 * it["coarse_tflops"] / ceiling
+        print(json.dumps({"box": box, "K": K, **it}), flush=True)
+    print(json.dumps({k: v for k, v in r.items() if k != "iterations"}), flush=True)
+    return r
+
+
+def _runs_table(results: dict) -> list[str]:
+    """Markdown lines for the whole runs (``--runs``): totals per shape, then per iteration."""
+    runs = [r for r in results.get("runs", []) if "error" not in r]
+    if not runs:
+        return []
+    lines = ["", "Whole runs, every E-step timed (`--runs`): % of the TF32 complex ceiling",
+             "", "| box | K | psi step | particles | iterations | E-steps s | M-steps s |"
+             " % over the run | % over the TF32 iterations | per iteration |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        per = " ".join(f"{100 * it['fraction_of_tf32_complex']:.0f}"
+                       for it in r["iterations"])
+        lines.append(f"| {r['box']} | {r['K']} | {r['psi_step']:g} | {r['n']} | "
+                     f"{len(r['iterations'])} | {r['estep_s']:.2f} | {r['mstep_s']:.2f} | "
+                     f"{100 * r['run_fraction_of_tf32_complex']:.1f}% | "
+                     f"{100 * r['late_fraction_of_tf32_complex']:.1f}% | {per} |")
+    return lines
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
@@ -473,6 +593,10 @@ def main(argv=None):
                     help="also time the E-step with this many host threads sharing the GPU, "
                          "each with its own stream and context, e.g. 2 3 (default: none; "
                          "measured slower than one thread, RESULTS.md 2026-12-06)")
+    ap.add_argument("--runs", type=int, default=0, metavar="ITER",
+                    help="instead of the one-E-step grid, a whole run of ITER iterations per "
+                         "shape (25: RELION's default) with every E-step timed: the fraction of "
+                         "the ceiling over the run, and per iteration (run_profile)")
     ap.add_argument("--host_profile", action="store_true",
                     help="print where the host's time goes in one E-step (cProfile)")
     a = ap.parse_args(argv)
@@ -481,7 +605,7 @@ def main(argv=None):
     import cupy
 
     results = {"card": card_name(), "date": time.strftime("%Y-%m-%d"),
-               "cupy": cupy.__version__, "estep": [], "iterations": []}
+               "cupy": cupy.__version__, "estep": [], "iterations": [], "runs": []}
     print("card:", results["card"], flush=True)
     results["gemm"] = gemm_ceiling(16384, 7200, 4096)
     print("GEMM ceiling (TFLOP/s):", results["gemm"], flush=True)
@@ -498,6 +622,10 @@ def main(argv=None):
     for box, K, psi in cases:
         n = {64: 20000, 128: 8000, 256: 2000}[box] // (4 if a.quick else 1)
         star = simulate(n, box, views=min(K, 50))
+        if a.runs:
+            results["runs"].append(_whole_run(star, n, box, K, psi, a, results))
+            (out / "class2d_gpu.json").write_text(json.dumps(results, indent=1))
+            continue
         try:
             r = estep_throughput(star, K, psi, pool=_pool(a.pool, n, box, K, psi),
                                  scatter=a.scatter, variants=not a.no_variants,
@@ -580,6 +708,7 @@ def main(argv=None):
                                  if isinstance(v, float) else f"{nt}: {v}"
                                  for nt, v in r.get("threads_particles_per_s", {}).items())
                      + " |")
+    lines += _runs_table(results)
     for r in results["iterations"]:
         lines.append(f"\n{n} x 128 px, K=20, psi 10, offsets 5/2, --j {r.get('threads')}: "
                      + (f"{np.mean(r['per_iteration_s'][1:] or r['per_iteration_s']):.2f} s "
