@@ -313,7 +313,8 @@ def coarse_flops(job, ctx) -> float:
     return 2.0 * job.n * c.phases.shape[0] * c.refs.shape[0] * 2 * len(c.kx)
 
 
-def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25) -> dict:
+def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
+                reseed_on_gpu: bool = True, profile_mstep: bool = False) -> dict:
     """A whole run of ``iterations`` (RELION's default 25) with every E-step timed.
 
     The grid of :func:`estep_throughput` times one E-step at the model of iteration 3, while
@@ -325,17 +326,36 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25) 
     apart. Returns per-iteration records and the run's totals: the useful coarse flops of
     all E-steps over their summed time (``run_tflops``) and over the late iterations only
     (TF32 product, ``late_tflops``).
+
+    ``reseed_on_gpu``: the M-step's re-seeding (class similarities, split tests) on the GPU,
+    as a one-rank run's leader does it (``cryonb.parallel.runtime``), or on the host cores,
+    as the leader of a run with several ranks does. ``profile_mstep``: the slowest M-step's
+    cProfile (``mstep_profile``, text).
     """
+    import cProfile
+    import io
+    import pstats
+
     xp = _xp()
     job = _job(star, K, psi_step, iterations, pool)
-    rows = []
+    job.reseed_device = 0 if reseed_on_gpu and xp is not np else None
+    rows, slowest = [], (0.0, "")
     for it in range(1, iterations + 1):
         pools, images, _ = _pinned_pools(job, pool, it, pageable=False)
         sums: list = []
         ctx, dt = _timed_estep(job, pools, images, keep=sums, xp=xp)
         del images
+        prof = cProfile.Profile() if profile_mstep else None
         t0 = time.perf_counter()
+        if prof:
+            prof.enable()
         job.maximize(sums.pop().to_host())
+        if prof:
+            prof.disable()
+            if time.perf_counter() - t0 > slowest[0]:
+                text = io.StringIO()
+                pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(40)
+                slowest = (time.perf_counter() - t0, f"iteration {it}:\n{text.getvalue()}")
         rows.append({"iteration": it, "precision": ctx.precision, "estep_s": round(dt, 4),
                      "particles_per_s": round(job.n / dt, 1),
                      "coarse_tflops": coarse_flops(job, ctx) / dt / 1e12,
@@ -350,7 +370,9 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25) 
             "run_tflops": sum(r["flops"] for r in rows) / sum(r["estep_s"] for r in rows) / 1e12,
             "late_tflops": (sum(r["flops"] for r in late) / sum(r["estep_s"] for r in late)
                             / 1e12 if late else float("nan")),
-            "estep_s": sum(r["estep_s"] for r in rows), "mstep_s": sum(r["mstep_s"] for r in rows)}
+            "estep_s": sum(r["estep_s"] for r in rows), "mstep_s": sum(r["mstep_s"] for r in rows),
+            "reseed_on": "gpu" if job.reseed_device is not None else "host",
+            **({"mstep_profile": slowest[1]} if profile_mstep else {})}
 
 
 def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int = 2,
@@ -530,7 +552,8 @@ def _whole_run(star, n: int, box: int, K: int, psi: float, a, results: dict) -> 
     ceiling = results["gemm"]["tf32_complex"]
     try:
         r = run_profile(star, K, psi, pool=_pool(a.pool, n, box, K, psi),
-                        iterations=a.runs)
+                        iterations=a.runs, reseed_on_gpu=not a.reseed_on_host,
+                        profile_mstep=a.mstep_profile)
     except Exception as exc:  # keep measuring the other shapes
         r = {"box": box, "K": K, "psi_step": psi, "error": repr(exc)}
         print(json.dumps(r), flush=True)
@@ -541,7 +564,9 @@ def _whole_run(star, n: int, box: int, K: int, psi: float, a, results: dict) -> 
     for it in r["iterations"]:
         it["fraction_of_tf32_complex"] = 2 * it["coarse_tflops"] / ceiling
         print(json.dumps({"box": box, "K": K, **it}), flush=True)
-    print(json.dumps({k: v for k, v in r.items() if k != "iterations"}), flush=True)
+    print(json.dumps({k: v for k, v in r.items() if k not in ("iterations", "mstep_profile")}),
+          flush=True)
+    print(r.get("mstep_profile", ""), flush=True)
     return r
 
 
@@ -552,13 +577,14 @@ def _runs_table(results: dict) -> list[str]:
         return []
     lines = ["", "Whole runs, every E-step timed (`--runs`): % of the TF32 complex ceiling",
              "", "| box | K | psi step | particles | iterations | E-steps s | M-steps s |"
-             " % over the run | % over the TF32 iterations | per iteration |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             " re-seeding on | % over the run | % over the TF32 iterations | per iteration |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         per = " ".join(f"{100 * it['fraction_of_tf32_complex']:.0f}"
                        for it in r["iterations"])
         lines.append(f"| {r['box']} | {r['K']} | {r['psi_step']:g} | {r['n']} | "
                      f"{len(r['iterations'])} | {r['estep_s']:.2f} | {r['mstep_s']:.2f} | "
+                     f"{r['reseed_on']} | "
                      f"{100 * r['run_fraction_of_tf32_complex']:.1f}% | "
                      f"{100 * r['late_fraction_of_tf32_complex']:.1f}% | {per} |")
     return lines
@@ -597,6 +623,11 @@ def main(argv=None):
                     help="instead of the one-E-step grid, a whole run of ITER iterations per "
                          "shape (25: RELION's default) with every E-step timed: the fraction of "
                          "the ceiling over the run, and per iteration (run_profile)")
+    ap.add_argument("--reseed_on_host", action="store_true",
+                    help="with --runs: the M-step's re-seeding on the host cores (as the leader "
+                         "of a run with several ranks does), not on the GPU")
+    ap.add_argument("--mstep_profile", action="store_true",
+                    help="with --runs: print the slowest M-step's cProfile")
     ap.add_argument("--host_profile", action="store_true",
                     help="print where the host's time goes in one E-step (cProfile)")
     a = ap.parse_args(argv)
