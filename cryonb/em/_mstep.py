@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend import usable_cores
 from ..fourier import fft2_centered, radial_index_2d
 from ._estep import coarse_image_size, mask_diameter, soft_circular_mask
 from ._model import (
@@ -244,12 +246,54 @@ def _lowpass(img, shell: float, width: float = 2.0):
 
 
 def _reconstruct(data, weight, tau2, tau2_fudge, pad, N, r_max):
-    """Regularised ratio on the oversampled grid -> real-space class image (N, N).
+    """One class: :func:`reconstruct_classes` of ``data[None]``, ``weight[None]``.
 
-    ``A = data / (weight + 1 / (pad^2 * T * tau2))`` (no regularisation below shell 5, nothing
-    beyond ``r_max``), inverse transform, crop, gridding correction. Also returns the per-shell
-    mean weight (1x units) for the SSNR and the Fourier coverage.
+    Returns the image (N, N) and the per-shell mean weight and Fourier coverage (N//2+1,).
     """
+    img, mean_w, cov = reconstruct_classes(data[None], weight[None],
+                                           None if tau2 is None else tau2[None], tau2_fudge,
+                                           pad, N, r_max)
+    return img[0], mean_w[0], cov[0]
+
+
+def reconstruct_classes(data, weight, tau2, tau2_fudge, pad, N, r_max, which=None):
+    """Regularised ratio on the oversampled grid -> real-space class images.
+
+    ``A = data / (weight + 1 / (pad^2 * T * tau2))`` (no regularisation below shell
+    ``MINRES_MAP``, nothing beyond ``r_max``), inverse transform, crop, gridding correction.
+    Also the per-shell mean weight (1x units) for the SSNR and the Fourier coverage. The
+    classes share the grid's geometry and are done one per task on the host's cores (each
+    class's values are those of a class done alone, bit for bit).
+
+    Parameters
+    ----------
+    data : ndarray of shape (L, pad N, pad N // 2 + 1), complex128
+        Summed CTF-weighted images (half plane, ``ky`` centred: row ``pad N // 2`` is 0).
+    weight : ndarray of shape (L, pad N, pad N // 2 + 1), float64
+        Summed squared CTFs over the noise power, on the same grid.
+    tau2 : ndarray of shape (L, N//2+1) or None
+        Signal power prior per 1x shell; None: plain weighted average (no MAP).
+    tau2_fudge : float
+        T.
+    pad : int
+    N : int
+        Box size (pixels).
+    r_max : float
+        Fourier radius (oversampled pixels) beyond which the classes are zero.
+    which : ndarray of int, optional
+        The classes (first axis of ``data``, ``weight`` and ``tau2``) to reconstruct, L of
+        them (default: all).
+
+    Returns
+    -------
+    images : ndarray of shape (L, N, N), float64
+    mean_weight : ndarray of shape (L, N//2+1)
+        Mean weight per 1x shell, in 1x units.
+    coverage : ndarray of shape (L, N//2+1)
+        Fraction of each shell's grid points with a non-zero weight.
+    """
+    which = np.arange(data.shape[0]) if which is None else np.asarray(which)
+    L = len(which)
     P = pad * N
     ky = np.fft.fftshift(np.fft.fftfreq(P, 1.0 / P))
     kx = np.arange(P // 2 + 1)
@@ -258,32 +302,48 @@ def _reconstruct(data, weight, tau2, tau2_fudge, pad, N, r_max):
     nsh = N // 2 + 1
     inside = r <= r_max
     sel = inside & (ires < nsh)
-    counts = np.bincount(ires[sel], minlength=nsh).astype(np.float64)
-    wsum = np.bincount(ires[sel], weights=weight[sel], minlength=nsh)
-    if tau2 is None:
-        # plain weighted average (RELION's reconstruct without MAP, --skip_gridding guard)
-        radavg = wsum / np.maximum(counts, 1)
-        denom = np.maximum(weight, radavg[np.minimum(ires, nsh - 1)] / 1000.0)
-    else:
-        t2 = tau2[np.minimum(ires, nsh - 1)]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            invtau2 = np.where(t2 > 0, 1.0 / (pad**2 * tau2_fudge * t2),
-                               1.0 / np.maximum(1e-3 * weight, 1e-30))
-        denom = weight + np.where(ires >= MINRES_MAP, invtau2, 0.0)
-    A = np.where(inside & (denom > 1e-20) & np.isfinite(denom),
-                 data / np.where(denom > 1e-20, denom, 1), 0)
-    # mean weight per 1x shell, in 1x units (pad^2 more grid points share each sample)
-    covered = np.bincount(ires[sel], weights=(weight[sel] > 0).astype(float), minlength=nsh)
-    mean_w = pad**2 * wsum / np.maximum(counts, 1)
-    coverage = covered / np.maximum(counts, 1)
-    img_pad = np.fft.irfft2(np.fft.ifftshift(A, axes=0), s=(P, P)) * (N * N)
-    img_pad = np.fft.fftshift(img_pad)
-    lo = P // 2 - N // 2
-    img = img_pad[lo : lo + N, lo : lo + N]
+    shell_sel, shell_at = ires[sel], np.minimum(ires, nsh - 1)
+    counts = np.bincount(shell_sel, minlength=nsh).astype(np.float64)
+    regularised = ires >= MINRES_MAP
     ax = np.arange(N) - N // 2
-    rr = np.sqrt(ax[:, None] ** 2 + ax[None, :] ** 2) / P
-    img = img / np.sinc(rr) ** 2
-    return img, mean_w, coverage
+    gridding = np.sinc(np.sqrt(ax[:, None] ** 2 + ax[None, :] ** 2) / P) ** 2
+    lo = P // 2 - N // 2
+    images = np.empty((L, N, N))
+    mean_w, coverage = np.empty((L, nsh)), np.empty((L, nsh))
+
+    def one(i: int) -> None:
+        k = which[i]
+        w = weight[k]
+        wsum = np.bincount(shell_sel, weights=w[sel], minlength=nsh)
+        if tau2 is None:
+            # plain weighted average (RELION's reconstruct without MAP, --skip_gridding guard)
+            radavg = wsum / np.maximum(counts, 1)
+            denom = np.maximum(w, radavg[shell_at] / 1000.0)
+        else:
+            t2 = tau2[k][shell_at]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                invtau2 = np.where(t2 > 0, 1.0 / (pad**2 * tau2_fudge * t2),
+                                   1.0 / np.maximum(1e-3 * w, 1e-30))
+            denom = w + np.where(regularised, invtau2, 0.0)
+        A = np.where(inside & (denom > 1e-20) & np.isfinite(denom),
+                     data[k] / np.where(denom > 1e-20, denom, 1), 0)
+        # mean weight per 1x shell, in 1x units (pad^2 more grid points share each sample)
+        covered = np.bincount(shell_sel, weights=(w[sel] > 0).astype(float), minlength=nsh)
+        mean_w[i] = pad**2 * wsum / np.maximum(counts, 1)
+        coverage[i] = covered / np.maximum(counts, 1)
+        img_pad = np.fft.fftshift(np.fft.irfft2(np.fft.ifftshift(A, axes=0), s=(P, P))
+                                  * (N * N))
+        images[i] = img_pad[lo : lo + N, lo : lo + N] / gridding
+
+    # one class per task: NumPy's element-wise work and FFTs release the GIL
+    workers = min(L, usable_cores())
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            list(ex.map(one, range(L)))
+    else:
+        for i in range(L):
+            one(i)
+    return images, mean_w, coverage
 
 
 def maximization(model: Class2DModel, sums: Class2DSums, config) -> Class2DModel:
@@ -341,16 +401,17 @@ def maximization(model: Class2DModel, sums: Class2DSums, config) -> Class2DModel
     classes = np.empty_like(model.classes)
     dvp = np.zeros_like(model.data_vs_prior)
     cov = np.zeros_like(model.fourier_coverage)
-    for k in range(K):
-        if wk[k] <= 0 or sums.weight[k].sum() <= 0:
-            classes[k] = 0 if wk[k] <= 0 else model.classes[k]  # RELION zeroes empty classes
-            continue
-        img, mean_w, cov[k] = _reconstruct(sums.data[k], sums.weight[k], model.tau2[k],
-                                           config.tau2_fudge, pad, N, r_max)
-        dvp[k] = model.tau2[k] * config.tau2_fudge * mean_w
+    live = np.array([wk[k] > 0 and sums.weight[k].sum() > 0 for k in range(K)], bool)
+    for k in np.flatnonzero(~live):
+        classes[k] = 0 if wk[k] <= 0 else model.classes[k]  # RELION zeroes empty classes
+    if live.any():
+        imgs, mean_w, cov[live] = reconstruct_classes(
+            sums.data, sums.weight, model.tau2, config.tau2_fudge, pad, N, r_max,
+            which=np.flatnonzero(live))
+        dvp[live] = model.tau2[live] * config.tau2_fudge * mean_w
         if config.flatten_solvent:
-            img = img * mask
-        classes[k] = img.astype(np.float32)
+            imgs = imgs * mask
+        classes[live] = imgs.astype(np.float32)
     new.classes = classes
     F = fft2_centered(classes.astype(np.float64))
     ps = _shell_mean(F.real**2 + F.imag**2, N)

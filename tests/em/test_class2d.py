@@ -68,6 +68,31 @@ def test_estep_recovers_known_poses_and_reconstructs(xp):
     assert np.corrcoef(img.ravel(), C.ravel())[0, 1] > 0.99
 
 
+def test_classes_reconstructed_together_are_each_one_alone(monkeypatch):
+    """The M-step's classes, done one per thread on a subset ``which``, are bit for bit those
+    of each class done alone (one thread), with a MAP prior and without."""
+    from cryonb.em import _mstep
+
+    rng = np.random.default_rng(3)
+    K, N, pad = 7, 32, 2
+    shape = (K, pad * N, pad * N // 2 + 1)
+    data = rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+    weight = np.abs(rng.standard_normal(shape)) * (rng.random(shape) > 0.2)
+    tau2 = np.abs(rng.standard_normal((K, N // 2 + 1)))
+    tau2[:, -4:] = 0  # no prior there: the ratio falls back to the weight's own floor
+    which = np.array([5, 0, 2, 6])
+    for t in (tau2, None):
+        together = _mstep.reconstruct_classes(data, weight, t, 2.0, pad, N, 0.9 * N,
+                                              which=which)
+        monkeypatch.setattr(_mstep, "usable_cores", lambda: 1)
+        for i, k in enumerate(which):
+            alone = _mstep._reconstruct(data[k], weight[k], None if t is None else t[k], 2.0,
+                                        pad, N, 0.9 * N)
+            for a, b in zip(alone, together):
+                np.testing.assert_array_equal(a, b[i])
+        monkeypatch.undo()
+
+
 def _split(batch, parts):
     """The batch as ``parts`` pools (copies of its rows)."""
     out = []
