@@ -14,7 +14,11 @@ Run on the GPU machine (through the device tool). In one run it measures, on the
    E-step of a late iteration (TF32 product), and the same again as in the first part of a
    run, with three TF32 products (``--tf32_from``);
 3. whole iterations (``cryonb.parallel.run_class2d``, one rank) on RELION 5's published shape:
-   10,000 particles, 128 px, K=20, psi_step 10, offset range 5 / step 2.
+   10,000 particles, 128 px, K=20, psi_step 10, offset range 5 / step 2;
+4. with ``--runs ITER``, instead of 2.: a whole run of ITER iterations per shape with every
+   E-step and M-step timed (:func:`run_profile`): the fraction of the ceiling over the run,
+   over its TF32 iterations and per iteration, and what the M-steps (re-seeding on the GPU,
+   or on the host with ``--reseed_on_host``) cost beside them.
 
 Writes a markdown table and a JSON file to ``--out`` and prints both.
 
