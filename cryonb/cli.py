@@ -56,9 +56,46 @@ def _plain_warning(message, category, filename, lineno, file=None, line=None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``cryonb`` console script."""
+    """Entry point of the ``cryonb`` console script.
+
+    Under RELION's pipeline (``--pipeline_control DIR``) the run ends with RELION's exit
+    marker in ``DIR``, whatever happens, bad options included (see
+    :mod:`cryonb.commands._pipeline`).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    folder = _pipeline_folder(argv)
+    if not folder:
+        return _main(argv)
+    from .commands._pipeline import PipelineControl
+
+    rc: int | str | None = 1
+    with PipelineControl(folder) as control:
+        try:
+            rc = _main(argv)
+        except SystemExit as exc:  # argparse: --help, or a usage error
+            rc = exc.code
+            raise
+        finally:
+            marker = control.finish(rc in (0, None))
+    if control.aborted:
+        print(f"cryonb: aborted on request ({control.folder / marker})", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+def _pipeline_folder(argv: list[str]) -> str | None:
+    """``--pipeline_control``'s value in ``argv`` (``--pipeline_control DIR`` or
+    ``--pipeline_control=DIR``), read before parsing so that a usage error gets its marker."""
+    for i, word in enumerate(argv):
+        if word == "--pipeline_control" and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith("--pipeline_control="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def _main(argv: list[str]) -> int:
     from .commands._options import explain_unknown
-    from .errors import CryonbError
 
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -72,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
             sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
             sub.choices[args.command].error(explain_unknown(unknown))
         handler(unknown)
+    return _run_command(args)
+
+
+def _run_command(args) -> int:
+    """``args.func(args)``, with a one-line error instead of a traceback for bad input."""
+    from .errors import CryonbError
+
     try:
         with warnings.catch_warnings():
             if not args.debug:

@@ -7,7 +7,8 @@ namespace, taking only the options that were given. Boolean options get ``--flag
 ``--no_flag``; ``--gpu`` takes an optional value (RELION's ``--gpu`` alone means automatic).
 
 RELION's own spellings of the parallel and I/O options (``--no_parallel_disc_io``,
-``--preread_images``, ``--dont_combine_weights_via_disc``) are accepted as aliases, and
+``--preread_images``, ``--dont_combine_weights_via_disc``) are accepted as aliases,
+``--pipeline_control`` is RELION's (:mod:`cryonb.commands._pipeline`), and
 harmless ``relion_refine`` flags that users paste from RELION's GUI are accepted with a
 warning (:data:`IGNORED_FLAGS`).
 """
@@ -51,7 +52,6 @@ IGNORED_FLAGS = {
     "--allow_coarser_sampling": (False, "the sampling is not coarsened"),
     "--center_classes": (False, "classes are not re-centred"),
     "--dont_center_classes": (False, "classes are not re-centred anyway"),
-    "--pipeline_control": (True, "RELION's pipeline files are not written"),
     "--memory_per_thread": (True, "memory is budgeted from what is free"),
     "--free_gpu_memory": (True, "GPU memory is budgeted from what is free"),
     "--angpix": (True, "the pixel size comes from the STAR file's optics group"),
@@ -163,6 +163,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, relion: bool =
                              metavar=None if md.get("choices") else f.name.upper(),
                              help=f"{help_}{shown}")
     parser.set_defaults(_warnings=[], _aliases=[])
+    parser.add_argument(
+        "--pipeline_control", metavar="DIR", default=None,
+        help="RELION's pipeline control (as its GUI passes it): remove RELION_JOB_EXIT_* from "
+             "DIR at the start, write RELION_JOB_EXIT_SUCCESS or _FAILURE there at the end, "
+             "and stop cleanly, with RELION_JOB_EXIT_ABORTED, when RELION_JOB_ABORT_NOW "
+             "appears there")
     if not relion:
         return
     grp = parser.add_argument_group("RELION spellings")

@@ -1,7 +1,8 @@
 """Running a job from the command line: progress bars, Ctrl-C, the closing report.
 
 The first Ctrl-C stops the run cleanly after the pools being computed (the last complete
-iteration's files stay on disc); a second one aborts.
+iteration's files stay on disc); a second one aborts. Under RELION's pipeline control, its
+``RELION_JOB_ABORT_NOW`` file stops the run the same way (:mod:`._pipeline`).
 """
 
 from __future__ import annotations
@@ -93,7 +94,10 @@ def run_job(run, config, *, quiet: bool = False, **kwargs):
     -------
     The run's result.
     """
+    from ._pipeline import active
+
     printer = ProgressPrinter(quiet=quiet)
+    control = active()  # RELION's pipeline control: its abort request stops the run too
     stop = threading.Event()
     fut: cf.Future = cf.Future()
 
@@ -103,6 +107,13 @@ def run_job(run, config, *, quiet: bool = False, **kwargs):
         except BaseException as exc:
             fut.set_exception(exc)
 
+    def watch_abort() -> None:
+        if control is not None and not stop.is_set() and control.abort_requested():
+            stop.set()
+            printer._print(f"{control.folder / 'RELION_JOB_ABORT_NOW'} found: "
+                           "stopping after the pools being computed")
+
+    watch_abort()  # a request already there stops the run before its first iteration
     # a daemon thread, so that a second Ctrl-C can leave without waiting for it
     threading.Thread(target=target, name="cryonb-run", daemon=True).start()
     try:
@@ -110,6 +121,7 @@ def run_job(run, config, *, quiet: bool = False, **kwargs):
             try:
                 return fut.result(timeout=0.5)
             except cf.TimeoutError:
+                watch_abort()
                 continue
             except KeyboardInterrupt:
                 if stop.is_set():

@@ -25,8 +25,10 @@ examples:
       it stops at its own --iter, as relion_refine --continue)
 
 RELION's --no_parallel_disc_io, --preread_images, --dont_combine_weights_via_disc and
---scratch_dir are understood; harmless relion_refine flags (--dont_check_norm,
---pipeline_control ...) are accepted with a warning.
+--scratch_dir are understood; so is --pipeline_control DIR (RELION's GUI and schedules: the
+job's RELION_JOB_EXIT_* marker in DIR at the end; RELION_JOB_ABORT_NOW there stops the run
+cleanly). Harmless relion_refine flags (--dont_check_norm, --fast_subsets ...) are accepted
+with a warning.
 
 On a GPU the coarse pass's matrix product runs on TF32 tensor cores (it only ranks the
 samples; the second pass scores them again in float32), except in the first half of the
@@ -90,7 +92,8 @@ def report(result, file=None) -> None:
     """Print where the class averages are and how long each stage took."""
     file = file or sys.stdout
     if result.stopped:
-        print(f"stopped after iteration {result.iteration}", file=file)
+        print(f"stopped after iteration {result.iteration}" if result.iteration >= 0
+              else "stopped before the initial model", file=file)
     if result.classes:
         print(f"class averages: {result.classes}", file=file)
     for key in ("model", "data", "optimiser"):

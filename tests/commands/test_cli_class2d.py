@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -53,13 +56,13 @@ def test_flags_build_the_config():
 
 
 def test_harmless_relion_flags_are_ignored_with_a_warning():
-    _, warnings = _parse("--dont_check_norm", "--pipeline_control", "Class2D/job008/",
-                           "--memory_per_thread", "4", "--onthefly_shifts",
-                           "--skip_gridding", "--auto_sampling", "--fast_subsets")
-    assert len(warnings) == 7
-    assert "--pipeline_control Class2D/job008/ is ignored" in warnings[1]
+    _, warnings = _parse("--dont_check_norm", "--memory_per_thread", "4", "--onthefly_shifts",
+                         "--skip_gridding", "--auto_sampling", "--fast_subsets")
+    assert len(warnings) == 6
+    assert "--memory_per_thread 4 is ignored" in warnings[1]
     assert all(" is ignored: " in w for w in warnings)
-    assert set(IGNORED_FLAGS) >= {"--dont_check_norm", "--pipeline_control"}
+    assert set(IGNORED_FLAGS) >= {"--dont_check_norm", "--fast_subsets"}
+    assert "--pipeline_control" not in IGNORED_FLAGS  # RELION's, done (test_pipeline_control)
 
 
 def test_contradictions_are_errors():
@@ -102,8 +105,11 @@ def test_missing_input_is_a_clear_error(tmp_path, capsys):
 
 def test_end_to_end_with_a_pasted_relion_command(sim_star, tmp_path, capsys):
     out = tmp_path / "Class2D" / "run"
+    job = tmp_path / "Class2D" / "job008"
+    job.mkdir(parents=True)
+    (job / "RELION_JOB_EXIT_FAILURE").touch()  # an earlier attempt's marker
     argv = ["class2d", "--i", str(sim_star), "--o", str(out), *FAST, "--j", "2", "--pool", "40",
-            "--dont_check_norm", "--pipeline_control", "Class2D/job008/", "--preread_images",
+            "--dont_check_norm", "--pipeline_control", f"{job}/", "--preread_images",
             "--dont_combine_weights_via_disc", "--flatten_solvent", "--zero_mask", "--ctf",
             "--tau2_fudge", "2", "--particle_diameter", "80", "--oversampling", "1",
             "--offset_step", "2", "--norm", "--scale", "--cpu"]
@@ -118,6 +124,52 @@ def test_end_to_end_with_a_pasted_relion_command(sim_star, tmp_path, capsys):
     model = read_star(f"{out}_it002_model.star")
     assert len(model["model_classes"]) == 3
     assert (tmp_path / "Class2D" / "run_it002_optimiser.star").exists()
+    # RELION's pipeliner sees the job finish
+    assert sorted(p.name for p in job.iterdir()) == ["RELION_JOB_EXIT_SUCCESS"]
+
+
+def test_pipeline_control_failure_and_abort(sim_star, tmp_path, capsys):
+    """Under RELION's pipeline control a failed run leaves RELION_JOB_EXIT_FAILURE (a usage
+    error too); RELION_JOB_ABORT_NOW stops the run cleanly, leaves RELION_JOB_EXIT_ABORTED
+    and the last complete iteration's files, and is removed."""
+    job = tmp_path / "job009"  # no trailing slash: still the folder (RELION would prefix)
+    assert main(["class2d", "--i", str(tmp_path / "nope.star"), "--o", str(tmp_path / "r"),
+                 "--pipeline_control", str(job), *FAST]) == 2
+    assert sorted(p.name for p in job.iterdir()) == ["RELION_JOB_EXIT_FAILURE"]
+    with pytest.raises(SystemExit):
+        main(["class2d", "--i", str(sim_star), "--o", str(tmp_path / "r"), "--K", "x",
+              f"--pipeline_control={job}"])
+    assert sorted(p.name for p in job.iterdir()) == ["RELION_JOB_EXIT_FAILURE"]
+    # asked to abort once iteration 1 is written (as the GUI's Abort button does)
+    out = tmp_path / "a" / "run"
+
+    def press_abort():
+        deadline = time.monotonic() + 120
+        while not Path(f"{out}_it001_data.star").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (job / "RELION_JOB_ABORT_NOW").touch()
+
+    threading.Thread(target=press_abort, daemon=True).start()
+    argv = ["class2d", "--i", str(sim_star), "--o", str(out), "--K", "3", "--iter", "25",
+            "--psi_step", "10", "--offset_range", "3", "--cpu", "--j", "1",
+            "--pipeline_control", str(job)]
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    assert "RELION_JOB_ABORT_NOW found" in cap.err and "aborted on request" in cap.err
+    assert sorted(p.name for p in job.iterdir()) == ["RELION_JOB_EXIT_ABORTED"]
+    last = int(cap.out.split("stopped after iteration ")[1].split()[0])
+    assert 1 <= last < 25
+    assert Path(f"{out}_it{last:03d}_data.star").exists()
+    assert not Path(f"{out}_it{last + 1:03d}_data.star").exists()
+    # a request already there stops the run before it starts
+    (job / "RELION_JOB_ABORT_NOW").touch()
+    assert main([*argv[:4], str(tmp_path / "b" / "run"), *argv[5:]]) == 2
+    assert "stopped before the initial model" in capsys.readouterr().out
+    assert sorted(p.name for p in job.iterdir()) == ["RELION_JOB_EXIT_ABORTED"]
+    # the next run of the job is not stopped by the old request, and clears the old marker
+    assert main(["class2d", "--i", str(sim_star), "--o", str(out), *FAST,
+                 "--pipeline_control", str(job)]) == 0
+    assert sorted(p.name for p in job.iterdir()) == ["RELION_JOB_EXIT_SUCCESS"]
 
 
 def test_continue_from_the_command_line(sim_star, tmp_path, capsys):
