@@ -68,30 +68,47 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
     from .commands._pipeline import PipelineControl
 
+    control = PipelineControl(folder)
+    try:
+        control.start()
+    except OSError as exc:
+        print(f"cryonb: error: --pipeline_control {folder}: cannot use it as the job's folder "
+              f"({exc.strerror or exc})", file=sys.stderr)
+        return 2
     rc: int | str | None = 1
-    with PipelineControl(folder) as control:
+    try:
+        rc = _main(argv)
+    except SystemExit as exc:  # argparse: --help, or a usage error
+        rc = exc.code
+        raise
+    finally:
+        control.close()
         try:
-            rc = _main(argv)
-        except SystemExit as exc:  # argparse: --help, or a usage error
-            rc = exc.code
-            raise
-        finally:
             marker = control.finish(rc in (0, None))
+        except OSError as exc:  # keep the run's own outcome; say why RELION won't see it
+            marker = None
+            print(f"cryonb: warning: RELION's exit marker could not be written in {folder}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
     if control.aborted:
-        print(f"cryonb: aborted on request ({control.folder / marker})", file=sys.stderr)
+        print(f"cryonb: aborted on request ({control.folder / (marker or '')})",
+              file=sys.stderr)
         return 2
     return int(rc or 0)
 
 
 def _pipeline_folder(argv: list[str]) -> str | None:
-    """``--pipeline_control``'s value in ``argv`` (``--pipeline_control DIR`` or
-    ``--pipeline_control=DIR``), read before parsing so that a usage error gets its marker."""
+    """``--pipeline_control``'s value in ``argv``, read before parsing so that a usage error
+    gets its marker too: ``--pipeline_control DIR`` or ``=DIR``, or a prefix of the flag
+    that argparse takes for it (``--pipeline DIR``); the last one given, as argparse."""
+    found = None
     for i, word in enumerate(argv):
-        if word == "--pipeline_control" and i + 1 < len(argv):
-            return argv[i + 1]
-        if word.startswith("--pipeline_control="):
-            return word.split("=", 1)[1]
-    return None
+        flag, eq, value = word.partition("=")
+        if len(flag) >= 5 and "--pipeline_control".startswith(flag):
+            if eq:
+                found = value
+            elif i + 1 < len(argv):
+                found = argv[i + 1]
+    return found
 
 
 def _main(argv: list[str]) -> int:

@@ -58,8 +58,14 @@ class PipelineControl:
         self.folder = Path(folder)
         self.aborted = False
 
-    def __enter__(self) -> PipelineControl:
-        """Make the folder, remove earlier exit markers, become :func:`active`."""
+    def start(self) -> PipelineControl:
+        """Make the folder, remove earlier exit markers, become :func:`active`.
+
+        Raises
+        ------
+        OSError
+            The folder cannot be made or its markers removed.
+        """
         global _active
         self.folder.mkdir(parents=True, exist_ok=True)
         for name in (EXIT_SUCCESS, EXIT_FAILURE, EXIT_ABORTED):
@@ -67,9 +73,11 @@ class PipelineControl:
         _active = self
         return self
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
+        """No longer :func:`active`."""
         global _active
-        _active = None
+        if _active is self:
+            _active = None
 
     def abort_requested(self) -> bool:
         """Whether ``RELION_JOB_ABORT_NOW`` is in the folder (remembered in :attr:`aborted`)."""

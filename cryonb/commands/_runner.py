@@ -94,7 +94,7 @@ def run_job(run, config, *, quiet: bool = False, **kwargs):
     -------
     The run's result.
     """
-    from ._pipeline import active
+    from ._pipeline import ABORT_NOW, active
 
     printer = ProgressPrinter(quiet=quiet)
     control = active()  # RELION's pipeline control: its abort request stops the run too
@@ -110,7 +110,7 @@ def run_job(run, config, *, quiet: bool = False, **kwargs):
     def watch_abort() -> None:
         if control is not None and not stop.is_set() and control.abort_requested():
             stop.set()
-            printer._print(f"{control.folder / 'RELION_JOB_ABORT_NOW'} found: "
+            printer._print(f"{control.folder / ABORT_NOW} found: "
                            "stopping after the pools being computed")
 
     watch_abort()  # a request already there stops the run before its first iteration
@@ -127,6 +127,8 @@ def run_job(run, config, *, quiet: bool = False, **kwargs):
                 if stop.is_set():
                     raise
                 stop.set()
+                if control is not None:  # a run stopped by hand has not succeeded
+                    control.aborted = True
                 printer._print("stopping after the pools being computed "
                                "(Ctrl-C again to abort)")
     finally:

@@ -267,11 +267,11 @@ def reconstruct_classes(data, weight, tau2, tau2_fudge, pad, N, r_max, which=Non
 
     Parameters
     ----------
-    data : ndarray of shape (L, pad N, pad N // 2 + 1), complex128
+    data : ndarray of shape (K, pad N, pad N // 2 + 1), complex128
         Summed CTF-weighted images (half plane, ``ky`` centred: row ``pad N // 2`` is 0).
-    weight : ndarray of shape (L, pad N, pad N // 2 + 1), float64
+    weight : ndarray of shape (K, pad N, pad N // 2 + 1), float64
         Summed squared CTFs over the noise power, on the same grid.
-    tau2 : ndarray of shape (L, N//2+1) or None
+    tau2 : ndarray of shape (K, N//2+1) or None
         Signal power prior per 1x shell; None: plain weighted average (no MAP).
     tau2_fudge : float
         T.
@@ -282,7 +282,7 @@ def reconstruct_classes(data, weight, tau2, tau2_fudge, pad, N, r_max, which=Non
         Fourier radius (oversampled pixels) beyond which the classes are zero.
     which : ndarray of int, optional
         The classes (first axis of ``data``, ``weight`` and ``tau2``) to reconstruct, L of
-        them (default: all).
+        them (default: all K).
 
     Returns
     -------
@@ -335,8 +335,9 @@ def reconstruct_classes(data, weight, tau2, tau2_fudge, pad, N, r_max, which=Non
                                   * (N * N))
         images[i] = img_pad[lo : lo + N, lo : lo + N] / gridding
 
-    # one class per task: NumPy's element-wise work and FFTs release the GIL
-    workers = min(L, usable_cores())
+    # one class per task: NumPy's element-wise work and FFTs release the GIL (at most 8
+    # threads: each holds about ten (pad N, pad N // 2 + 1) temporaries)
+    workers = min(L, usable_cores(), 8)
     if workers > 1:
         with ThreadPoolExecutor(max_workers=workers) as ex:
             list(ex.map(one, range(L)))

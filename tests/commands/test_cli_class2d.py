@@ -140,6 +140,16 @@ def test_pipeline_control_failure_and_abort(sim_star, tmp_path, capsys):
         main(["class2d", "--i", str(sim_star), "--o", str(tmp_path / "r"), "--K", "x",
               f"--pipeline_control={job}"])
     assert sorted(p.name for p in job.iterdir()) == ["RELION_JOB_EXIT_FAILURE"]
+    # argparse's abbreviation of the flag is the flag too; the last one given counts
+    other = tmp_path / "other"
+    assert main(["class2d", "--pipeline", str(other), "--pipeline_control", str(job),
+                 "--o", str(tmp_path / "r")]) == 2
+    assert not other.exists()
+    assert sorted(p.name for p in job.iterdir()) == ["RELION_JOB_EXIT_FAILURE"]
+    # a folder that cannot be the job's: one line, no traceback
+    (tmp_path / "file").touch()
+    assert main(["class2d", "--pipeline_control", str(tmp_path / "file"), "--o", "x"]) == 2
+    assert "--pipeline_control" in capsys.readouterr().err
     # asked to abort once iteration 1 is written (as the GUI's Abort button does)
     out = tmp_path / "a" / "run"
 
@@ -211,3 +221,31 @@ def test_a_folder_that_cannot_be_made_is_a_message_not_a_traceback(tmp_path, cap
     err = capsys.readouterr().err
     assert rc == 2 and "cryonb simulate: error:" in err and str(blocker) in err, err
     assert "Traceback" not in err
+
+
+def test_a_run_stopped_by_hand_is_aborted_for_relion(tmp_path, monkeypatch):
+    """A Ctrl-C stop under RELION's pipeline control is an abort, not a success."""
+    from cryonb.commands import _runner
+    from cryonb.commands._pipeline import PipelineControl, active
+
+    control = PipelineControl(tmp_path / "job").start()
+    assert active() is control
+    real, pressed = _runner.cf.Future.result, []
+
+    def result(self, timeout=None):  # the first wait is interrupted by Ctrl-C
+        if not pressed:
+            pressed.append(True)
+            raise KeyboardInterrupt
+        return real(self, timeout)
+
+    def run(config, *, progress, stop_event):
+        return "stopped" if stop_event.wait(30) else "finished"
+
+    monkeypatch.setattr(_runner.cf.Future, "result", result)
+    try:
+        assert _runner.run_job(run, None, quiet=True) == "stopped"
+    finally:
+        control.close()
+    assert active() is None
+    assert control.aborted and control.finish(True) == "RELION_JOB_EXIT_ABORTED"
+    assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["RELION_JOB_EXIT_ABORTED"]
