@@ -67,6 +67,7 @@ _ANY_NEEDS_QUOTES = re.compile(  # _NEEDS_QUOTES for values joined by NUL
     r"\s|\x00(?:[_#$;\x00]|(?:data|loop|save|global|stop)_)|\x00$", re.IGNORECASE
 )
 _UNWRITABLE = re.compile("['\"\n\r\x00]")
+_ANY_UNWRITABLE = re.compile("['\"\n\r]")  # _UNWRITABLE for values joined by NUL
 _CHUNK_ROWS = 65536
 
 
@@ -376,7 +377,8 @@ def _format_column(col: pd.Series, where: str) -> list[str]:
     values = col.to_numpy(dtype=object).tolist()
     if all(type(v) is str for v in values):
         joined = "\x00".join(values)  # one scan of the whole column in the common case
-        if not _UNWRITABLE.search(joined) and not _ANY_NEEDS_QUOTES.search("\x00" + joined):
+        if (joined.count("\x00") == len(values) - 1 and not _ANY_UNWRITABLE.search(joined)
+                and not _ANY_NEEDS_QUOTES.search("\x00" + joined)):
             return values
     return [_text_token(v, where) if isinstance(v, str) else _other_token(v, where) for v in values]
 

@@ -212,6 +212,28 @@ def test_write_many_rows_in_chunks(tmp_path, monkeypatch):
     pd.testing.assert_frame_equal(read_star(path)["big"], df, check_exact=True)
 
 
+def test_clean_text_columns_are_written_in_one_scan(tmp_path, monkeypatch):
+    """A text column that needs no quotes skips the per-value tokens (an iteration's
+    _data.star: every image name); one that does, or holds a NUL, takes them."""
+    names = [f"{i:06d}@Extract/job007/mics/mic{i % 7}.mrcs" for i in range(1, 2001)]
+
+    def per_value(s, where):
+        raise AssertionError(f"per-value token for {s!r}")
+
+    monkeypatch.setattr(_star, "_text_token", per_value)
+    assert _star._format_column(pd.Series(names), "x") == names
+    monkeypatch.undo()
+    for odd, token in (("two words", '"two words"'), ("", '""'), ("_x", '"_x"')):
+        for at in (0, 1, 2):  # first, middle and last value
+            col = ["a", "b", "c"]
+            col[at] = odd
+            out = _star._format_column(pd.Series(col), "x")
+            assert out[at] == token and [v for i, v in enumerate(out) if i != at] == [
+                v for i, v in enumerate(col) if i != at]
+    with pytest.raises(ConfigError, match="quote character or a line break"):
+        _star._format_column(pd.Series(["a", "b\x00c"]), "x")
+
+
 def test_write_rejects_unreadable_values_atomically(tmp_path):
     path = tmp_path / "keep.star"
     good = {"x": pd.DataFrame({"a": [1]})}
