@@ -21,16 +21,19 @@ def test_autopick_then_extract(pick_set, three_micrographs, tmp_path, capsys):
     rc = main(["autopick", "--i", str(three_micrographs), "--ref", str(pick_set.references),
                "--odir", f"{odir}/", "--pickname", "mine", "--particle_diameter", "270",
                "--psi_step", "10", "--lowpass", "20", "--ctf", "--invert", "--threshold", "0.1",
-               "--shrink", "0", "--ranks", "2", "--quiet"])
+               "--shrink", "0", "--ranks", "2", "--quiet",
+               "--pipeline_control", f"{odir}/"])  # as RELION's GUI runs relion_autopick
     out = capsys.readouterr().out
     assert rc == 0 and "particles picked on 3 micrographs" in out
+    assert (odir / "RELION_JOB_EXIT_SUCCESS").is_file()
     picks = read_coordinates(odir / "Micrographs" / "mic001_mine.star")
     assert 15 <= len(picks) <= 25
     assert (odir / "mine.star").is_file() and (odir / "summary.star").is_file()
     rc = main(["extract", "--i", str(three_micrographs), "--coords", str(odir / "mine.star"),
                "--o", f"{tmp_path}/Extract/", "--extract", "--extract_size", "64", "--norm",
-               "--bg_radius", "28", "--invert_contrast"])
-    assert rc == 0
+               "--bg_radius", "28", "--invert_contrast",
+               "--pipeline_control", f"{tmp_path}/Extract/"])
+    assert rc == 0 and (tmp_path / "Extract" / "RELION_JOB_EXIT_SUCCESS").is_file()
     pt = read_particles(tmp_path / "Extract" / "particles.star")
     assert pt.box == 64 and pt.has_ctf
     assert len(pt) == sum(len(read_coordinates(odir / "Micrographs" / f"mic00{m}_mine.star"))
