@@ -209,9 +209,9 @@ def initial_model(sums: InitSums, config, pixel_size: float, n_groups: int,
         cur = min(cur, 2 * strict)
     ini_shell = round(0.07 * N)
     classes = np.empty((K, N, N), np.float32)
+    imgs, _, _ = reconstruct_classes(sums.data, sums.weight, None, 1.0, pad, N, pad * cur / 2)
     for k in range(K):
-        img, _, _ = _reconstruct(sums.data[k], sums.weight[k], None, 1.0, pad, N, pad * cur / 2)
-        classes[k] = _lowpass(img, ini_shell) * (mask if config.flatten_solvent else 1)
+        classes[k] = _lowpass(imgs[k], ini_shell) * (mask if config.flatten_solvent else 1)
     F = fft2_centered(classes.astype(np.float64))
     tau2 = _shell_mean(F.real**2 + F.imag**2, N) / 2
     inv_sig = (sums.count[:, None] / np.maximum(sigma2, 1e-30)).sum(axis=0) / max(n, 1)
@@ -243,17 +243,6 @@ def _lowpass(img, shell: float, width: float = 2.0):
     from ..fourier import ifft2_centered
 
     return ifft2_centered(F * filt, N)
-
-
-def _reconstruct(data, weight, tau2, tau2_fudge, pad, N, r_max):
-    """One class: :func:`reconstruct_classes` of ``data[None]``, ``weight[None]``.
-
-    Returns the image (N, N) and the per-shell mean weight and Fourier coverage (N//2+1,).
-    """
-    img, mean_w, cov = reconstruct_classes(data[None], weight[None],
-                                           None if tau2 is None else tau2[None], tau2_fudge,
-                                           pad, N, r_max)
-    return img[0], mean_w[0], cov[0]
 
 
 def reconstruct_classes(data, weight, tau2, tau2_fudge, pad, N, r_max, which=None):

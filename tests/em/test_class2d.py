@@ -62,9 +62,9 @@ def test_estep_recovers_known_poses_and_reconstructs(xp):
     err = np.hypot(col["offset_x"] - origin[:, 0], col["offset_y"] - origin[:, 1])
     assert np.median(err) < 0.8
     sums = ctx.finish().to_host()
-    from cryonb.em._mstep import _reconstruct
+    from cryonb.em._mstep import reconstruct_classes
 
-    img, _, _ = _reconstruct(sums.data[0], sums.weight[0], None, 1.0, 2, 48, 48)
+    (img,), _, _ = reconstruct_classes(sums.data, sums.weight, None, 1.0, 2, 48, 48)
     assert np.corrcoef(img.ravel(), C.ravel())[0, 1] > 0.99
 
 
@@ -86,8 +86,8 @@ def test_classes_reconstructed_together_are_each_one_alone(monkeypatch):
                                               which=which)
         monkeypatch.setattr(_mstep, "usable_cores", lambda: 1)
         for i, k in enumerate(which):
-            alone = _mstep._reconstruct(data[k], weight[k], None if t is None else t[k], 2.0,
-                                        pad, N, 0.9 * N)
+            alone = [a[0] for a in _mstep.reconstruct_classes(
+                data, weight, t, 2.0, pad, N, 0.9 * N, which=[k])]
             for a, b in zip(alone, together):
                 np.testing.assert_array_equal(a, b[i])
         monkeypatch.undo()
