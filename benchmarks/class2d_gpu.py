@@ -318,7 +318,8 @@ def coarse_flops(job, ctx) -> float:
 
 
 def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
-                reseed_on_gpu: bool = True, profile_mstep: bool = False) -> dict:
+                reseed_on_gpu: bool = True, profile_mstep: bool = False,
+                stages_at=()) -> dict:
     """A whole run of ``iterations`` (RELION's default 25) with every E-step timed.
 
     The grid of :func:`estep_throughput` times one E-step at the model of iteration 3, while
@@ -334,7 +335,9 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
     ``reseed_on_gpu``: the M-step's re-seeding (class similarities, split tests) on the GPU,
     as a one-rank run's leader does it (``cryonb.parallel.runtime``), or on the host cores,
     as the leader of a run with several ranks does. ``profile_mstep``: the slowest M-step's
-    cProfile (``mstep_profile``, text).
+    cProfile (``mstep_profile``, text). ``stages_at``: iterations whose E-step runs once more
+    with a device synchronisation at every stage boundary (``stages_s``: where the time
+    goes; not counted in the timings).
     """
     import cProfile
     import io
@@ -348,6 +351,7 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
         pools, images, _ = _pinned_pools(job, pool, it, pageable=False)
         sums: list = []
         ctx, dt = _timed_estep(job, pools, images, keep=sums, xp=xp)
+        stages = _stage_profile(job, pools, images, xp)[0] if it in stages_at else None
         del images
         prof = cProfile.Profile() if profile_mstep else None
         t0 = time.perf_counter()
@@ -366,7 +370,8 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
                      "flops": coarse_flops(job, ctx), "current_size": int(ctx.fine.size),
                      "mean_significant": float(job.state.n_sig.mean()),
                      "mstep_s": round(time.perf_counter() - t0, 4),
-                     "reseeded": len(job.model.reseeded)})
+                     "reseeded": len(job.model.reseeded),
+                     **({"stages_s": stages} if stages else {})})
         del ctx
     late = [r for r in rows if r["precision"] != "3xtf32"]
     return {"box": job.N, "K": K, "psi_step": psi_step, "n": job.n, "pool": pool,
@@ -377,6 +382,17 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
             "estep_s": sum(r["estep_s"] for r in rows), "mstep_s": sum(r["mstep_s"] for r in rows),
             "reseed_on": "gpu" if job.reseed_device is not None else "host",
             **({"mstep_profile": slowest[1]} if profile_mstep else {})}
+
+
+def _stage_profile(job, pools, images, xp) -> dict:
+    """The E-step over the pools again (results not stored) with a device synchronisation
+    at every stage boundary: seconds per stage, largest first, and the E-step's tallies."""
+    prof = job.estep_context(xp)
+    prof._profiling = True
+    run_pools(prof, job, pools, images)
+    prof.finish()
+    return dict(sorted(((k, round(v, 4)) for k, v in prof.profile.items()),
+                       key=lambda kv: -kv[1])), dict(prof.tally)
 
 
 def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int = 2,
@@ -433,11 +449,7 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
     flops = coarse_flops(job, ctx)
     # the same E-step again with a device synchronisation at every stage boundary: where the
     # time goes, and the matrix product's own rate
-    prof = job.estep_context(xp)
-    prof._profiling = True
-    run_pools(prof, job, pools, images)
-    prof.finish()
-    stages = {k: round(v, 4) for k, v in prof.profile.items()}
+    stages, tally = _stage_profile(job, pools, images, xp)
     gemm_s = stages.get("coarse: matrix product", 0.0)
     # the back-projection sums all as atomic adds, then all as sparse products (by default
     # each call chooses by samples per accumulator row)
@@ -470,7 +482,7 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
             "particles_per_s_pageable_images": job.n / dt_pageable,
             "coarse_tflops_achieved": flops / dt / 1e12,
             "coarse_product_tflops": flops / gemm_s / 1e12 if gemm_s > 0 else None,
-            "stages_s": stages, "tally": dict(prof.tally),
+            "stages_s": stages, "tally": tally,
             "mean_significant": float(job.state.n_sig.mean()),
             **({"pool_sweep_particles_per_s": sweep} if sweep else {}),
             **({"threads_particles_per_s": by_threads} if by_threads else {}),
@@ -557,7 +569,7 @@ def _whole_run(star, n: int, box: int, K: int, psi: float, a, results: dict) -> 
     try:
         r = run_profile(star, K, psi, pool=_pool(a.pool, n, box, K, psi),
                         iterations=a.runs, reseed_on_gpu=not a.reseed_on_host,
-                        profile_mstep=a.mstep_profile)
+                        profile_mstep=a.mstep_profile, stages_at=a.stages_at)
     except Exception as exc:  # keep measuring the other shapes
         r = {"box": box, "K": K, "psi_step": psi, "error": repr(exc)}
         print(json.dumps(r), flush=True)
@@ -632,6 +644,8 @@ def main(argv=None):
                          "of a run with several ranks does), not on the GPU")
     ap.add_argument("--mstep_profile", action="store_true",
                     help="with --runs: print the slowest M-step's cProfile")
+    ap.add_argument("--stages_at", type=int, nargs="*", default=[],
+                    help="with --runs: these iterations' E-steps once more, timed per stage")
     ap.add_argument("--host_profile", action="store_true",
                     help="print where the host's time goes in one E-step (cProfile)")
     a = ap.parse_args(argv)

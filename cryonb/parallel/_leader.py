@@ -53,13 +53,21 @@ def ignored_on_continue(given, kept) -> str | None:
     str or None
         A warning naming each dropped flag with both values; None when nothing is dropped.
     """
+    import os
+
     default = type(given)()
     dropped = []
     for f in type(given).option_fields():
-        if f.metadata.get("group") not in ("algorithm", "sampling") or f.name == "iter":
+        # the particles (--i, --angpix) are the run's too: its state is per particle
+        if (f.metadata.get("group") not in ("algorithm", "sampling") or f.name == "iter") \
+                and f.name not in ("i", "angpix"):
             continue
         mine, theirs = getattr(given, f.name), getattr(kept, f.name)
-        if mine != getattr(default, f.name) and mine != theirs:
+        if f.name == "i" and mine and theirs:
+            same = os.path.abspath(mine) == os.path.abspath(theirs)
+        else:
+            same = mine == theirs
+        if mine != getattr(default, f.name) and not same:
             dropped.append(f"{given.flag(f.name)} {mine} (the run's {theirs} is kept)")
     if not dropped:
         return None

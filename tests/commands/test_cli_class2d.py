@@ -249,3 +249,23 @@ def test_a_run_stopped_by_hand_is_aborted_for_relion(tmp_path, monkeypatch):
     assert active() is None
     assert control.aborted and control.finish(True) == "RELION_JOB_EXIT_ABORTED"
     assert sorted(p.name for p in (tmp_path / "job").iterdir()) == ["RELION_JOB_EXIT_ABORTED"]
+
+
+def test_continue_names_the_particles_it_keeps(sim_star, tmp_path, capsys):
+    """``--continue`` with another ``--i`` (or ``--K``) keeps the run's, and says so: the
+    saved state is per particle of the run's own STAR file."""
+    out = tmp_path / "run"
+    assert main(["class2d", "--i", str(sim_star), "--o", str(out), *FAST, "--iter", "1"]) == 0
+    other = tmp_path / "other.star"
+    other.write_text(sim_star.read_text())
+    capsys.readouterr()
+    assert main(["class2d", "--continue", f"{out}_it001_optimiser.star", "--i", str(other),
+                 "--K", "7", "--iter", "2", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"--i {other} (the run's {sim_star} is kept)" in err
+    assert "--K 7 (the run's" in err
+    # the same file named another way is not a change
+    same = f"{Path(sim_star).parent}/./{Path(sim_star).name}"
+    assert main(["class2d", "--continue", f"{out}_it001_optimiser.star", "--i", same,
+                 "--o", str(tmp_path / "again"), "--iter", "2", "--quiet"]) == 0
+    assert "--i " not in capsys.readouterr().err
