@@ -213,7 +213,7 @@ def class2d_io_lines(cfg, n: int, box: int, *, gpu: bool) -> list[Line]:
     """
     from ..parallel import check_preread_memory, pool_memory
     from ..parallel.images import available_memory, format_bytes, image_bytes
-    from ..parallel.pools import CPU_POOL, GPU_POOL_MAX, GPU_POOL_MIN, auto_pool
+    from ..parallel.pools import CPU_POOL, GPU_POOL_MIN, auto_pool, gpu_pool_max
 
     workers = 1 if cfg.ranks == 1 else cfg.ranks - 1
     host = socket.gethostname()
@@ -262,7 +262,7 @@ def class2d_io_lines(cfg, n: int, box: int, *, gpu: bool) -> list[Line]:
     elif gpu:
         pool = auto_pool(cfg, n, box, threads, gpu=True, ranks=workers)
         how = (f"--pool 0: chosen at the start from each device's free memory "
-               f"({GPU_POOL_MIN}-{GPU_POOL_MAX}, here at most {pool})")
+               f"({GPU_POOL_MIN}-{gpu_pool_max(box)}, here at most {pool})")
     else:
         pool = auto_pool(cfg, n, box, threads, gpu=False)
         how = f"--pool 0: automatic ({CPU_POOL} on the CPU, here {pool})"

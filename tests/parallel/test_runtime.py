@@ -12,6 +12,7 @@ from parallel_cases import assert_same_as_reference, tiny_config
 from cryonb.errors import ResourceError
 from cryonb.parallel import auto_pool, images, run_class2d, run_class2d_async
 from cryonb.parallel.images import SCRATCH_CAPACITY_ENV, image_bytes
+from cryonb.parallel.pools import gpu_pool_max
 
 
 @pytest.mark.parametrize(("j", "pool", "io_mode"), [
@@ -183,6 +184,23 @@ def test_automatic_pool():
     assert auto_pool(cfg, 8000, 64, 4, gpu=False) == 256
     small = auto_pool(cfg, 10**6, 128, 4, gpu=True, free_bytes=4e9)
     assert 64 <= small < 4096  # bounded by the free device memory
+
+
+def test_automatic_gpu_pool_grows_for_small_boxes():
+    """Below 128 px a GPU pool may hold more particles: its images take no more bytes than
+    4096 of 128 px (late in a run a pool's cost is mostly fixed, RESULTS.md)."""
+    cfg = tiny_config("p.star", Path("o"))
+    assert gpu_pool_max(128) == gpu_pool_max(256) == 4096
+    assert gpu_pool_max(64) == 16384
+    assert auto_pool(cfg, 10**6, 64, 1, gpu=True) == 16384
+    assert auto_pool(cfg, 20000, 64, 1, gpu=True, ranks=1) == 10000  # two pools per rank
+    assert auto_pool(cfg, 10**6, 256, 1, gpu=True) == 4096
+    # the pinned images of one pool: at most those of 4096 particles of 128 px
+    for box in (32, 48, 64, 100, 128, 200, 256):
+        assert auto_pool(cfg, 10**7, box, 1, gpu=True) * box * box <= max(4096 * 128 * 128,
+                                                                           4096 * box * box)
+    # the free device memory still bounds it
+    assert auto_pool(cfg, 10**6, 64, 1, gpu=True, free_bytes=4e9) < 16384
 
 
 @pytest.mark.gpu
