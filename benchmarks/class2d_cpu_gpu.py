@@ -14,6 +14,14 @@ test's flags:
   ``--tf32_from``, TF32 after) twice, and once with TF32 in every iteration (``--tf32_from
   0``); ``--gpu_variants`` also offers float32 throughout (``CRYONB_TF32=0``).
 
+``sensitivity`` measures how far the CPU path is from itself: from the CPU run's saved state
+at an iteration (``--from_iteration``), it continues the run on the CPU once on the same
+images and ``--perturbations`` times on the images plus noise of 1e-6 of their standard
+deviation (job API, one process, the same pools and threads for all), and prints the
+fraction of particles in the same class at the end, as numbered and after renumbering, and
+each run's purity. Where those continuations part, a GPU run (whose float32 arithmetic
+differs from the CPU's at that level) cannot be expected to stay on the CPU run's path.
+
 ``compare`` prints, per iteration, the fraction of particles in the same class as the CPU run,
 and at the end each run's purity (against the truth), its class images' correlations with
 the CPU run's, as numbered and after matching the classes by image (the assignment of largest
@@ -119,6 +127,60 @@ def cpu(out: Path, runs: Path, names, perturbations: int = 4) -> None:
             dt = _run(pert / "particles.star", runs / name / f"cpu_perturbed_{seed}" / "run",
                       ["--cpu", "--j", "2"], d)
             print(f"{name} cpu, perturbed images {seed}: {dt:.0f} s", flush=True)
+
+
+def _continue(optimiser: Path, images: np.ndarray | None) -> np.ndarray:
+    """Continue a saved CPU run to its end with the job API (no files written), optionally
+    on other images of the same particles; returns the final classes (0-based)."""
+    import tempfile
+
+    from cryonb.em.class2d import Class2DJob
+
+    with tempfile.TemporaryDirectory() as tmp:
+        job = Class2DJob.from_optimiser(optimiser, cpu=True, gpu="", j=1, o=f"{tmp}/run")
+        while job.iteration < job.config.iter:
+            it = job.iteration + 1
+            ctx = job.estep_context(np)
+            for p in job.pools(500, it):
+                x = job.table.images(p) if images is None else images[p]
+                job.store_results(p, ctx.expectation(job.make_batch(job.batch_meta(p), x)))
+            job.maximize(ctx.finish().to_host())
+        return job.state.cls.copy()
+
+
+def sensitivity(out: Path, runs: Path, names, from_iteration: int, perturbations: int) -> str:
+    """The CPU path against itself from a saved state (see the module's description)."""
+    import mrcfile
+    import pandas as pd
+
+    from cryonb.io import read_star
+    from cryonb.testing import score_class2d
+
+    lines = []
+    for name in names:
+        opt = runs / name / "cpu" / f"run_it{from_iteration:03d}_optimiser.star"
+        truth = pd.read_csv(out / name / "truth.csv")
+        x = mrcfile.read(out / name / "particles.mrcs").astype(np.float32)
+        ref = _continue(opt, None)
+        data = read_star(runs / name / "cpu" / f"run_it{ITER:03d}_data.star")["particles"]
+
+        def purity(cls, data=data, truth=truth):
+            return score_class2d(data.assign(rlnClassNumber=cls + 1), truth)["purity"]
+
+        lines += [f"### {name}: continued from iteration {from_iteration} (CPU, job API)", "",
+                  f"unperturbed continuation: purity {purity(ref):.4f}", "",
+                  "| images + 1e-6 noise, draw | same class as numbered | after renumbering "
+                  "| purity |", "|---|---|---|---|"]
+        for seed in range(perturbations):
+            rng = np.random.default_rng(seed)
+            xp_ = x + np.float32(1e-6 * x.std()) * rng.standard_normal(x.shape, np.float32)
+            cls = _continue(opt, xp_)
+            lines.append(f"| {seed} | {np.mean(cls == ref):.4f} | "
+                         f"{_same_after_relabelling(ref + 1, cls + 1):.4f} | "
+                         f"{purity(cls):.4f} |")
+            print(lines[-1], flush=True)
+        lines.append("")
+    return "\n".join(lines)
 
 
 #: GPU runs: name -> (environment, extra flags, label)
@@ -232,14 +294,16 @@ def compare(runs: Path, gpu_runs: Path | None, sets_dir: Path, names) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["make", "cpu", "gpu", "compare"])
+    ap.add_argument("step", choices=["make", "cpu", "gpu", "sensitivity", "compare"])
     ap.add_argument("--out", default=".agree", help="the sets' folder")
     ap.add_argument("--runs", default="bench_out/cpu_gpu", help="the runs' folder")
     ap.add_argument("--gpu_runs", default=None, help="compare: the GPU runs' folder, if apart")
     ap.add_argument("--sets", default=",".join(SETS))
     ap.add_argument("--float16", action="store_true", help="make: float16 stacks")
     ap.add_argument("--perturbations", type=int, default=4,
-                    help="cpu: runs on perturbed images (noise realisations)")
+                    help="cpu, sensitivity: runs on perturbed images (noise realisations)")
+    ap.add_argument("--from_iteration", type=int, default=4,
+                    help="sensitivity: continue the CPU run from this iteration's state")
     ap.add_argument("--gpu_variants", default="default_a,default_b,tf32_a",
                     help="gpu: runs as variant and run letter (default_a, tf32_a, fp32_a: "
                          "see GPU_VARIANTS)")
@@ -252,6 +316,10 @@ def main(argv=None):
         cpu(out, runs, names, a.perturbations)
     elif a.step == "gpu":
         gpu(out, runs, names, a.gpu_variants.split(","))
+    elif a.step == "sensitivity":
+        text = sensitivity(out, runs, names, a.from_iteration, a.perturbations)
+        print(text)
+        (runs / f"sensitivity_it{a.from_iteration:03d}.md").write_text(text + "\n")
     else:
         text = compare(runs, Path(a.gpu_runs) if a.gpu_runs else None, out, names)
         runs.mkdir(parents=True, exist_ok=True)
