@@ -16,8 +16,8 @@ test's flags:
 
 ``sensitivity`` measures how far the CPU path is from itself: from the CPU run's saved state
 at an iteration (``--from_iteration``), it continues the run on the CPU once on the same
-images and ``--perturbations`` times on the images plus noise of 1e-6 of their standard
-deviation (job API, one process, the same pools and threads for all), and prints the
+images and ``--perturbations`` times on the images plus noise of ``--noise`` (1e-6) of their
+standard deviation (job API, one process, the same pools and threads for all), and prints the
 fraction of particles in the same class at the end, as numbered and after renumbering, and
 each run's purity. Where those continuations part, a GPU run (whose float32 arithmetic
 differs from the CPU's at that level) cannot be expected to stay on the CPU run's path.
@@ -148,7 +148,8 @@ def _continue(optimiser: Path, images: np.ndarray | None) -> np.ndarray:
         return job.state.cls.copy()
 
 
-def sensitivity(out: Path, runs: Path, names, from_iteration: int, perturbations: int) -> str:
+def sensitivity(out: Path, runs: Path, names, from_iteration: int, perturbations: int,
+                noise: float = 1e-6) -> str:
     """The CPU path against itself from a saved state (see the module's description)."""
     import mrcfile
     import pandas as pd
@@ -169,11 +170,11 @@ def sensitivity(out: Path, runs: Path, names, from_iteration: int, perturbations
 
         lines += [f"### {name}: continued from iteration {from_iteration} (CPU, job API)", "",
                   f"unperturbed continuation: purity {purity(ref):.4f}", "",
-                  "| images + 1e-6 noise, draw | same class as numbered | after renumbering "
+                  f"| images + {noise:g} noise, draw | same class as numbered | after renumbering "
                   "| purity |", "|---|---|---|---|"]
         for seed in range(perturbations):
             rng = np.random.default_rng(seed)
-            xp_ = x + np.float32(1e-6 * x.std()) * rng.standard_normal(x.shape, np.float32)
+            xp_ = x + np.float32(noise * x.std()) * rng.standard_normal(x.shape, np.float32)
             cls = _continue(opt, xp_)
             lines.append(f"| {seed} | {np.mean(cls == ref):.4f} | "
                          f"{_same_after_relabelling(ref + 1, cls + 1):.4f} | "
@@ -302,6 +303,8 @@ def main(argv=None):
     ap.add_argument("--float16", action="store_true", help="make: float16 stacks")
     ap.add_argument("--perturbations", type=int, default=4,
                     help="cpu, sensitivity: runs on perturbed images (noise realisations)")
+    ap.add_argument("--noise", type=float, default=1e-6,
+                    help="sensitivity: the noise added, relative to the images' deviation")
     ap.add_argument("--from_iteration", type=int, default=4,
                     help="sensitivity: continue the CPU run from this iteration's state")
     ap.add_argument("--gpu_variants", default="default_a,default_b,tf32_a",
@@ -317,9 +320,9 @@ def main(argv=None):
     elif a.step == "gpu":
         gpu(out, runs, names, a.gpu_variants.split(","))
     elif a.step == "sensitivity":
-        text = sensitivity(out, runs, names, a.from_iteration, a.perturbations)
+        text = sensitivity(out, runs, names, a.from_iteration, a.perturbations, a.noise)
         print(text)
-        (runs / f"sensitivity_it{a.from_iteration:03d}.md").write_text(text + "\n")
+        (runs / f"sensitivity_it{a.from_iteration:03d}_{a.noise:g}.md").write_text(text + "\n")
     else:
         text = compare(runs, Path(a.gpu_runs) if a.gpu_runs else None, out, names)
         runs.mkdir(parents=True, exist_ok=True)
