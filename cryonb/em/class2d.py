@@ -266,6 +266,12 @@ class Class2DJob:
         changes = {k: v for k, v in overrides.items() if v is not None}
         changes.setdefault("continue_from", str(path))
         cfg = cfg.replace(**changes)
+        if cfg.i and not Path(cfg.i).exists():
+            where = ("" if Path(cfg.i).is_absolute() else
+                     f" (a path relative to the folder the run was started in, not {Path.cwd()}: "
+                     "continue from that folder)")
+            raise InputError(f"the run's particles {cfg.i} are missing{where}; --continue "
+                             "reads the particles the run was started with", path)
         job = cls(cfg)
         job.seed = int(gen["rlnRandomSeed"].iloc[0])
         job._restore(st)

@@ -269,3 +269,19 @@ def test_continue_names_the_particles_it_keeps(sim_star, tmp_path, capsys):
     assert main(["class2d", "--continue", f"{out}_it001_optimiser.star", "--i", same,
                  "--o", str(tmp_path / "again"), "--iter", "2", "--quiet"]) == 0
     assert "--i " not in capsys.readouterr().err
+
+
+def test_continue_from_another_folder_says_where_the_particles_are(sim_star, tmp_path,
+                                                                   monkeypatch, capsys):
+    """A run started with a relative --i, continued from another folder: the error names the
+    particles, the folder, and what to do (not a bare 'no such file')."""
+    monkeypatch.chdir(Path(sim_star).parent)
+    out = tmp_path / "run"
+    assert main(["class2d", "--i", Path(sim_star).name, "--o", str(out), *FAST,
+                 "--iter", "1"]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["class2d", "--continue", f"{out}_it001_optimiser.star", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"the run's particles {Path(sim_star).name} are missing" in err
+    assert "relative to the folder the run was started in" in err
