@@ -9,7 +9,9 @@
 #        second comparison: $AB2_BASE, $AB2_NEW, $AB2_ARGS), parallel (parallel_gpu_check.py),
 #        scaling (parallel_scaling.py --gpu, $SCALING_ARGS), panel (panel_gpu_check.py),
 #        autopick (benchmarks/autopick.py GPU and CPU rows), notebooks (notebooks on the GPU),
-#        agree (class2d_cpu_gpu.py's GPU runs on the sets carried in .agree/; $AGREE_ARGS).
+#        agree (class2d_cpu_gpu.py's GPU runs on the sets carried in .agree/; $AGREE_ARGS, e.g.
+#        "--out .agree2 --sets noise05b,noise05c": a call carries at most 64 MiB, so two
+#        16 MB sets with .whl and .cupy_cache; carry a single set as .agree2/noise05c).
 # TEST_PATHS: the tests step's folders (default: fourier kernels em pick parallel).
 # Each step has its own time limit (STEP_TIMEOUT_<step>, seconds). Logs and results go to $OUT
 # (the device tool brings them back); CuPy's kernel cache is kept in .cupy_cache (carry it to
