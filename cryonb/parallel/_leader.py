@@ -10,6 +10,7 @@ sends them (through the client, or through MPI from a sender thread).
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -53,8 +54,6 @@ def ignored_on_continue(given, kept) -> str | None:
     str or None
         A warning naming each dropped flag with both values; None when nothing is dropped.
     """
-    import os
-
     default = type(given)()
     dropped = []
     for f in type(given).option_fields():
