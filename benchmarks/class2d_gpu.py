@@ -133,11 +133,12 @@ def _sync(xp) -> None:
         xp.cuda.Device().synchronize()
 
 
-def _timed_estep(job, pools, images, keep: list | None = None, xp=None):
+def _timed_estep(job, pools, images, keep: list | None = None, xp=None, resident=None):
     """One GPU E-step over every pool, timed between device synchronisations.
 
     Returns the E-step context and the seconds it took. With ``keep`` (a list), the pools'
     results are stored in the job and the E-step's sums appended to ``keep``, as a run does.
+    ``resident``: the images from a device store (:func:`run_pools`).
     """
     if xp is None:
         import cupy as xp
@@ -145,7 +146,7 @@ def _timed_estep(job, pools, images, keep: list | None = None, xp=None):
     ctx = job.estep_context(xp)
     _sync(xp)
     t0 = time.perf_counter()
-    run_pools(ctx, job, pools, images, store=keep is not None)
+    run_pools(ctx, job, pools, images, store=keep is not None, resident=resident)
     sums = ctx.finish()
     _sync(xp)
     if keep is not None:
@@ -199,14 +200,22 @@ def _timed_estep_threads(job, pools, images, streams: list) -> float:
     return dt
 
 
-def run_pools(ctx, job, pools, images, store: bool = False) -> None:
+def run_pools(ctx, job, pools, images, store: bool = False, resident=None) -> None:
     """The E-step over the pools as a GPU worker thread runs it: the next pool's images are
     copied to the device (``EStepContext.prefetch``) while the current one is computed. With
     ``store``, each pool's per-particle results are kept in the job (a run's next iteration
-    starts from them)."""
-    for i, (p, im) in enumerate(zip(pools, images)):
-        if i + 1 < len(images):
-            ctx.prefetch(images[i + 1])
+    starts from them). With ``resident`` (a ``cryonb.parallel.resident.ResidentImages``
+    holding every particle; ``images`` unused), each pool's images are gathered from the
+    device store instead, as a GPU worker does from its second iteration on."""
+    from cryonb.parallel.resident import PoolRows
+
+    for i, p in enumerate(pools):
+        if resident is not None:
+            im = resident.assemble(PoolRows(p, np.zeros(len(p), bool)))
+        else:
+            im = images[i]
+            if i + 1 < len(images):
+                ctx.prefetch(images[i + 1])
         res = ctx.expectation(job.make_batch(job.batch_meta(p), im))
         if store:
             job.store_results(p, res)
@@ -317,9 +326,21 @@ def coarse_flops(job, ctx) -> float:
     return 2.0 * job.n * c.phases.shape[0] * c.refs.shape[0] * 2 * len(c.kx)
 
 
+def _device_store(job, xp):
+    """Every particle's image in a device store (``cryonb.parallel.resident``), as a GPU
+    worker's is after its first iteration."""
+    from cryonb.parallel.resident import ResidentImages
+
+    st = ResidentImages(job.n, job.N, job.n, xp)
+    for s in range(0, job.n, 1024):
+        idx = np.arange(s, min(job.n, s + 1024))
+        st.add(idx, xp.asarray(job.table.images(idx)))
+    return st
+
+
 def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
                 reseed_on_gpu: bool = True, profile_mstep: bool = False,
-                stages_at=()) -> dict:
+                stages_at=(), resident: bool = False) -> dict:
     """A whole run of ``iterations`` (RELION's default 25) with every E-step timed.
 
     The grid of :func:`estep_throughput` times one E-step at the model of iteration 3, while
@@ -337,7 +358,9 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
     as the leader of a run with several ranks does. ``profile_mstep``: the slowest M-step's
     cProfile (``mstep_profile``, text). ``stages_at``: iterations whose E-step runs once more
     with a device synchronisation at every stage boundary (``stages_s``: where the time
-    goes; not counted in the timings).
+    goes; not counted in the timings). ``resident``: from iteration 2 on, each pool's images
+    are gathered from a device store holding every particle (``cryonb.parallel.resident``,
+    what a GPU worker does by default), not copied from pinned host memory.
     """
     import cProfile
     import io
@@ -347,11 +370,18 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
     job = _job(star, K, psi_step, iterations, pool)
     job.reseed_device = 0 if reseed_on_gpu and xp is not np else None
     rows, slowest = [], (0.0, "")
+    store = None
     for it in range(1, iterations + 1):
-        pools, images, _ = _pinned_pools(job, pool, it, pageable=False)
+        if store is None and resident and it > 1:
+            store = _device_store(job, xp)
+        if store is None:
+            pools, images, _ = _pinned_pools(job, pool, it, pageable=False)
+        else:
+            pools, images = job.pools(pool, it), None
         sums: list = []
-        ctx, dt = _timed_estep(job, pools, images, keep=sums, xp=xp)
-        stages = _stage_profile(job, pools, images, xp)[0] if it in stages_at else None
+        ctx, dt = _timed_estep(job, pools, images, keep=sums, xp=xp, resident=store)
+        stages = (_stage_profile(job, pools, images, xp, resident=store)[0]
+                  if it in stages_at else None)
         del images
         prof = cProfile.Profile() if profile_mstep else None
         t0 = time.perf_counter()
@@ -381,15 +411,16 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
                             / 1e12 if late else float("nan")),
             "estep_s": sum(r["estep_s"] for r in rows), "mstep_s": sum(r["mstep_s"] for r in rows),
             "reseed_on": "gpu" if job.reseed_device is not None else "host",
+            "images": "device" if resident else "host",
             **({"mstep_profile": slowest[1]} if profile_mstep else {})}
 
 
-def _stage_profile(job, pools, images, xp) -> dict:
+def _stage_profile(job, pools, images, xp, resident=None) -> dict:
     """The E-step over the pools again (results not stored) with a device synchronisation
     at every stage boundary: seconds per stage, largest first, and the E-step's tallies."""
     prof = job.estep_context(xp)
     prof._profiling = True
-    run_pools(prof, job, pools, images)
+    run_pools(prof, job, pools, images, resident=resident)
     prof.finish()
     return dict(sorted(((k, round(v, 4)) for k, v in prof.profile.items()),
                        key=lambda kv: -kv[1])), dict(prof.tally)
@@ -514,21 +545,38 @@ def selection_timing(B: int, N: int, fraction: float = 0.999) -> dict:
     return {"B": B, "N": N, "sort_s": t_sort, "select_s": t_sel, "same_fraction": same}
 
 
-def iteration_time(star, K: int, iterations: int, pool: int = 0, j: int = 1) -> dict:
-    """Whole iterations with the runtime (one rank, ``j`` threads on GPU 0)."""
+def iteration_time(star, K: int, iterations: int, pool: int = 0, j: int = 1,
+                   resident: bool = True) -> dict:
+    """Whole iterations with the runtime (one rank, ``j`` threads on GPU 0); ``resident``:
+    whether the worker keeps the images on the device (``CRYONB_RESIDENT_IMAGES``)."""
     from cryonb.em import Class2DConfig
     from cryonb.parallel import run_class2d
+    from cryonb.parallel.resident import RESIDENT_ENV
 
-    out = Path(star).parent / f"iter_{K}_{j}" / "run"
+    out = Path(star).parent / f"iter_{K}_{j}_{int(resident)}" / "run"
     cfg = Class2DConfig(i=str(star), o=str(out), K=K, iter=iterations, psi_step=10,
                         offset_range=5, offset_step=2, random_seed=0, gpu="0", j=j,
                         pool=pool)
-    t0 = time.perf_counter()
-    res = run_class2d(cfg)
-    total = time.perf_counter() - t0
+    before = os.environ.get(RESIDENT_ENV)
+    os.environ[RESIDENT_ENV] = "1" if resident else "0"
+    try:
+        t0 = time.perf_counter()
+        res = run_class2d(cfg)
+        total = time.perf_counter() - t0
+    finally:
+        if before is None:
+            os.environ.pop(RESIDENT_ENV)
+        else:
+            os.environ[RESIDENT_ENV] = before
     per = [round(it.wall_s, 3) for it in res.stats.iterations if it.iteration > 0]
+    estep = [round(it.stages.get("estep", 0.0), 3) for it in res.stats.iterations
+             if it.iteration > 0]
+    ranks = res.stats.rank_totals()
     return {"K": K, "iterations": iterations, "total_s": total, "per_iteration_s": per,
-            "stages_s": res.stats.stage_totals(), "pool": res.pool, "threads": j}
+            "estep_s": estep, "stages_s": res.stats.stage_totals(), "pool": res.pool,
+            "threads": j, "resident": resident,
+            "read_s": round(sum(t.read_s for t in ranks.values()), 3),
+            "stored": sum(t.stored for t in ranks.values())}
 
 
 def _pool(spec: str, n: int, box: int, K: int, psi: float) -> int:
@@ -563,13 +611,15 @@ def _print_scatter(box, K, psi, calls) -> None:
               flush=True)
 
 
-def _whole_run(star, n: int, box: int, K: int, psi: float, a, results: dict) -> dict:
+def _whole_run(star, n: int, box: int, K: int, psi: float, a, results: dict,
+               resident: bool = True) -> dict:
     """:func:`run_profile` of one shape, with its fractions of the complex TF32 ceiling."""
     ceiling = results["gemm"]["tf32_complex"]
     try:
         r = run_profile(star, K, psi, pool=_pool(a.pool, n, box, K, psi),
                         iterations=a.runs, reseed_on_gpu=not a.reseed_on_host,
-                        profile_mstep=a.mstep_profile, stages_at=a.stages_at)
+                        profile_mstep=a.mstep_profile, stages_at=a.stages_at,
+                        resident=resident)
     except Exception as exc:  # keep measuring the other shapes
         r = {"box": box, "K": K, "psi_step": psi, "error": repr(exc)}
         print(json.dumps(r), flush=True)
@@ -592,14 +642,16 @@ def _runs_table(results: dict) -> list[str]:
     if not runs:
         return []
     lines = ["", "Whole runs, every E-step timed (`--runs`): % of the TF32 complex ceiling",
-             "", "| box | K | psi step | particles | iterations | E-steps s | M-steps s |"
+             "", "| box | K | psi step | particles | iterations | images (from iteration 2) |"
+             " E-steps s | M-steps s |"
              " re-seeding on | % over the run | % over the TF32 iterations | per iteration |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         per = " ".join(f"{100 * it['fraction_of_tf32_complex']:.0f}"
                        for it in r["iterations"])
         lines.append(f"| {r['box']} | {r['K']} | {r['psi_step']:g} | {r['n']} | "
-                     f"{len(r['iterations'])} | {r['estep_s']:.2f} | {r['mstep_s']:.2f} | "
+                     f"{len(r['iterations'])} | {r.get('images', 'host')} | "
+                     f"{r['estep_s']:.2f} | {r['mstep_s']:.2f} | "
                      f"{r['reseed_on']} | "
                      f"{100 * r['run_fraction_of_tf32_complex']:.1f}% | "
                      f"{100 * r['late_fraction_of_tf32_complex']:.1f}% | {per} |")
@@ -646,6 +698,15 @@ def main(argv=None):
                     help="with --runs: print the slowest M-step's cProfile")
     ap.add_argument("--stages_at", type=int, nargs="*", default=[],
                     help="with --runs: these iterations' E-steps once more, timed per stage")
+    ap.add_argument("--images", choices=("device", "host", "both"), default="device",
+                    help="with --runs and for the whole iterations: images kept on the device "
+                         "from iteration 2 on (the default of a GPU worker, "
+                         "cryonb.parallel.resident), copied from the host every iteration "
+                         "(CRYONB_RESIDENT_IMAGES=0; sections of RESULTS.md before the "
+                         "eighteenth session), or both in turns")
+    ap.add_argument("--iteration_set", default="10000:128:20",
+                    help="the whole iterations' set and classes, N:BOX:K (default RELION 5's "
+                         "shape: 10,000 x 128 px, K=20)")
     ap.add_argument("--host_profile", action="store_true",
                     help="print where the host's time goes in one E-step (cProfile)")
     a = ap.parse_args(argv)
@@ -672,7 +733,9 @@ def main(argv=None):
         n = {64: 20000, 128: 8000, 256: 2000}[box] // (4 if a.quick else 1)
         star = simulate(n, box, views=min(K, 50))
         if a.runs:
-            results["runs"].append(_whole_run(star, n, box, K, psi, a, results))
+            for mode in ("host", "device") if a.images == "both" else (a.images,):
+                results["runs"].append(_whole_run(star, n, box, K, psi, a, results,
+                                                  resident=mode == "device"))
             (out / "class2d_gpu.json").write_text(json.dumps(results, indent=1))
             continue
         try:
@@ -714,17 +777,22 @@ def main(argv=None):
         r = selection_timing(B, N)
         results.setdefault("selection", []).append(r)
         print(json.dumps(r), flush=True)
-    n = 2500 if a.quick else 10000
+    n, ibox, iK = (int(v) for v in a.iteration_set.split(":"))
+    n = n // 4 if a.quick else n
     threads = () if a.skip_iterations else a.threads or ((1,) if a.quick else (1, 2))
-    star = simulate(n, 128, views=20, seed=5, snr=0.05) if threads else None
+    star = simulate(n, ibox, views=iK, seed=5, snr=0.05) if threads else None
+    modes = ("host", "device") if a.images == "both" else (a.images,)
     for j in threads:
-        try:
-            r = iteration_time(star, 20, 3 if a.quick else 5, j=j)
-        except Exception as exc:
-            r = {"error": repr(exc), "threads": j}
-        results["iterations"].append(r)
-        print(json.dumps(r), flush=True)
-        (out / "class2d_gpu.json").write_text(json.dumps(results, indent=1))
+        for mode in modes:
+            try:
+                r = iteration_time(star, iK, 3 if a.quick else 5, j=j,
+                                   resident=mode == "device")
+            except Exception as exc:
+                r = {"error": repr(exc), "threads": j, "resident": mode == "device"}
+            r.update(n=n, box=ibox)
+            results["iterations"].append(r)
+            print(json.dumps(r), flush=True)
+            (out / "class2d_gpu.json").write_text(json.dumps(results, indent=1))
     lines = [f"card: {results['card']}, {results['date']}, CuPy {results['cupy']}",
              f"GEMM ceiling: FP32 {results['gemm']['fp32']:.0f} TFLOP/s, "
              f"TF32 {results['gemm']['tf32']:.0f} TFLOP/s, "
@@ -759,10 +827,12 @@ def main(argv=None):
                      + " |")
     lines += _runs_table(results)
     for r in results["iterations"]:
-        lines.append(f"\n{n} x 128 px, K=20, psi 10, offsets 5/2, --j {r.get('threads')}: "
+        lines.append(f"\n{n} x {ibox} px, K={iK}, psi 10, offsets 5/2, --j {r.get('threads')}, "
+                     f"images {'on the device' if r.get('resident') else 'from the host'}: "
                      + (f"{np.mean(r['per_iteration_s'][1:] or r['per_iteration_s']):.2f} s "
-                        f"per iteration ({r['per_iteration_s']})" if "error" not in r
-                        else f"error {r['error']}"))
+                        f"per iteration ({r['per_iteration_s']}; E-steps {r['estep_s']}; "
+                        f"reading {r['read_s']:.2f} s; {r['stored']} particles not read)"
+                        if "error" not in r else f"error {r['error']}"))
     (out / "class2d_gpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import add_rows_at, array_module, upload
+from ..backend import add_rows_at, array_module, is_gpu_array, upload
 from ..ctf import CTFParams, ctf_at, ctf_features
 from ..data.conventions import rotated_indices
 from ..fourier import Projector, fft2_centered, ifft2_centered
@@ -380,7 +380,7 @@ class EStepContext:
         images : ndarray of shape (B, N, N), float32
         """
         xp = self.xp
-        if xp is np:
+        if xp is np or is_gpu_array(images):
             return
         if self._copy_stream is None:
             self._copy_stream = xp.cuda.Stream(non_blocking=True)
@@ -388,6 +388,12 @@ class EStepContext:
             dev = upload(images, xp)
             done = self._copy_stream.record()
         self._prefetched = [*self._prefetched[-1:], (images, dev, done)]
+
+    @property
+    def device_images(self):
+        """The last pool's images on the device, float32 (B, N, N) (None on the CPU or before
+        the first pool); not changed by the E-step."""
+        return self._held
 
     def _upload(self, images):
         """The pool's images on the device: the prefetched copy, or a copy made now."""

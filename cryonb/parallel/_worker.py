@@ -7,7 +7,8 @@ ImageSource`, with the task itself, or from the leader through MPI) up to ``--j`
 of the computing threads, so that reading overlaps computing; each computing thread keeps its
 own :class:`cryonb.em._estep.EStepContext` (on its own device and CUDA stream on a GPU) for the
 iteration and accumulates the sums of the pools it processed. :meth:`WorkerService.finish`
-adds the threads' sums in thread order.
+adds the threads' sums in thread order. A GPU worker keeps the images it has seen on its
+devices (:mod:`cryonb.parallel.resident`); its reader then reads only the others.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..backend import fft_threads, pinned_empty
 from ..errors import CryonbError, ResourceError
 from .combine import mpi_send_sum, ordered_sum, write_rank_sum
 from .hardware import device_memory
+from .resident import PoolRows, ResidentImages, resident_capacity, resident_enabled
 
 __all__ = ["WorkerService", "error_record"]
 
@@ -72,8 +74,14 @@ class WorkerService:
         self.fft_threads = max(1, int(fft_threads))
         self.config = config
         self.setup = dict(setup)
+        #: GPU: each device's store of images (None: none could be made), made after the
+        #: device's first pool (setup's ``n``: the run's particles; ``resident_share``: this
+        #: rank's part of the card)
+        self._resident: dict = {}
+        self._resident_lock = threading.Lock()
         self.threads = int(threads)
         self.devices = list(devices) if devices else None
+        self._use_resident = bool(self.devices and self.setup.get("n") and resident_enabled())
         self.source = source
         self.comm = comm
         self.timeout = float(timeout)
@@ -102,8 +110,8 @@ class WorkerService:
     # ------------------------------------------------------------------ phases
     @staticmethod
     def _new_stats() -> dict:
-        return {"particles": 0, "pools": 0, "read_s": 0.0, "compute_s": 0.0, "t_first": None,
-                "t_last": None}
+        return {"particles": 0, "pools": 0, "stored": 0, "read_s": 0.0, "compute_s": 0.0,
+                "t_first": None, "t_last": None}
 
     def begin(self, kind: str, model=None, iteration: int = 0) -> None:
         """Start a phase: ``"init"`` (initial pass) or ``"estep"`` with the broadcast model."""
@@ -156,12 +164,14 @@ class WorkerService:
                 "memory": self.memory()}
 
     def memory(self) -> dict:
-        """``rss`` (bytes) of this process and CuPy's pool on each device."""
+        """``rss`` (bytes) of this process, CuPy's pool on each device and, of that, the
+        images stored on the devices (``resident``)."""
         import psutil
 
         out = {"rss": int(psutil.Process().memory_info().rss)}
         if self.devices:
             out["devices"] = device_memory(self.devices)
+            out["resident"] = sum(st.nbytes for st in list(self._resident.values()) if st)
         return out
 
     def finish(self, target: str = "return", root: str = "", leader: int = 0):
@@ -177,8 +187,9 @@ class WorkerService:
         -------
         (vector or None, dict)
             The summed vector (``None`` unless ``target="return"``) and this rank's times:
-            ``particles``, ``pools``, ``read_s``, ``compute_s``, ``wall_s``, ``finish_s``,
-            ``fallback``, ``memory``.
+            ``particles``, ``pools``, ``stored`` (particles whose images were on the device
+            already), ``read_s``, ``compute_s``, ``wall_s``, ``finish_s``, ``fallback``,
+            ``memory``.
         """
         t0 = time.monotonic()
         self._wait_idle()
@@ -201,7 +212,8 @@ class WorkerService:
         elif target == "mpi":
             mpi_send_sum(self.comm, total, root=leader)
         finish_s = time.monotonic() - t0
-        times = {"particles": s["particles"], "pools": s["pools"], "read_s": s["read_s"],
+        times = {"particles": s["particles"], "pools": s["pools"], "stored": s["stored"],
+                 "read_s": s["read_s"],
                  "compute_s": s["compute_s"],
                  "wall_s": (s["t_last"] - s["t_first"]) if s["t_first"] is not None else 0.0,
                  "finish_s": finish_s,
@@ -242,6 +254,10 @@ class WorkerService:
             w.join(timeout=5.0)
         if self.source is not None:
             self.source.close()
+        for st in self._resident.values():
+            if st is not None:
+                st.release()
+        self._resident.clear()
         if self.devices:
             from ..backend import release_device_memory
 
@@ -310,15 +326,54 @@ class WorkerService:
         elif self.source is None:
             raise ResourceError(f"rank {self.rank} has no way to read images")
         else:
-            # straight into the pinned buffer where there is one (no intermediate copy)
             N = self.setup["N"]
-            buf = self._host_buffer((len(task["index"]), N, N))
-            return self.source.images(task["index"], out=buf)
+            index = np.asarray(task["index"], np.int64)
+            missing = self._missing(index)
+            if missing is not None and not missing.all():  # only those not on the device
+                host = None
+                if missing.any():
+                    buf = self._host_buffer((int(missing.sum()), N, N))
+                    host = self.source.images(index[missing], out=buf)
+                return PoolRows(index, missing, host)
+            # straight into the pinned buffer where there is one (no intermediate copy)
+            buf = self._host_buffer((len(index), N, N))
+            return self.source.images(index, out=buf)
         buf = self._host_buffer(images.shape)
         if buf is None:
             return images
         np.copyto(buf, images, casting="same_kind")
         return buf
+
+    def _missing(self, index: np.ndarray) -> np.ndarray | None:
+        """Which particles of ``index`` some device of the rank does not store (bool, shape
+        (B,)); None where nothing is stored (the CPU, the initial pass, no store yet)."""
+        if not self._use_resident or self._phase is None or self._phase[0] != "estep":
+            return None
+        stores = [self._resident.get(d, False) for d in set(self.devices)]
+        if not all(stores):  # a device without a store (yet): read every image
+            return None
+        missing = np.zeros(len(index), bool)
+        for st in stores:
+            missing |= st.missing(index)
+        return missing
+
+    def _keep_resident(self, t: int, index, images) -> None:
+        """Store the pool's device images ``images`` on thread ``t``'s device, making the
+        device's store after its first pool (then the E-step's memory is taken)."""
+        if not self._use_resident:
+            return
+        import cupy
+
+        d = self.devices[t]
+        with self._resident_lock:
+            if d not in self._resident:
+                free, total = cupy.cuda.runtime.memGetInfo()
+                n, N = int(self.setup["n"]), int(self.setup["N"])
+                cap = resident_capacity(n, N, free, total, self.setup.get("resident_share", 1.0))
+                self._resident[d] = ResidentImages(n, N, cap, cupy) if cap > 0 else None
+            st = self._resident[d]
+        if st is not None:
+            st.add(index, images)
 
     def _host_buffer(self, shape):
         """Pinned host memory for one pool's images on a GPU worker, within
@@ -383,7 +438,7 @@ class WorkerService:
             item = self._ready.get_nowait()
         except queue.Empty:
             return None
-        if item[1] is not _STOP and item[0] == gen:
+        if item[1] is not _STOP and item[0] == gen and not isinstance(item[2], PoolRows):
             ctx.prefetch(item[2])
         return item
 
@@ -422,8 +477,17 @@ class WorkerService:
 
         if self._ctx[t] is None:
             self._ctx[t] = self._estep_context(model)
+        if isinstance(images, PoolRows):
+            stored = int((~images.missing).sum())
+            images = self._resident[self.devices[t]].assemble(images)
+            with self._lock:
+                self._stats["stored"] += stored
         batch = ParticleBatch(images=images, **task["meta"])
-        return self._ctx[t].expectation(batch)
+        res = self._ctx[t].expectation(batch)
+        if self._use_resident and task.get("images") is None and task.get("mpi_tag") is None:
+            # (images the leader sends come every iteration: storing them would gain nothing)
+            self._keep_resident(t, task["index"], self._ctx[t].device_images)
+        return res
 
     def _estep_context(self, model):
         from ..em._estep import EStepContext

@@ -279,11 +279,13 @@ class _Run(RankSession):
             emit(self.progress, "stage", iteration=0, stage="preread", state="start")
         t0 = time.monotonic()
         calls = []
+        shares = _resident_shares(self.workers)
         for w in self.workers:
             cores = wprobes[w.rank]["cores"]
             blas = max(1, cores // (len(by_host[w.info.host]) * cfg.j))
+            wsetup = {**setup, "resident_share": shares.get(w.rank, 1.0)}
             calls.append((w, w.run_async(
-                _engine.open_worker, self.run_id, w.rank, jcfg, setup, threads=cfg.j,
+                _engine.open_worker, self.run_id, w.rank, jcfg, wsetup, threads=cfg.j,
                 devices=w.info.devices, source=sources[w.rank], cwd=cwd, timeout=self.timeout,
                 blas_threads=blas)))
         opened = self._wait_all(calls, "starting the workers",
@@ -627,7 +629,20 @@ def _index_of(tasks: list[dict], task_id: int):
 
 
 def _setup_of(info: dict) -> dict:
-    return {k: info[k] for k in ("N", "pixel_size", "n_optics", "n_groups", "mask_radius_px")}
+    return {k: info[k] for k in ("N", "pixel_size", "n_optics", "n_groups", "mask_radius_px",
+                                 "n")}
+
+
+def _resident_shares(workers) -> dict:
+    """Each working rank's part of its (first) GPU for stored images: 1 / the working ranks
+    on the same host that use that device (:mod:`cryonb.parallel.resident`)."""
+    users: dict = {}
+    for w in workers:
+        if w.info.devices:
+            key = (w.info.host, w.info.devices[0])
+            users[key] = users.get(key, 0) + 1
+    return {w.rank: 1.0 / users[(w.info.host, w.info.devices[0])]
+            for w in workers if w.info.devices}
 
 
 def _scratch_capacity() -> int | None:

@@ -141,8 +141,12 @@ class RankTimes:
     fallback : int
         Particles read from the original path although a scratch copy was asked for.
     memory : dict
-        ``rss`` (bytes, host memory of the rank's process) and ``devices``
-        (``{device: bytes}`` held by CuPy's memory pool; empty on the CPU).
+        ``rss`` (bytes, host memory of the rank's process), ``devices`` (``{device:
+        bytes}`` held by CuPy's memory pool; empty on the CPU) and ``resident`` (bytes of
+        images stored on the devices, GPU workers).
+    stored : int
+        Particles whose images were on the device already (not read, not copied; see
+        :mod:`cryonb.parallel.resident`).
     """
 
     rank: int
@@ -154,6 +158,7 @@ class RankTimes:
     finish_s: float = 0.0
     fallback: int = 0
     memory: dict = field(default_factory=dict)
+    stored: int = 0
 
     @property
     def particles_per_s(self) -> float:
@@ -236,7 +241,7 @@ class RunStats:
             for r, t in it.ranks.items():
                 acc = out.setdefault(r, RankTimes(r))
                 for name in ("particles", "pools", "read_s", "compute_s", "wall_s", "finish_s",
-                             "fallback"):
+                             "fallback", "stored"):
                     setattr(acc, name, getattr(acc, name) + getattr(t, name))
                 acc.memory = t.memory
         return out
@@ -254,13 +259,15 @@ class RunStats:
         widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
         lines.append("  ".join(h.rjust(w) for h, w in zip(head, widths)))
         lines += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+        totals = sorted(self.rank_totals().items())
+        stored = any(t.stored for _, t in totals)
         head = ["rank", unit, "read_s", "compute_s", "wall_s", "finish_s", f"{unit}/s",
-                "from origin"]
+                "from origin", *(["on device"] if stored else [])]
         rows = []
-        for r, t in sorted(self.rank_totals().items()):
+        for r, t in totals:
             rows.append([str(r), str(t.particles), f"{t.read_s:.2f}", f"{t.compute_s:.2f}",
                          f"{t.wall_s:.2f}", f"{t.finish_s:.2f}", f"{t.particles_per_s:.0f}",
-                         str(t.fallback)])
+                         str(t.fallback), *([str(t.stored)] if stored else [])])
         if rows:
             widths = [max(len(r[c]) for r in [head, *rows]) for c in range(len(head))]
             lines.append("")
@@ -269,7 +276,9 @@ class RunStats:
             lines.append(f"(read_s: reading images, overlapped with computing; compute_s: "
                          f"the threads' time, summed; finish_s: summing the threads' results; "
                          f"from origin: {unit} read from the original files although a "
-                         f"scratch copy was asked for)")
+                         f"scratch copy was asked for"
+                         + (f"; on device: {unit} whose images a GPU kept from an earlier "
+                            f"iteration, not read again" if stored else "") + ")")
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
