@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..io import atomic_write, write_mrc, write_particles, write_star
+from ..io._star import TOKENS_ATTR, StarTokens, star_tokens
 from ._model import ssnr_shells
 
 __all__ = ["iteration_paths", "write_iteration_files"]
@@ -89,10 +90,32 @@ def _model_blocks(job, paths) -> dict[str, pd.DataFrame]:
     return blocks
 
 
+#: the columns of ``_data.star`` that change from iteration to iteration (the others are the
+#: input's, formatted once per run: see _input_tokens)
+_RESULT_COLUMNS = ("rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst", "rlnClassNumber",
+                   "rlnNormCorrection", "rlnLogLikeliContribution",
+                   "rlnMaxValueProbDistribution", "rlnNrOfSignificantSamples", "rlnGroupNumber")
+
+
+def _input_tokens(job, df: pd.DataFrame) -> StarTokens:
+    """The STAR text of the ``_data.star`` columns that are the run's input as it is (CTF,
+    coordinates, names...), made at the first write of a run and kept on the job: at 20,000
+    particles formatting every number again took most of an iteration's writing."""
+    cache = getattr(job, "_data_tokens", None)
+    if cache is None or cache[0] is not job.table.particles:
+        optics = set(job.table.optics.columns) | {"rlnOpticsGroup"}
+        cache = (job.table.particles, StarTokens(
+            (c, star_tokens(df[c])) for c in df.columns
+            if c not in _RESULT_COLUMNS and c not in optics))
+        job._data_tokens = cache
+    return cache[1]
+
+
 def _data_table(job) -> pd.DataFrame:
     df = job.table.particles.copy()
     # names that resolve from the output folder too (RELION's: relative to the project)
     df["rlnImageName"] = job.output_image_names
+    tokens = _input_tokens(job, df)
     st = job.state
     apix = job.pixel_size
     done = st.cls >= 0
@@ -108,6 +131,7 @@ def _data_table(job) -> pd.DataFrame:
     for old in ("rlnOriginX", "rlnOriginY"):
         if old in df.columns:
             df = df.drop(columns=old)
+    df.attrs[TOKENS_ATTR] = tokens
     return df
 
 
@@ -121,17 +145,26 @@ def _sampling_blocks(job) -> dict[str, pd.DataFrame]:
     })}
 
 
+def _data_optics(job) -> pd.DataFrame:
+    optics = job.table.optics.copy()
+    for col, value in (("rlnImageSize", job.N), ("rlnImageDimensionality", 2)):
+        if col not in optics.columns:
+            optics[col] = value
+    return optics
+
+
+def write_data_star(job, path) -> None:
+    """Write the job's particles with their current classes and poses (``_data.star``)."""
+    write_particles(path, _data_table(job), _data_optics(job))
+
+
 def write_iteration_files(job, it: int) -> dict[str, Path]:
     """Write all files of iteration ``it`` for a :class:`cryonb.em.Class2DJob`."""
     paths = iteration_paths(job.config.o, it)
     m = job.model
     write_mrc(paths["classes"], m.classes.astype(np.float32), m.pixel_size, stack=True)
     write_star(paths["model"], _model_blocks(job, paths))
-    optics = job.table.optics.copy()
-    for col, value in (("rlnImageSize", job.N), ("rlnImageDimensionality", 2)):
-        if col not in optics.columns:
-            optics[col] = value
-    write_particles(paths["data"], _data_table(job), optics)
+    write_data_star(job, paths["data"])
     write_star(paths["sampling"], _sampling_blocks(job))
     # the cryonb state needed to continue exactly (RELION keeps it in its own files too)
     with atomic_write(paths["state"]) as fh:

@@ -22,7 +22,7 @@ import pandas as pd
 
 from ..errors import ConfigError, InputError
 from ._mrc import _read_mrc, _read_stack
-from ._star import read_star, write_star
+from ._star import TOKENS_ATTR, read_star, write_star
 
 __all__ = [
     "OPTICS_LABELS",
@@ -1009,4 +1009,8 @@ def write_particles(
         raise ConfigError(f"version must be '3.1' or '3.0', not {version!r}")
     for block in blocks.values():
         block.attrs = {_LOOP_ATTR: True}
+    # particle columns formatted already (a job's unchanged inputs, see star_tokens)
+    if TOKENS_ATTR in df.attrs:
+        blocks["particles" if "particles" in blocks else ""].attrs[TOKENS_ATTR] = df.attrs[
+            TOKENS_ATTR]
     write_star(path, blocks)

@@ -24,7 +24,8 @@ from ..errors import ConfigError, InputError
 from ._atomic import atomic_write
 from ._files import check_input_file
 
-__all__ = ["RELION_STRING_LABELS", "read_star", "write_star"]
+__all__ = ["RELION_STRING_LABELS", "TOKENS_ATTR", "StarTokens", "read_star", "star_tokens",
+           "write_star"]
 
 #: RELION labels whose values are text even when they look like numbers (e.g. a micrograph
 #: called ``1``); they are always read as strings.
@@ -69,6 +70,9 @@ _ANY_NEEDS_QUOTES = re.compile(  # _NEEDS_QUOTES for values joined by NUL
 _UNWRITABLE = re.compile("['\"\n\r\x00]")
 _ANY_UNWRITABLE = re.compile("['\"\n\r]")  # _UNWRITABLE for values joined by NUL
 _CHUNK_ROWS = 65536
+#: ``df.attrs[TOKENS_ATTR]``: ``{column: tokens}``, columns already formatted
+#: (:func:`star_tokens`) that :func:`write_star` writes as they are
+TOKENS_ATTR = "star_tokens"
 
 
 @dataclasses.dataclass
@@ -383,6 +387,24 @@ def _format_column(col: pd.Series, where: str) -> list[str]:
     return [_text_token(v, where) if isinstance(v, str) else _other_token(v, where) for v in values]
 
 
+class StarTokens(dict):
+    """``{column: tokens}`` for ``df.attrs[TOKENS_ATTR]``, shared, not copied, by the tables
+    pandas derives from ``df`` (pandas deep-copies ``attrs`` at every operation)."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def star_tokens(col: pd.Series) -> list[str]:
+    """The values of ``col`` as :func:`write_star` writes them (one STAR token each).
+
+    For a column written again and again unchanged (a job's input columns, every iteration):
+    format it once and hand the tokens over in ``df.attrs[TOKENS_ATTR]``, as a
+    :class:`StarTokens`.
+    """
+    return _format_column(col, f"column {col.name}")
+
+
 def _block_lines(name: str, df: pd.DataFrame, path: Path) -> Iterator[str]:
     if not isinstance(df, pd.DataFrame):
         raise ConfigError(f"{path}: block {name!r} must be a pandas DataFrame, not {type(df)}")
@@ -405,9 +427,11 @@ def _block_lines(name: str, df: pd.DataFrame, path: Path) -> Iterator[str]:
         return
     yield "loop_\n"
     yield "".join(f"_{c} #{i}\n" for i, c in enumerate(columns, 1))
+    given = {c: t for c, t in df.attrs.get(TOKENS_ATTR, {}).items() if len(t) == len(df)}
     for start in range(0, len(df), _CHUNK_ROWS):
         chunk = df.iloc[start : start + _CHUNK_ROWS]
-        cols = [_format_column(chunk[c], f"{path} data_{name} _{c}") for c in columns]
+        cols = [given[c][start : start + _CHUNK_ROWS] if c in given else
+                _format_column(chunk[c], f"{path} data_{name} _{c}") for c in columns]
         if cols:
             yield "\n".join(map(" ".join, zip(*cols))) + "\n"
     yield "\n"

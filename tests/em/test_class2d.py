@@ -292,6 +292,22 @@ def test_run_writes_relion_files(tmp_path):
     with np.load(f"{root}_it003_cryonb.npz") as state3:
         assert int(gen.rlnCurrentImageSize.iloc[0]) == int(state3["current_size"])
     assert "rlnSigma2Noise" in model["model_optics_group_1"].columns
+    # the input's columns are formatted once per run: the same text as formatting them anew
+    from cryonb.em._output import _data_optics, _data_table, write_data_star
+    from cryonb.io import write_particles
+
+    job = Class2DJob.from_optimiser(f"{root}_it004_optimiser.star")
+    first = tmp_path / "first.star"
+    again = tmp_path / "again.star"
+    write_data_star(job, first)
+    assert job._data_tokens[1] and "rlnClassNumber" not in job._data_tokens[1]
+    write_data_star(job, again)
+    plain = tmp_path / "plain.star"
+    df = _data_table(job)
+    df.attrs = {}
+    write_particles(plain, df, _data_optics(job))
+    assert first.read_text() == again.read_text() == plain.read_text()
+    assert again.read_text() == (tmp_path / "out" / "run_it004_data.star").read_text()
     data = read_particles(f"{root}_it004_data.star")
     p = data.particles
     for col in ("rlnClassNumber", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst",

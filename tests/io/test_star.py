@@ -247,3 +247,30 @@ def test_write_rejects_unreadable_values_atomically(tmp_path):
         write_star(path, {"x": [1, 2]})
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["keep.star"]
+
+
+def test_columns_formatted_already_are_written_as_given(tmp_path, monkeypatch):
+    """``df.attrs[TOKENS_ATTR]`` columns (a job's unchanged inputs, formatted once per run)
+    are written from their tokens, with the same text as formatting them; tokens of another
+    length than the table are ignored."""
+    monkeypatch.setattr(_star, "_CHUNK_ROWS", 7)  # tokens sliced per chunk too
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"rlnDefocusU": rng.random(30) * 1e4, "rlnClassNumber": np.arange(30),
+                       "rlnMicrographName": [f"m{i % 4}.mrc" for i in range(30)]})
+    plain = tmp_path / "plain.star"
+    write_star(plain, {"particles": df})
+    given = df.copy()
+    given.attrs[_star.TOKENS_ATTR] = _star.StarTokens(
+        (c, _star.star_tokens(df[c])) for c in ("rlnDefocusU", "rlnMicrographName"))
+    assert given.copy().attrs[_star.TOKENS_ATTR] is given.attrs[_star.TOKENS_ATTR]  # shared
+    calls = []
+    fmt = _star._format_column
+    monkeypatch.setattr(_star, "_format_column", lambda col, where: calls.append(col.name)
+                        or fmt(col, where))
+    fast = tmp_path / "fast.star"
+    write_star(fast, {"particles": given})
+    assert fast.read_text() == plain.read_text()
+    assert set(calls) == {"rlnClassNumber"}
+    given.attrs[_star.TOKENS_ATTR] = {"rlnDefocusU": ["1"] * 29}  # stale: not used
+    write_star(fast, {"particles": given})
+    assert fast.read_text() == plain.read_text()
