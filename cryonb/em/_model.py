@@ -206,13 +206,28 @@ class ParticleBatch:
 
 
 def pack_arrays(arrays) -> np.ndarray:
-    """Concatenate arrays (complex as pairs of floats) into one float64 host vector."""
-    parts = []
-    for a in arrays:
-        a = a.get() if hasattr(a, "get") else np.asarray(a)
-        parts.append(a.astype(np.complex128 if np.iscomplexobj(a) else np.float64)
-                     .view(np.float64).ravel())
-    return np.concatenate(parts)
+    """Concatenate arrays (complex as pairs of floats) into one float64 host vector.
+
+    Each array is copied once, straight into its part of the vector (from the device where
+    it is a CuPy array): at 256 px, K=50 the sums are 158 MB, and every extra copy cost an
+    iteration tens of milliseconds.
+    """
+    arrays = [a if hasattr(a, "get") else np.asarray(a) for a in arrays]
+    cplx = [a.dtype.kind == "c" for a in arrays]
+    sizes = [a.size * (2 if c else 1) for a, c in zip(arrays, cplx)]
+    out = np.empty(sum(sizes), np.float64)
+    o = 0
+    for a, c, n in zip(arrays, cplx, sizes):
+        part = out[o : o + n]
+        o += n
+        dst = (part.view(np.complex128) if c else part).reshape(a.shape)
+        if not hasattr(a, "get"):
+            dst[...] = a
+        elif a.dtype == dst.dtype and a.flags.c_contiguous:
+            a.get(out=dst)
+        else:
+            dst[...] = a.get()
+    return out
 
 
 def unpack_arrays(vec: np.ndarray, shapes) -> dict:

@@ -201,10 +201,10 @@ class WorkerService:
                 continue
             if kind == "estep":
                 with self._device_scope(t, reuse=True):
-                    vectors.append(ctx.finish().to_host().to_vector())
+                    vectors.append(ctx.finish().to_vector())  # one copy, device to host
             else:
                 vectors.append(ctx.to_vector())
-        total = ordered_sum(vectors, size=self._template_size())
+        total = ordered_sum(vectors, size=self._template_size(), own=True)
         self._ctx = [None] * self.threads
         s = self._stats
         if target == "disc":

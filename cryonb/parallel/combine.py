@@ -43,7 +43,8 @@ MPI_CHUNK = 16 * 1024 * 1024
 _TAG_SUMS = 32000
 
 
-def ordered_sum(vectors: Iterable[np.ndarray | None], size: int | None = None) -> np.ndarray:
+def ordered_sum(vectors: Iterable[np.ndarray | None], size: int | None = None, *,
+                own: bool = False) -> np.ndarray:
     """Add vectors in the order given (``None`` entries are skipped).
 
     Parameters
@@ -51,11 +52,14 @@ def ordered_sum(vectors: Iterable[np.ndarray | None], size: int | None = None) -
     vectors : iterable of float64 arrays of shape (m,) or None
     size : int, optional
         ``m``, for a zero result when every entry is ``None``.
+    own : bool
+        The caller hands the vectors over: the first one becomes the result (no copy; the
+        others are added to it in place) unless it is read-only.
 
     Returns
     -------
     float64 array of shape (m,)
-        ``((v0 + v1) + v2) + ...``: a new array.
+        ``((v0 + v1) + v2) + ...``: a new array (the first vector with ``own``).
     """
     total = None
     for v in vectors:
@@ -63,7 +67,7 @@ def ordered_sum(vectors: Iterable[np.ndarray | None], size: int | None = None) -
             continue
         v = np.asarray(v, np.float64)
         if total is None:
-            total = v.copy()
+            total = v if own and v.flags.writeable else v.copy()
         else:
             if v.shape != total.shape:
                 raise ValueError(f"cannot add sums of {v.size} and {total.size} values")

@@ -439,7 +439,7 @@ class _Run(RankSession):
         if self.cfg.ranks == 1 or (self.cfg.combine == "network" and not self.mpi):
             outs = self._wait_all([(w, w.call_async("worker", "finish", "return"))
                                    for w in self.workers], what)
-            total = ordered_sum([v for v, _ in outs])
+            total = ordered_sum([v for v, _ in outs], own=True)  # the workers' own vectors
             reply = self._wait(lead, lead.call_async("leader", "apply", kind, total, **kw),
                                "the M-step")
         elif self.cfg.combine == "disc":

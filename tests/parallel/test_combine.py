@@ -30,6 +30,51 @@ def test_ordered_sum_is_left_to_right():
         ordered_sum([np.ones(2), np.ones(3)])
 
 
+def test_ordered_sum_may_take_the_callers_vectors():
+    """``own``: the first vector is the result (no copy of a run's sums), unless read-only
+    (arrays that came through ipyparallel); the same bits either way."""
+    vs = _vectors()
+    want = ordered_sum(vs)
+    first = vs[0].copy()
+    got = ordered_sum([first, *vs[1:]], own=True)
+    assert got is first
+    np.testing.assert_array_equal(got, want)
+    ro = vs[0].copy()
+    ro.flags.writeable = False
+    got = ordered_sum([ro, *vs[1:]], own=True)
+    assert got is not ro
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(ro, vs[0])
+
+
+@pytest.mark.parametrize("gpu", [False, pytest.param(True, marks=pytest.mark.gpu)],
+                         ids=["cpu", "gpu"])
+def test_sums_pack_into_one_vector_from_either_side(gpu):
+    """``pack_arrays`` writes each array (complex as float pairs, other float types widened)
+    straight into its part of the vector, from the device too; ``unpack_arrays`` inverts it."""
+    from cryonb.backend import gpu_available
+    from cryonb.em._model import pack_arrays, unpack_arrays
+
+    if gpu and not gpu_available():
+        pytest.skip("no usable GPU (CuPy)")
+    rng = np.random.default_rng(1)
+    arrays = {"c": rng.normal(size=(3, 4, 5)) + 1j * rng.normal(size=(3, 4, 5)),
+              "f": rng.normal(size=(2, 7)), "s": rng.normal(size=(6,)).astype(np.float32),
+              "t": np.asfortranarray(rng.normal(size=(4, 3)))}
+    given = arrays
+    if gpu:
+        import cupy
+
+        given = {k: cupy.asarray(v) for k, v in arrays.items()}
+        given["t"] = cupy.asfortranarray(given["t"])  # not C-contiguous: copied on the host
+    vec = pack_arrays(given.values())
+    assert vec.dtype == np.float64 and vec.size == 2 * 60 + 14 + 6 + 12
+    shapes = [(k, v.shape, v.dtype.kind == "c") for k, v in arrays.items()]
+    back = unpack_arrays(vec, shapes)
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(back[k], v)
+
+
 def test_disc_and_network_orders_give_identical_bits(tmp_path):
     vs = _vectors(3)
     root = str(tmp_path / "run")
