@@ -221,6 +221,8 @@ def pack_arrays(arrays) -> np.ndarray:
         part = out[o : o + n]
         o += n
         dst = (part.view(np.complex128) if c else part).reshape(a.shape)
+        if not n:
+            continue
         if not hasattr(a, "get"):
             dst[...] = a
         elif a.dtype == dst.dtype and a.flags.c_contiguous:
