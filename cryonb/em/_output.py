@@ -105,7 +105,7 @@ def _input_tokens(job, df: pd.DataFrame) -> StarTokens:
     if cache is None or cache[0] is not job.table.particles:
         optics = set(job.table.optics.columns) | {"rlnOpticsGroup"}
         cache = (job.table.particles, StarTokens(
-            (c, star_tokens(df[c])) for c in df.columns
+            (c, star_tokens(df[c], f"{job.config.i}: column _{c}")) for c in df.columns
             if c not in _RESULT_COLUMNS and c not in optics))
         job._data_tokens = cache
     return cache[1]

@@ -395,14 +395,14 @@ class StarTokens(dict):
         return self
 
 
-def star_tokens(col: pd.Series) -> list[str]:
+def star_tokens(col: pd.Series, where: str = "") -> list[str]:
     """The values of ``col`` as :func:`write_star` writes them (one STAR token each).
 
     For a column written again and again unchanged (a job's input columns, every iteration):
     format it once and hand the tokens over in ``df.attrs[TOKENS_ATTR]``, as a
-    :class:`StarTokens`.
+    :class:`StarTokens`. ``where`` names the column in errors (default: its name).
     """
-    return _format_column(col, f"column {col.name}")
+    return _format_column(col, where or f"column _{col.name}")
 
 
 def _block_lines(name: str, df: pd.DataFrame, path: Path) -> Iterator[str]:
