@@ -477,14 +477,16 @@ class WorkerService:
 
         if self._ctx[t] is None:
             self._ctx[t] = self._estep_context(model)
-        if isinstance(images, PoolRows):
+        assembled = isinstance(images, PoolRows)
+        if assembled:  # (assemble() stores the images it copied)
             stored = int((~images.missing).sum())
             images = self._resident[self.devices[t]].assemble(images)
             with self._lock:
                 self._stats["stored"] += stored
         batch = ParticleBatch(images=images, **task["meta"])
         res = self._ctx[t].expectation(batch)
-        if self._use_resident and task.get("images") is None and task.get("mpi_tag") is None:
+        if (self._use_resident and not assembled and task.get("images") is None
+                and task.get("mpi_tag") is None):
             # (images the leader sends come every iteration: storing them would gain nothing)
             self._keep_resident(t, task["index"], self._ctx[t].device_images)
         return res

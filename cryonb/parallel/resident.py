@@ -154,8 +154,9 @@ class ResidentImages:
         if len(slots):
             out[xp.asarray(np.flatnonzero(~miss))] = xp.take(self._store, xp.asarray(slots),
                                                              axis=0)
-        out[xp.asarray(np.flatnonzero(miss))] = upload(rows.host, xp)
-        self.add(index[miss], out[xp.asarray(np.flatnonzero(miss))])
+        read = upload(rows.host, xp)
+        out[xp.asarray(np.flatnonzero(miss))] = read
+        self.add(index[miss], read)
         return out
 
     def add(self, index, images) -> int:
