@@ -340,7 +340,7 @@ def _device_store(job, xp):
 
 def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
                 reseed_on_gpu: bool = True, profile_mstep: bool = False,
-                stages_at=(), resident: bool = False) -> dict:
+                stages_at=(), resident: bool = False, kernels_at=()) -> dict:
     """A whole run of ``iterations`` (RELION's default 25) with every E-step timed.
 
     The grid of :func:`estep_throughput` times one E-step at the model of iteration 3, while
@@ -360,7 +360,9 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
     with a device synchronisation at every stage boundary (``stages_s``: where the time
     goes; not counted in the timings). ``resident``: from iteration 2 on, each pool's images
     are gathered from a device store holding every particle (``cryonb.parallel.resident``,
-    what a GPU worker does by default), not copied from pinned host memory.
+    what a GPU worker does by default), not copied from pinned host memory. ``kernels_at``:
+    iterations whose E-step runs once more under PyTorch's profiler (``kernels``: the
+    device's busy time against the wall time, :func:`_kernel_profile`; not counted either).
     """
     import cProfile
     import io
@@ -382,6 +384,8 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
         ctx, dt = _timed_estep(job, pools, images, keep=sums, xp=xp, resident=store)
         stages = (_stage_profile(job, pools, images, xp, resident=store)[0]
                   if it in stages_at else None)
+        kernels = (_kernel_profile(job, pools, images, xp, resident=store)
+                   if it in kernels_at else None)
         del images
         prof = cProfile.Profile() if profile_mstep else None
         t0 = time.perf_counter()
@@ -401,7 +405,8 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
                      "mean_significant": float(job.state.n_sig.mean()),
                      "mstep_s": round(time.perf_counter() - t0, 4),
                      "reseeded": len(job.model.reseeded),
-                     **({"stages_s": stages} if stages else {})})
+                     **({"stages_s": stages} if stages else {}),
+                     **({"kernels": kernels} if kernels else {})})
         del ctx
     late = [r for r in rows if r["precision"] != "3xtf32"]
     return {"box": job.N, "K": K, "psi_step": psi_step, "n": job.n, "pool": pool,
@@ -424,6 +429,64 @@ def _stage_profile(job, pools, images, xp, resident=None) -> dict:
     prof.finish()
     return dict(sorted(((k, round(v, 4)) for k, v in prof.profile.items()),
                        key=lambda kv: -kv[1])), dict(prof.tally)
+
+
+def _kernel_profile(job, pools, images, xp, resident=None, top: int = 25) -> dict:
+    """The E-step over the pools again (results not stored) under PyTorch's profiler, which
+    records every kernel, copy and memset the process puts on the device (CUPTI; CuPy's and
+    cuBLAS's alike). Returns the E-step's wall time, the device's busy time (the union of the
+    kernels', copies' and memsets' intervals), their count, and the ``top`` kernel names by
+    time: whether a pool is bound by the device's work or by the host that queues it.
+    Needs torch (installed on the GPU machine); without it, ``{"error": ...}``."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+    except Exception as exc:  # a missing profiler is reported, not raised
+        return {"error": repr(exc)}
+    try:
+        return _traced_estep(job, pools, images, xp, resident, top, profile,
+                             ProfilerActivity.CUDA)
+    except Exception as exc:  # keep the run going: the profile is an extra
+        return {"error": repr(exc)}
+
+
+def _traced_estep(job, pools, images, xp, resident, top, profile, activity) -> dict:
+    """The body of :func:`_kernel_profile`."""
+    import tempfile
+
+    ctx = job.estep_context(xp)
+    _sync(xp)
+    with tempfile.TemporaryDirectory() as d:
+        with profile(activities=[activity]) as prof:
+            t0 = time.perf_counter()
+            run_pools(ctx, job, pools, images, resident=resident)
+            ctx.finish()
+            _sync(xp)
+            wall = time.perf_counter() - t0
+        path = Path(d) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text()).get("traceEvents", [])
+    dev = [e for e in events if e.get("ph") == "X"
+           and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in dev)
+    busy, end = 0.0, -np.inf
+    for a, b in spans:  # union of the intervals (streams may overlap)
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    by_name: dict = {}
+    for e in dev:
+        name = e.get("name", "?")[:90]
+        n, t = by_name.get(name, (0, 0.0))
+        by_name[name] = (n + 1, t + float(e.get("dur", 0)))
+    cats = {}
+    for e in events:
+        if e.get("ph") == "X":
+            cats[e.get("cat", "?")] = cats.get(e.get("cat", "?"), 0) + 1
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"wall_s": round(wall, 4), "device_busy_s": round(busy / 1e6, 4),
+            "device_ops": len(dev), "span_s": round((spans[-1][1] - spans[0][0]) / 1e6, 4)
+            if spans else 0.0, "categories": cats,
+            "top": [{"name": k, "count": n, "ms": round(t / 1e3, 3)} for k, (n, t) in ranked]}
 
 
 def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int = 2,
@@ -612,14 +675,15 @@ def _print_scatter(box, K, psi, calls) -> None:
 
 
 def _whole_run(star, n: int, box: int, K: int, psi: float, a, results: dict,
-               resident: bool = True) -> dict:
-    """:func:`run_profile` of one shape, with its fractions of the complex TF32 ceiling."""
+               resident: bool = True, pool: int | None = None) -> dict:
+    """:func:`run_profile` of one shape, with its fractions of the complex TF32 ceiling
+    (``pool``: the pool size, default ``--pool``'s)."""
     ceiling = results["gemm"]["tf32_complex"]
     try:
-        r = run_profile(star, K, psi, pool=_pool(a.pool, n, box, K, psi),
+        r = run_profile(star, K, psi, pool=pool or _pool(a.pool, n, box, K, psi),
                         iterations=a.runs, reseed_on_gpu=not a.reseed_on_host,
                         profile_mstep=a.mstep_profile, stages_at=a.stages_at,
-                        resident=resident)
+                        resident=resident, kernels_at=a.kernels_at)
     except Exception as exc:  # keep measuring the other shapes
         r = {"box": box, "K": K, "psi_step": psi, "error": repr(exc)}
         print(json.dumps(r), flush=True)
@@ -698,6 +762,15 @@ def main(argv=None):
                     help="with --runs: print the slowest M-step's cProfile")
     ap.add_argument("--stages_at", type=int, nargs="*", default=[],
                     help="with --runs: these iterations' E-steps once more, timed per stage")
+    ap.add_argument("--kernels_at", type=int, nargs="*", default=[],
+                    help="with --runs: these iterations' E-steps once more under PyTorch's "
+                         "profiler: the device's busy time against the wall time, and the "
+                         "kernels that take it")
+    ap.add_argument("--run_pools", type=int, nargs="*", default=[],
+                    help="with --runs: one run per pool size, in turns (default: --pool)")
+    ap.add_argument("--particles", default="",
+                    help="particles per box size, BOX:N,... (default 64:20000,128:8000,"
+                         "256:2000)")
     ap.add_argument("--images", choices=("device", "host", "both"), default="device",
                     help="with --runs and for the whole iterations: images kept on the device "
                          "from iteration 2 on (the default of a GPU worker, "
@@ -729,13 +802,17 @@ def main(argv=None):
                  (c.split(":") for c in a.cases.split(","))]
     if a.skip_estep:
         cases = []
+    particles = {64: 20000, 128: 8000, 256: 2000}
+    particles.update({int(b): int(v) for b, v in
+                      (c.split(":") for c in a.particles.split(",") if c)})
     for box, K, psi in cases:
-        n = {64: 20000, 128: 8000, 256: 2000}[box] // (4 if a.quick else 1)
+        n = particles.get(box, 2000) // (4 if a.quick else 1)
         star = simulate(n, box, views=min(K, 50))
         if a.runs:
-            for mode in ("host", "device") if a.images == "both" else (a.images,):
-                results["runs"].append(_whole_run(star, n, box, K, psi, a, results,
-                                                  resident=mode == "device"))
+            for pool in a.run_pools or (None,):
+                for mode in ("host", "device") if a.images == "both" else (a.images,):
+                    results["runs"].append(_whole_run(star, n, box, K, psi, a, results,
+                                                      resident=mode == "device", pool=pool))
             (out / "class2d_gpu.json").write_text(json.dumps(results, indent=1))
             continue
         try:
