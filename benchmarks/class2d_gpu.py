@@ -478,15 +478,22 @@ def _traced_estep(job, pools, images, xp, resident, top, profile, activity) -> d
         name = e.get("name", "?")[:90]
         n, t = by_name.get(name, (0, 0.0))
         by_name[name] = (n + 1, t + float(e.get("dur", 0)))
-    cats = {}
+    cats: dict = {}
+    api: dict = {}  # the host's calls into CUDA (launches, copies, waits, allocations)
     for e in events:
         if e.get("ph") == "X":
             cats[e.get("cat", "?")] = cats.get(e.get("cat", "?"), 0) + 1
+            if e.get("cat") in ("cuda_runtime", "cuda_driver"):
+                n, t = api.get(e.get("name", "?"), (0, 0.0))
+                api[e.get("name", "?")] = (n + 1, t + float(e.get("dur", 0)))
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    calls = sorted(api.items(), key=lambda kv: -kv[1][1])[:12]
     return {"wall_s": round(wall, 4), "device_busy_s": round(busy / 1e6, 4),
             "device_ops": len(dev), "span_s": round((spans[-1][1] - spans[0][0]) / 1e6, 4)
             if spans else 0.0, "categories": cats,
-            "top": [{"name": k, "count": n, "ms": round(t / 1e3, 3)} for k, (n, t) in ranked]}
+            "top": [{"name": k, "count": n, "ms": round(t / 1e3, 3)} for k, (n, t) in ranked],
+            "host_calls": [{"name": k, "count": n, "ms": round(t / 1e3, 3)}
+                           for k, (n, t) in calls]}
 
 
 def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int = 2,
