@@ -386,6 +386,8 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
                   if it in stages_at else None)
         kernels = (_kernel_profile(job, pools, images, xp, resident=store)
                    if it in kernels_at else None)
+        if kernels:  # and where the host's time goes in the same E-step (cProfile)
+            kernels["host_profile"] = _host_profile(job, pools, images, xp, resident=store)
         del images
         prof = cProfile.Profile() if profile_mstep else None
         t0 = time.perf_counter()
@@ -447,6 +449,25 @@ def _kernel_profile(job, pools, images, xp, resident=None, top: int = 25) -> dic
                              ProfilerActivity.CUDA)
     except Exception as exc:  # keep the run going: the profile is an extra
         return {"error": repr(exc)}
+
+
+def _host_profile(job, pools, images, xp, resident=None, top: int = 30) -> str:
+    """The E-step over the pools again under cProfile: the host's functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    ctx = job.estep_context(xp)
+    _sync(xp)
+    prof = cProfile.Profile()
+    prof.enable()
+    run_pools(ctx, job, pools, images, resident=resident)
+    ctx.finish()
+    _sync(xp)
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
 
 
 def _traced_estep(job, pools, images, xp, resident, top, profile, activity) -> dict:
@@ -700,7 +721,10 @@ def _whole_run(star, n: int, box: int, K: int, psi: float, a, results: dict,
     r["late_fraction_of_tf32_complex"] = 2 * r["late_tflops"] / ceiling
     for it in r["iterations"]:
         it["fraction_of_tf32_complex"] = 2 * it["coarse_tflops"] / ceiling
+        host = it.get("kernels", {}).pop("host_profile", None)
         print(json.dumps({"box": box, "K": K, **it}), flush=True)
+        if host:
+            print(host, flush=True)
     print(json.dumps({k: v for k, v in r.items() if k not in ("iterations", "mstep_profile")}),
           flush=True)
     print(r.get("mstep_profile", ""), flush=True)
