@@ -46,6 +46,11 @@ SETS = {
     "snr004": (dict(n_particles=3000, box=64, n_views=5, snr=0.04, seed=19,
                     defocus_range=(5000.0, 50000.0)), 5, {},
                "5 views, SNR 0.04, defocus 0.5-5 um"),
+    "two_optics": (dict(n_particles=2400, box=64, n_views=8, snr=0.08, seed=23,
+                        particles_per_micrograph=50,
+                        optics_groups=[{}, {"voltage": 200.0, "cs": 1.4,
+                                            "amplitude_contrast": 0.07}]), 8, {},
+                   "two optics groups: 300 kV, Cs 2.7 / 200 kV, Cs 1.4, Q0 0.07"),
 }
 
 

@@ -295,7 +295,8 @@ class ClassSet:
         ``tilt``, ``psi`` (deg, as given to ``relion_project``), ``origin_x_px``,
         ``origin_y_px``, ``origin_x_A``, ``origin_y_A`` (RELION's rlnOriginX/Y: the particle's
         centre is at ``-origin`` from the box centre), ``defocus_u``, ``defocus_v`` (A),
-        ``defocus_angle`` (deg), ``micrograph``. Also saved as ``truth.csv``.
+        ``defocus_angle`` (deg), ``micrograph``, ``optics_group`` (1-based). Also saved as
+        ``truth.csv``.
     n_views : int
     pixel_size : float
         A/px of the particles and the map.
@@ -467,6 +468,7 @@ def make_class2d_set(
     bg_radius: int | None = None,
     keep_noisy: bool = False,
     noise: str = "numpy",
+    optics_groups=None,
     relion_bin_dir=None,
 ) -> ClassSet:
     """Make a 2D-classification set of known truth with RELION's own tools.
@@ -525,6 +527,12 @@ def make_class2d_set(
         --ctf --add_noise --white_noise sigma`` projecting the map again (RELION's own
         generator, which starts from the same state every run: the same poses give the same
         noise whatever ``seed``).
+    optics_groups : sequence of dict, optional
+        Several optics groups (RELION 3.1's ``data_optics`` rows), each a dict that may set
+        ``voltage``, ``cs`` and ``amplitude_contrast`` (the others from the arguments above);
+        the micrographs are dealt to the groups in turn (micrograph ``m`` to group
+        ``m % len(optics_groups) + 1``), and ``relion_project`` applies each group's CTF.
+        Default: one group.
     relion_bin_dir : str or os.PathLike, optional
         Folder of RELION's programs; default ``$PATH``.
 
@@ -549,6 +557,12 @@ def make_class2d_set(
         raise InputError(f"noise must be 'numpy' or 'relion', got {noise!r}")
     if max_offset_px < 0 or max_offset_px >= box / 4:
         raise InputError(f"max_offset_px must be in [0, box/4), got {max_offset_px}")
+    groups = [dict(g) for g in (optics_groups or [{}])]
+    for g in groups:
+        unknown = set(g) - {"voltage", "cs", "amplitude_contrast"}
+        if unknown:
+            raise InputError(f"optics_groups: unknown key(s) {sorted(unknown)}; a group may set "
+                             "voltage, cs and amplitude_contrast")
     lo, hi = map(float, defocus_range)
     if not 0 < lo <= hi:
         raise InputError(f"defocus_range must be 0 < lo <= hi, got {defocus_range}")
@@ -600,6 +614,7 @@ def make_class2d_set(
     astig = rng_pose.uniform(0.0, max_astigmatism, n_particles)
     dang = rng_pose.uniform(0.0, 180.0, n_particles)
     mic = np.arange(n_particles) // max(1, particles_per_micrograph)
+    group = mic % len(groups) + 1  # each particle's optics group (1-based)
     truth = pd.DataFrame({
         "image_name": [f"{i + 1:06d}@particles.mrcs" for i in range(n_particles)],
         "view": views.astype(int),
@@ -614,16 +629,19 @@ def make_class2d_set(
         "defocus_v": dmean - astig / 2,
         "defocus_angle": dang,
         "micrograph": [f"mics/mic{m + 1:04d}.mrc" for m in mic],
+        "optics_group": group,
     })
+    ng = len(groups)
     optics = pd.DataFrame({
-        "rlnOpticsGroupName": ["opticsGroup1"],
-        "rlnOpticsGroup": [1],
-        "rlnVoltage": [float(voltage)],
-        "rlnSphericalAberration": [float(cs)],
-        "rlnAmplitudeContrast": [float(amplitude_contrast)],
-        "rlnImagePixelSize": [pixel_size],
-        "rlnImageSize": [box],
-        "rlnImageDimensionality": [2],
+        "rlnOpticsGroupName": [f"opticsGroup{i + 1}" for i in range(ng)],
+        "rlnOpticsGroup": np.arange(1, ng + 1),
+        "rlnVoltage": [float(g.get("voltage", voltage)) for g in groups],
+        "rlnSphericalAberration": [float(g.get("cs", cs)) for g in groups],
+        "rlnAmplitudeContrast": [float(g.get("amplitude_contrast", amplitude_contrast))
+                                 for g in groups],
+        "rlnImagePixelSize": [pixel_size] * ng,
+        "rlnImageSize": [box] * ng,
+        "rlnImageDimensionality": [2] * ng,
     })
     ctf_cols = {
         "rlnDefocusU": truth["defocus_u"].to_numpy(),
@@ -640,7 +658,7 @@ def make_class2d_set(
         "rlnOriginXAngst": truth["origin_x_A"].to_numpy(),
         "rlnOriginYAngst": truth["origin_y_A"].to_numpy(),
         **ctf_cols,
-        "rlnOpticsGroup": np.ones(n_particles, dtype=int),
+        "rlnOpticsGroup": group,
     })
     write_relion31_star(outdir / "project_in.star", {"optics": optics, "particles": ang})
 
@@ -690,7 +708,7 @@ def make_class2d_set(
         "rlnImageName": truth["image_name"],
         "rlnMicrographName": truth["micrograph"],
         **ctf_cols,
-        "rlnOpticsGroup": np.ones(n_particles, dtype=int),
+        "rlnOpticsGroup": group,
     })
     star = write_relion31_star(outdir / "particles.star",
                                {"optics": optics, "particles": parts})
@@ -711,6 +729,7 @@ def make_class2d_set(
         "max_offset_px": max_offset_px, "defocus_range": [lo, hi],
         "max_astigmatism": max_astigmatism, "voltage": voltage, "cs": cs,
         "amplitude_contrast": amplitude_contrast, "seed": seed, "noise": noise,
+        "optics_groups": json.loads(optics.to_json(orient="records")),
         "map_path": str(default_map_path() if map_path is None else map_path),
         "map_pixel_size": vox, "center_map": center_map,
         "relion_version": " ".join(version.stdout.split()),

@@ -72,7 +72,7 @@ def ctf_2d(n, apix, du, dv, dang, voltage_kv=300.0, cs_mm=2.7, q0=0.1):
     return np.sin(chi + np.arcsin(q0))
 
 
-def predict(p0, row, apix):
+def predict(p0, row, apix, voltage_kv=300.0, cs_mm=2.7, q0=0.1):
     """Particle predicted from the psi=0 projection of its view and its truth row."""
     n = p0.shape[0]
     img = turn(p0, row.psi)
@@ -81,7 +81,7 @@ def predict(p0, row, apix):
     kx = np.fft.fftfreq(n)[None, :]
     # the content moves by -origin (RELION: the particle's centre is at -origin)
     f *= np.exp(-2j * np.pi * (kx * -row.origin_x_px + ky * -row.origin_y_px))
-    f *= ctf_2d(n, apix, row.defocus_u, row.defocus_v, row.defocus_angle)
+    f *= ctf_2d(n, apix, row.defocus_u, row.defocus_v, row.defocus_angle, voltage_kv, cs_mm, q0)
     return np.fft.fftshift(np.real(np.fft.ifft2(f)))
 
 
@@ -226,6 +226,39 @@ def test_clean_projections_follow_documented_conventions(small_set, view_project
         pred = predict(view_projections[row.view], row, cs.pixel_size)
         scores.append(ncc(pred, clean[i], inner))
     assert min(scores) > 0.97, scores
+
+
+@pytest.mark.relion
+def test_optics_groups_each_with_their_own_ctf(small_set, tmp_path):
+    """With ``optics_groups`` the micrographs are dealt to the groups in turn, the STAR file
+    has one data_optics row per group, and relion_project gives each particle its own group's
+    CTF (the forward model with the group's voltage, Cs and Q0 fits; the other group's not)."""
+    groups = [{}, {"voltage": 200.0, "cs": 1.4, "amplitude_contrast": 0.07}]
+    cs = make_class2d_set(tmp_path / "g2", n_particles=40, box=BOX, n_views=VIEWS, snr=0.3,
+                          seed=3, particles_per_micrograph=10, optics_groups=groups,
+                          defocus_range=(20000.0, 30000.0))
+    star = starfile.read(cs.particles_star)
+    assert star["optics"]["rlnOpticsGroup"].tolist() == [1, 2]
+    assert star["optics"]["rlnVoltage"].tolist() == [300.0, 200.0]
+    assert star["optics"]["rlnSphericalAberration"].tolist() == [2.7, 1.4]
+    expected = (np.arange(40) // 10) % 2 + 1
+    np.testing.assert_array_equal(star["particles"]["rlnOpticsGroup"], expected)
+    np.testing.assert_array_equal(cs.truth["optics_group"], expected)
+    with mrcfile.open(cs.outdir / "clean.mrcs") as m:
+        clean = np.asarray(m.data, dtype=np.float64)
+    views = [project_view(cs, rot, tilt, tmp_path) for rot, tilt in cs.view_angles]
+    g = np.arange(BOX) - BOX // 2
+    inner = (g[:, None] ** 2 + g[None, :] ** 2) < (BOX // 2 - 4) ** 2
+    params = [(300.0, 2.7, 0.1), (200.0, 1.4, 0.07)]
+    for i in range(0, 40, 3):
+        row = cs.truth.iloc[i]
+        own, other = params[row.optics_group - 1], params[2 - row.optics_group]
+        fit = ncc(predict(views[row.view], row, cs.pixel_size, *own), clean[i], inner)
+        wrong = ncc(predict(views[row.view], row, cs.pixel_size, *other), clean[i], inner)
+        # the other group's CTF leaves several times the residual of the particle's own
+        assert fit > 0.99 and 1 - wrong > 4 * (1 - fit), (i, fit, wrong)
+    with pytest.raises(InputError, match="unknown key"):
+        make_class2d_set(tmp_path / "bad", n_particles=10, box=32, optics_groups=[{"kv": 1}])
 
 
 @pytest.mark.relion
