@@ -328,7 +328,7 @@ def test_run_without_zero_mask(tmp_path):
     res = run_class2d(_cfg(star, tmp_path / "out" / "run", iter=6, zero_mask=False))
     d = read_star(res.files["data"])["particles"]
     assert class_purity(d["rlnClassNumber"].to_numpy(), sim.truth["view"].to_numpy()) > 0.95
-    classes = read_mrc(res.files["classes"])
+    classes = read_mrc(res.files["classes"]).data
     assert np.isfinite(classes).all() and classes.std() > 0
 
 
