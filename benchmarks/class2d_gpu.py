@@ -670,20 +670,23 @@ def iteration_time(star, K: int, iterations: int, pool: int = 0, j: int = 1,
             "stored": sum(t.stored for t in ranks.values())}
 
 
-def _pool(spec: str, n: int, box: int, K: int, psi: float) -> int:
-    """The E-step grid's pool size for ``--pool`` (see :func:`main`)."""
+def _pool(spec: str, n: int, box: int, K: int, psi: float, star=None) -> int:
+    """The E-step grid's pool size for ``--pool`` (see :func:`main`); ``star``: the set, for
+    its pixel size (the coarse window in the memory estimate, as a run counts it)."""
     if spec != "auto":
         return int(spec)
     import cupy
 
     from cryonb.em import Class2DConfig
+    from cryonb.io import read_particles
     from cryonb.parallel.pools import auto_pool
 
+    apix = float(read_particles(star).pixel_sizes[0]) if star is not None else None
     cfg = Class2DConfig(i="x", o="y", K=K, psi_step=psi, offset_range=5, offset_step=2)
     # the free memory of a fresh run: not what CuPy's pool still holds from earlier shapes
     cupy.get_default_memory_pool().free_all_blocks()
     return auto_pool(cfg, n, box, 1, gpu=True, free_bytes=cupy.cuda.Device().mem_info[0],
-                     ranks=1)
+                     ranks=1, pixel_size=apix)
 
 
 def _print_scatter(box, K, psi, calls) -> None:
@@ -708,7 +711,7 @@ def _whole_run(star, n: int, box: int, K: int, psi: float, a, results: dict,
     (``pool``: the pool size, default ``--pool``'s)."""
     ceiling = results["gemm"]["tf32_complex"]
     try:
-        r = run_profile(star, K, psi, pool=pool or _pool(a.pool, n, box, K, psi),
+        r = run_profile(star, K, psi, pool=pool or _pool(a.pool, n, box, K, psi, star),
                         iterations=a.runs, reseed_on_gpu=not a.reseed_on_host,
                         profile_mstep=a.mstep_profile, stages_at=a.stages_at,
                         resident=resident, kernels_at=a.kernels_at)
@@ -847,7 +850,7 @@ def main(argv=None):
             (out / "class2d_gpu.json").write_text(json.dumps(results, indent=1))
             continue
         try:
-            r = estep_throughput(star, K, psi, pool=_pool(a.pool, n, box, K, psi),
+            r = estep_throughput(star, K, psi, pool=_pool(a.pool, n, box, K, psi, star),
                                  scatter=a.scatter, variants=not a.no_variants,
                                  pool_sweep=a.pool_sweep, host_profile=a.host_profile,
                                  threads=[t for t in a.estep_threads if t > 1])

@@ -12,47 +12,65 @@ CPU_POOL = 256
 #: automatic pool on a GPU: as large as memory allows within these bounds (the upper one
 #: grows for boxes below 128 px, see :func:`gpu_pool_max`)
 GPU_POOL_MIN, GPU_POOL_MAX = 64, 4096
-#: a GPU pool's float32 images may take as many bytes as GPU_POOL_MAX images of 128 px (each
-#: reader thread holds a pinned buffer of one pool, and the next pool's copy another)
-_GPU_POOL_IMAGE_BYTES = GPU_POOL_MAX * 128 * 128 * 4
+#: a GPU pool's float32 images may take this many bytes, 1 GiB: 16,384 images of 128 px, 4,096
+#: of 256 px (each reader thread holds a pinned buffer of one pool, and the next pool's copy
+#: another, within the worker's pinned budget; from iteration 2 a GPU worker reads only what
+#: its device store lacks, cryonb.parallel.resident)
+_GPU_POOL_IMAGE_BYTES = 2**30
 #: device memory the E-step's fine pass may take besides the pool (its own budget)
 _FINE_BUDGET = 1.5e9
 
 
-def pool_memory(config, box: int, *, gpu: bool = True) -> int:
+def pool_memory(config, box: int, *, gpu: bool = True, pixel_size: float | None = None) -> int:
     """Bytes per particle of the E-step's coarse pass (an upper bound).
 
     The coarse pass of a pool of ``B`` particles holds ``B x translations x (classes x
     angles)`` float32 scores a few times over, and the particles' shifted transforms
-    (``B x translations x 2P`` float32, ``P`` Fourier pixels) twice: as complex numbers and
-    as ``[Re | Im]`` rows; on a GPU whose run starts with three TF32 products (``--tf32_from``)
-    twice more, as those rows' two TF32 parts (:func:`cryonb.kernels.split_tf32`). The
-    image size is bounded by the box.
+    (``B x translations x 2P`` float32, ``P`` Fourier pixels of the coarse window) twice: as
+    complex numbers and as ``[Re | Im]`` rows; on a GPU whose run starts with three TF32
+    products (``--tf32_from``) twice more, as those rows' two TF32 parts
+    (:func:`cryonb.kernels.split_tf32`); and the pool's images and their transforms.
+
+    The coarse window is RELION's coarse image size (:func:`cryonb.em._estep.coarse_image_size`,
+    set by ``--psi_step`` and the particle's diameter, at most the box): with ``pixel_size``
+    (A/px) given, ``P`` is that window's; without it, the box's (an upper bound several times
+    too large: 6,434 pixels at 128 px against about 620 for psi 10 and a particle filling 0.8
+    of the box, which held the automatic pool of a 128 px, K=50 run to a quarter of what fits).
     """
+    from ..em._estep import coarse_image_size, mask_diameter
     from ..em._model import Sampling
 
     s = Sampling.build(config.psi_step, config.offset_range, config.offset_step, 0)
     T, M = len(s.trans), config.K * len(s.psi)
-    P = math.pi * (box / 2) ** 2 / 2
+    size = box
+    if pixel_size:
+        diameter = mask_diameter(config.particle_diameter, box, pixel_size)
+        size = coarse_image_size(config.psi_step, diameter, box, pixel_size, box)
+    P = math.pi * (size / 2) ** 2 / 2
     split = gpu and hasattr(config, "coarse_precision") and config.coarse_precision(1) == "3xtf32"
     return int(4 * (3 * T * M + (8 if split else 4) * T * P + 8 * box * box))
 
 
 def gpu_pool_max(box: int) -> int:
-    """The largest automatic GPU pool for images of ``box`` px: :data:`GPU_POOL_MAX`, or more
-    below 128 px, as many as fit the bytes of 4096 images of 128 px (16,384 at 64 px).
+    """The largest automatic GPU pool for images of ``box`` px: as many as fit 1 GiB of
+    float32 images (16,384 at 128 px, 4,096 at 256 px), at least :data:`GPU_POOL_MAX`.
 
     Late in a run a GPU pool's time is mostly fixed costs (host work and kernel launches
-    that do not grow with the pool), so fewer, larger pools are faster where the images are
-    small. Measured on an H100 (64 px, K=50, psi 10, 20,000 particles, 25 iterations, same
-    machine): pools of 10,000 against 4,096 particles took 3.9 s of E-steps against 5.1 s,
-    34% of the complex TF32 ceiling over iterations 13-25 against 19%.
+    that do not grow with the pool), so fewer, larger pools are faster. Measured on an H100
+    (K=50, psi 10, 25 iterations, images kept on the device, same machine, in turns):
+    128 px, 16,000 particles: pools of 16,000 against 4,096 took 2.4 s of E-steps against
+    3.5 s, 35% of the complex TF32 ceiling over iterations 13-25 against 22% (one late
+    E-step: 45 ms with the device busy 82% of it, against 77 ms and 58%); 256 px, 4,000
+    particles: pools of 4,000 against 1,024, 1.3 s against 2.4 s, 11.6% against 5.9%;
+    64 px, 20,000 particles: pools of 10,000 against 4,096, 3.9 s against 5.1 s, 34% against
+    19% (benchmarks/RESULTS.md, 2026-12-06).
     """
     return max(GPU_POOL_MAX, _GPU_POOL_IMAGE_BYTES // (4 * box * box))
 
 
 def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
-              free_bytes: float | None = None, ranks: int | None = None) -> int:
+              free_bytes: float | None = None, ranks: int | None = None,
+              pixel_size: float | None = None) -> int:
     """The pool size used when ``--pool`` is 0.
 
     Parameters
@@ -68,14 +86,17 @@ def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
         of all ranks that share it).
     ranks : int, optional
         Working ranks (default: ``threads_total``). Used on GPUs, see below.
+    pixel_size : float, optional
+        A/px of the images: the coarse window's size in :func:`pool_memory` (without it, the
+        box's, an upper bound).
 
     Returns
     -------
     int
         CPU: 256, at most ``n / (2 * threads_total)`` rounded up, so that every thread gets
         at least two pools to take on demand. GPU: as many particles as half the free memory
-        holds (after the fine pass's own budget), between 64 and 4096 (more below 128 px:
-        :func:`gpu_pool_max`), and at most
+        holds (after the fine pass's own budget), between 64 and :func:`gpu_pool_max`
+        (16,384 at 128 px, 4,096 from 256 px), and at most
         ``n / (2 * ranks)``: on a GPU a pool's time is mostly host work under the rank's
         Python lock, nearly independent of the pool's size (measured on an H200: ~0.2 s per
         pool from 1,000 to 4,000 particles of 64 px), so the threads of one rank take turns
@@ -86,7 +107,8 @@ def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
     if gpu:
         pool = gpu_pool_max(box)
         if free_bytes is not None:
-            fit = (0.5 * free_bytes - _FINE_BUDGET) / max(1, pool_memory(config, box))
+            fit = (0.5 * free_bytes - _FINE_BUDGET) / max(1, pool_memory(
+                config, box, pixel_size=pixel_size))
             pool = int(min(pool, max(GPU_POOL_MIN, fit)))
     else:
         pool = CPU_POOL

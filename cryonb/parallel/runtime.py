@@ -347,10 +347,13 @@ class _Run(RankSession):
     def _choose_pool(self, free_per_thread) -> None:
         cfg, info = self.cfg, self.info
         ranks = len(self.workers or [None])
+        apix = info.get("pixel_size")
         self.pool = cfg.pool or auto_pool(self._job_config(), info["n"], info["N"],
                                           cfg.j * ranks, gpu=self.gpu,
-                                          free_bytes=free_per_thread, ranks=ranks)
-        self.pool_bytes = self.pool * pool_memory(self._job_config(), info["N"], gpu=self.gpu)
+                                          free_bytes=free_per_thread, ranks=ranks,
+                                          pixel_size=apix)
+        self.pool_bytes = self.pool * pool_memory(self._job_config(), info["N"], gpu=self.gpu,
+                                                  pixel_size=apix)
 
     # -------------------------------------------------------------- phases
     def _iterate(self) -> tuple[int, bool, dict]:

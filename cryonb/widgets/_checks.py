@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import shutil
 import socket
@@ -149,15 +150,18 @@ def file_stamp(path: str) -> tuple | None:
 
 
 @functools.lru_cache(maxsize=16)
-def _particles(stamp: tuple) -> tuple[int, int]:
+def _particles(stamp: tuple) -> tuple[int, int, float | None]:
     from ..io import read_particles
 
     table = read_particles(stamp[0])
-    return table.n, table.box
+    ps = table.pixel_sizes
+    apix = float(ps[0]) if ps is not None and len(ps) and math.isfinite(ps[0]) else None
+    return table.n, table.box, apix
 
 
-def particle_info(path: str) -> tuple[int, int]:
-    """Particles and box size of a particle STAR file (cached while the file is unchanged).
+def particle_info(path: str) -> tuple[int, int, float | None]:
+    """Particles, box size and pixel size (A, None when the file gives none) of a particle
+    STAR file (cached while the file is unchanged).
 
     Raises
     ------
@@ -201,8 +205,10 @@ def _free_disc(folder: str) -> int:
     return int(shutil.disk_usage(p).free)
 
 
-def class2d_io_lines(cfg, n: int, box: int, *, gpu: bool) -> list[Line]:
-    """What ``cfg``'s I/O mode, pools and combine mode need for ``n`` particles of ``box`` px.
+def class2d_io_lines(cfg, n: int, box: int, *, gpu: bool,
+                     pixel_size: float | None = None) -> list[Line]:
+    """What ``cfg``'s I/O mode, pools and combine mode need for ``n`` particles of ``box`` px
+    (``pixel_size``: A/px, for the coarse pass's memory, :func:`cryonb.parallel.pool_memory`).
 
     Ranks are assumed on this host (``--engines auto/local/mpi``); with ``--engines attach``
     the figures are per host of the cluster.
@@ -253,14 +259,14 @@ def class2d_io_lines(cfg, n: int, box: int, *, gpu: bool) -> list[Line]:
             else:
                 lines.append(("warning", text + f": only {fit} of {n} particles fit, the "
                                                 "others are read from their stacks"))
-    per_particle = pool_memory(cfg, box, gpu=gpu)
+    per_particle = pool_memory(cfg, box, gpu=gpu, pixel_size=pixel_size)
     threads = workers * cfg.j
     kind = "GPU" if gpu else "host"
     if cfg.pool:
         pool = cfg.pool
         how = f"--pool {pool}"
     elif gpu:
-        pool = auto_pool(cfg, n, box, threads, gpu=True, ranks=workers)
+        pool = auto_pool(cfg, n, box, threads, gpu=True, ranks=workers, pixel_size=pixel_size)
         how = (f"--pool 0: chosen at the start from each device's free memory "
                f"({GPU_POOL_MIN}-{gpu_pool_max(box)}, here at most {pool})")
     else:

@@ -149,10 +149,10 @@ class Class2DKind(JobKind):
         if not cfg.i:
             return [("warning", "--i: give the particles STAR file")]
         try:
-            n, box = particle_info(cfg.i)
+            n, box, apix = particle_info(cfg.i)
         except CryonbError as exc:
             return [("error", str(exc))]
-        return class2d_io_lines(cfg, n, box, gpu=gpu)
+        return class2d_io_lines(cfg, n, box, gpu=gpu, pixel_size=apix)
 
     def can_continue(self, cfg) -> bool:
         return latest_optimiser(cfg.o) is not None or bool(cfg.continue_from)

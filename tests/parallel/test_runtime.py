@@ -12,7 +12,7 @@ from parallel_cases import assert_same_as_reference, tiny_config
 from cryonb.errors import ResourceError
 from cryonb.parallel import auto_pool, images, run_class2d, run_class2d_async
 from cryonb.parallel.images import SCRATCH_CAPACITY_ENV, image_bytes
-from cryonb.parallel.pools import gpu_pool_max
+from cryonb.parallel.pools import gpu_pool_max, pool_memory
 
 
 @pytest.mark.parametrize(("j", "pool", "io_mode"), [
@@ -177,7 +177,7 @@ def test_automatic_pool():
     cfg = tiny_config("p.star", Path("o"))
     assert auto_pool(cfg, 100_000, 64, 4, gpu=False) == 256
     assert auto_pool(cfg, 150, 32, 3, gpu=False) == 25  # every thread gets >= 2 pools
-    assert auto_pool(cfg, 10**6, 128, 4, gpu=True) == 4096
+    assert auto_pool(cfg, 10**6, 128, 4, gpu=True) == 16384
     # on a GPU the threads of a rank take turns: pools are split per rank, not per thread
     assert auto_pool(cfg, 8000, 64, 4, gpu=True, ranks=1) == 4000
     assert auto_pool(cfg, 8000, 64, 8, gpu=True, ranks=2) == 2000
@@ -186,21 +186,44 @@ def test_automatic_pool():
     assert 64 <= small < 4096  # bounded by the free device memory
 
 
-def test_automatic_gpu_pool_grows_for_small_boxes():
-    """Below 128 px a GPU pool may hold more particles: its images take no more bytes than
-    4096 of 128 px (late in a run a pool's cost is mostly fixed, RESULTS.md)."""
+def test_automatic_gpu_pool_holds_a_gib_of_images():
+    """A GPU pool may hold 1 GiB of float32 images (late in a run a pool's cost is mostly
+    fixed, RESULTS.md): 16,384 of 128 px, 4,096 of 256 px, never fewer than 4,096."""
     cfg = tiny_config("p.star", Path("o"))
-    assert gpu_pool_max(128) == gpu_pool_max(256) == 4096
-    assert gpu_pool_max(64) == 16384
-    assert auto_pool(cfg, 10**6, 64, 1, gpu=True) == 16384
+    assert gpu_pool_max(128) == 16384
+    assert gpu_pool_max(256) == gpu_pool_max(512) == 4096
+    assert gpu_pool_max(64) == 65536
+    assert auto_pool(cfg, 10**6, 128, 1, gpu=True) == 16384
     assert auto_pool(cfg, 20000, 64, 1, gpu=True, ranks=1) == 10000  # two pools per rank
     assert auto_pool(cfg, 10**6, 256, 1, gpu=True) == 4096
-    # the pinned images of one pool: at most those of 4096 particles of 128 px
     for box in (32, 48, 64, 100, 128, 200, 256):
-        assert auto_pool(cfg, 10**7, box, 1, gpu=True) * box * box <= max(4096 * 128 * 128,
-                                                                           4096 * box * box)
+        assert auto_pool(cfg, 10**8, box, 1, gpu=True) * box * box * 4 <= max(
+            2**30, 4096 * box * box * 4)
     # the free device memory still bounds it
     assert auto_pool(cfg, 10**6, 64, 1, gpu=True, free_bytes=4e9) < 16384
+
+
+def test_pool_memory_counts_the_coarse_window():
+    """With the pixel size known, the coarse pass's memory is counted over RELION's coarse
+    window (set by --psi_step and the particle), not the whole box: at 128 px and psi 10 an
+    80 GB card's half holds the 16,384-particle pool it could not with the box's count."""
+    from dataclasses import replace
+
+    from cryonb.em._estep import coarse_image_size, mask_diameter
+
+    cfg = replace(tiny_config("p.star", Path("o")), K=50, psi_step=10.0, offset_range=5,
+                  offset_step=2, particle_diameter=0.8 * 128 * 2.0)
+    box_bound = pool_memory(cfg, 128)
+    windowed = pool_memory(cfg, 128, pixel_size=2.0)
+    size = coarse_image_size(10.0, mask_diameter(cfg.particle_diameter, 128, 2.0), 128, 2.0, 128)
+    assert 30 <= size <= 50
+    assert windowed < box_bound / 3
+    # the window never exceeds the box: a psi step fine enough for the whole box
+    assert pool_memory(replace(cfg, psi_step=0.5), 128, pixel_size=2.0) == pool_memory(
+        replace(cfg, psi_step=0.5), 128)
+    free = 75e9
+    assert auto_pool(cfg, 10**6, 128, 1, gpu=True, free_bytes=free, pixel_size=2.0) == 16384
+    assert auto_pool(cfg, 10**6, 128, 1, gpu=True, free_bytes=free) < 8000
 
 
 @pytest.mark.gpu
