@@ -210,6 +210,15 @@ def pinned_empty(shape, dtype=np.float32, device: int | None = None) -> np.ndarr
         return cupyx.empty_pinned(shape, dtype)
 
 
+def device_room(xp: ModuleType) -> int | None:
+    """Bytes the current CUDA device can still give this process: its free memory plus the
+    free blocks CuPy's memory pool holds for reuse. ``None`` on the CPU (NumPy)."""
+    if xp is np:
+        return None
+    free, _ = xp.cuda.runtime.memGetInfo()
+    return int(free + xp.get_default_memory_pool().free_bytes())
+
+
 def upload(a: Any, xp: ModuleType, dtype=np.float32) -> Any:
     """``a`` as a C-contiguous ``dtype`` array of ``xp``.
 

@@ -17,6 +17,7 @@ back-projection sums are batched products of the weights with the shifted images
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import time
@@ -24,9 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import add_rows_at, array_module, is_gpu_array, upload
+from ..backend import add_rows_at, array_module, device_room, is_gpu_array, upload
 from ..ctf import CTFParams, ctf_at, ctf_features
 from ..data.conventions import rotated_indices
+from ..errors import ResourceError
 from ..fourier import Projector, fft2_centered, ifft2_centered
 from ..kernels import (
     add_bincount,
@@ -121,6 +123,26 @@ def check_mask_radius(particle_diameter: float, n: int, pixel_size: float) -> fl
             f"{pixel_size:g} A/px): the noise estimate needs some. Give the particle's "
             f"diameter, at most {box:.0f} A (the box's width) as a rule")
     return r
+
+
+#: device memory a pool's E-step may take besides its per-particle arrays (the second pass
+#: keeps its own working memory within this)
+FINE_BUDGET = 1.5e9
+#: a pool is computed in parts when its estimated memory exceeds this fraction of what the
+#: device can give (:meth:`EStepContext.expectation`)
+ROOM_FRACTION = 0.8
+
+
+def estep_bytes_per_particle(T: int, M: int, P: float, box: int, split: bool) -> int:
+    """Device (or host) bytes per particle of a pool's E-step, an upper bound.
+
+    The coarse pass holds ``B x T x M`` float32 scores a few times over (``T`` translations,
+    ``M`` classes x angles), the particles' shifted transforms (``B x T x 2P`` float32, ``P``
+    Fourier pixels of the coarse window) as complex numbers and ``[Re | Im]`` rows, twice
+    more as those rows' two TF32 parts where the product runs as three TF32 products
+    (``split``), and the pool's images and their transforms (``8 x box^2`` floats).
+    """
+    return int(4 * (3 * T * M + (8 if split else 4) * T * P + 8 * box * box))
 
 
 def coarse_image_size(psi_step: float, particle_diameter: float, ori_size: int,
@@ -445,6 +467,13 @@ class EStepContext:
     def expectation(self, batch: ParticleBatch):
         """Process one pool of particles: accumulate its sums, return per-particle results.
 
+        On a GPU whose free memory no longer holds the pool (another process took memory
+        since the pool size was chosen, or a later iteration needs more), the pool is
+        computed in consecutive parts that fit (:meth:`pool_parts`): the same results, and
+        the same sums up to the order of their additions. A pool that runs out of device
+        memory all the same stops the run with a :class:`cryonb.errors.ResourceError` that
+        says what to do, not CuPy's traceback.
+
         Parameters
         ----------
         batch : ParticleBatch
@@ -456,6 +485,50 @@ class EStepContext:
             log-likelihood, number of significant coarse samples, new norm correction, and
             the posterior's angular (deg) / translational (px) spread.
         """
+        B = len(batch)
+        parts = self.pool_parts(B)
+        try:
+            if parts == 1:
+                return self._expectation(batch)
+            imgs = self._upload(batch.images)  # the pool's images, held as one array
+            cuts = np.linspace(0, B, parts + 1).astype(int)
+            res = np.concatenate([self._expectation(batch.rows(a, b, imgs[a:b]))
+                                  for a, b in itertools.pairwise(cuts)])
+            self._held = imgs
+            self._count("pools in parts", 1)
+            return res
+        except Exception as exc:
+            if type(exc).__name__ != "OutOfMemoryError":
+                raise
+            room = device_room(self.xp) or 0
+            raise ResourceError(
+                f"the GPU ran out of memory in the E-step of a pool of {B} particles "
+                f"({self.bytes_per_particle() * B / 1e9:.1f} GB estimated, "
+                f"{room / 1e9:.1f} GB free on the device now): give a smaller --pool, or "
+                "free the GPU of other processes (nvidia-smi lists them)") from exc
+
+    def bytes_per_particle(self) -> int:
+        """:func:`estep_bytes_per_particle` of this iteration's coarse grid."""
+        c = self.coarse
+        return estep_bytes_per_particle(c.phases.shape[0], c.refs.shape[0], len(c.kx), self.N,
+                                        self.precision == "3xtf32")
+
+    def pool_parts(self, B: int) -> int:
+        """In how many parts a pool of ``B`` particles is computed: 1 on the CPU and where
+        the device can give :data:`ROOM_FRACTION` of what the pool needs (its particles'
+        :meth:`bytes_per_particle` and :data:`FINE_BUDGET`), else as many as make each part
+        fit (at most ``B``)."""
+        room = device_room(self.xp)
+        if room is None:
+            return 1
+        need = B * self.bytes_per_particle()
+        avail = ROOM_FRACTION * room - FINE_BUDGET
+        if need <= avail:
+            return 1
+        return int(min(B, math.ceil(need / max(avail, self.bytes_per_particle()))))
+
+    def _expectation(self, batch: ParticleBatch):
+        """:meth:`expectation` of one part."""
         xp = self.xp
         B = len(batch)
         self._mark(None)

@@ -204,6 +204,16 @@ class ParticleBatch:
     def __len__(self) -> int:
         return len(self.index)
 
+    def rows(self, start: int, stop: int, images=None) -> ParticleBatch:
+        """Particles ``start:stop`` as a batch (views of these arrays); ``images``: theirs
+        if already elsewhere (e.g. on the device), default the batch's own rows."""
+        sl = slice(start, stop)
+        return ParticleBatch(
+            index=self.index[sl], images=self.images[sl] if images is None else images,
+            offset=self.offset[sl], norm=self.norm[sl], optics=self.optics[sl],
+            group=self.group[sl], ctf={k: v[sl] for k, v in self.ctf.items()},
+            seed_class=self.seed_class[sl])
+
 
 def pack_arrays(arrays) -> np.ndarray:
     """Concatenate arrays (complex as pairs of floats) into one float64 host vector.

@@ -17,8 +17,6 @@ GPU_POOL_MIN, GPU_POOL_MAX = 64, 4096
 #: another, within the worker's pinned budget; from iteration 2 a GPU worker reads only what
 #: its device store lacks, cryonb.parallel.resident)
 _GPU_POOL_IMAGE_BYTES = 2**30
-#: device memory the E-step's fine pass may take besides the pool (its own budget)
-_FINE_BUDGET = 1.5e9
 
 
 def pool_memory(config, box: int, *, gpu: bool = True, pixel_size: float | None = None) -> int:
@@ -37,7 +35,7 @@ def pool_memory(config, box: int, *, gpu: bool = True, pixel_size: float | None 
     too large: 6,434 pixels at 128 px against about 620 for psi 10 and a particle filling 0.8
     of the box, which held the automatic pool of a 128 px, K=50 run to a quarter of what fits).
     """
-    from ..em._estep import coarse_image_size, mask_diameter
+    from ..em._estep import coarse_image_size, estep_bytes_per_particle, mask_diameter
     from ..em._model import Sampling
 
     s = Sampling.build(config.psi_step, config.offset_range, config.offset_step, 0)
@@ -48,7 +46,7 @@ def pool_memory(config, box: int, *, gpu: bool = True, pixel_size: float | None 
         size = coarse_image_size(config.psi_step, diameter, box, pixel_size, box)
     P = math.pi * (size / 2) ** 2 / 2
     split = gpu and hasattr(config, "coarse_precision") and config.coarse_precision(1) == "3xtf32"
-    return int(4 * (3 * T * M + (8 if split else 4) * T * P + 8 * box * box))
+    return estep_bytes_per_particle(T, M, P, box, split)
 
 
 def gpu_pool_max(box: int) -> int:
@@ -107,7 +105,9 @@ def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
     if gpu:
         pool = gpu_pool_max(box)
         if free_bytes is not None:
-            fit = (0.5 * free_bytes - _FINE_BUDGET) / max(1, pool_memory(
+            from ..em._estep import FINE_BUDGET
+
+            fit = (0.5 * free_bytes - FINE_BUDGET) / max(1, pool_memory(
                 config, box, pixel_size=pixel_size))
             pool = int(min(pool, max(GPU_POOL_MIN, fit)))
     else:

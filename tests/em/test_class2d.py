@@ -126,6 +126,45 @@ def test_prefetched_pools_give_the_same_estep(xp):
     np.testing.assert_allclose(a.sigma2_noise, b.sigma2_noise, rtol=1e-12)
 
 
+def test_a_pool_the_device_cannot_hold_is_computed_in_parts(xp, monkeypatch):
+    """Where the device's free memory no longer holds a pool (another process took it), the
+    pool is computed in parts that fit: the same results and sums; a pool that runs out of
+    device memory all the same stops with a ResourceError that names --pool."""
+    import cryonb.em._estep as es
+    from cryonb.errors import ResourceError
+
+    batch, model, *_ = _known_pose_batch(B=30)
+    cfg = Class2DConfig(i="x", o="y", K=1, particle_diameter=0.8 * 48 * 3.0, perturb=0)
+    whole, parts = EStepContext(model, cfg, xp), EStepContext(model, cfg, xp)
+    want = whole.expectation(batch)
+    per = parts.bytes_per_particle()
+    assert per > 0 and parts.pool_parts(30) == 1  # the CPU, or a GPU with room
+    room = int((es.FINE_BUDGET + 8 * per) / es.ROOM_FRACTION) + 1  # 8 particles fit
+    monkeypatch.setattr(es, "device_room", lambda xp: room)
+    assert parts.pool_parts(30) == 4
+    got = parts.expectation(batch)
+    cols = [RESULT_COLUMNS.index(c) for c in ("class", "psi", "n_sig")]
+    np.testing.assert_array_equal(got[:, cols], want[:, cols])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    if xp is not np:  # the worker stores the whole pool's images from here
+        assert parts.device_images.shape == batch.images.shape
+    a, b = whole.finish().to_host(), parts.finish().to_host()
+    np.testing.assert_allclose(a.data, b.data, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(a.sigma2_noise, b.sigma2_noise, rtol=1e-9)
+    monkeypatch.setattr(es, "device_room", lambda xp: 0)
+    assert parts.pool_parts(30) == 30  # at worst one particle at a time
+
+    class OutOfMemoryError(MemoryError):  # CuPy's, by name
+        pass
+
+    def oom(batch):
+        raise OutOfMemoryError("out of memory allocating 1,024 bytes")
+
+    monkeypatch.setattr(parts, "_expectation", oom)
+    with pytest.raises(ResourceError, match="--pool"):
+        parts.expectation(batch)
+
+
 def test_class_margins_find_one_view_in_two_classes(xp):
     """The E-step's class margins: a turned copy of the particles' class costs them nothing."""
 
