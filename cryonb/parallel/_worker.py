@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 import traceback
+import warnings
 
 import numpy as np
 
@@ -79,6 +80,7 @@ class WorkerService:
         #: rank's part of the card)
         self._resident: dict = {}
         self._resident_lock = threading.Lock()
+        self._pinned_failed = False  # the host refused page-locked memory once: no more tries
         self.threads = int(threads)
         self.devices = list(devices) if devices else None
         self._use_resident = bool(self.devices and self.setup.get("n") and resident_enabled())
@@ -379,9 +381,17 @@ class WorkerService:
         """Pinned host memory for one pool's images on a GPU worker, within
         :data:`PINNED_BUDGET_BYTES`; ``None`` on the CPU or past the budget."""
         nbytes = 4 * int(np.prod(shape))
-        if not self.devices or nbytes * (3 * self.threads + 1) > PINNED_BUDGET_BYTES:
+        if (not self.devices or self._pinned_failed
+                or nbytes * (3 * self.threads + 1) > PINNED_BUDGET_BYTES):
             return None
-        return pinned_empty(shape, np.float32, device=self.devices[0])
+        try:
+            return pinned_empty(shape, np.float32, device=self.devices[0])
+        except Exception as exc:  # the host could not lock the memory: ordinary memory
+            self._pinned_failed = True  # (copies then go through CUDA's staging buffer)
+            warnings.warn(f"rank {self.rank}: no page-locked host memory for a pool's images "
+                          f"({nbytes / 2**20:.0f} MiB: {exc}); reading into ordinary memory, "
+                          "whose copies to the GPU are slower", ResourceWarning, stacklevel=2)
+            return None
 
     def _receive_images(self, task: dict) -> np.ndarray:
         """The leader's images for one pool, through MPI, with a deadline."""

@@ -127,6 +127,33 @@ def test_gpu_worker_stages_pools_in_pinned_memory(table, gpu):
     assert w._host_buffer(want.shape) is None
 
 
+def test_pinned_memory_refused_falls_back_to_ordinary_memory(table, monkeypatch):
+    """Where the host refuses page-locked memory (a pool of 1 GiB of images on a small
+    workstation), the reader says so once and goes on with ordinary memory."""
+    from cryonb.em import Class2DConfig
+    from cryonb.parallel import _worker
+    from cryonb.parallel._worker import WorkerService
+
+    calls = []
+
+    def refuse(*args, **kwargs):
+        calls.append(args)
+        raise MemoryError("cudaErrorMemoryAllocation: out of memory")
+
+    monkeypatch.setattr(_worker, "pinned_empty", refuse)
+    w = WorkerService(rank=1, config=Class2DConfig(i="x", o="y"), setup={"N": table.box},
+                      threads=1, devices=None, source=TableSource(table))
+    try:
+        w.devices = [0]  # as a GPU worker's reader (no GPU is touched: the allocation fails)
+        with pytest.warns(ResourceWarning, match="page-locked"):
+            assert w._host_buffer((4, table.box, table.box)) is None
+        assert w._host_buffer((4, table.box, table.box)) is None
+        assert len(calls) == 1  # not tried again
+    finally:
+        w.devices = None
+        w.close()
+
+
 def test_gpu_worker_prefetches_the_next_ready_pool():
     """In a GPU E-step a compute thread takes the next ready pool early and hands its images
     to its context's prefetch (the copy overlaps the current pool); stale pools, the stop
