@@ -210,6 +210,12 @@ def pinned_empty(shape, dtype=np.float32, device: int | None = None) -> np.ndarr
         return cupyx.empty_pinned(shape, dtype)
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is CuPy's device out-of-memory error (told by its class name, so that
+    CPU-only installs need not import CuPy to ask)."""
+    return type(exc).__name__ == "OutOfMemoryError"
+
+
 def device_room(xp: ModuleType) -> int | None:
     """Bytes the current CUDA device can still give this process: its free memory plus the
     free blocks CuPy's memory pool holds for reuse. ``None`` on the CPU (NumPy)."""

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import add_rows_at, array_module, device_room, is_gpu_array, upload
+from ..backend import (
+    add_rows_at,
+    array_module,
+    device_room,
+    is_gpu_array,
+    is_out_of_memory,
+    upload,
+)
 from ..ctf import CTFParams, ctf_at, ctf_features
 from ..data.conventions import rotated_indices
 from ..errors import ResourceError
@@ -498,7 +505,7 @@ class EStepContext:
             self._count("pools in parts", 1)
             return res
         except Exception as exc:
-            if type(exc).__name__ != "OutOfMemoryError":
+            if not is_out_of_memory(exc):
                 raise
             room = device_room(self.xp) or 0
             raise ResourceError(

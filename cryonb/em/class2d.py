@@ -663,7 +663,7 @@ class Class2DJob:
         """
         if self.reseed_device is None:
             return work()
-        from ..backend import release_device_memory, use_device
+        from ..backend import is_out_of_memory, release_device_memory, use_device
 
         try:
             with use_device(self.reseed_device):
@@ -671,7 +671,7 @@ class Class2DJob:
 
                 return work(xp=cupy)
         except Exception as exc:
-            if type(exc).__name__ != "OutOfMemoryError":
+            if not is_out_of_memory(exc):
                 raise
         release_device_memory([self.reseed_device])
         self._reseed_on_host += 1

@@ -28,7 +28,7 @@ import threading
 
 import numpy as np
 
-from ..backend import upload
+from ..backend import is_out_of_memory, upload
 
 __all__ = ["MAX_FRACTION", "RESERVE_BYTES", "RESERVE_FRACTION", "RESIDENT_ENV", "PoolRows",
            "ResidentImages", "resident_capacity", "resident_enabled"]
@@ -170,7 +170,7 @@ class ResidentImages:
                 try:
                     self._store = xp.empty((self.capacity, self.box, self.box), xp.float32)
                 except Exception as exc:  # the card is fuller than measured: store nothing
-                    if type(exc).__name__ != "OutOfMemoryError":
+                    if not is_out_of_memory(exc):
                         raise
                     self.capacity = 0
             free = self.capacity - self._used
