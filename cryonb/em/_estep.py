@@ -29,6 +29,7 @@ from ..backend import (
     add_rows_at,
     array_module,
     device_room,
+    fft_module,
     is_gpu_array,
     is_out_of_memory,
     upload,
@@ -36,7 +37,7 @@ from ..backend import (
 from ..ctf import CTFParams, ctf_at, ctf_features
 from ..data.conventions import rotated_indices
 from ..errors import ResourceError
-from ..fourier import Projector, fft2_centered, ifft2_centered
+from ..fourier import Projector, ifft2_centered
 from ..kernels import (
     add_bincount,
     block_order,
@@ -51,11 +52,14 @@ from ..kernels import (
     segment_argmax,
     segment_starts,
     segment_sums,
+    shell_power,
+    shell_table,
     shifted_images_ri,
     significant_in_segments,
     significant_indices,
     split_tf32,
     weighted_bincounts,
+    window_shift,
 )
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch, Sampling
 
@@ -209,7 +213,7 @@ class _Grid:
     trans_dev: object = None
     acc_data: object = None  # (K*R, 2P) float64 back-projection slices [Re | Im]
     acc_weight: object = None  # (K*R, P) float64
-    kx_dev: object = None  # float32 (the sub-pixel phases)
+    kx_dev: object = None  # float32 (the sub-pixel phases, made on first use)
     ky_dev: object = None
     ctf_feat: object = None  # the CTF's per-pixel factors (cryonb.ctf.ctf_features)
     stencil: object = None  # (2P, 4) float32: the pose refinement's shifts by +-tstep
@@ -250,6 +254,9 @@ class EStepContext:
         self.mask_radius = mask_radius(config.particle_diameter, N, self.apix)
         self.mask = soft_circular_mask(N, self.mask_radius, 5.0, xp)
         self.mask_outside = mask_outside(self.mask)  # once (a read back from the device)
+        # the mask with the transform's origin at [0, 0] (what the prepared images are masked
+        # with: the FFT then needs no ifftshift, see _prepare_images)
+        self.mask_origin0 = xp.ascontiguousarray(xp.fft.ifftshift(self.mask))
         cur = int(model.current_size)
         coarse = int(model.coarse_size) if config.oversampling else cur
         projs = Projector(xp.asarray(model.classes, dtype=xp.float32), config.pad, stack=True)
@@ -266,6 +273,15 @@ class EStepContext:
         pos = np.searchsorted(ff, cf)
         assert np.array_equal(ff[np.minimum(pos, len(ff) - 1)], cf), "coarse pixels not in fine"
         self.coarse_in_fine = (None if np.array_equal(cf, ff) else xp.asarray(pos))
+        # the fine pixels' power per shell, split in two: shell s of the coarse window's
+        # pixels in bin s, of the others in bin nsh + s (_image_powers)
+        in_c = np.zeros(len(ff), bool)
+        in_c[pos if self.coarse_in_fine is not None else slice(None)] = True
+        self._fine_bins = shell_table(_to_host(self.fine.shells) + np.where(in_c, 0, self.nsh),
+                                      2 * self.nsh, xp)
+        # 1 / sigma2 per optics group and shell (float64 of the grids' float32 values)
+        self._inv_shell = xp.asarray(
+            (1.0 / np.maximum(model.sigma2_noise, 1e-30)).astype(np.float32), dtype=xp.float64)
         # (translations x rotations) references with the coarse phases folded in, when small:
         # the coarse product then has one row per particle instead of one per translation
         c = self.coarse
@@ -309,7 +325,9 @@ class EStepContext:
         # per-particle results waiting for the pool's one copy to the host (_flush_results)
         self._queued: list = []
         self._totals: list = []
-        self._beyond = None  # (pixels, one-hot shells) of _power_beyond, made on first use
+        # the whole box's pixels by shell, up to the last shell (_image_powers)
+        shells = _to_host(self.full_shells)
+        self._full_bins = shell_table(np.where(shells < self.nsh, shells, -1), self.nsh, xp)
         self._noise_sd = None  # (G, S) noise amplitudes of _noise, made on first use
         #: seconds per stage of the E-step (filled when ``profile`` is true; the device is
         #: synchronised at every stage boundary, which costs a little time)
@@ -440,24 +458,38 @@ class EStepContext:
         return imgs
 
     def _prepare_images(self, batch: ParticleBatch):
-        """Norm-correct, centre on the rounded previous offset, mask, Fourier transform."""
+        """Norm-correct, centre on the rounded previous offset, mask, Fourier transform.
+
+        Returns
+        -------
+        F : complex64 array of shape (B, N * (N // 2 + 1))
+            :func:`cryonb.fourier.fft2_centered` of the masked images, flat.
+        frac : ndarray of shape (B, 2), host
+            What remains of each offset (x, y) after its rounding, in pixels.
+        """
+        xp = self.xp
+        N = self.N
         imgs = self._upload(batch.images)
         self._mark("prepare: upload")
-        f = (self.model.avg_norm / np.maximum(batch.norm, 1e-6)).astype(np.float32) \
-            if self.config.norm else None
+        # the forward transform's 1 / N^2 (RELION's normalisation) with the norm correction
+        f = ((self.model.avg_norm / np.maximum(batch.norm, 1e-6)) if self.config.norm
+             else np.ones(len(batch))) / (N * N)
         r = np.rint(batch.offset).astype(np.int64)
         # RELION origins centre the particle when it is shifted by +origin: content moves by
         # +r, out[y, x] = in[y - ry, x - rx] (circular; the mask hides the wrapped edge).
         # Outside the mask: with --zero_mask the image's own weighted background mean
-        # (RELION's softMaskOutsideMap), else coloured noise.
-        masked = mask_images_2d(imgs, f, r, self.mask,
-                                None if self.config.zero_mask else self._noise(batch),
-                                outside=self.mask_outside)
+        # (RELION's softMaskOutsideMap), else coloured noise. The image is masked with its
+        # origin moved to [0, 0] (fft2_centered's ifftshift): by r - N // 2, with the mask
+        # moved as well, which gives the ifftshift of the centred masked image in one pass.
+        noise = None
+        if not self.config.zero_mask:
+            noise = xp.fft.ifftshift(self._noise(batch), axes=(-2, -1)) * np.float32(1 / (N * N))
+        masked = mask_images_2d(imgs, f.astype(np.float32), r - N // 2, self.mask_origin0,
+                                noise, outside=self.mask_outside)
         self._mark("prepare: shift and mask")
-        F = fft2_centered(masked).reshape(len(batch), -1)
+        F = fft_module(xp).rfft2(masked, axes=(-2, -1)).astype(xp.complex64, copy=False)
         self._mark("prepare: FFT")
-        frac = batch.offset - r
-        return F, frac
+        return F.reshape(len(batch), -1), batch.offset - r
 
     def _noise(self, batch: ParticleBatch):
         """Coloured noise with the model's spectrum (seeded per particle and iteration),
@@ -541,7 +573,9 @@ class EStepContext:
         self._mark(None)
         F, frac = self._prepare_images(batch)
         f = self.fine
-        Xf = F[:, f.flat] * self._frac_phase(frac, f)
+        if f.kx_dev is None:
+            f.kx_dev, f.ky_dev = (xp.asarray(k, dtype=xp.float32) for k in (f.kx, f.ky))
+        Xf = window_shift(F, f.flat, f.kx_dev, f.ky_dev, frac, self.N)
         self._mark("prepare: sub-pixel phases and window")
         ctf_f = self._ctf(batch, f)
         self._mark("prepare: CTF")
@@ -552,10 +586,11 @@ class EStepContext:
         Xc, ctf_c, inv_c = (Xf, ctf_f, inv_f) if c_in_f is None else (
             Xf[:, c_in_f], ctf_f[:, c_in_f], inv_f[:, c_in_f])
         self._mark("prepare: noise weights and coarse window")
-        counts, sidx, best = self._coarse_pass(batch, Xc, ctf_c, inv_c)
+        power_full, x2c, x2f, x2n = self._image_powers(F, Xf, batch.optics)
+        del F
+        self._mark("prepare: image powers")
+        counts, sidx, best = self._coarse_pass(batch, Xc, ctf_c, inv_c, x2c)
         res = np.zeros((B, len(RESULT_COLUMNS)))
-        power_full = self._power_beyond(F)
-        self._mark("prepare: power beyond the current size")
         T, M = self.coarse.phases.shape[0], self.coarse.refs.shape[0]
         n_sig = _to_host(counts)
         res[:, RESULT_COLUMNS.index("n_sig")] = n_sig
@@ -586,7 +621,8 @@ class EStepContext:
                 sub = sel[pos]
                 isub = xp.asarray(sub)
                 self._dense_pass(self.broad, batch, sub, r_union, sig_s[xp.asarray(pos)],
-                                 Xf[isub], ctf_f[isub], inv_f[isub], power_full[isub])
+                                 Xf[isub], ctf_f[isub], inv_f[isub],
+                                 (power_full[isub], x2f[isub], x2n[isub]))
             del sig_s
         sel = np.flatnonzero(~broad)
         if sel.size:
@@ -596,37 +632,45 @@ class EStepContext:
                 isub = xp.asarray(sel)
                 cb, flat = samples_of(~broad)
             self._sparse_pass(self.fine, batch, sel, cb, flat // M, flat % M, T, Xf[isub],
-                              ctf_f[isub], inv_f[isub], power_full[isub])
+                              ctf_f[isub], inv_f[isub],
+                              (power_full[isub], x2f[isub], x2n[isub]))
         self._mark("second pass")
         self._flush_results(res)
         self._mark("results to the host")
         self.n_done += B
         return res
 
-    def _frac_phase(self, frac, grid: _Grid):
-        """Phase ramps shifting each particle by its sub-pixel offset, (B, P) complex64."""
-        xp = self.xp
-        fr = xp.asarray(frac, dtype=xp.float32)
-        if grid.kx_dev is None:
-            grid.kx_dev = xp.asarray(grid.kx, dtype=xp.float32)
-            grid.ky_dev = xp.asarray(grid.ky, dtype=xp.float32)
-        ph = (-2 * np.pi / self.N) * (fr[:, 0:1] * grid.kx_dev[None]
-                                      + fr[:, 1:2] * grid.ky_dev[None])
-        return (xp.cos(ph) + 1j * xp.sin(ph)).astype(xp.complex64)
+    def _image_powers(self, F, Xf, optics):
+        """The images' power per shell and their norms ``sum |X|^2 / sigma2``.
 
-    def _power_beyond(self, F):
-        """|X|^2 shell sums over the whole box (for shells beyond the current size)."""
+        Parameters
+        ----------
+        F : complex64 array of shape (B, N * (N // 2 + 1))
+            The whole transforms.
+        Xf : complex64 array of shape (B, P)
+            Their fine pixels (the current size's).
+        optics : int array of shape (B,), host
+            Each particle's optics group.
+
+        Returns
+        -------
+        power_full : float64 array of shape (B, nsh)
+            ``|X|^2`` per shell over the whole box (for shells beyond the current size,
+            :meth:`_complete_shells`).
+        x2c, x2f : float32 / float64 arrays of shape (B,)
+            ``sum |X|^2 / sigma2`` over the coarse window's pixels and the fine ones
+            (1 / sigma2 is one value per shell and optics group: a weighted sum of shells).
+        x2n : float64 array of shape (B, nsh)
+            ``|X|^2`` per shell over the fine pixels.
+        """
         xp = self.xp
-        if self._beyond is None:  # the pixels inside the box's last shell, and their shells
-            keep = xp.flatnonzero(self.full_shells < self.nsh)
-            self._beyond = keep, (self.full_shells[keep][:, None]
-                                  == xp.arange(self.nsh)[None]).astype(xp.float32)
-        keep, onehot = self._beyond
-        Fk = F[:, keep]
-        p = (Fk.real**2 + Fk.imag**2).astype(xp.float32)
-        out = xp.zeros((F.shape[0], self.nsh), xp.float64)
-        out += p @ onehot
-        return out
+        nsh = self.nsh
+        power_full = shell_power(F, self._full_bins)
+        split = shell_power(Xf, self._fine_bins)  # (B, 2 nsh): coarse pixels, the others
+        x2n = split[:, :nsh] + split[:, nsh:]
+        inv = self._inv_shell[xp.asarray(optics)]
+        return (power_full, (split[:, :nsh] * inv).sum(axis=1).astype(xp.float32),
+                (x2n * inv).sum(axis=1), x2n)
 
     def _complete_shells(self, resid, x2n, power_full, size: int):
         """Per-shell residuals over whole shells, as RELION's noise model needs them.
@@ -654,7 +698,7 @@ class EStepContext:
         edge = (xp.arange(self.nsh) >= size // 2)[None]
         return xp.where(edge, resid + power_full - x2n, resid)
 
-    def _coarse_pass(self, batch, Xc, ctf, inv):
+    def _coarse_pass(self, batch, Xc, ctf, inv, x2):
         xp = self.xp
         c = self.coarse
         B, P = Xc.shape
@@ -672,7 +716,6 @@ class EStepContext:
                                    precision=self.precision).reshape(B, T, M)
         self._mark("coarse: matrix product")
         a2 = (ctf * ctf * inv) @ c.refs_a2.T  # (B, M)
-        x2 = ((Xc.real**2 + Xc.imag**2) * inv).sum(axis=1)
         self._mark("coarse: powers")
         offs = xp.asarray(batch.offset[:, None, :], dtype=xp.float32) + self.trans_coarse
         # best_t: the best over the translations, (B, K * R)
@@ -748,14 +791,16 @@ class EStepContext:
             groups.append((np.array(cur), np.flatnonzero(urot)))
         return groups
 
-    def _dense_pass(self, f: _Grid, batch, sub, r_union, sig, Xf, ctf, inv, power_full):
+    def _dense_pass(self, f: _Grid, batch, sub, r_union, sig, Xf, ctf, inv, powers):
         """Second pass for broad posteriors: one matrix product per group, dense sums.
 
         Evaluates each particle's significant coarse translations (sub-sampled by ``f.ts``)
         against the union ``r_union`` of the group's significant coarse rotations (sub-sampled
         by ``f.ps``), keeping only sub-samples of significant coarse pairs, at the current
-        image size.
+        image size. ``powers``: the particles' ``power_full``, ``x2f`` and ``x2n``
+        (:meth:`_image_powers`).
         """
+        power_full, x2, x2n = powers
         xp = self.xp
         ts, ps = f.ts, f.ps
         Bs, P = Xf.shape
@@ -783,7 +828,6 @@ class EStepContext:
         self._mark("dense: samples and shifted images")
         cross = (Y.reshape(Bs * Tf, 2 * P) @ Ari.T.astype(f64)).reshape(Bs, Tf, Rf)
         a2 = (ctf * cinv).astype(f64) @ A2.T.astype(f64)  # (Bs, Rf)
-        x2 = ((Xf.real**2 + Xf.imag**2) * inv).astype(f64).sum(axis=1)
         lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
         del cross
         self._mark("dense: matrix products")
@@ -810,13 +854,12 @@ class EStepContext:
         omega = w.sum(axis=1)  # (Bs, Rf)
         crossn, a2n = self._accumulate_dense(f, w, Y, Xt, Ari, A2, rf[0], omega, ctf, cinv)
         self._mark("dense: back-projection sums")
-        x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
         resid = self._complete_shells(x2n - 2 * crossn + a2n, x2n, power_full, f.size)
         self._accumulate_stats(batch, sub, resid, crossn, a2n)
         self._accumulate_priors(batch, sub, w, omega, rcls_b, offs, d2, resid, spreads)
         self._mark("dense: residual and priors")
 
-    def _sparse_pass(self, f: _Grid, batch, sub, cb, ct, cr, T, Xf, ctf, inv, power_full):
+    def _sparse_pass(self, f: _Grid, batch, sub, cb, ct, cr, T, Xf, ctf, inv, powers):
         """Second pass for peaked posteriors: only the significant samples, sparse sums.
 
         ``cb``, ``ct``, ``cr`` (int arrays of one length): the significant coarse samples'
@@ -828,9 +871,12 @@ class EStepContext:
         products (:func:`cryonb.kernels.sampled_dot_blocks`) at the current image size. As
         RELION, weights below the second pass's significance threshold
         (``adaptive_fraction``) are dropped; the rest are accumulated with
-        :func:`cryonb.kernels.scatter_blocks`.
+        :func:`cryonb.kernels.scatter_blocks`. ``powers``: the particles' ``power_full``,
+        ``x2f`` and ``x2n`` (:meth:`_image_powers`).
         """
         xp = self.xp
+        power_full, x2, x2n = powers
+        x2 = x2.astype(xp.float32)
         ts, ps = f.ts, f.ps
         Bs = Xf.shape[0]
         R = len(f.psi)
@@ -869,7 +915,6 @@ class EStepContext:
         a2 = xp.broadcast_to(sampled_dot_blocks(c2, f.refs_a2, cb, cr, 1, ps),
                              shape).reshape(-1)
         self._mark("fine: sampled products")
-        x2 = ((Xf.real**2 + Xf.imag**2) * inv).sum(axis=1)
         k = rf // R
         offs = xp.asarray(batch.offset[sub], dtype=xp.float32)[b] + f.trans_dev[tf]  # (n, 2)
         d = offs - self.prior_offset[k]
@@ -923,7 +968,6 @@ class EStepContext:
         onehot = f.onehot.astype(xp.float64)
         crossn = (Q / inv) @ onehot  # sum w Re(X(t) conj(A)) ctf per shell
         a2n = (Ra * (ctf * ctf)) @ onehot
-        x2n = (Xf.real**2 + Xf.imag**2) @ f.onehot
         resid = self._complete_shells(x2n - 2 * crossn + a2n, x2n, power_full, f.size)
         self._mark("fine: back-projection sums (residual power, shells)")
         self._accumulate_stats(batch, sub, resid, crossn, a2n)

@@ -32,6 +32,8 @@ from ._prepare import (
     mask_outside,
     shifted_images_ri,
     shifted_images_ri_reference,
+    window_shift,
+    window_shift_reference,
 )
 from ._sampled import (
     block_order,
@@ -52,9 +54,11 @@ from ._select import (
     significant_samples,
     significant_samples_reference,
 )
+from ._shells import ShellTable, shell_power, shell_power_reference, shell_table
 
 __all__ = [
     "PRECISIONS",
+    "ShellTable",
     "add_bincount",
     "block_order",
     "coarse_log_posterior",
@@ -85,6 +89,9 @@ __all__ = [
     "segment_argmax",
     "segment_starts",
     "segment_sums",
+    "shell_power",
+    "shell_power_reference",
+    "shell_table",
     "shifted_images_ri",
     "shifted_images_ri_reference",
     "significant_in_segments",
@@ -98,4 +105,6 @@ __all__ = [
     "update_best_2d_reference",
     "weighted_bincounts",
     "weighted_bincounts_reference",
+    "window_shift",
+    "window_shift_reference",
 ]

@@ -68,6 +68,65 @@ def test_estep_recovers_known_poses_and_reconstructs(xp):
     assert np.corrcoef(img.ravel(), C.ravel())[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("zero_mask", [True, False], ids=["zero mask", "noise outside"])
+def test_prepared_images_and_their_powers_follow_the_definition(xp, zero_mask):
+    """The E-step's images (masked with the transform's origin at [0, 0], norm correction and
+    1 / N^2 in the mask's pass, the window and sub-pixel shift in one kernel) and their powers
+    per shell (one pass, split at the coarse window) against the plain formulas: centred
+    masked image, fft2_centered, gather, phase ramp, sums over pixels."""
+    from cryonb.em._estep import _to_host
+    from cryonb.fourier import fft2_centered
+    from cryonb.kernels import mask_images_2d_reference
+
+    batch, model, *_ = _known_pose_batch(B=7, N=48)
+    rng = np.random.default_rng(4)
+    batch.offset = rng.uniform(-4, 4, (7, 2))
+    batch.norm = rng.uniform(0.7, 1.4, 7)
+    batch.optics = np.array([0, 1, 1, 0, 1, 0, 0])
+    model.avg_norm = 1.2
+    model.sigma2_noise = np.stack([model.sigma2_noise[0], 2 * model.sigma2_noise[0]])
+    model.sigma2_noise[1, 5:9] *= 3
+    model.coarse_size, model.current_size = 24, 40
+    cfg = Class2DConfig(i="x", o="y", K=1, particle_diameter=0.8 * 48 * 3.0, perturb=0,
+                        zero_mask=zero_mask)
+    ctx = EStepContext(model, cfg, xp)
+    N = 48
+    F, frac = ctx._prepare_images(batch)
+    r = np.rint(batch.offset).astype(int)
+    f = model.avg_norm / batch.norm
+    noise = None if zero_mask else _to_host(ctx._noise(batch))
+    want = fft2_centered(mask_images_2d_reference(
+        batch.images, f, r, _to_host(ctx.mask), noise)).reshape(7, -1)
+    np.testing.assert_allclose(_to_host(F), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    np.testing.assert_allclose(frac, batch.offset - r)
+    g = ctx.fine
+    flat, kx, ky = _to_host(g.flat), g.kx, g.ky
+    ph = np.exp(-2j * np.pi / N * (frac[:, :1] * kx + frac[:, 1:] * ky))
+    Xf = want[:, flat] * ph
+    g.kx_dev, g.ky_dev = (xp.asarray(k, dtype=xp.float32) for k in (kx, ky))
+    from cryonb.kernels import window_shift
+
+    got_xf = _to_host(window_shift(F, g.flat, g.kx_dev, g.ky_dev, frac, N))
+    np.testing.assert_allclose(got_xf, Xf, rtol=2e-4, atol=2e-4 * np.abs(Xf).max())
+    full, x2c, x2f, x2n = (_to_host(a) for a in ctx._image_powers(
+        xp.asarray(want.astype(np.complex64)), xp.asarray(Xf.astype(np.complex64)),
+        batch.optics))
+    shells = _to_host(ctx.full_shells)
+    p = np.abs(want) ** 2
+    want_full = np.stack([np.bincount(shells[shells < 25], row[shells < 25], minlength=25)
+                          for row in p])
+    np.testing.assert_allclose(full, want_full, rtol=1e-5)
+    inv = 1 / model.sigma2_noise[batch.optics][:, _to_host(g.shells)]
+    p2 = np.abs(Xf) ** 2
+    in_c = np.isin(flat, _to_host(ctx.coarse.flat))
+    assert 0 < in_c.sum() < in_c.size  # the coarse window is part of the fine one
+    np.testing.assert_allclose(x2f, (p2 * inv).sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(x2c, (p2 * inv)[:, in_c].sum(axis=1), rtol=1e-5)
+    assert x2c.dtype == np.float32
+    np.testing.assert_allclose(x2n, np.stack([np.bincount(_to_host(g.shells), row, minlength=25)
+                                              for row in p2]), rtol=1e-5, atol=1e-12)
+
+
 def test_classes_reconstructed_together_are_each_one_alone(monkeypatch):
     """The M-step's classes, done one per thread on a subset ``which``, are bit for bit those
     of each class done alone (one thread), with a MAP prior and without."""

@@ -65,3 +65,23 @@ def test_shifted_images_follow_the_definition(xp):
                                atol=1e-5)
     none = shifted_images_ri(*(xp.asarray(a) for a in (X, ph, w, rows[:0], shifts[:0])))
     assert [a.shape for a in none] == [(0, 2 * P), (0, 2 * P)]
+
+
+def test_window_shift_follows_the_definition(xp):
+    from cryonb.kernels import window_shift
+
+    rng = np.random.default_rng(1)
+    B, npix, P, n = 6, 900, 250, 30
+    F = (rng.normal(size=(B, npix)) + 1j * rng.normal(size=(B, npix))).astype(np.complex64)
+    flat = np.sort(rng.choice(npix, P, replace=False))
+    kx, ky = rng.integers(0, 16, P).astype(np.float32), rng.integers(-15, 15, P).astype(
+        np.float32)
+    frac = rng.uniform(-0.5, 0.5, (B, 2))
+    want = F[:, flat] * np.exp(-2j * np.pi / n * (frac[:, :1] * kx + frac[:, 1:] * ky))
+    got = window_shift(*(xp.asarray(a) for a in (F, flat, kx, ky)), frac, n)
+    got = got.get() if hasattr(got, "get") else got
+    assert got.shape == (B, P) and got.dtype == np.complex64
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    empty = window_shift(xp.asarray(F[:0]), xp.asarray(flat), xp.asarray(kx), xp.asarray(ky),
+                         frac[:0], n)
+    assert empty.shape == (0, P)
