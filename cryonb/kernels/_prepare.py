@@ -7,7 +7,8 @@ masked with RELION's soft circular mask; outside the mask it gets either its own
 mean (``--zero_mask``, RELION's ``softMaskOutsideMap``) or the given noise. As array
 expressions that is six to eight passes over the pool's images (two gathers for the shift);
 on the GPU it is one CUDA block per image that reads the shifted image twice (the background
-sum, then the result; the second read comes from the cache) and writes it once; on the CPU the
+sum, then the result; the second read comes from the cache) and writes it once, a warp per
+row; on the CPU the
 same as a Numba loop (2000 x 64^2 images: 0.23 s -> 0.034 s).
 
 :func:`shifted_images_ri`: the second pass's shifted images ``X_b e^{i phi_t}`` as
@@ -63,20 +64,30 @@ extern "C" __global__
 void mask_images(const float* imgs, const float* scale, const int* shift, const float* mask,
                  const float* noise, int use_noise, float inv_out, int N, float* out)
 {
+    // one block per image; each warp takes rows, its lanes a row's pixels (a row of the
+    // shifted image is one run of the input row, wrapped once: coalesced reads, and no
+    // division per pixel)
     __shared__ double s[NT];
     const long long b = blockIdx.x;
     const long long NN = (long long)N * N;
     const float* x = imgs + b * NN;
     float* o = out + b * NN;
-    const int rx = shift[2 * b], ry = shift[2 * b + 1];
+    const int rx = ((shift[2 * b] % N) + N) % N, ry = ((shift[2 * b + 1] % N) + N) % N;
     const float f = scale[b];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = NT / 32;
     float bg = 0.0f;
     if (!use_noise) {
         double acc = 0.0;
-        for (int i = threadIdx.x; i < NN; i += NT) {
-            const int y = i / N, xx = i % N;
-            const int sy = ((y - ry) % N + N) % N, sx = ((xx - rx) % N + N) % N;
-            acc += (double)(x[sy * N + sx] * f) * (double)(1.0f - mask[i]);
+        for (int y = warp; y < N; y += nw) {
+            int sy = y - ry;
+            if (sy < 0) sy += N;
+            const float* row = x + (long long)sy * N;
+            const float* m = mask + (long long)y * N;
+            for (int xx = lane; xx < N; xx += 32) {
+                int sx = xx - rx;
+                if (sx < 0) sx += N;
+                acc += (double)(row[sx] * f) * (double)(1.0f - m[xx]);
+            }
         }
         s[threadIdx.x] = acc;
         __syncthreads();
@@ -87,11 +98,17 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
         bg = (float)(s[0] * (double)inv_out);
     }
     const float* nz = noise + (use_noise ? b * NN : 0);
-    for (int i = threadIdx.x; i < NN; i += NT) {
-        const int y = i / N, xx = i % N;
-        const int sy = ((y - ry) % N + N) % N, sx = ((xx - rx) % N + N) % N;
-        const float m = mask[i];
-        o[i] = x[sy * N + sx] * f * m + (use_noise ? nz[i] : bg) * (1.0f - m);
+    for (int y = warp; y < N; y += nw) {
+        int sy = y - ry;
+        if (sy < 0) sy += N;
+        const float* row = x + (long long)sy * N;
+        const long long r0 = (long long)y * N;
+        for (int xx = lane; xx < N; xx += 32) {
+            int sx = xx - rx;
+            if (sx < 0) sx += N;
+            const float m = mask[r0 + xx];
+            o[r0 + xx] = row[sx] * f * m + (use_noise ? nz[r0 + xx] : bg) * (1.0f - m);
+        }
     }
 }
 """

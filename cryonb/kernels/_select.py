@@ -66,6 +66,10 @@ _CUDA_SRC = r"""
 // weights below 2^-40 (bit pattern 87 << 23) add 0 to the fixed-point sums: the walk never
 // reaches their bins (the sum reaches the target at a bin above), so they are skipped
 #define TINY_KEY 0x2B800000u
+// the first pass keeps the samples of weight 2^-24 and above (bit pattern 103 << 23) among
+// its candidates: in a late iteration they are a few per particle, and where the threshold
+// lies among them the other two passes read them instead of all the samples
+#define SPEC_KEY 0x33800000u
 
 // Inclusive prefix sums over the block's threads (in thread order) of two 64-bit values;
 // returns the block's totals in *tot_a, *tot_b (every thread). Uses warp_a/warp_b[NT / 32].
@@ -123,43 +127,58 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
     const float scale = 1099511627776.0f;  // 2^40
     if (threadIdx.x == 0) { s_prefix = 0u; s_mask = 0u; s_above_w = 0ull; s_above_c = 0ull; }
     unsigned long long target = 0ull;
+    // s_spec: whether the candidates hold every sample of the threshold bins still to be
+    // read (then the passes after the first read them from shared memory)
+    __shared__ int s_spec;
     for (int p = 0; p < 3; ++p) {
         const int shift = p == 0 ? 21 : (p == 1 ? 10 : 0);
         const int nb = p == 2 ? 1024 : 2048;
         for (int i = threadIdx.x; i < nb; i += NT) { cnt[i] = 0u; wsum[i] = 0ull; }
         if (threadIdx.x == 0) s_bin = 0;
-        if (threadIdx.x == 0 && p == 0) s_ncand = 0;
+        if (threadIdx.x == 0 && p == 0) { s_ncand = 0; s_spec = 0; }
+        if (threadIdx.x == 0 && p == 1 && !s_spec) s_ncand = 0;
         __syncthreads();
         const unsigned int prefix = s_prefix, mask = s_mask;
         const int n_cand = s_ncand;
-        if (p == 2 && n_cand <= CAND) {
+        if (p > 0 && (s_spec || (p == 2 && n_cand <= CAND))) {
             for (int j = threadIdx.x; j < n_cand; j += NT) {
                 const unsigned int key = cand[j];
                 if ((key & mask) != prefix) continue;
-                const unsigned int d = key & 1023u;
+                const unsigned int d = (key >> shift) & (unsigned int)(nb - 1);
                 atomicAdd(&cnt[d], 1u);
                 atomicAdd(&wsum[d], (unsigned long long)(__uint_as_float(key) * scale));
             }
         } else
-        // UNROLL independent loads per thread in flight (memory-level parallelism)
-        for (long long i0 = threadIdx.x; i0 < N; i0 += (long long)UNROLL * NT) {
+        // UNROLL independent loads per thread in flight (memory-level parallelism); every
+        // lane of a warp takes the same steps (the ballots below need the whole warp)
+        for (long long i0 = 0; i0 < N; i0 += (long long)UNROLL * NT) {
             float v[UNROLL];
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
-                const long long i = i0 + (long long)u * NT;
+                const long long i = i0 + threadIdx.x + (long long)u * NT;
                 v[u] = i < N ? x[i] : -INFINITY_F;
             }
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 const float w = expf(v[u] - m);
                 const unsigned int key = __float_as_uint(w);
-                if (key < TINY_KEY || (key & mask) != prefix) continue;
-                const unsigned int d = (key >> shift) & (unsigned int)(nb - 1);
-                atomicAdd(&cnt[d], 1u);
-                atomicAdd(&wsum[d], (unsigned long long)(w * scale));
-                if (p == 1) {
-                    const int c = atomicAdd(&s_ncand, 1);
-                    if (c < CAND) cand[c] = key;
+                const bool in = key >= TINY_KEY && (key & mask) == prefix;
+                if (in) {
+                    const unsigned int d = (key >> shift) & (unsigned int)(nb - 1);
+                    atomicAdd(&cnt[d], 1u);
+                    atomicAdd(&wsum[d], (unsigned long long)(w * scale));
+                }
+                // the first pass keeps the samples above SPEC_KEY, the second those of the
+                // first pass's threshold bin (one shared add per warp)
+                const bool keep = p == 0 ? key >= SPEC_KEY : (p == 1 && in);
+                const unsigned int ballot = __ballot_sync(0xffffffffu, keep);
+                if (ballot) {
+                    const int lane = threadIdx.x & 31;
+                    int base = 0;
+                    if (lane == 0) base = atomicAdd(&s_ncand, __popc(ballot));
+                    base = __shfl_sync(0xffffffffu, base, 0);
+                    const int c = base + __popc(ballot & ((1u << lane) - 1u));
+                    if (keep && c < CAND) cand[c] = key;
                 }
             }
         }
@@ -198,6 +217,9 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
             s_above_w = aw;
             s_above_c = ac;
             s_count = ac + cnt[found];  // after the last pass: the samples >= the threshold
+            // the first pass's candidates hold the threshold bin when it lies above
+            // SPEC_KEY and they all fitted
+            if (p == 0) s_spec = s_ncand <= CAND && ((unsigned int)found << shift) >= SPEC_KEY;
         }
         __syncthreads();
     }

@@ -171,3 +171,26 @@ def test_cpu_and_gpu_select_the_same_samples():
         gpu = significant_samples(cupy.asarray(lw), fraction, maxsig).get()
         assert np.mean(np.all(cpu == gpu, axis=1)) >= 0.9, (fraction, maxsig)
         assert np.mean(cpu == gpu) >= 0.9999, (fraction, maxsig)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n_high", [40, 4096, 4097])
+def test_gpu_select_from_its_first_pass_candidates(n_high):
+    """Rows with ``n_high`` samples of weight 2^-24 and above (the GPU's first pass keeps up
+    to 4096 such samples, and its later passes read them instead of the row where the
+    threshold lies among them) and the rest far below: the CPU's selection, whether the
+    candidates fit or not."""
+    import cupy
+
+    rng = np.random.default_rng(n_high)
+    lw = np.full((6, 50_000), -60.0, np.float32)  # e^-60: far below 2^-24 (e^-16.6)
+    for b in range(6):
+        lw[b, rng.choice(50_000, n_high, replace=False)] = -rng.integers(0, 16, n_high)
+    lw[5, :] = np.where(lw[5] > -60, lw[5], -17.0)  # the rest just below: the row's threshold
+    for fraction, maxsig in ((0.5, -1), (0.999, -1), (0.999999, -1), (0.999, 100)):
+        cpu = significant_samples(lw, fraction, maxsig)
+        gpu = significant_samples(cupy.asarray(lw), fraction, maxsig).get()
+        assert np.mean(np.all(cpu == gpu, axis=1)) >= 0.8, (fraction, maxsig)
+        assert np.mean(cpu == gpu) >= 0.9999, (fraction, maxsig)
+        ref = _by_definition(lw, fraction, maxsig)
+        assert np.mean(gpu == ref) >= 0.9999, (fraction, maxsig)
