@@ -24,6 +24,13 @@ rounding decides between two equal-looking cumulative sums (below 2^-40 of the t
 :func:`significant_samples` returns the selection as a mask; :func:`significant_indices` as
 each row's count and columns (on the GPU the select counts, a compaction kernel writes the
 columns in order), which is what the E-step uses: 10^2-10^3 of 10^5-10^6 samples.
+
+GPU, late iterations: the first pass also keeps (in shared memory, up to 4096) the positions of
+the samples of weight 2^-24 and above, a few per particle once the classes are sharp. Where the
+first pass's threshold bin lies above 2^-24 and they fitted, the two later passes read those
+instead of the row, and where at most 64 samples are significant the select writes their
+columns itself, so that the compaction copies them instead of reading the row once more: one
+pass over the coarse pass's scores instead of three.
 """
 
 from __future__ import annotations
@@ -70,6 +77,8 @@ _CUDA_SRC = r"""
 // its candidates: in a late iteration they are a few per particle, and where the threshold
 // lies among them the other two passes read them instead of all the samples
 #define SPEC_KEY 0x33800000u
+// at most this many selected samples per row are passed from the select to the compaction
+#define PRE_MAX 64
 
 // Inclusive prefix sums over the block's threads (in thread order) of two 64-bit values;
 // returns the block's totals in *tot_a, *tot_b (every thread). Uses warp_a/warp_b[NT / 32].
@@ -107,7 +116,8 @@ __device__ void block_scan2(unsigned long long* a, unsigned long long* b,
 extern "C" __global__
 void significant_select(const float* lw, const float* rowmax, const long long* starts,
                         double fraction, long long maxsig, bool* out, int write_mask,
-                        unsigned int* thr_out, long long* count_out)
+                        unsigned int* thr_out, long long* count_out, int write_pre,
+                        long long* pre, int* done)
 {
     __shared__ unsigned int cnt[2048];
     __shared__ unsigned long long wsum[2048];
@@ -115,8 +125,9 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
     __shared__ unsigned int s_prefix, s_mask;
     __shared__ int s_bin;
     __shared__ unsigned long long s_above_w, s_above_c, s_count;
-    // the second pass keeps the samples of the first pass's threshold bin (their keys) for
-    // the third, which then reads them here instead of all samples again (when they fit)
+    // the second pass keeps the samples of the first pass's threshold bin (their positions in
+    // the row) for the third, which then reads them instead of all samples again (when they
+    // fit); their weights are read again from the row (a few, in the cache)
     __shared__ unsigned int cand[CAND];
     __shared__ int s_ncand;
     const long long first = starts[blockIdx.x];
@@ -142,7 +153,7 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
         const int n_cand = s_ncand;
         if (p > 0 && (s_spec || (p == 2 && n_cand <= CAND))) {
             for (int j = threadIdx.x; j < n_cand; j += NT) {
-                const unsigned int key = cand[j];
+                const unsigned int key = __float_as_uint(expf(x[cand[j]] - m));
                 if ((key & mask) != prefix) continue;
                 const unsigned int d = (key >> shift) & (unsigned int)(nb - 1);
                 atomicAdd(&cnt[d], 1u);
@@ -178,7 +189,8 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
                     if (lane == 0) base = atomicAdd(&s_ncand, __popc(ballot));
                     base = __shfl_sync(0xffffffffu, base, 0);
                     const int c = base + __popc(ballot & ((1u << lane) - 1u));
-                    if (keep && c < CAND) cand[c] = key;
+                    if (keep && c < CAND)
+                        cand[c] = (unsigned int)(i0 + threadIdx.x + (long long)u * NT);
                 }
             }
         }
@@ -228,6 +240,34 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
         thr_out[blockIdx.x] = thr;
         count_out[blockIdx.x] = (long long)s_count;
     }
+    if (write_pre) {
+        // where the candidates hold every selected sample and they are few, their positions
+        // in ascending order (each one's rank among them) for significant_compact, which
+        // then copies them instead of reading the row again
+        __shared__ unsigned int sel[PRE_MAX];
+        __shared__ int s_nsel;
+        const bool fits = s_spec && s_count <= PRE_MAX;
+        if (threadIdx.x == 0) s_nsel = 0;
+        __syncthreads();
+        if (fits) {
+            const int n_cand = s_ncand;
+            for (int j = threadIdx.x; j < n_cand; j += NT) {
+                if (__float_as_uint(expf(x[cand[j]] - m)) < thr) continue;
+                const int c = atomicAdd(&s_nsel, 1);
+                if (c < PRE_MAX) sel[c] = cand[j];
+            }
+        }
+        __syncthreads();
+        const int n_sel = s_nsel;
+        const bool ok = fits && (long long)n_sel == (long long)s_count;
+        if (ok && threadIdx.x < n_sel) {
+            const unsigned int me = sel[threadIdx.x];
+            int rank = 0;
+            for (int j = 0; j < n_sel; ++j) rank += sel[j] < me;
+            pre[blockIdx.x * (long long)PRE_MAX + rank] = (long long)me;
+        }
+        if (threadIdx.x == 0) done[blockIdx.x] = ok;
+    }
     if (!write_mask) return;
     bool* o = out + first;
     for (long long i0 = threadIdx.x; i0 < N; i0 += (long long)UNROLL * NT) {
@@ -247,7 +287,8 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
 
 extern "C" __global__ void __launch_bounds__(NT, 2)
 significant_compact(const float* lw, const float* rowmax, const long long* starts,
-                         const unsigned int* thr, const long long* offsets, long long* idx)
+                         const unsigned int* thr, const long long* offsets, long long* idx,
+                         const long long* pre, const int* done)
 {
     // the indices (within the row) of the samples at or above the row's threshold, in
     // order: tiles of NT samples, a warp ballot and the warps' counts give each selected
@@ -259,6 +300,12 @@ significant_compact(const float* lw, const float* rowmax, const long long* start
     const float m = rowmax[blockIdx.x];
     const unsigned int t = thr[blockIdx.x];
     long long* o = idx + offsets[blockIdx.x];
+    if (done[blockIdx.x]) {  // the select found the row's samples among its candidates
+        const long long n_sel = offsets[blockIdx.x + 1] - offsets[blockIdx.x];
+        for (long long j = threadIdx.x; j < n_sel; j += NT)
+            o[j] = pre[blockIdx.x * (long long)PRE_MAX + j];
+        return;
+    }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     long long base = 0;
     for (long long i0 = 0; i0 < N; i0 += NT) {
@@ -280,6 +327,10 @@ significant_compact(const float* lw, const float* rowmax, const long long* start
     }
 }
 """
+
+
+#: the CUDA source's PRE_MAX
+_PRE_MAX = 64
 
 
 def significant_samples(lw, fraction: float, maxsig: int = -1, rowmax=None):
@@ -352,12 +403,14 @@ def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None):
     starts = xp.arange(B + 1, dtype=xp.int64) * N
     rowmax = xp.ascontiguousarray(lw.max(axis=1) if rowmax is None else rowmax,
                                   dtype=xp.float32)
-    thr, counts = _select_gpu(lw, rowmax, starts, fraction, maxsig)
+    pre = xp.empty((B, _PRE_MAX), xp.int64)
+    done = xp.zeros(B, xp.int32)
+    thr, counts = _select_gpu(lw, rowmax, starts, fraction, maxsig, pre=(pre, done))
     offsets = xp.zeros(B + 1, xp.int64)
     xp.cumsum(counts, out=offsets[1:])
     idx = xp.empty(int(offsets[-1]), xp.int64)
     cuda_function(_CUDA_SRC, "significant_compact")(
-        (B,), (1024,), (lw, rowmax, starts, thr, offsets, idx))
+        (B,), (1024,), (lw, rowmax, starts, thr, offsets, idx, pre, done))
     return counts, idx
 
 
@@ -478,20 +531,26 @@ def _select_cpu():
     return kern
 
 
-def _select_gpu(lw, rowmax, starts, fraction, maxsig, out=None):
+def _select_gpu(lw, rowmax, starts, fraction, maxsig, out=None, pre=None):
     """Launch the radix select: one block per segment ``starts[i]:starts[i + 1]``.
 
     Fills the mask ``out`` (bool, like ``lw``) unless it is None; returns each segment's
-    threshold (the bit pattern of its smallest significant weight) and count."""
+    threshold (the bit pattern of its smallest significant weight) and count. With ``pre``,
+    a pair of arrays (int64 (n_seg, _PRE_MAX), int32 (n_seg,)): for the segments whose
+    significant samples the select found among its first pass's candidates (at most
+    ``_PRE_MAX``), their positions in ascending order and a flag."""
     import cupy
 
     n_seg = int(starts.shape[0]) - 1
     thr = cupy.empty(n_seg, cupy.uint32)
     count = cupy.empty(n_seg, cupy.int64)
+    pre_idx, done = pre if pre is not None else (cupy.empty(1, cupy.int64),
+                                                 cupy.empty(1, cupy.int32))
     cuda_function(_CUDA_SRC, "significant_select")(
         (n_seg,), (1024,), (lw, cupy.ascontiguousarray(rowmax, dtype=cupy.float32),
                             cupy.ascontiguousarray(starts, dtype=cupy.int64),
                             np.float64(fraction), np.int64(maxsig),
                             cupy.empty(1, cupy.bool_) if out is None else out,
-                            np.int32(out is not None), thr, count))
+                            np.int32(out is not None), thr, count, np.int32(pre is not None),
+                            pre_idx, done))
     return thr, count
