@@ -53,6 +53,7 @@ from ..kernels import (
     segment_starts,
     segment_sums,
     shell_power,
+    shell_sums,
     shell_table,
     shifted_images_ri,
     significant_in_segments,
@@ -277,8 +278,10 @@ class EStepContext:
         # pixels in bin s, of the others in bin nsh + s (_image_powers)
         in_c = np.zeros(len(ff), bool)
         in_c[pos if self.coarse_in_fine is not None else slice(None)] = True
-        self._fine_bins = shell_table(_to_host(self.fine.shells) + np.where(in_c, 0, self.nsh),
-                                      2 * self.nsh, xp)
+        fine_shells = _to_host(self.fine.shells)
+        self._fine_bins = shell_table(fine_shells + np.where(in_c, 0, self.nsh), 2 * self.nsh,
+                                      xp)
+        self._fine_shells = shell_table(fine_shells, self.nsh, xp)  # the sparse pass's sums
         # 1 / sigma2 per optics group and shell (float64 of the grids' float32 values)
         self._inv_shell = xp.asarray(
             (1.0 / np.maximum(model.sigma2_noise, 1e-30)).astype(np.float32), dtype=xp.float64)
@@ -965,9 +968,11 @@ class EStepContext:
         Q, Ra = scatter_blocks_residual(f.acc_data, Y, f.refs_ri, f.acc_weight, c2, ibl, crl,
                                         cbl, ts, ps, wcl, Bs)
         self._mark("fine: back-projection sums (data, weights, residual)")
-        onehot = f.onehot.astype(xp.float64)
-        crossn = (Q / inv) @ onehot  # sum w Re(X(t) conj(A)) ctf per shell
-        a2n = (Ra * (ctf * ctf)) @ onehot
+        # per shell (1 / sigma2 is one value per shell and optics group): sum w Re(X(t)
+        # conj(A)) ctf = sum Q / inv, and sum w |A|^2 ctf^2 = sum Ra c2 / inv
+        inv_g = self._inv_shell[xp.asarray(batch.optics[sub])]
+        crossn = shell_sums(Q, self._fine_shells) / inv_g
+        a2n = shell_sums(Ra, self._fine_shells, c2) / inv_g
         resid = self._complete_shells(x2n - 2 * crossn + a2n, x2n, power_full, f.size)
         self._mark("fine: back-projection sums (residual power, shells)")
         self._accumulate_stats(batch, sub, resid, crossn, a2n)

@@ -54,7 +54,7 @@ from ._select import (
     significant_samples,
     significant_samples_reference,
 )
-from ._shells import ShellTable, shell_power, shell_power_reference, shell_table
+from ._shells import ShellTable, shell_power, shell_power_reference, shell_sums, shell_table
 
 __all__ = [
     "PRECISIONS",
@@ -91,6 +91,7 @@ __all__ = [
     "segment_sums",
     "shell_power",
     "shell_power_reference",
+    "shell_sums",
     "shell_table",
     "shifted_images_ri",
     "shifted_images_ri_reference",

@@ -12,7 +12,8 @@ Here the pixels are ordered by bin once per table (:func:`shell_table`); on the 
 block per image, one warp per bin, reads the bin's pixels, squares them in float32 and sums in
 float64 in a fixed order (a warp's lanes, then a shuffle tree): deterministic, and each image's
 sums independent of the others in its pool. On the CPU, the same float32 squares summed per
-bin in float64 with ``add.reduceat``.
+bin in float64 with ``add.reduceat``. :func:`shell_sums` does the same for float64 values
+(the residual's per-pixel sums of the second pass), optionally weighted.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 from ..backend import array_module
 from ._cuda import cuda_function
 
-__all__ = ["ShellTable", "shell_power", "shell_power_reference", "shell_table"]
+__all__ = ["ShellTable", "shell_power", "shell_power_reference", "shell_sums", "shell_table"]
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,25 @@ void shell_power(const float2* X, long long P, const int* order, const int* star
         if (lane == 0) o[s] = acc;
     }
 }
+
+extern "C" __global__
+void shell_sums(const double* V, const float* W, int weighted, long long P, const int* order,
+                const int* starts, int n_bins, double* out)
+{
+    const double* v = V + (long long)blockIdx.x * P;
+    const float* w = W + (weighted ? (long long)blockIdx.x * P : 0);
+    double* o = out + (long long)blockIdx.x * n_bins;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    for (int s = warp; s < n_bins; s += nw) {
+        double acc = 0.0;
+        for (int j = starts[s] + lane; j < starts[s + 1]; j += 32) {
+            const int p = order[j];
+            acc += weighted ? v[p] * (double)w[p] : v[p];
+        }
+        for (int d = 16; d > 0; d >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, d);
+        if (lane == 0) o[s] = acc;
+    }
+}
 """
 
 
@@ -152,4 +172,43 @@ def shell_power(X, table: ShellTable):
     cuda_function(_CUDA_SRC, "shell_power")(
         (B,), (256,), (xp.ascontiguousarray(X, dtype=xp.complex64), np.int64(X.shape[1]),
                        table.order, table.starts, np.int32(table.n_bins), out))
+    return out
+
+
+def shell_sums(V, table: ShellTable, weight=None):
+    """Per image, values summed over each bin's pixels (in float64, a fixed order).
+
+    Parameters
+    ----------
+    V : float64 array of shape (B, P)
+    table : ShellTable
+        From :func:`shell_table` for the same array module (``P == table.n_pixels``).
+    weight : float32 array of shape (B, P), optional
+        Each value's factor.
+
+    Returns
+    -------
+    float64 array of shape (B, table.n_bins)
+        ``sum V * weight`` per bin (0 for a bin without pixels).
+    """
+    xp = array_module(V)
+    B = int(V.shape[0])
+    if V.shape[1] != table.n_pixels:
+        raise ValueError(f"shell_sums: values have {V.shape[1]} pixels, the table "
+                         f"{table.n_pixels}")
+    out = xp.zeros((B, table.n_bins), xp.float64)
+    if B == 0 or table.nonempty.size == 0:
+        return out
+    if xp is np:
+        v = np.asarray(V, np.float64)[:, table.order]
+        if weight is not None:
+            v = v * np.asarray(weight, np.float32)[:, table.order]
+        out[:, table.nonempty] = np.add.reduceat(v, table.nonempty_starts, axis=1)
+        return out
+    w = (xp.empty(1, xp.float32) if weight is None
+         else xp.ascontiguousarray(weight, dtype=xp.float32))
+    cuda_function(_CUDA_SRC, "shell_sums")(
+        (B,), (256,), (xp.ascontiguousarray(V, dtype=xp.float64), w,
+                       np.int32(weight is not None), np.int64(V.shape[1]), table.order,
+                       table.starts, np.int32(table.n_bins), out))
     return out

@@ -34,3 +34,22 @@ def test_shell_power_checks_the_table(xp):
     table = shell_table(np.arange(10) % 3, 3, xp)
     with pytest.raises(ValueError, match="11 pixels, the table 10"):
         shell_power(xp.zeros((2, 11), xp.complex64), table)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_shell_sums_are_bincounts(xp, weighted):
+    from cryonb.kernels import shell_sums
+
+    rng = np.random.default_rng(7)
+    B, P, nbins = 5, 300, 12
+    V = rng.normal(size=(B, P))
+    W = rng.uniform(0, 2, (B, P)).astype(np.float32)
+    bins = rng.integers(-1, nbins, P)
+    table = shell_table(bins, nbins, xp)
+    got = _host(shell_sums(xp.asarray(V), table, xp.asarray(W) if weighted else None))
+    vals = V * W if weighted else V
+    keep = bins >= 0
+    want = np.stack([np.bincount(bins[keep], row[keep], minlength=nbins) for row in vals])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="299 pixels"):
+        shell_sums(xp.asarray(V[:, 1:]), table)
