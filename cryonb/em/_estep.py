@@ -274,14 +274,8 @@ class EStepContext:
         pos = np.searchsorted(ff, cf)
         assert np.array_equal(ff[np.minimum(pos, len(ff) - 1)], cf), "coarse pixels not in fine"
         self.coarse_in_fine = (None if np.array_equal(cf, ff) else xp.asarray(pos))
-        # the fine pixels' power per shell, split in two: shell s of the coarse window's
-        # pixels in bin s, of the others in bin nsh + s (_image_powers)
-        in_c = np.zeros(len(ff), bool)
-        in_c[pos if self.coarse_in_fine is not None else slice(None)] = True
-        fine_shells = _to_host(self.fine.shells)
-        self._fine_bins = shell_table(fine_shells + np.where(in_c, 0, self.nsh), 2 * self.nsh,
-                                      xp)
-        self._fine_shells = shell_table(fine_shells, self.nsh, xp)  # the sparse pass's sums
+        # the fine pixels by shell (_image_powers, the sparse pass's residual sums)
+        self._fine_shells = shell_table(_to_host(self.fine.shells), self.nsh, xp)
         # 1 / sigma2 per optics group and shell (float64 of the grids' float32 values)
         self._inv_shell = xp.asarray(
             (1.0 / np.maximum(model.sigma2_noise, 1e-30)).astype(np.float32), dtype=xp.float64)
@@ -589,10 +583,10 @@ class EStepContext:
         Xc, ctf_c, inv_c = (Xf, ctf_f, inv_f) if c_in_f is None else (
             Xf[:, c_in_f], ctf_f[:, c_in_f], inv_f[:, c_in_f])
         self._mark("prepare: noise weights and coarse window")
-        power_full, x2c, x2f, x2n = self._image_powers(F, Xf, batch.optics)
+        power_full, x2f, x2n = self._image_powers(F, Xf, batch.optics)
         del F
         self._mark("prepare: image powers")
-        counts, sidx, best = self._coarse_pass(batch, Xc, ctf_c, inv_c, x2c)
+        counts, sidx, best = self._coarse_pass(batch, Xc, ctf_c, inv_c)
         res = np.zeros((B, len(RESULT_COLUMNS)))
         T, M = self.coarse.phases.shape[0], self.coarse.refs.shape[0]
         n_sig = _to_host(counts)
@@ -660,20 +654,16 @@ class EStepContext:
         power_full : float64 array of shape (B, nsh)
             ``|X|^2`` per shell over the whole box (for shells beyond the current size,
             :meth:`_complete_shells`).
-        x2c, x2f : float32 / float64 arrays of shape (B,)
-            ``sum |X|^2 / sigma2`` over the coarse window's pixels and the fine ones
-            (1 / sigma2 is one value per shell and optics group: a weighted sum of shells).
+        x2f : float64 array of shape (B,)
+            ``sum |X|^2 / sigma2`` over the fine pixels (1 / sigma2 is one value per shell and
+            optics group: a weighted sum of the shells').
         x2n : float64 array of shape (B, nsh)
             ``|X|^2`` per shell over the fine pixels.
         """
         xp = self.xp
-        nsh = self.nsh
-        power_full = shell_power(F, self._full_bins)
-        split = shell_power(Xf, self._fine_bins)  # (B, 2 nsh): coarse pixels, the others
-        x2n = split[:, :nsh] + split[:, nsh:]
-        inv = self._inv_shell[xp.asarray(optics)]
-        return (power_full, (split[:, :nsh] * inv).sum(axis=1).astype(xp.float32),
-                (x2n * inv).sum(axis=1), x2n)
+        x2n = shell_power(Xf, self._fine_shells)
+        x2f = (x2n * self._inv_shell[xp.asarray(optics)]).sum(axis=1)
+        return shell_power(F, self._full_bins), x2f, x2n
 
     def _complete_shells(self, resid, x2n, power_full, size: int):
         """Per-shell residuals over whole shells, as RELION's noise model needs them.
@@ -701,7 +691,17 @@ class EStepContext:
         edge = (xp.arange(self.nsh) >= size // 2)[None]
         return xp.where(edge, resid + power_full - x2n, resid)
 
-    def _coarse_pass(self, batch, Xc, ctf, inv, x2):
+    def _coarse_pass(self, batch, Xc, ctf, inv):
+        """The coarse pass: its log-posteriors, each particle's best sample and significant
+        samples.
+
+        The log-posteriors leave out each particle's image norm ``||X||^2 / 2`` (the same for
+        all its samples, so that the weights, the best samples and the significant ones are
+        the same). Their float32 sums then round at the scale of the samples' differences
+        (references' powers and cross terms, 10^2), not at that of the norm (twice the number
+        of pixels, 10^3-10^4): where two devices' norms differ in their last bits, as their
+        sums in other orders do, the weights no longer differ by that rounding.
+        """
         xp = self.xp
         c = self.coarse
         B, P = Xc.shape
@@ -722,7 +722,8 @@ class EStepContext:
         self._mark("coarse: powers")
         offs = xp.asarray(batch.offset[:, None, :], dtype=xp.float32) + self.trans_coarse
         # best_t: the best over the translations, (B, K * R)
-        lw, best_t = coarse_log_posterior(cross, x2, a2, offs, self.prior_offset, self.log_pdf,
+        lw, best_t = coarse_log_posterior(cross, xp.zeros(B, xp.float32), a2, offs,
+                                          self.prior_offset, self.log_pdf,
                                           self.inv2_sig_off, xp.asarray(batch.seed_class),
                                           self.n_psi)
         self._mark("coarse: log-posteriors")
@@ -831,7 +832,7 @@ class EStepContext:
         self._mark("dense: samples and shifted images")
         cross = (Y.reshape(Bs * Tf, 2 * P) @ Ari.T.astype(f64)).reshape(Bs, Tf, Rf)
         a2 = (ctf * cinv).astype(f64) @ A2.T.astype(f64)  # (Bs, Rf)
-        lw = cross - 0.5 * (x2[:, None, None] + a2[:, None, :])
+        lw = cross - 0.5 * a2[:, None, :]  # the norm x2 / 2 in the log-likelihood only
         del cross
         self._mark("dense: matrix products")
         offs = xp.asarray(batch.offset[sub][:, None, :], dtype=xp.float32) + f.trans_dev[tf]
@@ -846,7 +847,7 @@ class EStepContext:
         w = xp.exp(lw - mx[:, None, None])
         del lw
         tot = w.reshape(Bs, -1).sum(axis=1)
-        loglik = mx + xp.log(tot) - self.logsigma2[xp.asarray(batch.optics[sub])]
+        loglik = mx - 0.5 * x2 + xp.log(tot) - self.logsigma2[xp.asarray(batch.optics[sub])]
         w = (w / tot[:, None, None]).astype(xp.float32)
         rcls_b = xp.broadcast_to(rcls, (Bs, Rf))
         d2 = d2k[:, :, rcls[0]]
@@ -879,7 +880,6 @@ class EStepContext:
         """
         xp = self.xp
         power_full, x2, x2n = powers
-        x2 = x2.astype(xp.float32)
         ts, ps = f.ts, f.ps
         Bs = Xf.shape[0]
         R = len(f.psi)
@@ -922,14 +922,17 @@ class EStepContext:
         offs = xp.asarray(batch.offset[sub], dtype=xp.float32)[b] + f.trans_dev[tf]  # (n, 2)
         d = offs - self.prior_offset[k]
         d2 = (d * d).sum(axis=1)
-        lw = cross - 0.5 * (x2[b] + a2) + self.log_pdf[k] - d2 * self.inv2_sig_off
+        # the image norm x2 / 2, the same for all of a particle's samples, is left out of the
+        # float32 log-posteriors (see _coarse_pass) and added to the log-likelihood in float64
+        lw = cross - 0.5 * a2 + self.log_pdf[k] - d2 * self.inv2_sig_off
         # per-particle reductions over each particle's contiguous run of samples; every
         # particle has at least one (its best coarse sample is always significant)
         starts = segment_starts(b, Bs)
         mx, best = segment_argmax(lw, starts)  # best: each particle's first maximum
         w = xp.exp(lw - mx[b])
         tot = segment_sums(w, starts)
-        loglik = mx + xp.log(tot) - self.logsigma2[xp.asarray(batch.optics[sub])]
+        loglik = (mx - 0.5 * x2 + xp.log(tot)
+                  - self.logsigma2[xp.asarray(batch.optics[sub])])
         self._mark("fine: log-posteriors")
         # RELION's significance in the second pass: per particle, the largest weights that
         # hold adaptive_fraction of the total; the rest are dropped
