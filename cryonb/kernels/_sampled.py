@@ -376,8 +376,9 @@ void scatter_blocks(double* acc, const float* U, const long long* iu, const long
     // registers before one atomic add per value and k (the E-step orders its blocks by
     // target row on the GPU: see block_order). A (block, k) whose weights are all zero adds
     // nothing.
-    // With resid: also the residual's terms per segment ib[c] (non-decreasing):
-    // qd[ib * D + d] += sum w U[d] A[d] and rd[ib * D + d] += sum w A[d]^2, A's rows
+    // With resid: also the residual's terms per segment ib[c] (non-decreasing) and pixel
+    // (d mod D / 2): qd[ib * (D / 2) + d mod (D / 2)] += sum w U[d] A[d] and likewise
+    // rd += sum w A[d]^2, A's rows
     // iv[c] * PS + k: each run's sums times its reference rows, read once per run; and the
     // weights' sums accw[(iv[c] * PS + k) * (D / 2) + d] += sum w C[ib * (D / 2) + d] for
     // d < D / 2 (a segment's one row C).
@@ -453,8 +454,10 @@ void scatter_blocks(double* acc, const float* U, const long long* iu, const long
                     any[k] = false;
                 }
                 if (resid && (j + 1 == cnt || s_b[j + 1] != s_b[j])) {
-                    atomicAdd(qd + s_b[j] * (long long)D + d, q);
-                    atomicAdd(rd + s_b[j] * (long long)D + d, r);
+                    // a pixel's real and imaginary columns add into one value
+                    const long long at = s_b[j] * (long long)(D / 2) + (d < D / 2 ? d : d - D / 2);
+                    atomicAdd(qd + at, q);
+                    atomicAdd(rd + at, r);
                     q = 0.0;
                     r = 0.0;
                 }
@@ -859,15 +862,14 @@ def scatter_blocks_residual(acc, U, A, acc_w, C, iu, iv, ib, ts: int, ps: int, w
         raise ValueError(f"acc, U and A have rows of {acc.shape[1]}, {D} and {A.shape[1]} "
                          f"values, acc_w and C of {acc_w.shape[1]} and {C.shape[1]}; they "
                          "need 2P ([Re | Im]) and P")
-    qd = xp.zeros((G, D), xp.float64)
-    rd = xp.zeros((G, D), xp.float64)
+    qd = xp.zeros((G, D // 2), xp.float64)
+    rd = xp.zeros((G, D // 2), xp.float64)
     if iu.shape[0]:
         f32 = xp.float32
         _scatter_blocks_gpu(acc, U, iu, iv, ts, ps, w, ts, xp.ascontiguousarray(A, f32),
                             xp.ascontiguousarray(ib, xp.int64), qd, rd, acc_w,
                             xp.ascontiguousarray(C, f32))
-    P = D // 2
-    return qd[:, :P] + qd[:, P:], rd[:, :P] + rd[:, P:]
+    return qd, rd
 
 
 def _block_args(xp, ts, ps, iu, iv, w):
