@@ -181,7 +181,8 @@ void significant_select(const float* lw, const float* rowmax, const long long* s
                 }
                 // the first pass keeps the samples above SPEC_KEY, the second those of the
                 // first pass's threshold bin (one shared add per warp)
-                const bool keep = p == 0 ? key >= SPEC_KEY : (p == 1 && in);
+                const bool keep = i0 + threadIdx.x + (long long)u * NT < N
+                                  && (p == 0 ? key >= SPEC_KEY : (p == 1 && in));
                 const unsigned int ballot = __ballot_sync(0xffffffffu, keep);
                 if (ballot) {
                     const int lane = threadIdx.x & 31;
