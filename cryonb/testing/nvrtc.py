@@ -65,6 +65,7 @@ def kernel_sources() -> list[tuple[str, str]]:
         _sampled,
         _segments,
         _select,
+        _shells,
     )
 
     seen: list[tuple[str, str]] = []
@@ -95,6 +96,9 @@ def kernel_sources() -> list[tuple[str, str]]:
         _cuda.cuda_function(_coarse._CUDA_SRC, "coarse_log_posterior")
         _cuda.cuda_function(_prepare._CUDA_SRC, "mask_images")
         _cuda.cuda_function(_prepare._SHIFT_SRC, "shifted_ri")
+        _cuda.cuda_function(_prepare._WINDOW_SRC, "window_shift")
+        _cuda.cuda_function(_shells._CUDA_SRC, "shell_power")
+        _cuda.cuda_function(_shells._CUDA_SRC, "shell_sums")
         _cuda.cuda_function(_pose._CUDA_SRC, "pose_neighbours")
         _cuda.cuda_function(_bins._CUDA_SRC, "weighted_bincounts")
         _cuda.cuda_function(_select._CUDA_SRC, "significant_select")
