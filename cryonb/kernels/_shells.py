@@ -143,6 +143,16 @@ void shell_sums(const double* V, const float* W, int weighted, long long P, cons
 """
 
 
+def _output(X, table: ShellTable, who: str):
+    """The array module of ``X`` (B, P) and the zeroed float64 sums (B, table.n_bins); a
+    ``ValueError`` where ``P`` is not the table's."""
+    xp = array_module(X)
+    if X.shape[1] != table.n_pixels:
+        raise ValueError(f"{who}: the images have {X.shape[1]} pixels, the table "
+                         f"{table.n_pixels}")
+    return xp, xp.zeros((int(X.shape[0]), table.n_bins), xp.float64)
+
+
 def shell_power(X, table: ShellTable):
     """Per image, the power ``|X|^2`` summed over each bin's pixels.
 
@@ -158,13 +168,9 @@ def shell_power(X, table: ShellTable):
     float64 array of shape (B, table.n_bins)
         The squares in float32, their sums in float64 (0 for a bin without pixels).
     """
-    xp = array_module(X)
-    B = int(X.shape[0])
-    if X.shape[1] != table.n_pixels:
-        raise ValueError(f"shell_power: images have {X.shape[1]} pixels, the table "
-                         f"{table.n_pixels}")
-    out = xp.zeros((B, table.n_bins), xp.float64)
-    if B == 0 or table.nonempty.size == 0:
+    xp, out = _output(X, table, "shell_power")
+    B = out.shape[0]
+    if out.size == 0 or table.nonempty.size == 0:
         return out
     if xp is np:
         p = X.real * X.real
@@ -194,13 +200,9 @@ def shell_sums(V, table: ShellTable, weight=None):
     float64 array of shape (B, table.n_bins)
         ``sum V * weight`` per bin (0 for a bin without pixels).
     """
-    xp = array_module(V)
-    B = int(V.shape[0])
-    if V.shape[1] != table.n_pixels:
-        raise ValueError(f"shell_sums: values have {V.shape[1]} pixels, the table "
-                         f"{table.n_pixels}")
-    out = xp.zeros((B, table.n_bins), xp.float64)
-    if B == 0 or table.nonempty.size == 0:
+    xp, out = _output(V, table, "shell_sums")
+    B = out.shape[0]
+    if out.size == 0 or table.nonempty.size == 0:
         return out
     if xp is np:
         v = np.asarray(V, np.float64)[:, table.order]
