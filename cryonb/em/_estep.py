@@ -259,6 +259,10 @@ class EStepContext:
         # the mask with the transform's origin at [0, 0] (what the prepared images are masked
         # with: the FFT then needs no ifftshift, see _prepare_images)
         self.mask_origin0 = xp.ascontiguousarray(xp.fft.ifftshift(self.mask))
+        # 1 / sigma2 per optics group and shell, float32 (the grids' per-pixel weights), and
+        # its float64 copy for the images' norms (_image_powers) and the residual's shells
+        self._inv32 = (1.0 / np.maximum(model.sigma2_noise, 1e-30)).astype(np.float32)
+        self._inv_shell = xp.asarray(self._inv32, dtype=xp.float64)
         cur = int(model.current_size)
         coarse = int(model.coarse_size) if config.oversampling else cur
         projs = Projector(xp.asarray(model.classes, dtype=xp.float32), config.pad, stack=True)
@@ -277,9 +281,6 @@ class EStepContext:
         self.coarse_in_fine = (None if np.array_equal(cf, ff) else xp.asarray(pos))
         # the fine pixels by shell (_image_powers, the sparse pass's residual sums)
         self._fine_shells = shell_table(_to_host(self.fine.shells), self.nsh, xp)
-        # 1 / sigma2 per optics group and shell (float64 of the grids' float32 values)
-        self._inv_shell = xp.asarray(
-            (1.0 / np.maximum(model.sigma2_noise, 1e-30)).astype(np.float32), dtype=xp.float64)
         # (translations x rotations) references with the coarse phases folded in, when small:
         # the coarse product then has one row per particle instead of one per translation
         c = self.coarse
@@ -318,10 +319,11 @@ class EStepContext:
             self.log_pdf = xp.asarray(np.log(np.maximum(model.pdf_class, 0)), dtype=xp.float32)
         self.prior_offset = xp.asarray(model.prior_offset, dtype=xp.float32)
         self.inv2_sig_off = np.float32(1.0 / (2 * max(model.sigma2_offset, 1e-6)))
-        # shells beyond the current size: residual = image power (references are zero there)
-        self.full_shells = xp.asarray(np.rint(np.sqrt(
+        # each pixel's shell over the whole box (host): the image power beyond the current size
+        # (the references are zero there) and the background noise's spectrum
+        self.full_shells = np.rint(np.sqrt(
             np.fft.fftfreq(N, 1.0 / N)[:, None] ** 2 + np.arange(N // 2 + 1)[None] ** 2)
-        ).astype(np.int64).ravel())
+        ).astype(np.int64).ravel()
         self.sums = Class2DSums.zeros(self.K, N, config.pad, self.n_optics, self.n_groups, xp)
         self.sums.data = None  # filled by finish()
         self.sums.weight = None
@@ -330,8 +332,8 @@ class EStepContext:
         self._queued: list = []
         self._totals: list = []
         # the whole box's pixels by shell, up to the last shell (_image_powers)
-        shells = _to_host(self.full_shells)
-        self._full_bins = shell_table(np.where(shells < self.nsh, shells, -1), self.nsh, xp)
+        self._full_bins = shell_table(
+            np.where(self.full_shells < self.nsh, self.full_shells, -1), self.nsh, xp)
         self._noise_sd = None  # (G, S) noise amplitudes of _noise, made on first use
         #: seconds per stage of the E-step (filled when ``profile`` is true; the device is
         #: synchronised at every stage boundary, which costs a little time)
@@ -356,7 +358,6 @@ class EStepContext:
         refs = projs.sample(coords)  # (K, R, P): all classes from one set of weights
         refs = refs.reshape(-1, refs.shape[-1]).astype(xp.complex64)
         refs_ri = xp.concatenate([refs.real, refs.imag], axis=1)
-        sig = np.maximum(self.model.sigma2_noise[:, shells], 1e-30)
         # shifting by +t multiplies by exp(-2 pi i k.t / N)
         ph = -2 * np.pi / self.N * (trans[:, 0:1] * kx[None] + trans[:, 1:2] * ky[None])
         onehot = np.zeros((len(flat), self.nsh), np.float32)
@@ -364,7 +365,7 @@ class EStepContext:
         P = len(flat)
         M = self.K * len(psi)
         return _Grid(size, xp.asarray(flat), kx, ky, xp.asarray(shells), xp.asarray(onehot),
-                     xp.asarray(1.0 / sig, dtype=xp.float32), refs,
+                     xp.asarray(self._inv32[:, shells]), refs,
                      xp.ascontiguousarray(refs_ri),
                      (refs.real**2 + refs.imag**2).astype(xp.float32),
                      xp.asarray(np.exp(1j * ph), dtype=xp.complex64),
@@ -500,7 +501,7 @@ class EStepContext:
         made on the pool's device (:func:`background_noise`)."""
         xp = self.xp
         if self._noise_sd is None:
-            shells = np.minimum(_to_host(self.full_shells), self.nsh - 1)
+            shells = np.minimum(self.full_shells, self.nsh - 1)
             self._noise_sd = xp.asarray(np.sqrt(np.maximum(self.model.sigma2_noise[:, shells],
                                                            0)), dtype=xp.float32)
         keys = noise_keys(self.config.random_seed, self.model.iteration, batch.index)
