@@ -191,6 +191,10 @@ GPU_VARIANTS = {
     "tf32": ({"CRYONB_TF32": "1"}, ["--tf32_from", "0"],
              "GPU, TF32 in every iteration (--tf32_from 0)"),
     "fp32": ({"CRYONB_TF32": "0"}, [], "GPU, float32 (CRYONB_TF32=0)"),
+    "settled": ({"CRYONB_TF32": "1"}, ["--tf32_from", "0.85"],
+                "GPU, TF32 only after the last iteration that may re-seed (--tf32_from 0.85)"),
+    "late": ({"CRYONB_TF32": "1"}, ["--tf32_from", "1"],
+             "GPU, 3 x TF32 in every iteration (--tf32_from 1)"),
 }
 
 

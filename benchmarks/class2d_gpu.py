@@ -340,7 +340,8 @@ def _device_store(job, xp):
 
 def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
                 reseed_on_gpu: bool = True, profile_mstep: bool = False,
-                stages_at=(), resident: bool = False, kernels_at=()) -> dict:
+                stages_at=(), resident: bool = False, kernels_at=(),
+                pool_stored: int | None = None) -> dict:
     """A whole run of ``iterations`` (RELION's default 25) with every E-step timed.
 
     The grid of :func:`estep_throughput` times one E-step at the model of iteration 3, while
@@ -363,6 +364,9 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
     what a GPU worker does by default), not copied from pinned host memory. ``kernels_at``:
     iterations whose E-step runs once more under PyTorch's profiler (``kernels``: the
     device's busy time against the wall time, :func:`_kernel_profile`; not counted either).
+    ``pool_stored``: with ``resident``, the pool from iteration 3 on (default ``pool``), as a
+    run with the automatic pool makes it once a rank found all its images stored
+    (``cryonb.parallel.runtime``: one pool per rank).
     """
     import cProfile
     import io
@@ -379,7 +383,7 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
         if store is None:
             pools, images, _ = _pinned_pools(job, pool, it, pageable=False)
         else:
-            pools, images = job.pools(pool, it), None
+            pools, images = job.pools(pool_stored or pool if it > 2 else pool, it), None
         sums: list = []
         ctx, dt = _timed_estep(job, pools, images, keep=sums, xp=xp, resident=store)
         stages = (_stage_profile(job, pools, images, xp, resident=store)[0]
@@ -412,6 +416,7 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
         del ctx
     late = [r for r in rows if r["precision"] != "3xtf32"]
     return {"box": job.N, "K": K, "psi_step": psi_step, "n": job.n, "pool": pool,
+            "pool_stored": (pool_stored or pool) if resident else pool,
             "iterations": rows,
             "run_tflops": sum(r["flops"] for r in rows) / sum(r["estep_s"] for r in rows) / 1e12,
             "late_tflops": (sum(r["flops"] for r in late) / sum(r["estep_s"] for r in late)
@@ -670,9 +675,10 @@ def iteration_time(star, K: int, iterations: int, pool: int = 0, j: int = 1,
             "stored": sum(t.stored for t in ranks.values())}
 
 
-def _pool(spec: str, n: int, box: int, K: int, psi: float, star=None) -> int:
+def _pool(spec: str, n: int, box: int, K: int, psi: float, star=None, per_rank: int = 2) -> int:
     """The E-step grid's pool size for ``--pool`` (see :func:`main`); ``star``: the set, for
-    its pixel size (the coarse window in the memory estimate, as a run counts it)."""
+    its pixel size (the coarse window in the memory estimate, as a run counts it);
+    ``per_rank``: pools per rank (``auto_pool``'s; 1 once the images are stored)."""
     if spec != "auto":
         return int(spec)
     import cupy
@@ -686,7 +692,7 @@ def _pool(spec: str, n: int, box: int, K: int, psi: float, star=None) -> int:
     # the free memory of a fresh run: not what CuPy's pool still holds from earlier shapes
     cupy.get_default_memory_pool().free_all_blocks()
     return auto_pool(cfg, n, box, 1, gpu=True, free_bytes=cupy.cuda.Device().mem_info[0],
-                     ranks=1, pixel_size=apix)
+                     ranks=1, pixel_size=apix, per_rank=per_rank)
 
 
 def _print_scatter(box, K, psi, calls) -> None:
@@ -714,7 +720,8 @@ def _whole_run(star, n: int, box: int, K: int, psi: float, a, results: dict,
         r = run_profile(star, K, psi, pool=pool or _pool(a.pool, n, box, K, psi, star),
                         iterations=a.runs, reseed_on_gpu=not a.reseed_on_host,
                         profile_mstep=a.mstep_profile, stages_at=a.stages_at,
-                        resident=resident, kernels_at=a.kernels_at)
+                        resident=resident, kernels_at=a.kernels_at,
+                        pool_stored=pool or _pool(a.pool, n, box, K, psi, star, per_rank=1))
     except Exception as exc:  # keep measuring the other shapes
         r = {"box": box, "K": K, "psi_step": psi, "error": repr(exc)}
         print(json.dumps(r), flush=True)

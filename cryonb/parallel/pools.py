@@ -68,7 +68,7 @@ def gpu_pool_max(box: int) -> int:
 
 def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
               free_bytes: float | None = None, ranks: int | None = None,
-              pixel_size: float | None = None) -> int:
+              pixel_size: float | None = None, per_rank: int = 2) -> int:
     """The pool size used when ``--pool`` is 0.
 
     Parameters
@@ -87,6 +87,13 @@ def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
     pixel_size : float, optional
         A/px of the images: the coarse window's size in :func:`pool_memory` (without it, the
         box's, an upper bound).
+    per_rank : int, optional
+        GPU: pools per working rank at least (default 2, so that a rank's reader reads the
+        next pool while the device computes one). Where every rank's images are stored on
+        its devices (:mod:`cryonb.parallel.resident`) there is nothing to read, and the run
+        asks for 1: one pool per rank where memory allows (each pool costs the host ~430
+        launches and waits: on an H100, a late 128 px, K=50 E-step of two pools of 8,000
+        kept the device busy only 66% of the time).
 
     Returns
     -------
@@ -95,7 +102,7 @@ def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
         at least two pools to take on demand. GPU: as many particles as half the free memory
         holds (after the fine pass's own budget), between 64 and :func:`gpu_pool_max`
         (16,384 at 128 px, 4,096 from 256 px), and at most
-        ``n / (2 * ranks)``: on a GPU a pool's time is mostly host work under the rank's
+        ``n / (per_rank * ranks)``: on a GPU a pool's time is mostly host work under the rank's
         Python lock, nearly independent of the pool's size (measured on an H200: ~0.2 s per
         pool from 1,000 to 4,000 particles of 64 px), so the threads of one rank take turns
         and splitting a rank's share into smaller pools per thread only adds pools
@@ -112,6 +119,6 @@ def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
             pool = int(min(pool, max(GPU_POOL_MIN, fit)))
     else:
         pool = CPU_POOL
-    units = (ranks or threads_total) if gpu else threads_total
-    share = math.ceil(n / max(1, 2 * units))
+    units = (ranks or threads_total) * max(1, per_rank) if gpu else 2 * threads_total
+    share = math.ceil(n / max(1, units))
     return max(1, min(pool, share))

@@ -148,6 +148,8 @@ class _Run(RankSession):
         self.workers: list[Rank] = []
         self.pool = 0
         self.pool_bytes = 0
+        #: the automatic pool once every rank's images are stored on its devices (GPU)
+        self.pool_stored = 0
         self.scratch: list[tuple] = []  # (rank handle or None, ScratchCopy)
         self.info: dict = {}
         self._next_id = 0
@@ -348,12 +350,24 @@ class _Run(RankSession):
         cfg, info = self.cfg, self.info
         ranks = len(self.workers or [None])
         apix = info.get("pixel_size")
-        self.pool = cfg.pool or auto_pool(self._job_config(), info["n"], info["N"],
-                                          cfg.j * ranks, gpu=self.gpu,
-                                          free_bytes=free_per_thread, ranks=ranks,
-                                          pixel_size=apix)
+        args = (self._job_config(), info["n"], info["N"], cfg.j * ranks)
+        kw = dict(gpu=self.gpu, free_bytes=free_per_thread, ranks=ranks, pixel_size=apix)
+        self.pool = cfg.pool or auto_pool(*args, **kw)
+        self.pool_stored = cfg.pool or (auto_pool(*args, **kw, per_rank=1) if self.gpu
+                                        else self.pool)
         self.pool_bytes = self.pool * pool_memory(self._job_config(), info["N"], gpu=self.gpu,
                                                   pixel_size=apix)
+
+    def _phase_pool(self, kind: str) -> int:
+        """The pool size of a phase: :attr:`pool`, or on GPUs with an automatic pool
+        :attr:`pool_stored` (one pool per rank where memory allows) once every working
+        rank's last E-step found all its particles' images stored on its devices (nothing
+        left to read while a pool computes; :mod:`cryonb.parallel.resident`)."""
+        last = next((s for s in reversed(self.stats.iterations) if "estep" in s.stages), None)
+        if kind != "estep" or last is None or self.pool_stored == self.pool:
+            return self.pool
+        stored = [t.particles > 0 and t.stored == t.particles for t in last.ranks.values()]
+        return self.pool_stored if stored and all(stored) else self.pool
 
     # -------------------------------------------------------------- phases
     def _iterate(self) -> tuple[int, bool, dict]:
@@ -388,8 +402,9 @@ class _Run(RankSession):
         stage = "init" if kind == "init" else "estep"
         emit(self.progress, "stage", iteration=it, stage=stage, state="start")
         lead = self.leader
+        pool = self._phase_pool(kind)
         tasks = [self._task(i, m) for i, m in self._wait(
-            lead, lead.call_async("leader", "tasks", kind, self.pool, it), "making the tasks")]
+            lead, lead.call_async("leader", "tasks", kind, pool, it), "making the tasks")]
         self._begin(kind, it)
         t1 = time.monotonic()
         results = self._schedule(kind, it, tasks)

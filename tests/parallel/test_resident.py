@@ -208,3 +208,26 @@ def test_gpu_run_with_stored_images_is_the_same_run(tiny_set, tmp_path, monkeypa
     assert np.mean(got["rlnClassNumber"].to_numpy() == want["rlnClassNumber"].to_numpy()) >= 0.99
     for a, b in zip(read_mrc(runs["stored2"].classes).data, read_mrc(runs["read"].classes).data):
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.99
+
+
+@pytest.mark.gpu
+def test_gpu_automatic_pool_is_one_pool_once_images_are_stored(tiny_set, tmp_path):
+    """With the automatic pool a GPU rank computes two pools per E-step while it reads
+    images, one once it found every image stored (iteration 3 on: iteration 2 is the first
+    read from the store); the run is the one of a fixed pool up to the order of its sums."""
+    from cryonb.backend import gpu_available
+    from cryonb.io import read_particles
+    from cryonb.parallel import run_class2d
+
+    if not gpu_available():
+        pytest.skip("no usable GPU (CuPy)")
+    fixed = run_class2d(tiny_config(tiny_set, tmp_path / "fixed", iter=4, pool=75, gpu="",
+                                    cpu=False))
+    auto = run_class2d(tiny_config(tiny_set, tmp_path / "auto", iter=4, pool=0, gpu="",
+                                   cpu=False))
+    pools = [sum(t.pools for t in s.ranks.values()) for s in auto.stats.iterations
+             if "estep" in s.stages]
+    assert pools == [2, 2, 1, 1]
+    got, want = (read_particles(r.files["data"]).particles["rlnClassNumber"].to_numpy()
+                 for r in (auto, fixed))
+    assert np.mean(got == want) >= 0.99

@@ -10,7 +10,7 @@ import pytest
 from parallel_cases import assert_same_as_reference, tiny_config
 
 from cryonb.errors import ResourceError
-from cryonb.parallel import auto_pool, images, run_class2d, run_class2d_async
+from cryonb.parallel import RunStats, auto_pool, images, run_class2d, run_class2d_async
 from cryonb.parallel.images import SCRATCH_CAPACITY_ENV, image_bytes
 from cryonb.parallel.pools import gpu_pool_max, pool_memory
 
@@ -184,6 +184,37 @@ def test_automatic_pool():
     assert auto_pool(cfg, 8000, 64, 4, gpu=False) == 256
     small = auto_pool(cfg, 10**6, 128, 4, gpu=True, free_bytes=4e9)
     assert 64 <= small < 4096  # bounded by the free device memory
+    # images stored on the devices: one pool per rank, within the same bounds
+    assert auto_pool(cfg, 8000, 64, 4, gpu=True, ranks=2, per_rank=1) == 4000
+    assert auto_pool(cfg, 10**6, 128, 4, gpu=True, per_rank=1) == 16384
+    assert auto_pool(cfg, 10**6, 128, 4, gpu=True, free_bytes=4e9, per_rank=1) == small
+
+
+def test_gpu_pools_grow_once_every_rank_stores_its_images():
+    """An automatic GPU pool becomes one pool per rank from the E-step after one in which
+    every working rank took all its particles' images from its devices; not before, not
+    where a rank read some, not for the initial pass, and never with ``--pool`` given."""
+    from cryonb.parallel import IterationStats, RankTimes
+    from cryonb.parallel.runtime import _Run
+
+    run = _Run.__new__(_Run)
+    run.stats = RunStats()
+    run.pool, run.pool_stored = 4000, 8000
+
+    def iteration(it, *stored):
+        run.stats.iterations.append(IterationStats(it, {"estep": 1.0}, {
+            r: RankTimes(r, particles=4000, stored=s) for r, s in enumerate(stored, 1)}))
+
+    assert run._phase_pool("estep") == 4000  # nothing measured yet
+    iteration(1, 0, 0)  # read and stored
+    assert run._phase_pool("estep") == 4000
+    iteration(2, 4000, 3999)  # one rank read a particle
+    assert run._phase_pool("estep") == 4000
+    iteration(3, 4000, 4000)
+    assert run._phase_pool("estep") == 8000
+    assert run._phase_pool("init") == 4000
+    run.pool_stored = run.pool  # --pool given, or the CPU
+    assert run._phase_pool("estep") == 4000
 
 
 def test_automatic_gpu_pool_holds_a_gib_of_images():
