@@ -14,6 +14,10 @@ test's flags:
   ``--tf32_from``, TF32 after) twice, and once with TF32 in every iteration (``--tf32_from
   0``); ``--gpu_variants`` also offers float32 throughout (``CRYONB_TF32=0``).
 
+``tf32cpu`` runs the CPU path with TF32's rounding of the coarse product's inputs emulated
+(:func:`emulate_tf32`) from each ``--tf32_from``: what TF32 alone does to a run, on this
+machine.
+
 ``sensitivity`` measures how far the CPU path is from itself: from the CPU run's saved state
 at an iteration (``--from_iteration``), it continues the run on the CPU once on the same
 images and ``--perturbations`` times on the images plus noise of ``--noise`` (1e-6) of their
@@ -65,6 +69,29 @@ SHOWN = (1, 5, 10, 13, 15, 20, 25)
 FLAGS = ["--K", "8", "--iter", str(ITER), "--tau2_fudge", "2", "--psi_step", "10",
          "--offset_range", "5", "--offset_step", "2", "--random_seed", "0", "--quiet"]
 _CLI = "import sys; from cryonb.cli import main; sys.exit(main(sys.argv[1:]))"
+#: the CLI with :func:`emulate_tf32` in effect (this folder on the path)
+_CLI_TF32 = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+             "import class2d_cpu_gpu as b; b.emulate_tf32(); " + _CLI.split("; ", 1)[1])
+
+
+def emulate_tf32() -> None:
+    """Make this process's CPU E-step round the coarse product's inputs as a TF32 tensor
+    core does, in the iterations where the GPU's product is TF32 (``precision="tf32"``):
+    both operands rounded to 10-bit mantissas (:func:`cryonb.kernels.split_tf32_reference`'s
+    ``hi``, to nearest), products summed in float32. What TF32 alone does to a run, without
+    the GPU's other differences (its FFTs, its summation orders)."""
+    import cryonb.em._estep as estep
+    from cryonb.kernels import split_tf32_reference
+
+    exact = estep.cross_products
+
+    def cross_products(x, y, *, precision=None):
+        if precision != "tf32":
+            return exact(x, y, precision=precision)
+        y = y[0] + y[1] if isinstance(y, tuple) else y
+        return split_tf32_reference(x)[0] @ split_tf32_reference(y)[0].T
+
+    estep.cross_products = cross_products
 
 
 def make(out: Path, names, float16: bool) -> None:
@@ -90,10 +117,11 @@ def make(out: Path, names, float16: bool) -> None:
         print(f"{name}: {dst / 'particles.star'}", flush=True)
 
 
-def _run(star: Path, root: Path, device: list, diameter: float, env=None) -> float:
+def _run(star: Path, root: Path, device: list, diameter: float, env=None,
+         cli: str = _CLI) -> float:
     root.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", _CLI, "class2d", "--i", str(star), "--o", str(root),
+    subprocess.run([sys.executable, "-c", cli, "class2d", "--i", str(star), "--o", str(root),
                     "--particle_diameter", str(diameter), *FLAGS, *device], check=True,
                    env={**os.environ, **(env or {})})
     return time.perf_counter() - t0
@@ -127,6 +155,19 @@ def cpu(out: Path, runs: Path, names, perturbations: int = 4) -> None:
             dt = _run(pert / "particles.star", runs / name / f"cpu_perturbed_{seed}" / "run",
                       ["--cpu", "--j", "2"], d)
             print(f"{name} cpu, perturbed images {seed}: {dt:.0f} s", flush=True)
+
+
+def tf32_cpu(out: Path, runs: Path, names, starts=("0.5",)) -> None:
+    """The CPU path with TF32's rounding emulated in the coarse product
+    (:func:`emulate_tf32`) from each ``--tf32_from`` of ``starts``."""
+    for name in names:
+        src = out / name
+        for start in starts:
+            folder = runs / name / f"tf32em_{start}"
+            dt = _run(src / "particles.star", folder / "run",
+                      ["--cpu", "--j", "2", "--tf32_from", start], _diameter(src), cli=_CLI_TF32)
+            print(f"{name} cpu, TF32 emulated from --tf32_from {start}: {dt:.0f} s", flush=True)
+            _prune(folder)
 
 
 def _continue(optimiser: Path, images: np.ndarray | None) -> np.ndarray:
@@ -191,8 +232,8 @@ GPU_VARIANTS = {
     "tf32": ({"CRYONB_TF32": "1"}, ["--tf32_from", "0"],
              "GPU, TF32 in every iteration (--tf32_from 0)"),
     "fp32": ({"CRYONB_TF32": "0"}, [], "GPU, float32 (CRYONB_TF32=0)"),
-    "settled": ({"CRYONB_TF32": "1"}, ["--tf32_from", "0.85"],
-                "GPU, TF32 only after the last iteration that may re-seed (--tf32_from 0.85)"),
+    "half": ({"CRYONB_TF32": "1"}, ["--tf32_from", "0.5"],
+             "GPU, TF32 in the second half (--tf32_from 0.5, the default before 2026-12-07)"),
     "late": ({"CRYONB_TF32": "1"}, ["--tf32_from", "1"],
              "GPU, 3 x TF32 in every iteration (--tf32_from 1)"),
 }
@@ -266,6 +307,9 @@ def compare(runs: Path, gpu_runs: Path | None, sets_dir: Path, names) -> str:
         apix = float(json.loads((sets_dir / name / "set.json").read_text())["pixel_size"])
         roots = {f"cpu, images perturbed ({p.name.split('_')[-1]})": p / "run"
                  for p in sorted((runs / name).glob("cpu_perturbed_*"))}
+        for folder in sorted((runs / name).glob("tf32em_*")):
+            roots[f"CPU, TF32 emulated from --tf32_from {folder.name.split('_')[1]}"] = \
+                folder / "run"
         for folder in sorted(((gpu_runs or runs) / name).glob("gpu_*_*")):
             kind, rep = folder.name.split("_")[1:]
             label = GPU_VARIANTS[kind][2] if kind in GPU_VARIANTS else f"GPU, {kind}"
@@ -299,7 +343,8 @@ def compare(runs: Path, gpu_runs: Path | None, sets_dir: Path, names) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("step", choices=["make", "cpu", "gpu", "sensitivity", "compare"])
+    ap.add_argument("step", choices=["make", "cpu", "tf32cpu", "gpu", "sensitivity",
+                                     "compare"])
     ap.add_argument("--out", default=".agree", help="the sets' folder")
     ap.add_argument("--runs", default="bench_out/cpu_gpu", help="the runs' folder")
     ap.add_argument("--gpu_runs", default=None, help="compare: the GPU runs' folder, if apart")
@@ -314,6 +359,8 @@ def main(argv=None):
     ap.add_argument("--gpu_variants", default="default_a,default_b,tf32_a",
                     help="gpu: runs as variant and run letter (default_a, tf32_a, fp32_a: "
                          "see GPU_VARIANTS)")
+    ap.add_argument("--tf32_from", default="0.5",
+                    help="tf32cpu: --tf32_from values, comma-separated")
     a = ap.parse_args(argv)
     names = a.sets.split(",")
     out, runs = Path(a.out), Path(a.runs)
@@ -321,6 +368,8 @@ def main(argv=None):
         make(out, names, a.float16)
     elif a.step == "cpu":
         cpu(out, runs, names, a.perturbations)
+    elif a.step == "tf32cpu":
+        tf32_cpu(out, runs, names, a.tf32_from.split(","))
     elif a.step == "gpu":
         gpu(out, runs, names, a.gpu_variants.split(","))
     elif a.step == "sensitivity":

@@ -31,9 +31,10 @@ cleanly). Harmless relion_refine flags (--dont_check_norm, --fast_subsets ...) a
 with a warning.
 
 On a GPU the coarse pass's matrix product runs on TF32 tensor cores (it only ranks the
-samples; the second pass scores them again in float32), except in the first half of the
-iterations (--tf32_from 0.5), while the classes form: there it runs as three TF32 products
-with float32's accuracy, so that the GPU's classes are the CPU's on noisy sets too.
+samples; the second pass scores them again in float32) once no class can be re-seeded any
+more (--tf32_from 0.85, as --reseed_until): before, while the classes form, it runs as three
+TF32 products with float32's accuracy, so that the GPU's classes are the CPU's on noisy sets
+too.
 --tf32_from 0 uses TF32 throughout; CRYONB_TF32=0 in the environment keeps the product in
 float32 on the FP32 pipes (at 128 px, K=100: half the E-step's speed).
 """

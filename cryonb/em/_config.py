@@ -84,11 +84,12 @@ class Class2DConfig(JobConfig):
     tau2_anneal: float = option(8.0, "--tau2_anneal", "with --reseed: T is this many times "
                                 "larger in the first M-step, back to T at 60% of --iter "
                                 "(linearly; 1 = off; cryonb)", relion=False)
-    tf32_from: float = option(0.5, "--tf32_from", "GPU: the coarse pass's matrix product "
+    tf32_from: float = option(0.85, "--tf32_from", "GPU: the coarse pass's matrix product "
                               "runs on TF32 tensor cores after this fraction of --iter, and "
-                              "before it, while the classes form, as three TF32 products with "
-                              "float32's accuracy (3x the product's time; 0 = TF32 "
-                              "throughout; cryonb)", group="parallel", relion=False)
+                              "before it, while classes form and may be re-seeded (see "
+                              "--reseed_until), as three TF32 products with float32's "
+                              "accuracy (3x the product's time; 0 = TF32 throughout; "
+                              "cryonb)", group="parallel", relion=False)
     write_every: int = option(1, "--write_every", "write full output every N iterations "
                               "(the last is always written)", relion=False)
 

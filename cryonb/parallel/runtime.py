@@ -14,7 +14,10 @@ Scheduling
     ``--pool`` particles, shuffled per iteration with the run's seed. This process hands them
     out on demand: each working rank holds at most ``2 x --j`` pools (``--j`` computing,
     ``--j`` being read ahead) and gets the next ones as soon as results come back, so ranks
-    that are faster or less loaded take more pools (no static split).
+    that are faster or less loaded take more pools (no static split). With the automatic
+    pool (``--pool 0``) on GPUs a rank's share is at least two pools while it reads images,
+    one from the E-step after one in which every rank found all its images on its devices
+    (:meth:`_Run._phase_pool`).
 Data flow
     The model goes to the workers at the start of each iteration (MPI broadcast under MPI,
     else through this process); per-particle results come back with each pool; the threads'

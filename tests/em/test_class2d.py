@@ -720,7 +720,9 @@ def test_coarse_precision_schedule(monkeypatch):
     throughout with CRYONB_TF32=0; --tf32_from outside [0, 1] is refused."""
     cfg = Class2DConfig(i="x", o="y", iter=25)
     p = [cfg.coarse_precision(it) for it in range(1, 26)]
-    assert p[:12] == ["3xtf32"] * 12 and p[12:] == ["tf32"] * 13  # TF32 from iteration 13
+    # TF32 from iteration 22: after the last that may re-seed (round(0.85 x 25) = 21)
+    assert cfg.tf32_from == cfg.reseed_until
+    assert p[:21] == ["3xtf32"] * 21 and p[21:] == ["tf32"] * 4
     assert {replace(cfg, tf32_from=0).coarse_precision(it) for it in range(1, 26)} == {"tf32"}
     assert {replace(cfg, tf32_from=1).coarse_precision(it) for it in range(1, 26)} == {"3xtf32"}
     assert [replace(cfg, iter=3).coarse_precision(it) for it in (1, 2, 3)] == [
