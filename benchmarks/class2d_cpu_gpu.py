@@ -62,6 +62,9 @@ SETS = {
     # two more at SNR 0.05 (other views, poses and noise): how often does the agreement hold?
     "noise05b": dict(n_particles=2000, box=64, n_views=8, snr=0.05, seed=12, noise="relion"),
     "noise05c": dict(n_particles=2000, box=64, n_views=8, snr=0.05, seed=13, noise="relion"),
+    # four more (seeds 14-17): TF32's effect with --tf32_from 0.5 and 0.85 (tf32cpu)
+    **{f"noise05{c}": dict(n_particles=2000, box=64, n_views=8, snr=0.05, seed=seed,
+                           noise="relion") for c, seed in zip("defg", range(14, 18))},
 }
 ITER = 25
 #: the iterations compared (the GPU step keeps only their _data.star files)

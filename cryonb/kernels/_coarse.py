@@ -130,9 +130,9 @@ def cross_products(x, y, *, precision: str | None = None):
     have formed, but while they form it moves a per cent of the ambiguous particles of a
     noisy set (pixel SNR 0.05) into other classes, which the run does not undo, and it can
     tip a decision to re-seed a class: the E-step asks for ``"3xtf32"`` until no class can
-    be re-seeded (``Class2DConfig.tf32_from``; ``benchmarks/RESULTS.md``). The setting is per call (cuBLAS ``gemmEx`` with
-    ``CUBLAS_COMPUTE_32F_FAST_TF32``), not CuPy's process-wide compute type, so no other
-    product of the run changes precision.
+    be re-seeded (``Class2DConfig.tf32_from``; ``benchmarks/RESULTS.md``). The setting is
+    per call (cuBLAS ``gemmEx`` with ``CUBLAS_COMPUTE_32F_FAST_TF32``), not CuPy's
+    process-wide compute type, so no other product of the run changes precision.
     """
     xp = array_module(x)
     pair = isinstance(y, tuple)

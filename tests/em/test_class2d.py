@@ -725,7 +725,7 @@ def test_coarse_precision_schedule(monkeypatch):
     assert p[:21] == ["3xtf32"] * 21 and p[21:] == ["tf32"] * 4
     assert {replace(cfg, tf32_from=0).coarse_precision(it) for it in range(1, 26)} == {"tf32"}
     assert {replace(cfg, tf32_from=1).coarse_precision(it) for it in range(1, 26)} == {"3xtf32"}
-    assert [replace(cfg, iter=3).coarse_precision(it) for it in (1, 2, 3)] == [
+    assert [replace(cfg, iter=3, tf32_from=0.5).coarse_precision(it) for it in (1, 2, 3)] == [
         "3xtf32", "3xtf32", "tf32"]  # round(1.5) = 2
     # rounded, not truncated: 0.58 x 100 is 57.99999999999999 in floating point
     c = replace(cfg, iter=100, tf32_from=0.58)
