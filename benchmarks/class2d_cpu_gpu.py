@@ -82,7 +82,8 @@ def emulate_tf32() -> None:
     core does, in the iterations where the GPU's product is TF32 (``precision="tf32"``):
     both operands rounded to 10-bit mantissas (:func:`cryonb.kernels.split_tf32_reference`'s
     ``hi``, to nearest), products summed in float32. What TF32 alone does to a run, without
-    the GPU's other differences (its FFTs, its summation orders)."""
+    the GPU's other differences (its FFTs, its summation orders). ``class2d_tf32_emulation.py``
+    rounds the same way in a window of iterations given by number, and also as 3 x TF32."""
     import cryonb.em._estep as estep
     from cryonb.kernels import split_tf32_reference
 

@@ -533,6 +533,9 @@ def estep_throughput(star, K: int, psi_step: float, pool: int, iterations: int =
     import cupy
 
     job = _job(star, K, psi_step, iterations + 1, pool)
+    # the timed E-step is a late one, TF32; the warm-up iterations float32-accurate (as with
+    # this grid's earlier results, whatever the default --tf32_from)
+    job.config.tf32_from = 0.5
     xp = cupy
     for it in range(1, iterations + 1):
         ctx = job.estep_context(xp)

@@ -21,6 +21,10 @@ particles in the same class as the first run, as numbered and after renumbering:
     python benchmarks/class2d_tf32_emulation.py run plain --set .agree/noise05 --out R/plain
     python benchmarks/class2d_tf32_emulation.py run tf32 --tf32_from 13 --set ... --out R/f13
     python benchmarks/class2d_tf32_emulation.py compare R/plain R/f13
+
+``class2d_cpu_gpu.py tf32cpu`` rounds the same way, but where the run's own schedule asks
+for TF32 (``--tf32_from`` as a fraction of ``--iter``: the E-step's ``precision``), beside
+that script's CPU and GPU runs and in its comparison table.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ HERE = Path(__file__).resolve().parent
 
 def _tf32(a):
     """float32 -> the nearest TF32 value (10-bit mantissa, round half up), as float32."""
-    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
-    return ((u + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+    from cryonb.kernels import split_tf32_reference
+
+    return split_tf32_reference(a)[0]
 
 
 def _patch(mode: str, first: int, until: int) -> None:
