@@ -13,8 +13,9 @@ Scheduling
     Every phase (the initial pass, then one E-step per iteration) is a list of pools of
     ``--pool`` particles, shuffled per iteration with the run's seed. This process hands them
     out on demand: each working rank holds at most ``2 x --j`` pools (``--j`` computing,
-    ``--j`` being read ahead) and gets the next ones as soon as results come back, so ranks
-    that are faster or less loaded take more pools (no static split). With the automatic
+    ``--j`` being read ahead; in a phase of fewer pools than that per rank, an equal share,
+    so that every rank starts with one) and gets the next ones as soon as results come back,
+    so ranks that are faster or less loaded take more pools (no static split). With the automatic
     pool (``--pool 0``) on GPUs a rank's share is at least two pools while it reads images,
     one from the E-step after one in which every rank found all its images on its devices
     (:meth:`_Run._phase_pool`).
@@ -481,7 +482,10 @@ class _Run(RankSession):
         """Hand out the pools on demand; collect per-particle results (``None``: stopped)."""
         cfg = self.cfg
         lead = self.leader
-        cap = 2 * cfg.j
+        # a rank holds at most 2 x --j pools (--j computing, --j read ahead), and in a phase
+        # of fewer pools no more than an equal share, so that every rank starts with one
+        # (one pool per rank: one each; the rest go to the ranks that finish first)
+        cap = max(1, min(2 * cfg.j, len(tasks) // max(1, len(self.workers))))
         total = sum(len(t["index"]) for t in tasks)
         leader_reads = cfg.io_mode == "leader" and cfg.ranks > 1 and not self.mpi
         leader_sends = cfg.io_mode == "leader" and cfg.ranks > 1 and self.mpi

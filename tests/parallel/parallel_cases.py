@@ -47,6 +47,7 @@ CASES = [
     (3, 1, 50, "leader", "network"),
     (2, 2, 25, "leader", "disc"),
     (3, 3, 7, "parallel", "disc"),
+    (3, 2, 75, "parallel", "network"),  # one pool per worker (each must get one)
 ]
 IDS = [f"r{r}-j{j}-p{p}-{io}-{c}" for r, j, p, io, c in CASES]
 
@@ -67,6 +68,8 @@ def run_case(client, tiny_set, reference, tmp_path, case, mpi: bool):
     workers = result.stats.iterations[-1].ranks
     assert sorted(workers) == list(range(1, ranks)) and 0 not in workers
     assert sum(t.particles for t in workers.values()) == 150
+    if -(-150 // pool) >= ranks - 1:  # as many pools as workers at least: each got one
+        assert all(t.pools >= 1 for t in workers.values()), workers
     assert not list(tmp_path.glob("*.tmp"))  # disc sums removed
     if io_mode == "scratch":
         assert not list((tmp_path / "scratch").iterdir())
