@@ -201,7 +201,7 @@ class _Run(RankSession):
         src = self._local_source(table, info, proc)
         self._local_blas = self._local_blas_limit(cfg.j, proc)
         free = self._free_per_thread([rinfo], {0: proc})
-        self._choose_pool(free)
+        self._choose_pool(free, [rinfo])
         worker = WorkerService(rank=0, config=jcfg, setup=_setup_of(info), threads=cfg.j,
                                devices=devices or None, source=src, timeout=self.timeout,
                                fft_threads=max(1, proc["cores"] // cfg.j))
@@ -279,7 +279,8 @@ class _Run(RankSession):
         for w in self.workers:
             by_host.setdefault(w.info.host, []).append(w)
         sources = self._engine_sources(jcfg, info, by_host, wprobes, cwd)
-        self._choose_pool(self._free_per_thread([w.info for w in self.workers], wprobes))
+        infos = [w.info for w in self.workers]
+        self._choose_pool(self._free_per_thread(infos, wprobes), infos)
         setup = _setup_of(info)
         if cfg.io_mode == "preread":
             emit(self.progress, "stage", iteration=0, stage="preread", state="start")
@@ -350,15 +351,18 @@ class _Run(RankSession):
         per = [free[u] / users[u] for u in users if u in free]
         return min(per) if per else None
 
-    def _choose_pool(self, free_per_thread) -> None:
+    def _choose_pool(self, free_per_thread, infos: list[RankInfo]) -> None:
+        """:attr:`pool` and :attr:`pool_stored` for the working ranks ``infos``."""
         cfg, info = self.cfg, self.info
-        ranks = len(self.workers or [None])
+        ranks = len(infos)
         apix = info.get("pixel_size")
         args = (self._job_config(), info["n"], info["N"], cfg.j * ranks)
-        kw = dict(gpu=self.gpu, free_bytes=free_per_thread, ranks=ranks, pixel_size=apix)
-        self.pool = cfg.pool or auto_pool(*args, **kw)
-        self.pool_stored = cfg.pool or (auto_pool(*args, **kw, per_rank=1) if self.gpu
-                                        else self.pool)
+        kw = dict(gpu=self.gpu, free_bytes=free_per_thread, pixel_size=apix)
+        self.pool = cfg.pool or auto_pool(*args, **kw, ranks=ranks)
+        # images stored: a pool per device of each rank (a rank's threads on one device take
+        # turns; on several devices, each needs a pool of its own)
+        self.pool_stored = cfg.pool or (auto_pool(*args, **kw, ranks=_device_slots(infos),
+                                                  per_rank=1) if self.gpu else self.pool)
         self.pool_bytes = self.pool * pool_memory(self._job_config(), info["N"], gpu=self.gpu,
                                                   pixel_size=apix)
 
@@ -656,6 +660,12 @@ def _index_of(tasks: list[dict], task_id: int):
 def _setup_of(info: dict) -> dict:
     return {k: info[k] for k in ("N", "pixel_size", "n_optics", "n_groups", "mask_radius_px",
                                  "n")}
+
+
+def _device_slots(infos) -> int:
+    """The working ranks' (rank, device) pairs: how many pools can run at once on GPUs
+    (a rank's threads on one device take turns)."""
+    return sum(max(1, len(set(i.devices))) for i in infos) or 1
 
 
 def _resident_shares(workers) -> dict:

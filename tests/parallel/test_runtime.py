@@ -10,7 +10,7 @@ import pytest
 from parallel_cases import assert_same_as_reference, tiny_config
 
 from cryonb.errors import ResourceError
-from cryonb.parallel import RunStats, auto_pool, images, run_class2d, run_class2d_async
+from cryonb.parallel import RankInfo, RunStats, auto_pool, images, run_class2d, run_class2d_async
 from cryonb.parallel.images import SCRATCH_CAPACITY_ENV, image_bytes
 from cryonb.parallel.pools import gpu_pool_max, pool_memory
 
@@ -188,6 +188,20 @@ def test_automatic_pool():
     assert auto_pool(cfg, 8000, 64, 4, gpu=True, ranks=2, per_rank=1) == 4000
     assert auto_pool(cfg, 10**6, 128, 4, gpu=True, per_rank=1) == 16384
     assert auto_pool(cfg, 10**6, 128, 4, gpu=True, free_bytes=4e9, per_rank=1) == small
+
+
+def test_one_pool_per_rank_means_one_per_device_of_each_rank():
+    """Threads of a rank on one device take turns (one pool for them); a rank with a
+    thread on each of two devices needs two pools to keep both busy."""
+    from cryonb.parallel.runtime import _device_slots
+
+    def info(rank, devices):
+        return RankInfo(rank, "worker", "h", 1, threads=len(devices) or 1, devices=devices)
+
+    assert _device_slots([info(0, [0, 0])]) == 1  # --gpu 0 --j 2
+    assert _device_slots([info(0, [0, 1])]) == 2  # --gpu 0,1 --j 2
+    assert _device_slots([info(1, [0]), info(2, [1, 1])]) == 2  # --gpu 0:1,1
+    assert _device_slots([info(0, [])]) == 1  # no devices (the CPU)
 
 
 def test_gpu_pools_grow_once_every_rank_stores_its_images():
