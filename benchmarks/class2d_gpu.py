@@ -383,7 +383,7 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
         if store is None:
             pools, images, _ = _pinned_pools(job, pool, it, pageable=False)
         else:
-            pools, images = job.pools(pool_stored or pool if it > 2 else pool, it), None
+            pools, images = job.pools((pool_stored or pool) if it > 2 else pool, it), None
         sums: list = []
         ctx, dt = _timed_estep(job, pools, images, keep=sums, xp=xp, resident=store)
         stages = (_stage_profile(job, pools, images, xp, resident=store)[0]
