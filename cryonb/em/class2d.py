@@ -530,6 +530,14 @@ class Class2DJob:
         cands = [int(k) for k in np.argsort(-counts)
                  if (k not in free or k in junk) and counts[k] >= 20]
         cands = cands[: 2 * len(free) + 2]
+        med = float(np.median(counts[counts > 0]))
+        if not free:
+            # no slot: only a crowded class can take one, from a merge or a half pair (below),
+            # so the others' split tests could change nothing (the largest come first: the
+            # crowded ones' particle draws are the same)
+            cands = [k for k in cands if counts[k] >= CROWDED_RATIO * med]
+            if not cands:
+                return
         rng = np.random.default_rng([self.seed, self.iteration, 11])
         # the particles of each candidate (drawn in order: the same whatever the threads),
         # then the split tests: one after the other on the device, or in parallel on the host
@@ -548,7 +556,6 @@ class Class2DJob:
             with threadpool_limits(limits=1), ThreadPoolExecutor(max_workers=workers) as ex:
                 splits = list(ex.map(self._split, cands, picks))
         tests = []
-        med = float(np.median(counts[counts > 0]))
         # the crowded rule's bar: the best separation among the crowded candidates (a class
         # of typical size that separates better is not split, so it does not hold them back:
         # a class of five times the median size holding three views stayed unsplit to the end

@@ -622,6 +622,44 @@ def test_a_crowded_class_is_not_held_back_by_a_typical_one(tmp_path, monkeypatch
     assert [(r["class"], r["split"]) for r in job.model.reseeded] == [(4, 1)]
 
 
+def test_without_a_free_slot_only_crowded_classes_are_tested(tmp_path, monkeypatch):
+    """With no free class only a crowded class can be seeded (into a merged or half pair's
+    slot), so no other class's split test is made: none where no class is crowded; the
+    crowded class alone, with the same outcome as when every candidate is tested."""
+    from cryonb.em import _reseed
+
+    star, _ = _small_set(tmp_path)
+    run_class2d(_cfg(star, tmp_path / "a" / "run", K=4, iter=2))
+    tested = []
+
+    def split(k, idx, particles=None):
+        tested.append(k)
+        labels = (np.arange(len(idx)) % 2).astype(int)
+        return np.full((2, job.N, job.N), float(k)), labels, _reseed.SPLIT_SEPARATION + 1
+
+    def late_job(cls):
+        j = Class2DJob.from_optimiser(tmp_path / "a" / "run_it002_optimiser.star",
+                                      o=str(tmp_path / "b" / "run"), iter=10)
+        j.iteration, j.model.avg_pmax = 7, 0.5  # after the prior's annealing (late)
+        j.state.cls = cls
+        monkeypatch.setattr(j, "_split", split)
+        return j
+
+    monkeypatch.setattr(_reseed, "find_free_classes", lambda *a, **k: ([], {}))
+    monkeypatch.setattr(_reseed, "merge_candidates", lambda *a, **k: [(1.1, 3, 2)])
+    monkeypatch.setattr(_reseed, "half_pairs", lambda *a, **k: [])
+    job = late_job(None)
+    n = job.n
+    job.state.cls = np.arange(n) % 4
+    job._maybe_reseed()  # four classes of one size: none crowded, nothing tested or seeded
+    assert tested == [] and job.model.reseeded == []
+    job = late_job(np.repeat([0, 1, 2, 3], [n - 90, 30, 30, 30]))  # class 1 crowded
+    job._maybe_reseed()
+    assert tested == [0]
+    assert [(r["class"], r["split"]) for r in job.model.reseeded] == [(4, 1)]
+    assert (job.model.classes[0] == 0).all()
+
+
 def test_split_tests_short_of_device_memory_run_on_the_host(tmp_path, monkeypatch):
     """With a device for the M-step, a split test that runs out of device memory (shared
     with the E-step's pools) frees the device's cached blocks and runs on the host; the
