@@ -111,7 +111,8 @@ def split_accepted(separation: float, share: float, count: float, median_count: 
 
 def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | None = None,
                      upsample: int = 4, refine_above: float = 0.75, xp=np,
-                     chunk_bytes: int | None = None, above: float | None = None):
+                     chunk_bytes: int | None = None, above: float | None = None,
+                     only: np.ndarray | None = None):
     """Normalised correlation of every pair of class images, maximised over rotations and shifts.
 
     Parameters
@@ -145,6 +146,9 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
         entries are NaN. The others' values are those of the full search. On 100 noise-free
         70S ribosome views at 64 px, 3 of 4950 pairs were searched at ``above=0.9``; class
         averages of blurred early iterations leave about half of the pairs.
+    only : ndarray of shape (K, K), bool, optional
+        Search only the pairs ``(a, b)`` where ``only[a, b]`` (upper triangle read); the
+        others' entries are NaN (with ``above``, the pairs left are those of both).
 
     Returns
     -------
@@ -157,6 +161,14 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
     from ..fourier import Projector, fft2_centered, ifft2_centered, window_2d
 
     K, N = classes.shape[0], classes.shape[-1]
+    sim = np.eye(K)
+    pairs = np.argwhere(np.triu(np.ones((K, K), bool), 1))  # (K (K-1) / 2, 2), a < b
+    if only is not None:
+        pairs = pairs[np.asarray(only, bool)[pairs[:, 0], pairs[:, 1]]]
+    if above is not None or only is not None:
+        sim[~np.eye(K, dtype=bool)] = np.nan
+        if not len(pairs):
+            return sim
     r = max_res_px or max(4, N // 4)
     n = min(N, 2 * r + 2)
     n += n % 2
@@ -195,10 +207,7 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
         for i in range(0, len(pairs), step):
             yield i, best_shift(*pairs[i:i + step].T, turns[i:i + step], m)
 
-    sim = np.eye(K)
-    pairs = np.argwhere(np.triu(np.ones((K, K), bool), 1))  # (K (K-1) / 2, 2), a < b
     if above is not None:
-        sim[~np.eye(K, dtype=bool)] = np.nan
         bound = _amplitude_bound(F, wcol, norms)
         pairs = pairs[bound[pairs[:, 0], pairs[:, 1]] > above - _BOUND_MARGIN]
     best = np.zeros(len(pairs), np.int64)  # each pair's best angle
@@ -464,23 +473,14 @@ def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
             if k not in free and counts[k] > 0 and pmax[k] < JUNK_PMAX_RATIO * med:
                 free.append(k)
                 reasons[k] = f"junk (mean max. probability {pmax[k]:.2f}, median {med:.2f})"
+    fit = _fit_both(counts, margin, free) if margin is not None and margin.shape == (K, K) \
+        else None
     # pairs that cannot reach the threshold are not searched (NaN): below it, a similarity
-    # decides nothing
+    # decides nothing; nor are those whose particles do not fit both classes (similarity 0)
     sim = class_similarity(classes, n_psi=n_psi, max_res_px=max_res_px, xp=xp,
-                           above=dup_threshold)
-    below = np.isnan(sim)
-    sim[below] = 0.0
-    if margin is not None and margin.shape == (K, K):
-        # relative to the next-best class that is not free already (not a median: where junk
-        # takes several classes, its fit-nowhere margins made any pair of real classes cheap)
-        keep = np.array([k not in free for k in range(K)])
-        for a, b in np.argwhere(np.triu(sim != 0, 1)):  # pairs left out are 0 already
-            small, large = (a, b) if counts[a] <= counts[b] else (b, a)
-            others = keep.copy()
-            others[[a, b]] = False
-            typical = float(np.min(margin[small, others])) if others.any() else 0.0
-            if not (typical > 0 and margin[small, large] / typical < DUP_MARGIN_RATIO):
-                sim[a, b] = sim[b, a] = 0.0
+                           above=dup_threshold, only=fit)
+    below = np.isnan(sim) if fit is None else np.isnan(sim) & fit
+    sim[np.isnan(sim)] = 0.0
     ov = np.zeros((K, K)) if overlap is None or overlap.shape != (K, K) else overlap
     score = np.maximum(sim / dup_threshold, ov / overlap_threshold)
     pairs = sorted(((score[a, b], a, b) for a in range(K) for b in range(a + 1, K)),
@@ -499,6 +499,27 @@ def find_free_classes(counts: np.ndarray, classes: np.ndarray, n_particles: int,
                                f"(similarity {look}, shared particles {ov[a, b]:.2f})")
         taken.update((int(a), int(b)))
     return sorted(free), reasons
+
+
+def _fit_both(counts: np.ndarray, margin: np.ndarray, free) -> np.ndarray:
+    """Pairs whose smaller class's particles would also fit the larger one (see
+    :func:`find_free_classes`' ``margin``): boolean of shape (K, K), symmetric.
+
+    Their margin to it is below ``DUP_MARGIN_RATIO`` times their smallest margin to any other
+    class not free already (the next-best real class; not a median: where junk takes several
+    classes, its fit-nowhere margins made any pair of real classes cheap). Known before the
+    images are compared, so that only these pairs are searched (at K=100, a few of 4,950).
+    """
+    K = len(counts)
+    keep = np.array([k not in free for k in range(K)])
+    fit = np.zeros((K, K), bool)
+    for a, b in np.argwhere(np.triu(np.ones((K, K), bool), 1)):
+        small, large = (a, b) if counts[a] <= counts[b] else (b, a)
+        others = keep.copy()
+        others[[a, b]] = False
+        typical = float(np.min(margin[small, others])) if others.any() else 0.0
+        fit[a, b] = fit[b, a] = typical > 0 and margin[small, large] / typical < DUP_MARGIN_RATIO
+    return fit
 
 
 def split_class(images, psi, offsets, ctf, sigma2, tau2, tau2_fudge, current_size, mask,

@@ -183,6 +183,41 @@ def test_look_alike_classes_are_duplicates_only_if_their_particles_fit_both(view
     assert free == [3, 5]
 
 
+def test_only_the_pairs_whose_particles_fit_both_are_searched(views, monkeypatch):
+    """The margins are known before the images are compared: only the pairs they allow are
+    searched (``class_similarity(only=)``, the full search's values, NaN elsewhere), with
+    the same free classes and reasons as a search of every pair filtered after."""
+    from cryonb.em import _reseed
+
+    copy = _turned(views[1], 120.0, (0.5, 0.5))
+    classes = np.concatenate([views, copy[None], views[2:3] * 0.01])
+    counts = np.array([300.0, 250, 300, 280, 120, 5])
+    pmax = np.array([0.9, 0.92, 0.91, 0.5, 0.9, 0.4])
+    margin = np.full((6, 6), 40.0)
+    margin[:, 3] = margin[:, 5] = 400.0
+    np.fill_diagonal(margin, 0.0)
+    margin[4, 1] = 8.0
+    margin[0, 2] = 10.0  # two distinct views whose particles fit both: allowed, below 0.9
+    seen = []
+
+    def spy(*a, only=None, **k):
+        seen.append(only)
+        return class_similarity(*a, only=only, **k)
+
+    monkeypatch.setattr(_reseed, "class_similarity", spy)
+    free, why = find_free_classes(counts, classes, int(counts.sum()), pmax=pmax, margin=margin)
+    assert free == [3, 4, 5] and why[4].startswith("duplicate of class 2 (similarity 0.9")
+    allowed = {tuple(p) for p in np.argwhere(np.triu(seen[0], 1))}
+    assert allowed == {(1, 4), (0, 2)}
+    full = class_similarity(classes, n_psi=36, max_res_px=N // 4)
+    part = class_similarity(classes, n_psi=36, max_res_px=N // 4, only=seen[0])
+    done = ~np.isnan(part)
+    assert {tuple(p) for p in np.argwhere(np.triu(done, 1))} == allowed
+    np.testing.assert_allclose(part[done], full[done], rtol=1e-6)
+    nothing = class_similarity(classes, only=np.zeros((6, 6), bool))
+    assert np.isnan(nothing[~np.eye(6, dtype=bool)]).all() and (np.diag(nothing) == 1).all()
+
+
 def _aligned_set(n_views, n=400, snr=0.1, seed=0):
     sim = simulate_particles(n=n, box=N, n_views=n_views, snr=snr, ctf=False, seed=seed)
     t = sim.truth
