@@ -511,15 +511,23 @@ def _fit_both(counts: np.ndarray, margin: np.ndarray, free) -> np.ndarray:
     images are compared, so that only these pairs are searched (at K=100, a few of 4,950).
     """
     K = len(counts)
-    keep = np.array([k not in free for k in range(K)])
-    fit = np.zeros((K, K), bool)
-    for a, b in np.argwhere(np.triu(np.ones((K, K), bool), 1)):
-        small, large = (a, b) if counts[a] <= counts[b] else (b, a)
-        others = keep.copy()
-        others[[a, b]] = False
-        typical = float(np.min(margin[small, others])) if others.any() else 0.0
-        fit[a, b] = fit[b, a] = typical > 0 and margin[small, large] / typical < DUP_MARGIN_RATIO
-    return fit
+    keep = np.ones(K, bool)
+    keep[list(free)] = False
+    # typical[s, l]: row s's smallest margin over the classes kept, other than s and l (its
+    # two smallest, the second where the first is l; NaN as -inf, which no ratio passes)
+    M = np.where(keep, np.nan_to_num(margin, nan=-np.inf, posinf=np.inf), np.inf)
+    np.fill_diagonal(M, np.inf)
+    M = np.hstack([M, np.full((K, 1), np.inf)])  # two columns at least
+    order = np.argsort(M, axis=1, kind="stable")[:, :2]
+    first, second = np.take_along_axis(M, order, axis=1).T
+    typical = np.where(order[:, :1] == np.arange(K), second[:, None], first[:, None])
+    others = keep.sum() - keep[:, None] - keep[None, :]
+    typical = np.where(others > 0, typical, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cond = (typical > 0) & (margin / typical < DUP_MARGIN_RATIO)  # cond[small, large]
+    fit = np.where(counts[:, None] <= counts[None, :], cond, cond.T)  # (a, b): a smaller
+    fit = np.triu(fit, 1)
+    return fit | fit.T
 
 
 def split_class(images, psi, offsets, ctf, sigma2, tau2, tau2_fudge, current_size, mask,

@@ -185,8 +185,8 @@ def test_look_alike_classes_are_duplicates_only_if_their_particles_fit_both(view
 
 def test_only_the_pairs_whose_particles_fit_both_are_searched(views, monkeypatch):
     """The margins are known before the images are compared: only the pairs they allow are
-    searched (``class_similarity(only=)``, the full search's values, NaN elsewhere), with
-    the same free classes and reasons as a search of every pair filtered after."""
+    searched (``class_similarity(only=)``, the full search's values, NaN elsewhere), and the
+    free classes and reasons are those of the test above."""
     from cryonb.em import _reseed
 
     copy = _turned(views[1], 120.0, (0.5, 0.5))
