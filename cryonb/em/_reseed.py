@@ -44,7 +44,7 @@ from ..backend import array_module, fft_module, to_numpy, usable_cores
 __all__ = ["CROWDED_RATIO", "CROWDED_SEPARATION", "DUP_MARGIN_RATIO", "HALF_RATIO", "HALF_SIZE",
            "HALF_TOTAL", "JUNK_PMAX_RATIO", "MERGE_RATIO", "SPLIT_SEPARATION", "class_similarity",
            "find_free_classes", "half_pairs", "merge_candidates", "merge_ratios",
-           "realign_class", "split_accepted", "split_class"]
+           "realign_class", "split_accepted", "split_class", "split_classes"]
 
 #: two look-alike classes are duplicates only where the smaller one's particles lose less
 #: than this fraction of their margin to their next-best class that is not free by moving to
@@ -572,36 +572,91 @@ def split_class(images, psi, offsets, ctf, sigma2, tau2, tau2_fudge, current_siz
         deviation along that direction: about 1-2 for one view split by noise, well above 3
         for two views.
     """
+    return split_classes(images, psi, offsets, ctf, [np.arange(len(images))],
+                         np.asarray(sigma2)[None], np.asarray(tau2)[None], tau2_fudge,
+                         current_size, mask, pixel_size, seed, n_components, xp)[0]
+
+
+def split_classes(images, psi, offsets, ctf, members, sigma2, tau2, tau2_fudge, current_size,
+                  mask, pixel_size, seed: int = 0, n_components: int = 3, xp=np) -> list:
+    """:func:`split_class` of several classes at once.
+
+    The per-particle work (transforms, class-frame pixels, features) is done once for all the
+    classes' particles, and the averages of all the clusters in one scatter and one batch of
+    inverse transforms; only the principal components are computed class by class. On a GPU
+    that takes the split tests of a re-seeding check from one device round trip per class
+    (each a few dozen small operations and several synchronisations) to a few in all.
+
+    Parameters
+    ----------
+    images : ndarray of shape (n, N, N), float32
+        The particles of all the classes (norm-corrected).
+    psi, offsets, ctf
+        Their poses and CTFs, as :func:`split_class`'s.
+    members : list of C int arrays
+        The rows of ``images`` that make up each class.
+    sigma2 : ndarray of shape (C, N//2+1)
+        Noise power per shell for each class.
+    tau2 : ndarray of shape (C, N//2+1)
+        Signal power prior per shell of each class.
+    tau2_fudge, current_size, mask, pixel_size, seed, n_components, xp
+        As :func:`split_class`'s.
+
+    Returns
+    -------
+    list of C tuples
+        ``(averages, labels, separation)`` of each class, as :func:`split_class` returns them.
+    """
+    from ..backend import add_rows_at
     from ..fourier import ifft2_centered
 
     N = images.shape[-1]
+    members = [np.asarray(m, dtype=np.int64) for m in members]
     X, c, flat, _kx, _ky, shells = _class_frame_pixels(
         images, np.asarray(psi, float)[:, None], offsets, ctf, current_size, pixel_size, xp)
     X, c = X[:, 0], c[:, 0]
     # features: phase-flipped, noise-whitened low-resolution pixels (DC left out)
-    inv_s2 = 1.0 / np.maximum(sigma2[shells], 1e-30)
-    feat = (X * xp.sign(c) * xp.asarray(np.sqrt(inv_s2)))[:, xp.asarray(shells > 0)]
-    Z = xp.concatenate([feat.real, feat.imag], axis=1)
-    Z -= Z.mean(axis=0)
+    inv_s2 = 1.0 / np.maximum(np.asarray(sigma2, float)[:, shells], 1e-30)  # (C, P)
+    outer = xp.asarray(shells > 0)
+    flipped = (X * xp.sign(c))[:, outer]
+    scores = []
+    for j, rows in enumerate(members):
+        feat = flipped[xp.asarray(rows)] * xp.asarray(np.sqrt(inv_s2[j, shells > 0]))
+        Z = xp.concatenate([feat.real, feat.imag], axis=1)
+        Z -= Z.mean(axis=0)
+        scores.append(_principal_scores(Z, n_components, seed))
+    del flipped
     # the clustering on the host: a few values per particle
-    scores = to_numpy(_principal_scores(Z, n_components, seed))
-    # label 0 is the larger cluster (the class keeps it; the free class gets cluster 1): the
-    # components' signs, and so the clusters' order, differ between LAPACK and cuSOLVER
-    labels = _two_means(scores, seed)
-    if 2 * labels.sum() > len(labels) or (2 * labels.sum() == len(labels) and labels[0]):
-        labels = 1 - labels
-    separation = _separation(scores, labels)
-    reg = np.where(shells >= 1, 1.0 / np.maximum(tau2_fudge * tau2[shells], 1e-30), 0.0)
-    inv_s2, reg, mask = xp.asarray(inv_s2), xp.asarray(reg), xp.asarray(mask)
-    out = xp.zeros((2, N, N), xp.float32)
-    for g in range(2):
-        sel = xp.asarray(labels == g)
-        num = (c[sel] * X[sel]).sum(axis=0) * inv_s2
-        den = (c[sel] ** 2).sum(axis=0) * inv_s2 + reg
-        half = xp.zeros(N * (N // 2 + 1), xp.complex128)
-        half[xp.asarray(flat)] = num / xp.maximum(den, 1e-30)
-        out[g] = ifft2_centered(half.reshape(N, N // 2 + 1), N) * mask
-    return to_numpy(out), labels, separation
+    labels, separations = [], []
+    for s in scores:
+        s = to_numpy(s)
+        lab = _two_means(s, seed)
+        # label 0 is the larger cluster (the class keeps it; the free class gets cluster 1):
+        # the components' signs, and so the clusters' order, differ between LAPACK and
+        # cuSOLVER
+        if 2 * lab.sum() > len(lab) or (2 * lab.sum() == len(lab) and lab[0]):
+            lab = 1 - lab
+        labels.append(lab)
+        separations.append(_separation(s, lab))
+    # the Wiener averages of the 2 C clusters: sums by cluster in one scatter
+    rows = xp.asarray(np.concatenate(members))
+    cluster = xp.asarray(np.concatenate([2 * j + lab for j, lab in enumerate(labels)]))
+    C, P = len(members), X.shape[1]
+    crow = c[rows]
+    cx = crow * X[rows]
+    sums = xp.zeros((2 * C, 3 * P), xp.float64)  # per cluster: sum c X (re, im), sum c^2
+    add_rows_at(sums, cluster, xp.concatenate([cx.real, cx.imag, crow * crow], axis=1))
+    del crow, cx
+    cx, cc = sums[:, :P] + 1j * sums[:, P:2 * P], sums[:, 2 * P:]
+    fudge = tau2_fudge * np.asarray(tau2, float)[:, shells]
+    reg = np.where(shells >= 1, 1.0 / np.maximum(fudge, 1e-30), 0.0)
+    inv2, reg2 = (xp.asarray(np.repeat(a, 2, axis=0)) for a in (inv_s2, reg))
+    half = xp.zeros((2 * C, N * (N // 2 + 1)), xp.complex128)
+    half[:, xp.asarray(flat)] = cx * inv2 / xp.maximum(cc * inv2 + reg2, 1e-30)
+    out = (ifft2_centered(half.reshape(2 * C, N, N // 2 + 1), N)
+           * xp.asarray(mask)).astype(xp.float32)
+    out = to_numpy(out).reshape(C, 2, N, N)
+    return [(out[j], labels[j], separations[j]) for j in range(C)]
 
 
 def _class_frame_pixels(images, psi, offsets, ctf, size: int, pixel_size: float, xp=None,

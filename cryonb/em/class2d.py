@@ -54,7 +54,7 @@ from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch
 from ._mstep import InitSums, initial_model, initial_pass_sums, maximization
 
 __all__ = ["ANNEAL_UNTIL", "REALIGN_JUNK", "REALIGN_MIN_GAIN", "RESEED_MIN_PMAX",
-           "SETTLE_FRACTION", "Class2DJob", "ParticleState"]
+           "SETTLE_FRACTION", "SPLIT_BATCH", "Class2DJob", "ParticleState"]
 
 #: re-seeding starts once the average maximum posterior probability reaches this value
 RESEED_MIN_PMAX = 0.2
@@ -67,6 +67,9 @@ SETTLE_FRACTION = 0.1
 REALIGN_JUNK = True
 #: ... when the re-aligned average's log-likelihood is this much higher per particle
 REALIGN_MIN_GAIN = 1.0
+#: a GPU's split tests take up to this many particles (of several classes) in one call
+#: (``_reseed.split_classes``: about 0.1 MB each at 128 px, 0.4 MB at 256 px)
+SPLIT_BATCH = 4096
 
 
 def _group_ids(df: pd.DataFrame):
@@ -544,9 +547,8 @@ class Class2DJob:
         # (FFTs, gathers and BLAS release the GIL) with one BLAS thread each (with as many as
         # cores each, 14 tests on 16 cores took as long as on 2)
         picks = [self._split_particles(k, rng) for k in cands]
-        if self.reseed_device is not None:  # helper threads read the next classes' images
-            splits = [self._split(k, idx, p) for k, idx, p in
-                      zip(cands, picks, _read_ahead(self._class_particles, picks))]
+        if self.reseed_device is not None:
+            splits = self._split_on_device(cands, picks)
         else:
             from threadpoolctl import threadpool_limits
 
@@ -647,8 +649,12 @@ class Class2DJob:
         if cfg.ctf:
             ctf = CTFParams.from_dict({key: v[idx] for key, v in self.ctf.items()})
             ctf.scale = ctf.scale * (m.scale[self.groups[idx]] if cfg.scale else 1.0)
-        g = int(np.bincount(self.optics[idx]).argmax())
-        return imgs, ctf, m.sigma2_noise[g]
+        return imgs, ctf, self._noise_power(idx)
+
+    def _noise_power(self, idx: np.ndarray) -> np.ndarray:
+        """The noise power per shell of the particles ``idx``: their most common optics
+        group's, shape (N//2+1,)."""
+        return self.model.sigma2_noise[int(np.bincount(self.optics[idx]).argmax())]
 
     def _split(self, k: int, idx: np.ndarray, particles=None):
         """Split test of class ``k`` on particles ``idx`` (see ``_reseed.split_class``);
@@ -659,8 +665,48 @@ class Class2DJob:
         imgs, ctf, sigma2 = particles or self._class_particles(idx)
         return self._on_reseed_device(functools.partial(
             split_class, imgs, self.state.psi[idx], self.state.offset[idx], ctf, sigma2,
-            m.tau2[k], cfg.tau2_fudge, min(m.current_size, max(16, self.N // 2)), self.mask,
-            self.pixel_size, seed=self.seed + self.iteration))
+            m.tau2[k], cfg.tau2_fudge, self._split_size(), self.mask, self.pixel_size,
+            seed=self.seed + self.iteration))
+
+    def _split_on_device(self, cands: list, picks: list) -> list:
+        """The split tests of classes ``cands`` on particles ``picks`` on the M-step's device,
+        several classes per call (``_reseed.split_classes``, at most ``SPLIT_BATCH``
+        particles in one), helper threads reading the next batch's images meanwhile.
+
+        The same results as ``_split`` of each class: the batch shares the per-particle
+        work and the averages' sums; each class keeps its own noise power, prior and
+        principal components.
+        """
+        from ._reseed import split_classes
+
+        batches, size = [], SPLIT_BATCH + 1
+        for j, idx in enumerate(picks):
+            if size + len(idx) > SPLIT_BATCH:
+                batches.append([])
+                size = 0
+            batches[-1].append(j)
+            size += len(idx)
+        cfg, m = self.config, self.model
+
+        def read(batch):
+            return self._class_particles(np.concatenate([picks[j] for j in batch]))
+
+        out = []
+        for batch, (imgs, ctf, _sigma2) in zip(batches, _read_ahead(read, batches)):
+            idx = np.concatenate([picks[j] for j in batch])
+            ends = np.cumsum([len(picks[j]) for j in batch])
+            members = [np.arange(e - len(picks[j]), e) for j, e in zip(batch, ends)]
+            out += self._on_reseed_device(functools.partial(
+                split_classes, imgs, self.state.psi[idx], self.state.offset[idx], ctf, members,
+                np.stack([self._noise_power(picks[j]) for j in batch]),
+                np.stack([m.tau2[cands[j]] for j in batch]), cfg.tau2_fudge,
+                self._split_size(), self.mask, self.pixel_size,
+                seed=self.seed + self.iteration))
+        return out
+
+    def _split_size(self) -> int:
+        """The Fourier box of the split tests: the current size, at least 16 or half the box."""
+        return min(self.model.current_size, max(16, self.N // 2))
 
     def _on_reseed_device(self, work):
         """``work(xp=...)`` on the M-step's device (``reseed_device``), else on the host.

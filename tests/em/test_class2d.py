@@ -700,6 +700,35 @@ def test_split_tests_short_of_device_memory_run_on_the_host(tmp_path, monkeypatc
         job._split(0, idx)
 
 
+def test_a_devices_split_tests_in_batches_are_each_class_own(tmp_path, monkeypatch):
+    """The M-step's device takes the split tests several classes at a time
+    (``_split_on_device``, here on the host and in batches of at most 100 particles): each
+    class gets what its own split test gives it (``_split``), in the candidates' order."""
+    from cryonb.em import _reseed, class2d
+
+    star, _ = _small_set(tmp_path)
+    run_class2d(_cfg(star, tmp_path / "a" / "run", iter=2))
+    job = Class2DJob.from_optimiser(tmp_path / "a" / "run_it002_optimiser.star",
+                                    o=str(tmp_path / "b" / "run"))
+    cands = [2, 0, 1]
+    picks = [np.flatnonzero(job.state.cls == k) for k in cands]
+    assert [len(p) for p in picks] == [46, 33, 161]
+    monkeypatch.setattr(class2d, "SPLIT_BATCH", 100)  # batches: classes 2 and 0; class 1
+    calls, real = [], _reseed.split_classes
+
+    def counted(*a, **kw):
+        calls.append(len(a[4]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(_reseed, "split_classes", counted)
+    together = job._split_on_device(cands, picks)
+    assert calls == [2, 1] and len(together) == 3
+    for k, idx, (avg, labels, sep) in zip(cands, picks, together):
+        want = job._split(k, idx)
+        assert (labels == want[1]).all() and sep == pytest.approx(want[2], rel=1e-9)
+        np.testing.assert_allclose(avg, want[0], rtol=0, atol=1e-6 * np.abs(want[0]).max())
+
+
 def test_continue_restores_the_reseeding_schedule(tmp_path):
     """The re-seeding schedule's memory (last re-seeding, last re-alignment per class) comes
     back from the history, so a continued run re-seeds when the uninterrupted one would."""

@@ -21,6 +21,7 @@ from cryonb.em._reseed import (
     realign_class,
     split_accepted,
     split_class,
+    split_classes,
 )
 from cryonb.fourier import (
     Projector,
@@ -254,6 +255,60 @@ def test_the_split_test_gives_the_same_on_the_gpu():
     assert (labels_gpu == labels).all()
     assert separation_gpu == pytest.approx(separation, rel=1e-4)
     np.testing.assert_allclose(averages_gpu, averages, atol=1e-4 * np.abs(averages).max())
+
+
+def _three_classes():
+    """Three classes' particles in one stack (two views; one view; 20 particles, whose
+    principal components take the exact SVD), each with its own noise power and prior."""
+    sets = [_aligned_set(2, n=160, seed=2), _aligned_set(1, n=120, seed=3),
+            _aligned_set(2, n=20, seed=5)]
+    images = np.concatenate([s.images for s, _, _ in sets])
+    psi = np.concatenate([p for _, p, _ in sets])
+    offsets = np.concatenate([o for _, _, o in sets])
+    ends = np.cumsum([len(p) for _, p, _ in sets])
+    members = [np.arange(e - len(p), e) for (_, p, _), e in zip(sets, ends)]
+    shells = N // 2 + 1
+    rng = np.random.default_rng(7)
+    sigma2 = rng.uniform(0.5, 2.0, (3, shells)) * float(np.var(images))
+    tau2 = rng.uniform(0.5, 2.0, (3, shells))
+    return images, psi, offsets, members, sigma2, tau2
+
+
+def _split_all(images, psi, offsets, members, sigma2, tau2, xp=np):
+    return split_classes(images, psi, offsets, None, members, sigma2, tau2, 2.0, N,
+                         np.ones((N, N), np.float32), 3.0, seed=0, xp=xp)
+
+
+def test_split_tests_of_several_classes_at_once_are_each_class_own():
+    """``split_classes`` (one pass over all the classes' particles) gives each class what
+    ``split_class`` gives it alone: labels, separation and averages, with the class's own
+    noise power and prior; the two-view class still splits and the one-view class does not."""
+    images, psi, offsets, members, sigma2, tau2 = _three_classes()
+    together = _split_all(images, psi, offsets, members, sigma2, tau2)
+    assert len(together) == 3
+    for j, rows in enumerate(members):
+        alone = split_class(images[rows], psi[rows], offsets[rows], None, sigma2[j], tau2[j],
+                            2.0, N, np.ones((N, N), np.float32), 3.0, seed=0)
+        avg, labels, sep = together[j]
+        assert (labels == alone[1]).all() and len(labels) == len(rows)
+        assert sep == pytest.approx(alone[2], rel=1e-9)
+        assert avg.shape == (2, N, N) and avg.dtype == np.float32
+        np.testing.assert_allclose(avg, alone[0], rtol=0, atol=1e-6 * np.abs(alone[0]).max())
+    assert together[0][2] >= SPLIT_SEPARATION > together[1][2]
+
+
+@pytest.mark.gpu
+def test_split_tests_of_several_classes_on_the_gpu():
+    import cupy
+
+    args = _three_classes()
+    host = _split_all(*args)
+    device = _split_all(*args, xp=cupy)
+    for (avg, labels, sep), (avg_d, labels_d, sep_d) in zip(host, device):
+        assert isinstance(avg_d, np.ndarray) and isinstance(labels_d, np.ndarray)
+        assert (labels_d == labels).all()
+        assert sep_d == pytest.approx(sep, rel=1e-4)
+        np.testing.assert_allclose(avg_d, avg, atol=1e-4 * np.abs(avg).max())
 
 
 @pytest.mark.parametrize("psi", [0.0, 90.0])
