@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module, fft_module, to_numpy, usable_cores
+from ..backend import array_module, fft_batch, fft_module, to_numpy, usable_cores
 
 __all__ = ["CROWDED_RATIO", "CROWDED_SEPARATION", "DUP_MARGIN_RATIO", "HALF_RATIO", "HALF_SIZE",
            "HALF_TOTAL", "JUNK_PMAX_RATIO", "MERGE_RATIO", "SPLIT_SEPARATION", "class_similarity",
@@ -187,25 +187,28 @@ def class_similarity(classes: np.ndarray, n_psi: int = 36, max_res_px: int | Non
     par = {"workers": usable_cores()} if xp is np else {}  # scipy.fft: the batches over cores
     chunk_bytes = chunk_bytes or (1 << 26 if xp is np else 1 << 29)
 
-    def best_shift(a, b, turns, m):
+    def best_shift(a, b, turns, m, rows):
         """Max over (circular) shifts of the cross-correlations of pairs ``(a, b)`` at the
-        angles ``turns`` (pairs, T), on an m x m grid (zero-padded for m > n): (pairs, T)."""
+        angles ``turns`` (pairs, T), on an m x m grid (zero-padded for m > n), transformed
+        as a batch of ``rows >= len(a)`` pairs (zeros after the pairs): (pairs, T)."""
         G = F[xp.asarray(a), 0][:, None] * xp.conj(F[xp.asarray(b)[:, None], xp.asarray(turns)])
-        if m > n:
+        if m > n or rows > len(a):
             h = n // 2
-            Gp = xp.zeros((*G.shape[:2], m, m // 2 + 1), G.dtype)
-            Gp[..., :h, :h + 1] = G[..., :h, :]
-            Gp[..., m - h:, :h + 1] = G[..., h:, :]
+            Gp = xp.zeros((rows, G.shape[1], m, m // 2 + 1), G.dtype)
+            Gp[:len(a), :, :h, :h + 1] = G[..., :h, :]
+            Gp[:len(a), :, m - h:, :h + 1] = G[..., h:, :]
             G = Gp
-        cc = fft.irfft2(G, s=(m, m), axes=(-2, -1), **par)
+        cc = fft.irfft2(G, s=(m, m), axes=(-2, -1), **par)[:len(a)]
         return to_numpy(cc.reshape(len(a), turns.shape[1], -1).max(axis=2)).astype(
             np.float64) * (m * m)
 
     def chunks(pairs, turns, m, per_pair):
-        # fixed-size chunks (one FFT plan for all but the last)
+        # fixed-size chunks (one FFT plan for all but the last; on a GPU the last padded to
+        # a power of two, see fft_batch)
         step = max(1, chunk_bytes // per_pair)
         for i in range(0, len(pairs), step):
-            yield i, best_shift(*pairs[i:i + step].T, turns[i:i + step], m)
+            part = pairs[i:i + step]
+            yield i, best_shift(*part.T, turns[i:i + step], m, fft_batch(len(part), xp, step))
 
     if above is not None:
         bound = _amplitude_bound(F, wcol, norms)
@@ -651,9 +654,9 @@ def split_classes(images, psi, offsets, ctf, members, sigma2, tau2, tau2_fudge, 
     fudge = tau2_fudge * np.asarray(tau2, float)[:, shells]
     reg = np.where(shells >= 1, 1.0 / np.maximum(fudge, 1e-30), 0.0)
     inv2, reg2 = (xp.asarray(np.repeat(a, 2, axis=0)) for a in (inv_s2, reg))
-    half = xp.zeros((2 * C, N * (N // 2 + 1)), xp.complex128)
-    half[:, xp.asarray(flat)] = cx * inv2 / xp.maximum(cc * inv2 + reg2, 1e-30)
-    out = (ifft2_centered(half.reshape(2 * C, N, N // 2 + 1), N)
+    half = xp.zeros((fft_batch(2 * C, xp), N * (N // 2 + 1)), xp.complex128)
+    half[:2 * C, xp.asarray(flat)] = cx * inv2 / xp.maximum(cc * inv2 + reg2, 1e-30)
+    out = (ifft2_centered(half.reshape(-1, N, N // 2 + 1), N)[:2 * C]
            * xp.asarray(mask)).astype(xp.float32)
     out = to_numpy(out).reshape(C, 2, N, N)
     return [(out[j], labels[j], separations[j]) for j in range(C)]

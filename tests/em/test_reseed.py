@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cryonb.backend import fft_batch
 from cryonb.data.conventions import euler_to_matrix
 from cryonb.em._reseed import (
     CROWDED_RATIO,
@@ -86,6 +87,39 @@ def test_class_similarity_in_chunks(views_and_copy):
     per = 3 * 72 * (N // 2 + 2) * (N // 4 + 2) * 16  # three pairs' products and transforms
     chunked = class_similarity(views_and_copy, n_psi=72, max_res_px=N // 4, chunk_bytes=per)
     np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+
+
+class _PaddedNumPy:
+    """NumPy under another name: the code paths for a GPU module (batches padded to
+    :func:`cryonb.backend.fft_batch`'s sizes, fixed-size chunks of transforms) run on the
+    host."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+
+def test_fft_batch_sizes():
+    xp = _PaddedNumPy()
+    assert [fft_batch(n, np) for n in (1, 5, 9)] == [1, 5, 9]
+    assert [fft_batch(n, xp) for n in (1, 2, 5, 8, 9)] == [1, 2, 8, 8, 16]
+    assert fft_batch(5, xp, at_most=6) == 6 and fft_batch(7, xp, at_most=6) == 7
+
+
+def test_padded_batches_give_what_the_host_gives(views_and_copy):
+    """The GPU's zero-padded batches (the last chunk of pairs, the clusters' averages, the
+    class-frame transforms) change no value: the similarities in chunks of three pairs and
+    the split tests of three classes, against the host's unpadded ones."""
+    per = 3 * 72 * (N // 2 + 2) * (N // 4 + 2) * 16
+    for chunk in (None, per):
+        want = class_similarity(views_and_copy, n_psi=72, max_res_px=N // 4, chunk_bytes=chunk)
+        got = class_similarity(views_and_copy, n_psi=72, max_res_px=N // 4, chunk_bytes=chunk,
+                               xp=_PaddedNumPy())
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    args = _three_classes()
+    for (avg, labels, sep), (avg_p, labels_p, sep_p) in zip(
+            _split_all(*args), _split_all(*args, xp=_PaddedNumPy())):
+        assert (labels_p == labels).all() and sep_p == pytest.approx(sep, rel=1e-5)
+        np.testing.assert_allclose(avg_p, avg, atol=1e-5 * np.abs(avg).max())
 
 
 def _smooth_blobs(n: int, seed: int = 1) -> np.ndarray:
