@@ -14,6 +14,7 @@ from cryonb.em._reseed import (
     SPLIT_SEPARATION,
     _class_frame_pixels,
     _interp_halfplane,
+    _principal_scores,
     class_similarity,
     find_free_classes,
     half_pairs,
@@ -343,6 +344,30 @@ def test_split_tests_of_several_classes_on_the_gpu():
         assert (labels_d == labels).all()
         assert sep_d == pytest.approx(sep, rel=1e-4)
         np.testing.assert_allclose(avg_d, avg, atol=1e-4 * np.abs(avg).max())
+
+
+def test_principal_scores_of_a_stack_are_each_matrix_own():
+    """Matrices of different heights computed as one zero-padded stack, a second width in
+    its own stack, one small enough for the exact SVD, and a stack split by ``max_bytes``:
+    each gets its own leading scores (the exact SVD's, up to the components' signs)."""
+    rng = np.random.default_rng(3)
+
+    def low_rank(n, m):
+        basis = rng.standard_normal((4, m))
+        Z = (rng.standard_normal((n, 4)) * [30.0, 20.0, 12.0, 5.0]) @ basis
+        Z += rng.standard_normal((n, m))
+        return Z - Z.mean(axis=0)
+
+    Zs = [low_rank(n, m) for n, m in ((300, 400), (90, 400), (150, 250), (20, 400),
+                                      (200, 400))]
+    for max_bytes in (1 << 28, 8 * 300 * 400):  # one stack of width 400; one per matrix
+        got = _principal_scores(Zs, 3, seed=0, max_bytes=max_bytes)
+        for Z, scores in zip(Zs, got):
+            u, s, _ = np.linalg.svd(Z, full_matrices=False)
+            want = u[:, :3] * s[:3]
+            assert scores.shape == want.shape
+            signs = np.sign((scores * want).sum(axis=0))
+            np.testing.assert_allclose(scores * signs, want, atol=1e-6 * np.abs(want).max())
 
 
 @pytest.mark.parametrize("psi", [0.0, 90.0])
