@@ -54,7 +54,7 @@ from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch
 from ._mstep import InitSums, initial_model, initial_pass_sums, maximization
 
 __all__ = ["ANNEAL_UNTIL", "REALIGN_JUNK", "REALIGN_MIN_GAIN", "RESEED_MIN_PMAX",
-           "SETTLE_FRACTION", "SPLIT_BATCH", "Class2DJob", "ParticleState"]
+           "SETTLE_FRACTION", "SPLIT_BATCH_BYTES", "Class2DJob", "ParticleState"]
 
 #: re-seeding starts once the average maximum posterior probability reaches this value
 RESEED_MIN_PMAX = 0.2
@@ -67,9 +67,10 @@ SETTLE_FRACTION = 0.1
 REALIGN_JUNK = True
 #: ... when the re-aligned average's log-likelihood is this much higher per particle
 REALIGN_MIN_GAIN = 1.0
-#: a GPU's split tests take up to this many particles (of several classes) in one call
-#: (``_reseed.split_classes``: about 0.1 MB each at 128 px, 0.4 MB at 256 px)
-SPLIT_BATCH = 4096
+#: a GPU's split tests take the particles of several classes in one call
+#: (``_reseed.split_classes``), as many as this many bytes of its arrays hold (about
+#: 64 x size^2 bytes a particle at the tests' Fourier size: 0.26 MB at size 64, 1 MB at 128)
+SPLIT_BATCH_BYTES = 1 << 30
 
 
 def _group_ids(df: pd.DataFrame):
@@ -670,8 +671,8 @@ class Class2DJob:
 
     def _split_on_device(self, cands: list, picks: list) -> list:
         """The split tests of classes ``cands`` on particles ``picks`` on the M-step's device,
-        several classes per call (``_reseed.split_classes``, at most ``SPLIT_BATCH``
-        particles in one), helper threads reading the next batch's images meanwhile.
+        several classes per call (``_reseed.split_classes``, at most ``SPLIT_BATCH_BYTES``
+        of arrays, or one class), helper threads reading the next batch's images meanwhile.
 
         The same results as ``_split`` of each class: the batch shares the per-particle
         work and the averages' sums; each class keeps its own noise power, prior and
@@ -679,9 +680,10 @@ class Class2DJob:
         """
         from ._reseed import split_classes
 
-        batches, size = [], SPLIT_BATCH + 1
+        most = max(1, SPLIT_BATCH_BYTES // (64 * self._split_size() ** 2))
+        batches, size = [], most + 1
         for j, idx in enumerate(picks):
-            if size + len(idx) > SPLIT_BATCH:
+            if size + len(idx) > most:
                 batches.append([])
                 size = 0
             batches[-1].append(j)

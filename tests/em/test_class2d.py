@@ -713,7 +713,8 @@ def test_a_devices_split_tests_in_batches_are_each_class_own(tmp_path, monkeypat
     cands = [2, 0, 1]
     picks = [np.flatnonzero(job.state.cls == k) for k in cands]
     assert [len(p) for p in picks] == [46, 33, 161]
-    monkeypatch.setattr(class2d, "SPLIT_BATCH", 100)  # batches: classes 2 and 0; class 1
+    # batches of at most 100 particles: classes 2 and 0; class 1
+    monkeypatch.setattr(class2d, "SPLIT_BATCH_BYTES", 100 * 64 * job._split_size() ** 2)
     calls, real = [], _reseed.split_classes
 
     def counted(*a, **kw):
