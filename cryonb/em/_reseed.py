@@ -585,10 +585,10 @@ def split_classes(images, psi, offsets, ctf, members, sigma2, tau2, tau2_fudge, 
     """:func:`split_class` of several classes at once.
 
     The per-particle work (transforms, class-frame pixels, features) is done once for all the
-    classes' particles, and the averages of all the clusters in one scatter and one batch of
-    inverse transforms; only the principal components are computed class by class. On a GPU
-    that takes the split tests of a re-seeding check from one device round trip per class
-    (each a few dozen small operations and several synchronisations) to a few in all.
+    classes' particles, the principal components of all the classes as zero-padded stacks
+    (:func:`_principal_scores`), and the averages of all the clusters in one scatter and one
+    batch of inverse transforms. Each class keeps its own features, components, clusters
+    and averages: the results are those of :func:`split_class` on each class alone.
 
     Parameters
     ----------
