@@ -657,29 +657,36 @@ class Class2DJob:
         group's, shape (N//2+1,)."""
         return self.model.sigma2_noise[int(np.bincount(self.optics[idx]).argmax())]
 
-    def _split(self, k: int, idx: np.ndarray, particles=None):
-        """Split test of class ``k`` on particles ``idx`` (see ``_reseed.split_class``);
-        ``particles``: their :meth:`_class_particles`, if read already."""
-        from ._reseed import split_class
+    def _split(self, k: int, idx: np.ndarray):
+        """Split test of class ``k`` on particles ``idx`` (see ``_reseed.split_class``)."""
+        return self._split_tests([k], [idx])[0]
 
-        cfg, m = self.config, self.model
-        imgs, ctf, sigma2 = particles or self._class_particles(idx)
-        return self._on_reseed_device(functools.partial(
-            split_class, imgs, self.state.psi[idx], self.state.offset[idx], ctf, sigma2,
-            m.tau2[k], cfg.tau2_fudge, self._split_size(), self.mask, self.pixel_size,
-            seed=self.seed + self.iteration))
+    def _split_tests(self, cands: list, picks: list, particles=None) -> list:
+        """The split tests of classes ``cands`` on particles ``picks`` in one call of
+        ``_reseed.split_classes``, on the M-step's device if any; ``particles``: the
+        :meth:`_class_particles` of all the picks in order, if read already.
 
-    def _split_on_device(self, cands: list, picks: list) -> list:
-        """The split tests of classes ``cands`` on particles ``picks`` on the M-step's device,
-        several classes per call (``_reseed.split_classes``, at most ``SPLIT_BATCH_BYTES``
-        of arrays, or one class), helper threads reading the next batch's images meanwhile.
-
-        The same results as ``_split`` of each class: the batch shares the per-particle
+        Each class gets what its own split test gives it: the call shares the per-particle
         work and the averages' sums; each class keeps its own noise power, prior and
         principal components.
         """
         from ._reseed import split_classes
 
+        cfg, m = self.config, self.model
+        idx = np.concatenate(picks)
+        imgs, ctf, _sigma2 = particles or self._class_particles(idx)
+        ends = np.cumsum([len(p) for p in picks])
+        return self._on_reseed_device(functools.partial(
+            split_classes, imgs, self.state.psi[idx], self.state.offset[idx], ctf,
+            [np.arange(e - len(p), e) for p, e in zip(picks, ends)],
+            np.stack([self._noise_power(p) for p in picks]),
+            np.stack([m.tau2[k] for k in cands]), cfg.tau2_fudge, self._split_size(),
+            self.mask, self.pixel_size, seed=self.seed + self.iteration))
+
+    def _split_on_device(self, cands: list, picks: list) -> list:
+        """:meth:`_split_tests` of classes ``cands`` on particles ``picks`` on the M-step's
+        device, several classes per call (at most ``SPLIT_BATCH_BYTES`` of arrays, or one
+        class), helper threads reading the next batch's images meanwhile."""
         most = max(1, SPLIT_BATCH_BYTES // (64 * self._split_size() ** 2))
         batches, size = [], most + 1
         for j, idx in enumerate(picks):
@@ -688,22 +695,10 @@ class Class2DJob:
                 size = 0
             batches[-1].append(j)
             size += len(idx)
-        cfg, m = self.config, self.model
-
-        def read(batch):
-            return self._class_particles(np.concatenate([picks[j] for j in batch]))
-
+        rows = [np.concatenate([picks[j] for j in b]) for b in batches]
         out = []
-        for batch, (imgs, ctf, _sigma2) in zip(batches, _read_ahead(read, batches)):
-            idx = np.concatenate([picks[j] for j in batch])
-            ends = np.cumsum([len(picks[j]) for j in batch])
-            members = [np.arange(e - len(picks[j]), e) for j, e in zip(batch, ends)]
-            out += self._on_reseed_device(functools.partial(
-                split_classes, imgs, self.state.psi[idx], self.state.offset[idx], ctf, members,
-                np.stack([self._noise_power(picks[j]) for j in batch]),
-                np.stack([m.tau2[cands[j]] for j in batch]), cfg.tau2_fudge,
-                self._split_size(), self.mask, self.pixel_size,
-                seed=self.seed + self.iteration))
+        for b, particles in zip(batches, _read_ahead(self._class_particles, rows)):
+            out += self._split_tests([cands[j] for j in b], [picks[j] for j in b], particles)
         return out
 
     def _split_size(self) -> int:

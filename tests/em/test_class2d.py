@@ -679,14 +679,14 @@ def test_split_tests_short_of_device_memory_run_on_the_host(tmp_path, monkeypatc
     class OutOfMemoryError(MemoryError):  # as cupy.cuda.memory names it
         pass
 
-    real, released = _reseed.split_class, []
+    real, released = _reseed.split_classes, []
 
     def on_device(*a, xp=np, **kw):
         if xp is not np:
             raise (OutOfMemoryError if on_device.oom else ValueError)("device")
         return real(*a, **kw)
 
-    monkeypatch.setattr(_reseed, "split_class", on_device)
+    monkeypatch.setattr(_reseed, "split_classes", on_device)
     monkeypatch.setattr(cryonb.backend, "use_device", lambda d: contextlib.nullcontext())
     monkeypatch.setattr(cryonb.backend, "release_device_memory", released.append)
     monkeypatch.setitem(__import__("sys").modules, "cupy", object())
