@@ -105,14 +105,18 @@ def h2d_bandwidth(nbytes: int = 512 << 20) -> float:
 
 
 def simulate(n: int, box: int, views: int, seed: int = 0, snr: float = 0.1):
-    """A simulated set (phantom map) as a ParticleTable-compatible folder; returns its STAR."""
+    """A simulated set (phantom map) as a ParticleTable-compatible folder; returns its STAR.
+    Projected on the GPU (16,000 particles of 256 px in seconds; the host's ~20 ms each
+    kept the earlier 256 px runs at 2,000-4,000 particles)."""
+    import cupy
+
     from cryonb.simulate import simulate_particles, write_particle_set
 
     out = Path(os.environ.get("TMPDIR", "/tmp")) / f"cryonb_bench_{n}_{box}_{views}_{seed}"
     star = out / "particles.star"
     if not star.exists():
         sim = simulate_particles(n=n, box=box, n_views=views, snr=snr, seed=seed,
-                                 max_offset_px=box / 32)
+                                 max_offset_px=box / 32, xp=cupy)
         write_particle_set(sim, out)
     return star
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .backend import to_numpy
 from .ctf import CTFParams, ctf_2d
 from .data.conventions import euler_to_matrix
 from .fourier import Projector, fft2_centered, ifft2_centered, shift_phases_2d
@@ -217,7 +218,7 @@ def simulate_particles(volume=None, *, n: int = 1000, box: int | None = None,
                        defocus_range=(10000.0, 30000.0), astigmatism: float = 1000.0,
                        voltage: float = 300.0, cs: float = 2.7, amplitude_contrast: float = 0.1,
                        particle_diameter: float | None = None, normalise: bool = True,
-                       seed: int = 0, progress: bool = False, chunk: int = 256):
+                       seed: int = 0, progress: bool = False, chunk: int = 256, xp=np):
     """Project a map into a particle stack with known poses, CTFs and noise.
 
     Parameters
@@ -247,10 +248,18 @@ def simulate_particles(volume=None, *, n: int = 1000, box: int | None = None,
     seed : int
     progress : bool
         Show a tqdm bar.
+    chunk : int
+        Particles projected per step.
+    xp : module
+        Where the projections, shifts and CTFs are computed: ``numpy`` or ``cupy`` (a GPU
+        makes large sets of big boxes in seconds rather than minutes). The poses, CTFs and
+        noise are drawn on the host either way, so both give the same set up to float32
+        rounding of the projections (~1e-6 relative).
 
     Returns
     -------
     SimulatedParticles
+        Images on the host.
     """
     rng = np.random.default_rng(seed)
     if volume is None:
@@ -277,7 +286,7 @@ def simulate_particles(volume=None, *, n: int = 1000, box: int | None = None,
     diameter_px = (particle_diameter / pixel_size) if particle_diameter else 0.75 * box
     mask = _circle_mask(box, diameter_px / 2)
 
-    proj = Projector(volume.astype(np.float32))
+    proj = Projector(xp.asarray(volume, dtype=xp.float32))
     clean = np.empty((n, box, box), np.float32)
     from tqdm.auto import tqdm
 
@@ -285,10 +294,10 @@ def simulate_particles(volume=None, *, n: int = 1000, box: int | None = None,
         sl = slice(s, min(n, s + chunk))
         f = proj.project(euler_to_matrix(rot[sl], tilt[sl], psi[sl]), box)
         # RELION origins: the particle is the centred projection shifted by -origin
-        f = f * shift_phases_2d(box, -np.stack([ox[sl], oy[sl]], axis=1))
+        f = f * shift_phases_2d(box, -np.stack([ox[sl], oy[sl]], axis=1), xp)
         if params is not None:
-            f = f * ctf_2d(params.subset(sl), box, pixel_size)
-        clean[sl] = ifft2_centered(f.astype(np.complex64), box)
+            f = f * ctf_2d(params.subset(sl), box, pixel_size, xp)
+        clean[sl] = to_numpy(ifft2_centered(f.astype(xp.complex64), box))
     signal_var = float(np.mean(clean[:, mask].var(axis=1)))
     sigma = np.sqrt(signal_var / snr) if np.isfinite(snr) and snr > 0 else 0.0
     images = clean + rng.normal(0, 1, clean.shape).astype(np.float32) * np.float32(sigma)

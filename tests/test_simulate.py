@@ -67,8 +67,12 @@ def test_relion_reads_simulated_particles(tmp_path, monkeypatch):
     assert out.stdout.count("sim/particles.mrcs") == 4
 
 
-def test_noiseless_particles_are_the_model():
-    sim = simulate_particles(n=5, box=32, n_views=2, snr=np.inf, seed=1, normalise=False)
+def test_noiseless_particles_are_the_model(xp):
+    """The images are the model computed here on the host, whether projected on the host or
+    on a GPU (``xp``); chunks of 2 cover a partial last chunk."""
+    sim = simulate_particles(n=5, box=32, n_views=2, snr=np.inf, seed=1, normalise=False,
+                             xp=xp, chunk=2)
+    assert isinstance(sim.images, np.ndarray)
     tr = sim.truth
     f = Projector(sim.volume).project(euler_to_matrix(tr.rot.values, tr.tilt.values,
                                                       tr.psi.values))
@@ -77,6 +81,15 @@ def test_noiseless_particles_are_the_model():
                              tr.defocus_angle.values), 32, sim.pixel_size)
     np.testing.assert_allclose(ifft2_centered(f.astype(np.complex64), 32), sim.images,
                                atol=1e-4 * np.abs(sim.images).max())
+
+
+def test_gpu_simulation_is_the_host_one(xp):
+    """Noise, normalisation and truth are drawn on the host: the set made on ``xp`` is the
+    host's up to float32 rounding of the projections."""
+    a = simulate_particles(n=12, box=48, n_views=3, snr=0.1, seed=4)
+    b = simulate_particles(n=12, box=48, n_views=3, snr=0.1, seed=4, xp=xp)
+    pd.testing.assert_frame_equal(a.truth, b.truth)
+    np.testing.assert_allclose(b.images, a.images, atol=1e-4 * np.abs(a.images).max())
 
 
 def test_snr_definition():
