@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["CPU_POOL", "GPU_POOL_MAX", "GPU_POOL_MIN", "auto_pool", "gpu_pool_max",
-           "pool_memory"]
+__all__ = ["CPU_POOL", "GPU_POOL_MAX", "GPU_POOL_MIN", "GPU_POOL_STORED", "auto_pool",
+           "gpu_pool_max", "pool_memory"]
 
 #: automatic pool on the CPU (BLAS is efficient from a few hundred rows on)
 CPU_POOL = 256
@@ -17,6 +17,10 @@ GPU_POOL_MIN, GPU_POOL_MAX = 64, 4096
 #: another, within the worker's pinned budget; from iteration 2 a GPU worker reads only what
 #: its device store lacks, cryonb.parallel.resident)
 _GPU_POOL_IMAGE_BYTES = 2**30
+#: automatic GPU pool once a rank's images are stored on its devices: at least this many
+#: particles whatever the box (the 1 GiB bound is for the pinned buffers of reading, which
+#: such pools do not use; still bounded by the free device memory)
+GPU_POOL_STORED = 16384
 
 
 def pool_memory(config, box: int, *, gpu: bool = True, pixel_size: float | None = None) -> int:
@@ -49,9 +53,11 @@ def pool_memory(config, box: int, *, gpu: bool = True, pixel_size: float | None 
     return estep_bytes_per_particle(T, M, P, box, split)
 
 
-def gpu_pool_max(box: int) -> int:
+def gpu_pool_max(box: int, stored: bool = False) -> int:
     """The largest automatic GPU pool for images of ``box`` px: as many as fit 1 GiB of
-    float32 images (16,384 at 128 px, 4,096 at 256 px), at least :data:`GPU_POOL_MAX`.
+    float32 images (16,384 at 128 px, 4,096 at 256 px), at least :data:`GPU_POOL_MAX`;
+    with ``stored`` (the images are on the device already: nothing to read into pinned
+    buffers) at least :data:`GPU_POOL_STORED` (16,384 at 256 px).
 
     Late in a run a GPU pool's time is mostly fixed costs (host work and kernel launches
     that do not grow with the pool), so fewer, larger pools are faster. Measured on an H100
@@ -61,9 +67,12 @@ def gpu_pool_max(box: int) -> int:
     E-step: 45 ms with the device busy 82% of it, against 77 ms and 58%); 256 px, 4,000
     particles: pools of 4,000 against 1,024, 1.3 s against 2.4 s, 11.6% against 5.9%;
     64 px, 20,000 particles: pools of 10,000 against 4,096, 3.9 s against 5.1 s, 34% against
-    19% (benchmarks/RESULTS.md, 2026-12-06).
+    19% (benchmarks/RESULTS.md, 2026-12-06). The same at 256 px with the images stored
+    (16,000 particles, late iterations): one pool of 16,000 against four of 4,096 took 71 ms
+    against 100 ms per E-step at K=50 (2026-12-07).
     """
-    return max(GPU_POOL_MAX, _GPU_POOL_IMAGE_BYTES // (4 * box * box))
+    cap = max(GPU_POOL_MAX, _GPU_POOL_IMAGE_BYTES // (4 * box * box))
+    return max(cap, GPU_POOL_STORED) if stored else cap
 
 
 def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
@@ -93,7 +102,7 @@ def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
         its devices (:mod:`cryonb.parallel.resident`) there is nothing to read, and the run
         asks for 1: one pool per rank where memory allows (each pool costs the host ~430
         launches and waits: on an H100, a late 128 px, K=50 E-step of two pools of 8,000
-        kept the device busy only 66% of the time).
+        kept the device busy only 66% of the time), up to ``gpu_pool_max(box, stored=True)``.
 
     Returns
     -------
@@ -101,7 +110,7 @@ def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
         CPU: 256, at most ``n / (2 * threads_total)`` rounded up, so that every thread gets
         at least two pools to take on demand. GPU: as many particles as half the free memory
         holds (after the fine pass's own budget), between 64 and :func:`gpu_pool_max`
-        (16,384 at 128 px, 4,096 from 256 px), and at most
+        (16,384 at 128 px, 4,096 from 256 px; with ``per_rank=1`` at least 16,384), and at most
         ``n / (per_rank * ranks)``: on a GPU a pool's time is mostly host work under the rank's
         Python lock, nearly independent of the pool's size (measured on an H200: ~0.2 s per
         pool from 1,000 to 4,000 particles of 64 px), so the threads of one rank take turns
@@ -110,7 +119,7 @@ def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
         and pools split per thread).
     """
     if gpu:
-        pool = gpu_pool_max(box)
+        pool = gpu_pool_max(box, stored=per_rank <= 1)
         if free_bytes is not None:
             from ..em._estep import FINE_BUDGET
 

@@ -248,6 +248,24 @@ def test_automatic_gpu_pool_holds_a_gib_of_images():
     assert auto_pool(cfg, 10**6, 64, 1, gpu=True, free_bytes=4e9) < 16384
 
 
+def test_stored_gpu_pools_are_not_bound_by_the_reading_buffers():
+    """Once the images are stored on the device (``per_rank=1``) the 1 GiB bound of the
+    reading's pinned buffers does not apply: 16,384 particles at any box, still within the
+    free device memory; pools that read keep it."""
+    cfg = tiny_config("p.star", Path("o"))
+    assert gpu_pool_max(256, stored=True) == gpu_pool_max(512, stored=True) == 16384
+    assert gpu_pool_max(128, stored=True) == 16384 and gpu_pool_max(256) == 4096
+    assert gpu_pool_max(64, stored=True) == 65536
+    assert auto_pool(cfg, 16000, 256, 1, gpu=True, ranks=1, per_rank=1) == 16000
+    assert auto_pool(cfg, 10**6, 256, 1, gpu=True, per_rank=1) == 16384
+    assert auto_pool(cfg, 10**6, 256, 1, gpu=True) == 4096
+    from cryonb.em._estep import FINE_BUDGET
+
+    free = 2 * (FINE_BUDGET + 8000.5 * pool_memory(cfg, 256))  # its half holds 8,000
+    assert auto_pool(cfg, 10**6, 256, 1, gpu=True, per_rank=1, free_bytes=free) == 8000
+    assert auto_pool(cfg, 10**6, 256, 1, gpu=True, free_bytes=free) == 4096
+
+
 def test_pool_memory_counts_the_coarse_window():
     """With the pixel size known, the coarse pass's memory is counted over RELION's coarse
     window (set by --psi_step and the particle), not the whole box: at 128 px and psi 10 an
