@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import usable_cores
+from ..backend import fft_threads, usable_cores
 from ..fourier import fft2_centered, radial_index_2d
 from ._estep import coarse_image_size, mask_diameter, soft_circular_mask
 from ._model import (
@@ -403,7 +403,10 @@ def maximization(model: Class2DModel, sums: Class2DSums, config) -> Class2DModel
             imgs = imgs * mask
         classes[live] = imgs.astype(np.float32)
     new.classes = classes
-    F = fft2_centered(classes.astype(np.float64))
+    # the classes' power spectra: one batch of K transforms on the host's cores (the same
+    # values with any number of threads; 0.17 s single-threaded at 256 px, K=200)
+    with fft_threads(min(usable_cores(), 8)):
+        F = fft2_centered(classes.astype(np.float64))
     ps = _shell_mean(F.real**2 + F.imag**2, N)
     new.sigma2_class = ps
     # RELION: tau2 = half the power spectrum of the reference (per real/imaginary part)
