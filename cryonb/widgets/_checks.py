@@ -268,7 +268,9 @@ def class2d_io_lines(cfg, n: int, box: int, *, gpu: bool,
     elif gpu:
         pool = auto_pool(cfg, n, box, threads, gpu=True, ranks=workers, pixel_size=pixel_size)
         how = (f"--pool 0: chosen at the start from each device's free memory "
-               f"({GPU_POOL_MIN}-{gpu_pool_max(box)}, here at most {pool})")
+               f"({GPU_POOL_MIN}-{gpu_pool_max(box)}, here at most {pool}; once all images "
+               f"are on the cards, one pool per rank and card of up to "
+               f"{gpu_pool_max(box, stored=True)} within half the free memory)")
     else:
         pool = auto_pool(cfg, n, box, threads, gpu=False)
         how = f"--pool 0: automatic ({CPU_POOL} on the CPU, here {pool})"

@@ -57,6 +57,7 @@ def test_scratch_disc(particles, tmp_path):
 def test_automatic_pool_and_gpu_memory(particles, tmp_path):
     panel = Class2DPanel(devices=1, i=str(particles), o=str(tmp_path / "run"), pool=0)
     assert "GPU memory" in _io(panel) and "chosen at the start" in _io(panel)
+    assert "one pool per rank and card" in _io(panel)
     panel.form["cpu"].value = True
     assert "host memory" in _io(panel) and "automatic (256 on the CPU, here 60)" in _io(panel)
 
