@@ -43,7 +43,7 @@ from ..kernels import (
     block_order,
     coarse_log_posterior,
     cross_products,
-    insert_slices_2d,
+    insert_rows_2d,
     mask_images_2d,
     mask_outside,
     pose_neighbours,
@@ -1223,14 +1223,13 @@ class EStepContext:
             coords = xp.asarray(rotated_indices(g.kx, g.ky, g.psi) * pad, dtype=xp.float32)
             rows = xp.flatnonzero(g.acc_weight.any(axis=1))
             if rows.size:
-                R, P = len(g.psi), len(g.kx)
+                R = len(g.psi)
                 # rows by (angle, class): slices inserted together go to different classes'
                 # grids (the GPU's atomic adds to one class's low frequencies then collide
                 # less than with a class's angles one after another)
                 rows = rows[xp.argsort((rows % R) * self.K + rows // R)]
-                vals = g.acc_data[rows, :P] + 1j * g.acc_data[rows, P:]
-                insert_slices_2d(S.data, S.weight, vals, g.acc_weight[rows], coords[rows % R],
-                                 rows // R, pad * (g.size / 2.0))
+                insert_rows_2d(S.data, S.weight, g.acc_data, g.acc_weight, coords, rows,
+                               rows % R, rows // R, pad * (g.size / 2.0))
             g.acc_data = g.acc_weight = None
         self._mark("finish")
         return S

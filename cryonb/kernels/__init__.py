@@ -14,7 +14,7 @@ from ._coarse import (
     split_tf32_reference,
     tf32_enabled,
 )
-from ._insert import insert_slices_2d, insert_slices_2d_reference
+from ._insert import insert_rows_2d, insert_slices_2d, insert_slices_2d_reference
 from ._peaks import (
     find_peaks_2d,
     find_peaks_2d_reference,
@@ -66,6 +66,7 @@ __all__ = [
     "cross_products",
     "find_peaks_2d",
     "find_peaks_2d_reference",
+    "insert_rows_2d",
     "insert_slices_2d",
     "insert_slices_2d_reference",
     "mask_images_2d",

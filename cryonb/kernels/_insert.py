@@ -14,19 +14,32 @@ import numpy as np
 
 from ..backend import array_module
 
-__all__ = ["insert_slices_2d", "insert_slices_2d_reference"]
+__all__ = ["insert_rows_2d", "insert_slices_2d", "insert_slices_2d_reference"]
 
 
-def _check(data_grid, weight_grid, values, weights, coords, slot):
+def _check_grids(data_grid, weight_grid):
     if data_grid.ndim != 3 or weight_grid.shape != data_grid.shape:
         raise ValueError("data_grid and weight_grid must both have shape (K, Py, Px)")
     if data_grid.dtype != np.complex128 or weight_grid.dtype != np.float64:
         raise ValueError("grids must be complex128 / float64 (sums are kept in double)")
     if not (data_grid.flags.c_contiguous and weight_grid.flags.c_contiguous):
         raise ValueError("grids must be C-contiguous")
+
+
+def _check(data_grid, weight_grid, values, weights, coords, slot):
+    _check_grids(data_grid, weight_grid)
     m, p = values.shape
     if weights.shape != (m, p) or coords.shape != (m, p, 2) or slot.shape != (m,):
         raise ValueError("values/weights (m, p), coords (m, p, 2) and slot (m,) disagree")
+
+
+def _check_rows(data_grid, weight_grid, acc, acc_weight, coords, rows, rot, slot):
+    _check_grids(data_grid, weight_grid)
+    M, p = acc_weight.shape
+    if acc.shape != (M, 2 * p) or coords.ndim != 3 or coords.shape[1:] != (p, 2):
+        raise ValueError("acc (M, 2p), acc_weight (M, p) and coords (R, p, 2) disagree")
+    if not (len(rows) == len(rot) == len(slot)):
+        raise ValueError("rows, rot and slot must have one length")
 
 
 def insert_slices_2d_reference(data_grid, weight_grid, values, weights, coords, slot, r_max):
@@ -64,18 +77,19 @@ def _get_numba_kernel():
         import numba
 
         @numba.njit(cache=True, nogil=True)
-        def kern(dg, wg, vre, vim, w, coords, slot, r_max2):
+        def kern(dg, wg, acc, accw, coords, rows, rot, slot, r_max2):
             py, px = wg.shape[1], wg.shape[2]
             half = py // 2
-            for i in range(vre.shape[0]):
-                k = slot[i]
-                for j in range(vre.shape[1]):
-                    x = coords[i, j, 0]
-                    y = coords[i, j, 1]
+            p = accw.shape[1]
+            for i in range(rows.shape[0]):
+                a, c, k = rows[i], rot[i], slot[i]
+                for j in range(p):
+                    x = coords[c, j, 0]
+                    y = coords[c, j, 1]
                     if x * x + y * y > r_max2:
                         continue
-                    re = vre[i, j]
-                    im = vim[i, j]
+                    re = acc[a, j]
+                    im = acc[a, p + j]
                     if x < 0:
                         x = -x
                         y = -y
@@ -91,7 +105,7 @@ def _get_numba_kernel():
                             yi = y0 + dy + half
                             if 0 <= xi < px and 0 <= yi < py:
                                 dg[k, yi, xi] += complex(b * re, b * im)
-                                wg[k, yi, xi] += b * w[i, j]
+                                wg[k, yi, xi] += b * accw[a, j]
 
         _numba_kernel = kern
     return _numba_kernel
@@ -99,16 +113,17 @@ def _get_numba_kernel():
 
 _CUDA_SRC = r"""
 extern "C" __global__
-void insert2d(double* dg, double* wg, const double* vre, const double* vim,
-              const double* w, const float* coords, const int* slot, int m, int p,
-              int py, int px, float r_max2)
+void insert2d(double* dg, double* wg, const double* acc, const double* accw,
+              const float* coords, const int* rows, const int* rot, const int* slot, int m,
+              int p, int py, int px, float r_max2)
 {
     long long t = blockDim.x * (long long)blockIdx.x + threadIdx.x;
     if (t >= (long long)m * p) return;
-    int i = t / p;
-    float x = coords[2 * t], y = coords[2 * t + 1];
+    int i = t / p, j = t - (long long)i * p;
+    long long a = rows[i], c = (long long)rot[i] * p + j;
+    float x = coords[2 * c], y = coords[2 * c + 1];
     if (x * x + y * y > r_max2) return;
-    double re = vre[t], im = vim[t], ww = w[t];
+    double re = acc[2 * a * p + j], im = acc[2 * a * p + p + j], ww = accw[a * p + j];
     if (x < 0.f) { x = -x; y = -y; im = -im; }
     int x0 = (int)floorf(x), y0 = (int)floorf(y);
     float fx = x - x0, fy = y - y0;
@@ -162,27 +177,62 @@ def insert_slices_2d(data_grid, weight_grid, values, weights, coords, slot, r_ma
     Notes
     -----
     NumPy inputs use a Numba kernel, CuPy inputs a CUDA kernel with double-precision atomic
-    adds; both agree with :func:`insert_slices_2d_reference` to rounding.
+    adds; both agree with :func:`insert_slices_2d_reference` to rounding. The slices of an
+    accumulator with one row per (class, angle) go in without these copies:
+    :func:`insert_rows_2d`.
     """
     _check(data_grid, weight_grid, values, weights, coords, slot)
     xp = array_module(data_grid)
+    m = values.shape[0]
+    acc = xp.concatenate([values.real, values.imag], axis=1).astype(xp.float64, copy=False)
+    every = xp.arange(m)
+    insert_rows_2d(data_grid, weight_grid, acc, weights, coords, every, every, slot, r_max)
+
+
+def insert_rows_2d(data_grid, weight_grid, acc, acc_weight, coords, rows, rot, slot,
+                   r_max: float):
+    """Scatter-add chosen rows of a slice accumulator into per-class grids (in place).
+
+    The E-step sums each (class, angle)'s back-projected images in one row of an
+    accumulator, its values as ``[Re | Im]`` and its weights apart, and the angles' pixel
+    coordinates are the same for every class: this inserts rows ``rows`` straight from
+    there (:func:`insert_slices_2d` of ``acc[rows, :p] + 1j acc[rows, p:]``,
+    ``acc_weight[rows]``, ``coords[rot]`` and ``slot``, without making those arrays).
+
+    Parameters
+    ----------
+    data_grid : complex128 array of shape (K, Py, Px)
+        As :func:`insert_slices_2d`.
+    weight_grid : float64 array of shape (K, Py, Px)
+    acc : float64 array of shape (M, 2 p)
+        Accumulated values, real parts then imaginary parts.
+    acc_weight : float64 array of shape (M, p)
+    coords : float32 array of shape (R, p, 2)
+        (x, y) grid coordinates of the pixels at each angle (padding included).
+    rows, rot, slot : int arrays of shape (m,)
+        Each inserted slice's row of ``acc``, its angle (row of ``coords``) and its class;
+        inserted in this order.
+    r_max : float
+        Values beyond this radius (grid units) are skipped.
+    """
+    _check_rows(data_grid, weight_grid, acc, acc_weight, coords, rows, rot, slot)
+    xp = array_module(data_grid)
     if xp is np:
-        kern = _get_numba_kernel()
-        kern(data_grid, weight_grid, np.ascontiguousarray(values.real, np.float64),
-             np.ascontiguousarray(values.imag, np.float64),
-             np.ascontiguousarray(weights, np.float64), np.ascontiguousarray(coords, np.float32),
-             np.ascontiguousarray(slot, np.int64), float(r_max) ** 2)
+        _get_numba_kernel()(
+            data_grid, weight_grid, np.ascontiguousarray(acc, np.float64),
+            np.ascontiguousarray(acc_weight, np.float64), np.ascontiguousarray(coords, np.float32),
+            *(np.ascontiguousarray(v, np.int64) for v in (rows, rot, slot)), float(r_max) ** 2)
         return
     import cupy
 
-    m, p = values.shape
+    m, p = len(rows), acc_weight.shape[1]
     n = m * p
     if n:
         _get_cuda_kernel()(
             ((n + 255) // 256,), (256,),
-            (data_grid, weight_grid, cupy.ascontiguousarray(values.real, cupy.float64),
-             cupy.ascontiguousarray(values.imag, cupy.float64),
-             cupy.ascontiguousarray(weights, cupy.float64),
+            (data_grid, weight_grid, cupy.ascontiguousarray(acc, cupy.float64),
+             cupy.ascontiguousarray(acc_weight, cupy.float64),
              cupy.ascontiguousarray(coords, cupy.float32),
-             cupy.ascontiguousarray(slot, cupy.int32), np.int32(m), np.int32(p),
-             np.int32(data_grid.shape[1]), np.int32(data_grid.shape[2]), np.float32(r_max**2)))
+             *(cupy.ascontiguousarray(v, cupy.int32) for v in (rows, rot, slot)),
+             np.int32(m), np.int32(p), np.int32(data_grid.shape[1]),
+             np.int32(data_grid.shape[2]), np.float32(r_max**2)))

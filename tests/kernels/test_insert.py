@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from cryonb.kernels import insert_slices_2d, insert_slices_2d_reference
+from cryonb.kernels import insert_rows_2d, insert_slices_2d, insert_slices_2d_reference
 
 
 def _data(seed=0, K=3, py=16, px=9, m=6, p=50):
@@ -41,6 +41,61 @@ def test_rejects_single_precision_grids():
     shape, v, w, c, s = _data()
     with pytest.raises(ValueError, match="complex128"):
         insert_slices_2d(np.zeros(shape, np.complex64), np.zeros(shape), v, w, c, s, 7.5)
+
+
+def _accumulator(seed=2, K=3, R=4, p=40):
+    """An accumulator of K * R rows (class-major) [Re | Im], its weights, coordinates per
+    angle, some rows left empty, and the rows to insert in a scrambled order."""
+    rng = np.random.default_rng(seed)
+    acc = rng.normal(size=(K * R, 2 * p))
+    accw = rng.random((K * R, p))
+    coords = rng.uniform(-8.5, 8.5, (R, p, 2)).astype(np.float32)
+    rows = rng.permutation(K * R)[: K * R - 3]
+    return (K, 16, 9), acc, accw, coords, rows, R
+
+
+def _rows_reference(shape, acc, accw, coords, rows, R):
+    p = accw.shape[1]
+    d, w = np.zeros(shape, complex), np.zeros(shape)
+    insert_slices_2d_reference(d, w, acc[rows, :p] + 1j * acc[rows, p:], accw[rows],
+                               coords[rows % R], rows // R, 7.5)
+    return d, w
+
+
+def test_rows_match_the_slices_reference():
+    """insert_rows_2d: the chosen rows of an accumulator, read in place, as the reference
+    of the materialised slices (values, weights, coordinates per row, classes)."""
+    shape, acc, accw, coords, rows, R = _accumulator()
+    d1, w1 = np.zeros(shape, complex), np.zeros(shape)
+    insert_rows_2d(d1, w1, acc, accw, coords, rows, rows % R, rows // R, 7.5)
+    d2, w2 = _rows_reference(shape, acc, accw, coords, rows, R)
+    np.testing.assert_allclose(d1, d2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(w1, w2, rtol=1e-12, atol=1e-12)
+    assert np.abs(d1).sum() > 0
+
+
+def test_rows_reject_mismatched_accumulators():
+    shape, acc, accw, coords, rows, R = _accumulator()
+    with pytest.raises(ValueError, match="disagree"):
+        insert_rows_2d(np.zeros(shape, complex), np.zeros(shape), acc[:, :-1], accw, coords,
+                       rows, rows % R, rows // R, 7.5)
+    with pytest.raises(ValueError, match="one length"):
+        insert_rows_2d(np.zeros(shape, complex), np.zeros(shape), acc, accw, coords, rows,
+                       rows[:-1] % R, rows // R, 7.5)
+
+
+@pytest.mark.gpu
+def test_cupy_rows_match_the_slices_reference():
+    import cupy
+
+    shape, acc, accw, coords, rows, R = _accumulator(3)
+    d1, w1 = cupy.zeros(shape, complex), cupy.zeros(shape)
+    r = cupy.asarray(rows)
+    insert_rows_2d(d1, w1, cupy.asarray(acc), cupy.asarray(accw), cupy.asarray(coords), r,
+                   r % R, r // R, 7.5)
+    d2, w2 = _rows_reference(shape, acc, accw, coords, rows, R)
+    np.testing.assert_allclose(d1.get(), d2, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(w1.get(), w2, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.gpu
