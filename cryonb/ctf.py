@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .fourier import frequency_grid_2d
+from .kernels import ctf_values
 
 __all__ = ["CTFParams", "ctf_2d", "ctf_at", "ctf_features", "electron_wavelength"]
 
@@ -174,23 +175,22 @@ def ctf_at(params: CTFParams, kx, ky, n: int, pixel_size, xp=np, *,
                      k1 * df_dev * np.sin(2 * th) * s2, k2 * s2 * s2,
                      -np.deg2rad(v["phase_shift"]) - np.arctan(q / np.sqrt(1 - q * q))], axis=1)
     feat = ctf_features(kx, ky, xp) if features is None else features
+    b4 = -v["bfactor"] / 4.0 * s2 if np.any(v["bfactor"] != 0) else None
+    scale = v["scale"] if np.any(v["scale"] != 1) else None
+    if not aligned:  # the pixels shared by all particles (kernels.ctf_values)
+        ctf = ctf_values(coef, feat, intact_first_peak=intact_first_peak, b4=b4, scale=scale,
+                         dtype=dtype)
+        return ctf[0] if scalar else ctf
     k2pix = feat[..., 0]
-    C = xp.asarray(coef)
-    if aligned:
-        arg = xp.einsum("m...f,mf->m...", feat, C)
-    else:
-        arg = xp.tensordot(C, feat, axes=([1], [feat.ndim - 1]))
+    arg = xp.einsum("m...f,mf->m...", feat, xp.asarray(coef))
     ctf = -xp.sin(arg)
     if intact_first_peak:
         ctf = xp.where(xp.abs(arg) < np.pi / 2, 1.0, ctf)
-    nd = feat.ndim - 1  # the pixels' dimensions (with the particles' first when aligned)
-    extra = (1,) * (nd - 1 if aligned else nd)
-    shape = (m, *extra)
-    if np.any(v["bfactor"] != 0):
-        b4 = xp.asarray(-v["bfactor"] / 4.0 * s2).reshape(shape)
-        ctf = ctf * xp.exp(b4 * (k2pix if aligned else k2pix[None]))
-    if np.any(v["scale"] != 1):
-        ctf = ctf * xp.asarray(v["scale"]).reshape(shape)
+    shape = (m, *(1,) * (feat.ndim - 2))  # the particles' first dimension is feat's own
+    if b4 is not None:
+        ctf = ctf * xp.exp(xp.asarray(b4).reshape(shape) * k2pix)
+    if scale is not None:
+        ctf = ctf * xp.asarray(scale).reshape(shape)
     ctf = ctf.astype(dtype, copy=False)
     return ctf[0] if scalar else ctf
 

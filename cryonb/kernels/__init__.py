@@ -14,6 +14,7 @@ from ._coarse import (
     split_tf32_reference,
     tf32_enabled,
 )
+from ._ctfvals import ctf_values, ctf_values_reference
 from ._insert import insert_rows_2d, insert_slices_2d, insert_slices_2d_reference
 from ._peaks import (
     find_peaks_2d,
@@ -64,6 +65,8 @@ __all__ = [
     "coarse_log_posterior",
     "coarse_log_posterior_reference",
     "cross_products",
+    "ctf_values",
+    "ctf_values_reference",
     "find_peaks_2d",
     "find_peaks_2d_reference",
     "insert_rows_2d",
