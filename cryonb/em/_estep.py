@@ -452,12 +452,8 @@ class EStepContext:
         return self._held
 
     def _upload(self, images):
-        """The pool's images on the device: the prefetched copy, or a copy made now (or, for
-        images in a device store, :class:`~cryonb.parallel.resident.StoredRows`, gathered
-        now)."""
+        """The pool's images on the device: the prefetched copy, or a copy made now."""
         xp = self.xp
-        if hasattr(images, "gather"):
-            return images.gather()
         hit = [pf for pf in self._prefetched if pf[0] is images]
         if hit:
             self._prefetched = [pf for pf in self._prefetched if pf[0] is not images]
@@ -540,13 +536,10 @@ class EStepContext:
         N = self.N
         slots, fresh = cache.lookup(batch.index, r)
         if fresh.any():
+            imgs = self._upload(batch.images)
             new = np.flatnonzero(fresh)
-            if hasattr(batch.images, "gather"):  # only these rows from the device store
-                imgs = batch.images.gather(new)
-            else:
-                imgs = self._upload(batch.images)
-                if new.size < len(batch):
-                    imgs = imgs[xp.asarray(new)]
+            if new.size < len(batch):
+                imgs = imgs[xp.asarray(new)]
             F = self._masked_transforms(imgs, np.full(new.size, 1.0 / (N * N)), r[new], batch)
             rows = xp.asarray(slots[new])
             cache.data[rows] = F

@@ -178,8 +178,6 @@ class ParticleBatch:
     index : ndarray of shape (B,), int
         Row numbers in the particle table.
     images : ndarray of shape (B, N, N), float32
-        Host or device images, or :class:`cryonb.parallel.resident.StoredRows` (images in a
-        device store, gathered where the E-step uses them).
     offset : ndarray of shape (B, 2)
         Previous offsets (pixels, x y; RELION rlnOriginX/YAngst / pixel size).
     norm : ndarray of shape (B,)

@@ -216,35 +216,6 @@ def test_prefetched_pools_give_the_same_estep(xp):
     np.testing.assert_allclose(a.sigma2_noise, b.sigma2_noise, rtol=1e-12)
 
 
-def test_estep_of_images_in_a_device_store(xp):
-    """Pools whose images are all in a device store (StoredRows, gathered where used), with
-    and without kept transforms (the second E-step reads most of them back): the results
-    and sums of the same pools given as arrays."""
-    from cryonb.em._transforms import TransformCache
-    from cryonb.parallel.resident import PoolRows, ResidentImages
-
-    batch, model, *_ = _known_pose_batch(B=30)
-    cfg = Class2DConfig(i="x", o="y", K=1, particle_diameter=0.8 * 48 * 3.0, perturb=0)
-    store = ResidentImages(30, 48, 30, xp)
-    store.add(batch.index, xp.asarray(batch.images))
-    cache = TransformCache(30, 48, xp)
-    moved = replace(batch, offset=batch.offset + np.where(np.arange(30) % 3 == 0, 1.0, 0.1)[:,
-                                                                                       None])
-    for b in (batch, moved):
-        plain, stored, kept = (EStepContext(model, cfg, xp) for _ in range(3))
-        kept.transforms = cache
-        want = np.concatenate([plain.expectation(p) for p in _split(b, 3)])
-        pools = [replace(p, images=store.assemble(PoolRows(p.index, np.zeros(len(p), bool))))
-                 for p in _split(b, 3)]
-        ref = plain.finish().to_host()
-        for ctx in (stored, kept):
-            got = np.concatenate([ctx.expectation(p) for p in pools])
-            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-            np.testing.assert_allclose(ctx.finish().to_host().data, ref.data, rtol=1e-6,
-                                       atol=1e-9 * np.abs(ref.data).max())
-    assert (cache.misses, cache.hits) == (40, 20)  # every third particle moved a pixel
-
-
 def test_a_pool_the_device_cannot_hold_is_computed_in_parts(xp, monkeypatch):
     """Where the device's free memory no longer holds a pool (another process took it), the
     pool is computed in parts that fit: the same results and sums; a pool that runs out of
