@@ -213,8 +213,6 @@ def run_pools(ctx, job, pools, images, store: bool = False, resident=None) -> No
     device store instead, as a GPU worker does from its second iteration on."""
     from cryonb.parallel.resident import PoolRows
 
-    if resident is not None:
-        ctx.transforms = resident.transforms
     for i, p in enumerate(pools):
         if resident is not None:
             im = resident.assemble(PoolRows(p, np.zeros(len(p), bool)))
@@ -332,27 +330,22 @@ def coarse_flops(job, ctx) -> float:
     return 2.0 * job.n * c.phases.shape[0] * c.refs.shape[0] * 2 * len(c.kx)
 
 
-def _device_store(job, xp, transforms: bool = True):
+def _device_store(job, xp):
     """Every particle's image in a device store (``cryonb.parallel.resident``), as a GPU
-    worker's is after its first iteration; with ``transforms`` (and ``--zero_mask``), also
-    the store's kept masked transforms (``cryonb.em._transforms``), as a worker's where the
-    card has room for both (the E-steps fill it)."""
-    from cryonb.em._transforms import TransformCache
+    worker's is after its first iteration."""
     from cryonb.parallel.resident import ResidentImages
 
     st = ResidentImages(job.n, job.N, job.n, xp)
     for s in range(0, job.n, 1024):
         idx = np.arange(s, min(job.n, s + 1024))
         st.add(idx, xp.asarray(job.table.images(idx)))
-    if transforms and job.config.zero_mask:
-        st.transforms = TransformCache(job.n, job.N, xp)
     return st
 
 
 def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
                 reseed_on_gpu: bool = True, profile_mstep: bool = False,
                 stages_at=(), resident: bool = False, kernels_at=(),
-                pool_stored: int | None = None, transforms: bool = True) -> dict:
+                pool_stored: int | None = None) -> dict:
     """A whole run of ``iterations`` (RELION's default 25) with every E-step timed.
 
     The grid of :func:`estep_throughput` times one E-step at the model of iteration 3, while
@@ -377,10 +370,7 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
     device's busy time against the wall time, :func:`_kernel_profile`; not counted either).
     ``pool_stored``: with ``resident``, the pool from iteration 3 on (default ``pool``), as a
     run with the automatic pool makes it once a rank found all its images stored
-    (``cryonb.parallel.runtime``: one pool per rank). ``transforms``: with ``resident``, the
-    store also keeps the particles' masked transforms (``cryonb.em._transforms``; what a
-    worker does where the card has room), read back where a particle's rounded offset
-    stayed; the E-steps with a profile run after the timed one, on the transforms it left.
+    (``cryonb.parallel.runtime``: one pool per rank).
     """
     import cProfile
     import io
@@ -393,19 +383,13 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
     store = None
     for it in range(1, iterations + 1):
         if store is None and resident and it > 1:
-            store = _device_store(job, xp, transforms)
+            store = _device_store(job, xp)
         if store is None:
             pools, images, _ = _pinned_pools(job, pool, it, pageable=False)
         else:
             pools, images = job.pools((pool_stored or pool) if it > 2 else pool, it), None
         sums: list = []
-        cache = store.transforms if store is not None else None
-        before = (cache.hits, cache.misses) if cache is not None else None
         ctx, dt = _timed_estep(job, pools, images, keep=sums, xp=xp, resident=store)
-        kept = None
-        if cache is not None:  # the timed E-step's particles whose transforms were kept
-            hits, misses = cache.hits - before[0], cache.misses - before[1]
-            kept = round(hits / max(1, hits + misses), 3)
         stages = (_stage_profile(job, pools, images, xp, resident=store)[0]
                   if it in stages_at else None)
         kernels = (_kernel_profile(job, pools, images, xp, resident=store)
@@ -431,7 +415,6 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
                      "mean_significant": float(job.state.n_sig.mean()),
                      "mstep_s": round(time.perf_counter() - t0, 4),
                      "reseeded": len(job.model.reseeded),
-                     **({"transforms_kept": kept} if kept is not None else {}),
                      **({"stages_s": stages} if stages else {}),
                      **({"kernels": kernels} if kernels else {})})
         del ctx
@@ -445,7 +428,6 @@ def run_profile(star, K: int, psi_step: float, pool: int, iterations: int = 25,
             "estep_s": sum(r["estep_s"] for r in rows), "mstep_s": sum(r["mstep_s"] for r in rows),
             "reseed_on": "gpu" if job.reseed_device is not None else "host",
             "images": "device" if resident else "host",
-            "transforms": bool(store is not None and store.transforms is not None),
             **({"mstep_profile": slowest[1]} if profile_mstep else {})}
 
 
@@ -746,8 +728,7 @@ def _whole_run(star, n: int, box: int, K: int, psi: float, a, results: dict,
                         iterations=a.runs, reseed_on_gpu=not a.reseed_on_host,
                         profile_mstep=a.mstep_profile, stages_at=a.stages_at,
                         resident=resident, kernels_at=a.kernels_at,
-                        pool_stored=pool or _pool(a.pool, n, box, K, psi, star, per_rank=1),
-                        transforms=not a.no_transforms)
+                        pool_stored=pool or _pool(a.pool, n, box, K, psi, star, per_rank=1))
     except Exception as exc:  # keep measuring the other shapes
         r = {"box": box, "K": K, "psi_step": psi, "error": repr(exc)}
         print(json.dumps(r), flush=True)
@@ -781,8 +762,7 @@ def _runs_table(results: dict) -> list[str]:
         per = " ".join(f"{100 * it['fraction_of_tf32_complex']:.0f}"
                        for it in r["iterations"])
         lines.append(f"| {r['box']} | {r['K']} | {r['psi_step']:g} | {r['n']} | "
-                     f"{len(r['iterations'])} | {r.get('images', 'host')}"
-                     f"{' + transforms' if r.get('transforms') else ''} | "
+                     f"{len(r['iterations'])} | {r.get('images', 'host')} | "
                      f"{r['estep_s']:.2f} | {r['mstep_s']:.2f} | "
                      f"{r['reseed_on']} | "
                      f"{100 * r['run_fraction_of_tf32_complex']:.1f}% | "
@@ -850,10 +830,6 @@ def main(argv=None):
                          "shape: 10,000 x 128 px, K=20)")
     ap.add_argument("--host_profile", action="store_true",
                     help="print where the host's time goes in one E-step (cProfile)")
-    ap.add_argument("--no_transforms", action="store_true",
-                    help="with --runs: keep only the images on the device, not also their "
-                         "masked transforms (cryonb.em._transforms; sections of RESULTS.md "
-                         "before 2026-12-07's twenty-fifth session)")
     ap.add_argument("--simulate_only", action="store_true",
                     help="only make the cases' sets (in $TMPDIR, reused by later calls): run it "
                          "before timed calls whose time limit should not cover the simulation")

@@ -331,7 +331,7 @@ class EStepContext:
         # per-particle results waiting for the pool's one copy to the host (_flush_results)
         self._queued: list = []
         self._totals: list = []
-        # the whole box's pixels by shell, up to the last shell (_prepare_images)
+        # the whole box's pixels by shell, up to the last shell (_image_powers)
         self._full_bins = shell_table(
             np.where(self.full_shells < self.nsh, self.full_shells, -1), self.nsh, xp)
         self._noise_sd = None  # (G, S) noise amplitudes of _noise, made on first use
@@ -348,9 +348,6 @@ class EStepContext:
         self._prefetched: list = []
         self._copy_stream = None
         self._held = None
-        #: the particles' masked transforms kept between iterations (a GPU worker's, with
-        #: its images on the device; cryonb.em._transforms), or None
-        self.transforms = None
 
     # ------------------------------------------------------------------ set-up
     def _grid(self, size, projs, psi, trans, ts=1, ps=1, accumulate=False) -> _Grid:
@@ -466,112 +463,23 @@ class EStepContext:
         return imgs
 
     def _prepare_images(self, batch: ParticleBatch):
-        """Norm-correct, centre on the rounded previous offset, mask, Fourier transform; the
-        pass's pixels shifted by the rest of the offset, and the whole box's shell powers.
-
-        With ``--zero_mask`` the masked image is linear in the image, and the norm
-        correction multiplies the transform's pixels instead (without it, the image: the
-        background noise is not corrected). Then, with a
-        :class:`~cryonb.em._transforms.TransformCache` (:attr:`transforms`, given by a GPU
-        worker that keeps its images on the device), the particles whose rounded offset did
-        not change since their last E-step are read from it (the values that would be made
-        now), and the others' transforms are made and kept there.
+        """Norm-correct, centre on the rounded previous offset, mask, Fourier transform.
 
         Returns
         -------
-        Xf : complex64 array of shape (B, P)
-            :func:`cryonb.fourier.fft2_centered` of the masked images at the fine pass's
-            pixels, each shifted by what remains of its offset after rounding.
-        power_full : float64 array of shape (B, nsh)
-            ``|X|^2`` per shell over the whole box (:meth:`_complete_shells`).
-        """
-        xp = self.xp
-        N = self.N
-        f = self.fine
-        if f.kx_dev is None:
-            f.kx_dev, f.ky_dev = (xp.asarray(k, dtype=xp.float32) for k in (f.kx, f.ky))
-        # the norm correction (the forward transform's 1 / N^2, RELION's normalisation, apart)
-        norm = ((self.model.avg_norm / np.maximum(batch.norm, 1e-6)) if self.config.norm
-                else np.ones(len(batch)))
-        r = np.rint(batch.offset).astype(np.int64)
-        frac = batch.offset - r
-        if not self.config.zero_mask:  # the norm correction on the image, not on the noise
-            F = self._masked_transforms(self._upload(batch.images), norm / (N * N), r, batch)
-            Xf = window_shift(F, f.flat, f.kx_dev, f.ky_dev, frac, N)
-            self._mark("prepare: sub-pixel phases and window")
-            power_full = shell_power(F, self._full_bins)
-            self._mark("prepare: image powers (whole box)")
-            return Xf, power_full
-        # --zero_mask: the masked image is linear in the image, so the norm correction is
-        # applied to the transform's pixels (the same arithmetic whether kept or made now)
-        cache = self.transforms
-        if cache is None:
-            F = self._masked_transforms(self._upload(batch.images),
-                                        np.full(len(batch), 1.0 / (N * N)), r, batch)
-            src, rows, power = F, None, shell_power(F, self._full_bins)
-            del F
-        else:
-            src, rows, power = self._kept_transforms(cache, batch, r)
-        Xf = window_shift(src, f.flat, f.kx_dev, f.ky_dev, frac, N, rows=rows,
-                          scale=norm.astype(np.float32))
-        self._mark("prepare: sub-pixel phases and window")
-        power_full = power * xp.asarray(norm * norm)[:, None]
-        self._mark("prepare: image powers (whole box)")
-        return Xf, power_full
-
-    def _kept_transforms(self, cache, batch: ParticleBatch, r):
-        """The pool's masked transforms from the cache, those not kept at their rounded
-        offsets ``r`` (host (B, 2)) made and kept now (:meth:`_prepare_images`).
-
-        Returns
-        -------
-        data : complex64 array of shape (n, N * (N // 2 + 1))
-            The cache's transforms.
-        rows : int64 array of shape (B,)
-            The pool's rows of ``data``.
-        power : float64 array of shape (B, nsh)
-            The pool's shell powers over the whole box.
-        """
-        xp = self.xp
-        N = self.N
-        slots, fresh = cache.lookup(batch.index, r)
-        if fresh.any():
-            imgs = self._upload(batch.images)
-            new = np.flatnonzero(fresh)
-            if new.size < len(batch):
-                imgs = imgs[xp.asarray(new)]
-            F = self._masked_transforms(imgs, np.full(new.size, 1.0 / (N * N)), r[new], batch)
-            rows = xp.asarray(slots[new])
-            cache.data[rows] = F
-            cache.power[rows] = shell_power(F, self._full_bins)
-            cache.commit(batch.index[new], r[new])
-            del F
-            self._count("prepare: transforms made", new.size)
-            self._mark("prepare: transforms kept")
-        rows = xp.asarray(slots)
-        return cache.data, rows, cache.power[rows]
-
-    def _masked_transforms(self, imgs, scale, r, batch: ParticleBatch):
-        """Centre images on their rounded offsets, mask and Fourier transform them.
-
-        Parameters
-        ----------
-        imgs : float32 array of shape (B, N, N), on this context's device
-        scale : float array of shape (B,), host
-            A factor per image (norm correction and the transform's ``1 / N^2``).
-        r : int array of shape (B, 2), host
-            Rounded offsets (x, y), pixels.
-        batch : ParticleBatch
-            The pool the images belong to, in order (for the background noise's keys).
-
-        Returns
-        -------
-        complex64 array of shape (B, N * (N // 2 + 1))
+        F : complex64 array of shape (B, N * (N // 2 + 1))
             :func:`cryonb.fourier.fft2_centered` of the masked images, flat.
+        frac : ndarray of shape (B, 2), host
+            What remains of each offset (x, y) after its rounding, in pixels.
         """
         xp = self.xp
         N = self.N
+        imgs = self._upload(batch.images)
         self._mark("prepare: upload")
+        # the forward transform's 1 / N^2 (RELION's normalisation) with the norm correction
+        f = ((self.model.avg_norm / np.maximum(batch.norm, 1e-6)) if self.config.norm
+             else np.ones(len(batch))) / (N * N)
+        r = np.rint(batch.offset).astype(np.int64)
         # RELION origins centre the particle when it is shifted by +origin: content moves by
         # +r, out[y, x] = in[y - ry, x - rx] (circular; the mask hides the wrapped edge).
         # Outside the mask: with --zero_mask the image's own weighted background mean
@@ -581,12 +489,12 @@ class EStepContext:
         noise = None
         if not self.config.zero_mask:
             noise = xp.fft.ifftshift(self._noise(batch), axes=(-2, -1)) * np.float32(1 / (N * N))
-        masked = mask_images_2d(imgs, np.asarray(scale, np.float32), r - N // 2,
-                                self.mask_origin0, noise, outside=self.mask_outside)
+        masked = mask_images_2d(imgs, f.astype(np.float32), r - N // 2, self.mask_origin0,
+                                noise, outside=self.mask_outside)
         self._mark("prepare: shift and mask")
         F = fft_module(xp).rfft2(masked, axes=(-2, -1)).astype(xp.complex64, copy=False)
         self._mark("prepare: FFT")
-        return F.reshape(len(imgs), -1)
+        return F.reshape(len(batch), -1), batch.offset - r
 
     def _noise(self, batch: ParticleBatch):
         """Coloured noise with the model's spectrum (seeded per particle and iteration),
@@ -668,8 +576,12 @@ class EStepContext:
         xp = self.xp
         B = len(batch)
         self._mark(None)
-        Xf, power_full = self._prepare_images(batch)
+        F, frac = self._prepare_images(batch)
         f = self.fine
+        if f.kx_dev is None:
+            f.kx_dev, f.ky_dev = (xp.asarray(k, dtype=xp.float32) for k in (f.kx, f.ky))
+        Xf = window_shift(F, f.flat, f.kx_dev, f.ky_dev, frac, self.N)
+        self._mark("prepare: sub-pixel phases and window")
         ctf_f = self._ctf(batch, f)
         self._mark("prepare: CTF")
         inv_f = f.invsig[xp.asarray(batch.optics)]
@@ -679,7 +591,8 @@ class EStepContext:
         Xc, ctf_c, inv_c = (Xf, ctf_f, inv_f) if c_in_f is None else (
             Xf[:, c_in_f], ctf_f[:, c_in_f], inv_f[:, c_in_f])
         self._mark("prepare: noise weights and coarse window")
-        x2f, x2n = self._image_powers(Xf, batch.optics)
+        power_full, x2f, x2n = self._image_powers(F, Xf, batch.optics)
+        del F
         self._mark("prepare: image powers")
         counts, sidx, best = self._coarse_pass(batch, Xc, ctf_c, inv_c)
         res = np.zeros((B, len(RESULT_COLUMNS)))
@@ -732,19 +645,23 @@ class EStepContext:
         self.n_done += B
         return res
 
-    def _image_powers(self, Xf, optics):
-        """The images' power per shell over the fine pixels and their norms
-        ``sum |X|^2 / sigma2``.
+    def _image_powers(self, F, Xf, optics):
+        """The images' power per shell and their norms ``sum |X|^2 / sigma2``.
 
         Parameters
         ----------
+        F : complex64 array of shape (B, N * (N // 2 + 1))
+            The whole transforms.
         Xf : complex64 array of shape (B, P)
-            The images' fine pixels (the current size's).
+            Their fine pixels (the current size's).
         optics : int array of shape (B,), host
             Each particle's optics group.
 
         Returns
         -------
+        power_full : float64 array of shape (B, nsh)
+            ``|X|^2`` per shell over the whole box (for shells beyond the current size,
+            :meth:`_complete_shells`).
         x2f : float64 array of shape (B,)
             ``sum |X|^2 / sigma2`` over the fine pixels (1 / sigma2 is one value per shell and
             optics group: a weighted sum of the shells').
@@ -754,7 +671,7 @@ class EStepContext:
         xp = self.xp
         x2n = shell_power(Xf, self._fine_shells)
         x2f = (x2n * self._inv_shell[xp.asarray(optics)]).sum(axis=1)
-        return x2f, x2n
+        return shell_power(F, self._full_bins), x2f, x2n
 
     def _complete_shells(self, resid, x2n, power_full, size: int):
         """Per-shell residuals over whole shells, as RELION's noise model needs them.

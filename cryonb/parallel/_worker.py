@@ -26,13 +26,7 @@ from ..backend import fft_threads, pinned_empty
 from ..errors import CryonbError, ResourceError
 from .combine import mpi_send_sum, ordered_sum, write_rank_sum
 from .hardware import device_memory
-from .resident import (
-    PoolRows,
-    ResidentImages,
-    resident_capacity,
-    resident_enabled,
-    transforms_fit,
-)
+from .resident import PoolRows, ResidentImages, resident_capacity, resident_enabled
 
 __all__ = ["WorkerService", "error_record"]
 
@@ -377,12 +371,8 @@ class WorkerService:
             if d not in self._resident:
                 free, total = cupy.cuda.runtime.memGetInfo()
                 n, N = int(self.setup["n"]), int(self.setup["N"])
-                share = self.setup.get("resident_share", 1.0)
-                cap = resident_capacity(n, N, free, total, share)
+                cap = resident_capacity(n, N, free, total, self.setup.get("resident_share", 1.0))
                 self._resident[d] = ResidentImages(n, N, cap, cupy) if cap > 0 else None
-                if (cap > 0 and self.config.zero_mask
-                        and transforms_fit(n, N, free, total, share)):
-                    self._resident[d].transforms = _transform_cache(n, N, cupy)
             st = self._resident[d]
         if st is not None:
             st.add(index, images)
@@ -496,7 +486,7 @@ class WorkerService:
         from ..em._model import ParticleBatch
 
         if self._ctx[t] is None:
-            self._ctx[t] = self._estep_context(model, t)
+            self._ctx[t] = self._estep_context(model)
         assembled = isinstance(images, PoolRows)
         if assembled:  # (assemble() stores the images it copied)
             stored = int((~images.missing).sum())
@@ -511,8 +501,7 @@ class WorkerService:
             self._keep_resident(t, task["index"], self._ctx[t].device_images)
         return res
 
-    def _estep_context(self, model, t: int):
-        """Thread ``t``'s E-step context for ``model``, with its device's kept transforms."""
+    def _estep_context(self, model):
         from ..em._estep import EStepContext
 
         if self.devices:
@@ -520,12 +509,8 @@ class WorkerService:
         else:
             xp = np
         s = self.setup
-        ctx = EStepContext(model, self.config, xp, n_optics=s["n_optics"],
-                           n_groups=s["n_groups"])
-        if self.devices:
-            st = self._resident.get(self.devices[t])
-            ctx.transforms = st.transforms if st else None
-        return ctx
+        return EStepContext(model, self.config, xp, n_optics=s["n_optics"],
+                            n_groups=s["n_groups"])
 
     def _particle_mask(self):
         if self._mask is None:
@@ -533,17 +518,3 @@ class WorkerService:
 
             self._mask = soft_circular_mask(self.setup["N"], self.setup["mask_radius_px"], 5.0)
         return self._mask
-
-
-def _transform_cache(n: int, box: int, xp):
-    """A :class:`cryonb.em._transforms.TransformCache` of ``n`` particles on the current
-    device, or None where its memory cannot be had after all."""
-    from ..backend import is_out_of_memory
-    from ..em._transforms import TransformCache
-
-    try:
-        return TransformCache(n, box, xp)
-    except Exception as exc:
-        if not is_out_of_memory(exc):
-            raise
-        return None

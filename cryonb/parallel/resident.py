@@ -19,12 +19,6 @@ work on the device, later larger pools, other processes on a shared card), at mo
 :data:`MAX_FRACTION` of the card, divided among the ranks that share the card. A store that
 cannot get its memory is not made (the run goes on reading as before). ``CRYONB_RESIDENT_IMAGES=0``
 turns it off (to compare, or on a card shared with jobs whose memory grows later).
-
-Where that room holds every particle's image and also its masked transform
-(:func:`transforms_fit`; with ``--zero_mask``, the default), the store keeps those as well
-(:attr:`ResidentImages.transforms`, a :class:`cryonb.em._transforms.TransformCache`): the
-E-step then masks and transforms only the particles whose rounded offset changed since their
-last E-step, and reads the others' transforms back.
 """
 
 from __future__ import annotations
@@ -37,7 +31,7 @@ import numpy as np
 from ..backend import is_out_of_memory, upload
 
 __all__ = ["MAX_FRACTION", "RESERVE_BYTES", "RESERVE_FRACTION", "RESIDENT_ENV", "PoolRows",
-           "ResidentImages", "resident_capacity", "resident_enabled", "transforms_fit"]
+           "ResidentImages", "resident_capacity", "resident_enabled"]
 
 #: environment variable: ``0`` keeps no images on the devices
 RESIDENT_ENV = "CRYONB_RESIDENT_IMAGES"
@@ -52,12 +46,6 @@ MAX_FRACTION = 0.5
 def resident_enabled() -> bool:
     """Whether GPU workers keep images on their devices (``CRYONB_RESIDENT_IMAGES`` not 0)."""
     return os.environ.get(RESIDENT_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def _room(free: int, total: int, share: float) -> float:
-    """Bytes a rank's store may take on a device (see :func:`resident_capacity`)."""
-    reserve = max(RESERVE_BYTES, RESERVE_FRACTION * total)
-    return min(free - reserve, MAX_FRACTION * total) * max(0.0, min(1.0, float(share)))
 
 
 def resident_capacity(n: int, box: int, free: int, total: int, share: float = 1.0) -> int:
@@ -80,17 +68,9 @@ def resident_capacity(n: int, box: int, free: int, total: int, share: float = 1.
         image, between 0 and ``n``; the reserve is ``max(RESERVE_BYTES, RESERVE_FRACTION *
         total)``.
     """
-    room = _room(free, total, share)
+    reserve = max(RESERVE_BYTES, RESERVE_FRACTION * total)
+    room = min(free - reserve, MAX_FRACTION * total) * max(0.0, min(1.0, float(share)))
     return int(np.clip(room // (4 * box * box), 0, n))
-
-
-def transforms_fit(n: int, box: int, free: int, total: int, share: float = 1.0) -> bool:
-    """Whether a rank's store may also keep every particle's masked transform
-    (:class:`cryonb.em._transforms.TransformCache`): all ``n`` images and all ``n``
-    transforms within the room of :func:`resident_capacity` (same arguments)."""
-    from ..em._transforms import transform_bytes
-
-    return n > 0 and n * (4 * box * box + transform_bytes(box)) <= _room(free, total, share)
 
 
 class PoolRows:
@@ -141,10 +121,6 @@ class ResidentImages:
         self._used = 0
         self._store = None
         self._lock = threading.Lock()
-        #: the particles' masked transforms (:class:`cryonb.em._transforms.TransformCache`),
-        #: where the card has room for them besides every image (the E-step reads and fills
-        #: it; the store only holds it for the run)
-        self.transforms = None
 
     @property
     def count(self) -> int:
@@ -154,9 +130,8 @@ class ResidentImages:
 
     @property
     def nbytes(self) -> int:
-        """Device memory taken by the store (its transforms included)."""
-        return ((0 if self._store is None else int(self._store.nbytes))
-                + (0 if self.transforms is None else self.transforms.nbytes))
+        """Device memory taken by the store."""
+        return 0 if self._store is None else int(self._store.nbytes)
 
     def missing(self, index) -> np.ndarray:
         """Which of the particles ``index`` (shape (B,)) are not stored: bool, shape (B,)."""
@@ -213,10 +188,7 @@ class ResidentImages:
         return len(new)
 
     def release(self) -> None:
-        """Drop the images and transforms (the memory goes back to CuPy's pool)."""
-        if self.transforms is not None:
-            self.transforms.release()
-            self.transforms = None
+        """Drop the images (the memory goes back to CuPy's pool)."""
         with self._lock:
             self._store = None
             self._slot[:] = -1

@@ -69,17 +69,12 @@ def test_estep_recovers_known_poses_and_reconstructs(xp):
 
 
 @pytest.mark.parametrize("zero_mask", [True, False], ids=["zero mask", "noise outside"])
-@pytest.mark.parametrize("kept", [False, True], ids=["made", "kept transforms"])
-def test_prepared_images_and_their_powers_follow_the_definition(xp, zero_mask, kept):
+def test_prepared_images_and_their_powers_follow_the_definition(xp, zero_mask):
     """The E-step's images (masked with the transform's origin at [0, 0], norm correction and
     1 / N^2 in the mask's pass, the window and sub-pixel shift in one kernel) and their powers
     per shell against the plain formulas: centred masked image, fft2_centered, gather, phase
-    ramp, sums over pixels. With kept transforms (TransformCache; only with --zero_mask), the
-    same on the first pass (all made), on a second one where some rounded offsets and every
-    norm correction changed (some kept, times the new correction), and the cache then
-    holds each particle at its latest rounded offset."""
+    ramp, sums over pixels."""
     from cryonb.em._estep import _to_host
-    from cryonb.em._transforms import TransformCache
     from cryonb.fourier import fft2_centered
     from cryonb.kernels import mask_images_2d_reference
 
@@ -94,68 +89,38 @@ def test_prepared_images_and_their_powers_follow_the_definition(xp, zero_mask, k
     model.coarse_size, model.current_size = 24, 40
     cfg = Class2DConfig(i="x", o="y", K=1, particle_diameter=0.8 * 48 * 3.0, perturb=0,
                         zero_mask=zero_mask)
+    ctx = EStepContext(model, cfg, xp)
     N = 48
-    cache = TransformCache(10, N, xp) if kept else None
-    # a second pass: particles 0, 3 and 5 moved to another whole pixel, every norm changed
-    second = replace(batch, offset=batch.offset + np.array([[1.0, 0], [0.1, 0], [0, 0], [0, -1],
-                                                            [0, 0.05], [2, 2], [0, 0]]),
-                     norm=batch.norm * 1.1)
-    for b in (batch, second) if kept else (batch,):
-        ctx = EStepContext(model, cfg, xp)
-        ctx.transforms = cache
-        Xf, full = ctx._prepare_images(b)
-        r = np.rint(b.offset).astype(int)
-        frac = b.offset - r
-        f = model.avg_norm / b.norm
-        noise = None if zero_mask else _to_host(ctx._noise(b))
-        want = fft2_centered(mask_images_2d_reference(
-            b.images, f, r, _to_host(ctx.mask), noise)).reshape(7, -1)
-        g = ctx.fine
-        flat, kx, ky = _to_host(g.flat), g.kx, g.ky
-        ph = np.exp(-2j * np.pi / N * (frac[:, :1] * kx + frac[:, 1:] * ky))
-        want_xf = want[:, flat] * ph
-        np.testing.assert_allclose(_to_host(Xf), want_xf, rtol=2e-4,
-                                   atol=2e-4 * np.abs(want_xf).max())
-        shells = _to_host(ctx.full_shells)
-        p = np.abs(want) ** 2
-        want_full = np.stack([np.bincount(shells[shells < 25], row[shells < 25], minlength=25)
-                              for row in p])
-        np.testing.assert_allclose(_to_host(full), want_full, rtol=1e-4)
-    if kept and zero_mask:
-        assert (cache.hits, cache.misses) == (4, 10)  # 7 made, then 3 remade and 4 kept
-        slots, fresh = cache.lookup(second.index, np.rint(second.offset))
-        assert not fresh.any() and sorted(slots) == list(range(7))
-    elif kept:
-        assert cache.hits + cache.misses == 0  # noise outside the mask: nothing kept
-    x2f, x2n = (_to_host(a) for a in ctx._image_powers(
-        xp.asarray(want_xf.astype(np.complex64)), second.optics if kept else batch.optics))
+    F, frac = ctx._prepare_images(batch)
+    r = np.rint(batch.offset).astype(int)
+    f = model.avg_norm / batch.norm
+    noise = None if zero_mask else _to_host(ctx._noise(batch))
+    want = fft2_centered(mask_images_2d_reference(
+        batch.images, f, r, _to_host(ctx.mask), noise)).reshape(7, -1)
+    np.testing.assert_allclose(_to_host(F), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    np.testing.assert_allclose(frac, batch.offset - r)
+    g = ctx.fine
+    flat, kx, ky = _to_host(g.flat), g.kx, g.ky
+    ph = np.exp(-2j * np.pi / N * (frac[:, :1] * kx + frac[:, 1:] * ky))
+    Xf = want[:, flat] * ph
+    g.kx_dev, g.ky_dev = (xp.asarray(k, dtype=xp.float32) for k in (kx, ky))
+    from cryonb.kernels import window_shift
+
+    got_xf = _to_host(window_shift(F, g.flat, g.kx_dev, g.ky_dev, frac, N))
+    np.testing.assert_allclose(got_xf, Xf, rtol=2e-4, atol=2e-4 * np.abs(Xf).max())
+    full, x2f, x2n = (_to_host(a) for a in ctx._image_powers(
+        xp.asarray(want.astype(np.complex64)), xp.asarray(Xf.astype(np.complex64)),
+        batch.optics))
+    shells = _to_host(ctx.full_shells)
+    p = np.abs(want) ** 2
+    want_full = np.stack([np.bincount(shells[shells < 25], row[shells < 25], minlength=25)
+                          for row in p])
+    np.testing.assert_allclose(full, want_full, rtol=1e-5)
     inv = 1 / model.sigma2_noise[batch.optics][:, _to_host(g.shells)]
-    p2 = np.abs(want_xf) ** 2
+    p2 = np.abs(Xf) ** 2
     np.testing.assert_allclose(x2f, (p2 * inv).sum(axis=1), rtol=1e-5)
     np.testing.assert_allclose(x2n, np.stack([np.bincount(_to_host(g.shells), row, minlength=25)
                                               for row in p2]), rtol=1e-5, atol=1e-12)
-
-
-def test_transform_cache_keys():
-    """TransformCache: rows given out once per particle, fresh where the rounded offset is
-    new or changed, and a row being rewritten is fresh again until committed."""
-    from cryonb.em._transforms import TransformCache, transform_bytes
-
-    c = TransformCache(5, 8, np)
-    assert c.data.shape == (5, 8 * 5) and c.power.shape == (5, 5)
-    assert c.nbytes == 5 * transform_bytes(8)
-    r = np.array([[0, 1], [2, -1], [0, 0]])
-    slots, fresh = c.lookup([4, 0, 2], r)
-    assert list(slots) == [0, 1, 2] and fresh.all()
-    slots, fresh = c.lookup([4, 0, 2], r)
-    assert fresh.all()  # not committed yet
-    c.commit([4, 0, 2], r)
-    slots, fresh = c.lookup([2, 4, 1, 0], [[0, 0], [0, 2], [5, 5], [2, -1]])
-    assert list(slots) == [2, 0, 3, 1] and list(fresh) == [False, True, True, False]
-    _, fresh = c.lookup([4], [[0, 1]])  # its old offset again, but its row was given up
-    assert fresh.all()
-    c.release()
-    assert c.data is None
 
 
 def test_classes_reconstructed_together_are_each_one_alone(monkeypatch):

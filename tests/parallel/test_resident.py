@@ -16,7 +16,6 @@ from cryonb.parallel.resident import (
     ResidentImages,
     resident_capacity,
     resident_enabled,
-    transforms_fit,
 )
 
 GB = 10**9
@@ -40,22 +39,6 @@ def test_capacity_leaves_a_reserve_and_shares_the_card():
     # the run's particles bound it
     assert resident_capacity(8000, 128, 70 * GB, 80 * GB) == 8000
     assert MAX_FRACTION * 80 * GB // row >= resident_capacity(10**9, 128, 80 * GB, 80 * GB)
-
-
-def test_transforms_are_kept_only_beside_every_image():
-    """The masked transforms (8 N (N/2 + 1) + 8 (N/2 + 1) bytes each) are kept where the
-    store's room holds every image and every transform."""
-    from cryonb.em._transforms import transform_bytes
-
-    per = 4 * 256 * 256 + transform_bytes(256)
-    assert transform_bytes(256) == 8 * 256 * 129 + 8 * 129
-    # 80 GB card, 70 GB free: 40 GB of room
-    assert transforms_fit(int(40 * GB // per), 256, 70 * GB, 80 * GB)
-    assert not transforms_fit(int(40 * GB // per) + 1, 256, 70 * GB, 80 * GB)
-    # two ranks on the card: half the room each
-    assert not transforms_fit(int(40 * GB // per), 256, 70 * GB, 80 * GB, share=0.5)
-    assert transforms_fit(16000, 256, 70 * GB, 80 * GB, share=0.5)
-    assert not transforms_fit(0, 256, 70 * GB, 80 * GB)
 
 
 def test_enabled_unless_switched_off(monkeypatch):
@@ -192,35 +175,18 @@ def test_ranks_sharing_a_card_share_its_room():
 def test_gpu_run_with_stored_images_is_the_same_run(tiny_set, tmp_path, monkeypatch):
     """A GPU run that keeps its images on the device writes the very files of one that reads
     them every iteration (one thread, and two threads sharing the store); it reports the
-    particles it did not read and gives the memory back at the end. With the masked
-    transforms kept as well (the default where the card has room), the transforms of
-    particles whose rounded offset stayed are read back from iteration 3 on, and the run
-    is the same up to the rounding of transforms made in batches of other sizes."""
+    particles it did not read and gives the memory back at the end."""
     import cupy
 
-    import cryonb.parallel._worker as wk
     from cryonb.backend import gpu_available
-    from cryonb.em._transforms import TransformCache
     from cryonb.io import read_mrc, read_particles
     from cryonb.parallel import run_class2d
 
     if not gpu_available():
         pytest.skip("no usable GPU (CuPy)")
-    lookups = []
-    look = TransformCache.lookup
-
-    def counted(self, index, rounded):
-        slots, fresh = look(self, index, rounded)
-        lookups.append((len(index), int(fresh.sum())))
-        return slots, fresh
-
-    monkeypatch.setattr(TransformCache, "lookup", counted)
     runs = {}
-    for name, env, j in (("read", "0", 1), ("stored", "1", 1), ("stored2", "1", 2),
-                         ("kept", "1", 1)):
+    for name, env, j in (("read", "0", 1), ("stored", "1", 1), ("stored2", "1", 2)):
         monkeypatch.setenv("CRYONB_RESIDENT_IMAGES", env)
-        keep = name == "kept"
-        monkeypatch.setattr(wk, "transforms_fit", lambda *a, keep=keep, **k: keep)
         cfg = tiny_config(tiny_set, tmp_path / name, iter=4, pool=40, gpu="", cpu=False, j=j)
         runs[name] = run_class2d(cfg)
         assert cupy.get_default_memory_pool().total_bytes() < 64 << 20
@@ -229,7 +195,7 @@ def test_gpu_run_with_stored_images_is_the_same_run(tiny_set, tmp_path, monkeypa
     assert stored["read"] == 0
     n = 150
     # iteration 1 reads every particle; iterations 2-4 read none
-    assert stored["stored"] == 3 * n and stored["stored2"] == 3 * n and stored["kept"] == 3 * n
+    assert stored["stored"] == 3 * n and stored["stored2"] == 3 * n
     assert "on device" in runs["stored"].stats.table()
     want = read_particles(runs["read"].files["data"]).particles
     got = read_particles(runs["stored"].files["data"]).particles
@@ -237,17 +203,11 @@ def test_gpu_run_with_stored_images_is_the_same_run(tiny_set, tmp_path, monkeypa
         np.testing.assert_array_equal(got[col], want[col])
     np.testing.assert_array_equal(read_mrc(runs["stored"].classes).data,
                                   read_mrc(runs["read"].classes).data)
-    # two threads add their pools' sums in another order: the threads' tolerance; so do the
-    # kept transforms (iterations 2-4 look them up: all made in 2, some kept in 3 and 4)
-    assert sum(b for b, _ in lookups) == 3 * n
-    made = sum(m for _, m in lookups)
-    assert n <= made < 3 * n, lookups  # iteration 2 makes all; some are kept after
-    for name in ("stored2", "kept"):
-        got = read_particles(runs[name].files["data"]).particles
-        assert np.mean(got["rlnClassNumber"].to_numpy()
-                       == want["rlnClassNumber"].to_numpy()) >= 0.99
-        for a, b in zip(read_mrc(runs[name].classes).data, read_mrc(runs["read"].classes).data):
-            assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.99
+    # two threads add their pools' sums in another order: the threads' tolerance
+    got = read_particles(runs["stored2"].files["data"]).particles
+    assert np.mean(got["rlnClassNumber"].to_numpy() == want["rlnClassNumber"].to_numpy()) >= 0.99
+    for a, b in zip(read_mrc(runs["stored2"].classes).data, read_mrc(runs["read"].classes).data):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.99
 
 
 @pytest.mark.gpu
