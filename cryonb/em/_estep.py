@@ -449,8 +449,11 @@ class EStepContext:
         return self._held
 
     def _upload(self, images):
-        """The pool's images on the device: the prefetched copy, or a copy made now."""
+        """The pool's images on the device: the prefetched copy, or a copy made now (images
+        in a device store, :class:`~cryonb.parallel.resident.StoredRows`: gathered now)."""
         xp = self.xp
+        if hasattr(images, "gather"):
+            return images.gather()
         hit = [pf for pf in self._prefetched if pf[0] is images]
         if hit:
             self._prefetched = [pf for pf in self._prefetched if pf[0] is not images]
@@ -474,7 +477,9 @@ class EStepContext:
         """
         xp = self.xp
         N = self.N
-        imgs = self._upload(batch.images)
+        stored = hasattr(batch.images, "gather")  # in a device store: read in place
+        imgs, rows = ((batch.images.store, xp.asarray(batch.images.slots)) if stored
+                      else (self._upload(batch.images), None))
         self._mark("prepare: upload")
         # the forward transform's 1 / N^2 (RELION's normalisation) with the norm correction
         f = ((self.model.avg_norm / np.maximum(batch.norm, 1e-6)) if self.config.norm
@@ -490,7 +495,7 @@ class EStepContext:
         if not self.config.zero_mask:
             noise = xp.fft.ifftshift(self._noise(batch), axes=(-2, -1)) * np.float32(1 / (N * N))
         masked = mask_images_2d(imgs, f.astype(np.float32), r - N // 2, self.mask_origin0,
-                                noise, outside=self.mask_outside)
+                                noise, outside=self.mask_outside, rows=rows)
         self._mark("prepare: shift and mask")
         F = fft_module(xp).rfft2(masked, axes=(-2, -1)).astype(xp.complex64, copy=False)
         self._mark("prepare: FFT")
@@ -534,11 +539,14 @@ class EStepContext:
         try:
             if parts == 1:
                 return self._expectation(batch)
-            imgs = self._upload(batch.images)  # the pool's images, held as one array
+            # the pool's images, held as one array (or read in place from a device store)
+            stored = hasattr(batch.images, "gather")
+            imgs = batch.images if stored else self._upload(batch.images)
             cuts = np.linspace(0, B, parts + 1).astype(int)
             res = np.concatenate([self._expectation(batch.rows(a, b, imgs[a:b]))
                                   for a, b in itertools.pairwise(cuts)])
-            self._held = imgs
+            if not stored:
+                self._held = imgs
             self._count("pools in parts", 1)
             return res
         except Exception as exc:

@@ -178,6 +178,8 @@ class ParticleBatch:
     index : ndarray of shape (B,), int
         Row numbers in the particle table.
     images : ndarray of shape (B, N, N), float32
+        Host or device images, or :class:`cryonb.parallel.resident.StoredRows` (images in a
+        device store, read in place by the E-step).
     offset : ndarray of shape (B, 2)
         Previous offsets (pixels, x y; RELION rlnOriginX/YAngst / pixel size).
     norm : ndarray of shape (B,)

@@ -62,7 +62,8 @@ _CUDA_SRC = r"""
 #define NT 256
 extern "C" __global__
 void mask_images(const float* imgs, const float* scale, const int* shift, const float* mask,
-                 const float* noise, int use_noise, float inv_out, int N, float* out)
+                 const float* noise, int use_noise, float inv_out, int N, float* out,
+                 const long long* rows, int has_rows)
 {
     // one block per image; each warp takes rows, its lanes a row's pixels (a row of the
     // shifted image is one run of the input row, wrapped once: coalesced reads, and no
@@ -70,7 +71,7 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
     __shared__ double s[NT];
     const long long b = blockIdx.x;
     const long long NN = (long long)N * N;
-    const float* x = imgs + b * NN;
+    const float* x = imgs + (has_rows ? rows[b] : b) * NN;
     float* o = out + b * NN;
     const int rx = ((shift[2 * b] % N) + N) % N, ry = ((shift[2 * b + 1] % N) + N) % N;
     const float f = scale[b];
@@ -114,12 +115,12 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
 """
 
 
-def mask_images_2d(imgs, scale, shift, mask, noise=None, outside=None):
+def mask_images_2d(imgs, scale, shift, mask, noise=None, outside=None, rows=None):
     """Norm-corrected, centred, masked images.
 
     Parameters
     ----------
-    imgs : float32 array of shape (B, N, N)
+    imgs : float32 array of shape (B, N, N), or (S, N, N) with ``rows``
         The images, (row y, column x).
     scale : float array of shape (B,) or None
         Factor per image (the norm correction); None for none.
@@ -134,6 +135,9 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None, outside=None):
     outside : float, optional
         ``sum(1 - mask)``, if known (see :func:`mask_outside`); otherwise computed here,
         which on the GPU reads a sum back from the device (a synchronisation per call).
+    rows : int array of shape (B,), optional
+        Image ``b`` is ``imgs[rows[b]]`` (default ``b``): a pool's images read in place from
+        a device store (:class:`cryonb.parallel.resident.StoredRows`).
 
     Returns
     -------
@@ -141,7 +145,9 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None, outside=None):
         ``img * mask + background * (1 - mask)``, a new array.
     """
     xp = array_module(imgs)
-    B, N, _ = imgs.shape
+    if rows is not None and xp is np:  # (the CPU loop reads the images it is given)
+        imgs, rows = imgs[np.asarray(rows)], None
+    B, N = (len(imgs) if rows is None else len(rows)), imgs.shape[-1]
     out = xp.empty((B, N, N), xp.float32)
     if B == 0:
         return out
@@ -160,7 +166,9 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None, outside=None):
         (xp.ascontiguousarray(imgs, dtype=f32), xp.ascontiguousarray(scale),
          xp.asarray(np.ascontiguousarray(shift, dtype=np.int32)), mask,
          out if noise is None else xp.ascontiguousarray(noise, dtype=f32),
-         np.int32(noise is not None), inv_out, np.int32(N), out))
+         np.int32(noise is not None), inv_out, np.int32(N), out,
+         xp.zeros(1, xp.int64) if rows is None
+         else xp.ascontiguousarray(xp.asarray(rows), dtype=xp.int64), np.int32(rows is not None)))
     return out
 
 

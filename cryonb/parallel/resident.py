@@ -31,7 +31,7 @@ import numpy as np
 from ..backend import is_out_of_memory, upload
 
 __all__ = ["MAX_FRACTION", "RESERVE_BYTES", "RESERVE_FRACTION", "RESIDENT_ENV", "PoolRows",
-           "ResidentImages", "resident_capacity", "resident_enabled"]
+           "ResidentImages", "StoredRows", "resident_capacity", "resident_enabled"]
 
 #: environment variable: ``0`` keeps no images on the devices
 RESIDENT_ENV = "CRYONB_RESIDENT_IMAGES"
@@ -94,6 +94,48 @@ class PoolRows:
         self.host = host
 
 
+class StoredRows:
+    """A pool's images that are all in a device store, read where they are used.
+
+    What :meth:`ResidentImages.assemble` gives for a pool whose every image is stored: the
+    E-step's masking reads the pool's rows of the store in place
+    (:func:`cryonb.kernels.mask_images_2d`'s ``rows``) instead of a gathered copy of the
+    whole pool.
+
+    Parameters
+    ----------
+    store : float32 array of shape (capacity, N, N)
+        The store's images.
+    slots : int ndarray of shape (B,), host
+        The pool's rows of ``store``, in pool order.
+    xp : module
+    """
+
+    __slots__ = ("slots", "store", "xp")
+
+    def __init__(self, store, slots, xp):
+        self.store, self.slots, self.xp = store, np.asarray(slots, np.int64), xp
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.slots), *self.store.shape[1:])
+
+    def __getitem__(self, sl: slice) -> StoredRows:
+        return StoredRows(self.store, self.slots[sl], self.xp)
+
+    def gather(self):
+        """The images as one device array, (B, N, N)."""
+        return self.xp.take(self.store, self.xp.asarray(self.slots), axis=0)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.gather()
+        out = out.get() if hasattr(out, "get") else out
+        return out if dtype is None else out.astype(dtype)
+
+
 class ResidentImages:
     """One device's store of a rank's particle images (float32, ``(capacity, N, N)``).
 
@@ -140,7 +182,8 @@ class ResidentImages:
 
     def assemble(self, rows: PoolRows):
         """The pool's images on the device, shape (B, N, N): the stored ones gathered from
-        the store, the others copied from ``rows.host`` (and stored where there is room)."""
+        the store, the others copied from ``rows.host`` (and stored where there is room). A
+        pool whose every image is stored comes as :class:`StoredRows` (read in place)."""
         xp = self.xp
         index, miss = rows.index, rows.missing
         with self._lock:
@@ -148,7 +191,7 @@ class ResidentImages:
         if (slots < 0).any():
             raise RuntimeError("a pool's image is not stored although the reader found it")
         if not miss.any():
-            return xp.take(self._store, xp.asarray(slots), axis=0)
+            return StoredRows(self._store, slots, xp)
         N = self.box
         out = xp.empty((len(index), N, N), xp.float32)
         if len(slots):

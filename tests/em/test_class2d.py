@@ -181,6 +181,34 @@ def test_prefetched_pools_give_the_same_estep(xp):
     np.testing.assert_allclose(a.sigma2_noise, b.sigma2_noise, rtol=1e-12)
 
 
+def test_estep_of_images_in_a_device_store(xp, monkeypatch):
+    """Pools whose images are all in a device store (StoredRows: the masking reads the
+    store's rows in place) give the results and sums of the same pools as arrays, also
+    when a pool is computed in parts."""
+    import cryonb.em._estep as es
+    from cryonb.parallel.resident import PoolRows, ResidentImages
+
+    batch, model, *_ = _known_pose_batch(B=30)
+    cfg = Class2DConfig(i="x", o="y", K=1, particle_diameter=0.8 * 48 * 3.0, perturb=0)
+    store = ResidentImages(30, 48, 30, xp)
+    order = np.random.default_rng(3).permutation(30)  # stored in another order
+    store.add(batch.index[order], xp.asarray(batch.images[order]))
+    plain, stored = EStepContext(model, cfg, xp), EStepContext(model, cfg, xp)
+    want = np.concatenate([plain.expectation(p) for p in _split(batch, 3)])
+    pools = [replace(p, images=store.assemble(PoolRows(p.index, np.zeros(len(p), bool))))
+             for p in _split(batch, 3)]
+    got = np.concatenate([stored.expectation(p) for p in pools])
+    np.testing.assert_array_equal(got, want)
+    a, b = plain.finish().to_host(), stored.finish().to_host()
+    np.testing.assert_allclose(b.data, a.data, rtol=1e-12, atol=1e-9)
+    parts = EStepContext(model, cfg, xp)
+    per = parts.bytes_per_particle()
+    room = int((es.FINE_BUDGET + 4 * per) / es.ROOM_FRACTION) + 1  # 4 particles fit
+    monkeypatch.setattr(es, "device_room", lambda xp: room)
+    got = np.concatenate([parts.expectation(p) for p in pools])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_a_pool_the_device_cannot_hold_is_computed_in_parts(xp, monkeypatch):
     """Where the device's free memory no longer holds a pool (another process took it), the
     pool is computed in parts that fit: the same results and sums; a pool that runs out of

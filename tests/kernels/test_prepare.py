@@ -44,6 +44,13 @@ def test_masked_images_follow_the_definition(xp, with_noise, with_scale, N):
                            outside=mask_outside(xp.asarray(mask)))
     again = again.get() if hasattr(again, "get") else again
     np.testing.assert_array_equal(again, got)
+    # the images read in place from a larger array (a device store's rows): the same
+    store = np.concatenate([rng.normal(size=(3, N, N)).astype(np.float32), imgs[::-1]])
+    rows = np.arange(B + 2, 2, -1)  # imgs[b] is store[B + 2 - b]
+    inplace = mask_images_2d(xp.asarray(store), scale, shift, xp.asarray(mask),
+                             None if noise is None else xp.asarray(noise), rows=xp.asarray(rows))
+    inplace = inplace.get() if hasattr(inplace, "get") else inplace
+    np.testing.assert_array_equal(inplace, got)
 
 
 def test_shifted_images_follow_the_definition(xp):

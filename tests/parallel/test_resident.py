@@ -14,6 +14,7 @@ from cryonb.parallel.resident import (
     RESERVE_BYTES,
     PoolRows,
     ResidentImages,
+    StoredRows,
     resident_capacity,
     resident_enabled,
 )
@@ -82,6 +83,19 @@ def test_store_fills_up_to_its_capacity_and_gives_pools_back():
     assert st.count == 6
     st.release()
     assert st.nbytes == 0 and st.count == 0 and st.missing(pool).all()
+
+
+def test_a_stored_pool_is_read_in_place():
+    """A pool whose every image is stored comes as StoredRows: the store and the pool's
+    rows of it (sliced as a pool is split), gathered when asked for."""
+    imgs = _images(10, seed=2)
+    st = ResidentImages(10, 4, capacity=10, xp=np)
+    st.add(np.arange(10), imgs)
+    got = st.assemble(PoolRows(np.array([4, 1, 7]), np.zeros(3, bool)))
+    assert isinstance(got, StoredRows) and len(got) == 3 and got.shape == (3, 4, 4)
+    np.testing.assert_array_equal(got.store[got.slots], imgs[[4, 1, 7]])
+    np.testing.assert_array_equal(got.gather(), imgs[[4, 1, 7]])
+    np.testing.assert_array_equal(np.asarray(got[1:]), imgs[[1, 7]])
 
 
 def test_partly_stored_pools_store_what_they_read():
