@@ -177,21 +177,8 @@ def ctf_at(params: CTFParams, kx, ky, n: int, pixel_size, xp=np, *,
     feat = ctf_features(kx, ky, xp) if features is None else features
     b4 = -v["bfactor"] / 4.0 * s2 if np.any(v["bfactor"] != 0) else None
     scale = v["scale"] if np.any(v["scale"] != 1) else None
-    if not aligned:  # the pixels shared by all particles (kernels.ctf_values)
-        ctf = ctf_values(coef, feat, intact_first_peak=intact_first_peak, b4=b4, scale=scale,
-                         dtype=dtype)
-        return ctf[0] if scalar else ctf
-    k2pix = feat[..., 0]
-    arg = xp.einsum("m...f,mf->m...", feat, xp.asarray(coef))
-    ctf = -xp.sin(arg)
-    if intact_first_peak:
-        ctf = xp.where(xp.abs(arg) < np.pi / 2, 1.0, ctf)
-    shape = (m, *(1,) * (feat.ndim - 2))  # the particles' first dimension is feat's own
-    if b4 is not None:
-        ctf = ctf * xp.exp(xp.asarray(b4).reshape(shape) * k2pix)
-    if scale is not None:
-        ctf = ctf * xp.asarray(scale).reshape(shape)
-    ctf = ctf.astype(dtype, copy=False)
+    ctf = ctf_values(coef, feat, intact_first_peak=intact_first_peak, b4=b4, scale=scale,
+                     dtype=dtype, aligned=aligned)
     return ctf[0] if scalar else ctf
 
 

@@ -22,23 +22,27 @@ __all__ = ["ctf_values", "ctf_values_reference"]
 
 
 def ctf_values_reference(coef, feat, *, intact_first_peak: bool = False, b4=None, scale=None,
-                         dtype="float32"):
-    """Array-expression version (the CPU path and the tests' reference).
+                         dtype="float32", aligned: bool = False):
+    """Array-expression version (the CPU path, per-particle pixels and the tests' reference).
 
     Parameters and returns as :func:`ctf_values`.
     """
     xp = array_module(feat)
     C = xp.asarray(coef, dtype=xp.float64)
-    arg = xp.tensordot(C, feat, axes=([1], [feat.ndim - 1]))
+    if aligned:
+        arg = xp.einsum("m...f,mf->m...", feat, C)
+        k2 = feat[..., 0]
+    else:
+        arg = xp.tensordot(C, feat, axes=([1], [feat.ndim - 1]))
+        k2 = feat[..., 0][None]
     ctf = -xp.sin(arg)
     if intact_first_peak:
         ctf = xp.where(xp.abs(arg) < np.pi / 2, 1.0, ctf)
-    extra = (1,) * (feat.ndim - 1)
+    shape = (-1, *(1,) * (arg.ndim - 1))
     if b4 is not None:
-        ctf = ctf * xp.exp(xp.asarray(b4, dtype=xp.float64).reshape(-1, *extra)
-                           * feat[..., 0][None])
+        ctf = ctf * xp.exp(xp.asarray(b4, dtype=xp.float64).reshape(shape) * k2)
     if scale is not None:
-        ctf = ctf * xp.asarray(scale, dtype=xp.float64).reshape(-1, *extra)
+        ctf = ctf * xp.asarray(scale, dtype=xp.float64).reshape(shape)
     return ctf.astype(dtype, copy=False)
 
 
@@ -63,15 +67,16 @@ void ctf_values(const double* coef, const double* feat, const double* b4, const 
 
 
 def ctf_values(coef, feat, *, intact_first_peak: bool = False, b4=None, scale=None,
-               dtype="float32"):
+               dtype="float32", aligned: bool = False):
     """Each particle's CTF at shared pixels: ``-sin(coef . feat)``, envelope and scale.
 
     Parameters
     ----------
     coef : float64 array of shape (m, 5)
         Per particle, the coefficients of the CTF's argument (host or device).
-    feat : float64 array of shape (*S, 5)
-        Per pixel, :func:`cryonb.ctf.ctf_features` (on the device of the result).
+    feat : float64 array of shape (*S, 5), or (m, *S, 5) with ``aligned``
+        Per pixel, :func:`cryonb.ctf.ctf_features` (on the device of the result); with
+        ``aligned``, each particle's own pixels (the array expression computes those).
     intact_first_peak : bool
         1 where ``|argument| < pi / 2`` (RELION's ``--ctf_intact_first_peak``).
     b4 : float array of shape (m,), optional
@@ -87,9 +92,9 @@ def ctf_values(coef, feat, *, intact_first_peak: bool = False, b4=None, scale=No
     """
     xp = array_module(feat)
     dtype = np.dtype(dtype)
-    if xp is np or dtype not in (np.float32, np.float64):
+    if xp is np or aligned or dtype not in (np.float32, np.float64):
         return ctf_values_reference(coef, feat, intact_first_peak=intact_first_peak, b4=b4,
-                                    scale=scale, dtype=dtype)
+                                    scale=scale, dtype=dtype, aligned=aligned)
     f64 = xp.float64
     C = xp.ascontiguousarray(xp.asarray(coef, dtype=f64))
     m, S = C.shape[0], feat.shape[:-1]
