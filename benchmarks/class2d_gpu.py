@@ -28,6 +28,8 @@ Writes a markdown table and a JSON file to ``--out`` and prints both.
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
 import json
 import os
 import platform
@@ -454,8 +456,16 @@ def _kernel_profile(job, pools, images, xp, resident=None, top: int = 25) -> dic
     except Exception as exc:  # a missing profiler is reported, not raised
         return {"error": repr(exc)}
     try:
-        return _traced_estep(job, pools, images, xp, resident, top, profile,
-                             ProfilerActivity.CUDA)
+        # what the E-step adds to the device memory at its peak: CuPy's pool emptied of
+        # cached blocks first, its held bytes after (blocks are kept once allocated)
+        mp = xp.get_default_memory_pool()
+        _sync(xp)
+        mp.free_all_blocks()
+        held = mp.total_bytes()
+        r = _traced_estep(job, pools, images, xp, resident, top, profile, ProfilerActivity.CUDA)
+        r["peak_bytes"] = int(mp.total_bytes() - held)
+        r["peak_bytes_per_particle"] = int(r["peak_bytes"] / max(len(p) for p in pools))
+        return r
     except Exception as exc:  # keep the run going: the profile is an extra
         return {"error": repr(exc)}
 
@@ -479,6 +489,84 @@ def _host_profile(job, pools, images, xp, resident=None, top: int = 30) -> str:
     return text.getvalue()
 
 
+class _host_regions:
+    """Name the host's work in a profiled E-step: each stage between two of the context's
+    ``_mark`` calls (a zero-length ``mark:STAGE`` range at its end) and each call of a
+    function of ``cryonb.kernels``, ``cryonb.ctf`` or ``cryonb.backend`` made by
+    ``cryonb.em._estep`` (a range of its name), for :func:`_idle_by_region`."""
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.saved: dict = {}
+
+    def __enter__(self):
+        from torch.autograd.profiler import record_function
+
+        import cryonb.em._estep as mod
+
+        def marked(stage, _orig=self.ctx._mark):
+            with record_function(f"mark:{stage}"):
+                pass
+            return _orig(stage)
+
+        def wrap(name, fn):
+            def inner(*args, **kw):
+                with record_function(f"call:{name}"):
+                    return fn(*args, **kw)
+            return inner
+
+        self.ctx._mark = marked
+        for name, fn in vars(mod).items():
+            if callable(fn) and getattr(fn, "__module__", "").startswith(
+                    ("cryonb.kernels", "cryonb.ctf", "cryonb.backend")):
+                self.saved[name] = fn
+                setattr(mod, name, wrap(name, fn))
+        return self
+
+    def __exit__(self, *exc):
+        import cryonb.em._estep as mod
+
+        for name, fn in self.saved.items():
+            setattr(mod, name, fn)
+        self.ctx.__dict__.pop("_mark", None)
+        return False
+
+
+def _idle_by_region(gaps, events, top: int = 25) -> dict:
+    """The device's idle time (``gaps``, (start, end) in the trace's microseconds) charged
+    to what the host was doing meanwhile: the E-step's stage (the next ``mark:STAGE`` range
+    after the moment) and the innermost ``call:NAME`` range around it (``own code`` where
+    none), from the ranges :class:`_host_regions` records."""
+    marks = sorted(float(e["ts"]) for e in events if str(e.get("name", "")).startswith("mark:"))
+    mark_names = {float(e["ts"]): e["name"][5:] for e in events
+                  if str(e.get("name", "")).startswith("mark:")}
+    calls = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)), e["name"][5:])
+                   for e in events if e.get("ph") == "X"
+                   and str(e.get("name", "")).startswith("call:"))
+    by_stage: dict = {}
+    by_call: dict = {}
+    total = 0.0
+    for a, b in gaps:
+        cuts = sorted({a, b, *(t for c in calls for t in c[:2] if a < t < b),
+                       *(t for t in marks if a < t < b)})
+        for lo, hi in itertools.pairwise(cuts):
+            mid = 0.5 * (lo + hi)
+            i = bisect.bisect_left(marks, mid)
+            stage = mark_names[marks[i]] if i < len(marks) else "finish and after"
+            inner = [c for c in calls if c[0] <= mid < c[1]]
+            call = max(inner)[2] if inner else "own code"
+            dt = (hi - lo) / 1e3
+            total += dt
+            by_stage[stage] = by_stage.get(stage, 0.0) + dt
+            key = f"{stage} / {call}"
+            by_call[key] = by_call.get(key, 0.0) + dt
+    rank = sorted(by_call.items(), key=lambda kv: -kv[1])[:top]
+    return {"total_ms": round(total, 3), "gaps": len(gaps),
+            "by_stage_ms": {k: round(v, 3) for k, v in
+                            sorted(by_stage.items(), key=lambda kv: -kv[1])},
+            "by_call_ms": {k: round(v, 3) for k, v in rank}}
+
+
 def _traced_estep(job, pools, images, xp, resident, top, profile, activity) -> dict:
     """The body of :func:`_kernel_profile`."""
     import tempfile
@@ -486,7 +574,7 @@ def _traced_estep(job, pools, images, xp, resident, top, profile, activity) -> d
     ctx = job.estep_context(xp)
     _sync(xp)
     with tempfile.TemporaryDirectory() as d:
-        with profile(activities=[activity]) as prof:
+        with profile(activities=[activity]) as prof, _host_regions(ctx):
             t0 = time.perf_counter()
             run_pools(ctx, job, pools, images, resident=resident)
             ctx.finish()
@@ -499,8 +587,11 @@ def _traced_estep(job, pools, images, xp, resident, top, profile, activity) -> d
            and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in dev)
     busy, end = 0.0, -np.inf
+    gaps = []  # the device's idle intervals between its first and last operation
     for a, b in spans:  # union of the intervals (streams may overlap)
         if b > end:
+            if end > -np.inf and a > end:
+                gaps.append((end, a))
             busy += b - max(a, end)
             end = b
     by_name: dict = {}
@@ -519,6 +610,7 @@ def _traced_estep(job, pools, images, xp, resident, top, profile, activity) -> d
     ranked = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
     calls = sorted(api.items(), key=lambda kv: -kv[1][1])[:12]
     return {"wall_s": round(wall, 4), "device_busy_s": round(busy / 1e6, 4),
+            "idle": _idle_by_region(gaps, events),
             "device_ops": len(dev), "span_s": round((spans[-1][1] - spans[0][0]) / 1e6, 4)
             if spans else 0.0, "categories": cats,
             "top": [{"name": k, "count": n, "ms": round(t / 1e3, 3)} for k, (n, t) in ranked],

@@ -146,16 +146,25 @@ FINE_BUDGET = 1.5e9
 ROOM_FRACTION = 0.8
 
 
-def estep_bytes_per_particle(T: int, M: int, P: float, box: int, split: bool) -> int:
+def estep_bytes_per_particle(T: int, M: int, P: float, box: int, split: bool,
+                             stored: bool = False) -> int:
     """Device (or host) bytes per particle of a pool's E-step, an upper bound.
 
-    The coarse pass holds ``B x T x M`` float32 scores a few times over (``T`` translations,
-    ``M`` classes x angles), the particles' shifted transforms (``B x T x 2P`` float32, ``P``
-    Fourier pixels of the coarse window) as complex numbers and ``[Re | Im]`` rows, twice
-    more as those rows' two TF32 parts where the product runs as three TF32 products
-    (``split``), and the pool's images and their transforms (``8 x box^2`` floats).
+    The E-step holds its largest arrays in two phases, one after the other. Preparing the
+    images: the pool's images, the noise outside the mask (without ``--zero_mask``), the
+    masked images, their transforms and the FFT's work area, ``8 x box^2`` floats at most
+    (``7`` where the images are read in place from a device store, ``stored``: no copy of
+    them). The coarse pass (the images and their transforms are freed by then): ``B x T x
+    M`` float32 scores a few times over (``T`` translations, ``M`` classes x angles), the
+    particles' shifted transforms (``B x T x 2P`` float32, ``P`` Fourier pixels of the
+    coarse window) as complex numbers and ``[Re | Im]`` rows, twice more as those rows' two
+    TF32 parts where the product runs as three TF32 products (``split``). Both phases hold
+    the current size's pixels of each image, its CTF and noise weights (at most ``2 x
+    box^2`` floats: four per pixel of the half-plane disc). The larger of the two counts.
     """
-    return int(4 * (3 * T * M + (8 if split else 4) * T * P + 8 * box * box))
+    prepare = (7 if stored else 8) * box * box
+    coarse = 3 * T * M + (8 if split else 4) * T * P + 2 * box * box
+    return int(4 * max(prepare, coarse))
 
 
 def coarse_image_size(psi_step: float, particle_diameter: float, ori_size: int,
@@ -535,12 +544,12 @@ class EStepContext:
             the posterior's angular (deg) / translational (px) spread.
         """
         B = len(batch)
-        parts = self.pool_parts(B)
+        stored = hasattr(batch.images, "gather")  # read in place from a device store
+        parts = self.pool_parts(B, stored)
         try:
             if parts == 1:
                 return self._expectation(batch)
             # the pool's images, held as one array (or read in place from a device store)
-            stored = hasattr(batch.images, "gather")
             imgs = batch.images if stored else self._upload(batch.images)
             cuts = np.linspace(0, B, parts + 1).astype(int)
             res = np.concatenate([self._expectation(batch.rows(a, b, imgs[a:b]))
@@ -559,25 +568,26 @@ class EStepContext:
                 f"{room / 1e9:.1f} GB free on the device now): give a smaller --pool, or "
                 "free the GPU of other processes (nvidia-smi lists them)") from exc
 
-    def bytes_per_particle(self) -> int:
-        """:func:`estep_bytes_per_particle` of this iteration's coarse grid."""
+    def bytes_per_particle(self, stored: bool = False) -> int:
+        """:func:`estep_bytes_per_particle` of this iteration's coarse grid (``stored``: the
+        pool's images read in place from a device store)."""
         c = self.coarse
         return estep_bytes_per_particle(c.phases.shape[0], c.refs.shape[0], len(c.kx), self.N,
-                                        self.precision == "3xtf32")
+                                        self.precision == "3xtf32", stored)
 
-    def pool_parts(self, B: int) -> int:
+    def pool_parts(self, B: int, stored: bool = False) -> int:
         """In how many parts a pool of ``B`` particles is computed: 1 on the CPU and where
         the device can give :data:`ROOM_FRACTION` of what the pool needs (its particles'
         :meth:`bytes_per_particle` and :data:`FINE_BUDGET`), else as many as make each part
-        fit (at most ``B``)."""
+        fit (at most ``B``); ``stored``: the images are read in place from a device store."""
         room = device_room(self.xp)
         if room is None:
             return 1
-        need = B * self.bytes_per_particle()
+        per = self.bytes_per_particle(stored)
         avail = ROOM_FRACTION * room - FINE_BUDGET
-        if need <= avail:
+        if B * per <= avail:
             return 1
-        return int(min(B, math.ceil(need / max(avail, self.bytes_per_particle()))))
+        return int(min(B, math.ceil(B * per / max(avail, per))))
 
     def _expectation(self, batch: ParticleBatch):
         """:meth:`expectation` of one part."""
@@ -927,7 +937,7 @@ class EStepContext:
         self._mark("fine: samples")
         cinv = ctf * inv
         c2 = ctf * cinv
-        _, Y = shifted_images_ri(Xf, f.phases, cinv, rb, rt)  # (n_bt, 2P) [Re | Im]
+        Y = shifted_images_ri(Xf, f.phases, cinv, rb, rt)  # (n_bt, 2P) [Re | Im]
         self._mark("fine: shifted images")
         # a coarse sample's ts x ps products from one read of its rows; the reference power
         # depends on the particle and the rotation only (the same for the ts translations)

@@ -23,15 +23,18 @@ _GPU_POOL_IMAGE_BYTES = 2**30
 GPU_POOL_STORED = 16384
 
 
-def pool_memory(config, box: int, *, gpu: bool = True, pixel_size: float | None = None) -> int:
-    """Bytes per particle of the E-step's coarse pass (an upper bound).
+def pool_memory(config, box: int, *, gpu: bool = True, pixel_size: float | None = None,
+                stored: bool = False) -> int:
+    """Bytes per particle of the E-step (an upper bound,
+    :func:`cryonb.em._estep.estep_bytes_per_particle`).
 
-    The coarse pass of a pool of ``B`` particles holds ``B x translations x (classes x
-    angles)`` float32 scores a few times over, and the particles' shifted transforms
-    (``B x translations x 2P`` float32, ``P`` Fourier pixels of the coarse window) twice: as
-    complex numbers and as ``[Re | Im]`` rows; on a GPU whose run starts with three TF32
-    products (``--tf32_from``) twice more, as those rows' two TF32 parts
-    (:func:`cryonb.kernels.split_tf32`); and the pool's images and their transforms.
+    The larger of two phases: preparing the images (the pool's images unless ``stored`` on
+    the device, the masked images, their transforms), and the coarse pass, whose pool of
+    ``B`` particles holds ``B x translations x (classes x angles)`` float32 scores a few
+    times over, and the particles' shifted transforms (``B x translations x 2P`` float32,
+    ``P`` Fourier pixels of the coarse window) twice: as complex numbers and as ``[Re | Im]``
+    rows; on a GPU whose run starts with three TF32 products (``--tf32_from``) twice more,
+    as those rows' two TF32 parts (:func:`cryonb.kernels.split_tf32`).
 
     The coarse window is RELION's coarse image size (:func:`cryonb.em._estep.coarse_image_size`,
     set by ``--psi_step`` and the particle's diameter, at most the box): with ``pixel_size``
@@ -50,7 +53,7 @@ def pool_memory(config, box: int, *, gpu: bool = True, pixel_size: float | None 
         size = coarse_image_size(config.psi_step, diameter, box, pixel_size, box)
     P = math.pi * (size / 2) ** 2 / 2
     split = gpu and hasattr(config, "coarse_precision") and config.coarse_precision(1) == "3xtf32"
-    return estep_bytes_per_particle(T, M, P, box, split)
+    return estep_bytes_per_particle(T, M, P, box, split, stored)
 
 
 def gpu_pool_max(box: int, stored: bool = False) -> int:
@@ -124,7 +127,7 @@ def auto_pool(config, n: int, box: int, threads_total: int, *, gpu: bool,
             from ..em._estep import FINE_BUDGET
 
             fit = (0.5 * free_bytes - FINE_BUDGET) / max(1, pool_memory(
-                config, box, pixel_size=pixel_size))
+                config, box, pixel_size=pixel_size, stored=per_rank <= 1))
             pool = int(min(pool, max(GPU_POOL_MIN, fit)))
     else:
         pool = CPU_POOL

@@ -64,14 +64,13 @@ def test_shifted_images_follow_the_definition(xp):
     rows, shifts = np.sort(rng.integers(0, B, n)), rng.integers(0, T, n)
     z = X[rows] * ph[shifts]
     want = np.concatenate([z.real, z.imag], axis=1)
-    Xt, Y = shifted_images_ri(*(xp.asarray(a) for a in (X, ph, w, rows, shifts)))
-    Xt, Y = (a.get() if hasattr(a, "get") else a for a in (Xt, Y))
-    assert Xt.shape == Y.shape == (n, 2 * P) and Xt.dtype == Y.dtype == np.float32
-    np.testing.assert_allclose(Xt, want, rtol=1e-5, atol=1e-5)
+    Y = shifted_images_ri(*(xp.asarray(a) for a in (X, ph, w, rows, shifts)))
+    Y = Y.get() if hasattr(Y, "get") else Y
+    assert Y.shape == (n, 2 * P) and Y.dtype == np.float32
     np.testing.assert_allclose(Y, want * np.concatenate([w, w], axis=1)[rows], rtol=1e-5,
                                atol=1e-5)
     none = shifted_images_ri(*(xp.asarray(a) for a in (X, ph, w, rows[:0], shifts[:0])))
-    assert [a.shape for a in none] == [(0, 2 * P), (0, 2 * P)]
+    assert none.shape == (0, 2 * P)
 
 
 def test_window_shift_follows_the_definition(xp):

@@ -261,7 +261,8 @@ def test_stored_gpu_pools_are_not_bound_by_the_reading_buffers():
     assert auto_pool(cfg, 10**6, 256, 1, gpu=True) == 4096
     from cryonb.em._estep import FINE_BUDGET
 
-    free = 2 * (FINE_BUDGET + 8000.5 * pool_memory(cfg, 256))  # its half holds 8,000
+    # its half holds 8,000 (the images read in place: no copy of them counted)
+    free = 2 * (FINE_BUDGET + 8000.5 * pool_memory(cfg, 256, stored=True))
     assert auto_pool(cfg, 10**6, 256, 1, gpu=True, per_rank=1, free_bytes=free) == 8000
     assert auto_pool(cfg, 10**6, 256, 1, gpu=True, free_bytes=free) == 4096
 
@@ -287,6 +288,30 @@ def test_pool_memory_counts_the_coarse_window():
     free = 75e9
     assert auto_pool(cfg, 10**6, 128, 1, gpu=True, free_bytes=free, pixel_size=2.0) == 16384
     assert auto_pool(cfg, 10**6, 128, 1, gpu=True, free_bytes=free) < 8000
+
+
+def test_pool_memory_is_the_larger_of_its_two_phases():
+    """The images' phase (masking, transforms) and the coarse pass's scores come one after
+    the other: a 256 px pool counts the larger, not their sum, and images read in place from
+    the device store count no copy. An 80 GB card's half then holds one pool of 16,000
+    particles at K=50 and K=100 (psi 10), as measured fastest (RESULTS.md)."""
+    from dataclasses import replace
+
+    from cryonb.em._estep import estep_bytes_per_particle
+
+    cfg = replace(tiny_config("p.star", Path("o")), psi_step=10.0, offset_range=5,
+                  offset_step=2, particle_diameter=0.8 * 256 * 1.5)
+    c = replace(cfg, K=50)
+    assert pool_memory(c, 256, pixel_size=1.5) == 4 * 8 * 256 * 256
+    assert pool_memory(c, 256, pixel_size=1.5, stored=True) == 4 * 7 * 256 * 256
+    for K in (50, 100):
+        c = replace(cfg, K=K)
+        assert pool_memory(c, 256, pixel_size=1.5, stored=True) < 2e6
+        assert auto_pool(c, 16000, 256, 1, gpu=True, free_bytes=79e9, ranks=1, per_rank=1,
+                         pixel_size=1.5) == 16000
+    # where the scores are larger they count, with the current size's pixels beside them
+    assert estep_bytes_per_particle(21, 7200, 700, 64, False) == 4 * (
+        3 * 21 * 7200 + 4 * 21 * 700 + 2 * 64 * 64)
 
 
 @pytest.mark.gpu
