@@ -46,6 +46,7 @@ from ..kernels import (
     insert_rows_2d,
     mask_images_2d,
     mask_outside,
+    nonzero_each,
     pose_neighbours,
     sampled_dot_blocks,
     scatter_blocks_residual,
@@ -612,10 +613,9 @@ class EStepContext:
         power_full, x2f, x2n = self._image_powers(F, Xf, batch.optics)
         del F
         self._mark("prepare: image powers")
-        counts, sidx, best = self._coarse_pass(batch, Xc, ctf_c, inv_c)
+        counts, sidx, best, n_sig = self._coarse_pass(batch, Xc, ctf_c, inv_c)
         res = np.zeros((B, len(RESULT_COLUMNS)))
         T, M = self.coarse.phases.shape[0], self.coarse.refs.shape[0]
-        n_sig = _to_host(counts)
         res[:, RESULT_COLUMNS.index("n_sig")] = n_sig
         # each significant sample's particle (the samples are grouped by particle)
         owner = xp.searchsorted(xp.cumsum(counts), xp.arange(sidx.shape[0]), side="right")
@@ -719,7 +719,7 @@ class EStepContext:
 
     def _coarse_pass(self, batch, Xc, ctf, inv):
         """The coarse pass: its log-posteriors, each particle's best sample and significant
-        samples.
+        samples (their counts on the device and on the host, their columns, the best).
 
         The log-posteriors leave out each particle's image norm ``||X||^2 / 2`` (the same for
         all its samples, so that the weights, the best samples and the significant ones are
@@ -757,10 +757,11 @@ class EStepContext:
         best = best_t.argmax(axis=1)
         self._accumulate_margins(best_t.reshape(B, self.K, self.n_psi).max(axis=2))
         self._mark("coarse: best and class margins")
-        counts, idx = significant_indices(lw.reshape(B, -1), self.config.adaptive_fraction,
-                                          self.config.maxsig, rowmax=best_t.max(axis=1))
+        counts, idx, n_sig = significant_indices(
+            lw.reshape(B, -1), self.config.adaptive_fraction, self.config.maxsig,
+            rowmax=best_t.max(axis=1), host_counts=True)
         self._mark("coarse: significance")
-        return counts, idx, best
+        return counts, idx, best, n_sig
 
     def _accumulate_margins(self, lp):
         """Class margins (``Class2DSums.class_margin``) from each particle's best coarse
@@ -984,10 +985,9 @@ class EStepContext:
         self._mark("fine: results queued")
         # back-projection sums and the residual's per-shell terms over the coarse samples
         # with a non-zero weight, each block of ts x ps samples from one read of its rows
-        nz = xp.flatnonzero(w > 0)
-        wn, bn = w[nz], b[nz]
         wc = w.reshape(shape)
-        live = xp.flatnonzero((wc > 0).any(axis=(1, 2)))
+        nz, live = nonzero_each(w > 0, (wc > 0).any(axis=(1, 2)))
+        wn, bn = w[nz], b[nz]
         ibl, cbl, crl, wcl = ibt_c[live], cb[live], cr[live], wc[live]
         self._count("fine: particles", Bs)
         self._count("fine: coarse samples", cb.shape[0])

@@ -48,7 +48,7 @@ from ._sampled import (
     scatter_products,
     scatter_products_reference,
 )
-from ._segments import segment_argmax, segment_starts, segment_sums
+from ._segments import nonzero_each, segment_argmax, segment_starts, segment_sums
 from ._select import (
     significant_in_segments,
     significant_indices,
@@ -75,6 +75,7 @@ __all__ = [
     "mask_images_2d",
     "mask_images_2d_reference",
     "mask_outside",
+    "nonzero_each",
     "pose_neighbours",
     "pose_neighbours_reference",
     "prune_peak_clusters",

@@ -9,16 +9,64 @@ sums, first maximum on ties). On the CPU, ``ufunc.reduceat`` over the runs.
 
 Segments are given by their boundaries ``starts`` of shape (n_seg + 1,): segment ``i`` is
 ``values[starts[i]:starts[i + 1]]`` (empty when the two are equal).
+
+:func:`nonzero_each`: the positions of the true values of several masks with one copy to
+the host for all their sizes (``flatnonzero`` makes one per mask, and each stops the host
+until the device has caught up).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
 from ..backend import array_module
 from ._cuda import cuda_function
 
-__all__ = ["segment_argmax", "segment_starts", "segment_sums"]
+__all__ = ["nonzero_each", "segment_argmax", "segment_starts", "segment_sums"]
+
+
+def nonzero_each(*masks):
+    """``flatnonzero`` of each mask, sized with one device-to-host copy for all of them.
+
+    Parameters
+    ----------
+    *masks : bool arrays (any shapes)
+
+    Returns
+    -------
+    list of int64 arrays
+        For each mask, the flat positions of its true values, ascending (as
+        ``numpy.flatnonzero``).
+
+    Notes
+    -----
+    GPU: each mask's running count (a scan), the last counts of all masks read back in one
+    copy, then one kernel per mask writes position ``i`` at its count's place.
+    """
+    xp = array_module(*masks)
+    if xp is np:
+        return [np.flatnonzero(m) for m in masks]
+    flat = [xp.ascontiguousarray(m, dtype=xp.bool_).reshape(-1) for m in masks]
+    ranks = [xp.cumsum(m, dtype=xp.int64) for m in flat]
+    ends = [r[-1:] if r.size else xp.zeros(1, xp.int64) for r in ranks]
+    sizes = xp.concatenate(ends).get()  # the one wait for the device
+    out = []
+    for m, r, n in zip(flat, ranks, sizes):
+        idx = xp.empty(int(n), xp.int64)
+        if n:
+            _compact_kernel()(m, r, idx, size=m.size)
+        out.append(idx)
+    return out
+
+
+@functools.cache
+def _compact_kernel():
+    import cupy
+
+    return cupy.ElementwiseKernel("raw bool m, raw int64 r", "raw int64 out",
+                                  "if (m[i]) out[r[i] - 1] = i;", "cryonb_compact_nonzero")
 
 
 def segment_starts(seg, n_seg: int):

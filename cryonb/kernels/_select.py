@@ -372,7 +372,8 @@ def significant_samples(lw, fraction: float, maxsig: int = -1, rowmax=None):
     return out
 
 
-def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None):
+def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None,
+                        host_counts: bool = False):
     """:func:`significant_samples` as indices: each row's significant columns, in order.
 
     At large K and fine psi sampling a particle has 10^5-10^6 coarse samples of which
@@ -384,6 +385,9 @@ def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None):
     ----------
     lw, fraction, maxsig, rowmax
         As :func:`significant_samples`.
+    host_counts : bool
+        Also return the counts as a NumPy array (on the GPU the one copy to the host that
+        sizes ``idx``: the caller needs no second one).
 
     Returns
     -------
@@ -392,14 +396,19 @@ def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None):
     idx : int64 array of shape (counts.sum(),)
         Their columns, row after row, ascending within a row: the columns of
         ``significant_samples(lw, ...)`` row by row (``nonzero`` of the mask).
+    counts_host : int64 ndarray of shape (B,)
+        With ``host_counts``: ``counts`` on the host.
     """
     xp = array_module(lw)
     B, N = lw.shape
     if B == 0 or N == 0:
-        return xp.zeros(B, xp.int64), xp.zeros(0, xp.int64)
+        out = xp.zeros(B, xp.int64), xp.zeros(0, xp.int64)
+        return (*out, np.zeros(B, np.int64)) if host_counts else out
     if xp is np:
         rows, idx = np.nonzero(significant_samples(lw, fraction, maxsig, rowmax))
-        return np.bincount(rows, minlength=B).astype(np.int64), idx.astype(np.int64)
+        counts = np.bincount(rows, minlength=B).astype(np.int64)
+        return (counts, idx.astype(np.int64), counts) if host_counts else (
+            counts, idx.astype(np.int64))
     lw = xp.ascontiguousarray(lw, dtype=xp.float32)
     starts = xp.arange(B + 1, dtype=xp.int64) * N
     rowmax = xp.ascontiguousarray(lw.max(axis=1) if rowmax is None else rowmax,
@@ -409,10 +418,11 @@ def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None):
     thr, counts = _select_gpu(lw, rowmax, starts, fraction, maxsig, pre=(pre, done))
     offsets = xp.zeros(B + 1, xp.int64)
     xp.cumsum(counts, out=offsets[1:])
-    idx = xp.empty(int(offsets[-1]), xp.int64)
+    on_host = counts.get()
+    idx = xp.empty(int(on_host.sum()), xp.int64)
     cuda_function(_CUDA_SRC, "significant_compact")(
         (B,), (1024,), (lw, rowmax, starts, thr, offsets, idx, pre, done))
-    return counts, idx
+    return (counts, idx, on_host) if host_counts else (counts, idx)
 
 
 def significant_in_segments(lw, seg, n_seg: int, fraction: float, maxsig: int = -1,

@@ -53,3 +53,18 @@ def test_gpu_sums_are_deterministic(xp):
     a = _to_np(segment_sums(xp.asarray(x), starts))
     b = _to_np(segment_sums(xp.asarray(x), starts))
     assert np.array_equal(a, b)
+
+
+def test_nonzero_each_is_flatnonzero_of_each_mask(xp):
+    """Several masks' positions with one copy to the host: those of ``flatnonzero``."""
+    from cryonb.kernels import nonzero_each
+
+    rng = np.random.default_rng(3)
+    masks = [rng.random(1000) < 0.3, rng.random((40, 5, 3)) < 0.01, np.zeros(7, bool),
+             np.zeros(0, bool), np.ones(5, bool)]
+    got = nonzero_each(*(xp.asarray(m) for m in masks))
+    assert len(got) == len(masks)
+    for m, g in zip(masks, got):
+        g = g.get() if hasattr(g, "get") else g
+        assert g.dtype == np.int64
+        assert np.array_equal(g, np.flatnonzero(m))

@@ -134,10 +134,15 @@ def test_indices_are_the_masks_columns(xp, maxsig):
         assert counts.tolist() == np.bincount(rows, minlength=9).tolist()
         assert np.array_equal(idx, cols)
         assert counts.min() >= 1
+        # the counts also on the host, from the copy that sized idx
+        *_, on_host = significant_indices(d, fraction, maxsig, host_counts=True)
+        assert isinstance(on_host, np.ndarray) and on_host.tolist() == counts.tolist()
     assert np.array_equal(idx[counts[:2].sum():counts[:3].sum()], [5, 69_999])
     for shape in ((0, 10), (3, 0)):  # no rows, no samples
         counts, idx = (_host(a) for a in significant_indices(xp.zeros(shape, np.float32), 0.9))
         assert counts.tolist() == [0] * shape[0] and idx.size == 0
+        *_, on_host = significant_indices(xp.zeros(shape, np.float32), 0.9, host_counts=True)
+        assert isinstance(on_host, np.ndarray) and on_host.tolist() == [0] * shape[0]
 
 
 def test_select_peaked_rows_with_given_maxima(xp):
