@@ -231,6 +231,38 @@ class _Grid:
     stencil: object = None  # (2P, 4) float32: the pose refinement's shifts by +-tstep
 
 
+class _PoolColumns:
+    """A pool's per-particle values on its device, uploaded with one copy (each upload of a
+    small host array costs the host tens of microseconds, and a pool made about 20 of
+    them).
+
+    Attributes
+    ----------
+    offset : float32 array of shape (B, 2)
+        Previous offsets (x, y), pixels.
+    norm : float64 array of shape (B,)
+        Previous norm corrections.
+    optics, group, seed : int64 arrays of shape (B,)
+        Optics group, scale group, seed class (-1 for none).
+    scale : float32 array of shape (B,)
+        The model's scale of each particle's group.
+    """
+
+    def __init__(self, batch: ParticleBatch, scale, xp):
+        host = np.empty((7, len(batch)), np.float64)
+        host[0:2] = np.asarray(batch.offset, np.float64).T
+        host[2] = batch.norm
+        host[3] = batch.optics
+        host[4] = batch.group
+        host[5] = batch.seed_class
+        host[6] = np.asarray(scale)[batch.group]
+        dev = xp.asarray(host)
+        self.offset = xp.ascontiguousarray(dev[0:2].T, dtype=xp.float32)
+        self.norm = dev[2]
+        self.optics, self.group, self.seed = (dev[i].astype(xp.int64) for i in (3, 4, 5))
+        self.scale = dev[6].astype(xp.float32)
+
+
 class EStepContext:
     """Everything one device needs for the E-step of one iteration.
 
@@ -413,6 +445,14 @@ class EStepContext:
         if self._profiling:
             self.tally[what] = self.tally.get(what, 0) + int(n)
 
+    def _pick(self, name: str, sub):
+        """The pool's per-particle column ``name`` (:class:`_PoolColumns`) on the device,
+        for the particles ``sub`` (host positions in the pool)."""
+        col = getattr(self._cols, name)
+        if len(sub) == col.shape[0] and np.array_equal(sub, np.arange(len(sub))):
+            return col  # the whole pool in order (the second pass's usual case): no copy
+        return col[self.xp.asarray(sub)]
+
     def _ctf(self, batch: ParticleBatch, grid: _Grid):
         xp = self.xp
         B = len(batch)
@@ -426,7 +466,7 @@ class EStepContext:
                          intact_first_peak=self.config.ctf_intact_first_peak)
             out = out.reshape(B, -1)
         if self.config.scale:
-            out = out * xp.asarray(self.model.scale[batch.group], dtype=xp.float32)[:, None]
+            out = out * self._cols.scale[:, None]
         return out
 
     def prefetch(self, images) -> None:
@@ -595,6 +635,7 @@ class EStepContext:
         xp = self.xp
         B = len(batch)
         self._mark(None)
+        self._cols = _PoolColumns(batch, self.model.scale, xp)
         F, frac = self._prepare_images(batch)
         f = self.fine
         if f.kx_dev is None:
@@ -603,14 +644,14 @@ class EStepContext:
         self._mark("prepare: sub-pixel phases and window")
         ctf_f = self._ctf(batch, f)
         self._mark("prepare: CTF")
-        inv_f = f.invsig[xp.asarray(batch.optics)]
+        inv_f = f.invsig[self._cols.optics]
         # the coarse window's pixels are a subset of the current size's (its values there are
         # the same, element by element)
         c_in_f = self.coarse_in_fine
         Xc, ctf_c, inv_c = (Xf, ctf_f, inv_f) if c_in_f is None else (
             Xf[:, c_in_f], ctf_f[:, c_in_f], inv_f[:, c_in_f])
         self._mark("prepare: noise weights and coarse window")
-        power_full, x2f, x2n = self._image_powers(F, Xf, batch.optics)
+        power_full, x2f, x2n = self._image_powers(F, Xf, self._cols.optics)
         del F
         self._mark("prepare: image powers")
         counts, sidx, best, n_sig = self._coarse_pass(batch, Xc, ctf_c, inv_c)
@@ -672,7 +713,7 @@ class EStepContext:
             The whole transforms.
         Xf : complex64 array of shape (B, P)
             Their fine pixels (the current size's).
-        optics : int array of shape (B,), host
+        optics : int array of shape (B,), on the device
             Each particle's optics group.
 
         Returns
@@ -686,9 +727,8 @@ class EStepContext:
         x2n : float64 array of shape (B, nsh)
             ``|X|^2`` per shell over the fine pixels.
         """
-        xp = self.xp
         x2n = shell_power(Xf, self._fine_shells)
-        x2f = (x2n * self._inv_shell[xp.asarray(optics)]).sum(axis=1)
+        x2f = (x2n * self._inv_shell[optics]).sum(axis=1)
         return shell_power(F, self._full_bins), x2f, x2n
 
     def _complete_shells(self, resid, x2n, power_full, size: int):
@@ -747,11 +787,11 @@ class EStepContext:
         a2 = cross_products(ctf * ctf * inv, self._coarse_a2,
                             precision=self._a2_precision)  # (B, M)
         self._mark("coarse: powers")
-        offs = xp.asarray(batch.offset[:, None, :], dtype=xp.float32) + self.trans_coarse
+        offs = self._cols.offset[:, None, :] + self.trans_coarse
         # best_t: the best over the translations, (B, K * R)
         lw, best_t = coarse_log_posterior(cross, xp.zeros(B, xp.float32), a2, offs,
                                           self.prior_offset, self.log_pdf,
-                                          self.inv2_sig_off, xp.asarray(batch.seed_class),
+                                          self.inv2_sig_off, self._cols.seed,
                                           self.n_psi)
         self._mark("coarse: log-posteriors")
         best = best_t.argmax(axis=1)
@@ -863,7 +903,7 @@ class EStepContext:
         lw = cross - 0.5 * a2[:, None, :]  # the norm x2 / 2 in the log-likelihood only
         del cross
         self._mark("dense: matrix products")
-        offs = xp.asarray(batch.offset[sub][:, None, :], dtype=xp.float32) + f.trans_dev[tf]
+        offs = self._pick("offset", sub)[:, None, :] + f.trans_dev[tf]
         po = self.prior_offset  # (K, 2): |offset - class prior|^2 per (particle, t, class)
         d2k = ((offs * offs).sum(axis=-1)[:, :, None] - 2 * (offs @ po.T)
                + (po * po).sum(axis=1)[None, None, :])  # (Bs, Tf, K)
@@ -875,7 +915,7 @@ class EStepContext:
         w = xp.exp(lw - mx[:, None, None])
         del lw
         tot = w.reshape(Bs, -1).sum(axis=1)
-        loglik = mx - 0.5 * x2 + xp.log(tot) - self.logsigma2[xp.asarray(batch.optics[sub])]
+        loglik = mx - 0.5 * x2 + xp.log(tot) - self.logsigma2[self._pick("optics", sub)]
         w = (w / tot[:, None, None]).astype(xp.float32)
         rcls_b = xp.broadcast_to(rcls, (Bs, Rf))
         d2 = d2k[:, :, rcls[0]]
@@ -947,7 +987,7 @@ class EStepContext:
                              shape).reshape(-1)
         self._mark("fine: sampled products")
         k = rf // R
-        offs = xp.asarray(batch.offset[sub], dtype=xp.float32)[b] + f.trans_dev[tf]  # (n, 2)
+        offs = self._pick("offset", sub)[b] + f.trans_dev[tf]  # (n, 2)
         d = offs - self.prior_offset[k]
         d2 = (d * d).sum(axis=1)
         # the image norm x2 / 2, the same for all of a particle's samples, is left out of the
@@ -960,7 +1000,7 @@ class EStepContext:
         w = xp.exp(lw - mx[b])
         tot = segment_sums(w, starts)
         loglik = (mx - 0.5 * x2 + xp.log(tot)
-                  - self.logsigma2[xp.asarray(batch.optics[sub])])
+                  - self.logsigma2[self._pick("optics", sub)])
         self._mark("fine: log-posteriors")
         # RELION's significance in the second pass: per particle, the largest weights that
         # hold adaptive_fraction of the total; the rest are dropped
@@ -1000,7 +1040,7 @@ class EStepContext:
         self._mark("fine: back-projection sums (data, weights, residual)")
         # per shell (1 / sigma2 is one value per shell and optics group): sum w Re(X(t)
         # conj(A)) ctf = sum Q / inv, and sum w |A|^2 ctf^2 = sum Ra c2 / inv
-        inv_g = self._inv_shell[xp.asarray(batch.optics[sub])]
+        inv_g = self._inv_shell[self._pick("optics", sub)]
         crossn = shell_sums(Q, self._fine_shells) / inv_g
         a2n = shell_sums(Ra, self._fine_shells, c2) / inv_g
         resid = self._complete_shells(x2n - 2 * crossn + a2n, x2n, power_full, f.size)
@@ -1172,7 +1212,7 @@ class EStepContext:
         first two when the results are copied, :meth:`_flush_results`)."""
         xp = self.xp
         S = self.sums
-        old_norm = xp.asarray(batch.norm[sub], dtype=xp.float64)
+        old_norm = self._pick("norm", sub)
         if self.config.norm:  # RELION: the real-space rms of the residual of this image
             new_norm = old_norm / self.model.avg_norm * xp.sqrt(2 * xp.maximum(
                 resid.sum(axis=1), 1e-30))
@@ -1213,14 +1253,12 @@ class EStepContext:
         group per micrograph: hundreds to thousands; a loop over them cost a few small
         device operations per group and pool).
         """
-        xp = self.xp
         S = self.sums
-        optics = np.asarray(batch.optics[sub])
+        optics = self._pick("optics", sub)
         # per-particle terms summed over particles in float64 (independent of the pools)
-        add_rows_at(S.sigma2_noise, xp.asarray(optics), resid)
-        S.sumw_optics += xp.asarray(np.bincount(optics, minlength=S.sumw_optics.shape[0]),
-                                    dtype=S.sumw_optics.dtype)
-        groups = xp.asarray(batch.group[sub])
+        add_rows_at(S.sigma2_noise, optics, resid)
+        add_bincount(S.sumw_optics, optics)
+        groups = self._pick("group", sub)
         add_rows_at(S.scale_xa, groups, crossn)
         add_rows_at(S.scale_aa, groups, a2n)
 
