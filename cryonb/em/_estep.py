@@ -229,6 +229,7 @@ class _Grid:
     ky_dev: object = None
     ctf_feat: object = None  # the CTF's per-pixel factors (cryonb.ctf.ctf_features)
     stencil: object = None  # (2P, 4) float32: the pose refinement's shifts by +-tstep
+    steps: object = None  # (4, 2) float64: those shifts (x, y), pixels
 
 
 class _PoolColumns:
@@ -1168,7 +1169,7 @@ class EStepContext:
         if not self.config.refine_pose:
             return grid, grid
         k = best_rf // R
-        nb = (best_rf % R)[:, None] + xp.asarray([-1, 0, 1])[None]
+        nb = (best_rf % R)[:, None] + xp.arange(-1, 2)[None]
         nb = k[:, None] * R + nb % R  # (Bs, 3): the angle's neighbours in the same class
         d = f.tstep if self.config.offset_range > 0 else 0.0
         steps = np.array([[-d, 0], [d, 0], [0, -d], [0, d]])
@@ -1176,13 +1177,14 @@ class EStepContext:
             ph = -2 * np.pi / self.N * (steps[:, :1] * f.kx + steps[:, 1:] * f.ky)
             f.stencil = xp.asarray(np.concatenate([np.cos(ph), -np.sin(ph)], axis=1).T,
                                    dtype=xp.float32)
+            f.steps = xp.asarray(steps)
         l_psi, l_t = pose_neighbours(Xf, f.phases, best_t, ctf, inv, f.refs, f.refs_ri,
                                      f.refs_a2, nb, f.stencil)
         # the offset prior of the best class changes along the translation axes
         pk = self.prior_offset[k].astype(xp.float64)  # (Bs, 2)
         inv2 = float(self.inv2_sig_off)
         dd = off - pk
-        l_t = l_t - ((dd[:, None, :] + xp.asarray(steps)[None]) ** 2).sum(axis=2) * inv2
+        l_t = l_t - ((dd[:, None, :] + f.steps[None]) ** 2).sum(axis=2) * inv2
         l0 = l_psi[:, 1] - (dd * dd).sum(axis=1) * inv2
         dpsi = 360.0 / R
         psi = (psi + dpsi * _vertex(l_psi[:, 0], l_psi[:, 1], l_psi[:, 2])) % 360
