@@ -456,13 +456,18 @@ def _kernel_profile(job, pools, images, xp, resident=None, top: int = 25) -> dic
     except Exception as exc:  # a missing profiler is reported, not raised
         return {"error": repr(exc)}
     try:
-        # what the E-step adds to the device memory at its peak: CuPy's pool emptied of
-        # cached blocks first, its held bytes after (blocks are kept once allocated)
+        r = _traced_estep(job, pools, images, xp, resident, top, profile, ProfilerActivity.CUDA)
+        # what the E-step adds to the device memory at its peak: the E-step once more (not
+        # traced) with CuPy's pool emptied of cached blocks first, its held bytes after
+        # (blocks are kept once allocated)
         mp = xp.get_default_memory_pool()
         _sync(xp)
         mp.free_all_blocks()
         held = mp.total_bytes()
-        r = _traced_estep(job, pools, images, xp, resident, top, profile, ProfilerActivity.CUDA)
+        ctx = job.estep_context(xp)
+        run_pools(ctx, job, pools, images, resident=resident)
+        ctx.finish()
+        _sync(xp)
         r["peak_bytes"] = int(mp.total_bytes() - held)
         r["peak_bytes_per_particle"] = int(r["peak_bytes"] / max(len(p) for p in pools))
         return r
