@@ -74,8 +74,11 @@ __all__ = ["BROAD_FRACTION", "SHIFTED_REFS_BYTES", "EStepContext", "coarse_image
 #: image size (RELION's oversampling order 0) instead of the oversampled grid, which would
 #: cost 2**(3*order) times more without sharpening a broad posterior.
 BROAD_FRACTION = 0.05
-#: the coarse pass folds the translations into the references when that table is this small
-SHIFTED_REFS_BYTES = 256e6
+#: the coarse pass folds the translations into the references when that table (complex64,
+#: translations x classes x angles x coarse pixels) is this small: 0.19, 0.38 and 0.75 GB at
+#: 256 px, K=50, 100 and 200, psi 10 (the other way, each pool writes its images shifted by
+#: every translation, 2 GB at a time for 16,000 particles of 256 px, and reads them back)
+SHIFTED_REFS_BYTES = 1e9
 #: per-particle cap (nats) of the class margins: one particle that fits nowhere must not
 #: dominate its class's mean
 MARGIN_CAP = 50.0
