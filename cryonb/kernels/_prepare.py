@@ -7,7 +7,7 @@ masked with RELION's soft circular mask; outside the mask it gets either its own
 mean (``--zero_mask``, RELION's ``softMaskOutsideMap``) or the given noise. As array
 expressions that is six to eight passes over the pool's images (two gathers for the shift);
 on the GPU it is one CUDA block per image that reads the shifted image twice (the background
-sum, then the result; the second read comes from the cache) and writes it once, a warp per
+sum, over the pixels outside the mask only, then the result) and writes it once, a warp per
 row; on the CPU the
 same as a Numba loop (2000 x 64^2 images: 0.23 s -> 0.034 s).
 
@@ -85,9 +85,13 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
             const float* row = x + (long long)sy * N;
             const float* m = mask + (long long)y * N;
             for (int xx = lane; xx < N; xx += 32) {
+                // inside the mask (1 - m = 0) the term is zero: not read (about 60% of
+                // the pixels at RELION's default mask, whose sectors are then not loaded)
+                const float om = 1.0f - m[xx];
+                if (om == 0.0f) continue;
                 int sx = xx - rx;
                 if (sx < 0) sx += N;
-                acc += (double)(row[sx] * f) * (double)(1.0f - m[xx]);
+                acc += (double)(row[sx] * f) * (double)om;
             }
         }
         s[threadIdx.x] = acc;
@@ -343,7 +347,9 @@ def _mask_cpu():
                 for y in range(N):
                     sy = (y - ry) % N
                     for x in range(N):
-                        acc += np.float64(imgs[b, sy, (x - rx) % N] * f) * (one - mask[y, x])
+                        om = one - mask[y, x]
+                        if om != 0:  # zero terms skipped, as on the GPU (the same sum)
+                            acc += np.float64(imgs[b, sy, (x - rx) % N] * f) * om
                 bg = np.float32(acc * inv_out)
             for y in range(N):
                 sy = (y - ry) % N
