@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import inspect
 import itertools
 import json
 import os
@@ -521,8 +522,8 @@ class _host_regions:
             return inner
 
         self.ctx._mark = marked
-        for name, fn in vars(mod).items():
-            if callable(fn) and getattr(fn, "__module__", "").startswith(
+        for name, fn in vars(mod).items():  # functions only: classes keep their methods
+            if inspect.isfunction(fn) and fn.__module__.startswith(
                     ("cryonb.kernels", "cryonb.ctf", "cryonb.backend")):
                 self.saved[name] = fn
                 setattr(mod, name, wrap(name, fn))
