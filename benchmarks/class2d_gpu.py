@@ -275,23 +275,6 @@ def scatter_choice(job, pools, images) -> list:
     return rec
 
 
-def _host_profile(job, pools, images, top: int = 25) -> str:
-    """One E-step under cProfile: where the host's time goes (launches, waits at syncs)."""
-    import cProfile
-    import io
-    import pstats
-
-    pr = cProfile.Profile()
-    pr.enable()
-    _timed_estep(job, pools, images)
-    pr.disable()
-    s = io.StringIO()
-    st = pstats.Stats(pr, stream=s)
-    st.sort_stats("tottime").print_stats(top)
-    st.sort_stats("cumulative").print_stats("cryonb", top)  # the E-step's own functions
-    return s.getvalue()
-
-
 def _pinned_pools(job, pool: int, iteration: int, pageable: bool = True):
     """The pools of one iteration and their images in pinned host memory (as a GPU worker's
     reader thread hands them over, cryonb.parallel._worker), and pageable copies (None
@@ -476,12 +459,15 @@ def _kernel_profile(job, pools, images, xp, resident=None, top: int = 25) -> dic
         return {"error": repr(exc)}
 
 
-def _host_profile(job, pools, images, xp, resident=None, top: int = 30) -> str:
-    """The E-step over the pools again under cProfile: the host's functions by own time."""
+def _host_profile(job, pools, images, xp=None, resident=None, top: int = 30) -> str:
+    """The E-step over the pools again under cProfile: the host's functions by own time,
+    then the E-step's own functions by cumulative time (launches, waits at syncs)."""
     import cProfile
     import io
     import pstats
 
+    if xp is None:
+        import cupy as xp
     ctx = job.estep_context(xp)
     _sync(xp)
     prof = cProfile.Profile()
@@ -491,7 +477,9 @@ def _host_profile(job, pools, images, xp, resident=None, top: int = 30) -> str:
     _sync(xp)
     prof.disable()
     text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    st = pstats.Stats(prof, stream=text)
+    st.sort_stats("tottime").print_stats(top)
+    st.sort_stats("cumulative").print_stats("cryonb", top)
     return text.getvalue()
 
 
