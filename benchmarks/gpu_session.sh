@@ -4,6 +4,7 @@
 # Steps: tests (every GPU-marked test), picktests (those of tests/pick with the map carried in
 #        .gpudata/), profile (E-step per stage), bench (class2d_gpu.py grid; $BENCH_TREE: the
 #        tree it measures, default this one; $BENCH_ARGS),
+#        runsab (benchmarks/runs_ab.sh: whole runs of this tree and $AB_OLD in turns),
 #        ab (class2d_gpu_ab.py: the tree in $AB_BASE, default _base/, against this one, in
 #        turns; $AB_NEW: version B's tree, default this one; $AB_ARGS; carry _base), ab2 (a
 #        second comparison: $AB2_BASE, $AB2_NEW, $AB2_ARGS), parallel (parallel_gpu_check.py),
@@ -51,6 +52,8 @@ for what in "$@"; do
              step bench 420 python3 "$t/benchmarks/class2d_gpu.py" --out "$OUT" ${BENCH_ARGS:-} ) ;;
     ab) step ab 420 python3 benchmarks/class2d_gpu_ab.py --base "${AB_BASE:-_base}" --out "$OUT" \
           --new "${AB_NEW:-.}" ${AB_ARGS:-} ;;
+    runsab) step runs_ab 580 bash benchmarks/runs_ab.sh "${AB_OLD:-_head}" \
+              ${AB_CASES:-256:50:10 256:100:10} ;;
     ab2) step ab2 420 python3 benchmarks/class2d_gpu_ab.py --base "${AB2_BASE:-_base}" \
            --new "${AB2_NEW:-.}" --out "$OUT" --json class2d_gpu_ab2.json ${AB2_ARGS:-} ;;
     agree) rm -rf /tmp/agree_runs  # the runs' folders are too deep to come back: a tarball does
