@@ -66,8 +66,8 @@ from ..kernels import (
 )
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch, Sampling
 
-__all__ = ["BROAD_FRACTION", "SHIFTED_REFS_BYTES", "EStepContext", "coarse_image_size",
-           "soft_circular_mask"]
+__all__ = ["BROAD_FRACTION", "SHIFTED_REFS_BYTES", "SHIFTED_REFS_BYTES_CPU", "EStepContext",
+           "coarse_image_size", "soft_circular_mask"]
 
 #: A particle whose significant coarse samples exceed this fraction of the coarse grid has a
 #: broad posterior (early iterations): its second pass evaluates the coarse grid at the current
@@ -75,10 +75,12 @@ __all__ = ["BROAD_FRACTION", "SHIFTED_REFS_BYTES", "EStepContext", "coarse_image
 #: cost 2**(3*order) times more without sharpening a broad posterior.
 BROAD_FRACTION = 0.05
 #: the coarse pass folds the translations into the references when that table (complex64,
-#: translations x classes x angles x coarse pixels) is this small: 0.19, 0.38 and 0.75 GB at
-#: 256 px, K=50, 100 and 200, psi 10 (the other way, each pool writes its images shifted by
-#: every translation, 2 GB at a time for 16,000 particles of 256 px, and reads them back)
+#: translations x classes x angles x coarse pixels) is this small: on a GPU 1 GB (0.19,
+#: 0.38 and 0.75 GB at 256 px, K=50, 100 and 200, psi 10; the other way, each pool writes
+#: its images shifted by every translation, 2 GB at a time for 16,000 particles of 256 px,
+#: and reads them back), on the CPU 256 MB (each of a rank's ``--j`` threads holds its own)
 SHIFTED_REFS_BYTES = 1e9
+SHIFTED_REFS_BYTES_CPU = 256e6
 #: per-particle cap (nats) of the class margins: one particle that fits nowhere must not
 #: dominate its class's mean
 MARGIN_CAP = 50.0
@@ -334,7 +336,7 @@ class EStepContext:
         #: the GPU coarse product's precision in this iteration (kernels.cross_products)
         self.precision = config.coarse_precision(int(model.iteration) + 1)
         shifted = None
-        if T * M * P * 8 <= SHIFTED_REFS_BYTES:
+        if T * M * P * 8 <= (SHIFTED_REFS_BYTES_CPU if xp is np else SHIFTED_REFS_BYTES):
             # Re <X e^{i ph}, A> = <[Re X | Im X], [Re(e^{i ph} conj A) | -Im(e^{i ph} conj A)]>
             z = c.phases[:, None, :] * xp.conj(c.refs)[None]  # (T, M, P)
             shifted = xp.ascontiguousarray(
@@ -346,7 +348,7 @@ class EStepContext:
         self.shifted_refs = shifted is not None
         # that right-hand side, split once per E-step for three TF32 products (exactly: the
         # shifted references are then kept only as their two parts, 2 x SHIFTED_REFS_BYTES
-        # at most, within the memory auto_pool leaves besides the pools)
+        # at most, within the memory auto_pool leaves besides the pools; a GPU only)
         y = c.refs_ri if shifted is None else shifted
         self._coarse_y = split_tf32(y) if self.precision == "3xtf32" and xp is not np else y
         del shifted, y
