@@ -49,14 +49,15 @@ from ..kernels import (
     nonzero_each,
     pose_neighbours,
     sampled_dot_blocks,
-    scatter_blocks_residual,
+    scatter_shifted_residual,
     segment_argmax,
     segment_starts,
     segment_sums,
     shell_power,
     shell_sums,
     shell_table,
-    shifted_images_ri,
+    shifted_blocks,
+    shifted_dot_blocks,
     significant_in_segments,
     significant_indices,
     split_tf32,
@@ -971,24 +972,17 @@ class EStepContext:
         b = xp.broadcast_to(cb[:, None, None], shape).reshape(-1)
         tf = xp.broadcast_to(ct[:, None, None] * ts + qt, shape).reshape(-1)
         rf = xp.broadcast_to(cr[:, None, None] * ps + qr, shape).reshape(-1)
-        # rows: the shifted images of each (particle, translation) in use, numbered in
-        # (particle, translation) order through a table of the pairs used (no sort); a
-        # coarse translation in use has all its ts sub-translations in use, so the table is
-        # made for the coarse pairs (ts x ps times fewer than the samples)
-        flat_c = cb * T + ct
-        used = xp.zeros(Bs * T, bool)
-        used[flat_c] = True
-        key = (xp.flatnonzero(used)[:, None] * ts + xp.arange(ts)[None]).reshape(-1)
-        ibt_c = (xp.cumsum(used) - 1)[flat_c]
-        rb, rt = key // (T * ts), key % (T * ts)
         self._mark("fine: samples")
         cinv = ctf * inv
         c2 = ctf * cinv
-        Y = shifted_images_ri(Xf, f.phases, cinv, rb, rt)  # (n_bt, 2P) [Re | Im]
+        # each coarse sample's ts shifted images [Re | Im] (written once per (particle,
+        # translation) pair in use on the CPU; made inside the kernels that read them on
+        # the GPU)
+        Y = shifted_blocks(Xf, f.phases, cinv, cb, ct, ts, ps)
         self._mark("fine: shifted images")
         # a coarse sample's ts x ps products from one read of its rows; the reference power
         # depends on the particle and the rotation only (the same for the ts translations)
-        cross = sampled_dot_blocks(Y, f.refs_ri, ibt_c, cr, ts, ps).reshape(-1)
+        cross = shifted_dot_blocks(Y, f.refs_ri, cr, ps).reshape(-1)
         a2 = xp.broadcast_to(sampled_dot_blocks(c2, f.refs_a2, cb, cr, 1, ps),
                              shape).reshape(-1)
         self._mark("fine: sampled products")
@@ -1034,15 +1028,15 @@ class EStepContext:
         wc = w.reshape(shape)
         nz, live = nonzero_each(w > 0, (wc > 0).any(axis=(1, 2)))
         wn, bn = w[nz], b[nz]
-        ibl, cbl, crl, wcl = ibt_c[live], cb[live], cr[live], wc[live]
+        crl, wcl = cr[live], wc[live]
         self._count("fine: particles", Bs)
         self._count("fine: coarse samples", cb.shape[0])
         self._count("fine: blocks summed", live.size)
         # the data and weights' sums and, over the same samples, the residual's per-pixel
         # sums per particle: sum w Re(Y conj(A)) = ctf inv sum w Re(X(t) conj(A)) (Y = X(t)
         # ctf inv) and sum w |A|^2 (on the GPU from the data sums' runs, images read once)
-        Q, Ra = scatter_blocks_residual(f.acc_data, Y, f.refs_ri, f.acc_weight, c2, ibl, crl,
-                                        cbl, ts, ps, wcl, Bs)
+        Q, Ra = scatter_shifted_residual(f.acc_data, Y.take(live), f.refs_ri, f.acc_weight,
+                                         c2, crl, ps, wcl, Bs)
         self._mark("fine: back-projection sums (data, weights, residual)")
         # per shell (1 / sigma2 is one value per shell and optics group): sum w Re(X(t)
         # conj(A)) ctf = sum Q / inv, and sum w |A|^2 ctf^2 = sum Ra c2 / inv

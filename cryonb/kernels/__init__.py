@@ -37,6 +37,7 @@ from ._prepare import (
     window_shift_reference,
 )
 from ._sampled import (
+    ShiftedBlocks,
     block_order,
     residual_sums_blocks,
     residual_sums_reference,
@@ -47,6 +48,9 @@ from ._sampled import (
     scatter_blocks_residual,
     scatter_products,
     scatter_products_reference,
+    scatter_shifted_residual,
+    shifted_blocks,
+    shifted_dot_blocks,
 )
 from ._segments import nonzero_each, segment_argmax, segment_starts, segment_sums
 from ._select import (
@@ -60,6 +64,7 @@ from ._shells import ShellTable, shell_power, shell_power_reference, shell_sums,
 __all__ = [
     "PRECISIONS",
     "ShellTable",
+    "ShiftedBlocks",
     "add_bincount",
     "block_order",
     "coarse_log_posterior",
@@ -91,6 +96,7 @@ __all__ = [
     "scatter_blocks_residual",
     "scatter_products",
     "scatter_products_reference",
+    "scatter_shifted_residual",
     "segment_argmax",
     "segment_starts",
     "segment_sums",
@@ -98,6 +104,8 @@ __all__ = [
     "shell_power_reference",
     "shell_sums",
     "shell_table",
+    "shifted_blocks",
+    "shifted_dot_blocks",
     "shifted_images_ri",
     "shifted_images_ri_reference",
     "significant_in_segments",

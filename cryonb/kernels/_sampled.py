@@ -18,13 +18,17 @@ particle on the GPU, the same bits on both).
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 
 from ..backend import array_module
 from ._cuda import cuda_function
+from ._prepare import shifted_images_ri
 from ._segments import segment_starts
 
 __all__ = [
+    "ShiftedBlocks",
     "block_order",
     "residual_sums_blocks",
     "residual_sums_reference",
@@ -35,6 +39,9 @@ __all__ = [
     "scatter_blocks_residual",
     "scatter_products",
     "scatter_products_reference",
+    "scatter_shifted_residual",
+    "shifted_blocks",
+    "shifted_dot_blocks",
 ]
 
 
@@ -458,6 +465,165 @@ void scatter_blocks(double* acc, const float* U, const long long* iu, const long
                     const long long at = s_b[j] * (long long)(D / 2) + (d < D / 2 ? d : d - D / 2);
                     atomicAdd(qd + at, q);
                     atomicAdd(rd + at, r);
+                    q = 0.0;
+                    r = 0.0;
+                }
+            }
+        }
+    }
+}
+
+extern "C" __global__
+void sampled_dot_shifted(const float2* X, const float2* ph, const float* W,
+                         const long long* ib, const long long* it, const float* V,
+                         const long long* iv, float* out, long long n, int P)
+{
+    // sampled_dot_blocks with the image rows made on the fly: block c's row t is
+    // [Re | Im](X[ib[c]] ph[it[c] * TS + t]) W[ib[c]] (as shifted_ri writes it), against rows
+    // iv[c] * PS + q of V ([Re | Im], 2P values). A warp per block, a lane per Fourier pixel:
+    // the image's pixel and weight are read once for the TS translations, whose phases (a
+    // table of a few MB) stay in the L2 cache. out[(c * PS + q) * TS + t]
+    const long long c = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x & 31;
+    if (c >= n) return;
+    const float2* x = X + ib[c] * (long long)P;
+    const float* wr = W + ib[c] * (long long)P;
+    const float2* e = ph + it[c] * (long long)TS * P;
+    const float* b = V + iv[c] * (long long)PS * 2 * P;
+    float acc[PS][TS];
+#pragma unroll
+    for (int q = 0; q < PS; ++q)
+#pragma unroll
+        for (int t = 0; t < TS; ++t) acc[q][t] = 0.f;
+    for (int p = lane; p < P; p += 32) {
+        const float2 xv = x[p];
+        const float wv = wr[p];
+        float br[PS], bi[PS];
+#pragma unroll
+        for (int q = 0; q < PS; ++q) {
+            br[q] = b[q * 2LL * P + p];
+            bi[q] = b[q * 2LL * P + P + p];
+        }
+#pragma unroll
+        for (int t = 0; t < TS; ++t) {
+            const float2 ev = e[t * (long long)P + p];
+            const float yr = (xv.x * ev.x - xv.y * ev.y) * wv;
+            const float yi = (xv.x * ev.y + xv.y * ev.x) * wv;
+#pragma unroll
+            for (int q = 0; q < PS; ++q) acc[q][t] += yr * br[q] + yi * bi[q];
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < PS; ++q)
+#pragma unroll
+        for (int t = 0; t < TS; ++t) {
+            float v = acc[q][t];
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
+            if (lane == 0) out[(c * PS + q) * TS + t] = v;
+        }
+}
+
+extern "C" __global__
+void scatter_shifted(double* acc, const float2* X, const float2* ph, const float* W,
+                     const long long* ib, const long long* it, const long long* iv,
+                     const float* w, long long n, int P, const float* A, double* qd,
+                     double* rd, double* accw, const float* C)
+{
+    // scatter_blocks with the residual's terms (resid) and the image rows made on the fly as
+    // in sampled_dot_shifted: a CUDA block takes SB_CHUNK consecutive blocks, a thread per
+    // Fourier pixel (its real and imaginary columns together). A run of blocks with one
+    // particle reads that particle's pixel and weight once; a run with one target row (iv)
+    // and particle sums its data and weights in float64 registers before one atomic add
+    // per value. acc, A: rows of 2P ([Re | Im]); accw: rows of P; C: a row of P per
+    // particle; qd, rd: a row of P per particle.
+    __shared__ long long s_b[SB_CHUNK], s_t[SB_CHUNK], s_v[SB_CHUNK];
+    __shared__ float s_w[SB_CHUNK * PS * TS];
+    __shared__ float s_ws[SB_CHUNK * PS];
+    __shared__ int s_nz[SB_CHUNK * PS];
+    const long long c0 = blockIdx.x * (long long)SB_CHUNK;
+    const int cnt = (int)((n - c0 < SB_CHUNK) ? (n - c0) : SB_CHUNK);
+    for (int i = threadIdx.x; i < cnt * PS * TS; i += blockDim.x)
+        s_w[i] = w[c0 * PS * TS + i];
+    if (threadIdx.x < cnt) {
+        s_b[threadIdx.x] = ib[c0 + threadIdx.x];
+        s_t[threadIdx.x] = it[c0 + threadIdx.x];
+        s_v[threadIdx.x] = iv[c0 + threadIdx.x];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < cnt * PS; i += blockDim.x) {
+        int nz = 0;
+        float ws = 0.f;
+#pragma unroll
+        for (int t = 0; t < TS; ++t) {
+            nz |= (s_w[i * TS + t] != 0.f);
+            ws = __fadd_rn(ws, s_w[i * TS + t]);
+        }
+        s_nz[i] = nz;
+        s_ws[i] = ws;
+    }
+    __syncthreads();
+    const long long D = 2LL * P;
+    for (int p = threadIdx.x; p < P; p += blockDim.x) {
+        double sr[PS], si[PS], wsum[PS];
+        bool any[PS];
+        double q = 0.0, r = 0.0;
+        long long cur_b = -1;
+        float2 xv = make_float2(0.f, 0.f);
+        float wv = 0.f;
+#pragma unroll
+        for (int k = 0; k < PS; ++k) { sr[k] = 0.0; si[k] = 0.0; wsum[k] = 0.0; any[k] = false; }
+        for (int j = 0; j < cnt; ++j) {
+            if (s_b[j] != cur_b) {  // the same for every thread
+                cur_b = s_b[j];
+                xv = X[cur_b * P + p];
+                wv = W[cur_b * P + p];
+            }
+            float ur[TS], ui[TS];
+            const float2* e = ph + s_t[j] * (long long)TS * P + p;
+#pragma unroll
+            for (int t = 0; t < TS; ++t) {
+                const float2 ev = e[t * (long long)P];
+                ur[t] = (xv.x * ev.x - xv.y * ev.y) * wv;
+                ui[t] = (xv.x * ev.y + xv.y * ev.x) * wv;
+            }
+            const float* wj = s_w + j * PS * TS;
+#pragma unroll
+            for (int k = 0; k < PS; ++k) {
+                if (s_nz[j * PS + k]) {
+                    float pr = 0.f, pi = 0.f;
+#pragma unroll
+                    for (int t = 0; t < TS; ++t) {
+                        pr = __fadd_rn(pr, __fmul_rn(wj[k * TS + t], ur[t]));
+                        pi = __fadd_rn(pi, __fmul_rn(wj[k * TS + t], ui[t]));
+                    }
+                    sr[k] += (double)pr;
+                    si[k] += (double)pi;
+                    wsum[k] += (double)s_ws[j * PS + k];
+                    any[k] = true;
+                }
+            }
+            if (j + 1 == cnt || s_v[j + 1] != s_v[j] || s_b[j + 1] != s_b[j]) {
+#pragma unroll
+                for (int k = 0; k < PS; ++k) {
+                    if (any[k]) {
+                        const long long row = s_v[j] * PS + k;
+                        atomicAdd(acc + row * D + p, sr[k]);
+                        atomicAdd(acc + row * D + P + p, si[k]);
+                        const double ar = (double)A[row * D + p];
+                        const double ai = (double)A[row * D + P + p];
+                        q += sr[k] * ar + si[k] * ai;
+                        r += wsum[k] * (ar * ar + ai * ai);
+                        atomicAdd(accw + row * (long long)P + p,
+                                  wsum[k] * (double)C[cur_b * P + p]);
+                    }
+                    sr[k] = 0.0;
+                    si[k] = 0.0;
+                    wsum[k] = 0.0;
+                    any[k] = false;
+                }
+                if (j + 1 == cnt || s_b[j + 1] != s_b[j]) {
+                    atomicAdd(qd + cur_b * P + p, q);
+                    atomicAdd(rd + cur_b * P + p, r);
                     q = 0.0;
                     r = 0.0;
                 }
@@ -978,3 +1144,178 @@ def block_order(cb, ct, cr, T: int, M: int):
         return None
     key = (cb.astype(xp.int64) * M + cr) * T + ct
     return xp.argsort(key)
+
+
+class ShiftedBlocks(NamedTuple):
+    """The second pass's shifted, weighted images, by block of ``ts`` translations
+    (:func:`shifted_blocks`).
+
+    Block ``c``'s row ``t`` (``t < ts``) is ``[Re | Im](X[ib[c]] * phases[it[c] * ts + t])
+    * [weight[ib[c]] | weight[ib[c]]]``, the row :func:`cryonb.kernels.shifted_images_ri`
+    writes. ``Y`` holds the rows where they are written (the CPU, and blocks too large for
+    the GPU's block kernels): block ``c``'s rows are ``Y[iy[c] * ts + t]``. On the GPU
+    (``Y`` None) the kernels of :func:`shifted_dot_blocks` and
+    :func:`scatter_shifted_residual` make each row's values where they use them, from the
+    image's pixels, its weights and the phase table.
+    """
+
+    X: Any  #: complex64 (B, P): the images at the pass's pixels
+    phases: Any  #: complex64 (n_t * ts, P): the translations' phase ramps
+    weight: Any  #: float32 (B, P): per-image pixel weights (CTF / sigma2)
+    ib: Any  #: int64 (n,): each block's image (non-decreasing where the sums use them)
+    it: Any  #: int64 (n,): each block's translation block (rows it * ts + t of phases)
+    ts: int
+    Y: Any = None  #: float32 (n_rows * ts, 2P) or None
+    iy: Any = None  #: int64 (n,) or None
+
+    def take(self, sel) -> ShiftedBlocks:
+        """The blocks ``sel`` (an index array), the same rows."""
+        return self._replace(ib=self.ib[sel], it=self.it[sel],
+                             iy=None if self.iy is None else self.iy[sel])
+
+
+def shifted_blocks(X, phases, weight, ib, it, ts: int, ps: int) -> ShiftedBlocks:
+    """Blocks of shifted, weighted image rows for :func:`shifted_dot_blocks` and
+    :func:`scatter_shifted_residual`.
+
+    Parameters
+    ----------
+    X : complex64 array of shape (B, P)
+        Images at the pass's pixels.
+    phases : complex64 array of shape (n_t * ts, P)
+        Phase ramp of each translation; a block takes ``ts`` consecutive ones.
+    weight : float32 array of shape (B, P)
+        Per-image pixel weights.
+    ib, it : int arrays of shape (n,)
+        Each block's image and translation block.
+    ts, ps : int
+        Translations per block, and the rows of the other side per block (blocks of more
+        than ``BLOCK_MAX`` samples are too large for the GPU's block kernels).
+
+    Returns
+    -------
+    ShiftedBlocks
+        On the CPU (and for blocks too large for the GPU kernels) with the rows written once
+        per (image, translation) pair in use, in (image, translation) order, through a table
+        of the pairs (no sort); on the GPU without them.
+    """
+    xp = array_module(X)
+    ts, ps = int(ts), int(ps)
+    ib = xp.asarray(ib, xp.int64)
+    it = xp.asarray(it, xp.int64)
+    S = ShiftedBlocks(X, phases, weight, ib, it, ts)
+    if xp is not np and ts * ps <= BLOCK_MAX:
+        return S
+    T = int(phases.shape[0]) // ts
+    flat = ib * T + it
+    used = xp.zeros(int(X.shape[0]) * T, bool)
+    used[flat] = True
+    key = (xp.flatnonzero(used)[:, None] * ts + xp.arange(ts)[None]).reshape(-1)
+    iy = (xp.cumsum(used) - 1)[flat]
+    Y = shifted_images_ri(X, phases, weight, key // (T * ts), key % (T * ts))
+    return S._replace(Y=Y, iy=iy)
+
+
+def _shifted_args(xp, S: ShiftedBlocks):
+    """The GPU kernels' image arguments: images and phases as contiguous complex64 (read as
+    float2), weights as float32, the blocks' indices as int64."""
+    c64 = xp.complex64
+    return (xp.ascontiguousarray(S.X, dtype=c64), xp.ascontiguousarray(S.phases, dtype=c64),
+            xp.ascontiguousarray(S.weight, dtype=xp.float32),
+            xp.ascontiguousarray(S.ib, dtype=xp.int64),
+            xp.ascontiguousarray(S.it, dtype=xp.int64))
+
+
+def shifted_dot_blocks(S: ShiftedBlocks, V, iv, ps: int):
+    """:func:`sampled_dot_blocks` of shifted image rows: block ``c``'s ``ts`` rows of ``S``
+    against ``V[iv[c] * ps + q]``, ``q < ps``.
+
+    Parameters
+    ----------
+    S : ShiftedBlocks
+        ``n`` blocks of ``ts`` rows of ``2P`` values.
+    V : float32 array of shape (n_v * ps, 2P)
+        ``[Re | Im]`` rows.
+    iv : int array of shape (n,)
+    ps : int
+
+    Returns
+    -------
+    float32 array of shape (n, ps, ts)
+        ``out[c, q, t]``: the dot product of block ``c``'s row ``t`` and ``V``'s row
+        ``iv[c] * ps + q``. From written rows, :func:`sampled_dot_blocks` (bit for bit);
+        on the GPU without them, a warp per block reads the image's pixels once for its
+        ``ts`` translations (summed over pixels in another order: equal to float32
+        rounding).
+    """
+    n, P = int(S.ib.shape[0]), int(S.X.shape[1])
+    if V.shape[1] != 2 * P:
+        raise ValueError(f"V has rows of {V.shape[1]} values; the images need 2P = {2 * P}")
+    if S.Y is not None:
+        return sampled_dot_blocks(S.Y, V, S.iy, iv, S.ts, ps)
+    xp = array_module(V)
+    ps = int(ps)
+    out = xp.empty((n, ps, S.ts), xp.float32)
+    if n == 0:
+        return out
+    threads = 256
+    _blocks_kernel(S.ts, ps, "sampled_dot_shifted")(
+        ((n * 32 + threads - 1) // threads,), (threads,),
+        (*_shifted_args(xp, S), xp.ascontiguousarray(V, dtype=xp.float32),
+         xp.ascontiguousarray(iv, dtype=xp.int64), out, np.int64(n), np.int32(P)))
+    return out
+
+
+def scatter_shifted_residual(acc, S: ShiftedBlocks, A, acc_w, C, iv, ps: int, w, G: int):
+    """:func:`scatter_blocks_residual` of shifted image rows: the data and weights' sums of
+    the blocks of ``S`` and the residual's per-image terms, each block's segment its image
+    (``S.ib``, non-decreasing).
+
+    Parameters
+    ----------
+    acc : float64 array of shape (M, 2P)
+        Data sums, added to in place: ``acc[iv[c] * ps + q] += sum_t w[c, q, t] row(c, t)``.
+    S : ShiftedBlocks
+    A : float32 array of shape (M, 2P)
+        References as ``[Re | Im]`` rows, in the rows of ``acc``.
+    acc_w : float64 array of shape (M, P)
+        Weights' sums, added to in place: ``acc_w[iv[c] * ps + q] += sum_t w[c, q, t]
+        C[S.ib[c]]``.
+    C : float32 array of shape (G, P)
+    iv : int array of shape (n,)
+    ps : int
+    w : float32 array of shape (n, ps, ts)
+    G : int
+        Images (segments).
+
+    Returns
+    -------
+    q, a2 : float64 arrays of shape (G, P)
+        As :func:`scatter_blocks_residual`.
+
+    Notes
+    -----
+    From written rows, :func:`scatter_blocks_residual` (its bits). On the GPU without them,
+    one kernel: a thread per Fourier pixel makes a block's ``ts`` rows from the image's
+    pixel (read once per run of blocks of one image) and the phase table; the sums agree
+    with the written rows' to float32 rounding.
+    """
+    P = int(S.X.shape[1])
+    if acc.shape[1] != 2 * P or A.shape[1] != 2 * P or acc_w.shape[1] != P or C.shape[1] != P:
+        raise ValueError(f"acc and A have rows of {acc.shape[1]} and {A.shape[1]} values, "
+                         f"acc_w and C of {acc_w.shape[1]} and {C.shape[1]}; the images need "
+                         f"2P = {2 * P} and P")
+    if S.Y is not None:
+        return scatter_blocks_residual(acc, S.Y, A, acc_w, C, S.iy, iv, S.ib, S.ts, ps, w, G)
+    xp = array_module(acc, A)
+    ts, ps, _, iv, w = _block_args(xp, S.ts, ps, S.ib, iv, w)
+    qd = xp.zeros((G, P), xp.float64)
+    rd = xp.zeros((G, P), xp.float64)
+    n = int(iv.shape[0])
+    if n:
+        _blocks_kernel(ts, ps, "scatter_shifted")(
+            ((n + SB_CHUNK - 1) // SB_CHUNK,), (128,),
+            (acc, *_shifted_args(xp, S), iv, w, np.int64(n), np.int32(P),
+             xp.ascontiguousarray(A, dtype=xp.float32), qd, rd, acc_w,
+             xp.ascontiguousarray(C, dtype=xp.float32)))
+    return qd, rd

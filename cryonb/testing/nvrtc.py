@@ -93,6 +93,8 @@ def kernel_sources() -> list[tuple[str, str]]:
             _sampled._blocks_kernel(ts, ps)
             _sampled._blocks_kernel(ts, ps, "residual_sums_blocks")
             _sampled._blocks_kernel(ts, ps, "scatter_blocks")
+            _sampled._blocks_kernel(ts, ps, "sampled_dot_shifted")
+            _sampled._blocks_kernel(ts, ps, "scatter_shifted")
         _cuda.cuda_function(_coarse._CUDA_SRC, "coarse_log_posterior")
         _cuda.cuda_function(_prepare._CUDA_SRC, "mask_images")
         _cuda.cuda_function(_prepare._SHIFT_SRC, "shifted_ri")

@@ -70,7 +70,8 @@ def test_every_kernel_source_compiles_with_nvrtc():
     names = {n for _, n in sources}
     assert {"coarse_log_posterior", "mask_images", "shifted_ri", "significant_select",
             "seg_argmax", "seg_sum", "sampled_dot", "sampled_dot_blocks", "scatter_products",
-            "residual_sums_blocks", "insert2d", "window_shift", "shell_power",
+            "residual_sums_blocks", "sampled_dot_shifted", "scatter_shifted",
+            "insert2d", "window_shift", "shell_power",
             "shell_sums", "significant_compact"} <= names
     for src, name in sources:
         ok, log = compile_cuda(lib, src, f"{name}.cu")

@@ -313,3 +313,91 @@ def test_residual_sums_need_matching_rows():
     A = np.zeros((4, 68), np.float32)
     with pytest.raises(ValueError, match=r"X has rows of 70 values and A of 68"):
         residual_sums_blocks(X, A, [0], [0], 4, 2, np.array([0, 1]), np.ones((1, 2, 4)))
+
+
+def _shifted_case(seed, ts=4, ps=2, P=35, B=9, T=5, M=7, n=300):
+    """Images, phases, weights and blocks of the second pass's shape: blocks in (image,
+    target row) order, as the E-step's GPU path orders them."""
+    rng = np.random.default_rng(seed)
+    X = (rng.normal(size=(B, P)) + 1j * rng.normal(size=(B, P))).astype(np.complex64)
+    ph = np.exp(1j * rng.uniform(0, 2 * np.pi, (T * ts, P))).astype(np.complex64)
+    W = rng.random((B, P)).astype(np.float32)
+    ib = np.sort(rng.choice(np.r_[0:3, 4:B], n))  # image 3 has no blocks
+    it, iv = rng.integers(0, T, n), rng.integers(0, M, n)
+    order = np.lexsort((it, iv, ib))
+    A = rng.normal(size=(M * ps, 2 * P)).astype(np.float32)
+    w = (rng.random((n, ps, ts)) * (rng.random((n, ps, ts)) < 0.6)).astype(np.float32)
+    C = rng.random((B, P)).astype(np.float32)
+    return X, ph, W, ib[order], it[order], iv[order], A, w, C
+
+
+def _rows(X, ph, W, ib, it, ts):
+    """Each block's ts shifted rows written out (n * ts, 2P), in block order (by the CPU's
+    kernel)."""
+    from cryonb.kernels import shifted_images_ri
+
+    rb = np.repeat(ib, ts)
+    rt = (it[:, None] * ts + np.arange(ts)[None]).reshape(-1)
+    return shifted_images_ri(X, ph, W, rb, rt)
+
+
+def test_shifted_blocks_dot_products_are_those_of_the_written_rows(xp):
+    """shifted_dot_blocks: the products of each block's shifted rows with its reference
+    rows; on the CPU the written rows' sampled_dot_blocks bit for bit, on the GPU (rows made
+    in the kernel) to float32 rounding. A block too large for the GPU's kernels writes its
+    rows there too; a subset of blocks (take) keeps its rows."""
+    from cryonb.kernels import sampled_dot_blocks, shifted_blocks, shifted_dot_blocks
+    from cryonb.kernels._sampled import BLOCK_MAX
+
+    ts, ps = 4, 2
+    X, ph, W, ib, it, iv, A, *_ = _shifted_case(3, ts, ps)
+    n = ib.size
+    S = shifted_blocks(*(xp.asarray(a) for a in (X, ph, W, ib, it)), ts, ps)
+    assert (S.Y is None) == (xp is not np)
+    got = shifted_dot_blocks(S, xp.asarray(A), xp.asarray(iv), ps)
+    got = got.get() if hasattr(got, "get") else got
+    U = _rows(X, ph, W, ib, it, ts)
+    want = sampled_dot_blocks(U, A, np.arange(n), iv, ts, ps)
+    assert got.shape == (n, ps, ts) and got.dtype == np.float32
+    if xp is np:
+        assert np.array_equal(got, want)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    sel = np.arange(0, n, 3)
+    part = shifted_dot_blocks(S.take(xp.asarray(sel)), xp.asarray(A), xp.asarray(iv[sel]), ps)
+    np.testing.assert_array_equal(part.get() if hasattr(part, "get") else part, got[sel])
+    big = shifted_blocks(*(xp.asarray(a) for a in (X, ph, W, ib, it)), ts, BLOCK_MAX)
+    assert big.Y is not None  # ts x ps > BLOCK_MAX: the rows are written on both backends
+    with pytest.raises(ValueError, match="2P = 70"):
+        shifted_dot_blocks(S, xp.asarray(A[:, :68]), xp.asarray(iv), ps)
+    assert shifted_dot_blocks(S.take(xp.asarray(sel[:0])), xp.asarray(A),
+                              xp.asarray(iv[:0]), ps).shape == (0, ps, ts)
+
+
+def test_scatter_shifted_residual_gives_the_written_rows_sums(xp):
+    """scatter_shifted_residual: the data, weights' and residual sums of
+    scatter_blocks_residual over each block's shifted rows (CPU: its bits; GPU, rows made in
+    the kernel: to float32 rounding), runs of one target row across chunk ends, an image
+    without blocks giving zeros."""
+    from cryonb.kernels import scatter_blocks_residual, scatter_shifted_residual, shifted_blocks
+
+    ts, ps = 4, 2
+    X, ph, W, ib, it, iv, A, w, C = _shifted_case(4, ts, ps, n=400)
+    B, P = X.shape
+    M = A.shape[0]
+    S = shifted_blocks(*(xp.asarray(a) for a in (X, ph, W, ib, it)), ts, ps)
+    got, got_w = xp.zeros((M, 2 * P)), xp.zeros((M, P))
+    q, a2 = scatter_shifted_residual(got, S, xp.asarray(A), got_w, xp.asarray(C),
+                                     xp.asarray(iv), ps, xp.asarray(w), B)
+    want, want_w = np.zeros((M, 2 * P)), np.zeros((M, P))
+    U = _rows(X, ph, W, ib, it, ts)
+    wq, wa2 = scatter_blocks_residual(want, U, A, want_w, C, np.arange(ib.size), iv, ib, ts,
+                                      ps, w, B)
+    host = [x.get() if hasattr(x, "get") else x for x in (got, got_w, q, a2)]
+    for h, want_h in zip(host, (want, want_w, wq, wa2)):
+        if xp is np:
+            assert np.array_equal(h, want_h)
+        np.testing.assert_allclose(h, want_h, rtol=1e-5, atol=1e-6 * np.abs(want_h).max())
+    assert not host[2][3].any() and not host[3][3].any()
+    with pytest.raises(ValueError, match="need 2P = 70 and P"):
+        scatter_shifted_residual(got, S, xp.asarray(A), got_w, xp.asarray(C[:, :30]),
+                                 xp.asarray(iv), ps, xp.asarray(w), B)
