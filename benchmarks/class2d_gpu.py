@@ -440,7 +440,10 @@ def _kernel_profile(job, pools, images, xp, resident=None, top: int = 25) -> dic
     except Exception as exc:  # a missing profiler is reported, not raised
         return {"error": repr(exc)}
     try:
-        r = _traced_estep(job, pools, images, xp, resident, top, profile, ProfilerActivity.CUDA)
+        # the host's activity too: the record_function ranges of _host_regions (the stages
+        # and calls that idle time is charged to) are recorded only with it
+        r = _traced_estep(job, pools, images, xp, resident, top, profile,
+                          [ProfilerActivity.CPU, ProfilerActivity.CUDA])
         # what the E-step adds to the device memory at its peak: the E-step once more (not
         # traced) with CuPy's pool emptied of cached blocks first, its held bytes after
         # (blocks are kept once allocated)
@@ -561,14 +564,14 @@ def _idle_by_region(gaps, events, top: int = 25) -> dict:
             "by_call_ms": {k: round(v, 3) for k, v in rank}}
 
 
-def _traced_estep(job, pools, images, xp, resident, top, profile, activity) -> dict:
+def _traced_estep(job, pools, images, xp, resident, top, profile, activities) -> dict:
     """The body of :func:`_kernel_profile`."""
     import tempfile
 
     ctx = job.estep_context(xp)
     _sync(xp)
     with tempfile.TemporaryDirectory() as d:
-        with profile(activities=[activity]) as prof, _host_regions(ctx):
+        with profile(activities=activities) as prof, _host_regions(ctx):
             t0 = time.perf_counter()
             run_pools(ctx, job, pools, images, resident=resident)
             ctx.finish()
