@@ -236,6 +236,7 @@ class _Grid:
     ctf_feat: object = None  # the CTF's per-pixel factors (cryonb.ctf.ctf_features)
     stencil: object = None  # (2P, 4) float32: the pose refinement's shifts by +-tstep
     steps: object = None  # (4, 2) float64: those shifts (x, y), pixels
+    insert_at: object = None  # (R, P, 2) float32: the rotated indices x pad (accumulating)
 
 
 class _PoolColumns:
@@ -403,7 +404,8 @@ class EStepContext:
         xp = self.xp
         tstep = self.config.offset_step / math.isqrt(ts)  # ts = (2**os)**2 sub-translations
         flat, kx, ky, shells = _pixels(self.N, size)
-        coords = xp.asarray(rotated_indices(kx, ky, psi), dtype=xp.float32)  # (R, P, 2)
+        rot = rotated_indices(kx, ky, psi)  # (R, P, 2) float64
+        coords = xp.asarray(rot, dtype=xp.float32)
         refs = projs.sample(coords)  # (K, R, P): all classes from one set of weights
         refs = refs.reshape(-1, refs.shape[-1]).astype(xp.complex64)
         refs_ri = xp.concatenate([refs.real, refs.imag], axis=1)
@@ -424,7 +426,12 @@ class EStepContext:
                      psi_dev=xp.asarray(psi, dtype=xp.float64),
                      trans_dev=xp.asarray(trans, dtype=xp.float32),
                      acc_data=xp.zeros((M, 2 * P), xp.float64) if accumulate else None,
-                     acc_weight=xp.zeros((M, P), xp.float64) if accumulate else None)
+                     acc_weight=xp.zeros((M, P), xp.float64) if accumulate else None,
+                     # where finish() inserts the accumulated slices (the rotated indices
+                     # of the padded grid), uploaded here with the rest of the grid: made
+                     # in finish(), after the last pool, the device waited for them
+                     insert_at=xp.asarray(rot * self.config.pad, dtype=xp.float32)
+                     if accumulate else None)
 
     @property
     def broad(self) -> _Grid:
@@ -961,7 +968,7 @@ class EStepContext:
         K = self.K
         # GPU: each particle's blocks with one target row (its translations of a rotation)
         # together, so that the sums add a run of them at once
-        perm = block_order(cb, ct, cr, T, self.coarse.refs.shape[0])
+        perm = block_order(cb, ct, cr, T, self.coarse.refs.shape[0], Bs)
         if perm is not None:
             cb, ct, cr = cb[perm], ct[perm], cr[perm]
         # each coarse sample's ts x ps samples in (sub-rotation, sub-translation) order: a
@@ -1103,7 +1110,7 @@ class EStepContext:
         xp = self.xp
         names = list(cols)
         self._queued.append((np.asarray(sub), [RESULT_COLUMNS.index(n) for n in names],
-                             xp.stack([xp.asarray(cols[n]).astype(xp.float64) for n in names],
+                             xp.stack([xp.asarray(cols[n], dtype=xp.float64) for n in names],
                                       axis=1)))
 
     def _flush_results(self, res) -> None:
@@ -1277,7 +1284,7 @@ class EStepContext:
         S.weight = xp.zeros(S.data.shape, xp.float64)
         b = self._broad
         for g in [self.fine] + ([b] if b is not None and b is not self.fine else []):
-            coords = xp.asarray(rotated_indices(g.kx, g.ky, g.psi) * pad, dtype=xp.float32)
+            coords = g.insert_at
             rows = xp.flatnonzero(g.acc_weight.any(axis=1))
             if rows.size:
                 R = len(g.psi)

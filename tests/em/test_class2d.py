@@ -321,7 +321,7 @@ def test_sparse_pass_does_not_depend_on_the_order_of_its_samples(xp, monkeypatch
     cfg = Class2DConfig(i="x", o="y", K=1, particle_diameter=0.8 * 48 * 3.0, perturb=0)
     seen = []
 
-    def rotation_major(cb, ct, cr, T, M):
+    def rotation_major(cb, ct, cr, T, M, B=None):
         perm = np.argsort((cb * M + cr) * T + ct, kind="stable")
         seen.append(not np.array_equal(perm, np.arange(len(perm))))
         return xp.asarray(perm)
@@ -341,11 +341,12 @@ def test_sparse_pass_does_not_depend_on_the_order_of_its_samples(xp, monkeypatch
         a, b = np.asarray(getattr(s0, name)), np.asarray(getattr(s1, name))
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-9 * np.abs(a).max())
     cb, ct, cr = (xp.asarray(a) for a in ([0, 0, 0, 1, 1], [0, 0, 1, 0, 1], [2, 5, 2, 3, 3]))
-    perm = block_order(cb, ct, cr, 2, 6)
-    if xp is np:
-        assert perm is None  # the CPU keeps its order
-    else:  # the GPU: (particle, rotation, translation)
-        assert _host(perm).tolist() == [0, 2, 1, 3, 4]
+    for B in (None, 2, 2**31):  # 2 particles: 32-bit keys; 2^31: 64-bit
+        perm = block_order(cb, ct, cr, 2, 6, B)
+        if xp is np:
+            assert perm is None  # the CPU keeps its order
+        else:  # the GPU: (particle, rotation, translation)
+            assert _host(perm).tolist() == [0, 2, 1, 3, 4]
 
 
 def _host(a):
