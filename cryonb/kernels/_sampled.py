@@ -267,6 +267,21 @@ void scatter_rows(double* acc, const float* U, const float* V, const long long* 
 
 
 _BLOCKS_SRC = r"""
+__device__ __forceinline__ void store_block_sums(float (&acc)[PS][TS], long long c, int lane,
+                                                 float* out)
+{
+    // a warp's partial sums of block c's PS x TS products, summed over the warp (the same
+    // order for every product), to out[(c * PS + q) * TS + t]
+#pragma unroll
+    for (int q = 0; q < PS; ++q)
+#pragma unroll
+        for (int t = 0; t < TS; ++t) {
+            float v = acc[q][t];
+            for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
+            if (lane == 0) out[(c * PS + q) * TS + t] = v;
+        }
+}
+
 extern "C" __global__
 void sampled_dot_blocks(const float* U, const float* V, const long long* iu,
                         const long long* iv, float* out, long long n, int D)
@@ -296,14 +311,7 @@ void sampled_dot_blocks(const float* U, const float* V, const long long* iu,
 #pragma unroll
             for (int t = 0; t < TS; ++t) acc[q][t] += av[t] * bv[q];
     }
-#pragma unroll
-    for (int q = 0; q < PS; ++q)
-#pragma unroll
-        for (int t = 0; t < TS; ++t) {
-            float v = acc[q][t];
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
-            if (lane == 0) out[(c * PS + q) * TS + t] = v;
-        }
+    store_block_sums(acc, c, lane, out);
 }
 
 extern "C" __global__
@@ -369,6 +377,40 @@ void residual_sums_blocks(const float* X, const float* A, const long long* iu,
     }
 }
 
+__device__ __forceinline__ int load_chunk(long long n, const float* w, const long long* i0,
+                                           const long long* i1, const long long* i2,
+                                           long long* s0, long long* s1, long long* s2,
+                                           float* s_w, float* s_ws, int* s_nz)
+{
+    // the scatter kernels' prologue: this CUDA block's SB_CHUNK blocks of samples (fewer at
+    // the end) into shared memory, their weights, three index arrays (i2 may be null: zeros)
+    // and per (block, k) whether any of its TS weights is non-zero and their float32 sum;
+    // returns the number of blocks
+    const long long c0 = blockIdx.x * (long long)SB_CHUNK;
+    const int cnt = (int)((n - c0 < SB_CHUNK) ? (n - c0) : SB_CHUNK);
+    for (int i = threadIdx.x; i < cnt * PS * TS; i += blockDim.x)
+        s_w[i] = w[c0 * PS * TS + i];
+    if (threadIdx.x < cnt) {
+        s0[threadIdx.x] = i0[c0 + threadIdx.x];
+        s1[threadIdx.x] = i1[c0 + threadIdx.x];
+        s2[threadIdx.x] = i2 ? i2[c0 + threadIdx.x] : 0;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < cnt * PS; i += blockDim.x) {
+        int nz = 0;
+        float ws = 0.f;
+#pragma unroll
+        for (int t = 0; t < TS; ++t) {
+            nz |= (s_w[i * TS + t] != 0.f);
+            ws = __fadd_rn(ws, s_w[i * TS + t]);
+        }
+        s_nz[i] = nz;
+        s_ws[i] = ws;
+    }
+    __syncthreads();
+    return cnt;
+}
+
 extern "C" __global__
 void scatter_blocks(double* acc, const float* U, const long long* iu, const long long* iv,
                     const float* w, long long n, int D, int urows,
@@ -393,28 +435,8 @@ void scatter_blocks(double* acc, const float* U, const long long* iu, const long
     __shared__ float s_w[SB_CHUNK * PS * TS];
     __shared__ float s_ws[SB_CHUNK * PS];
     __shared__ int s_nz[SB_CHUNK * PS];
-    const long long c0 = blockIdx.x * (long long)SB_CHUNK;
-    const int cnt = (int)((n - c0 < SB_CHUNK) ? (n - c0) : SB_CHUNK);
-    for (int i = threadIdx.x; i < cnt * PS * TS; i += blockDim.x)
-        s_w[i] = w[c0 * PS * TS + i];
-    if (threadIdx.x < cnt) {
-        s_u[threadIdx.x] = iu[c0 + threadIdx.x];
-        s_v[threadIdx.x] = iv[c0 + threadIdx.x];
-        s_b[threadIdx.x] = resid ? ib[c0 + threadIdx.x] : 0;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < cnt * PS; i += blockDim.x) {
-        int nz = 0;
-        float ws = 0.f;
-#pragma unroll
-        for (int t = 0; t < TS; ++t) {
-            nz |= (s_w[i * TS + t] != 0.f);
-            ws = __fadd_rn(ws, s_w[i * TS + t]);
-        }
-        s_nz[i] = nz;
-        s_ws[i] = ws;
-    }
-    __syncthreads();
+    const int cnt = load_chunk(n, w, iu, iv, resid ? ib : nullptr, s_u, s_v, s_b, s_w, s_ws,
+                               s_nz);
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
         double sum[PS], wsum[PS];
         bool any[PS];
@@ -513,14 +535,7 @@ void sampled_dot_shifted(const float2* X, const float2* ph, const float* W,
             for (int q = 0; q < PS; ++q) acc[q][t] += yr * br[q] + yi * bi[q];
         }
     }
-#pragma unroll
-    for (int q = 0; q < PS; ++q)
-#pragma unroll
-        for (int t = 0; t < TS; ++t) {
-            float v = acc[q][t];
-            for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
-            if (lane == 0) out[(c * PS + q) * TS + t] = v;
-        }
+    store_block_sums(acc, c, lane, out);
 }
 
 extern "C" __global__
@@ -540,28 +555,7 @@ void scatter_shifted(double* acc, const float2* X, const float2* ph, const float
     __shared__ float s_w[SB_CHUNK * PS * TS];
     __shared__ float s_ws[SB_CHUNK * PS];
     __shared__ int s_nz[SB_CHUNK * PS];
-    const long long c0 = blockIdx.x * (long long)SB_CHUNK;
-    const int cnt = (int)((n - c0 < SB_CHUNK) ? (n - c0) : SB_CHUNK);
-    for (int i = threadIdx.x; i < cnt * PS * TS; i += blockDim.x)
-        s_w[i] = w[c0 * PS * TS + i];
-    if (threadIdx.x < cnt) {
-        s_b[threadIdx.x] = ib[c0 + threadIdx.x];
-        s_t[threadIdx.x] = it[c0 + threadIdx.x];
-        s_v[threadIdx.x] = iv[c0 + threadIdx.x];
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < cnt * PS; i += blockDim.x) {
-        int nz = 0;
-        float ws = 0.f;
-#pragma unroll
-        for (int t = 0; t < TS; ++t) {
-            nz |= (s_w[i * TS + t] != 0.f);
-            ws = __fadd_rn(ws, s_w[i * TS + t]);
-        }
-        s_nz[i] = nz;
-        s_ws[i] = ws;
-    }
-    __syncthreads();
+    const int cnt = load_chunk(n, w, ib, it, iv, s_b, s_t, s_v, s_w, s_ws, s_nz);
     const long long D = 2LL * P;
     for (int p = threadIdx.x; p < P; p += blockDim.x) {
         double sr[PS], si[PS], wsum[PS];
