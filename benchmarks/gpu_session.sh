@@ -9,7 +9,8 @@
 #        turns; $AB_NEW: version B's tree, default this one; $AB_ARGS; carry _base), ab2 (a
 #        second comparison: $AB2_BASE, $AB2_NEW, $AB2_ARGS), parallel (parallel_gpu_check.py),
 #        scaling (parallel_scaling.py --gpu, $SCALING_ARGS), panel (panel_gpu_check.py),
-#        autopick (benchmarks/autopick.py GPU and CPU rows), notebooks (notebooks on the GPU),
+#        autopick (benchmarks/autopick.py GPU and CPU rows), fftcb (fft_callback_probe.py:
+#        the masking as a cuFFT load callback; $FFTCB_ARGS), notebooks (notebooks on the GPU),
 #        agree (class2d_cpu_gpu.py's GPU runs on the sets carried in .agree/; $AGREE_ARGS, e.g.
 #        "--out .agree2 --sets noise05b,noise05c": a call carries at most 64 MiB, so two
 #        16 MB sets with .whl and .cupy_cache; carry a single set as .agree2/noise05c).
@@ -65,6 +66,8 @@ for what in "$@"; do
                ${SCALING_ARGS:---n 20000 --box 128 --K 50 --workers 1 2 --threads 1 2 4} \
                --json "$OUT/parallel_scaling.json" ;;
     panel) step panel 200 python3 benchmarks/panel_gpu_check.py ;;
+    fftcb) step fft_callback 120 python3 benchmarks/fft_callback_probe.py \
+             --json "$OUT/fft_callback.json" ${FFTCB_ARGS:-} ;;
     autopick) step autopick 240 python3 benchmarks/autopick.py --no_relion --cpu_rows 1x1 16x1 \
                 --json "$OUT/autopick.json" ;;
     notebooks) step notebooks 300 python3 -m pytest -q -m gpu -p no:cacheprovider ${NB_ARGS:-} tests/test_notebooks.py ;;
