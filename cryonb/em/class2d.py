@@ -643,7 +643,7 @@ class Class2DJob:
         from ..ctf import CTFParams
 
         cfg, m = self.config, self.model
-        imgs = self.table.images(idx).astype(np.float32)
+        imgs = self.table.images(idx)  # a new float32 array (ParticleTable.images)
         if cfg.norm:
             imgs *= (m.avg_norm / np.maximum(self.state.norm[idx], 1e-6))[:, None, None]
         ctf = None
