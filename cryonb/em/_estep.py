@@ -954,11 +954,11 @@ class EStepContext:
 
         Every significant coarse (translation, rotation) pair of a particle expands into its
         ``f.ts x f.ps`` oversampled samples, which are scored with blocks of sampled dot
-        products (:func:`cryonb.kernels.sampled_dot_blocks`) at the current image size. As
-        RELION, weights below the second pass's significance threshold
-        (``adaptive_fraction``) are dropped; the rest are accumulated with
-        :func:`cryonb.kernels.scatter_blocks`. ``powers``: the particles' ``power_full``,
-        ``x2f`` and ``x2n`` (:meth:`_image_powers`).
+        products of the shifted images (:func:`cryonb.kernels.shifted_dot_blocks`) at the
+        current image size. As RELION, weights below the second pass's significance
+        threshold (``adaptive_fraction``) are dropped; the rest are accumulated with
+        :func:`cryonb.kernels.scatter_shifted_residual`. ``powers``: the particles'
+        ``power_full``, ``x2f`` and ``x2n`` (:meth:`_image_powers`).
         """
         xp = self.xp
         power_full, x2, x2n = powers
