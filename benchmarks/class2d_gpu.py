@@ -579,7 +579,15 @@ def _traced_estep(job, pools, images, xp, resident, top, profile, activities) ->
             wall = time.perf_counter() - t0
         path = Path(d) / "trace.json"
         prof.export_chrome_trace(str(path))
-        events = json.loads(path.read_text()).get("traceEvents", [])
+        text = path.read_text()
+        keep = os.environ.get("CRYONB_TRACE_DIR")
+        if keep:  # the whole trace, gzipped, for a look at the timeline elsewhere
+            import gzip
+
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            dest = Path(keep) / f"estep_trace_{time.strftime('%H%M%S')}.json.gz"
+            dest.write_bytes(gzip.compress(text.encode()))
+        events = json.loads(text).get("traceEvents", [])
     dev = [e for e in events if e.get("ph") == "X"
            and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in dev)
@@ -902,7 +910,8 @@ def main(argv=None):
     ap.add_argument("--kernels_at", type=int, nargs="*", default=[],
                     help="with --runs: these iterations' E-steps once more under PyTorch's "
                          "profiler: the device's busy time against the wall time, and the "
-                         "kernels that take it")
+                         "kernels that take it (environment CRYONB_TRACE_DIR: also keep "
+                         "each trace there, gzipped)")
     ap.add_argument("--run_pools", type=int, nargs="*", default=[],
                     help="with --runs: one run per pool size, in turns (default: --pool)")
     ap.add_argument("--particles", default="",
