@@ -43,7 +43,7 @@ from ..kernels import (
     block_order,
     coarse_log_posterior,
     cross_products,
-    insert_rows_2d,
+    insert_accumulated_2d,
     mask_images_2d,
     mask_outside,
     nonzero_each,
@@ -665,10 +665,13 @@ class EStepContext:
         Xc, ctf_c, inv_c = (Xf, ctf_f, inv_f) if c_in_f is None else (
             Xf[:, c_in_f], ctf_f[:, c_in_f], inv_f[:, c_in_f])
         self._mark("prepare: noise weights and coarse window")
-        power_full, x2f, x2n = self._image_powers(F, Xf, self._cols.optics)
+        power_full = self._box_power(F)
         del F
         self._mark("prepare: image powers")
-        counts, sidx, best, n_sig = self._coarse_pass(batch, Xc, ctf_c, inv_c)
+        # the fine pixels' powers do not need the coarse pass: the device computes them
+        # while the host waits for the significant samples' counts
+        counts, sidx, best, n_sig, (x2f, x2n) = self._coarse_pass(
+            batch, Xc, ctf_c, inv_c, meanwhile=lambda: self._fine_powers(Xf, self._cols.optics))
         res = np.zeros((B, len(RESULT_COLUMNS)))
         T, M = self.coarse.phases.shape[0], self.coarse.refs.shape[0]
         res[:, RESULT_COLUMNS.index("n_sig")] = n_sig
@@ -741,9 +744,16 @@ class EStepContext:
         x2n : float64 array of shape (B, nsh)
             ``|X|^2`` per shell over the fine pixels.
         """
+        return (self._box_power(F), *self._fine_powers(Xf, optics))
+
+    def _box_power(self, F):
+        """``power_full`` of :meth:`_image_powers`."""
+        return shell_power(F, self._full_bins)
+
+    def _fine_powers(self, Xf, optics):
+        """``x2f`` and ``x2n`` of :meth:`_image_powers`."""
         x2n = shell_power(Xf, self._fine_shells)
-        x2f = (x2n * self._inv_shell[optics]).sum(axis=1)
-        return shell_power(F, self._full_bins), x2f, x2n
+        return (x2n * self._inv_shell[optics]).sum(axis=1), x2n
 
     def _complete_shells(self, resid, x2n, power_full, size: int):
         """Per-shell residuals over whole shells, as RELION's noise model needs them.
@@ -771,9 +781,11 @@ class EStepContext:
         edge = (xp.arange(self.nsh) >= size // 2)[None]
         return xp.where(edge, resid + power_full - x2n, resid)
 
-    def _coarse_pass(self, batch, Xc, ctf, inv):
+    def _coarse_pass(self, batch, Xc, ctf, inv, meanwhile=None):
         """The coarse pass: its log-posteriors, each particle's best sample and significant
-        samples (their counts on the device and on the host, their columns, the best).
+        samples (their counts on the device and on the host, their columns, the best), and
+        what ``meanwhile()`` returns (None without it): work for the device that does not
+        need the significant samples, queued before the host waits for their counts.
 
         The log-posteriors leave out each particle's image norm ``||X||^2 / 2`` (the same for
         all its samples, so that the weights, the best samples and the significant ones are
@@ -809,13 +821,18 @@ class EStepContext:
                                           self.n_psi)
         self._mark("coarse: log-posteriors")
         best = best_t.argmax(axis=1)
-        self._accumulate_margins(best_t.reshape(B, self.K, self.n_psi).max(axis=2))
-        self._mark("coarse: best and class margins")
+        out = []
+
+        def before_wait():
+            # the class margins and the caller's work: the device's while the host waits
+            self._accumulate_margins(best_t.reshape(B, self.K, self.n_psi).max(axis=2))
+            out.append(meanwhile() if meanwhile is not None else None)
+
         counts, idx, n_sig = significant_indices(
             lw.reshape(B, -1), self.config.adaptive_fraction, self.config.maxsig,
-            rowmax=best_t.max(axis=1), host_counts=True)
-        self._mark("coarse: significance")
-        return counts, idx, best, n_sig
+            rowmax=best_t.max(axis=1), host_counts=True, before_wait=before_wait)
+        self._mark("coarse: significance, class margins, fine powers")
+        return counts, idx, best, n_sig, out[0]
 
     def _accumulate_margins(self, lp):
         """Class margins (``Class2DSums.class_margin``) from each particle's best coarse
@@ -1284,16 +1301,8 @@ class EStepContext:
         S.weight = xp.zeros(S.data.shape, xp.float64)
         b = self._broad
         for g in [self.fine] + ([b] if b is not None and b is not self.fine else []):
-            coords = g.insert_at
-            rows = xp.flatnonzero(g.acc_weight.any(axis=1))
-            if rows.size:
-                R = len(g.psi)
-                # rows by (angle, class): slices inserted together go to different classes'
-                # grids (the GPU's atomic adds to one class's low frequencies then collide
-                # less than with a class's angles one after another)
-                rows = rows[xp.argsort((rows % R) * self.K + rows // R)]
-                insert_rows_2d(S.data, S.weight, g.acc_data, g.acc_weight, coords, rows,
-                               rows % R, rows // R, pad * (g.size / 2.0))
+            insert_accumulated_2d(S.data, S.weight, g.acc_data, g.acc_weight, g.insert_at,
+                                  pad * (g.size / 2.0))
             g.acc_data = g.acc_weight = None
         self._mark("finish")
         return S

@@ -15,7 +15,12 @@ from ._coarse import (
     tf32_enabled,
 )
 from ._ctfvals import ctf_values, ctf_values_reference
-from ._insert import insert_rows_2d, insert_slices_2d, insert_slices_2d_reference
+from ._insert import (
+    insert_accumulated_2d,
+    insert_rows_2d,
+    insert_slices_2d,
+    insert_slices_2d_reference,
+)
 from ._peaks import (
     find_peaks_2d,
     find_peaks_2d_reference,
@@ -74,6 +79,7 @@ __all__ = [
     "ctf_values_reference",
     "find_peaks_2d",
     "find_peaks_2d_reference",
+    "insert_accumulated_2d",
     "insert_rows_2d",
     "insert_slices_2d",
     "insert_slices_2d_reference",

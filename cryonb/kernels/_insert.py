@@ -14,7 +14,8 @@ import numpy as np
 
 from ..backend import array_module
 
-__all__ = ["insert_rows_2d", "insert_slices_2d", "insert_slices_2d_reference"]
+__all__ = ["insert_accumulated_2d", "insert_rows_2d", "insert_slices_2d",
+           "insert_slices_2d_reference"]
 
 
 def _check_grids(data_grid, weight_grid):
@@ -124,6 +125,8 @@ void insert2d(double* dg, double* wg, const double* acc, const double* accw,
     float x = coords[2 * c], y = coords[2 * c + 1];
     if (x * x + y * y > r_max2) return;
     double re = acc[2 * a * p + j], im = acc[2 * a * p + p + j], ww = accw[a * p + j];
+    // a value that adds nothing (rows or pixels no particle reached) is not added
+    if (re == 0.0 && im == 0.0 && ww == 0.0) return;
     if (x < 0.f) { x = -x; y = -y; im = -im; }
     int x0 = (int)floorf(x), y0 = (int)floorf(y);
     float fx = x - x0, fy = y - y0;
@@ -236,3 +239,46 @@ def insert_rows_2d(data_grid, weight_grid, acc, acc_weight, coords, rows, rot, s
              *(cupy.ascontiguousarray(v, cupy.int32) for v in (rows, rot, slot)),
              np.int32(m), np.int32(p), np.int32(data_grid.shape[1]),
              np.int32(data_grid.shape[2]), np.float32(r_max**2)))
+
+
+def insert_accumulated_2d(data_grid, weight_grid, acc, acc_weight, coords, r_max: float):
+    """Scatter-add a whole (class, angle) slice accumulator into the class grids (in place).
+
+    The E-step's accumulator has one row per (class, angle), class-major (row ``k * R +
+    a``); this inserts the rows that hold anything, in (angle, class) order: slices inserted
+    one after another then go to different classes' grids (the GPU's atomic adds to one
+    class's low frequencies collide less than with a class's angles in a row).
+
+    Parameters
+    ----------
+    data_grid : complex128 array of shape (K, Py, Px)
+        As :func:`insert_slices_2d`.
+    weight_grid : float64 array of shape (K, Py, Px)
+    acc : float64 array of shape (K R, 2 p)
+        Accumulated values, real parts then imaginary parts.
+    acc_weight : float64 array of shape (K R, p)
+    coords : float32 array of shape (R, p, 2)
+        (x, y) grid coordinates of the pixels at each angle (padding included).
+    r_max : float
+        Values beyond this radius (grid units) are skipped.
+
+    Notes
+    -----
+    CPU: the rows with a non-zero weight, in that order (:func:`insert_rows_2d`). GPU: every
+    row in that order, the kernel skipping values that are zero (they add nothing): the same
+    sums without reading back which rows are empty, which made the device wait for the host
+    at the end of every E-step.
+    """
+    xp = array_module(data_grid)
+    K, R = data_grid.shape[0], coords.shape[0]
+    if acc_weight.shape[0] != K * R:
+        raise ValueError("acc_weight must have K * R rows (class-major): "
+                         f"{acc_weight.shape[0]} != {K} * {R}")
+    if xp is np:
+        rows = np.flatnonzero(acc_weight.any(axis=1))
+        rows = rows[np.argsort((rows % R) * K + rows // R)]
+    else:
+        rows = (xp.arange(K)[None, :] * R + xp.arange(R)[:, None]).reshape(-1)
+    if rows.size:
+        insert_rows_2d(data_grid, weight_grid, acc, acc_weight, coords, rows, rows % R,
+                       rows // R, r_max)

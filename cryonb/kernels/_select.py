@@ -373,7 +373,7 @@ def significant_samples(lw, fraction: float, maxsig: int = -1, rowmax=None):
 
 
 def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None,
-                        host_counts: bool = False):
+                        host_counts: bool = False, before_wait=None):
     """:func:`significant_samples` as indices: each row's significant columns, in order.
 
     At large K and fine psi sampling a particle has 10^5-10^6 coarse samples of which
@@ -388,6 +388,11 @@ def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None,
     host_counts : bool
         Also return the counts as a NumPy array (on the GPU the one copy to the host that
         sizes ``idx``: the caller needs no second one).
+    before_wait : callable, optional
+        Called (without arguments) after the selection is queued and before the host waits
+        for its counts: on the GPU the device runs what it queues while the host waits, and
+        the host finds that work still queued when it goes on (instead of an idle device
+        waiting for the host's next launches). Called once on either backend.
 
     Returns
     -------
@@ -402,11 +407,15 @@ def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None,
     xp = array_module(lw)
     B, N = lw.shape
     if B == 0 or N == 0:
+        if before_wait is not None:
+            before_wait()
         out = xp.zeros(B, xp.int64), xp.zeros(0, xp.int64)
         return (*out, np.zeros(B, np.int64)) if host_counts else out
     if xp is np:
         rows, idx = np.nonzero(significant_samples(lw, fraction, maxsig, rowmax))
         counts = np.bincount(rows, minlength=B).astype(np.int64)
+        if before_wait is not None:
+            before_wait()
         return (counts, idx.astype(np.int64), counts) if host_counts else (
             counts, idx.astype(np.int64))
     lw = xp.ascontiguousarray(lw, dtype=xp.float32)
@@ -418,11 +427,28 @@ def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None,
     thr, counts = _select_gpu(lw, rowmax, starts, fraction, maxsig, pre=(pre, done))
     offsets = xp.zeros(B + 1, xp.int64)
     xp.cumsum(counts, out=offsets[1:])
-    on_host = counts.get()
+    on_host = _counts_to_host(counts, before_wait)
     idx = xp.empty(int(on_host.sum()), xp.int64)
     cuda_function(_CUDA_SRC, "significant_compact")(
         (B,), (1024,), (lw, rowmax, starts, thr, offsets, idx, pre, done))
     return (counts, idx, on_host) if host_counts else (counts, idx)
+
+
+def _counts_to_host(counts, before_wait=None):
+    """``counts.get()``, the copy queued asynchronously (into pinned memory) and
+    ``before_wait()`` queued after it, the host waiting for the copy only: the device then
+    still has that work when the host goes on."""
+    if before_wait is None:
+        return counts.get()
+    import cupy
+    import cupyx
+
+    pinned = cupyx.empty_pinned(counts.shape, counts.dtype)
+    counts.get(out=pinned, blocking=False)
+    copied = cupy.cuda.get_current_stream().record()
+    before_wait()
+    copied.synchronize()
+    return np.array(pinned)
 
 
 def significant_in_segments(lw, seg, n_seg: int, fraction: float, maxsig: int = -1,

@@ -3,7 +3,12 @@
 import numpy as np
 import pytest
 
-from cryonb.kernels import insert_rows_2d, insert_slices_2d, insert_slices_2d_reference
+from cryonb.kernels import (
+    insert_accumulated_2d,
+    insert_rows_2d,
+    insert_slices_2d,
+    insert_slices_2d_reference,
+)
 
 
 def _data(seed=0, K=3, py=16, px=9, m=6, p=50):
@@ -109,5 +114,43 @@ def test_cupy_matches_reference():
                      cupy.asarray(s), 7.5)
     d2, w2 = np.zeros(shape, complex), np.zeros(shape)
     insert_slices_2d_reference(d2, w2, v, w, c, s, 7.5)
+    np.testing.assert_allclose(d1.get(), d2, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(w1.get(), w2, rtol=1e-5, atol=1e-7)
+
+
+def _with_empty_rows(seed):
+    """An accumulator as :func:`_accumulator` whose left-out rows are zero (no particle
+    reached them), and one pixel of a kept row zero too."""
+    shape, acc, accw, coords, rows, R = _accumulator(seed)
+    empty = np.setdiff1d(np.arange(acc.shape[0]), rows)
+    acc[empty], accw[empty] = 0.0, 0.0
+    p = accw.shape[1]
+    acc[rows[0], [3, p + 3]], accw[rows[0], 3] = 0.0, 0.0
+    return shape, acc, accw, coords, np.sort(rows), R
+
+
+def test_accumulated_rows_are_the_non_empty_rows():
+    """insert_accumulated_2d: the whole accumulator's sums are those of its non-empty rows."""
+    shape, acc, accw, coords, rows, R = _with_empty_rows(4)
+    d1, w1 = np.zeros(shape, complex), np.zeros(shape)
+    insert_accumulated_2d(d1, w1, acc, accw, coords, 7.5)
+    d2, w2 = _rows_reference(shape, acc, accw, coords, rows, R)
+    np.testing.assert_allclose(d1, d2, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(w1, w2, rtol=1e-12, atol=1e-12)
+    assert np.abs(d1).sum() > 0
+    with pytest.raises(ValueError, match="K \\* R rows"):
+        insert_accumulated_2d(d1, w1, acc[:-1], accw[:-1], coords, 7.5)
+
+
+@pytest.mark.gpu
+def test_cupy_accumulated_rows_are_the_non_empty_rows():
+    """GPU: every row inserted, the zero values skipped: the sums of the non-empty rows."""
+    import cupy
+
+    shape, acc, accw, coords, rows, R = _with_empty_rows(5)
+    d1, w1 = cupy.zeros(shape, complex), cupy.zeros(shape)
+    insert_accumulated_2d(d1, w1, cupy.asarray(acc), cupy.asarray(accw),
+                          cupy.asarray(coords), 7.5)
+    d2, w2 = _rows_reference(shape, acc, accw, coords, rows, R)
     np.testing.assert_allclose(d1.get(), d2, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(w1.get(), w2, rtol=1e-5, atol=1e-7)
