@@ -631,7 +631,6 @@ class EStepContext:
             cache.power[at] = self._box_power(G)
             del G
             cache.mark(slots[miss], r[miss])
-        cache.wait_writes()
         rows = xp.asarray(slots)
         scale = xp.asarray(g, dtype=xp.float32)
         s2 = scale.astype(xp.float64)

@@ -330,8 +330,6 @@ class StoredTransforms:
         self.shift = np.full((int(capacity), 2), self.NO_SHIFT, np.int64)
         self.key = key
         self._lock = threading.Lock()
-        self._xp = xp
-        self._written: dict = {}  # GPU: each writing stream's last write (a CUDA event)
 
     @staticmethod
     def bytes_for(capacity: int, npix: int, n_bins: int) -> int:
@@ -355,24 +353,7 @@ class StoredTransforms:
             return (self.shift[np.asarray(slots, np.int64)] == np.asarray(shift)).all(axis=1)
 
     def mark(self, slots, shift) -> None:
-        """Rows ``slots`` now hold the transforms for ``shift`` (their writes queued on the
-        calling thread's stream; :meth:`wait_writes` orders other streams after them)."""
-        stream = None
-        if self._xp is not np:
-            stream = self._xp.cuda.get_current_stream()
-            event = stream.record()
+        """Rows ``slots`` now hold the transforms for ``shift`` (written on the calling
+        thread's stream before anything reads them: a pool's particles are one thread's)."""
         with self._lock:
             self.shift[np.asarray(slots, np.int64)] = np.asarray(shift)
-            if stream is not None:
-                self._written[stream.ptr] = event
-
-    def wait_writes(self) -> None:
-        """Make the calling thread's stream wait for the rows other streams wrote (GPU; a
-        rank's threads share the cache, each on its own stream)."""
-        if self._xp is np:
-            return
-        stream = self._xp.cuda.get_current_stream()
-        with self._lock:
-            events = [e for ptr, e in self._written.items() if ptr != stream.ptr]
-        for e in events:
-            stream.wait_event(e)
