@@ -614,16 +614,9 @@ class EStepContext:
         included: the same values up to float32 rounding)."""
         xp, N = self.xp, self.N
         slots = batch.images.slots
-        hit = cache.hits(slots, r)
-        miss = np.flatnonzero(~hit)
+        miss = np.flatnonzero(~cache.hits(slots, r))
         self._count("prepare: transforms made", miss.size)
         if miss.size:
-            # made in batches of a few sizes only (some kept ones made again): each new
-            # batch size of the transform costs a cuFFT plan
-            q = max(1, len(slots) // 16)
-            extra = min(len(slots), -(-miss.size // q) * q) - miss.size
-            if extra:
-                miss = np.sort(np.concatenate([miss, np.flatnonzero(hit)[:extra]]))
             at = xp.asarray(slots[miss])
             G = self._masked_transforms(batch.images.store, np.full(miss.size, 1.0 / (N * N)),
                                         r[miss], rows=at)
