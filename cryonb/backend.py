@@ -240,13 +240,6 @@ def device_room(xp: ModuleType) -> int | None:
     return int(free + xp.get_default_memory_pool().free_bytes())
 
 
-def device_total(xp: ModuleType) -> int | None:
-    """Bytes of memory of the current CUDA device. ``None`` on the CPU (NumPy)."""
-    if xp is np:
-        return None
-    return int(xp.cuda.runtime.memGetInfo()[1])
-
-
 def upload(a: Any, xp: ModuleType, dtype=np.float32) -> Any:
     """``a`` as a C-contiguous ``dtype`` array of ``xp``.
 

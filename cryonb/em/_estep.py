@@ -239,17 +239,6 @@ class _Grid:
     insert_at: object = None  # (R, P, 2) float32: the rotated indices x pad (accumulating)
 
 
-@dataclass
-class _Transforms:
-    """A pool's prepared transforms: image ``b`` is ``data[rows[b]] * scale[b]`` (``rows``
-    None: ``data[b]``; ``scale`` None: 1), flat half-planes (``npix`` values each)."""
-
-    data: object  # complex64 (B, npix), or a cache's (S, npix) with rows
-    rows: object = None  # int64 (B,), on the device
-    scale: object = None  # float32 (B,), on the device
-    power: object = None  # float64 (B, nsh): each image's power per shell, where known
-
-
 class _PoolColumns:
     """A pool's per-particle values on its device, uploaded with one copy (each upload of a
     small host array costs the host tens of microseconds, and a pool made about 20 of
@@ -543,32 +532,23 @@ class EStepContext:
     def _prepare_images(self, batch: ParticleBatch):
         """Norm-correct, centre on the rounded previous offset, mask, Fourier transform.
 
-        Images in a device store with a transforms cache (``--zero_mask``) are prepared at
-        scale 1 and kept there with their rounded offset; while that offset stays, later
-        iterations scale the kept transform instead (:meth:`_from_cache`).
-
         Returns
         -------
-        transforms : _Transforms
-            :func:`cryonb.fourier.fft2_centered` of the masked images, flat (``N * (N // 2 +
-            1)`` values each).
+        F : complex64 array of shape (B, N * (N // 2 + 1))
+            :func:`cryonb.fourier.fft2_centered` of the masked images, flat.
         frac : ndarray of shape (B, 2), host
             What remains of each offset (x, y) after its rounding, in pixels.
         """
         xp = self.xp
         N = self.N
         stored = hasattr(batch.images, "gather")  # in a device store: read in place
-        # the norm correction, and the forward transform's 1 / N^2 (RELION's normalisation)
-        g = ((self.model.avg_norm / np.maximum(batch.norm, 1e-6)) if self.config.norm
-             else np.ones(len(batch)))
-        f = g / (N * N)
-        r = np.rint(batch.offset).astype(np.int64)
-        cache = self._transforms_cache(batch) if stored else None
-        if cache is not None:
-            return self._from_cache(batch, cache, g, r), batch.offset - r
         imgs, rows = ((batch.images.store, xp.asarray(batch.images.slots)) if stored
                       else (self._upload(batch.images), None))
         self._mark("prepare: upload")
+        # the forward transform's 1 / N^2 (RELION's normalisation) with the norm correction
+        f = ((self.model.avg_norm / np.maximum(batch.norm, 1e-6)) if self.config.norm
+             else np.ones(len(batch))) / (N * N)
+        r = np.rint(batch.offset).astype(np.int64)
         # RELION origins centre the particle when it is shifted by +origin: content moves by
         # +r, out[y, x] = in[y - ry, x - rx] (circular; the mask hides the wrapped edge).
         # Outside the mask: with --zero_mask the image's own weighted background mean
@@ -578,56 +558,12 @@ class EStepContext:
         noise = None
         if not self.config.zero_mask:
             noise = xp.fft.ifftshift(self._noise(batch), axes=(-2, -1)) * np.float32(1 / (N * N))
-        F = self._masked_transforms(imgs, f, r, noise, rows)
-        return _Transforms(F), batch.offset - r
-
-    def _masked_transforms(self, imgs, f, r, noise=None, rows=None):
-        """:func:`cryonb.kernels.mask_images_2d` of the images (scaled by ``f``, centred on
-        ``r``, their origin moved to [0, 0]), Fourier transformed: complex64, (B, npix)."""
-        xp, N = self.xp, self.N
-        masked = mask_images_2d(imgs, np.asarray(f, np.float32), r - N // 2, self.mask_origin0,
+        masked = mask_images_2d(imgs, f.astype(np.float32), r - N // 2, self.mask_origin0,
                                 noise, outside=self.mask_outside, rows=rows)
         self._mark("prepare: shift and mask")
         F = fft_module(xp).rfft2(masked, axes=(-2, -1)).astype(xp.complex64, copy=False)
-        del masked
         self._mark("prepare: FFT")
-        return F.reshape(F.shape[0], -1)
-
-    def _transforms_cache(self, batch: ParticleBatch):
-        """The device store's transforms cache for this pool (``batch.images`` a
-        :class:`~cryonb.parallel.resident.StoredRows`), or None: without ``--zero_mask``
-        (the noise outside the mask changes every iteration), or where the device cannot
-        spare its memory besides this pool's E-step."""
-        owner = getattr(batch.images, "owner", None)
-        if owner is None or not self.config.zero_mask:
-            return None
-        keep = self.bytes_per_particle(stored=True) * len(batch) / ROOM_FRACTION + FINE_BUDGET
-        # what the transforms are made with besides the image and its rounded offset
-        key = ("zero_mask", self.N, float(self.mask_radius))
-        return owner.transforms(self.N * (self.N // 2 + 1), self.nsh, key, keep)
-
-    def _from_cache(self, batch: ParticleBatch, cache, g, r) -> _Transforms:
-        """The pool's transforms from the store's cache: those whose rounded offset ``r``
-        changed (or that were never made) are made now at scale 1 and kept, with their
-        power per shell; the pool reads every one in place, scaled by its norm correction
-        ``g`` (the masking and the transform are linear in the image, the background mean
-        included: the same values up to float32 rounding)."""
-        xp, N = self.xp, self.N
-        slots = batch.images.slots
-        miss = np.flatnonzero(~cache.hits(slots, r))
-        self._count("prepare: transforms made", miss.size)
-        if miss.size:
-            at = xp.asarray(slots[miss])
-            G = self._masked_transforms(batch.images.store, np.full(miss.size, 1.0 / (N * N)),
-                                        r[miss], rows=at)
-            cache.data[at] = G
-            cache.power[at] = self._box_power(G)
-            del G
-            cache.mark(slots[miss], r[miss])
-        rows = xp.asarray(slots)
-        scale = xp.asarray(g, dtype=xp.float32)
-        s2 = scale.astype(xp.float64)
-        return _Transforms(cache.data, rows, scale, cache.power[rows] * (s2 * s2)[:, None])
+        return F.reshape(len(batch), -1), batch.offset - r
 
     def _noise(self, batch: ParticleBatch):
         """Coloured noise with the model's spectrum (seeded per particle and iteration),
@@ -714,12 +650,11 @@ class EStepContext:
         B = len(batch)
         self._mark(None)
         self._cols = _PoolColumns(batch, self.model.scale, xp)
-        Ft, frac = self._prepare_images(batch)
+        F, frac = self._prepare_images(batch)
         f = self.fine
         if f.kx_dev is None:
             f.kx_dev, f.ky_dev = (xp.asarray(k, dtype=xp.float32) for k in (f.kx, f.ky))
-        Xf = window_shift(Ft.data, f.flat, f.kx_dev, f.ky_dev, frac, self.N, rows=Ft.rows,
-                          scale=Ft.scale)
+        Xf = window_shift(F, f.flat, f.kx_dev, f.ky_dev, frac, self.N)
         self._mark("prepare: sub-pixel phases and window")
         ctf_f = self._ctf(batch, f)
         self._mark("prepare: CTF")
@@ -730,8 +665,8 @@ class EStepContext:
         Xc, ctf_c, inv_c = (Xf, ctf_f, inv_f) if c_in_f is None else (
             Xf[:, c_in_f], ctf_f[:, c_in_f], inv_f[:, c_in_f])
         self._mark("prepare: noise weights and coarse window")
-        power_full = self._box_power(Ft.data) if Ft.power is None else Ft.power
-        del Ft
+        power_full = self._box_power(F)
+        del F
         self._mark("prepare: image powers")
         # the fine pixels' powers do not need the coarse pass: the device computes them
         # while the host waits for the significant samples' counts

@@ -259,7 +259,7 @@ def shifted_images_ri(X, phases, weight, rows, shifts):
     return Y
 
 
-def window_shift_reference(F, flat, kx, ky, frac, n: int, rows=None, scale=None):
+def window_shift_reference(F, flat, kx, ky, frac, n: int):
     """Array-expression version (the CPU path and the tests' reference).
 
     Parameters and returns as :func:`window_shift`.
@@ -268,19 +268,13 @@ def window_shift_reference(F, flat, kx, ky, frac, n: int, rows=None, scale=None)
     fr = xp.asarray(frac, dtype=xp.float32)
     kx, ky = (xp.asarray(k, dtype=xp.float32) for k in (kx, ky))
     ph = np.float32(-2 * np.pi / n) * (fr[:, 0:1] * kx[None] + fr[:, 1:2] * ky[None])
-    if rows is not None:
-        F = F[xp.asarray(rows)]
-    Fw = F[:, xp.asarray(flat)]
-    if scale is not None:
-        Fw = Fw * xp.asarray(scale, dtype=xp.float32)[:, None]
-    return Fw * (xp.cos(ph) + 1j * xp.sin(ph)).astype(xp.complex64)
+    return F[:, xp.asarray(flat)] * (xp.cos(ph) + 1j * xp.sin(ph)).astype(xp.complex64)
 
 
 _WINDOW_SRC = r"""
 extern "C" __global__
 void window_shift(const float2* F, long long npix, const long long* flat, const float* kx,
-                  const float* ky, const float* frac, long long n, int P, float c, float2* out,
-                  const long long* rows, const float* scale, int has_rows, int has_scale)
+                  const float* ky, const float* frac, long long n, int P, float c, float2* out)
 {
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= n * P) return;
@@ -289,19 +283,18 @@ void window_shift(const float2* F, long long npix, const long long* flat, const 
     const float ph = c * (frac[2 * b] * kx[p] + frac[2 * b + 1] * ky[p]);
     float s, co;
     sincosf(ph, &s, &co);
-    float2 x = F[(has_rows ? rows[b] : b) * npix + flat[p]];
-    if (has_scale) { x.x *= scale[b]; x.y *= scale[b]; }
+    const float2 x = F[b * npix + flat[p]];
     out[idx] = make_float2(x.x * co - x.y * s, x.x * s + x.y * co);
 }
 """
 
 
-def window_shift(F, flat, kx, ky, frac, n: int, rows=None, scale=None):
+def window_shift(F, flat, kx, ky, frac, n: int):
     """A pass's Fourier pixels of each image, shifted by the image's sub-pixel offset.
 
     Parameters
     ----------
-    F : complex64 array of shape (B, npix), or (S, npix) with ``rows``
+    F : complex64 array of shape (B, npix)
         Whole half-plane transforms (:func:`cryonb.fourier.fft2_centered`'s layout, flat).
     flat : int array of shape (P,)
         The pass's pixels (indices into a transform's ``npix``).
@@ -311,22 +304,16 @@ def window_shift(F, flat, kx, ky, frac, n: int, rows=None, scale=None):
         Each image's shift (x, y) in pixels (the content moves by ``+frac``).
     n : int
         Box size.
-    rows : int array of shape (B,), optional
-        Image ``b`` is ``F[rows[b]]`` (default ``b``): transforms read in place from a
-        cache (:class:`cryonb.parallel.resident.StoredTransforms`).
-    scale : float array of shape (B,), optional
-        A factor per image (default 1).
 
     Returns
     -------
     complex64 array of shape (B, P)
-        ``scale[:, None] * F[rows][:, flat] * exp(-2 pi i (frac_x kx + frac_y ky) / n)``
-        (the phase and the product in float32).
+        ``F[:, flat] * exp(-2 pi i (frac_x kx + frac_y ky) / n)`` (the phase in float32).
     """
     xp = array_module(F)
     if xp is np:
-        return window_shift_reference(F, flat, kx, ky, frac, n, rows, scale)
-    B, P = int(F.shape[0] if rows is None else len(rows)), int(flat.shape[0])
+        return window_shift_reference(F, flat, kx, ky, frac, n)
+    B, P = int(F.shape[0]), int(flat.shape[0])
     out = xp.empty((B, P), xp.complex64)
     if B == 0 or P == 0:
         return out
@@ -337,12 +324,7 @@ def window_shift(F, flat, kx, ky, frac, n: int, rows=None, scale=None):
          xp.ascontiguousarray(flat, dtype=xp.int64), xp.ascontiguousarray(kx, dtype=xp.float32),
          xp.ascontiguousarray(ky, dtype=xp.float32),
          xp.ascontiguousarray(xp.asarray(frac), dtype=xp.float32), np.int64(B), np.int32(P),
-         np.float32(-2 * np.pi / n), out,
-         xp.zeros(1, xp.int64) if rows is None
-         else xp.ascontiguousarray(xp.asarray(rows), dtype=xp.int64),
-         xp.ones(1, xp.float32) if scale is None
-         else xp.ascontiguousarray(xp.asarray(scale), dtype=xp.float32),
-         np.int32(rows is not None), np.int32(scale is not None)))
+         np.float32(-2 * np.pi / n), out))
     return out
 
 

@@ -371,10 +371,8 @@ class WorkerService:
             if d not in self._resident:
                 free, total = cupy.cuda.runtime.memGetInfo()
                 n, N = int(self.setup["n"]), int(self.setup["N"])
-                share = self.setup.get("resident_share", 1.0)
-                cap = resident_capacity(n, N, free, total, share)
-                self._resident[d] = (ResidentImages(n, N, cap, cupy, share) if cap > 0
-                                     else None)
+                cap = resident_capacity(n, N, free, total, self.setup.get("resident_share", 1.0))
+                self._resident[d] = ResidentImages(n, N, cap, cupy) if cap > 0 else None
             st = self._resident[d]
         if st is not None:
             st.add(index, images)

@@ -28,11 +28,10 @@ import threading
 
 import numpy as np
 
-from ..backend import device_room, device_total, is_out_of_memory, upload
+from ..backend import is_out_of_memory, upload
 
 __all__ = ["MAX_FRACTION", "RESERVE_BYTES", "RESERVE_FRACTION", "RESIDENT_ENV", "PoolRows",
-           "ResidentImages", "StoredRows", "StoredTransforms", "resident_capacity",
-           "resident_enabled"]
+           "ResidentImages", "StoredRows", "resident_capacity", "resident_enabled"]
 
 #: environment variable: ``0`` keeps no images on the devices
 RESIDENT_ENV = "CRYONB_RESIDENT_IMAGES"
@@ -112,12 +111,10 @@ class StoredRows:
     xp : module
     """
 
-    __slots__ = ("owner", "slots", "store", "xp")
+    __slots__ = ("slots", "store", "xp")
 
-    def __init__(self, store, slots, xp, owner=None):
+    def __init__(self, store, slots, xp):
         self.store, self.slots, self.xp = store, np.asarray(slots, np.int64), xp
-        #: the :class:`ResidentImages` the rows belong to (its transforms cache), or None
-        self.owner = owner
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -127,7 +124,7 @@ class StoredRows:
         return (len(self.slots), *self.store.shape[1:])
 
     def __getitem__(self, sl: slice) -> StoredRows:
-        return StoredRows(self.store, self.slots[sl], self.xp, self.owner)
+        return StoredRows(self.store, self.slots[sl], self.xp)
 
     def gather(self):
         """The images as one device array, (B, N, N)."""
@@ -156,23 +153,16 @@ class ResidentImages:
         :meth:`add`.
     xp : module
         ``cupy`` (``numpy`` in the tests); the calling thread's current device is used.
-    share : float
-        This rank's part of the card (as for :func:`resident_capacity`; bounds the
-        transforms cache, :meth:`transforms`).
     """
 
-    def __init__(self, n: int, box: int, capacity: int, xp, share: float = 1.0):
+    def __init__(self, n: int, box: int, capacity: int, xp):
         self.xp = xp
         self.box = int(box)
         self.capacity = int(capacity)
-        #: this rank's part of the card (:func:`resident_capacity`)
-        self.share = max(0.0, min(1.0, float(share)))
         self._slot = np.full(int(n), -1, np.int64)  # row of each particle; -1 none, -2 coming
         self._used = 0
         self._store = None
         self._lock = threading.Lock()
-        self._transforms: StoredTransforms | None = None
-        self._no_transforms: tuple | None = None  # settings the cache could not be made for
 
     @property
     def count(self) -> int:
@@ -182,56 +172,8 @@ class ResidentImages:
 
     @property
     def nbytes(self) -> int:
-        """Device memory taken by the store (and its transforms, :meth:`transforms`)."""
-        t = self._transforms
-        return ((0 if self._store is None else int(self._store.nbytes))
-                + (0 if t is None else t.nbytes))
-
-    def transforms(self, npix: int, n_bins: int, key: tuple, keep: float = 0.0):
-        """The store's cache of prepared transforms (:class:`StoredTransforms`), made on
-        first use; None where the device cannot spare its memory.
-
-        The cache takes about the store's memory again. On a GPU it is made only where,
-        after it, the device keeps ``keep`` bytes for the caller's work and the store's
-        reserve (:func:`resident_capacity`), and store and cache together take at most
-        :data:`MAX_FRACTION` of the card (times :attr:`share`); otherwise the E-step prepares
-        every image as before, and the cache is not tried again for the same settings.
-
-        Parameters
-        ----------
-        npix, n_bins : int
-            Values per transform and shells of its power.
-        key : tuple
-            The settings the transforms are made with (:attr:`StoredTransforms.key`): a cache
-            made with other settings is emptied.
-        keep : float
-            Device bytes the caller needs besides (e.g. a pool's E-step).
-        """
-        with self._lock:
-            t = self._transforms
-            if t is not None and (t.data.shape[1], t.power.shape[1]) == (npix, n_bins):
-                if t.key != key:
-                    t.reset(key)
-                return t
-            if self._store is None or self._no_transforms == (npix, n_bins, key):
-                return None
-            need = StoredTransforms.bytes_for(self.capacity, npix, n_bins)
-            total = device_total(self.xp)
-            if total is not None:
-                reserve = max(RESERVE_BYTES, RESERVE_FRACTION * total)
-                room = min(device_room(self.xp) - reserve - keep,
-                           MAX_FRACTION * total * self.share - self._store.nbytes)
-                if need > room:
-                    self._no_transforms = (npix, n_bins, key)
-                    return None
-            self._transforms = None
-            try:
-                self._transforms = StoredTransforms(self.capacity, npix, n_bins, key, self.xp)
-            except Exception as exc:  # the card is fuller than measured: no cache
-                if not is_out_of_memory(exc):
-                    raise
-                self._no_transforms = (npix, n_bins, key)
-            return self._transforms
+        """Device memory taken by the store."""
+        return 0 if self._store is None else int(self._store.nbytes)
 
     def missing(self, index) -> np.ndarray:
         """Which of the particles ``index`` (shape (B,)) are not stored: bool, shape (B,)."""
@@ -249,7 +191,7 @@ class ResidentImages:
         if (slots < 0).any():
             raise RuntimeError("a pool's image is not stored although the reader found it")
         if not miss.any():
-            return StoredRows(self._store, slots, xp, self)
+            return StoredRows(self._store, slots, xp)
         N = self.box
         out = xp.empty((len(index), N, N), xp.float32)
         if len(slots):
@@ -292,68 +234,6 @@ class ResidentImages:
         """Drop the images (the memory goes back to CuPy's pool)."""
         with self._lock:
             self._store = None
-            self._transforms = None
             self._slot[:] = -1
             self._used = 0
             self.capacity = 0
-
-
-class StoredTransforms:
-    """Each stored image's prepared transform, kept for the iterations that follow.
-
-    The E-step prepares an image by centring it on its rounded offset, masking it and Fourier
-    transforming it (about a quarter of a 256 px E-step on an H100). The transform depends on
-    the image, the rounded offset (x, y) and the mask settings; the norm correction only
-    scales it. Late in a run most particles keep their rounded offset from one iteration to
-    the next, so the E-step keeps each stored image's transform, made at scale 1, with the
-    offset it was made for, and uses it again (scaled) while the offset stays
-    (``cryonb.em._estep``). Rows are the store's rows.
-
-    Attributes
-    ----------
-    data : complex64 array of shape (capacity, npix)
-        The transforms.
-    power : float64 array of shape (capacity, n_bins)
-        Their power per shell.
-    shift : int64 ndarray of shape (capacity, 2), host
-        The rounded offset (x, y) each row was made for; :data:`NO_SHIFT` where none.
-    key : tuple
-        The settings they were made with.
-    """
-
-    #: ``shift`` of a row without a transform
-    NO_SHIFT = np.iinfo(np.int64).min
-
-    def __init__(self, capacity: int, npix: int, n_bins: int, key: tuple, xp):
-        self.data = xp.empty((int(capacity), int(npix)), xp.complex64)
-        self.power = xp.empty((int(capacity), int(n_bins)), xp.float64)
-        self.shift = np.full((int(capacity), 2), self.NO_SHIFT, np.int64)
-        self.key = key
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def bytes_for(capacity: int, npix: int, n_bins: int) -> int:
-        """Device bytes of a cache of ``capacity`` rows."""
-        return int(capacity) * (8 * int(npix) + 8 * int(n_bins))
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.nbytes + self.power.nbytes)
-
-    def reset(self, key: tuple) -> None:
-        """Forget every row (the settings changed to ``key``)."""
-        with self._lock:
-            self.shift[:] = self.NO_SHIFT
-            self.key = key
-
-    def hits(self, slots, shift) -> np.ndarray:
-        """Which rows ``slots`` (shape (B,)) hold the transform for the rounded offsets
-        ``shift`` (shape (B, 2)): bool, shape (B,)."""
-        with self._lock:
-            return (self.shift[np.asarray(slots, np.int64)] == np.asarray(shift)).all(axis=1)
-
-    def mark(self, slots, shift) -> None:
-        """Rows ``slots`` now hold the transforms for ``shift`` (written on the calling
-        thread's stream before anything reads them: a pool's particles are one thread's)."""
-        with self._lock:
-            self.shift[np.asarray(slots, np.int64)] = np.asarray(shift)

@@ -91,9 +91,7 @@ def test_prepared_images_and_their_powers_follow_the_definition(xp, zero_mask):
                         zero_mask=zero_mask)
     ctx = EStepContext(model, cfg, xp)
     N = 48
-    Ft, frac = ctx._prepare_images(batch)
-    assert Ft.rows is None and Ft.scale is None  # images given as an array: made here
-    F = Ft.data
+    F, frac = ctx._prepare_images(batch)
     r = np.rint(batch.offset).astype(int)
     f = model.avg_norm / batch.norm
     noise = None if zero_mask else _to_host(ctx._noise(batch))
@@ -123,59 +121,6 @@ def test_prepared_images_and_their_powers_follow_the_definition(xp, zero_mask):
     np.testing.assert_allclose(x2f, (p2 * inv).sum(axis=1), rtol=1e-5)
     np.testing.assert_allclose(x2n, np.stack([np.bincount(_to_host(g.shells), row, minlength=25)
                                               for row in p2]), rtol=1e-5, atol=1e-12)
-
-
-def test_stored_images_keep_their_transforms_while_their_offsets_round_alike(xp, monkeypatch):
-    """A pool read from a device store (with its transforms cache) gives the results and sums
-    of the same pool given as an array: when its transforms are first made (and kept), when
-    they are all taken from the cache (scaled by new norm corrections), and when some rounded
-    offsets moved (those made again, the others kept)."""
-    from cryonb.em._estep import _to_host
-    from cryonb.parallel.resident import PoolRows, ResidentImages
-
-    B, N = 12, 48
-    batch, model, *_ = _known_pose_batch(B=B, N=N, seed=5)
-    rng = np.random.default_rng(6)
-    batch.offset = rng.uniform(-2, 2, (B, 2))
-    batch.norm = rng.uniform(0.8, 1.2, B)
-    model.avg_norm = 1.1
-    cfg = Class2DConfig(i="x", o="y", K=1, particle_diameter=0.8 * N * 3.0, perturb=0)
-    store = ResidentImages(B, N, B, xp)
-    store.add(np.arange(B), xp.asarray(batch.images))
-    made = []
-    orig = EStepContext._masked_transforms
-
-    def counted(self, imgs, f, r, noise=None, rows=None):
-        made.append(len(r))
-        return orig(self, imgs, f, r, noise, rows)
-
-    monkeypatch.setattr(EStepContext, "_masked_transforms", counted)
-
-    def run(b):
-        ctx = EStepContext(model, cfg, xp)
-        res = ctx.expectation(b)
-        return res, ctx.finish().to_host()
-
-    def check(b, n_made):
-        made.clear()
-        plain = run(b)
-        assert made == [B]
-        made.clear()
-        kept = run(replace(b, images=store.assemble(PoolRows(b.index, np.zeros(B, bool)))))
-        assert made == ([n_made] if n_made else [])
-        np.testing.assert_allclose(kept[0], plain[0], rtol=1e-4, atol=1e-4)
-        for name in ("data", "weight"):
-            a, w = (_to_host(getattr(s, name)) for s in (kept[1], plain[1]))
-            np.testing.assert_allclose(a, w, rtol=1e-4, atol=1e-5 * np.abs(w).max())
-
-    check(batch, B)  # every transform made, at scale 1, and kept
-    batch.norm = rng.uniform(0.8, 1.2, B)
-    check(batch, 0)  # every one from the cache
-    moved = np.array([0, 3, 7])
-    batch.offset[moved] += 1.0
-    check(batch, moved.size)  # those whose rounded offsets moved made again
-    t = store.transforms(N * (N // 2 + 1), N // 2 + 1, ("zero_mask", N, 1.0))
-    assert not t.hits(np.arange(B), np.rint(batch.offset)).any()  # other settings: emptied
 
 
 def test_classes_reconstructed_together_are_each_one_alone(monkeypatch):

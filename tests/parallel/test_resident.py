@@ -98,46 +98,6 @@ def test_a_stored_pool_is_read_in_place():
     np.testing.assert_array_equal(np.asarray(got[1:]), imgs[[1, 7]])
 
 
-def test_the_transforms_cache_follows_its_settings_and_the_cards_room(monkeypatch):
-    """A store's transforms cache: made on first use (its rows hold nothing yet), the same
-    one after, emptied for other settings, dropped with the store; on a card it is made only
-    where the reserve, the caller's work and half the card (with the store) leave room for
-    it, and not tried again for the same settings."""
-    from cryonb.parallel import resident
-
-    st = ResidentImages(10, 4, capacity=10, xp=np)
-    assert st.transforms(12, 3, ("a",)) is None  # no store yet
-    st.add(np.arange(10), _images(10, seed=3))
-    t = st.transforms(12, 3, ("a",))
-    assert t.data.shape == (10, 12) and t.power.shape == (10, 3)
-    assert st.nbytes == 10 * 16 * 4 + t.nbytes
-    assert not t.hits([1, 2], [[0, 0], [1, -1]]).any()
-    t.mark([2], [[1, -1]])
-    np.testing.assert_array_equal(t.hits([1, 2], [[0, 0], [1, -1]]), [False, True])
-    assert st.transforms(12, 3, ("a",)) is t and t.hits([2], [[1, -1]]).all()
-    assert st.transforms(12, 3, ("b",)) is t and not t.hits([2], [[1, -1]]).any()
-    st.release()
-    assert st.transforms(12, 3, ("b",)) is None
-    # a card of 80 GB: the reserve (20 GB) and the caller's 30 GB from 60 GB of room leave 10
-    monkeypatch.setattr(resident, "device_total", lambda xp: 80 * GB)
-    monkeypatch.setattr(resident, "device_room", lambda xp: 60 * GB)
-    big = ResidentImages(10, 4, capacity=10, xp=np)
-    big.add(np.arange(10), _images(10, seed=3))
-    monkeypatch.setattr(resident.StoredTransforms, "bytes_for",
-                        staticmethod(lambda *a: 11 * GB))
-    assert big.transforms(12, 3, ("a",), keep=30 * GB) is None
-    monkeypatch.setattr(resident.StoredTransforms, "bytes_for",
-                        staticmethod(lambda *a: 9 * GB))
-    assert big.transforms(12, 3, ("a",), keep=30 * GB) is None  # not tried again
-    assert big.transforms(12, 3, ("c",), keep=30 * GB) is not None
-    # shared by four ranks: at most 10 GB (a quarter of half the card) with the store
-    shared = ResidentImages(10, 4, capacity=10, xp=np, share=0.25)
-    shared.add(np.arange(10), _images(10, seed=3))
-    monkeypatch.setattr(resident.StoredTransforms, "bytes_for",
-                        staticmethod(lambda *a: 10 * GB))
-    assert shared.transforms(12, 3, ("a",)) is None
-
-
 def test_partly_stored_pools_store_what_they_read():
     imgs = _images(10, seed=1)
     st = ResidentImages(10, 4, capacity=10, xp=np)
