@@ -43,6 +43,7 @@ from ..kernels import (
     block_order,
     coarse_log_posterior,
     cross_products,
+    fine_sample_terms,
     insert_accumulated_2d,
     mask_images_2d,
     mask_outside,
@@ -990,12 +991,7 @@ class EStepContext:
             cb, ct, cr = cb[perm], ct[perm], cr[perm]
         # each coarse sample's ts x ps samples in (sub-rotation, sub-translation) order: a
         # block whose rows the GPU kernels read once for all its samples
-        qt = xp.arange(ts)[None, None, :]
-        qr = xp.arange(ps)[None, :, None]
         shape = (cb.shape[0], ps, ts)
-        b = xp.broadcast_to(cb[:, None, None], shape).reshape(-1)
-        tf = xp.broadcast_to(ct[:, None, None] * ts + qt, shape).reshape(-1)
-        rf = xp.broadcast_to(cr[:, None, None] * ps + qr, shape).reshape(-1)
         self._mark("fine: samples")
         cinv = ctf * inv
         c2 = ctf * cinv
@@ -1007,16 +1003,15 @@ class EStepContext:
         # a coarse sample's ts x ps products from one read of its rows; the reference power
         # depends on the particle and the rotation only (the same for the ts translations)
         cross = shifted_dot_blocks(Y, f.refs_ri, cr, ps).reshape(-1)
-        a2 = xp.broadcast_to(sampled_dot_blocks(c2, f.refs_a2, cb, cr, 1, ps),
-                             shape).reshape(-1)
+        a2 = sampled_dot_blocks(c2, f.refs_a2, cb, cr, 1, ps)
         self._mark("fine: sampled products")
-        k = rf // R
-        offs = self._pick("offset", sub)[b] + f.trans_dev[tf]  # (n, 2)
-        d = offs - self.prior_offset[k]
-        d2 = (d * d).sum(axis=1)
-        # the image norm x2 / 2, the same for all of a particle's samples, is left out of the
-        # float32 log-posteriors (see _coarse_pass) and added to the log-likelihood in float64
-        lw = cross - 0.5 * a2 + self.log_pdf[k] - d2 * self.inv2_sig_off
+        # each sample's particle, translation, reference row, class, offset and its prior
+        # term, and log-posterior (the image norm x2 / 2, the same for all of a particle's
+        # samples, is left out of the float32 log-posteriors (see _coarse_pass) and added to
+        # the log-likelihood in float64)
+        b, tf, rf, k, offs, d2, lw = fine_sample_terms(
+            cb, ct, cr, ts, ps, R, cross, a2, self._pick("offset", sub), f.trans_dev,
+            self.prior_offset, self.log_pdf, self.inv2_sig_off)
         # per-particle reductions over each particle's contiguous run of samples; every
         # particle has at least one (its best coarse sample is always significant)
         starts = segment_starts(b, Bs)

@@ -15,6 +15,7 @@ from ._coarse import (
     tf32_enabled,
 )
 from ._ctfvals import ctf_values, ctf_values_reference
+from ._fine import FineSamples, fine_sample_terms, fine_sample_terms_reference
 from ._insert import (
     insert_accumulated_2d,
     insert_rows_2d,
@@ -68,6 +69,7 @@ from ._shells import ShellTable, shell_power, shell_power_reference, shell_sums,
 
 __all__ = [
     "PRECISIONS",
+    "FineSamples",
     "ShellTable",
     "ShiftedBlocks",
     "add_bincount",
@@ -79,6 +81,8 @@ __all__ = [
     "ctf_values_reference",
     "find_peaks_2d",
     "find_peaks_2d_reference",
+    "fine_sample_terms",
+    "fine_sample_terms_reference",
     "insert_accumulated_2d",
     "insert_rows_2d",
     "insert_slices_2d",

@@ -59,6 +59,7 @@ def kernel_sources() -> list[tuple[str, str]]:
         _bins,
         _coarse,
         _cuda,
+        _fine,
         _insert,
         _pose,
         _prepare,
@@ -96,6 +97,7 @@ def kernel_sources() -> list[tuple[str, str]]:
             _sampled._blocks_kernel(ts, ps, "sampled_dot_shifted")
             _sampled._blocks_kernel(ts, ps, "scatter_shifted")
         _cuda.cuda_function(_coarse._CUDA_SRC, "coarse_log_posterior")
+        _cuda.cuda_function(_fine._CUDA_SRC, "fine_sample_terms")
         _cuda.cuda_function(_prepare._CUDA_SRC, "mask_images")
         _cuda.cuda_function(_prepare._SHIFT_SRC, "shifted_ri")
         _cuda.cuda_function(_prepare._WINDOW_SRC, "window_shift")
