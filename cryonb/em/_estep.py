@@ -44,11 +44,13 @@ from ..kernels import (
     coarse_log_posterior,
     cross_products,
     fine_sample_terms,
+    fine_weights,
     insert_accumulated_2d,
     mask_images_2d,
     mask_outside,
     nonzero_each,
     pose_neighbours,
+    refine_pose,
     sampled_dot_blocks,
     scatter_shifted_residual,
     segment_argmax,
@@ -1027,14 +1029,14 @@ class EStepContext:
                                        starts=starts)
         self._mark("fine: significance")
         w = xp.where(keep, w, 0)
-        w = (w / segment_sums(w, starts)[b]).astype(xp.float32)
-        psi = f.psi_dev
         best_rf = rf[best]
         best_off = offs[best]
-        dpsi = (psi[rf % R] - psi[best_rf[b] % R] + 180) % 360 - 180
-        dt = offs - best_off[b]
-        acc_rot = xp.sqrt(segment_sums(w * dpsi**2, starts))
-        acc_tr = xp.sqrt(segment_sums(w * (dt * dt).sum(axis=1), starts))
+        # the weights normalised, and the terms of the posterior's angular and translational
+        # spreads (each sample's squared distance to the best sample, weighted)
+        w, wr, wt = fine_weights(w, segment_sums(w, starts), b, rf, best_rf, offs, best_off,
+                                 f.psi_dev)
+        acc_rot = xp.sqrt(segment_sums(wr, starts))
+        acc_tr = xp.sqrt(segment_sums(wt, starts))
         pmax = w[best]  # the largest weight is the best sample's
         self._mark("fine: weights and results")
         pose = self._best_pose(f, best_rf, tf[best], best_off, Xf, ctf, inv)
@@ -1200,16 +1202,8 @@ class EStepContext:
                                      f.refs_a2, nb, f.stencil)
         # the offset prior of the best class changes along the translation axes
         pk = self.prior_offset[k].astype(xp.float64)  # (Bs, 2)
-        inv2 = float(self.inv2_sig_off)
-        dd = off - pk
-        l_t = l_t - ((dd[:, None, :] + f.steps[None]) ** 2).sum(axis=2) * inv2
-        l0 = l_psi[:, 1] - (dd * dd).sum(axis=1) * inv2
-        dpsi = 360.0 / R
-        psi = (psi + dpsi * _vertex(l_psi[:, 0], l_psi[:, 1], l_psi[:, 2])) % 360
-        if d > 0:
-            off = off + d * xp.stack([_vertex(l_t[:, 0], l0, l_t[:, 1]),
-                                      _vertex(l_t[:, 2], l0, l_t[:, 3])], axis=1)
-        return grid, (psi, off)
+        return grid, refine_pose(l_psi, l_t, psi, off, pk, f.steps, float(self.inv2_sig_off),
+                                 360.0 / R, d)
 
     def _accumulate_dense(self, f, w, Y, Xt, Ari, A2, rf, omega, ctf, cinv):
         """Back-projection sums with matrix products over the whole (translation, rotation)
@@ -1400,15 +1394,6 @@ def background_noise(sd, optics, keys, n: int, xp=np, chunk_values: int | None =
         f = (re * a + 1j * (im * a)).astype(xp.complex64)
         out[s:s + step] = ifft2_centered(f.reshape(-1, n, n // 2 + 1), n)
     return out
-
-
-def _vertex(lm, l0, lp):
-    """Vertex of the parabola through (-1, lm), (0, l0), (1, lp), in [-0.5, 0.5]; 0 where
-    the three values are not concave (arrays of one shape)."""
-    xp = array_module(l0)
-    den = lm - 2 * l0 + lp
-    safe = xp.where(den < 0, den, -1.0)
-    return xp.where(den < 0, xp.clip(0.5 * (lm - lp) / safe, -0.5, 0.5), 0.0)
 
 
 def _ri(z):

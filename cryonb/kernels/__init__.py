@@ -15,7 +15,13 @@ from ._coarse import (
     tf32_enabled,
 )
 from ._ctfvals import ctf_values, ctf_values_reference
-from ._fine import FineSamples, fine_sample_terms, fine_sample_terms_reference
+from ._fine import (
+    FineSamples,
+    fine_sample_terms,
+    fine_sample_terms_reference,
+    fine_weights,
+    fine_weights_reference,
+)
 from ._insert import (
     insert_accumulated_2d,
     insert_rows_2d,
@@ -32,7 +38,12 @@ from ._peaks import (
     update_best_2d,
     update_best_2d_reference,
 )
-from ._pose import pose_neighbours, pose_neighbours_reference
+from ._pose import (
+    pose_neighbours,
+    pose_neighbours_reference,
+    refine_pose,
+    refine_pose_reference,
+)
 from ._prepare import (
     mask_images_2d,
     mask_images_2d_reference,
@@ -83,6 +94,8 @@ __all__ = [
     "find_peaks_2d_reference",
     "fine_sample_terms",
     "fine_sample_terms_reference",
+    "fine_weights",
+    "fine_weights_reference",
     "insert_accumulated_2d",
     "insert_rows_2d",
     "insert_slices_2d",
@@ -95,6 +108,8 @@ __all__ = [
     "pose_neighbours_reference",
     "prune_peak_clusters",
     "prune_peak_clusters_reference",
+    "refine_pose",
+    "refine_pose_reference",
     "remove_close_peaks",
     "remove_close_peaks_reference",
     "residual_sums_blocks",

@@ -10,7 +10,8 @@ kernels whose launches took the host longer than the device took to run them (th
 waited for the host); :func:`fine_sample_terms` makes them in one kernel. The CPU keeps the
 array expressions (:func:`fine_sample_terms_reference`), and the kernel rounds every
 operation as they do (no contraction into fused multiply-adds): the same values, bit for
-bit.
+bit. :func:`fine_weights` does the same for the normalised weights and the terms of the
+posterior's angular and translational spreads.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import numpy as np
 from ..backend import array_module
 from ._cuda import cuda_function
 
-__all__ = ["FineSamples", "fine_sample_terms", "fine_sample_terms_reference"]
+__all__ = ["FineSamples", "fine_sample_terms", "fine_sample_terms_reference", "fine_weights",
+           "fine_weights_reference"]
 
 
 class FineSamples(NamedTuple):
@@ -148,4 +150,87 @@ def fine_sample_terms(cb, ct, cr, ts: int, ps: int, R: int, cross, a2, offset, t
              *(xp.ascontiguousarray(v, dtype=f32) for v in (cross, a2, offset, trans, prior,
                                                             log_pdf)),
              np.float32(inv2), *out))
+    return out
+
+
+def fine_weights_reference(wk, total, b, rf, best_rf, offs, best_off, psi):
+    """Array-expression version (the CPU path and the tests' reference).
+
+    Parameters and returns as :func:`fine_weights`.
+    """
+    R = psi.shape[0]
+    w = (wk / total[b]).astype(np.float32)
+    dpsi = (psi[rf % R] - psi[best_rf[b] % R] + 180) % 360 - 180
+    dt = offs - best_off[b]
+    return w, w * dpsi**2, w * (dt * dt).sum(axis=1)
+
+
+_WEIGHTS_SRC = r"""
+extern "C" __global__
+void fine_weights(const float* wk, const double* total, const long long* b,
+                  const long long* rf, const long long* best_rf, const float* offs,
+                  const float* best_off, const double* psi, int R, long long n, float* w_out,
+                  double* wr_out, float* wt_out)
+{
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const long long p = b[i];
+    const float w = (float)__ddiv_rn((double)wk[i], total[p]);
+    // (x + 180) % 360 - 180 with the divisor's sign (Python's and NumPy's remainder)
+    double x = __dadd_rn(__dsub_rn(psi[rf[i] % R], psi[best_rf[p] % R]), 180.0);
+    double m = fmod(x, 360.0);
+    if (m != 0.0 && m < 0.0) m += 360.0;
+    const double dpsi = __dsub_rn(m, 180.0);
+    const float dx = __fsub_rn(offs[2 * i], best_off[2 * p]);
+    const float dy = __fsub_rn(offs[2 * i + 1], best_off[2 * p + 1]);
+    w_out[i] = w;
+    wr_out[i] = __dmul_rn((double)w, __dmul_rn(dpsi, dpsi));
+    wt_out[i] = __fmul_rn(w, __fadd_rn(__fmul_rn(dx, dx), __fmul_rn(dy, dy)));
+}
+"""
+
+
+def fine_weights(wk, total, b, rf, best_rf, offs, best_off, psi):
+    """The second pass's normalised weights and the terms of its posterior's spreads.
+
+    Parameters
+    ----------
+    wk : float32 array of shape (n,)
+        Each sample's weight (0 where dropped), grouped by particle.
+    total : float64 array of shape (B,)
+        Their sums per particle.
+    b, rf : int64 arrays of shape (n,)
+        Each sample's particle and reference row (``class * R + rotation``).
+    best_rf : int64 array of shape (B,)
+        Each particle's best sample's reference row.
+    offs : float32 array of shape (n, 2)
+        Each sample's offset (x, y), pixels.
+    best_off : float32 array of shape (B, 2)
+        Each particle's best sample's offset.
+    psi : float64 array of shape (R,)
+        The rotations' angles (deg).
+
+    Returns
+    -------
+    w : float32 array of shape (n,)
+        ``wk / total[b]``.
+    wr : float64 array of shape (n,)
+        ``w dpsi^2``: the angle's distance to the best sample's, in (-180, 180] deg.
+    wt : float32 array of shape (n,)
+        ``w |offs - best_off[b]|^2``.
+    """
+    xp = array_module(wk)
+    if xp is np:
+        return fine_weights_reference(wk, total, b, rf, best_rf, offs, best_off, psi)
+    n = int(wk.shape[0])
+    out = xp.empty(n, xp.float32), xp.empty(n, xp.float64), xp.empty(n, xp.float32)
+    if n:
+        nt = 256
+        f32, f64, i64 = xp.float32, xp.float64, xp.int64
+        cuda_function(_WEIGHTS_SRC, "fine_weights")(
+            ((n + nt - 1) // nt,), (nt,),
+            (xp.ascontiguousarray(wk, dtype=f32), xp.ascontiguousarray(total, dtype=f64),
+             *(xp.ascontiguousarray(v, dtype=i64) for v in (b, rf, best_rf)),
+             xp.ascontiguousarray(offs, dtype=f32), xp.ascontiguousarray(best_off, dtype=f32),
+             xp.ascontiguousarray(psi, dtype=f64), np.int32(psi.shape[0]), np.int64(n), *out))
     return out

@@ -15,7 +15,8 @@ import numpy as np
 from ..backend import array_module
 from ._cuda import cuda_function
 
-__all__ = ["pose_neighbours", "pose_neighbours_reference"]
+__all__ = ["pose_neighbours", "pose_neighbours_reference", "refine_pose",
+           "refine_pose_reference"]
 
 #: particles per step of the reference (bounds its (particles x pixels) temporaries)
 POSE_CHUNK = 1024
@@ -151,3 +152,114 @@ def pose_neighbours(X, phases, shift, ctf, inv, refs, refs_ri, refs_a2, rows, st
          xp.ascontiguousarray(refs_a2, dtype=f32), xp.ascontiguousarray(rows, dtype=i64),
          xp.ascontiguousarray(stencil, dtype=f32), np.int32(P), l_psi, l_t))
     return l_psi, l_t
+
+
+def _vertex(lm, l0, lp):
+    """Vertex of the parabola through (-1, lm), (0, l0), (1, lp), in [-0.5, 0.5]; 0 where
+    the three values are not concave (arrays of one shape)."""
+    xp = array_module(l0)
+    den = lm - 2 * l0 + lp
+    safe = xp.where(den < 0, den, -1.0)
+    return xp.where(den < 0, xp.clip(0.5 * (lm - lp) / safe, -0.5, 0.5), 0.0)
+
+
+def refine_pose_reference(l_psi, l_t, psi, off, prior, steps, inv2: float, dpsi: float,
+                          d: float):
+    """Array-expression version (the CPU path and the tests' reference).
+
+    Parameters and returns as :func:`refine_pose`.
+    """
+    xp = array_module(l_psi)
+    dd = off - prior
+    l_t = l_t - ((dd[:, None, :] + steps[None]) ** 2).sum(axis=2) * inv2
+    l0 = l_psi[:, 1] - (dd * dd).sum(axis=1) * inv2
+    psi = (psi + dpsi * _vertex(l_psi[:, 0], l_psi[:, 1], l_psi[:, 2])) % 360
+    if d > 0:
+        off = off + d * xp.stack([_vertex(l_t[:, 0], l0, l_t[:, 1]),
+                                  _vertex(l_t[:, 2], l0, l_t[:, 3])], axis=1)
+    return psi, off
+
+
+_REFINE_SRC = r"""
+__device__ __forceinline__ double vertex(double lm, double l0, double lp)
+{
+    const double den = lm - 2.0 * l0 + lp;
+    if (!(den < 0.0)) return 0.0;
+    return fmin(fmax(0.5 * (lm - lp) / den, -0.5), 0.5);
+}
+
+extern "C" __global__
+void refine_pose(const double* l_psi, const double* l_t, const double* psi, const double* off,
+                 const double* prior, const double* steps, double inv2, double dpsi,
+                 double d, long long B, double* psi_out, double* off_out)
+{
+    const long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (b >= B) return;
+    const double ddx = off[2 * b] - prior[2 * b], ddy = off[2 * b + 1] - prior[2 * b + 1];
+    const double* lp = l_psi + 3 * b;
+    double p = fmod(psi[b] + dpsi * vertex(lp[0], lp[1], lp[2]), 360.0);
+    if (p < 0.0) p += 360.0;
+    psi_out[b] = p;
+    double ox = off[2 * b], oy = off[2 * b + 1];
+    if (d > 0.0) {
+        double lt[4];
+        for (int j = 0; j < 4; ++j) {
+            const double sx = ddx + steps[2 * j], sy = ddy + steps[2 * j + 1];
+            lt[j] = l_t[4 * b + j] - (sx * sx + sy * sy) * inv2;
+        }
+        const double l0 = lp[1] - (ddx * ddx + ddy * ddy) * inv2;
+        ox += d * vertex(lt[0], l0, lt[1]);
+        oy += d * vertex(lt[2], l0, lt[3]);
+    }
+    off_out[2 * b] = ox;
+    off_out[2 * b + 1] = oy;
+}
+"""
+
+
+def refine_pose(l_psi, l_t, psi, off, prior, steps, inv2: float, dpsi: float, d: float):
+    """Each particle's pose moved to the vertex of the parabolas through its neighbours.
+
+    The log-posterior of the best class along each axis (psi; x; y) is fitted by a parabola
+    through the best sample and its two neighbours, and the pose moves to its vertex (at
+    most half a step; not at all where the three values are not concave). The offset
+    prior of the best class is added to the translation neighbours' data terms here.
+
+    Parameters
+    ----------
+    l_psi, l_t : float64 arrays of shape (B, 3) and (B, 4)
+        :func:`pose_neighbours`' data terms (the best sample is ``l_psi[:, 1]``).
+    psi : float64 array of shape (B,)
+        The best sample's angle (deg).
+    off : float64 array of shape (B, 2)
+        The best sample's offset (x, y), pixels.
+    prior : float64 array of shape (B, 2)
+        The offset prior of each particle's best class.
+    steps : float64 array of shape (4, 2)
+        The translation neighbours' steps (x, y): -x, +x, -y, +y.
+    inv2 : float
+        ``1 / (2 sigma2_offset)``.
+    dpsi, d : float
+        The angular (deg) and translational (px) steps; ``d = 0``: offsets not refined.
+
+    Returns
+    -------
+    psi : float64 array of shape (B,)
+        In [0, 360).
+    off : float64 array of shape (B, 2)
+    """
+    xp = array_module(l_psi)
+    if xp is np:
+        return refine_pose_reference(l_psi, l_t, psi, off, prior, steps, inv2, dpsi, d)
+    B = int(psi.shape[0])
+    psi_out, off_out = xp.empty(B, xp.float64), xp.empty((B, 2), xp.float64)
+    if B:
+        f64 = xp.float64
+        nt = 256
+        cuda_function(_REFINE_SRC, "refine_pose")(
+            ((B + nt - 1) // nt,), (nt,),
+            (*(xp.ascontiguousarray(v, dtype=f64) for v in (l_psi, l_t, psi, off, prior,
+                                                            steps)),
+             np.float64(inv2), np.float64(dpsi), np.float64(d), np.int64(B), psi_out,
+             off_out))
+    return psi_out, off_out

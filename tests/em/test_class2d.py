@@ -354,7 +354,7 @@ def _host(a):
 
 
 def test_parabola_vertex():
-    from cryonb.em._estep import _vertex
+    from cryonb.kernels._pose import _vertex
 
     x0 = np.array([0.3, -0.45, 0.0, 0.2, 0.1])
     curv = np.array([-2.0, -0.5, -1.0, 1.0, 0.0])  # the last two: not concave -> 0

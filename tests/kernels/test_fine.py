@@ -64,3 +64,51 @@ def test_cupy_is_the_reference_bit_for_bit():
                                  "cb": cupy.zeros(0, np.int64), "ct": cupy.zeros(0, np.int64),
                                  "cr": cupy.zeros(0, np.int64)})
     assert empty.lw.shape == (0,)
+
+
+def _weights_case(seed=0, B=9, R=36):
+    rng = np.random.default_rng(seed)
+    b = np.sort(rng.integers(0, B, 400))
+    b[:B] = np.arange(B)  # every particle has samples
+    b = np.sort(b)
+    n = b.size
+    wk = (rng.random(n) * (rng.random(n) > 0.3)).astype(np.float32)
+    total = np.bincount(b, wk.astype(np.float64), minlength=B) + 1e-3
+    rf = rng.integers(0, 3 * R, n)
+    best_rf = rng.integers(0, 3 * R, B)
+    offs = rng.uniform(-6, 6, (n, 2)).astype(np.float32)
+    best_off = rng.uniform(-6, 6, (B, 2)).astype(np.float32)
+    psi = np.arange(R) * (360.0 / R)
+    return wk, total, b, rf, best_rf, offs, best_off, psi
+
+
+def test_weights_and_spread_terms_follow_the_definition():
+    """w = wk / total of its particle; the angle's distance to the best one's wraps into
+    (-180, 180]; the offset's squared distance to the best one's; both times w."""
+    from cryonb.kernels import fine_weights
+
+    wk, total, b, rf, best_rf, offs, best_off, psi = _weights_case()
+    w, wr, wt = fine_weights(wk, total, b, rf, best_rf, offs, best_off, psi)
+    R = psi.size
+    for i in range(wk.size):
+        p = b[i]
+        wi = np.float32(wk[i] / total[p])
+        dpsi = (psi[rf[i] % R] - psi[best_rf[p] % R] + 180) % 360 - 180
+        assert -180 <= dpsi < 180
+        assert w[i] == wi
+        np.testing.assert_allclose(wr[i], float(wi) * dpsi**2, rtol=1e-12)
+        np.testing.assert_allclose(wt[i], wi * ((offs[i] - best_off[p]) ** 2).sum(), rtol=1e-6)
+    assert (w.dtype, wr.dtype, wt.dtype) == (np.float32, np.float64, np.float32)
+
+
+@pytest.mark.gpu
+def test_cupy_weights_are_the_reference_bit_for_bit():
+    import cupy
+
+    from cryonb.kernels import fine_weights, fine_weights_reference
+
+    case = _weights_case(1, B=300)
+    want = fine_weights_reference(*case)
+    got = fine_weights(*(cupy.asarray(a) for a in case))
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g.get(), w)
