@@ -84,9 +84,6 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
             if (sy < 0) sy += N;
             const float* row = x + (long long)sy * N;
             const float* m = mask + (long long)y * N;
-            // unrolled: several independent loads in flight per thread (the loop was bound
-            // by the memory's latency, about two thirds of its bandwidth)
-#pragma unroll 8
             for (int xx = lane; xx < N; xx += 32) {
                 // inside the mask (1 - m = 0) the term is zero: not read (about 60% of
                 // the pixels at RELION's default mask, whose sectors are then not loaded)
@@ -111,7 +108,6 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
         if (sy < 0) sy += N;
         const float* row = x + (long long)sy * N;
         const long long r0 = (long long)y * N;
-#pragma unroll 8
         for (int xx = lane; xx < N; xx += 32) {
             int sx = xx - rx;
             if (sx < 0) sx += N;
