@@ -1141,13 +1141,15 @@ class EStepContext:
             at = 0
             for sub, cols, _ in self._queued:
                 n = sub.size * len(cols)
-                res[np.ix_(sub, cols)] = flat[at:at + n].reshape(sub.size, len(cols))
+                r = _rows(sub)
+                res[(r, cols) if isinstance(r, slice) else np.ix_(sub, cols)] = (
+                    flat[at:at + n].reshape(sub.size, len(cols)))
                 at += n
         self._queued = []
         S = self.sums
         for sub in self._totals:
-            S.loglik += float(res[sub, RESULT_COLUMNS.index("loglik")].sum())
-            S.pmax += float(res[sub, RESULT_COLUMNS.index("pmax")].sum())
+            S.loglik += float(res[_rows(sub), RESULT_COLUMNS.index("loglik")].sum())
+            S.pmax += float(res[_rows(sub), RESULT_COLUMNS.index("pmax")].sum())
         self._totals = []
 
     def _best_pose(self, f: _Grid, best_rf, best_t, best_off, Xf, ctf, inv):
@@ -1408,6 +1410,15 @@ def _cmul_ri(a, b, P: int):
     ar, ai = a[..., :P], a[..., P:]
     br, bi = b[..., :P], b[..., P:]
     return xp.concatenate([ar * br - ai * bi, ar * bi + ai * br], axis=-1)
+
+
+def _rows(sub):
+    """Rows ``sub`` (int ndarray, host) of the pool's table as an index: a slice where they
+    are one ascending run (the usual whole pool: a view, where NumPy's fancy indexing
+    copied, 2.5x slower for a pool's results), else ``sub``."""
+    if sub.size and sub[-1] - sub[0] + 1 == sub.size and (np.diff(sub) == 1).all():
+        return slice(int(sub[0]), int(sub[-1]) + 1)
+    return sub
 
 
 def _to_host(a):
