@@ -17,10 +17,13 @@
 # TEST_PATHS: the tests step's folders (default: fourier kernels em pick parallel).
 # Each step has its own time limit (STEP_TIMEOUT_<step>, seconds). Logs and results go to $OUT
 # (the device tool brings them back); CuPy's kernel cache is kept in .cupy_cache (carry it to
-# skip compiling on a fresh machine) and copied to $OUT/cupy_cache.tgz at the end.
+# skip compiling on a fresh machine) and copied to $OUT/cupy_cache.tgz at the end; where more
+# than 7 other files are left, they come back packed in $OUT/outputs.tgz. A profiled E-step's
+# trace (class2d_gpu.py --kernels_at, CRYONB_TRACE_DIR) reads with trace_timeline.py.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export CUPY_CACHE_DIR=${CUPY_CACHE_DIR:-$PWD/.cupy_cache} PYTHONUNBUFFERED=1 CI=
+export CRYONB_TRACE_DIR=${CRYONB_TRACE_DIR:-$OUT/trace}  # profiled E-steps keep their traces
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 mkdir -p "$CUPY_CACHE_DIR"
 if [ ! -f /tmp/site/.cryonb_wheels ]; then
@@ -75,4 +78,12 @@ for what in "$@"; do
   esac
 done
 tar czf "$OUT/cupy_cache.tgz" -C "$CUPY_CACHE_DIR" . 2>/dev/null && du -h "$OUT/cupy_cache.tgz"
+# a call brings back at most 8 files, two folders down: past that, everything but the kernel
+# cache goes back as one tarball (runs_ab's simulated set, $OUT/sim, is left out)
+rm -rf "$OUT/sim"
+if [ "$(find "$OUT" -type f -not -name cupy_cache.tgz | wc -l)" -gt 7 ]; then
+  ( cd "$OUT" && tar czf /tmp/outputs.tgz --exclude=./cupy_cache.tgz . \
+      && find . -mindepth 1 -maxdepth 1 -not -name cupy_cache.tgz -exec rm -rf {} + \
+      && mv /tmp/outputs.tgz . && echo "outputs packed into outputs.tgz" )
+fi
 echo "total $(( $(date +%s) - t_start ))s"
