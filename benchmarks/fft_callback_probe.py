@@ -139,9 +139,12 @@ def main(argv=None) -> int:
     if bg_img is None:
         out["callback"] = "the mask reaches the box's corner: no background value to read back"
     else:
-        info = _caller_info(cp, store, rows,
-                            cp.asarray(np.mod(shift, N).astype(np.int32).ravel()), scale,
-                            mask, bg_img.astype(cp.float32), n=N)
+        # the arrays the callback reads, held here for as long as it may run: the struct
+        # keeps only their addresses (temporaries freed after the first call left the next
+        # calls reading reused memory, the cause of the illegal address in the first run)
+        held = (store, rows, cp.asarray(np.mod(shift, N).astype(np.int32).ravel()), scale,
+                cp.ascontiguousarray(mask, dtype=cp.float32), bg_img.astype(cp.float32))
+        info = _caller_info(cp, *held, n=N)
         nominal = store[:n]  # the transform's input buffer: read only through the callback
 
         def with_callback():
