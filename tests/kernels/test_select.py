@@ -137,12 +137,24 @@ def test_indices_are_the_masks_columns(xp, maxsig):
         # the counts also on the host, from the copy that sized idx
         *_, on_host = significant_indices(d, fraction, maxsig, host_counts=True)
         assert isinstance(on_host, np.ndarray) and on_host.tolist() == counts.tolist()
+        # work queued while the host waits for that copy (once; the same selection, and
+        # that work's own result, the same as without the wait between)
+        calls = []
+        *got, on_host = significant_indices(
+            d, fraction, maxsig, host_counts=True,
+            before_wait=lambda d=d, calls=calls: calls.append(_host(d[:, :100].sum(axis=1))))
+        assert len(calls) == 1 and on_host.tolist() == counts.tolist()
+        assert np.array_equal(_host(got[1]), cols)
+        np.testing.assert_array_equal(calls[0], _host(d[:, :100].sum(axis=1)))
     assert np.array_equal(idx[counts[:2].sum():counts[:3].sum()], [5, 69_999])
     for shape in ((0, 10), (3, 0)):  # no rows, no samples
         counts, idx = (_host(a) for a in significant_indices(xp.zeros(shape, np.float32), 0.9))
         assert counts.tolist() == [0] * shape[0] and idx.size == 0
-        *_, on_host = significant_indices(xp.zeros(shape, np.float32), 0.9, host_counts=True)
+        calls = []
+        *_, on_host = significant_indices(xp.zeros(shape, np.float32), 0.9, host_counts=True,
+                                          before_wait=lambda calls=calls: calls.append(1))
         assert isinstance(on_host, np.ndarray) and on_host.tolist() == [0] * shape[0]
+        assert calls == [1]
 
 
 def test_select_peaked_rows_with_given_maxima(xp):
