@@ -1148,8 +1148,9 @@ class EStepContext:
         self._queued = []
         S = self.sums
         for sub in self._totals:
-            S.loglik += float(res[_rows(sub), RESULT_COLUMNS.index("loglik")].sum())
-            S.pmax += float(res[_rows(sub), RESULT_COLUMNS.index("pmax")].sum())
+            r = _rows(sub)
+            S.loglik += float(res[r, RESULT_COLUMNS.index("loglik")].sum())
+            S.pmax += float(res[r, RESULT_COLUMNS.index("pmax")].sum())
         self._totals = []
 
     def _best_pose(self, f: _Grid, best_rf, best_t, best_off, Xf, ctf, inv):
