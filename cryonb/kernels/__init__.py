@@ -28,6 +28,7 @@ from ._insert import (
     insert_slices_2d,
     insert_slices_2d_reference,
 )
+from ._maskfft import callback_state, masked_rfft2
 from ._peaks import (
     find_peaks_2d,
     find_peaks_2d_reference,
@@ -85,6 +86,7 @@ __all__ = [
     "ShiftedBlocks",
     "add_bincount",
     "block_order",
+    "callback_state",
     "coarse_log_posterior",
     "coarse_log_posterior_reference",
     "cross_products",
@@ -103,6 +105,7 @@ __all__ = [
     "mask_images_2d",
     "mask_images_2d_reference",
     "mask_outside",
+    "masked_rfft2",
     "nonzero_each",
     "pose_neighbours",
     "pose_neighbours_reference",
