@@ -42,6 +42,7 @@ from ..kernels import (
     block_order,
     coarse_log_posterior,
     cross_products,
+    ctf_weights,
     fine_sample_terms,
     fine_weights,
     insert_accumulated_2d,
@@ -168,11 +169,12 @@ def estep_bytes_per_particle(T: int, M: int, P: float, box: int, split: bool,
     particles' shifted transforms (``B x T x 2P`` float32, ``P`` Fourier pixels of the
     coarse window) as complex numbers and ``[Re | Im]`` rows, twice more as those rows' two
     TF32 parts where the product runs as three TF32 products (``split``). Both phases hold
-    the current size's pixels of each image, its CTF and noise weights (at most ``2 x
-    box^2`` floats: four per pixel of the half-plane disc). The larger of the two counts.
+    the current size's pixels of each image, its CTF, noise weights and their two products
+    (:func:`cryonb.kernels.ctf_weights`; at most ``3 x box^2`` floats: six per pixel of the
+    half-plane disc, ``pi / 8 x box^2`` pixels). The larger of the two counts.
     """
     prepare = (7 if stored else 8) * box * box
-    coarse = 3 * T * M + (8 if split else 4) * T * P + 2 * box * box
+    coarse = 3 * T * M + (8 if split else 4) * T * P + 3 * box * box
     return int(4 * max(prepare, coarse))
 
 
@@ -470,6 +472,8 @@ class EStepContext:
         return col[self.xp.asarray(sub)]
 
     def _ctf(self, batch: ParticleBatch, grid: _Grid):
+        """The pool's CTFs at ``grid``'s pixels, (B, P) float32 (the scale correction is
+        applied by :func:`cryonb.kernels.ctf_weights`)."""
         xp = self.xp
         B = len(batch)
         if not self.config.ctf:
@@ -481,9 +485,7 @@ class EStepContext:
                          features=grid.ctf_feat,
                          intact_first_peak=self.config.ctf_intact_first_peak)
             out = out.reshape(B, -1)
-        if self.config.scale:
-            out = out * self._cols.scale[:, None]
-        return out
+        return out  # the scale correction: ctf_weights
 
     def prefetch(self, images) -> None:
         """Start copying a later pool's images to the device, behind the current work.
@@ -658,14 +660,18 @@ class EStepContext:
             f.kx_dev, f.ky_dev = (xp.asarray(k, dtype=xp.float32) for k in (f.kx, f.ky))
         Xf = window_shift(F, f.flat, f.kx_dev, f.ky_dev, frac, self.N)
         self._mark("prepare: sub-pixel phases and window")
-        ctf_f = self._ctf(batch, f)
-        self._mark("prepare: CTF")
-        inv_f = f.invsig[self._cols.optics]
+        # the CTF (with the scale correction), 1 / sigma2 and their products CTF / sigma2 and
+        # CTF^2 / sigma2, per pixel of the current size (one pass on the GPU)
+        weights = ctf_weights(self._ctf(batch, f),
+                              self._cols.scale if self.config.scale else None, f.invsig,
+                              self._cols.optics)
+        ctf_f, inv_f, cinv_f, _ = weights
+        self._mark("prepare: CTF and noise weights")
         # the coarse window's pixels are a subset of the current size's (its values there are
         # the same, element by element)
         c_in_f = self.coarse_in_fine
-        Xc, ctf_c, inv_c = (Xf, ctf_f, inv_f) if c_in_f is None else (
-            Xf[:, c_in_f], ctf_f[:, c_in_f], inv_f[:, c_in_f])
+        Xc, ctf_c, inv_c, cinv_c = (Xf, ctf_f, inv_f, cinv_f) if c_in_f is None else (
+            Xf[:, c_in_f], ctf_f[:, c_in_f], inv_f[:, c_in_f], cinv_f[:, c_in_f])
         self._mark("prepare: noise weights and coarse window")
         power_full = self._box_power(F)
         del F
@@ -673,7 +679,8 @@ class EStepContext:
         # the fine pixels' powers do not need the coarse pass: the device computes them
         # while the host waits for the significant samples' counts
         counts, sidx, best, n_sig, (x2f, x2n) = self._coarse_pass(
-            batch, Xc, ctf_c, inv_c, meanwhile=lambda: self._fine_powers(Xf, self._cols.optics))
+            batch, Xc, ctf_c, inv_c, cinv_c,
+            meanwhile=lambda: self._fine_powers(Xf, self._cols.optics))
         res = np.zeros((B, len(RESULT_COLUMNS)))
         T, M = self.coarse.phases.shape[0], self.coarse.refs.shape[0]
         res[:, RESULT_COLUMNS.index("n_sig")] = n_sig
@@ -715,7 +722,7 @@ class EStepContext:
                 isub = xp.asarray(sel)
                 cb, flat = samples_of(~broad)
             self._sparse_pass(self.fine, batch, sel, cb, flat // M, flat % M, T, Xf[isub],
-                              ctf_f[isub], inv_f[isub],
+                              tuple(a[isub] for a in weights),
                               (power_full[isub], x2f[isub], x2n[isub]))
         self._mark("second pass")
         self._flush_results(res)
@@ -783,7 +790,7 @@ class EStepContext:
         edge = (xp.arange(self.nsh) >= size // 2)[None]
         return xp.where(edge, resid + power_full - x2n, resid)
 
-    def _coarse_pass(self, batch, Xc, ctf, inv, meanwhile=None):
+    def _coarse_pass(self, batch, Xc, ctf, inv, cinv, meanwhile=None):
         """The coarse pass: its log-posteriors, each particle's best sample and significant
         samples (their counts on the device and on the host, their columns, the best), and
         what ``meanwhile()`` returns (None without it): work for the device that does not
@@ -800,7 +807,7 @@ class EStepContext:
         c = self.coarse
         B, P = Xc.shape
         T, M = c.phases.shape[0], c.refs.shape[0]
-        Y = Xc * (ctf * inv)
+        Y = Xc * cinv  # cinv = ctf * inv
         if self.shifted_refs:
             # references pre-multiplied by the translations' phases: one product with B rows
             cross = cross_products(_ri(Y), self._coarse_y,
@@ -964,7 +971,7 @@ class EStepContext:
         self._accumulate_priors(batch, sub, w, omega, rcls_b, offs, d2, resid, spreads)
         self._mark("dense: residual and priors")
 
-    def _sparse_pass(self, f: _Grid, batch, sub, cb, ct, cr, T, Xf, ctf, inv, powers):
+    def _sparse_pass(self, f: _Grid, batch, sub, cb, ct, cr, T, Xf, weights, powers):
         """Second pass for peaked posteriors: only the significant samples, sparse sums.
 
         ``cb``, ``ct``, ``cr`` (int arrays of one length): the significant coarse samples'
@@ -976,11 +983,13 @@ class EStepContext:
         products of the shifted images (:func:`cryonb.kernels.shifted_dot_blocks`) at the
         current image size. As RELION, weights below the second pass's significance
         threshold (``adaptive_fraction``) are dropped; the rest are accumulated with
-        :func:`cryonb.kernels.scatter_shifted_residual`. ``powers``: the particles'
-        ``power_full``, ``x2f`` and ``x2n`` (:meth:`_image_powers`).
+        :func:`cryonb.kernels.scatter_shifted_residual`. ``weights``: the particles' CTF,
+        1 / sigma2, CTF / sigma2 and CTF^2 / sigma2 (:func:`cryonb.kernels.ctf_weights`);
+        ``powers``: their ``power_full``, ``x2f`` and ``x2n`` (:meth:`_image_powers`).
         """
         xp = self.xp
         power_full, x2, x2n = powers
+        ctf, inv, cinv, c2 = weights
         ts, ps = f.ts, f.ps
         Bs = Xf.shape[0]
         R = len(f.psi)
@@ -994,8 +1003,6 @@ class EStepContext:
         # block whose rows the GPU kernels read once for all its samples
         shape = (cb.shape[0], ps, ts)
         self._mark("fine: samples")
-        cinv = ctf * inv
-        c2 = ctf * cinv
         # each coarse sample's ts shifted images [Re | Im] (written once per (particle,
         # translation) pair in use on the CPU; made inside the kernels that read them on
         # the GPU)

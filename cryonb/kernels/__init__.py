@@ -14,7 +14,7 @@ from ._coarse import (
     split_tf32_reference,
     tf32_enabled,
 )
-from ._ctfvals import ctf_values, ctf_values_reference
+from ._ctfvals import ctf_values, ctf_values_reference, ctf_weights, ctf_weights_reference
 from ._fine import (
     FineSamples,
     fine_sample_terms,
@@ -92,6 +92,8 @@ __all__ = [
     "cross_products",
     "ctf_values",
     "ctf_values_reference",
+    "ctf_weights",
+    "ctf_weights_reference",
     "find_peaks_2d",
     "find_peaks_2d_reference",
     "fine_sample_terms",

@@ -18,7 +18,7 @@ import numpy as np
 from ..backend import array_module
 from ._cuda import cuda_function
 
-__all__ = ["ctf_values", "ctf_values_reference"]
+__all__ = ["ctf_values", "ctf_values_reference", "ctf_weights", "ctf_weights_reference"]
 
 
 def ctf_values_reference(coef, feat, *, intact_first_peak: bool = False, b4=None, scale=None,
@@ -113,3 +113,75 @@ def ctf_values(coef, feat, *, intact_first_peak: bool = False, b4=None, scale=No
          np.int32(scale is not None), np.int64(m), np.int64(P),
          np.int32(bool(intact_first_peak)), out))
     return out
+
+
+def ctf_weights_reference(ctf, scale, invsig, optics):
+    """Array-expression version (the CPU path and the tests' reference).
+
+    Parameters and returns as :func:`ctf_weights`.
+    """
+    xp = array_module(ctf)
+    if scale is not None:
+        ctf = ctf * xp.asarray(scale, dtype=xp.float32)[:, None]
+    inv = invsig[xp.asarray(optics)]
+    cinv = ctf * inv
+    return ctf, inv, cinv, ctf * cinv
+
+
+_WEIGHTS_SRC = r"""
+extern "C" __global__
+void ctf_weights(const float* ctf, const float* scale, int has_scale, const float* invsig,
+                 const long long* optics, long long m, long long P, float* cs, float* inv,
+                 float* cinv, float* c2)
+{
+    const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= m * P) return;
+    const long long i = idx / P, p = idx - i * P;
+    const float c = has_scale ? __fmul_rn(ctf[idx], scale[i]) : ctf[idx];
+    const float s = invsig[optics[i] * P + p];
+    const float ci = __fmul_rn(c, s);
+    cs[idx] = c;
+    inv[idx] = s;
+    cinv[idx] = ci;
+    c2[idx] = __fmul_rn(c, ci);
+}
+"""
+
+
+def ctf_weights(ctf, scale, invsig, optics):
+    """A pool's CTF and noise weights per pixel, the products the E-step's passes use.
+
+    Parameters
+    ----------
+    ctf : float32 array of shape (m, P)
+        Each particle's CTF at the pass's pixels.
+    scale : float32 array of shape (m,), or None
+        Factor per particle (the model's scale correction); None for none.
+    invsig : float32 array of shape (G, P)
+        ``1 / sigma2`` of each optics group at the pixels.
+    optics : int array of shape (m,)
+        Each particle's optics group (a row of ``invsig``).
+
+    Returns
+    -------
+    ctf, inv, cinv, c2 : float32 arrays of shape (m, P)
+        ``ctf * scale``, ``invsig[optics]``, ``ctf * inv`` and ``ctf * cinv`` (each product
+        rounded once, as the array expressions: the same bits on both backends). On the GPU
+        one pass over the pixels instead of five.
+    """
+    xp = array_module(ctf)
+    if xp is np:
+        return ctf_weights_reference(ctf, scale, invsig, optics)
+    f32 = xp.float32
+    ctf = xp.ascontiguousarray(ctf, dtype=f32)
+    m, P = ctf.shape
+    out = [xp.empty((m, P), f32) for _ in range(4)]
+    if m and P:
+        nt = 256
+        cuda_function(_WEIGHTS_SRC, "ctf_weights")(
+            ((m * P + nt - 1) // nt,), (nt,),
+            (ctf, xp.zeros(1, f32) if scale is None else xp.ascontiguousarray(scale, dtype=f32),
+             np.int32(scale is not None), xp.ascontiguousarray(invsig, dtype=f32),
+             xp.ascontiguousarray(xp.asarray(optics), dtype=xp.int64), np.int64(m),
+             np.int64(P), *out))
+    return tuple(out)

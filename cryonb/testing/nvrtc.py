@@ -58,6 +58,7 @@ def kernel_sources() -> list[tuple[str, str]]:
     from ..kernels import (
         _bins,
         _coarse,
+        _ctfvals,
         _cuda,
         _fine,
         _insert,
@@ -102,6 +103,7 @@ def kernel_sources() -> list[tuple[str, str]]:
         _cuda.cuda_function(_fine._WEIGHTS_SRC, "fine_weights")
         _cuda.cuda_function(_prepare._CUDA_SRC, "mask_images")
         _cuda.cuda_function(_prepare._CUDA_SRC, "mask_background")
+        _cuda.cuda_function(_ctfvals._WEIGHTS_SRC, "ctf_weights")
         _cuda.cuda_function(_maskfft._INFO_SRC, "mask_cb_info")
         _cuda.cuda_function(_prepare._SHIFT_SRC, "shifted_ri")
         _cuda.cuda_function(_prepare._WINDOW_SRC, "window_shift")

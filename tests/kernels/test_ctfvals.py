@@ -51,3 +51,33 @@ def test_cupy_matches_reference(dtype, options):
     want = ctf_values_reference(coef, feat, dtype=dtype, **kw)
     tol = 2.5e-7 if dtype == "float32" else 1e-13  # float32: one rounding apart at most
     np.testing.assert_allclose(got.get(), want, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("with_scale", [False, True])
+def test_ctf_weights_are_the_array_expressions_bit_for_bit(xp, with_scale):
+    """ctf_weights: CTF x scale, 1 / sigma2 of each particle's optics group and their two
+    products, each rounded once: the expressions' bits on both backends."""
+    from cryonb.kernels import ctf_weights, ctf_weights_reference
+
+    rng = np.random.default_rng(3)
+    m, P, G = 37, 301, 3
+    ctf = rng.uniform(-1, 1, (m, P)).astype(np.float32)
+    scale = rng.uniform(0.5, 2, m).astype(np.float32) if with_scale else None
+    invsig = rng.uniform(0.01, 50, (G, P)).astype(np.float32)
+    optics = rng.integers(0, G, m)
+    cs = ctf * (scale[:, None] if with_scale else np.float32(1))
+    inv = invsig[optics]
+    want = (cs, inv, cs * inv, cs * (cs * inv))
+    for ref in (want, ctf_weights_reference(ctf, scale, invsig, optics)):
+        for a, b in zip(ref, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+    got = ctf_weights(xp.asarray(ctf), None if scale is None else xp.asarray(scale),
+                      xp.asarray(invsig), xp.asarray(optics))
+    assert len(got) == 4
+    for a, b in zip(got, want, strict=True):
+        a = a.get() if hasattr(a, "get") else a
+        assert a.dtype == np.float32 and a.shape == (m, P)
+        np.testing.assert_array_equal(a, b)
+    # no particles: four empty arrays
+    empty = ctf_weights(xp.asarray(ctf[:0]), None, xp.asarray(invsig), xp.asarray(optics[:0]))
+    assert all(a.shape == (0, P) for a in empty)
