@@ -5,7 +5,9 @@ sample's two in-plane neighbours (and the sample itself), and at four translatio
 around the best offset. As array expressions that is a loop over chunks of particles with
 five gathers of whole reference rows and a dozen passes each; on the GPU it is one CUDA
 block per particle that reads its image, CTF and three reference rows once and reduces ten
-sums in double precision. On the CPU, the array expressions (the reference).
+sums in double precision. The blocks take the particles in the order of their best
+reference row, so that the particles in flight at one time share rows: the rows are read
+from memory about once, not once per particle. On the CPU, the array expressions (the reference).
 """
 
 from __future__ import annotations
@@ -53,10 +55,12 @@ extern "C" __global__
 void pose_neighbours(const float2* X, const float2* ph, const long long* shift,
                      const float* ctf, const float* inv, const float2* refs,
                      const float* refs_a2, const long long* rows, const float* st, int P,
-                     double* l_psi, double* l_t)
+                     double* l_psi, double* l_t, const long long* order)
 {
+    // one block per particle, the particles taken in the order of their best reference row
+    // (order): the blocks that run at one time share reference rows, which stay in L2
     __shared__ double s[10][NT];
-    const long long b = blockIdx.x;
+    const long long b = order[blockIdx.x];
     const float2* x = X + b * P;
     const float2* e = ph + shift[b] * P;
     const float* c = ctf + b * P;
@@ -144,13 +148,15 @@ def pose_neighbours(X, phases, shift, ctf, inv, refs, refs_ri, refs_a2, rows, st
     if B == 0:
         return l_psi, l_t
     f32, c64, i64 = xp.float32, xp.complex64, xp.int64
+    rows = xp.ascontiguousarray(rows, dtype=i64)
     cuda_function(_CUDA_SRC, "pose_neighbours")(
         (B,), (256,),
         (xp.ascontiguousarray(X, dtype=c64), xp.ascontiguousarray(phases, dtype=c64),
          xp.ascontiguousarray(shift, dtype=i64), xp.ascontiguousarray(ctf, dtype=f32),
          xp.ascontiguousarray(inv, dtype=f32), xp.ascontiguousarray(refs, dtype=c64),
-         xp.ascontiguousarray(refs_a2, dtype=f32), xp.ascontiguousarray(rows, dtype=i64),
-         xp.ascontiguousarray(stencil, dtype=f32), np.int32(P), l_psi, l_t))
+         xp.ascontiguousarray(refs_a2, dtype=f32), rows,
+         xp.ascontiguousarray(stencil, dtype=f32), np.int32(P), l_psi, l_t,
+         xp.argsort(rows[:, 1]).astype(i64, copy=False)))
     return l_psi, l_t
 
 
