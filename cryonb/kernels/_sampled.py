@@ -550,13 +550,18 @@ void scatter_shifted(double* acc, const float2* X, const float2* ph, const float
     // particle reads that particle's pixel and weight once; a run with one target row (iv)
     // and particle sums its data and weights in float64 registers before one atomic add
     // per value. acc, A: rows of 2P ([Re | Im]); accw: rows of P; C: a row of P per
-    // particle; qd, rd: a row of P per particle.
+    // particle; qd, rd: a row of P per particle, written (not added to) where all of the
+    // particle's blocks are in this chunk (scatter_rows_init zeroed the others' rows).
     __shared__ long long s_b[SB_CHUNK], s_t[SB_CHUNK], s_v[SB_CHUNK];
     __shared__ float s_w[SB_CHUNK * PS * TS];
     __shared__ float s_ws[SB_CHUNK * PS];
     __shared__ int s_nz[SB_CHUNK * PS];
     const int cnt = load_chunk(n, w, ib, it, iv, s_b, s_t, s_v, s_w, s_ws, s_nz);
     const long long D = 2LL * P;
+    // the chunk's first and last particles may have blocks in the chunks beside it
+    const long long c0 = blockIdx.x * (long long)SB_CHUNK;
+    const bool head_shared = c0 > 0 && ib[c0 - 1] == s_b[0];
+    const bool tail_shared = c0 + cnt < n && ib[c0 + cnt] == s_b[cnt - 1];
     for (int p = threadIdx.x; p < P; p += blockDim.x) {
         double sr[PS], si[PS], wsum[PS];
         bool any[PS];
@@ -616,13 +621,32 @@ void scatter_shifted(double* acc, const float2* X, const float2* ph, const float
                     any[k] = false;
                 }
                 if (j + 1 == cnt || s_b[j + 1] != s_b[j]) {
-                    atomicAdd(qd + cur_b * P + p, q);
-                    atomicAdd(rd + cur_b * P + p, r);
+                    if ((cur_b == s_b[0] && head_shared)
+                        || (cur_b == s_b[cnt - 1] && tail_shared)) {
+                        atomicAdd(qd + cur_b * P + p, q);
+                        atomicAdd(rd + cur_b * P + p, r);
+                    } else {  // the particle's only chunk
+                        qd[cur_b * P + p] = q;
+                        rd[cur_b * P + p] = r;
+                    }
                     q = 0.0;
                     r = 0.0;
                 }
             }
         }
+    }
+}
+
+extern "C" __global__
+void scatter_rows_init(double* qd, double* rd, const long long* starts, int P)
+{
+    // scatter_shifted's rows of particle blockIdx.x set to zero where that kernel adds to
+    // them (the particle's blocks in two or more chunks) or never writes them (none)
+    const long long b = blockIdx.x, s0 = starts[b], s1 = starts[b + 1];
+    if (s0 != s1 && s0 / SB_CHUNK == (s1 - 1) / SB_CHUNK) return;
+    for (int p = threadIdx.x; p < P; p += blockDim.x) {
+        qd[b * P + p] = 0.0;
+        rd[b * P + p] = 0.0;
     }
 }
 """
@@ -1309,9 +1333,17 @@ def scatter_shifted_residual(acc, S: ShiftedBlocks, A, acc_w, C, iv, ps: int, w,
         return scatter_blocks_residual(acc, S.Y, A, acc_w, C, S.iy, iv, S.ib, S.ts, ps, w, G)
     xp = array_module(acc, A)
     ts, ps, _, iv, w = _block_args(xp, S.ts, ps, S.ib, iv, w)
-    qd = xp.zeros((G, P), xp.float64)
-    rd = xp.zeros((G, P), xp.float64)
     n = int(iv.shape[0])
+    if not n:
+        return xp.zeros((G, P), xp.float64), xp.zeros((G, P), xp.float64)
+    # the rows of a particle whose blocks are all in one chunk are written by the kernel:
+    # only the others are set to zero first (a pass over two (G, P) arrays less)
+    qd = xp.empty((G, P), xp.float64)
+    rd = xp.empty((G, P), xp.float64)
+    if G:
+        _blocks_kernel(ts, ps, "scatter_rows_init")(
+            (G,), (128,),
+            (qd, rd, segment_starts(xp.ascontiguousarray(S.ib, dtype=xp.int64), G), np.int32(P)))
     if n:
         _blocks_kernel(ts, ps, "scatter_shifted")(
             ((n + SB_CHUNK - 1) // SB_CHUNK,), (128,),

@@ -98,6 +98,7 @@ def kernel_sources() -> list[tuple[str, str]]:
             _sampled._blocks_kernel(ts, ps, "scatter_blocks")
             _sampled._blocks_kernel(ts, ps, "sampled_dot_shifted")
             _sampled._blocks_kernel(ts, ps, "scatter_shifted")
+            _sampled._blocks_kernel(ts, ps, "scatter_rows_init")
         _cuda.cuda_function(_coarse._CUDA_SRC, "coarse_log_posterior")
         _cuda.cuda_function(_fine._CUDA_SRC, "fine_sample_terms")
         _cuda.cuda_function(_fine._WEIGHTS_SRC, "fine_weights")

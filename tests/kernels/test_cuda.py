@@ -73,6 +73,7 @@ def test_every_kernel_source_compiles_with_nvrtc():
             "residual_sums_blocks", "sampled_dot_shifted", "scatter_shifted",
             "insert2d", "window_shift", "shell_power",
             "shell_sums", "significant_compact", "mask_background", "mask_cb_info",
+            "scatter_rows_init", "ctf_weights",
             "cryonb_mask_load"} <= names
     for src, name in sources:
         ok, log = compile_cuda(lib, src, f"{name}.cu")

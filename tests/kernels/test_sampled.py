@@ -373,15 +373,17 @@ def test_shifted_blocks_dot_products_are_those_of_the_written_rows(xp):
                               xp.asarray(iv[:0]), ps).shape == (0, ps, ts)
 
 
-def test_scatter_shifted_residual_gives_the_written_rows_sums(xp):
+@pytest.mark.parametrize("B", [9, 300])
+def test_scatter_shifted_residual_gives_the_written_rows_sums(xp, B):
     """scatter_shifted_residual: the data, weights' and residual sums of
     scatter_blocks_residual over each block's shifted rows (CPU: its bits; GPU, rows made in
     the kernel: to float32 rounding), runs of one target row across chunk ends, an image
-    without blocks giving zeros."""
+    without blocks giving zeros. B = 9: every image's blocks span chunks of the GPU kernel
+    (its per-image sums added); B = 300: most images' blocks lie in one chunk (written)."""
     from cryonb.kernels import scatter_blocks_residual, scatter_shifted_residual, shifted_blocks
 
     ts, ps = 4, 2
-    X, ph, W, ib, it, iv, A, w, C = _shifted_case(4, ts, ps, n=400)
+    X, ph, W, ib, it, iv, A, w, C = _shifted_case(4, ts, ps, B=B, n=400)
     B, P = X.shape
     M = A.shape[0]
     S = shifted_blocks(*(xp.asarray(a) for a in (X, ph, W, ib, it)), ts, ps)
