@@ -116,9 +116,9 @@ def _with_callback(cp, imgs, rows, shift, scale, mask, fill, use_noise, B, N):
         (1,), (1,), (info, imgs, cp.zeros(1, cp.int64) if rows is None else rows,
                      np.int32(rows is not None), shift, scale, mask, fill,
                      np.int32(use_noise), np.int64(N)))
-    # the transform's nominal input: B images' worth of the images' own memory, read only
-    # through the callback (cuFFT does not write a real-to-complex transform's input)
-    nominal = imgs.reshape(-1)[:B * N * N].reshape(B, N, N)
+    # the transform's nominal input, never read (the callback reads the images): a buffer
+    # of its own, not the images' memory, in case cuFFT used its input as work space
+    nominal = cp.empty((B, N, N), cp.float32)
     with cp.fft.config.set_cufft_callbacks(cb_load=_CB_SRC, cb_load_name="cryonb_mask_load",
                                            cb_ver="jit", cb_load_data=info.data):
         return cp.fft.rfft2(nominal, axes=(-2, -1))
@@ -140,8 +140,7 @@ def masked_rfft2(imgs, scale, shift, mask, noise=None, outside=None, rows=None):
     xp = array_module(imgs)
     B, N = (len(imgs) if rows is None else len(rows)), imgs.shape[-1]
     use = (xp is not np and B > 0 and _state["enabled"] is not False
-           and os.environ.get("CRYONB_FFT_CALLBACK", "1") != "0"
-           and imgs.shape[0] >= B)
+           and os.environ.get("CRYONB_FFT_CALLBACK", "1") != "0")
     if use:
         cp = xp
         f32 = cp.float32

@@ -73,10 +73,13 @@ def test_masked_transforms_are_those_of_the_masked_images(xp, with_noise, N):
         for src, sel in ((imgs, None), (store, rows)):
             want = np.fft.rfft2(_by_definition(src if sel is None else src[sel], scale, shift,
                                                mask, noise))
-            got = masked_rfft2(xp.asarray(src), scale, shift, xp.asarray(mask), nz,
+            src_d = xp.asarray(src)
+            got = masked_rfft2(src_d, scale, shift, xp.asarray(mask), nz,
                                outside=mask_outside(mask),
                                rows=None if sel is None else xp.asarray(sel))
             got = got.get() if hasattr(got, "get") else got
+            # the images (a device store's rows) are read, never written
+            np.testing.assert_array_equal(src_d.get() if hasattr(src_d, "get") else src_d, src)
             assert got.shape == (B, N, N // 2 + 1) and got.dtype == np.complex64
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
             if xp is np:  # the CPU: the masking, then the transform, as written
