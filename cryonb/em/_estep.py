@@ -29,6 +29,7 @@ from ..backend import (
     add_rows_at,
     array_module,
     device_room,
+    fft_module,
     is_gpu_array,
     is_out_of_memory,
     upload,
@@ -46,8 +47,8 @@ from ..kernels import (
     fine_sample_terms,
     fine_weights,
     insert_accumulated_2d,
+    mask_images_2d,
     mask_outside,
-    masked_rfft2,
     nonzero_each,
     pose_neighbours,
     refine_pose,
@@ -65,6 +66,7 @@ from ..kernels import (
     significant_indices,
     split_tf32,
     tf32_enabled,
+    to_host,
     weighted_bincounts,
     window_shift,
 )
@@ -562,11 +564,11 @@ class EStepContext:
         noise = None
         if not self.config.zero_mask:
             noise = xp.fft.ifftshift(self._noise(batch), axes=(-2, -1)) * np.float32(1 / (N * N))
-        # on a GPU with cuFFT's load callbacks the transform reads the masked values as the
-        # masking makes them (cryonb.kernels.masked_rfft2): the masked images are not stored
-        F = masked_rfft2(imgs, f.astype(np.float32), r - N // 2, self.mask_origin0, noise,
-                         outside=self.mask_outside, rows=rows)
-        self._mark("prepare: shift, mask and FFT")
+        masked = mask_images_2d(imgs, f.astype(np.float32), r - N // 2, self.mask_origin0,
+                                noise, outside=self.mask_outside, rows=rows)
+        self._mark("prepare: shift and mask")
+        F = fft_module(xp).rfft2(masked, axes=(-2, -1)).astype(xp.complex64, copy=False)
+        self._mark("prepare: FFT")
         return F.reshape(len(batch), -1), batch.offset - r
 
     def _noise(self, batch: ParticleBatch):
@@ -1143,7 +1145,9 @@ class EStepContext:
         does not stop the host from queueing what follows."""
         xp = self.xp
         if self._queued:
-            flat = _to_host(xp.concatenate([q[2].reshape(-1) for q in self._queued]))
+            # (through pinned memory: a fresh pageable array's page faults held the host
+            # for milliseconds here, the device idle)
+            flat = to_host(xp.concatenate([q[2].reshape(-1) for q in self._queued]))
             at = 0
             for sub, cols, _ in self._queued:
                 n = sub.size * len(cols)

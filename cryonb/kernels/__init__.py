@@ -28,7 +28,6 @@ from ._insert import (
     insert_slices_2d,
     insert_slices_2d_reference,
 )
-from ._maskfft import callback_state, masked_rfft2
 from ._peaks import (
     find_peaks_2d,
     find_peaks_2d_reference,
@@ -76,6 +75,7 @@ from ._select import (
     significant_indices,
     significant_samples,
     significant_samples_reference,
+    to_host,
 )
 from ._shells import ShellTable, shell_power, shell_power_reference, shell_sums, shell_table
 
@@ -86,7 +86,6 @@ __all__ = [
     "ShiftedBlocks",
     "add_bincount",
     "block_order",
-    "callback_state",
     "coarse_log_posterior",
     "coarse_log_posterior_reference",
     "cross_products",
@@ -107,7 +106,6 @@ __all__ = [
     "mask_images_2d",
     "mask_images_2d_reference",
     "mask_outside",
-    "masked_rfft2",
     "nonzero_each",
     "pose_neighbours",
     "pose_neighbours_reference",
@@ -145,6 +143,7 @@ __all__ = [
     "split_tf32",
     "split_tf32_reference",
     "tf32_enabled",
+    "to_host",
     "update_best_2d",
     "update_best_2d_reference",
     "weighted_bincounts",

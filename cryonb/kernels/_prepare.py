@@ -60,37 +60,6 @@ def mask_images_2d_reference(imgs, scale, shift, mask, noise=None):
 
 _CUDA_SRC = r"""
 #define NT 256
-// the image's background mean outside the mask, sum(img (1 - m)) / sum(1 - m), the image
-// shifted by (rx, ry) and scaled by f: every thread of the block (NT of them) calls it
-__device__ float outside_mean(const float* x, float f, int rx, int ry, const float* mask,
-                              int N, float inv_out, double* s)
-{
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = NT / 32;
-    double acc = 0.0;
-    for (int y = warp; y < N; y += nw) {
-        int sy = y - ry;
-        if (sy < 0) sy += N;
-        const float* row = x + (long long)sy * N;
-        const float* m = mask + (long long)y * N;
-        for (int xx = lane; xx < N; xx += 32) {
-            // inside the mask (1 - m = 0) the term is zero: not read (about 60% of
-            // the pixels at RELION's default mask, whose sectors are then not loaded)
-            const float om = 1.0f - m[xx];
-            if (om == 0.0f) continue;
-            int sx = xx - rx;
-            if (sx < 0) sx += N;
-            acc += (double)(row[sx] * f) * (double)om;
-        }
-    }
-    s[threadIdx.x] = acc;
-    __syncthreads();
-    for (int h = NT / 2; h > 0; h >>= 1) {
-        if (threadIdx.x < h) s[threadIdx.x] += s[threadIdx.x + h];
-        __syncthreads();
-    }
-    return (float)(s[0] * (double)inv_out);
-}
-
 extern "C" __global__
 void mask_images(const float* imgs, const float* scale, const int* shift, const float* mask,
                  const float* noise, int use_noise, float inv_out, int N, float* out,
@@ -107,7 +76,32 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
     const int rx = ((shift[2 * b] % N) + N) % N, ry = ((shift[2 * b + 1] % N) + N) % N;
     const float f = scale[b];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = NT / 32;
-    const float bg = use_noise ? 0.0f : outside_mean(x, f, rx, ry, mask, N, inv_out, s);
+    float bg = 0.0f;
+    if (!use_noise) {
+        double acc = 0.0;
+        for (int y = warp; y < N; y += nw) {
+            int sy = y - ry;
+            if (sy < 0) sy += N;
+            const float* row = x + (long long)sy * N;
+            const float* m = mask + (long long)y * N;
+            for (int xx = lane; xx < N; xx += 32) {
+                // inside the mask (1 - m = 0) the term is zero: not read (about 60% of
+                // the pixels at RELION's default mask, whose sectors are then not loaded)
+                const float om = 1.0f - m[xx];
+                if (om == 0.0f) continue;
+                int sx = xx - rx;
+                if (sx < 0) sx += N;
+                acc += (double)(row[sx] * f) * (double)om;
+            }
+        }
+        s[threadIdx.x] = acc;
+        __syncthreads();
+        for (int h = NT / 2; h > 0; h >>= 1) {
+            if (threadIdx.x < h) s[threadIdx.x] += s[threadIdx.x + h];
+            __syncthreads();
+        }
+        bg = (float)(s[0] * (double)inv_out);
+    }
     const float* nz = noise + (use_noise ? b * NN : 0);
     for (int y = warp; y < N; y += nw) {
         int sy = y - ry;
@@ -121,20 +115,6 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
             o[r0 + xx] = row[sx] * f * m + (use_noise ? nz[r0 + xx] : bg) * (1.0f - m);
         }
     }
-}
-
-extern "C" __global__
-void mask_background(const float* imgs, const float* scale, const int* shift,
-                     const float* mask, float inv_out, int N, float* bg,
-                     const long long* rows, int has_rows)
-{
-    // mask_images' background values alone (one block per image, the same sum)
-    __shared__ double s[NT];
-    const long long b = blockIdx.x;
-    const float* x = imgs + (has_rows ? rows[b] : b) * (long long)N * N;
-    const int rx = ((shift[2 * b] % N) + N) % N, ry = ((shift[2 * b + 1] % N) + N) % N;
-    const float v = outside_mean(x, scale[b], rx, ry, mask, N, inv_out, s);
-    if (threadIdx.x == 0) bg[b] = v;
 }
 """
 

@@ -62,7 +62,6 @@ def kernel_sources() -> list[tuple[str, str]]:
         _cuda,
         _fine,
         _insert,
-        _maskfft,
         _pose,
         _prepare,
         _sampled,
@@ -103,14 +102,14 @@ def kernel_sources() -> list[tuple[str, str]]:
         _cuda.cuda_function(_fine._CUDA_SRC, "fine_sample_terms")
         _cuda.cuda_function(_fine._WEIGHTS_SRC, "fine_weights")
         _cuda.cuda_function(_prepare._CUDA_SRC, "mask_images")
-        _cuda.cuda_function(_prepare._CUDA_SRC, "mask_background")
         _cuda.cuda_function(_ctfvals._WEIGHTS_SRC, "ctf_weights")
-        _cuda.cuda_function(_maskfft._INFO_SRC, "mask_cb_info")
         _cuda.cuda_function(_prepare._SHIFT_SRC, "shifted_ri")
         _cuda.cuda_function(_prepare._WINDOW_SRC, "window_shift")
         _cuda.cuda_function(_shells._CUDA_SRC, "shell_power")
         _cuda.cuda_function(_shells._CUDA_SRC, "shell_sums")
         _cuda.cuda_function(_pose._CUDA_SRC, "pose_neighbours")
+        _cuda.cuda_function(_pose._CUDA_SRC, "row_counts")
+        _cuda.cuda_function(_pose._CUDA_SRC, "row_order")
         _cuda.cuda_function(_pose._REFINE_SRC, "refine_pose")
         _cuda.cuda_function(_bins._CUDA_SRC, "weighted_bincounts")
         _cuda.cuda_function(_select._CUDA_SRC, "significant_select")
@@ -123,8 +122,4 @@ def kernel_sources() -> list[tuple[str, str]]:
         else:
             sys.modules["cupy"] = saved
     seen.append((_insert._CUDA_SRC, "insert2d"))
-    # the cuFFT load callback (a device function, compiled by CuPy to LTO IR on a GPU): here
-    # with cuFFT's real type spelt out, as NVRTC alone has no cuFFT headers
-    seen.append((_maskfft._CB_SRC.replace("#include <cufftXt.h>", "typedef float cufftReal;"),
-                 "cryonb_mask_load"))
     return seen

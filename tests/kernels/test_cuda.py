@@ -72,9 +72,8 @@ def test_every_kernel_source_compiles_with_nvrtc():
             "seg_argmax", "seg_sum", "sampled_dot", "sampled_dot_blocks", "scatter_products",
             "residual_sums_blocks", "sampled_dot_shifted", "scatter_shifted",
             "insert2d", "window_shift", "shell_power",
-            "shell_sums", "significant_compact", "mask_background", "mask_cb_info",
-            "scatter_rows_init", "ctf_weights",
-            "cryonb_mask_load"} <= names
+            "shell_sums", "significant_compact", "scatter_rows_init", "ctf_weights",
+            "row_counts", "row_order"} <= names
     for src, name in sources:
         ok, log = compile_cuda(lib, src, f"{name}.cu")
         assert ok, f"{name}: {log}"

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-from cryonb.backend import fft_module
 from cryonb.em._estep import soft_circular_mask
-from cryonb.kernels import callback_state, mask_images_2d, mask_outside, masked_rfft2
+from cryonb.kernels import mask_images_2d, mask_outside
 
 
 def _by_definition(imgs, scale, shift, mask, noise):
@@ -52,43 +51,6 @@ def test_masked_images_follow_the_definition(xp, with_noise, with_scale, N):
                              None if noise is None else xp.asarray(noise), rows=xp.asarray(rows))
     inplace = inplace.get() if hasattr(inplace, "get") else inplace
     np.testing.assert_array_equal(inplace, got)
-
-
-@pytest.mark.parametrize("with_noise", [False, True])
-@pytest.mark.parametrize("N", [32, 33])
-def test_masked_transforms_are_those_of_the_masked_images(xp, with_noise, N):
-    """masked_rfft2: the transforms of mask_images_2d's images, read in place or not; on a
-    GPU through cuFFT's load callback, whose arguments are rewritten for each call."""
-    rng = np.random.default_rng(N + 7)
-    B = 5
-    mask = soft_circular_mask(N, N / 3, 5.0)
-    store = (rng.normal(size=(B + 3, N, N)) + 2).astype(np.float32)
-    rows = np.array([6, 0, 3, 3, 7])
-    for _ in range(2):  # the second call: other images, shifts, scales and noise
-        imgs = (rng.normal(size=(B, N, N)) + 3).astype(np.float32)
-        scale = rng.uniform(0.5, 2, B).astype(np.float32)
-        shift = rng.integers(-40, 40, (B, 2))
-        noise = rng.normal(size=(B, N, N)).astype(np.float32) if with_noise else None
-        nz = None if noise is None else xp.asarray(noise)
-        for src, sel in ((imgs, None), (store, rows)):
-            want = np.fft.rfft2(_by_definition(src if sel is None else src[sel], scale, shift,
-                                               mask, noise))
-            src_d = xp.asarray(src)
-            got = masked_rfft2(src_d, scale, shift, xp.asarray(mask), nz,
-                               outside=mask_outside(mask),
-                               rows=None if sel is None else xp.asarray(sel))
-            got = got.get() if hasattr(got, "get") else got
-            # the images (a device store's rows) are read, never written
-            np.testing.assert_array_equal(src_d.get() if hasattr(src_d, "get") else src_d, src)
-            assert got.shape == (B, N, N // 2 + 1) and got.dtype == np.complex64
-            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-            if xp is np:  # the CPU: the masking, then the transform, as written
-                masked = mask_images_2d(src, scale, shift, mask, noise,
-                                        rows=None if sel is None else sel)
-                np.testing.assert_array_equal(got, fft_module(np).rfft2(masked))
-    if xp is not np:
-        state = callback_state()
-        assert state["enabled"], f"the cuFFT load callback is not in use: {state['why']}"
 
 
 def test_shifted_images_follow_the_definition(xp):
