@@ -22,6 +22,7 @@ from ._fine import (
     fine_weights,
     fine_weights_reference,
 )
+from ._host import host_empty, to_host
 from ._insert import (
     insert_accumulated_2d,
     insert_rows_2d,
@@ -75,7 +76,6 @@ from ._select import (
     significant_indices,
     significant_samples,
     significant_samples_reference,
-    to_host,
 )
 from ._shells import ShellTable, shell_power, shell_power_reference, shell_sums, shell_table
 
@@ -99,6 +99,7 @@ __all__ = [
     "fine_sample_terms_reference",
     "fine_weights",
     "fine_weights_reference",
+    "host_empty",
     "insert_accumulated_2d",
     "insert_rows_2d",
     "insert_slices_2d",

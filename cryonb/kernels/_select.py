@@ -42,10 +42,11 @@ import numpy as np
 
 from ..backend import array_module
 from ._cuda import cuda_function
+from ._host import to_host
 from ._segments import segment_argmax, segment_starts
 
 __all__ = ["significant_in_segments", "significant_indices", "significant_samples",
-           "significant_samples_reference", "to_host"]
+           "significant_samples_reference"]
 
 
 def significant_samples_reference(lw, fraction: float, maxsig: int = -1):
@@ -432,36 +433,6 @@ def significant_indices(lw, fraction: float, maxsig: int = -1, rowmax=None,
     cuda_function(_CUDA_SRC, "significant_compact")(
         (B,), (1024,), (lw, rowmax, starts, thr, offsets, idx, pre, done))
     return (counts, idx, on_host) if host_counts else (counts, idx)
-
-
-def to_host(a, before_wait=None):
-    """``a`` on the host: for a device array, a copy into page-locked memory (CuPy's pinned
-    pool, reused from call to call) instead of ``a.get()``'s freshly allocated pageable
-    array, whose first touch of each page (a page fault, several microseconds each on a
-    virtual machine) held the host for milliseconds per MB; ``before_wait()`` is called after
-    the copy is queued and before the host waits for it, so that the device still has that
-    work when the host goes on.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``a`` itself for a NumPy array; otherwise an array backed by pinned memory (returned
-        to the pool when dropped).
-    """
-    if not hasattr(a, "get"):
-        if before_wait is not None:
-            before_wait()
-        return np.asarray(a)
-    import cupy
-    import cupyx
-
-    pinned = cupyx.empty_pinned(a.shape, a.dtype)
-    a.get(out=pinned, blocking=False)
-    copied = cupy.cuda.get_current_stream().record()
-    if before_wait is not None:
-        before_wait()
-    copied.synchronize()
-    return pinned
 
 
 def significant_in_segments(lw, seg, n_seg: int, fraction: float, maxsig: int = -1,
