@@ -1340,14 +1340,12 @@ def scatter_shifted_residual(acc, S: ShiftedBlocks, A, acc_w, C, iv, ps: int, w,
     # only the others are set to zero first (a pass over two (G, P) arrays less)
     qd = xp.empty((G, P), xp.float64)
     rd = xp.empty((G, P), xp.float64)
-    if G:
-        _blocks_kernel(ts, ps, "scatter_rows_init")(
-            (G,), (128,),
-            (qd, rd, segment_starts(xp.ascontiguousarray(S.ib, dtype=xp.int64), G), np.int32(P)))
-    if n:
-        _blocks_kernel(ts, ps, "scatter_shifted")(
-            ((n + SB_CHUNK - 1) // SB_CHUNK,), (128,),
-            (acc, *_shifted_args(xp, S), iv, w, np.int64(n), np.int32(P),
-             xp.ascontiguousarray(A, dtype=xp.float32), qd, rd, acc_w,
-             xp.ascontiguousarray(C, dtype=xp.float32)))
+    images = _shifted_args(xp, S)  # (X, phases, weight, ib, it)
+    _blocks_kernel(ts, ps, "scatter_rows_init")(
+        (G,), (128,), (qd, rd, segment_starts(images[3], G), np.int32(P)))
+    _blocks_kernel(ts, ps, "scatter_shifted")(
+        ((n + SB_CHUNK - 1) // SB_CHUNK,), (128,),
+        (acc, *images, iv, w, np.int64(n), np.int32(P),
+         xp.ascontiguousarray(A, dtype=xp.float32), qd, rd, acc_w,
+         xp.ascontiguousarray(C, dtype=xp.float32)))
     return qd, rd
