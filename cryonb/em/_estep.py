@@ -387,8 +387,10 @@ class EStepContext:
         self.sums.data = None  # filled by finish()
         self.sums.weight = None
         self.n_done = 0
-        # per-particle results waiting for the pool's one copy to the host (_flush_results)
-        self._queued: list = []
+        # the pool's per-particle results table on the context's device, copied to the host
+        # once per pool (_flush_results); the rows whose log-likelihood and max probability
+        # are still to be added to the sums
+        self._res = None
         self._totals: list = []
         # the whole box's pixels by shell, up to the last shell (_image_powers)
         self._full_bins = shell_table(
@@ -660,11 +662,9 @@ class EStepContext:
         self._mark(None)
         self._cols = _PoolColumns(batch, self.model.scale, xp)
         F, frac = self._prepare_images(batch)
-        # the pool's results table, its pages written now, while the device transforms the
-        # images (a fresh array's first writes fault page by page: ~0.6 ms later, with the
-        # device waiting for the host)
-        res = np.empty((B, len(RESULT_COLUMNS)))
-        res.fill(0.0)
+        # the pool's results table, filled on the device (_queue_results) and copied to the
+        # host at the end: the host then has nothing left to write while the device waits
+        self._res = xp.zeros((B, len(RESULT_COLUMNS)), xp.float64)
         f = self.fine
         if f.kx_dev is None:
             f.kx_dev, f.ky_dev = (xp.asarray(k, dtype=xp.float32) for k in (f.kx, f.ky))
@@ -692,7 +692,7 @@ class EStepContext:
             batch, Xc, ctf_c, inv_c, cinv_c,
             meanwhile=lambda: self._fine_powers(Xf, self._cols.optics))
         T, M = self.coarse.phases.shape[0], self.coarse.refs.shape[0]
-        res[:, RESULT_COLUMNS.index("n_sig")] = n_sig
+        self._res[:, RESULT_COLUMNS.index("n_sig")] = counts
         # each significant sample's particle (the samples are grouped by particle)
         owner = xp.searchsorted(xp.cumsum(counts), xp.arange(sidx.shape[0]), side="right")
 
@@ -734,7 +734,7 @@ class EStepContext:
                               tuple(a[isub] for a in weights),
                               (power_full[isub], x2f[isub], x2n[isub]))
         self._mark("second pass")
-        self._flush_results(res)
+        res = self._flush_results()
         self._mark("results to the host")
         self.n_done += B
         return res
@@ -1128,47 +1128,41 @@ class EStepContext:
         return acc_rot.astype(xp.float64), acc_tr.astype(xp.float64)
 
     def _queue_results(self, sub, cls=None, poses=(), **cols):
-        """Queue per-particle result columns (arrays of shape (Bs,)) for the pool's table;
-        ``poses``: the best sample's and the refined (psi, offsets) (:meth:`_best_pose`).
-        :meth:`_flush_results` copies every queued column to the host at once."""
+        """Write per-particle result columns (arrays of shape (Bs,)) into the rows ``sub`` of
+        the pool's table on the device; ``poses``: the best sample's and the refined (psi,
+        offsets) (:meth:`_best_pose`). :meth:`_flush_results` copies the table to the host."""
         for (psi, off), end in zip(poses, ("", "_refined")):
             cols.update({"psi" + end: psi, "offset_x" + end: off[:, 0],
                          "offset_y" + end: off[:, 1]})
         if cls is not None:
             cols["class"] = cls
-        xp = self.xp
-        names = list(cols)
-        self._queued.append((np.asarray(sub), [RESULT_COLUMNS.index(n) for n in names],
-                             xp.stack([xp.asarray(cols[n], dtype=xp.float64) for n in names],
-                                      axis=1)))
+        r = _rows(np.asarray(sub))
+        if not isinstance(r, slice):
+            r = self.xp.asarray(r)
+        for name, col in cols.items():
+            self._res[r, RESULT_COLUMNS.index(name)] = col
 
-    def _flush_results(self, res) -> None:
-        """Write the queued result columns into the host table ``res`` (B, len(RESULT_COLUMNS))
-        with one device-to-host copy, then add the log-likelihoods and max probabilities of
-        the particles done (:meth:`_norm_and_totals`) to the sums, in the order queued.
+    def _flush_results(self):
+        """The pool's results table (B, len(RESULT_COLUMNS)) on the host, after adding the
+        log-likelihoods and max probabilities of the particles done (:meth:`_norm_and_totals`)
+        to the sums, in the order done.
 
         The pool's other device-to-host copies size arrays (significant samples, rows in
         use); the results wait here until the pool's work is queued, so that reading them
-        does not stop the host from queueing what follows."""
-        xp = self.xp
-        if self._queued:
-            # (through pinned memory: a fresh pageable array's page faults held the host
-            # for milliseconds here, the device idle)
-            flat = to_host(xp.concatenate([q[2].reshape(-1) for q in self._queued]))
-            at = 0
-            for sub, cols, _ in self._queued:
-                n = sub.size * len(cols)
-                r = _rows(sub)
-                res[(r, cols) if isinstance(r, slice) else np.ix_(sub, cols)] = (
-                    flat[at:at + n].reshape(sub.size, len(cols)))
-                at += n
-        self._queued = []
+        does not stop the host from queueing what follows. They are written on the device and
+        come back in one copy through pinned memory: writing columns into a host table after
+        the copy (NumPy's fancy indexing, ~2 ms a pool of 16,000) and a fresh pageable
+        array's page faults held the host while the device waited."""
+        res, self._res = self._res, None
         S = self.sums
         for sub in self._totals:
             r = _rows(sub)
-            S.loglik += float(res[r, RESULT_COLUMNS.index("loglik")].sum())
-            S.pmax += float(res[r, RESULT_COLUMNS.index("pmax")].sum())
+            if not isinstance(r, slice):
+                r = self.xp.asarray(r)
+            S.loglik += res[r, RESULT_COLUMNS.index("loglik")].sum()
+            S.pmax += res[r, RESULT_COLUMNS.index("pmax")].sum()
         self._totals = []
+        return to_host(res)
 
     def _best_pose(self, f: _Grid, best_rf, best_t, best_off, Xf, ctf, inv):
         """Each particle's best sample, and its reported pose (refined unless
