@@ -732,7 +732,8 @@ class EStepContext:
                 cb, flat = samples_of(~broad)
             self._sparse_pass(self.fine, batch, sel, cb, flat // M, flat % M, T, Xf[isub],
                               tuple(a[isub] for a in weights),
-                              (power_full[isub], x2f[isub], x2n[isub]))
+                              (power_full[isub], x2f[isub], x2n[isub]),
+                              longest=int(n_sig[sel].max()))
         self._mark("second pass")
         res = self._flush_results()
         self._mark("results to the host")
@@ -980,7 +981,8 @@ class EStepContext:
         self._accumulate_priors(batch, sub, w, omega, rcls_b, offs, d2, resid, spreads)
         self._mark("dense: residual and priors")
 
-    def _sparse_pass(self, f: _Grid, batch, sub, cb, ct, cr, T, Xf, weights, powers):
+    def _sparse_pass(self, f: _Grid, batch, sub, cb, ct, cr, T, Xf, weights, powers,
+                     longest=None):
         """Second pass for peaked posteriors: only the significant samples, sparse sums.
 
         ``cb``, ``ct``, ``cr`` (int arrays of one length): the significant coarse samples'
@@ -994,7 +996,8 @@ class EStepContext:
         threshold (``adaptive_fraction``) are dropped; the rest are accumulated with
         :func:`cryonb.kernels.scatter_shifted_residual`. ``weights``: the particles' CTF,
         1 / sigma2, CTF / sigma2 and CTF^2 / sigma2 (:func:`cryonb.kernels.ctf_weights`);
-        ``powers``: their ``power_full``, ``x2f`` and ``x2n`` (:meth:`_image_powers`).
+        ``powers``: their ``power_full``, ``x2f`` and ``x2n`` (:meth:`_image_powers`);
+        ``longest``: the most significant samples of one particle (host), if known.
         """
         xp = self.xp
         power_full, x2, x2n = powers
@@ -1005,7 +1008,7 @@ class EStepContext:
         K = self.K
         # GPU: each particle's blocks with one target row (its translations of a rotation)
         # together, so that the sums add a run of them at once
-        perm = block_order(cb, ct, cr, T, self.coarse.refs.shape[0], Bs)
+        perm = block_order(cb, ct, cr, T, self.coarse.refs.shape[0], Bs, longest)
         if perm is not None:
             cb, ct, cr = cb[perm], ct[perm], cr[perm]
         # each coarse sample's ts x ps samples in (sub-rotation, sub-translation) order: a
