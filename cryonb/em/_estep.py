@@ -48,7 +48,6 @@ from ..kernels import (
     fine_weights,
     host_empty,
     insert_accumulated_2d,
-    insert_plan_2d,
     mask_images_2d,
     mask_outside,
     nonzero_each,
@@ -245,7 +244,6 @@ class _Grid:
     stencil: object = None  # (2P, 4) float32: the pose refinement's shifts by +-tstep
     steps: object = None  # (4, 2) float64: those shifts (x, y), pixels
     insert_at: object = None  # (R, P, 2) float32: the rotated indices x pad (accumulating)
-    insert_plan: object = None  # GPU: the insertion's sums per grid point (insert_plan_2d)
 
 
 class _PoolColumns:
@@ -428,8 +426,6 @@ class EStepContext:
         onehot[np.arange(len(flat)), shells] = 1
         P = len(flat)
         M = self.K * len(psi)
-        pad = self.config.pad
-        insert_at = xp.asarray(rot * pad, dtype=xp.float32) if accumulate else None
         return _Grid(size, xp.asarray(flat), kx, ky, xp.asarray(shells), xp.asarray(onehot),
                      xp.asarray(self._inv32[:, shells]), refs,
                      xp.ascontiguousarray(refs_ri),
@@ -444,17 +440,9 @@ class EStepContext:
                      acc_weight=xp.zeros((M, P), xp.float64) if accumulate else None,
                      # where finish() inserts the accumulated slices (the rotated indices
                      # of the padded grid), uploaded here with the rest of the grid: made
-                     # in finish(), after the last pool, the device waited for them; and
-                     # on the GPU the sums per grid point they make
-                     insert_at=insert_at,
-                     insert_plan=None if insert_at is None else insert_plan_2d(
-                         insert_at, self._insert_radius(size),
-                         (pad * self.N, pad * self.N // 2 + 1)))
-
-    def _insert_radius(self, size: int) -> float:
-        """The radius (padded grid units) within which a grid of image size ``size`` is
-        inserted into the class grids."""
-        return self.config.pad * (size / 2.0)
+                     # in finish(), after the last pool, the device waited for them
+                     insert_at=xp.asarray(rot * self.config.pad, dtype=xp.float32)
+                     if accumulate else None)
 
     @property
     def broad(self) -> _Grid:
@@ -1320,7 +1308,7 @@ class EStepContext:
         b = self._broad
         for g in [self.fine] + ([b] if b is not None and b is not self.fine else []):
             insert_accumulated_2d(S.data, S.weight, g.acc_data, g.acc_weight, g.insert_at,
-                                  self._insert_radius(g.size), plan=g.insert_plan)
+                                  pad * (g.size / 2.0))
             g.acc_data = g.acc_weight = None
         self._mark("finish")
         return S

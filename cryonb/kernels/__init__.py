@@ -24,10 +24,7 @@ from ._fine import (
 )
 from ._host import host_empty, to_host
 from ._insert import (
-    InsertPlan,
     insert_accumulated_2d,
-    insert_plan_2d,
-    insert_planned_2d,
     insert_rows_2d,
     insert_slices_2d,
     insert_slices_2d_reference,
@@ -85,7 +82,6 @@ from ._shells import ShellTable, shell_power, shell_power_reference, shell_sums,
 __all__ = [
     "PRECISIONS",
     "FineSamples",
-    "InsertPlan",
     "ShellTable",
     "ShiftedBlocks",
     "add_bincount",
@@ -105,8 +101,6 @@ __all__ = [
     "fine_weights_reference",
     "host_empty",
     "insert_accumulated_2d",
-    "insert_plan_2d",
-    "insert_planned_2d",
     "insert_rows_2d",
     "insert_slices_2d",
     "insert_slices_2d_reference",

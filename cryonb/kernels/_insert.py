@@ -10,15 +10,12 @@ cannot be an array expression: a Numba kernel (CPU), a CuPy ``RawKernel`` with a
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import numpy as np
 
 from ..backend import array_module
-from ._cuda import cuda_function
 
-__all__ = ["InsertPlan", "insert_accumulated_2d", "insert_plan_2d", "insert_planned_2d",
-           "insert_rows_2d", "insert_slices_2d", "insert_slices_2d_reference"]
+__all__ = ["insert_accumulated_2d", "insert_rows_2d", "insert_slices_2d",
+           "insert_slices_2d_reference"]
 
 
 def _check_grids(data_grid, weight_grid):
@@ -244,8 +241,7 @@ def insert_rows_2d(data_grid, weight_grid, acc, acc_weight, coords, rows, rot, s
              np.int32(data_grid.shape[2]), np.float32(r_max**2)))
 
 
-def insert_accumulated_2d(data_grid, weight_grid, acc, acc_weight, coords, r_max: float,
-                          plan: InsertPlan | None = None):
+def insert_accumulated_2d(data_grid, weight_grid, acc, acc_weight, coords, r_max: float):
     """Scatter-add a whole (class, angle) slice accumulator into the class grids (in place).
 
     The E-step's accumulator has one row per (class, angle), class-major (row ``k * R +
@@ -265,28 +261,19 @@ def insert_accumulated_2d(data_grid, weight_grid, acc, acc_weight, coords, r_max
         (x, y) grid coordinates of the pixels at each angle (padding included).
     r_max : float
         Values beyond this radius (grid units) are skipped.
-    plan : InsertPlan, optional
-        GPU: :func:`insert_plan_2d` of ``coords``, ``r_max`` and the grids' shape, made
-        beforehand: the sums per grid point (:func:`insert_planned_2d`) instead of the
-        atomic adds.
 
     Notes
     -----
     CPU: the rows with a non-zero weight, in that order (:func:`insert_rows_2d`). GPU: every
     row in that order, the kernel skipping values that are zero (they add nothing): the same
     sums without reading back which rows are empty, which made the device wait for the host
-    at the end of every E-step; or, with a plan, every grid point's terms.
+    at the end of every E-step.
     """
     xp = array_module(data_grid)
     K, R = data_grid.shape[0], coords.shape[0]
     if acc_weight.shape[0] != K * R:
         raise ValueError("acc_weight must have K * R rows (class-major): "
                          f"{acc_weight.shape[0]} != {K} * {R}")
-    if plan is not None and xp is not np:
-        if plan.r_max != float(r_max):
-            raise ValueError(f"the insertion plan is for r_max {plan.r_max}, not {r_max}")
-        insert_planned_2d(data_grid, weight_grid, acc, acc_weight, plan)
-        return
     if xp is np:
         rows = np.flatnonzero(acc_weight.any(axis=1))
         rows = rows[np.argsort((rows % R) * K + rows // R)]
@@ -295,155 +282,3 @@ def insert_accumulated_2d(data_grid, weight_grid, acc, acc_weight, coords, r_max
     if rows.size:
         insert_rows_2d(data_grid, weight_grid, acc, acc_weight, coords, rows, rows % R,
                        rows // R, r_max)
-
-
-class InsertPlan(NamedTuple):
-    """The insertion of an accumulator's angles as sums per grid point (:func:`insert_plan_2d`):
-    each target grid point's terms (its CSR row), the same for every class.
-
-    ``nnz`` terms, ``n_t`` target points; the terms of target ``i`` are ``starts[i]`` to
-    ``starts[i + 1] - 1``, in the order of the accumulator's (angle, pixel, corner)."""
-
-    targets: Any  #: int64 (n_t,): each target's flat index ``y * Px + x`` in a class's grid
-    starts: Any  #: int32 (n_t + 1,)
-    src: Any  #: int32 (nnz,): each term's value ``r * 2p + j`` in a class's rows of ``acc``
-    wsrc: Any  #: int32 (nnz,): its weight ``r * p + j`` (``~(r * p + j)``: conjugated)
-    b: Any  #: float64 (nnz,): its bilinear weight
-    R: int  #: angles
-    p: int  #: pixels per angle
-    shape: tuple  #: (Py, Px) of a class's grid
-    r_max: float  #: the radius it was made for
-
-
-def insert_plan_2d(coords, r_max: float, shape) -> InsertPlan | None:
-    """The GPU's insertion of a (class, angle) accumulator as a sum per grid point.
-
-    :func:`insert_accumulated_2d` scatters every value to four grid points with atomic adds
-    (2.4 ms for K=50, 36 angles of 4,800 pixels on an H100, 130 million double atomics).
-    With this plan each grid point of each class sums its own terms instead: no atomic adds,
-    a fixed order, and a class's rows of the accumulator (a few MB) stay in the L2 cache
-    while its points are summed. The plan depends on the angles' coordinates only (made
-    once per grid, for every class).
-
-    Parameters
-    ----------
-    coords : float32 array of shape (R, p, 2)
-        As :func:`insert_accumulated_2d` (the device's array).
-    r_max : float
-        Values beyond this radius (grid units) are skipped.
-    shape : (Py, Px)
-        A class's grid.
-
-    Returns
-    -------
-    InsertPlan, or None for NumPy coordinates (the CPU's insertion is a loop without
-    atomic adds: it takes no plan).
-    """
-    if array_module(coords) is np:
-        return None
-    return _plan(coords, r_max, shape)
-
-
-def _plan(coords, r_max: float, shape) -> InsertPlan:
-    """:func:`insert_plan_2d` for either array module (NumPy: the tests' check of the plan)."""
-    xp = array_module(coords)
-    R, p = coords.shape[:2]
-    py, px = int(shape[0]), int(shape[1])
-    f32, f64, i64 = xp.float32, xp.float64, xp.int64
-    x = xp.ascontiguousarray(coords[..., 0], dtype=f32).reshape(-1)
-    y = xp.ascontiguousarray(coords[..., 1], dtype=f32).reshape(-1)
-    src = xp.arange(R * p, dtype=i64)
-    r, j = src // p, src % p
-    keep = ~(x * x + y * y > np.float32(r_max**2))
-    flip = x < 0  # Friedel: the conjugate value at (-x, -y)
-    x, y = xp.where(flip, -x, x), xp.where(flip, -y, y)
-    # the fractions in float64, as the CPU's loop (the scatter kernel's float32 rounds them)
-    x0, y0 = xp.floor(x), xp.floor(y)
-    fx, fy = x.astype(f64) - x0, y.astype(f64) - y0
-    x0, y0 = x0.astype(i64), y0.astype(i64) + py // 2
-    terms = []
-    for dy in (0, 1):
-        for dx in (0, 1):
-            xi, yi = x0 + dx, y0 + dy
-            ok = keep & (xi >= 0) & (xi < px) & (yi >= 0) & (yi < py)
-            b = (fx if dx else 1.0 - fx) * (fy if dy else 1.0 - fy)
-            terms.append((xp.where(ok, yi * px + xi, -1), b))
-    tgt = xp.stack([t for t, _ in terms], axis=1).reshape(-1)  # (R p 4,), term-major
-    b = xp.stack([v for _, v in terms], axis=1).reshape(-1)
-    n = tgt.shape[0]
-    order = xp.argsort(tgt * n + xp.arange(n, dtype=i64))  # by target, then term (distinct)
-    order = order[tgt[order] >= 0]
-    term = order // 4
-    t_sorted = tgt[order]
-    first = xp.ones(t_sorted.shape[0], bool)
-    first[1:] = t_sorted[1:] != t_sorted[:-1]
-    heads = xp.flatnonzero(first)
-    starts = xp.concatenate([heads, xp.asarray([t_sorted.shape[0]], dtype=heads.dtype)])
-    w = (r * p + j)[term]
-    return InsertPlan(targets=t_sorted[heads], starts=starts.astype(xp.int32),
-                      src=(r * 2 * p + j)[term].astype(xp.int32),
-                      wsrc=xp.where(flip[term], ~w, w).astype(xp.int32),
-                      b=b[order], R=int(R), p=int(p), shape=(py, px), r_max=float(r_max))
-
-
-_PLAN_SRC = r"""
-extern "C" __global__
-void insert_planned(double* dg, double* wg, const double* acc, const double* accw,
-                    const long long* targets, const int* starts, const int* src,
-                    const int* wsrc, const double* b, int n_t, int R, int p, long long G)
-{
-    // thread: one target point of class blockIdx.y; the blocks of one class run together,
-    // so that its rows of the accumulator stay in the L2 cache
-    const int t = blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= n_t) return;
-    const long long k = blockIdx.y;
-    const double* a = acc + k * R * 2 * (long long)p;
-    const double* aw = accw + k * R * (long long)p;
-    double re = 0.0, im = 0.0, ww = 0.0;
-    for (int e = starts[t]; e < starts[t + 1]; ++e) {
-        const int q = wsrc[e];
-        const bool conj = q < 0;
-        const int iw = conj ? ~q : q, ia = src[e];
-        const double be = b[e];
-        const double vi = be * a[ia + p];
-        re += be * a[ia];
-        im += conj ? -vi : vi;
-        ww += be * aw[iw];
-    }
-    const long long o = k * G + targets[t];
-    dg[2 * o] += re;
-    dg[2 * o + 1] += im;
-    wg[o] += ww;
-}
-"""
-
-
-def insert_planned_2d(data_grid, weight_grid, acc, acc_weight, plan: InsertPlan) -> None:
-    """:func:`insert_accumulated_2d` by an :func:`insert_plan_2d` (CuPy arrays; in place):
-    each grid point of each class adds its own terms, in the plan's order.
-
-    Parameters
-    ----------
-    data_grid, weight_grid, acc, acc_weight
-        As :func:`insert_accumulated_2d` (``acc`` (K R, 2 p), class-major).
-    plan : InsertPlan
-        Made for these grids' (Py, Px) and the accumulator's R angles of p pixels.
-    """
-    _check_grids(data_grid, weight_grid)
-    K, py, px = data_grid.shape
-    M, p = acc_weight.shape
-    if (py, px) != plan.shape or p != plan.p or M != K * plan.R or acc.shape != (M, 2 * p):
-        raise ValueError(f"the insertion plan is for grids {plan.shape} and {plan.R} angles "
-                         f"of {plan.p} pixels: grids {(py, px)}, accumulator {acc.shape}")
-    import cupy
-
-    n_t = int(plan.targets.shape[0])
-    if n_t == 0 or K == 0:
-        return
-    nt = 128
-    cuda_function(_PLAN_SRC, "insert_planned")(
-        ((n_t + nt - 1) // nt, K), (nt,),
-        (data_grid, weight_grid, cupy.ascontiguousarray(acc, cupy.float64),
-         cupy.ascontiguousarray(acc_weight, cupy.float64), plan.targets, plan.starts,
-         plan.src, plan.wsrc, plan.b, np.int32(n_t), np.int32(plan.R), np.int32(p),
-         np.int64(py * px)))

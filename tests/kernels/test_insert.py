@@ -5,7 +5,6 @@ import pytest
 
 from cryonb.kernels import (
     insert_accumulated_2d,
-    insert_plan_2d,
     insert_rows_2d,
     insert_slices_2d,
     insert_slices_2d_reference,
@@ -155,63 +154,3 @@ def test_cupy_accumulated_rows_are_the_non_empty_rows():
     d2, w2 = _rows_reference(shape, acc, accw, coords, rows, R)
     np.testing.assert_allclose(d1.get(), d2, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(w1.get(), w2, rtol=1e-5, atol=1e-7)
-
-
-def _apply_plan(plan, shape, acc, accw):
-    """The GPU kernel ``insert_planned`` in NumPy: each target's terms summed per class."""
-    K, p, R = shape[0], plan.p, plan.R
-    d, w = np.zeros(shape, complex), np.zeros(shape)
-    conj = plan.wsrc < 0
-    a, aw = acc.reshape(K, R * 2 * p), accw.reshape(K, R * p)
-    re = plan.b * a[:, plan.src]
-    im = np.where(conj, -1.0, 1.0) * (plan.b * a[:, plan.src + p])
-    ww = plan.b * aw[:, np.where(conj, ~plan.wsrc, plan.wsrc)]
-    first = plan.starts[:-1]
-    d.reshape(K, -1)[:, plan.targets] += (np.add.reduceat(re, first, axis=1)
-                                          + 1j * np.add.reduceat(im, first, axis=1))
-    w.reshape(K, -1)[:, plan.targets] += np.add.reduceat(ww, first, axis=1)
-    return d, w
-
-
-def test_insertion_plan_sums_every_value_once():
-    """The plan's terms per grid point (built with NumPy here) give the scatter's sums:
-    every value of every row, Friedel flips, the radius and the grid's edges included."""
-    from cryonb.kernels._insert import _plan
-
-    assert insert_plan_2d(np.zeros((2, 3, 2), np.float32), 7.5, (16, 9)) is None  # CPU
-    shape, acc, accw, coords, _, R = _accumulator(6)
-    K = shape[0]
-    coords[0, :4] = [[-3.0, 2.0], [0.0, -8.0], [8.4, 0.0], [-0.5, -0.5]]  # edges, flips
-    plan = _plan(coords, 7.5, shape[1:])
-    assert np.all(np.diff(plan.targets) > 0) and plan.starts[-1] == plan.b.size
-    d1, w1 = _apply_plan(plan, shape, acc, accw)
-    d2, w2 = _rows_reference(shape, acc, accw, coords, np.arange(K * R), R)
-    np.testing.assert_allclose(d1, d2, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(w1, w2, rtol=1e-12, atol=1e-12)
-    assert np.abs(d1).sum() > 0
-
-
-@pytest.mark.gpu
-def test_cupy_planned_insertion_matches_the_scatter():
-    """GPU: the planned sums per grid point equal the atomic scatter's, empty rows and zero
-    values included; a plan for other grids is refused."""
-    import cupy
-
-    shape, acc, accw, coords, rows, R = _with_empty_rows(7)
-    dev = [cupy.asarray(a) for a in (acc, accw, coords)]
-    plan = insert_plan_2d(dev[2], 7.5, shape[1:])
-    d1, w1 = cupy.zeros(shape, complex), cupy.zeros(shape)
-    insert_accumulated_2d(d1, w1, *dev, 7.5, plan=plan)
-    # the reference's float64 bilinear weights (the scatter kernel's are float32: rounding)
-    d2, w2 = _rows_reference(shape, acc, accw, coords, rows, R)
-    np.testing.assert_allclose(d1.get(), d2, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(w1.get(), w2, rtol=1e-12, atol=1e-12)
-    d3, w3 = cupy.zeros(shape, complex), cupy.zeros(shape)
-    insert_accumulated_2d(d3, w3, *dev, 7.5)
-    np.testing.assert_allclose(d1.get(), d3.get(), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(w1.get(), w3.get(), rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="r_max"):
-        insert_accumulated_2d(d1, w1, *dev, 6.0, plan=plan)
-    with pytest.raises(ValueError, match="plan is for grids"):
-        insert_accumulated_2d(cupy.zeros((3, 18, 10), complex), cupy.zeros((3, 18, 10)),
-                              *dev, 7.5, plan=plan)
