@@ -104,11 +104,6 @@ def shell_power_reference(X, bins, n_bins: int):
 
 
 _CUDA_SRC = r"""
-// A warp per bin, its lanes the bin's pixels: each lane loads four pixels (their indices,
-// then their values) before adding them, in the order of the plain loop (the same sums):
-// one gather at a time per lane left the kernels waiting on memory latency.
-__device__ __forceinline__ double power_of(float2 v) { return (double)(v.x * v.x + v.y * v.y); }
-
 extern "C" __global__
 void shell_power(const float2* X, long long P, const int* order, const int* starts, int n_bins,
                  double* out)
@@ -118,25 +113,13 @@ void shell_power(const float2* X, long long P, const int* order, const int* star
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     for (int s = warp; s < n_bins; s += nw) {
         double acc = 0.0;
-        const int e = starts[s + 1];
-        int j = starts[s] + lane;
-        for (; j + 96 < e; j += 128) {
-            const int i0 = order[j], i1 = order[j + 32], i2 = order[j + 64], i3 = order[j + 96];
-            const float2 v0 = x[i0], v1 = x[i1], v2 = x[i2], v3 = x[i3];
-            acc += power_of(v0);
-            acc += power_of(v1);
-            acc += power_of(v2);
-            acc += power_of(v3);
+        for (int j = starts[s] + lane; j < starts[s + 1]; j += 32) {
+            const float2 v = x[order[j]];
+            acc += (double)(v.x * v.x + v.y * v.y);
         }
-        for (; j < e; j += 32) acc += power_of(x[order[j]]);
         for (int d = 16; d > 0; d >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, d);
         if (lane == 0) o[s] = acc;
     }
-}
-
-__device__ __forceinline__ double term(const double* v, const float* w, int weighted, int p)
-{
-    return weighted ? v[p] * (double)w[p] : v[p];
 }
 
 extern "C" __global__
@@ -149,18 +132,10 @@ void shell_sums(const double* V, const float* W, int weighted, long long P, cons
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     for (int s = warp; s < n_bins; s += nw) {
         double acc = 0.0;
-        const int e = starts[s + 1];
-        int j = starts[s] + lane;
-        for (; j + 96 < e; j += 128) {
-            const int i0 = order[j], i1 = order[j + 32], i2 = order[j + 64], i3 = order[j + 96];
-            const double t0 = term(v, w, weighted, i0), t1 = term(v, w, weighted, i1);
-            const double t2 = term(v, w, weighted, i2), t3 = term(v, w, weighted, i3);
-            acc += t0;
-            acc += t1;
-            acc += t2;
-            acc += t3;
+        for (int j = starts[s] + lane; j < starts[s + 1]; j += 32) {
+            const int p = order[j];
+            acc += weighted ? v[p] * (double)w[p] : v[p];
         }
-        for (; j < e; j += 32) acc += term(v, w, weighted, order[j]);
         for (int d = 16; d > 0; d >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, d);
         if (lane == 0) o[s] = acc;
     }
