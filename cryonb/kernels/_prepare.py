@@ -60,7 +60,6 @@ def mask_images_2d_reference(imgs, scale, shift, mask, noise=None):
 
 _CUDA_SRC = r"""
 #define NT 256
-#define U 8
 extern "C" __global__
 void mask_images(const float* imgs, const float* scale, const int* shift, const float* mask,
                  const float* noise, int use_noise, float inv_out, int N, float* out,
@@ -68,9 +67,7 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
 {
     // one block per image; each warp takes rows, its lanes a row's pixels (a row of the
     // shifted image is one run of the input row, wrapped once: coalesced reads, and no
-    // division per pixel). A lane loads its U pixels of a row before it uses them: U loads
-    // in flight per lane, where one at a time left the kernel waiting on memory latency
-    // (the same sums, in the same order)
+    // division per pixel)
     __shared__ double s[NT];
     const long long b = blockIdx.x;
     const long long NN = (long long)N * N;
@@ -87,24 +84,14 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
             if (sy < 0) sy += N;
             const float* row = x + (long long)sy * N;
             const float* m = mask + (long long)y * N;
-            for (int x0 = lane; x0 < N; x0 += 32 * U) {
-                float om[U], v[U];
-#pragma unroll
-                for (int j = 0; j < U; ++j) {
-                    const int xx = x0 + 32 * j;
-                    om[j] = xx < N ? 1.0f - m[xx] : 0.0f;
-                }
+            for (int xx = lane; xx < N; xx += 32) {
                 // inside the mask (1 - m = 0) the term is zero: not read (about 60% of
                 // the pixels at RELION's default mask, whose sectors are then not loaded)
-#pragma unroll
-                for (int j = 0; j < U; ++j) {
-                    int sx = x0 + 32 * j - rx;
-                    if (sx < 0) sx += N;
-                    v[j] = om[j] != 0.0f ? row[sx] : 0.0f;
-                }
-#pragma unroll
-                for (int j = 0; j < U; ++j)
-                    if (om[j] != 0.0f) acc += (double)(v[j] * f) * (double)om[j];
+                const float om = 1.0f - m[xx];
+                if (om == 0.0f) continue;
+                int sx = xx - rx;
+                if (sx < 0) sx += N;
+                acc += (double)(row[sx] * f) * (double)om;
             }
         }
         s[threadIdx.x] = acc;
@@ -121,23 +108,11 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
         if (sy < 0) sy += N;
         const float* row = x + (long long)sy * N;
         const long long r0 = (long long)y * N;
-        for (int x0 = lane; x0 < N; x0 += 32 * U) {
-            float v[U];
-#pragma unroll
-            for (int j = 0; j < U; ++j) {
-                const int xx = x0 + 32 * j;
-                int sx = xx - rx;
-                if (sx < 0) sx += N;
-                v[j] = xx < N ? row[sx] : 0.0f;
-            }
-#pragma unroll
-            for (int j = 0; j < U; ++j) {
-                const int xx = x0 + 32 * j;
-                if (xx < N) {
-                    const float m = mask[r0 + xx];
-                    o[r0 + xx] = v[j] * f * m + (use_noise ? nz[r0 + xx] : bg) * (1.0f - m);
-                }
-            }
+        for (int xx = lane; xx < N; xx += 32) {
+            int sx = xx - rx;
+            if (sx < 0) sx += N;
+            const float m = mask[r0 + xx];
+            o[r0 + xx] = row[sx] * f * m + (use_noise ? nz[r0 + xx] : bg) * (1.0f - m);
         }
     }
 }
