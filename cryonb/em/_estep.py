@@ -426,23 +426,26 @@ class EStepContext:
         onehot[np.arange(len(flat)), shells] = 1
         P = len(flat)
         M = self.K * len(psi)
-        return _Grid(size, xp.asarray(flat), kx, ky, xp.asarray(shells), xp.asarray(onehot),
-                     xp.asarray(self._inv32[:, shells]), refs,
-                     xp.ascontiguousarray(refs_ri),
-                     (refs.real**2 + refs.imag**2).astype(xp.float32),
-                     xp.asarray(np.exp(1j * ph), dtype=xp.complex64),
-                     xp.asarray(np.concatenate([np.cos(ph), np.sin(ph)], axis=1),
-                                dtype=xp.float32),
-                     psi=np.asarray(psi), trans=np.asarray(trans), ts=ts, ps=ps, tstep=tstep,
-                     psi_dev=xp.asarray(psi, dtype=xp.float64),
-                     trans_dev=xp.asarray(trans, dtype=xp.float32),
-                     acc_data=xp.zeros((M, 2 * P), xp.float64) if accumulate else None,
-                     acc_weight=xp.zeros((M, P), xp.float64) if accumulate else None,
-                     # where finish() inserts the accumulated slices (the rotated indices
-                     # of the padded grid), uploaded here with the rest of the grid: made
-                     # in finish(), after the last pool, the device waited for them
-                     insert_at=xp.asarray(rot * self.config.pad, dtype=xp.float32)
-                     if accumulate else None)
+        g = _Grid(size, xp.asarray(flat), kx, ky, xp.asarray(shells), xp.asarray(onehot),
+                  xp.asarray(self._inv32[:, shells]), refs,
+                  xp.ascontiguousarray(refs_ri),
+                  (refs.real**2 + refs.imag**2).astype(xp.float32),
+                  xp.asarray(np.exp(1j * ph), dtype=xp.complex64),
+                  xp.asarray(np.concatenate([np.cos(ph), np.sin(ph)], axis=1),
+                             dtype=xp.float32),
+                  psi=np.asarray(psi), trans=np.asarray(trans), ts=ts, ps=ps, tstep=tstep,
+                  psi_dev=xp.asarray(psi, dtype=xp.float64),
+                  trans_dev=xp.asarray(trans, dtype=xp.float32),
+                  acc_data=xp.zeros((M, 2 * P), xp.float64) if accumulate else None,
+                  acc_weight=xp.zeros((M, P), xp.float64) if accumulate else None,
+                  # where finish() inserts the accumulated slices (the rotated indices
+                  # of the padded grid), uploaded here with the rest of the grid: made
+                  # in finish(), after the last pool, the device waited for them
+                  insert_at=xp.asarray(rot * self.config.pad, dtype=xp.float32)
+                  if accumulate else None)
+        if accumulate and self.config.refine_pose:  # a pass's grid: its poses are refined
+            self._pose_stencil(g)
+        return g
 
     @property
     def broad(self) -> _Grid:
@@ -1053,19 +1056,28 @@ class EStepContext:
         # spreads (each sample's squared distance to the best sample, weighted)
         w, wr, wt = fine_weights(w, segment_sums(w, starts), b, rf, best_rf, offs, best_off,
                                  f.psi_dev)
-        acc_rot = xp.sqrt(segment_sums(wr, starts))
-        acc_tr = xp.sqrt(segment_sums(wt, starts))
-        pmax = w[best]  # the largest weight is the best sample's
-        self._mark("fine: weights and results")
-        pose = self._best_pose(f, best_rf, tf[best], best_off, Xf, ctf, inv)
-        self._mark("fine: refined poses")
-        self._queue_results(sub, best_rf // R, pose, pmax=pmax, loglik=loglik, acc_rot=acc_rot,
-                            acc_trans=acc_tr)
-        self._mark("fine: results queued")
+        spreads = []
+
+        def results():
+            # the spreads, the best poses and the pool's results: queued after the copy of
+            # the counts below, the device's work while the host waits for them (and while
+            # it queues the sums after)
+            acc_rot = xp.sqrt(segment_sums(wr, starts))
+            acc_tr = xp.sqrt(segment_sums(wt, starts))
+            pmax = w[best]  # the largest weight is the best sample's
+            self._mark("fine: weights and results")
+            pose = self._best_pose(f, best_rf, tf[best], best_off, Xf, ctf, inv)
+            self._mark("fine: refined poses")
+            self._queue_results(sub, best_rf // R, pose, pmax=pmax, loglik=loglik,
+                                acc_rot=acc_rot, acc_trans=acc_tr)
+            spreads.extend((acc_rot, acc_tr))
+            self._mark("fine: results queued")
+
         # back-projection sums and the residual's per-shell terms over the coarse samples
         # with a non-zero weight, each block of ts x ps samples from one read of its rows
         wc = w.reshape(shape)
-        nz, live = nonzero_each(w > 0, (wc > 0).any(axis=(1, 2)))
+        nz, live = nonzero_each(w > 0, (wc > 0).any(axis=(1, 2)), before_wait=results)
+        acc_rot, acc_tr = spreads
         wn, bn = w[nz], b[nz]
         crl, wcl = cr[live], wc[live]
         self._count("fine: particles", Bs)
@@ -1208,19 +1220,31 @@ class EStepContext:
         k = best_rf // R
         nb = (best_rf % R)[:, None] + xp.arange(-1, 2)[None]
         nb = k[:, None] * R + nb % R  # (Bs, 3): the angle's neighbours in the same class
-        d = f.tstep if self.config.offset_range > 0 else 0.0
-        steps = np.array([[-d, 0], [d, 0], [0, -d], [0, d]])
-        if f.stencil is None:  # shifts by the four steps, [Re | -Im] columns (2P, 4)
-            ph = -2 * np.pi / self.N * (steps[:, :1] * f.kx + steps[:, 1:] * f.ky)
-            f.stencil = xp.asarray(np.concatenate([np.cos(ph), -np.sin(ph)], axis=1).T,
-                                   dtype=xp.float32)
-            f.steps = xp.asarray(steps)
+        d = self._pose_step(f)
+        if f.stencil is None:
+            self._pose_stencil(f)
         l_psi, l_t = pose_neighbours(Xf, f.phases, best_t, ctf, inv, f.refs, f.refs_ri,
                                      f.refs_a2, nb, f.stencil)
         # the offset prior of the best class changes along the translation axes
         pk = self.prior_offset[k].astype(xp.float64)  # (Bs, 2)
         return grid, refine_pose(l_psi, l_t, psi, off, pk, f.steps, float(self.inv2_sig_off),
                                  360.0 / R, d)
+
+    def _pose_step(self, f: _Grid) -> float:
+        """The pose refinement's translation step on ``f`` (pixels; 0 without translations)."""
+        return f.tstep if self.config.offset_range > 0 else 0.0
+
+    def _pose_stencil(self, f: _Grid) -> None:
+        """Set ``f.steps``, the pose refinement's four shifts (x, y) by one step, and
+        ``f.stencil``, their phases as ``[Re | -Im]`` columns (2P, 4) float32: made with the
+        grid's other tables (made in the E-step, their upload held the host ~0.8 ms there,
+        the device idle)."""
+        d = self._pose_step(f)
+        steps = np.array([[-d, 0], [d, 0], [0, -d], [0, d]])
+        ph = -2 * np.pi / self.N * (steps[:, :1] * f.kx + steps[:, 1:] * f.ky)
+        f.stencil = self.xp.asarray(np.concatenate([np.cos(ph), -np.sin(ph)], axis=1).T,
+                                    dtype=self.xp.float32)
+        f.steps = self.xp.asarray(steps)
 
     def _accumulate_dense(self, f, w, Y, Xt, Ari, A2, rf, omega, ctf, cinv):
         """Back-projection sums with matrix products over the whole (translation, rotation)

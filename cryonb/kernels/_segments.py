@@ -23,16 +23,21 @@ import numpy as np
 
 from ..backend import array_module
 from ._cuda import cuda_function
+from ._host import to_host
 
 __all__ = ["nonzero_each", "segment_argmax", "segment_starts", "segment_sums"]
 
 
-def nonzero_each(*masks):
+def nonzero_each(*masks, before_wait=None):
     """``flatnonzero`` of each mask, sized with one device-to-host copy for all of them.
 
     Parameters
     ----------
     *masks : bool arrays (any shapes)
+    before_wait : callable, optional
+        Called once the copy is queued, before the host waits for it (see
+        :func:`cryonb.kernels.to_host`): work it queues keeps the device busy meanwhile and
+        while the host queues what follows.
 
     Returns
     -------
@@ -47,11 +52,13 @@ def nonzero_each(*masks):
     """
     xp = array_module(*masks)
     if xp is np:
+        if before_wait is not None:
+            before_wait()
         return [np.flatnonzero(m) for m in masks]
     flat = [xp.ascontiguousarray(m, dtype=xp.bool_).reshape(-1) for m in masks]
     ranks = [xp.cumsum(m, dtype=xp.int64) for m in flat]
     ends = [r[-1:] if r.size else xp.zeros(1, xp.int64) for r in ranks]
-    sizes = xp.concatenate(ends).get()  # the one wait for the device
+    sizes = to_host(xp.concatenate(ends), before_wait)  # the one wait for the device
     out = []
     for m, r, n in zip(flat, ranks, sizes):
         idx = xp.empty(int(n), xp.int64)
