@@ -261,23 +261,36 @@ class _PoolColumns:
         Optics group, scale group, seed class (-1 for none).
     scale : float32 array of shape (B,)
         The model's scale of each particle's group.
+    mask_scale : float32 array of shape (B,)
+        Each image's factor before the masking (``mask_scale`` given, float64 (B,)).
+    shift : int32 array of shape (B, 2)
+        Each image's circular shift before the masking (``shift`` given, int (B, 2)).
+    slots : int64 array of shape (B,) or None
+        The images' rows in a device store (``slots`` given), or None.
     """
 
-    def __init__(self, batch: ParticleBatch, scale, xp):
+    def __init__(self, batch: ParticleBatch, scale, xp, mask_scale, shift, slots=None):
         # (pinned memory on a GPU: no page faults, and the copy is asynchronous; kept until
         # the pool is done)
-        self._host = host = host_empty((7, len(batch)), np.float64, xp)
+        self._host = host = host_empty((10 + (slots is not None), len(batch)), np.float64, xp)
         host[0:2] = np.asarray(batch.offset, np.float64).T
         host[2] = batch.norm
         host[3] = batch.optics
         host[4] = batch.group
         host[5] = batch.seed_class
         host[6] = np.asarray(scale)[batch.group]
+        host[7] = mask_scale
+        host[8:10] = np.asarray(shift).T
+        if slots is not None:
+            host[10] = slots
         dev = upload(host, xp, np.float64)
         self.offset = xp.ascontiguousarray(dev[0:2].T, dtype=xp.float32)
         self.norm = dev[2]
         self.optics, self.group, self.seed = (dev[i].astype(xp.int64) for i in (3, 4, 5))
         self.scale = dev[6].astype(xp.float32)
+        self.mask_scale = dev[7].astype(xp.float32)
+        self.shift = xp.ascontiguousarray(dev[8:10].T, dtype=xp.int32)
+        self.slots = None if slots is None else dev[10].astype(xp.int64)
 
 
 class EStepContext:
@@ -543,26 +556,36 @@ class EStepContext:
             self._held = imgs
         return imgs
 
+    def _pool_columns(self, batch: ParticleBatch):
+        """Upload the pool's per-particle values (``self._cols``, :class:`_PoolColumns`) with
+        the masking's factor per image (the forward transform's 1 / N^2, RELION's
+        normalisation, with the norm correction) and shift (the rounded offset); returns
+        what remains of each offset (x, y) after its rounding, pixels, (B, 2) host."""
+        N = self.N
+        f = ((self.model.avg_norm / np.maximum(batch.norm, 1e-6)) if self.config.norm
+             else np.ones(len(batch))) / (N * N)
+        r = np.rint(batch.offset).astype(np.int64)
+        stored = hasattr(batch.images, "gather")  # in a device store: read in place
+        self._cols = _PoolColumns(batch, self.model.scale, self.xp, f, r - N // 2,
+                                  batch.images.slots if stored else None)
+        return batch.offset - r
+
     def _prepare_images(self, batch: ParticleBatch):
         """Norm-correct, centre on the rounded previous offset, mask, Fourier transform.
+
+        The factor and shift of each image are the pool's columns (:meth:`_pool_columns`).
 
         Returns
         -------
         F : complex64 array of shape (B, N * (N // 2 + 1))
             :func:`cryonb.fourier.fft2_centered` of the masked images, flat.
-        frac : ndarray of shape (B, 2), host
-            What remains of each offset (x, y) after its rounding, in pixels.
         """
         xp = self.xp
         N = self.N
-        stored = hasattr(batch.images, "gather")  # in a device store: read in place
-        imgs, rows = ((batch.images.store, xp.asarray(batch.images.slots)) if stored
+        cols = self._cols
+        imgs, rows = ((batch.images.store, cols.slots) if cols.slots is not None
                       else (self._upload(batch.images), None))
         self._mark("prepare: upload")
-        # the forward transform's 1 / N^2 (RELION's normalisation) with the norm correction
-        f = ((self.model.avg_norm / np.maximum(batch.norm, 1e-6)) if self.config.norm
-             else np.ones(len(batch))) / (N * N)
-        r = np.rint(batch.offset).astype(np.int64)
         # RELION origins centre the particle when it is shifted by +origin: content moves by
         # +r, out[y, x] = in[y - ry, x - rx] (circular; the mask hides the wrapped edge).
         # Outside the mask: with --zero_mask the image's own weighted background mean
@@ -572,12 +595,12 @@ class EStepContext:
         noise = None
         if not self.config.zero_mask:
             noise = xp.fft.ifftshift(self._noise(batch), axes=(-2, -1)) * np.float32(1 / (N * N))
-        masked = mask_images_2d(imgs, f.astype(np.float32), r - N // 2, self.mask_origin0,
+        masked = mask_images_2d(imgs, cols.mask_scale, cols.shift, self.mask_origin0,
                                 noise, outside=self.mask_outside, rows=rows)
         self._mark("prepare: shift and mask")
         F = fft_module(xp).rfft2(masked, axes=(-2, -1)).astype(xp.complex64, copy=False)
         self._mark("prepare: FFT")
-        return F.reshape(len(batch), -1), batch.offset - r
+        return F.reshape(len(batch), -1)
 
     def _noise(self, batch: ParticleBatch):
         """Coloured noise with the model's spectrum (seeded per particle and iteration),
@@ -663,8 +686,8 @@ class EStepContext:
         xp = self.xp
         B = len(batch)
         self._mark(None)
-        self._cols = _PoolColumns(batch, self.model.scale, xp)
-        F, frac = self._prepare_images(batch)
+        frac = self._pool_columns(batch)
+        F = self._prepare_images(batch)
         # the pool's results table, filled on the device (_queue_results) and copied to the
         # host at the end: the host then has nothing left to write while the device waits
         self._res = xp.zeros((B, len(RESULT_COLUMNS)), xp.float64)

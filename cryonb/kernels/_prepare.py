@@ -128,9 +128,10 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None, outside=None, rows=None
         The images, (row y, column x).
     scale : float array of shape (B,) or None
         Factor per image (the norm correction); None for none.
-    shift : int array of shape (B, 2), host
-        Circular shift (x, y) per image in pixels: the content moves by ``+shift``,
-        ``out[y, x] = in[y - shift_y, x - shift_x]`` (indices modulo N).
+    shift : int array of shape (B, 2)
+        Circular shift (x, y) per image in pixels (on the host or the images' device): the
+        content moves by ``+shift``, ``out[y, x] = in[y - shift_y, x - shift_x]`` (indices
+        modulo N).
     mask : float32 array of shape (N, N)
         The soft mask (1 inside, 0 outside).
     noise : float32 array of shape (B, N, N), optional
@@ -168,7 +169,7 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None, outside=None, rows=None
     cuda_function(_CUDA_SRC, "mask_images")(
         (B,), (256,),
         (xp.ascontiguousarray(imgs, dtype=f32), xp.ascontiguousarray(scale),
-         xp.asarray(np.ascontiguousarray(shift, dtype=np.int32)), mask,
+         xp.ascontiguousarray(xp.asarray(shift), dtype=xp.int32), mask,
          out if noise is None else xp.ascontiguousarray(noise, dtype=f32),
          np.int32(noise is not None), inv_out, np.int32(N), out,
          xp.zeros(1, xp.int64) if rows is None

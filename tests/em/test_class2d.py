@@ -91,7 +91,8 @@ def test_prepared_images_and_their_powers_follow_the_definition(xp, zero_mask):
                         zero_mask=zero_mask)
     ctx = EStepContext(model, cfg, xp)
     N = 48
-    F, frac = ctx._prepare_images(batch)
+    frac = ctx._pool_columns(batch)
+    F = ctx._prepare_images(batch)
     r = np.rint(batch.offset).astype(int)
     f = model.avg_norm / batch.norm
     noise = None if zero_mask else _to_host(ctx._noise(batch))
