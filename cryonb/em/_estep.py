@@ -40,7 +40,7 @@ from ..errors import ResourceError
 from ..fourier import Projector, ifft2_centered
 from ..kernels import (
     add_bincount,
-    block_order,
+    block_samples,
     coarse_log_posterior,
     cross_products,
     ctf_weights,
@@ -719,12 +719,12 @@ class EStepContext:
             meanwhile=lambda: self._fine_powers(Xf, self._cols.optics))
         T, M = self.coarse.phases.shape[0], self.coarse.refs.shape[0]
         self._res[:, RESULT_COLUMNS.index("n_sig")] = counts
-        # each significant sample's particle (the samples are grouped by particle)
-        owner = xp.searchsorted(xp.cumsum(counts), xp.arange(sidx.shape[0]), side="right")
 
         def samples_of(chosen):
             """The significant samples of the ``chosen`` particles (bool (B,)): each one's
             particle numbered among the chosen, and its column (t * M + m)."""
+            # each significant sample's particle (the samples are grouped by particle)
+            owner = xp.searchsorted(xp.cumsum(counts), xp.arange(sidx.shape[0]), side="right")
             is_c = xp.asarray(chosen)
             keep = is_c[owner]
             return (xp.cumsum(is_c) - 1)[owner[keep]], sidx[keep]
@@ -752,14 +752,15 @@ class EStepContext:
         sel = np.flatnonzero(~broad)
         if sel.size:
             if sel.size == B:  # all particles (the usual case): views of the pool's arrays
-                isub, cb, flat = slice(None), owner, sidx
+                isub, sub_counts, flat = slice(None), counts, sidx
             else:
                 isub = xp.asarray(sel)
-                cb, flat = samples_of(~broad)
-            self._sparse_pass(self.fine, batch, sel, cb, flat // M, flat % M, T, Xf[isub],
+                sub_counts, flat = counts[isub], samples_of(~broad)[1]
+            # each coarse sample's particle, translation and row, in the pass's order
+            cb, ct, cr = block_samples(sub_counts, flat, T, M, int(n_sig[sel].max()))
+            self._sparse_pass(self.fine, batch, sel, cb, ct, cr, T, Xf[isub],
                               tuple(a[isub] for a in weights),
-                              (power_full[isub], x2f[isub], x2n[isub]),
-                              longest=int(n_sig[sel].max()))
+                              (power_full[isub], x2f[isub], x2n[isub]))
         self._mark("second pass")
         res = self._flush_results()
         self._mark("results to the host")
@@ -1007,13 +1008,14 @@ class EStepContext:
         self._accumulate_priors(batch, sub, w, omega, rcls_b, offs, d2, resid, spreads)
         self._mark("dense: residual and priors")
 
-    def _sparse_pass(self, f: _Grid, batch, sub, cb, ct, cr, T, Xf, weights, powers,
-                     longest=None):
+    def _sparse_pass(self, f: _Grid, batch, sub, cb, ct, cr, T, Xf, weights, powers):
         """Second pass for peaked posteriors: only the significant samples, sparse sums.
 
         ``cb``, ``ct``, ``cr`` (int arrays of one length): the significant coarse samples'
         particles (rows of ``Xf``, non-decreasing), translations and (class, rotation) rows,
-        in (particle, translation, rotation) order; ``T`` coarse translations.
+        in the order :func:`cryonb.kernels.block_samples` gives (on the GPU a particle's
+        blocks with one target row together, so that the sums add a run of them at once);
+        ``T`` coarse translations.
 
         Every significant coarse (translation, rotation) pair of a particle expands into its
         ``f.ts x f.ps`` oversampled samples, which are scored with blocks of sampled dot
@@ -1022,8 +1024,7 @@ class EStepContext:
         threshold (``adaptive_fraction``) are dropped; the rest are accumulated with
         :func:`cryonb.kernels.scatter_shifted_residual`. ``weights``: the particles' CTF,
         1 / sigma2, CTF / sigma2 and CTF^2 / sigma2 (:func:`cryonb.kernels.ctf_weights`);
-        ``powers``: their ``power_full``, ``x2f`` and ``x2n`` (:meth:`_image_powers`);
-        ``longest``: the most significant samples of one particle (host), if known.
+        ``powers``: their ``power_full``, ``x2f`` and ``x2n`` (:meth:`_image_powers`).
         """
         xp = self.xp
         power_full, x2, x2n = powers
@@ -1032,11 +1033,6 @@ class EStepContext:
         Bs = Xf.shape[0]
         R = len(f.psi)
         K = self.K
-        # GPU: each particle's blocks with one target row (its translations of a rotation)
-        # together, so that the sums add a run of them at once
-        perm = block_order(cb, ct, cr, T, self.coarse.refs.shape[0], Bs, longest)
-        if perm is not None:
-            cb, ct, cr = cb[perm], ct[perm], cr[perm]
         # each coarse sample's ts x ps samples in (sub-rotation, sub-translation) order: a
         # block whose rows the GPU kernels read once for all its samples
         shape = (cb.shape[0], ps, ts)

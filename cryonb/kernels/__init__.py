@@ -57,6 +57,7 @@ from ._prepare import (
 from ._sampled import (
     ShiftedBlocks,
     block_order,
+    block_samples,
     residual_sums_blocks,
     residual_sums_reference,
     sampled_dot,
@@ -86,6 +87,7 @@ __all__ = [
     "ShiftedBlocks",
     "add_bincount",
     "block_order",
+    "block_samples",
     "coarse_log_posterior",
     "coarse_log_posterior_reference",
     "cross_products",

@@ -30,6 +30,7 @@ from ._segments import segment_starts
 __all__ = [
     "ShiftedBlocks",
     "block_order",
+    "block_samples",
     "residual_sums_blocks",
     "residual_sums_reference",
     "sampled_dot",
@@ -265,18 +266,29 @@ void scatter_rows(double* acc, const float* U, const float* V, const long long* 
 }
 
 extern "C" __global__
-void block_rank(const long long* cb, const long long* ct, const long long* cr,
-                const long long* starts, long long n, long long T, long long* perm)
+void block_samples(const long long* cum, const long long* flat, long long n, long long B,
+                   long long T, long long M, long long* ob, long long* ot, long long* orow)
 {
-    // sample i goes to its particle's first position plus the number of that particle's
-    // samples whose (rotation, translation) key is smaller (the keys are distinct)
+    // sample i: its particle b (the first with cum[b] > i), its translation and row, and its
+    // place: b's first plus the number of b's samples with a smaller (row, translation)
     const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (i >= n) return;
-    const long long s = starts[cb[i]], e = starts[cb[i] + 1];
-    const long long key = cr[i] * T + ct[i];
+    long long lo = 0, hi = B - 1;
+    while (lo < hi) {
+        const long long mid = (lo + hi) / 2;
+        if (cum[mid] > i) hi = mid;
+        else lo = mid + 1;
+    }
+    const long long s = lo ? cum[lo - 1] : 0, e = cum[lo];
+    const long long t = flat[i] / M, r = flat[i] - t * M, key = r * T + t;
     long long rank = 0;
-    for (long long j = s; j < e; ++j) rank += (cr[j] * T + ct[j] < key);
-    perm[s + rank] = i;
+    for (long long j = s; j < e; ++j) {
+        const long long tj = flat[j] / M;
+        rank += (flat[j] - tj * M) * T + tj < key;
+    }
+    ob[s + rank] = lo;
+    ot[s + rank] = t;
+    orow[s + rank] = r;
 }
 """.replace("@SP_CHUNK@", str(SP_CHUNK))
 
@@ -1153,14 +1165,7 @@ def _scatter_blocks_gpu(acc, U, iu, iv, ts, ps, w, urows, A=None, ib=None, qd=No
          accw if on else acc, C if on else U))
 
 
-#: the most samples of one particle for which :func:`block_order` ranks each sample within
-#: its particle's samples (a thread per sample reads them all: n x this many reads at most)
-#: instead of sorting all keys
-BLOCK_RANK_MAX = 2048
-
-
-def block_order(cb, ct, cr, T: int, M: int, B: int | None = None,
-                longest: int | None = None):
+def block_order(cb, ct, cr, T: int, M: int, B: int | None = None):
     """The order in which the E-step's second pass takes its blocks of samples.
 
     Parameters
@@ -1172,10 +1177,6 @@ def block_order(cb, ct, cr, T: int, M: int, B: int | None = None,
         Coarse translations, and (class, rotation) rows.
     B : int, optional
         Particles (``cb < B``): where ``B M T`` fits in 32 bits the sort's keys do too.
-    longest : int, optional
-        The most samples of one particle (known on the host). With ``B``, where it is at most
-        :data:`BLOCK_RANK_MAX`, each sample's place is its rank among its particle's samples
-        (one kernel, where the sort held the host ~0.6 ms a pool of 16,000).
 
     Returns
     -------
@@ -1186,23 +1187,62 @@ def block_order(cb, ct, cr, T: int, M: int, B: int | None = None,
         of one per block. CPU: None (keep the order; its sums sort by target row anyway).
     """
     xp = array_module(cb, ct, cr)
-    n = cb.shape[0]
-    if xp is np or n == 0:
+    if xp is np or cb.shape[0] == 0:
         return None
-    if B is not None and longest is not None and longest <= BLOCK_RANK_MAX:
-        i64 = xp.int64
-        cb, ct, cr = (xp.ascontiguousarray(a, dtype=i64) for a in (cb, ct, cr))
-        starts = xp.searchsorted(cb, xp.arange(int(B) + 1, dtype=i64))
-        perm = xp.empty(n, i64)
-        _cuda_kernel("block_rank")(((n + 255) // 256,), (256,),
-                                   (cb, ct, cr, starts, np.int64(n), np.int64(T), perm))
-        return perm
     key = (cb.astype(xp.int64) * M + cr) * T + ct
     # the keys are distinct, so any sort gives this order; with B given, 32-bit keys where
     # they fit (B M T < 2^32) sort in half the radix passes (and kernel launches)
     if B is not None and int(B) * int(M) * int(T) <= 2**32:
         key = key.astype(xp.uint32)
     return xp.argsort(key)
+
+
+#: the most samples of one particle for which :func:`block_samples` places each sample by
+#: its rank among its particle's samples (a thread per sample reads them all) instead of
+#: sorting every key
+BLOCK_RANK_MAX = 2048
+
+
+def block_samples(counts, flat, T: int, M: int, longest: int | None = None):
+    """The second pass's coarse samples, each as (particle, translation, row), in the order
+    the pass takes them (:func:`block_order`).
+
+    Parameters
+    ----------
+    counts : int array of shape (B,)
+        Each particle's significant coarse samples.
+    flat : int array of shape (n,)
+        Their columns ``t * M + m`` (translation ``t``, (class, rotation) row ``m``), grouped
+        by particle (``n = counts.sum()``), each particle's ascending.
+    T, M : int
+        Coarse translations, and (class, rotation) rows.
+    longest : int, optional
+        ``counts.max()``, where the host has it: on the GPU, up to :data:`BLOCK_RANK_MAX`,
+        one kernel then places each sample by its rank among its particle's samples (a
+        dozen array operations and a sort held the host ~0.6 ms a pool of 16,000, the
+        device idle).
+
+    Returns
+    -------
+    cb, ct, cr : int64 arrays of shape (n,)
+        Each sample's particle, translation and row: on the GPU in (particle, rotation,
+        translation) order, on the CPU in the given order.
+    """
+    xp = array_module(counts, flat)
+    i64 = xp.int64
+    n, B = int(flat.shape[0]), int(counts.shape[0])
+    cum = xp.cumsum(counts, dtype=i64)
+    if xp is not np and n and longest is not None and longest <= BLOCK_RANK_MAX:
+        out = tuple(xp.empty(n, i64) for _ in range(3))
+        _cuda_kernel("block_samples")(
+            ((n + 255) // 256,), (256,),
+            (cum, xp.ascontiguousarray(flat, dtype=i64), np.int64(n), np.int64(B),
+             np.int64(T), np.int64(M), *out))
+        return out
+    cb = xp.searchsorted(cum, xp.arange(n, dtype=i64), side="right")
+    ct, cr = flat // M, flat % M
+    perm = block_order(cb, ct, cr, T, M, B)
+    return (cb, ct, cr) if perm is None else (cb[perm], ct[perm], cr[perm])
 
 
 class ShiftedBlocks(NamedTuple):

@@ -89,7 +89,7 @@ def kernel_sources() -> list[tuple[str, str]]:
         for dtype in ("float32", "float64"):
             _segments._cuda_kernel("seg_argmax", dtype)
         _segments._cuda_kernel("seg_sum")
-        for fname in ("sampled_dot", "scatter_products", "scatter_rows", "block_rank"):
+        for fname in ("sampled_dot", "scatter_products", "scatter_rows", "block_samples"):
             _sampled._cuda_kernel(fname)
         for ts, ps in ((4, 2), (1, 2)):  # the E-step's blocks (2D oversampling 1)
             _sampled._blocks_kernel(ts, ps)

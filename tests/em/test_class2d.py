@@ -311,7 +311,7 @@ def test_refined_poses_are_finer_than_the_grid(xp, monkeypatch, broad):
 
 def test_sparse_pass_does_not_depend_on_the_order_of_its_samples(xp, monkeypatch):
     """The GPU takes the second pass's blocks in (particle, rotation, translation) order
-    (cryonb.kernels.block_order), the CPU in (particle, translation, rotation) order: both
+    (cryonb.kernels.block_samples), the CPU in (particle, translation, rotation) order: both
     orders give the same poses and sums (up to the order of float sums)."""
     import cryonb.em._estep as estep
     from cryonb.kernels import block_order
@@ -322,15 +322,19 @@ def test_sparse_pass_does_not_depend_on_the_order_of_its_samples(xp, monkeypatch
     cfg = Class2DConfig(i="x", o="y", K=1, particle_diameter=0.8 * 48 * 3.0, perturb=0)
     seen = []
 
-    def rotation_major(cb, ct, cr, T, M, B=None, longest=None):
-        perm = np.argsort((cb * M + cr) * T + ct, kind="stable")
-        seen.append(not np.array_equal(perm, np.arange(len(perm))))
-        return xp.asarray(perm)
+    def samples(counts, flat, T, M, longest=None, rotation_major=False):
+        counts, flat = _host(counts), _host(flat)
+        cb, ct, cr = np.repeat(np.arange(len(counts)), counts), flat // M, flat % M
+        if rotation_major:
+            perm = np.argsort((cb * M + cr) * T + ct, kind="stable")
+            seen.append(not np.array_equal(perm, np.arange(len(perm))))
+            cb, ct, cr = cb[perm], ct[perm], cr[perm]
+        return tuple(xp.asarray(a) for a in (cb, ct, cr))
 
     out = []
-    for order in (None, rotation_major):
-        monkeypatch.setattr(estep, "block_order", lambda *a, order=order: (
-            None if order is None else order(*map(_host, a))))
+    for rotation_major in (False, True):
+        monkeypatch.setattr(estep, "block_samples", lambda *a, r=rotation_major: samples(
+            *a, rotation_major=r))
         ctx = EStepContext(model, cfg, xp)
         res = ctx.expectation(batch)
         out.append((res, ctx.finish().to_host()))
@@ -342,35 +346,35 @@ def test_sparse_pass_does_not_depend_on_the_order_of_its_samples(xp, monkeypatch
         a, b = np.asarray(getattr(s0, name)), np.asarray(getattr(s1, name))
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-9 * np.abs(a).max())
     cb, ct, cr = (xp.asarray(a) for a in ([0, 0, 0, 1, 1], [0, 0, 1, 0, 1], [2, 5, 2, 3, 3]))
-    # 2 particles: 32-bit keys; 2^31: 64-bit; with the longest particle's count: ranks
-    for B, longest in ((None, None), (2, None), (2**31, None), (2, 3), (2, 10**6)):
-        perm = block_order(cb, ct, cr, 2, 6, B, longest)
+    for B in (None, 2, 2**31):  # 2 particles: 32-bit keys; 2^31: 64-bit
+        perm = block_order(cb, ct, cr, 2, 6, B)
         if xp is np:
             assert perm is None  # the CPU keeps its order
         else:  # the GPU: (particle, rotation, translation)
             assert _host(perm).tolist() == [0, 2, 1, 3, 4]
 
 
-def test_block_order_ranks_match_the_sort(xp):
-    """The GPU's per-particle ranks (particles with up to BLOCK_RANK_MAX samples) give the
-    sort's permutation, particles without samples and with many included."""
-    from cryonb.kernels import block_order
+def test_block_samples_in_the_pass_order(xp):
+    """Each significant sample's particle, translation and row, in the second pass's order:
+    the GPU's ranks per particle (up to BLOCK_RANK_MAX samples) and its sort beyond give
+    the sorted (particle, rotation, translation) order, particles without samples and with
+    every sample included; the CPU keeps the given order."""
+    from cryonb.kernels import block_samples
 
     rng = np.random.default_rng(3)
     T, M, B = 7, 40, 300
     counts = rng.integers(0, 30, B)
-    counts[[5, 17]] = 0
+    counts[[0, 5, 17, B - 1]] = 0
     counts[100] = T * M  # every sample of one particle
     cb = np.repeat(np.arange(B), counts)
     flat = np.concatenate([np.sort(rng.choice(T * M, c, replace=False)) for c in counts])
     ct, cr = flat // M, flat % M  # (particle, translation, rotation) order
-    want = np.argsort((cb * M + cr) * T + ct, kind="stable")
-    for longest in (int(counts.max()), None):
-        perm = block_order(*(xp.asarray(a) for a in (cb, ct, cr)), T, M, B, longest)
-        if xp is np:
-            assert perm is None
-        else:
-            assert _host(perm).tolist() == want.tolist()
+    perm = np.argsort((cb * M + cr) * T + ct, kind="stable")
+    for longest in (int(counts.max()), None, 10**6):  # ranks, the sort, the sort
+        got = [_host(a).tolist() for a in block_samples(
+            xp.asarray(counts), xp.asarray(flat), T, M, longest)]
+        want = (cb, ct, cr) if xp is np else (cb[perm], ct[perm], cr[perm])
+        assert got == [a.tolist() for a in want]
 
 
 def _host(a):
