@@ -319,8 +319,9 @@ def add_rows_at(acc, idx, rows) -> None:
     Notes
     -----
     NumPy: rows are sorted by index and summed with ``add.reduceat`` (one pass, deterministic
-    order). CuPy: ``cupy.add.at`` (atomic adds; float64 makes the order irrelevant to
-    ~1e-16).
+    order). CuPy: atomic adds (float64 makes the order irrelevant to ~1e-16), one per run of
+    equal consecutive indices into a contiguous float64 ``acc``
+    (:func:`cryonb.kernels.add_rows_runs`), else ``cupy.add.at``.
     """
     xp = array_module(acc)
     if len(idx) == 0:
@@ -331,5 +332,10 @@ def add_rows_at(acc, idx, rows) -> None:
         starts = np.flatnonzero(np.r_[True, sidx[1:] != sidx[:-1]])
         sums = np.add.reduceat(rows[order].astype(acc.dtype, copy=False), starts, axis=0)
         acc[sidx[starts]] += sums
+        return
+    if acc.dtype == xp.float64 and acc.flags.c_contiguous:
+        from .kernels._bins import add_rows_runs
+
+        add_rows_runs(acc, idx, rows)
         return
     xp.add.at(acc, idx, rows.astype(acc.dtype, copy=False))

@@ -86,6 +86,7 @@ __all__ = [
     "ShellTable",
     "ShiftedBlocks",
     "add_bincount",
+    "add_rows_runs",
     "block_order",
     "block_samples",
     "coarse_log_posterior",

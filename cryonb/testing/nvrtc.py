@@ -112,6 +112,7 @@ def kernel_sources() -> list[tuple[str, str]]:
         _cuda.cuda_function(_pose._CUDA_SRC, "row_order")
         _cuda.cuda_function(_pose._REFINE_SRC, "refine_pose")
         _cuda.cuda_function(_bins._CUDA_SRC, "weighted_bincounts")
+        _cuda.cuda_function(_bins._CUDA_SRC, "add_rows_runs")
         _cuda.cuda_function(_select._CUDA_SRC, "significant_select")
         _cuda.cuda_function(_select._CUDA_SRC, "significant_compact")
     finally:

@@ -43,3 +43,29 @@ def test_add_bincount_adds_bincount_in_place(xp, weighted):
     add_bincount(col[:, 1], xp.asarray([0, 4, 4]))
     col = col.get() if hasattr(col, "get") else col
     np.testing.assert_array_equal(col, [[0, 1], [0, 0], [0, 0], [0, 0], [0, 2]])
+
+
+@pytest.mark.parametrize("shape", [(3, 129), (1000, 2, 3), (1,)])
+def test_add_rows_at_sums_repeated_rows(xp, shape):
+    """acc[idx[i]] += rows[i]: runs of one index (a pool's particles of one group), indices
+    in any order, a single row, float32 rows into float64 sums; a strided acc too."""
+    from cryonb.backend import add_rows_at
+
+    rng = np.random.default_rng(3)
+    M = shape[0]
+    n = 5_003
+    idx = np.sort(rng.integers(0, M, n))
+    idx[-700:] = rng.integers(0, M, 700)  # an unsorted tail
+    rows = rng.normal(size=(n, *shape[1:])).astype(np.float32)
+    acc = rng.normal(size=shape)
+    want = acc.copy()
+    np.add.at(want, idx, rows.astype(np.float64))
+    got = xp.asarray(acc.copy())
+    add_rows_at(got, xp.asarray(idx), xp.asarray(rows))
+    got = got.get() if hasattr(got, "get") else got
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
+    if len(shape) == 2:  # a column of a wider table: not contiguous
+        wide = xp.zeros((M, 2 * shape[1]))
+        add_rows_at(wide[:, ::2], xp.asarray(idx), xp.asarray(rows))
+        wide = wide.get() if hasattr(wide, "get") else wide
+        np.testing.assert_allclose(wide[:, ::2], want - acc, rtol=1e-12, atol=1e-9)
