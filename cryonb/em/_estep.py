@@ -17,6 +17,7 @@ back-projection sums are batched products of the weights with the shifted images
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import os
@@ -283,14 +284,37 @@ class _PoolColumns:
         host[8:10] = np.asarray(shift).T
         if slots is not None:
             host[10] = slots
-        dev = upload(host, xp, np.float64)
-        self.offset = xp.ascontiguousarray(dev[0:2].T, dtype=xp.float32)
-        self.norm = dev[2]
-        self.optics, self.group, self.seed = (dev[i].astype(xp.int64) for i in (3, 4, 5))
-        self.scale = dev[6].astype(xp.float32)
+        self._dev = dev = upload(host, xp, np.float64)
+        self._xp = xp
+        # what the masking needs now; the other columns on first use (after the masking's
+        # kernel is queued: their conversions no longer hold up the pool's first kernel)
         self.mask_scale = dev[7].astype(xp.float32)
         self.shift = xp.ascontiguousarray(dev[8:10].T, dtype=xp.int32)
         self.slots = None if slots is None else dev[10].astype(xp.int64)
+
+    @functools.cached_property
+    def offset(self):
+        return self._xp.ascontiguousarray(self._dev[0:2].T, dtype=self._xp.float32)
+
+    @functools.cached_property
+    def norm(self):
+        return self._dev[2]
+
+    @functools.cached_property
+    def optics(self):
+        return self._dev[3].astype(self._xp.int64)
+
+    @functools.cached_property
+    def group(self):
+        return self._dev[4].astype(self._xp.int64)
+
+    @functools.cached_property
+    def seed(self):
+        return self._dev[5].astype(self._xp.int64)
+
+    @functools.cached_property
+    def scale(self):
+        return self._dev[6].astype(self._xp.float32)
 
 
 class EStepContext:
