@@ -247,6 +247,12 @@ class _Grid:
     insert_at: object = None  # (R, P, 2) float32: the rotated indices x pad (accumulating)
 
 
+def _column(row: int, dtype):
+    """A :class:`_PoolColumns` column: its uploaded row ``row`` as ``dtype``, converted on
+    first use."""
+    return functools.cached_property(lambda self: self._dev[row].astype(dtype))
+
+
 class _PoolColumns:
     """A pool's per-particle values on its device, uploaded with one copy (each upload of a
     small host array costs the host tens of microseconds, and a pool made about 20 of
@@ -296,25 +302,11 @@ class _PoolColumns:
     def offset(self):
         return self._xp.ascontiguousarray(self._dev[0:2].T, dtype=self._xp.float32)
 
-    @functools.cached_property
-    def norm(self):
-        return self._dev[2]
-
-    @functools.cached_property
-    def optics(self):
-        return self._dev[3].astype(self._xp.int64)
-
-    @functools.cached_property
-    def group(self):
-        return self._dev[4].astype(self._xp.int64)
-
-    @functools.cached_property
-    def seed(self):
-        return self._dev[5].astype(self._xp.int64)
-
-    @functools.cached_property
-    def scale(self):
-        return self._dev[6].astype(self._xp.float32)
+    norm = functools.cached_property(lambda self: self._dev[2])
+    optics = _column(3, np.int64)
+    group = _column(4, np.int64)
+    seed = _column(5, np.int64)
+    scale = _column(6, np.float32)
 
 
 class EStepContext:
