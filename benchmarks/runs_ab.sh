@@ -8,6 +8,8 @@
 # default 25), SIM_TIMEOUT and RUN_TIMEOUT (seconds per step, default 150 each: on an H200
 # host a 256 px, K=100 run of 16,000 particles took 93 s), KERNELS_AT (iterations profiled
 # in this tree's runs, default 23: device busy and idle time by host stage; "" for none).
+# EXTRA_TREES: more trees run in the same turns (space-separated folders; each profiled like
+# this one), logged as <case>_<folder name>.
 # Logs and JSON go to $OUT/<case>_{new,old}/; the runs' table rows are printed at the end.
 # Run after benchmarks/gpu_session.sh has installed the carried wheels (its "runsab" step
 # does both: AB_OLD, the other tree, default _head; AB_CASES, default 256:50:10 256:100:10).
@@ -24,17 +26,18 @@ PYTHONPATH=/tmp/site:$new timeout "${SIM_TIMEOUT:-150}" python3 "$new/benchmarks
 echo "simulate: rc=$?"
 for case in "$@"; do
   tag=${case//:/_}
-  for version in new old; do
+  for version in new old ${EXTRA_TREES:-}; do
     tree=$new; extra=()
-    if [ "$version" = old ]; then tree=$old; fi
-    if [ "$version" = new ] && [ -n "${KERNELS_AT-23}" ]; then extra=(--kernels_at ${KERNELS_AT-23}); fi
+    if [ "$version" = old ]; then tree=$old; elif [ "$version" != new ]; then
+      tree=$(realpath "$version"); version=$(basename "$tree"); fi
+    if [ "$version" != old ] && [ -n "${KERNELS_AT-23}" ]; then extra=(--kernels_at ${KERNELS_AT-23}); fi
     PYTHONPATH=/tmp/site:$tree timeout "${RUN_TIMEOUT:-150}" python3 "$tree/benchmarks/class2d_gpu.py" \
       "${common[@]}" --cases "$case" "${extra[@]}" --out "$OUT/${tag}_$version" \
       > "$OUT/${tag}_$version.log" 2>&1
     echo "$case $version: rc=$?"
   done
 done
-for f in "$OUT"/*_new.log "$OUT"/*_old.log; do
+for f in "$OUT"/[0-9]*_*.log; do
   [ -f "$f" ] && grep -H "^| [0-9]" "$f"
 done
 exit 0
