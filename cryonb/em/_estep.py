@@ -347,6 +347,12 @@ class EStepContext:
         # the mask with the transform's origin at [0, 0] (what the prepared images are masked
         # with: the FFT then needs no ifftshift, see _prepare_images)
         self.mask_origin0 = xp.ascontiguousarray(xp.fft.ifftshift(self.mask))
+        # --zero_mask: the transform of the background's weight 1 - mask (flat, complex64).
+        # The images are masked without their background mean (one pass over them instead
+        # of two) and bg * this is added where the transforms are read (window_shift,
+        # shell_power's outside): the transform is linear
+        self.outside_ft = (fft_module(xp).rfft2(1 - self.mask_origin0).astype(
+            xp.complex64).reshape(-1) if config.zero_mask else None)
         # 1 / sigma2 per optics group and shell, float32 (the grids' per-pixel weights), and
         # its float64 copy for the images' norms (_image_powers) and the residual's shells
         self._inv32 = (1.0 / np.maximum(model.sigma2_noise, 1e-30)).astype(np.float32)
@@ -594,7 +600,13 @@ class EStepContext:
         Returns
         -------
         F : complex64 array of shape (B, N * (N // 2 + 1))
-            :func:`cryonb.fourier.fft2_centered` of the masked images, flat.
+            :func:`cryonb.fourier.fft2_centered` of the masked images, flat; with
+            ``--zero_mask`` without their background term.
+        outside : (bg, C) or None
+            With ``--zero_mask``, that term: ``F + bg[:, None] * C`` is the transform of the
+            masked images (``bg`` float32 (B,), their background means; ``C`` the transform
+            of ``1 - mask``, :attr:`outside_ft`); for :func:`cryonb.kernels.window_shift`
+            and :func:`cryonb.kernels.shell_power`.
         """
         xp = self.xp
         N = self.N
@@ -608,15 +620,17 @@ class EStepContext:
         # (RELION's softMaskOutsideMap), else coloured noise. The image is masked with its
         # origin moved to [0, 0] (fft2_centered's ifftshift): by r - N // 2, with the mask
         # moved as well, which gives the ifftshift of the centred masked image in one pass.
-        noise = None
-        if not self.config.zero_mask:
+        noise = bg = None
+        if self.config.zero_mask:
+            bg = xp.empty(len(batch), xp.float32)
+        else:
             noise = xp.fft.ifftshift(self._noise(batch), axes=(-2, -1)) * np.float32(1 / (N * N))
         masked = mask_images_2d(imgs, cols.mask_scale, cols.shift, self.mask_origin0,
-                                noise, outside=self.mask_outside, rows=rows)
+                                noise, outside=self.mask_outside, rows=rows, background=bg)
         self._mark("prepare: shift and mask")
         F = fft_module(xp).rfft2(masked, axes=(-2, -1)).astype(xp.complex64, copy=False)
         self._mark("prepare: FFT")
-        return F.reshape(len(batch), -1)
+        return F.reshape(len(batch), -1), None if bg is None else (bg, self.outside_ft)
 
     def _noise(self, batch: ParticleBatch):
         """Coloured noise with the model's spectrum (seeded per particle and iteration),
@@ -703,14 +717,14 @@ class EStepContext:
         B = len(batch)
         self._mark(None)
         frac = self._pool_columns(batch)
-        F = self._prepare_images(batch)
+        F, outside = self._prepare_images(batch)
         # the pool's results table, filled on the device (_queue_results) and copied to the
         # host at the end: the host then has nothing left to write while the device waits
         self._res = xp.zeros((B, len(RESULT_COLUMNS)), xp.float64)
         f = self.fine
         if f.kx_dev is None:
             f.kx_dev, f.ky_dev = (xp.asarray(k, dtype=xp.float32) for k in (f.kx, f.ky))
-        Xf = window_shift(F, f.flat, f.kx_dev, f.ky_dev, frac, self.N)
+        Xf = window_shift(F, f.flat, f.kx_dev, f.ky_dev, frac, self.N, outside)
         self._mark("prepare: sub-pixel phases and window")
         # the CTF (with the scale correction), 1 / sigma2 and their products CTF / sigma2 and
         # CTF^2 / sigma2, per pixel of the current size (one pass on the GPU)
@@ -725,7 +739,7 @@ class EStepContext:
         Xc, ctf_c, inv_c, cinv_c = (Xf, ctf_f, inv_f, cinv_f) if c_in_f is None else (
             Xf[:, c_in_f], ctf_f[:, c_in_f], inv_f[:, c_in_f], cinv_f[:, c_in_f])
         self._mark("prepare: noise weights and coarse window")
-        power_full = self._box_power(F)
+        power_full = self._box_power(F, outside)
         del F
         self._mark("prepare: image powers")
         # the fine pixels' powers do not need the coarse pass: the device computes them
@@ -783,7 +797,7 @@ class EStepContext:
         self.n_done += B
         return res
 
-    def _image_powers(self, F, Xf, optics):
+    def _image_powers(self, F, Xf, optics, outside=None):
         """The images' power per shell and their norms ``sum |X|^2 / sigma2``.
 
         Parameters
@@ -794,6 +808,8 @@ class EStepContext:
             Their fine pixels (the current size's).
         optics : int array of shape (B,), on the device
             Each particle's optics group.
+        outside : (bg, C), optional
+            A term left out of ``F`` (:meth:`_prepare_images`).
 
         Returns
         -------
@@ -806,11 +822,12 @@ class EStepContext:
         x2n : float64 array of shape (B, nsh)
             ``|X|^2`` per shell over the fine pixels.
         """
-        return (self._box_power(F), *self._fine_powers(Xf, optics))
+        return (self._box_power(F, outside), *self._fine_powers(Xf, optics))
 
-    def _box_power(self, F):
-        """``power_full`` of :meth:`_image_powers`."""
-        return shell_power(F, self._full_bins)
+    def _box_power(self, F, outside=None):
+        """``power_full`` of :meth:`_image_powers` (``outside``: a term left out of ``F``,
+        :meth:`_prepare_images`)."""
+        return shell_power(F, self._full_bins, outside)
 
     def _fine_powers(self, Xf, optics):
         """``x2f`` and ``x2n`` of :meth:`_image_powers`."""

@@ -63,7 +63,7 @@ _CUDA_SRC = r"""
 extern "C" __global__
 void mask_images(const float* imgs, const float* scale, const int* shift, const float* mask,
                  const float* noise, int use_noise, float inv_out, int N, float* out,
-                 const long long* rows, int has_rows)
+                 const long long* rows, int has_rows, float* bg_out, int defer)
 {
     // one block per image; each warp takes rows, its lanes a row's pixels (a row of the
     // shifted image is one run of the input row, wrapped once: coalesced reads, and no
@@ -77,6 +77,34 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
     const float f = scale[b];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = NT / 32;
     float bg = 0.0f;
+    if (defer) {
+        // the background left out (added after the transform): one pass that writes the
+        // masked image and sums the background's terms (the same terms in the same order)
+        double acc = 0.0;
+        for (int y = warp; y < N; y += nw) {
+            int sy = y - ry;
+            if (sy < 0) sy += N;
+            const float* row = x + (long long)sy * N;
+            const long long r0 = (long long)y * N;
+            for (int xx = lane; xx < N; xx += 32) {
+                int sx = xx - rx;
+                if (sx < 0) sx += N;
+                const float v = row[sx] * f;
+                const float m = mask[r0 + xx];
+                o[r0 + xx] = v * m;
+                const float om = 1.0f - m;
+                if (om != 0.0f) acc += (double)v * (double)om;
+            }
+        }
+        s[threadIdx.x] = acc;
+        __syncthreads();
+        for (int h = NT / 2; h > 0; h >>= 1) {
+            if (threadIdx.x < h) s[threadIdx.x] += s[threadIdx.x + h];
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) bg_out[b] = (float)(s[0] * (double)inv_out);
+        return;
+    }
     if (!use_noise) {
         double acc = 0.0;
         for (int y = warp; y < N; y += nw) {
@@ -119,7 +147,8 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
 """
 
 
-def mask_images_2d(imgs, scale, shift, mask, noise=None, outside=None, rows=None):
+def mask_images_2d(imgs, scale, shift, mask, noise=None, outside=None, rows=None,
+                   background=None):
     """Norm-corrected, centred, masked images.
 
     Parameters
@@ -143,11 +172,18 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None, outside=None, rows=None
     rows : int array of shape (B,), optional
         Image ``b`` is ``imgs[rows[b]]`` (default ``b``): a pool's images read in place from
         a device store (:class:`cryonb.parallel.resident.StoredRows`).
+    background : float32 array of shape (B,), optional
+        Without ``noise``: each image's background mean is written here and left out of the
+        result, ``img * mask``; the caller adds ``background * (1 - mask)`` later (e.g.
+        after a linear transform: :func:`window_shift`'s and
+        :func:`cryonb.kernels.shell_power`'s ``outside``). One pass over the images where
+        the filled result takes two (the background's sum first).
 
     Returns
     -------
     float32 array of shape (B, N, N)
-        ``img * mask + background * (1 - mask)``, a new array.
+        ``img * mask + background * (1 - mask)`` (``img * mask`` with ``background``), a
+        new array.
     """
     xp = array_module(imgs)
     if rows is not None and xp is np:  # (the CPU loop reads the images it is given)
@@ -160,11 +196,17 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None, outside=None, rows=None
     scale = xp.ones(B, f32) if scale is None else xp.asarray(scale, dtype=f32)
     mask = xp.ascontiguousarray(mask, dtype=f32)
     inv_out = np.float32(1.0 / (mask_outside(mask) if outside is None else float(outside)))
+    defer = background is not None
+    if defer and (noise is not None or background.shape != (B,) or background.dtype != f32
+                  or not background.flags.c_contiguous):
+        raise ValueError("background: a contiguous float32 array of one value per image, "
+                         "and no noise (the background is the images' own)")
     if xp is np:
         _mask_cpu()(np.ascontiguousarray(imgs, dtype=f32), scale,
                     np.ascontiguousarray(shift, dtype=np.int64), mask,
                     out if noise is None else np.ascontiguousarray(noise, dtype=f32),
-                    noise is not None, inv_out, out)
+                    noise is not None, inv_out, out, defer,
+                    background if defer else np.empty(0, f32))
         return out
     cuda_function(_CUDA_SRC, "mask_images")(
         (B,), (256,),
@@ -173,7 +215,8 @@ def mask_images_2d(imgs, scale, shift, mask, noise=None, outside=None, rows=None
          out if noise is None else xp.ascontiguousarray(noise, dtype=f32),
          np.int32(noise is not None), inv_out, np.int32(N), out,
          xp.zeros(1, xp.int64) if rows is None
-         else xp.ascontiguousarray(xp.asarray(rows), dtype=xp.int64), np.int32(rows is not None)))
+         else xp.ascontiguousarray(xp.asarray(rows), dtype=xp.int64), np.int32(rows is not None),
+         background if defer else xp.empty(1, f32), np.int32(defer)))
     return out
 
 
@@ -260,7 +303,7 @@ def shifted_images_ri(X, phases, weight, rows, shifts):
     return Y
 
 
-def window_shift_reference(F, flat, kx, ky, frac, n: int):
+def window_shift_reference(F, flat, kx, ky, frac, n: int, outside=None):
     """Array-expression version (the CPU path and the tests' reference).
 
     Parameters and returns as :func:`window_shift`.
@@ -269,13 +312,19 @@ def window_shift_reference(F, flat, kx, ky, frac, n: int):
     fr = xp.asarray(frac, dtype=xp.float32)
     kx, ky = (xp.asarray(k, dtype=xp.float32) for k in (kx, ky))
     ph = np.float32(-2 * np.pi / n) * (fr[:, 0:1] * kx[None] + fr[:, 1:2] * ky[None])
-    return F[:, xp.asarray(flat)] * (xp.cos(ph) + 1j * xp.sin(ph)).astype(xp.complex64)
+    flat = xp.asarray(flat)
+    X = F[:, flat]
+    if outside is not None:
+        bg, C = outside
+        X = X + xp.asarray(bg, dtype=xp.float32)[:, None] * C[flat]
+    return X * (xp.cos(ph) + 1j * xp.sin(ph)).astype(xp.complex64)
 
 
 _WINDOW_SRC = r"""
 extern "C" __global__
 void window_shift(const float2* F, long long npix, const long long* flat, const float* kx,
-                  const float* ky, const float* frac, long long n, int P, float c, float2* out)
+                  const float* ky, const float* frac, long long n, int P, float c, float2* out,
+                  const float* bg, const float2* C, int has_bg)
 {
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= n * P) return;
@@ -284,13 +333,18 @@ void window_shift(const float2* F, long long npix, const long long* flat, const 
     const float ph = c * (frac[2 * b] * kx[p] + frac[2 * b + 1] * ky[p]);
     float s, co;
     sincosf(ph, &s, &co);
-    const float2 x = F[b * npix + flat[p]];
+    float2 x = F[b * npix + flat[p]];
+    if (has_bg) {  // the background left out of the masked image, transformed
+        const float2 e = C[flat[p]];
+        x = make_float2(__fadd_rn(x.x, __fmul_rn(bg[b], e.x)),
+                        __fadd_rn(x.y, __fmul_rn(bg[b], e.y)));
+    }
     out[idx] = make_float2(x.x * co - x.y * s, x.x * s + x.y * co);
 }
 """
 
 
-def window_shift(F, flat, kx, ky, frac, n: int):
+def window_shift(F, flat, kx, ky, frac, n: int, outside=None):
     """A pass's Fourier pixels of each image, shifted by the image's sub-pixel offset.
 
     Parameters
@@ -305,6 +359,10 @@ def window_shift(F, flat, kx, ky, frac, n: int):
         Each image's shift (x, y) in pixels (the content moves by ``+frac``).
     n : int
         Box size.
+    outside : (bg, C), optional
+        A term left out of ``F``, added first: ``F + bg[:, None] * C`` with ``bg`` float32
+        (B,) and ``C`` complex64 (npix,) (the background of :func:`mask_images_2d`'s
+        ``background`` and the transform of ``1 - mask``).
 
     Returns
     -------
@@ -313,7 +371,7 @@ def window_shift(F, flat, kx, ky, frac, n: int):
     """
     xp = array_module(F)
     if xp is np:
-        return window_shift_reference(F, flat, kx, ky, frac, n)
+        return window_shift_reference(F, flat, kx, ky, frac, n, outside)
     B, P = int(F.shape[0]), int(flat.shape[0])
     out = xp.empty((B, P), xp.complex64)
     if B == 0 or P == 0:
@@ -325,8 +383,21 @@ def window_shift(F, flat, kx, ky, frac, n: int):
          xp.ascontiguousarray(flat, dtype=xp.int64), xp.ascontiguousarray(kx, dtype=xp.float32),
          xp.ascontiguousarray(ky, dtype=xp.float32),
          xp.ascontiguousarray(xp.asarray(frac), dtype=xp.float32), np.int64(B), np.int32(P),
-         np.float32(-2 * np.pi / n), out))
+         np.float32(-2 * np.pi / n), out, *_outside_args(xp, outside, B, F.shape[1])))
     return out
+
+
+def _outside_args(xp, outside, B: int, npix: int):
+    """The kernels' ``bg``, ``C`` and ``has_bg`` arguments for an ``outside`` term (unused
+    one-value arrays for none)."""
+    if outside is None:
+        return xp.empty(1, xp.float32), xp.empty(1, xp.complex64), np.int32(0)
+    bg, C = outside
+    if bg.shape != (B,) or C.shape != (npix,):
+        raise ValueError(f"outside: {B} backgrounds and a transform of {npix} pixels expected, "
+                         f"got {bg.shape} and {C.shape}")
+    return (xp.ascontiguousarray(bg, dtype=xp.float32),
+            xp.ascontiguousarray(C, dtype=xp.complex64), np.int32(1))
 
 
 @functools.cache
@@ -336,13 +407,26 @@ def _mask_cpu():
     import numba
 
     @numba.njit(cache=True, nogil=True)
-    def kern(imgs, scale, shift, mask, noise, use_noise, inv_out, out):
+    def kern(imgs, scale, shift, mask, noise, use_noise, inv_out, out, defer, bg_out):
         B, N, _ = imgs.shape
         one = np.float32(1.0)
         for b in range(B):
             rx, ry = shift[b, 0], shift[b, 1]
             f = scale[b]
             bg = np.float32(0.0)
+            if defer:  # one pass: the masked image, and the background's sum apart
+                acc = 0.0
+                for y in range(N):
+                    sy = (y - ry) % N
+                    for x in range(N):
+                        v = imgs[b, sy, (x - rx) % N] * f
+                        m = mask[y, x]
+                        out[b, y, x] = v * m
+                        om = one - m
+                        if om != 0:
+                            acc += np.float64(v) * om
+                bg_out[b] = np.float32(acc * inv_out)
+                continue
             if not use_noise:
                 acc = 0.0
                 for y in range(N):

@@ -106,15 +106,21 @@ def shell_power_reference(X, bins, n_bins: int):
 _CUDA_SRC = r"""
 extern "C" __global__
 void shell_power(const float2* X, long long P, const int* order, const int* starts, int n_bins,
-                 double* out)
+                 double* out, const float* bg, const float2* C, int has_bg)
 {
     const float2* x = X + (long long)blockIdx.x * P;
     double* o = out + (long long)blockIdx.x * n_bins;
+    const float g = has_bg ? bg[blockIdx.x] : 0.0f;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
     for (int s = warp; s < n_bins; s += nw) {
         double acc = 0.0;
         for (int j = starts[s] + lane; j < starts[s + 1]; j += 32) {
-            const float2 v = x[order[j]];
+            float2 v = x[order[j]];
+            if (has_bg) {  // a term left out of X: X + bg C
+                const float2 e = C[order[j]];
+                v = make_float2(__fadd_rn(v.x, __fmul_rn(g, e.x)),
+                                __fadd_rn(v.y, __fmul_rn(g, e.y)));
+            }
             acc += (double)(v.x * v.x + v.y * v.y);
         }
         for (int d = 16; d > 0; d >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, d);
@@ -153,7 +159,7 @@ def _output(X, table: ShellTable, who: str):
     return xp, xp.zeros((int(X.shape[0]), table.n_bins), xp.float64)
 
 
-def shell_power(X, table: ShellTable):
+def shell_power(X, table: ShellTable, outside=None):
     """Per image, the power ``|X|^2`` summed over each bin's pixels.
 
     Parameters
@@ -162,6 +168,9 @@ def shell_power(X, table: ShellTable):
         Images' Fourier pixels (``P == table.n_pixels``); a GPU table needs CuPy images.
     table : ShellTable
         From :func:`shell_table` for the same array module.
+    outside : (bg, C), optional
+        A term left out of ``X``: the power of ``X + bg[:, None] * C`` (``bg`` float32 (B,),
+        ``C`` complex64 (P,); :func:`cryonb.kernels.window_shift`'s ``outside``).
 
     Returns
     -------
@@ -172,15 +181,20 @@ def shell_power(X, table: ShellTable):
     B = out.shape[0]
     if out.size == 0 or table.nonempty.size == 0:
         return out
+    if outside is not None and xp is np:
+        X = X + np.asarray(outside[0], np.float32)[:, None] * outside[1]
     if xp is np:
         p = X.real * X.real
         p += X.imag * X.imag
         out[:, table.nonempty] = np.add.reduceat(np.take(p, table.order, axis=1),
                                                  table.nonempty_starts, axis=1, dtype=np.float64)
         return out
+    from ._prepare import _outside_args
+
     cuda_function(_CUDA_SRC, "shell_power")(
         (B,), (256,), (xp.ascontiguousarray(X, dtype=xp.complex64), np.int64(X.shape[1]),
-                       table.order, table.starts, np.int32(table.n_bins), out))
+                       table.order, table.starts, np.int32(table.n_bins), out,
+                       *_outside_args(xp, outside, B, int(X.shape[1]))))
     return out
 
 

@@ -92,13 +92,16 @@ def test_prepared_images_and_their_powers_follow_the_definition(xp, zero_mask):
     ctx = EStepContext(model, cfg, xp)
     N = 48
     frac = ctx._pool_columns(batch)
-    F = ctx._prepare_images(batch)
+    F, outside = ctx._prepare_images(batch)
     r = np.rint(batch.offset).astype(int)
     f = model.avg_norm / batch.norm
     noise = None if zero_mask else _to_host(ctx._noise(batch))
     want = fft2_centered(mask_images_2d_reference(
         batch.images, f, r, _to_host(ctx.mask), noise)).reshape(7, -1)
-    np.testing.assert_allclose(_to_host(F), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+    # --zero_mask: the transforms come without their background term, bg * FT(1 - mask)
+    assert (outside is not None) == zero_mask
+    whole = F if outside is None else F + outside[0][:, None] * outside[1][None]
+    np.testing.assert_allclose(_to_host(whole), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
     np.testing.assert_allclose(frac, batch.offset - r)
     g = ctx.fine
     flat, kx, ky = _to_host(g.flat), g.kx, g.ky
@@ -107,7 +110,7 @@ def test_prepared_images_and_their_powers_follow_the_definition(xp, zero_mask):
     g.kx_dev, g.ky_dev = (xp.asarray(k, dtype=xp.float32) for k in (kx, ky))
     from cryonb.kernels import window_shift
 
-    got_xf = _to_host(window_shift(F, g.flat, g.kx_dev, g.ky_dev, frac, N))
+    got_xf = _to_host(window_shift(F, g.flat, g.kx_dev, g.ky_dev, frac, N, outside))
     np.testing.assert_allclose(got_xf, Xf, rtol=2e-4, atol=2e-4 * np.abs(Xf).max())
     full, x2f, x2n = (_to_host(a) for a in ctx._image_powers(
         xp.asarray(want.astype(np.complex64)), xp.asarray(Xf.astype(np.complex64)),
@@ -117,6 +120,9 @@ def test_prepared_images_and_their_powers_follow_the_definition(xp, zero_mask):
     want_full = np.stack([np.bincount(shells[shells < 25], row[shells < 25], minlength=25)
                           for row in p])
     np.testing.assert_allclose(full, want_full, rtol=1e-5)
+    # the whole box's powers from the transforms without their background term
+    np.testing.assert_allclose(_to_host(ctx._box_power(F, outside)), want_full, rtol=1e-3,
+                               atol=1e-6 * want_full.max())
     inv = 1 / model.sigma2_noise[batch.optics][:, _to_host(g.shells)]
     p2 = np.abs(Xf) ** 2
     np.testing.assert_allclose(x2f, (p2 * inv).sum(axis=1), rtol=1e-5)

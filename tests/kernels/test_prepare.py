@@ -51,6 +51,48 @@ def test_masked_images_follow_the_definition(xp, with_noise, with_scale, N):
                              None if noise is None else xp.asarray(noise), rows=xp.asarray(rows))
     inplace = inplace.get() if hasattr(inplace, "get") else inplace
     np.testing.assert_array_equal(inplace, got)
+    if noise is None:  # the background left out, its mean returned apart: the same sum
+        bg = xp.zeros(B, xp.float32)
+        part = mask_images_2d(xp.asarray(imgs), scale, shift, xp.asarray(mask), background=bg)
+        part, bg = (a.get() if hasattr(a, "get") else a for a in (part, bg))
+        # (equal on the CPU; the GPU's filled kernel may fuse its last multiply-add)
+        np.testing.assert_allclose(part + bg[:, None, None] * (1 - mask.astype(np.float32)),
+                                   got, rtol=1e-6, atol=1e-6)
+        assert np.all(bg > 1)  # the images' mean is about 3
+        with pytest.raises(ValueError, match="background"):
+            mask_images_2d(xp.asarray(imgs), scale, shift, xp.asarray(mask),
+                           background=xp.zeros(B - 1, xp.float32))
+
+
+def test_a_term_left_out_of_the_transforms_is_added_where_they_are_read(xp):
+    """window_shift and shell_power with ``outside=(bg, C)`` read ``F + bg C``."""
+    from cryonb.kernels import shell_power, shell_table, window_shift
+
+    rng = np.random.default_rng(5)
+    B, n = 4, 16
+    npix = n * (n // 2 + 1)
+    F = (rng.normal(size=(B, npix)) + 1j * rng.normal(size=(B, npix))).astype(np.complex64)
+    C = (rng.normal(size=npix) + 1j * rng.normal(size=npix)).astype(np.complex64)
+    bg = rng.uniform(-2, 2, B).astype(np.float32)
+    whole = F + bg[:, None] * C
+    flat = rng.choice(npix, 30, replace=False)
+    kx, ky = rng.uniform(0, 8, 30).astype(np.float32), rng.uniform(-8, 8, 30).astype(np.float32)
+    frac = rng.uniform(-0.5, 0.5, (B, 2))
+    dev = [xp.asarray(a) for a in (F, flat, kx, ky)]
+    outside = (xp.asarray(bg), xp.asarray(C))
+    got = window_shift(*dev, frac, n, outside)
+    want = window_shift(xp.asarray(whole), *dev[1:], frac, n)
+    got, want = (a.get() if hasattr(a, "get") else a for a in (got, want))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    shells = rng.integers(-1, 6, npix)
+    table = shell_table(shells, 6, xp)
+    got = shell_power(xp.asarray(F), table, outside)
+    want = shell_power(xp.asarray(whole), table)
+    got, want = (a.get() if hasattr(a, "get") else a for a in (got, want))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    if xp is not np:  # (the CPU's array expressions reject other shapes by broadcasting)
+        with pytest.raises(ValueError, match="outside"):
+            window_shift(*dev, frac, n, (outside[0][:2], outside[1]))
 
 
 def test_shifted_images_follow_the_definition(xp):
