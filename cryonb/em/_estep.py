@@ -49,8 +49,8 @@ from ..kernels import (
     fine_weights,
     host_empty,
     insert_accumulated_2d,
-    mask_images_2d,
     mask_outside,
+    masked_transforms,
     nonzero_each,
     pose_neighbours,
     refine_pose,
@@ -69,8 +69,8 @@ from ..kernels import (
     split_tf32,
     tf32_enabled,
     to_host,
+    transform_tables,
     weighted_bincounts,
-    window_shift,
 )
 from ._model import RESULT_COLUMNS, Class2DModel, Class2DSums, ParticleBatch, Sampling
 
@@ -239,8 +239,7 @@ class _Grid:
     trans_dev: object = None
     acc_data: object = None  # (K*R, 2P) float64 back-projection slices [Re | Im]
     acc_weight: object = None  # (K*R, P) float64
-    kx_dev: object = None  # float32 (the sub-pixel phases, made on first use)
-    ky_dev: object = None
+    transforms: object = None  # TransformTables (masked_transforms; made on first use)
     ctf_feat: object = None  # the CTF's per-pixel factors (cryonb.ctf.ctf_features)
     stencil: object = None  # (2P, 4) float32: the pose refinement's shifts by +-tstep
     steps: object = None  # (4, 2) float64: those shifts (x, y), pixels
@@ -349,12 +348,12 @@ class EStepContext:
         self.mask_origin0 = xp.ascontiguousarray(xp.fft.ifftshift(self.mask))
         # --zero_mask: the transform of the background's weight 1 - mask (flat, complex64).
         # The images are masked without their background mean (one pass over them instead
-        # of two) and bg * this is added where the transforms are read (window_shift,
-        # shell_power's outside): the transform is linear
+        # of two) and bg * this is added to their transforms (masked_transforms): the
+        # transform is linear
         self.outside_ft = (fft_module(xp).rfft2(1 - self.mask_origin0).astype(
             xp.complex64).reshape(-1) if config.zero_mask else None)
         # 1 / sigma2 per optics group and shell, float32 (the grids' per-pixel weights), and
-        # its float64 copy for the images' norms (_image_powers) and the residual's shells
+        # its float64 copy for the images' norms (_fine_powers) and the residual's shells
         self._inv32 = (1.0 / np.maximum(model.sigma2_noise, 1e-30)).astype(np.float32)
         self._inv_shell = xp.asarray(self._inv32, dtype=xp.float64)
         cur = int(model.current_size)
@@ -373,7 +372,7 @@ class EStepContext:
         pos = np.searchsorted(ff, cf)
         assert np.array_equal(ff[np.minimum(pos, len(ff) - 1)], cf), "coarse pixels not in fine"
         self.coarse_in_fine = (None if np.array_equal(cf, ff) else xp.asarray(pos))
-        # the fine pixels by shell (_image_powers, the sparse pass's residual sums)
+        # the fine pixels by shell (_fine_powers, the sparse pass's residual sums)
         self._fine_shells = shell_table(_to_host(self.fine.shells), self.nsh, xp)
         # (translations x rotations) references with the coarse phases folded in, when small:
         # the coarse product then has one row per particle instead of one per translation
@@ -427,9 +426,6 @@ class EStepContext:
         # are still to be added to the sums
         self._res = None
         self._totals: list = []
-        # the whole box's pixels by shell, up to the last shell (_image_powers)
-        self._full_bins = shell_table(
-            np.where(self.full_shells < self.nsh, self.full_shells, -1), self.nsh, xp)
         self._noise_sd = None  # (G, S) noise amplitudes of _noise, made on first use
         #: seconds per stage of the E-step (filled when ``profile`` is true; the device is
         #: synchronised at every stage boundary, which costs a little time)
@@ -592,21 +588,21 @@ class EStepContext:
                                   batch.images.slots if stored else None)
         return batch.offset - r
 
-    def _prepare_images(self, batch: ParticleBatch):
-        """Norm-correct, centre on the rounded previous offset, mask, Fourier transform.
+    def _prepare_images(self, batch: ParticleBatch, frac):
+        """Norm-correct, centre on the rounded previous offset, mask, Fourier transform; the
+        fine pass's pixels shifted by the sub-pixel offsets, and the powers per shell.
 
-        The factor and shift of each image are the pool's columns (:meth:`_pool_columns`).
+        The factor and shift of each image are the pool's columns (:meth:`_pool_columns`,
+        which also gives ``frac``, float (B, 2), the offsets left after the rounding).
 
         Returns
         -------
-        F : complex64 array of shape (B, N * (N // 2 + 1))
-            :func:`cryonb.fourier.fft2_centered` of the masked images, flat; with
-            ``--zero_mask`` without their background term.
-        outside : (bg, C) or None
-            With ``--zero_mask``, that term: ``F + bg[:, None] * C`` is the transform of the
-            masked images (``bg`` float32 (B,), their background means; ``C`` the transform
-            of ``1 - mask``, :attr:`outside_ft`); for :func:`cryonb.kernels.window_shift`
-            and :func:`cryonb.kernels.shell_power`.
+        Xf : complex64 array of shape (B, P)
+            The fine pixels of :func:`cryonb.fourier.fft2_centered` of the masked images,
+            times ``exp(-2 pi i k . frac / N)``.
+        power_full : float64 array of shape (B, nsh)
+            ``|X|^2`` per shell over the whole box (for shells beyond the current size,
+            :meth:`_complete_shells`).
         """
         xp = self.xp
         N = self.N
@@ -614,23 +610,24 @@ class EStepContext:
         imgs, rows = ((batch.images.store, cols.slots) if cols.slots is not None
                       else (self._upload(batch.images), None))
         self._mark("prepare: upload")
+        f = self.fine
+        if f.transforms is None:
+            f.transforms = transform_tables(
+                N, f.flat, f.kx, f.ky, np.where(self.full_shells < self.nsh, self.full_shells, -1),
+                self.nsh, self.outside_ft, xp)
         # RELION origins centre the particle when it is shifted by +origin: content moves by
         # +r, out[y, x] = in[y - ry, x - rx] (circular; the mask hides the wrapped edge).
         # Outside the mask: with --zero_mask the image's own weighted background mean
         # (RELION's softMaskOutsideMap), else coloured noise. The image is masked with its
         # origin moved to [0, 0] (fft2_centered's ifftshift): by r - N // 2, with the mask
         # moved as well, which gives the ifftshift of the centred masked image in one pass.
-        noise = bg = None
-        if self.config.zero_mask:
-            bg = xp.empty(len(batch), xp.float32)
-        else:
+        noise = None
+        if not self.config.zero_mask:
             noise = xp.fft.ifftshift(self._noise(batch), axes=(-2, -1)) * np.float32(1 / (N * N))
-        masked = mask_images_2d(imgs, cols.mask_scale, cols.shift, self.mask_origin0,
-                                noise, outside=self.mask_outside, rows=rows, background=bg)
-        self._mark("prepare: shift and mask")
-        F = fft_module(xp).rfft2(masked, axes=(-2, -1)).astype(xp.complex64, copy=False)
-        self._mark("prepare: FFT")
-        return F.reshape(len(batch), -1), None if bg is None else (bg, self.outside_ft)
+        out = masked_transforms(imgs, cols.mask_scale, cols.shift, self.mask_origin0, frac,
+                                f.transforms, noise, outside=self.mask_outside, rows=rows)
+        self._mark("prepare: masked transforms, fine pixels and shell powers")
+        return out
 
     def _noise(self, batch: ParticleBatch):
         """Coloured noise with the model's spectrum (seeded per particle and iteration),
@@ -717,15 +714,11 @@ class EStepContext:
         B = len(batch)
         self._mark(None)
         frac = self._pool_columns(batch)
-        F, outside = self._prepare_images(batch)
+        Xf, power_full = self._prepare_images(batch, frac)
         # the pool's results table, filled on the device (_queue_results) and copied to the
         # host at the end: the host then has nothing left to write while the device waits
         self._res = xp.zeros((B, len(RESULT_COLUMNS)), xp.float64)
         f = self.fine
-        if f.kx_dev is None:
-            f.kx_dev, f.ky_dev = (xp.asarray(k, dtype=xp.float32) for k in (f.kx, f.ky))
-        Xf = window_shift(F, f.flat, f.kx_dev, f.ky_dev, frac, self.N, outside)
-        self._mark("prepare: sub-pixel phases and window")
         # the CTF (with the scale correction), 1 / sigma2 and their products CTF / sigma2 and
         # CTF^2 / sigma2, per pixel of the current size (one pass on the GPU)
         weights = ctf_weights(self._ctf(batch, f),
@@ -739,9 +732,6 @@ class EStepContext:
         Xc, ctf_c, inv_c, cinv_c = (Xf, ctf_f, inv_f, cinv_f) if c_in_f is None else (
             Xf[:, c_in_f], ctf_f[:, c_in_f], inv_f[:, c_in_f], cinv_f[:, c_in_f])
         self._mark("prepare: noise weights and coarse window")
-        power_full = self._box_power(F, outside)
-        del F
-        self._mark("prepare: image powers")
         # the fine pixels' powers do not need the coarse pass: the device computes them
         # while the host waits for the significant samples' counts
         counts, sidx, best, n_sig, (x2f, x2n) = self._coarse_pass(
@@ -797,40 +787,24 @@ class EStepContext:
         self.n_done += B
         return res
 
-    def _image_powers(self, F, Xf, optics, outside=None):
-        """The images' power per shell and their norms ``sum |X|^2 / sigma2``.
+    def _fine_powers(self, Xf, optics):
+        """The images' norms over the fine pixels and their power per shell there.
 
         Parameters
         ----------
-        F : complex64 array of shape (B, N * (N // 2 + 1))
-            The whole transforms.
         Xf : complex64 array of shape (B, P)
-            Their fine pixels (the current size's).
+            The fine pixels (the current size's).
         optics : int array of shape (B,), on the device
             Each particle's optics group.
-        outside : (bg, C), optional
-            A term left out of ``F`` (:meth:`_prepare_images`).
 
         Returns
         -------
-        power_full : float64 array of shape (B, nsh)
-            ``|X|^2`` per shell over the whole box (for shells beyond the current size,
-            :meth:`_complete_shells`).
         x2f : float64 array of shape (B,)
             ``sum |X|^2 / sigma2`` over the fine pixels (1 / sigma2 is one value per shell and
             optics group: a weighted sum of the shells').
         x2n : float64 array of shape (B, nsh)
             ``|X|^2`` per shell over the fine pixels.
         """
-        return (self._box_power(F, outside), *self._fine_powers(Xf, optics))
-
-    def _box_power(self, F, outside=None):
-        """``power_full`` of :meth:`_image_powers` (``outside``: a term left out of ``F``,
-        :meth:`_prepare_images`)."""
-        return shell_power(F, self._full_bins, outside)
-
-    def _fine_powers(self, Xf, optics):
-        """``x2f`` and ``x2n`` of :meth:`_image_powers`."""
         x2n = shell_power(Xf, self._fine_shells)
         return (x2n * self._inv_shell[optics]).sum(axis=1), x2n
 
@@ -980,7 +954,7 @@ class EStepContext:
         against the union ``r_union`` of the group's significant coarse rotations (sub-sampled
         by ``f.ps``), keeping only sub-samples of significant coarse pairs, at the current
         image size. ``powers``: the particles' ``power_full``, ``x2f`` and ``x2n``
-        (:meth:`_image_powers`).
+        (:meth:`_prepare_images`, :meth:`_fine_powers`).
         """
         power_full, x2, x2n = powers
         xp = self.xp
@@ -1057,7 +1031,8 @@ class EStepContext:
         threshold (``adaptive_fraction``) are dropped; the rest are accumulated with
         :func:`cryonb.kernels.scatter_shifted_residual`. ``weights``: the particles' CTF,
         1 / sigma2, CTF / sigma2 and CTF^2 / sigma2 (:func:`cryonb.kernels.ctf_weights`);
-        ``powers``: their ``power_full``, ``x2f`` and ``x2n`` (:meth:`_image_powers`).
+        ``powers``: their ``power_full``, ``x2f`` and ``x2n`` (:meth:`_prepare_images`,
+        :meth:`_fine_powers`).
         """
         xp = self.xp
         power_full, x2, x2n = powers

@@ -79,12 +79,14 @@ from ._select import (
     significant_samples_reference,
 )
 from ._shells import ShellTable, shell_power, shell_power_reference, shell_sums, shell_table
+from ._transform import TransformTables, masked_transforms, transform_tables
 
 __all__ = [
     "PRECISIONS",
     "FineSamples",
     "ShellTable",
     "ShiftedBlocks",
+    "TransformTables",
     "add_bincount",
     "add_rows_runs",
     "block_order",
@@ -110,6 +112,7 @@ __all__ = [
     "mask_images_2d",
     "mask_images_2d_reference",
     "mask_outside",
+    "masked_transforms",
     "nonzero_each",
     "pose_neighbours",
     "pose_neighbours_reference",
@@ -148,6 +151,7 @@ __all__ = [
     "split_tf32_reference",
     "tf32_enabled",
     "to_host",
+    "transform_tables",
     "update_best_2d",
     "update_best_2d_reference",
     "weighted_bincounts",

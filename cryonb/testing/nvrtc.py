@@ -68,6 +68,7 @@ def kernel_sources() -> list[tuple[str, str]]:
         _segments,
         _select,
         _shells,
+        _transform,
     )
 
     seen: list[tuple[str, str]] = []
@@ -113,6 +114,9 @@ def kernel_sources() -> list[tuple[str, str]]:
         _cuda.cuda_function(_pose._REFINE_SRC, "refine_pose")
         _cuda.cuda_function(_bins._CUDA_SRC, "weighted_bincounts")
         _cuda.cuda_function(_bins._CUDA_SRC, "add_rows_runs")
+        for n in _transform.FUSED_BOXES:
+            _cuda.cuda_function(_transform._source(n), "rows_fft")
+            _cuda.cuda_function(_transform._source(n), "cols_fft")
         _cuda.cuda_function(_select._CUDA_SRC, "significant_select")
         _cuda.cuda_function(_select._CUDA_SRC, "significant_compact")
     finally:

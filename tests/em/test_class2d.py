@@ -68,17 +68,18 @@ def test_estep_recovers_known_poses_and_reconstructs(xp):
     assert np.corrcoef(img.ravel(), C.ravel())[0, 1] > 0.99
 
 
+@pytest.mark.parametrize("N", [48, 64])  # (on a GPU, 64: the fused kernels)
 @pytest.mark.parametrize("zero_mask", [True, False], ids=["zero mask", "noise outside"])
-def test_prepared_images_and_their_powers_follow_the_definition(xp, zero_mask):
+def test_prepared_images_and_their_powers_follow_the_definition(xp, zero_mask, N):
     """The E-step's images (masked with the transform's origin at [0, 0], norm correction and
-    1 / N^2 in the mask's pass, the window and sub-pixel shift in one kernel) and their powers
-    per shell against the plain formulas: centred masked image, fft2_centered, gather, phase
-    ramp, sums over pixels."""
+    1 / N^2 in the mask's pass, the window and sub-pixel shift after the transform) and their
+    powers per shell against the plain formulas: centred masked image, fft2_centered, gather,
+    phase ramp, sums over pixels."""
     from cryonb.em._estep import _to_host
     from cryonb.fourier import fft2_centered
     from cryonb.kernels import mask_images_2d_reference
 
-    batch, model, *_ = _known_pose_batch(B=7, N=48)
+    batch, model, *_ = _known_pose_batch(B=7, N=N)
     rng = np.random.default_rng(4)
     batch.offset = rng.uniform(-4, 4, (7, 2))
     batch.norm = rng.uniform(0.7, 1.4, 7)
@@ -86,48 +87,39 @@ def test_prepared_images_and_their_powers_follow_the_definition(xp, zero_mask):
     model.avg_norm = 1.2
     model.sigma2_noise = np.stack([model.sigma2_noise[0], 2 * model.sigma2_noise[0]])
     model.sigma2_noise[1, 5:9] *= 3
-    model.coarse_size, model.current_size = 24, 40
-    cfg = Class2DConfig(i="x", o="y", K=1, particle_diameter=0.8 * 48 * 3.0, perturb=0,
+    model.coarse_size, model.current_size = N // 2, N - 8
+    cfg = Class2DConfig(i="x", o="y", K=1, particle_diameter=0.8 * N * 3.0, perturb=0,
                         zero_mask=zero_mask)
     ctx = EStepContext(model, cfg, xp)
-    N = 48
     frac = ctx._pool_columns(batch)
-    F, outside = ctx._prepare_images(batch)
+    Xf, full = ctx._prepare_images(batch, frac)
     r = np.rint(batch.offset).astype(int)
     f = model.avg_norm / batch.norm
     noise = None if zero_mask else _to_host(ctx._noise(batch))
     want = fft2_centered(mask_images_2d_reference(
         batch.images, f, r, _to_host(ctx.mask), noise)).reshape(7, -1)
-    # --zero_mask: the transforms come without their background term, bg * FT(1 - mask)
-    assert (outside is not None) == zero_mask
-    whole = F if outside is None else F + outside[0][:, None] * outside[1][None]
-    np.testing.assert_allclose(_to_host(whole), want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
     np.testing.assert_allclose(frac, batch.offset - r)
     g = ctx.fine
     flat, kx, ky = _to_host(g.flat), g.kx, g.ky
     ph = np.exp(-2j * np.pi / N * (frac[:, :1] * kx + frac[:, 1:] * ky))
-    Xf = want[:, flat] * ph
-    g.kx_dev, g.ky_dev = (xp.asarray(k, dtype=xp.float32) for k in (kx, ky))
-    from cryonb.kernels import window_shift
-
-    got_xf = _to_host(window_shift(F, g.flat, g.kx_dev, g.ky_dev, frac, N, outside))
-    np.testing.assert_allclose(got_xf, Xf, rtol=2e-4, atol=2e-4 * np.abs(Xf).max())
-    full, x2f, x2n = (_to_host(a) for a in ctx._image_powers(
-        xp.asarray(want.astype(np.complex64)), xp.asarray(Xf.astype(np.complex64)),
-        batch.optics))
+    want_xf = want[:, flat] * ph
+    np.testing.assert_allclose(_to_host(Xf), want_xf, rtol=2e-4,
+                               atol=2e-4 * np.abs(want_xf).max())
     shells = _to_host(ctx.full_shells)
+    nsh = N // 2 + 1
     p = np.abs(want) ** 2
-    want_full = np.stack([np.bincount(shells[shells < 25], row[shells < 25], minlength=25)
+    want_full = np.stack([np.bincount(shells[shells < nsh], row[shells < nsh], minlength=nsh)
                           for row in p])
-    np.testing.assert_allclose(full, want_full, rtol=1e-5)
-    # the whole box's powers from the transforms without their background term
-    np.testing.assert_allclose(_to_host(ctx._box_power(F, outside)), want_full, rtol=1e-3,
+    np.testing.assert_allclose(_to_host(full), want_full, rtol=1e-3,
                                atol=1e-6 * want_full.max())
+    x2f, x2n = (_to_host(a) for a in ctx._fine_powers(xp.asarray(want_xf.astype(np.complex64)),
+                                                      xp.asarray(batch.optics)))
     inv = 1 / model.sigma2_noise[batch.optics][:, _to_host(g.shells)]
-    p2 = np.abs(Xf) ** 2
+    p2 = np.abs(want_xf) ** 2
     np.testing.assert_allclose(x2f, (p2 * inv).sum(axis=1), rtol=1e-5)
-    np.testing.assert_allclose(x2n, np.stack([np.bincount(_to_host(g.shells), row, minlength=25)
-                                              for row in p2]), rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(x2n, np.stack([np.bincount(_to_host(g.shells), row,
+                                                          minlength=nsh) for row in p2]),
+                               rtol=1e-5, atol=1e-12)
 
 
 def test_classes_reconstructed_together_are_each_one_alone(monkeypatch):
