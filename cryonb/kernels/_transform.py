@@ -16,12 +16,12 @@ for boxes of 64 to 512 pixels (powers of two), it is two kernels with the FFT wr
 
 The images then cross the device's memory twice (read, and the rows' transform written and
 read) where the separate steps crossed it about six times (the masking's read and write, the
-FFT's two passes, the window's and the shell powers' reads), and the masked images and the
-whole transforms are never held (a pool needs about half the memory for its images). Measured
-on an H100 (``benchmarks/transform_probe.py``, 4,096 images of 256 px, current size 110):
-3.19 ms against 3.50 ms for the separate steps. The kernels move about 1 TB/s, a third of
-the card's bandwidth: their in-warp transforms (shuffles, block synchronisations), not the
-memory, bound them so far.
+FFT's two passes, the window's and the shell powers' reads). The masked images are never
+held: the pool's peak memory for its transforms falls by a third (cuFFT's workspace aside).
+Measured on an H100 (``benchmarks/transform_probe.py``, 4,096 images of 256 px, current size
+110): 3.19 ms against 3.50 ms for the separate steps. The kernels move about 1 TB/s, a third
+of the card's bandwidth, so something other than the memory bounds them (not yet profiled;
+the in-warp transforms' shuffles and the block synchronisations are the suspects).
 
 The in-warp FFT of ``N = 32 E`` points: lane ``l`` holds ``z[l + 32 m]`` (``m < E``); an
 ``E``-point transform in registers, twiddles ``w^(l k1)``, then a 32-point transform across
