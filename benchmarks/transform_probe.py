@@ -4,7 +4,8 @@ timed apart, on one pool of random images.
 
     python benchmarks/transform_probe.py --n 16000 --box 256 --size 110 [--json F]
 
-``--size``: the current image size (the fine window's diameter in pixels).
+``--size``: the current image size (the fine window's diameter in pixels). ``--min_blocks``:
+the fused kernels also compiled with their registers fitted to that many resident blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ def main(argv=None):
     ap.add_argument("--box", type=int, default=256)
     ap.add_argument("--size", type=int, default=110)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--min_blocks", type=int, nargs="*", default=[3, 4],
+                    help="also time the fused kernels with registers fitted to this many "
+                         "resident blocks (cryonb.kernels._transform.MIN_BLOCKS)")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     import cupy as cp
@@ -66,8 +70,19 @@ def main(argv=None):
 
     res = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "n": B,
            "box": n, "size": a.size, "P": int(flat.size)}
-    res["fused_ms"] = timed(lambda: masked_transforms(imgs, scale, shift, mask, frac, tables,
-                                                      outside=out_sum))
+    from cryonb.kernels import _transform
+
+    def fused():
+        return masked_transforms(imgs, scale, shift, mask, frac, tables, outside=out_sum)
+
+    res["fused_ms"] = timed(fused)
+    print("fused", res["fused_ms"], flush=True)
+    # the kernels' registers fitted to more resident blocks (fewer registers, more warps)
+    for k in a.min_blocks:
+        _transform.MIN_BLOCKS = k
+        res[f"fused_min_blocks_{k}_ms"] = timed(fused)
+        print(f"fused, {k} blocks", res[f"fused_min_blocks_{k}_ms"], flush=True)
+    _transform.MIN_BLOCKS = 0
     res["separate_ms"] = timed(lambda: masked_transforms(imgs, scale, shift, mask, frac,
                                                          separate, outside=out_sum))
     bg = cp.empty(B, cp.float32)

@@ -31,7 +31,6 @@ the lanes (shuffles). Lane ``l``'s register ``j`` then holds ``Z[rev(j) + E rev5
 
 from __future__ import annotations
 
-import functools
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -48,6 +47,10 @@ FUSED_BOXES = (64, 128, 256, 512)
 #: images per block of ``cols_fft`` (the column's tables are read once for them)
 _COL_IMAGES = 4
 _PIX_BITS = 18  # packed table: pixel + 1 in the low bits, shell + 1 above
+#: resident blocks per multiprocessor the kernels' registers are fitted to
+#: (``__launch_bounds__``'s second argument; 0: the compiler's choice, 80 registers a thread
+#: at 256 px, i.e. three blocks); ``benchmarks/transform_probe.py`` times the choices
+MIN_BLOCKS = 0
 
 
 class TransformTables(NamedTuple):
@@ -196,7 +199,7 @@ __device__ __forceinline__ void warp_fft(float2 (&v)[E], const float2* __restric
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NT)
+extern "C" __global__ void __launch_bounds__(BOUNDS)
 rows_fft(const float* __restrict__ imgs, const long long* __restrict__ rows, int has_rows,
          const float* __restrict__ scale, const int* __restrict__ shift,
          const float* __restrict__ mask, const float* __restrict__ noise, int use_noise,
@@ -274,7 +277,7 @@ rows_fft(const float* __restrict__ imgs, const long long* __restrict__ rows, int
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NT)
+extern "C" __global__ void __launch_bounds__(BOUNDS)
 cols_fft(const float2* __restrict__ R, long long B, const float2* __restrict__ w,
          const int* __restrict__ packed, const float* __restrict__ bg,
          const float2* __restrict__ C, int has_bg, const float* __restrict__ frac, float c,
@@ -340,10 +343,10 @@ cols_fft(const float2* __restrict__ R, long long B, const float2* __restrict__ w
 """
 
 
-@functools.cache
 def _source(n: int) -> str:
-    """The kernels' source for box ``n``."""
-    return f"#define NN {n}\n#define IMGS {_COL_IMAGES}\n" + _CUDA_SRC
+    """The kernels' source for box ``n`` (and :data:`MIN_BLOCKS`)."""
+    bounds = f"NT, {MIN_BLOCKS}" if MIN_BLOCKS else "NT"
+    return f"#define NN {n}\n#define IMGS {_COL_IMAGES}\n#define BOUNDS {bounds}\n" + _CUDA_SRC
 
 
 def masked_transforms(imgs, scale, shift, mask, frac, tables: TransformTables, noise=None,
