@@ -58,8 +58,22 @@ def mask_images_2d_reference(imgs, scale, shift, mask, noise=None):
     return imgs * mask + noise * outside
 
 
-_CUDA_SRC = r"""
-#define NT 256
+#: CUDA: the sum over a block of NT threads (NT defined before) of one value per thread; every
+#: thread of the block calls it and gets the sum
+BLOCK_SUM_SRC = r"""
+__device__ __forceinline__ double block_sum(double v, double* s)
+{
+    s[threadIdx.x] = v;
+    __syncthreads();
+    for (int h = NT / 2; h > 0; h >>= 1) {
+        if (threadIdx.x < h) s[threadIdx.x] += s[threadIdx.x + h];
+        __syncthreads();
+    }
+    return s[0];
+}
+"""
+
+_CUDA_SRC = "#define NT 256\n" + BLOCK_SUM_SRC + r"""
 extern "C" __global__
 void mask_images(const float* imgs, const float* scale, const int* shift, const float* mask,
                  const float* noise, int use_noise, float inv_out, int N, float* out,
@@ -77,35 +91,8 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
     const float f = scale[b];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = NT / 32;
     float bg = 0.0f;
-    if (defer) {
-        // the background left out (added after the transform): one pass that writes the
-        // masked image and sums the background's terms (the same terms in the same order)
-        double acc = 0.0;
-        for (int y = warp; y < N; y += nw) {
-            int sy = y - ry;
-            if (sy < 0) sy += N;
-            const float* row = x + (long long)sy * N;
-            const long long r0 = (long long)y * N;
-            for (int xx = lane; xx < N; xx += 32) {
-                int sx = xx - rx;
-                if (sx < 0) sx += N;
-                const float v = row[sx] * f;
-                const float m = mask[r0 + xx];
-                o[r0 + xx] = v * m;
-                const float om = 1.0f - m;
-                if (om != 0.0f) acc += (double)v * (double)om;
-            }
-        }
-        s[threadIdx.x] = acc;
-        __syncthreads();
-        for (int h = NT / 2; h > 0; h >>= 1) {
-            if (threadIdx.x < h) s[threadIdx.x] += s[threadIdx.x + h];
-            __syncthreads();
-        }
-        if (threadIdx.x == 0) bg_out[b] = (float)(s[0] * (double)inv_out);
-        return;
-    }
-    if (!use_noise) {
+    if (!use_noise && !defer) {
+        // the background's sum first (the filled result needs it in the pass that writes)
         double acc = 0.0;
         for (int y = warp; y < N; y += nw) {
             int sy = y - ry;
@@ -122,15 +109,12 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
                 acc += (double)(row[sx] * f) * (double)om;
             }
         }
-        s[threadIdx.x] = acc;
-        __syncthreads();
-        for (int h = NT / 2; h > 0; h >>= 1) {
-            if (threadIdx.x < h) s[threadIdx.x] += s[threadIdx.x + h];
-            __syncthreads();
-        }
-        bg = (float)(s[0] * (double)inv_out);
+        bg = (float)(block_sum(acc, s) * (double)inv_out);
     }
+    // defer: the background left out (added after the transform); this pass writes the
+    // masked image and sums the background's terms (the same terms in the same order)
     const float* nz = noise + (use_noise ? b * NN : 0);
+    double acc = 0.0;
     for (int y = warp; y < N; y += nw) {
         int sy = y - ry;
         if (sy < 0) sy += N;
@@ -139,9 +123,20 @@ void mask_images(const float* imgs, const float* scale, const int* shift, const 
         for (int xx = lane; xx < N; xx += 32) {
             int sx = xx - rx;
             if (sx < 0) sx += N;
+            const float v = row[sx] * f;
             const float m = mask[r0 + xx];
-            o[r0 + xx] = row[sx] * f * m + (use_noise ? nz[r0 + xx] : bg) * (1.0f - m);
+            const float om = 1.0f - m;
+            if (defer) {
+                o[r0 + xx] = v * m;
+                if (om != 0.0f) acc += (double)v * (double)om;
+            } else {
+                o[r0 + xx] = v * m + (use_noise ? nz[r0 + xx] : bg) * om;
+            }
         }
+    }
+    if (defer) {
+        const double total = block_sum(acc, s);
+        if (threadIdx.x == 0) bg_out[b] = (float)(total * (double)inv_out);
     }
 }
 """

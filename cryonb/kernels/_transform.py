@@ -37,7 +37,7 @@ import numpy as np
 
 from ..backend import array_module
 from ._cuda import cuda_function
-from ._prepare import mask_images_2d, mask_outside, window_shift
+from ._prepare import BLOCK_SUM_SRC, mask_images_2d, mask_outside, window_shift
 from ._shells import ShellTable, shell_power, shell_table
 
 __all__ = ["TransformTables", "masked_transforms", "transform_tables"]
@@ -199,6 +199,9 @@ __device__ __forceinline__ void warp_fft(float2 (&v)[E], const float2* __restric
     }
 }
 
+"""
+
+_KERNELS_SRC = r"""
 extern "C" __global__ void __launch_bounds__(BOUNDS)
 rows_fft(const float* __restrict__ imgs, const long long* __restrict__ rows, int has_rows,
          const float* __restrict__ scale, const int* __restrict__ shift,
@@ -267,13 +270,8 @@ rows_fft(const float* __restrict__ imgs, const long long* __restrict__ rows, int
         __syncthreads();
     }
     if (!use_noise) {
-        red[threadIdx.x] = acc;
-        __syncthreads();
-        for (int h = NT / 2; h > 0; h >>= 1) {
-            if (threadIdx.x < h) red[threadIdx.x] += red[threadIdx.x + h];
-            __syncthreads();
-        }
-        if (threadIdx.x == 0) bg_out[b] = (float)(red[0] * (double)inv_out);
+        const double total = block_sum(acc, red);
+        if (threadIdx.x == 0) bg_out[b] = (float)(total * (double)inv_out);
     }
 }
 
@@ -346,7 +344,8 @@ cols_fft(const float2* __restrict__ R, long long B, const float2* __restrict__ w
 def _source(n: int) -> str:
     """The kernels' source for box ``n`` (and :data:`MIN_BLOCKS`)."""
     bounds = f"NT, {MIN_BLOCKS}" if MIN_BLOCKS else "NT"
-    return f"#define NN {n}\n#define IMGS {_COL_IMAGES}\n#define BOUNDS {bounds}\n" + _CUDA_SRC
+    return (f"#define NN {n}\n#define IMGS {_COL_IMAGES}\n#define BOUNDS {bounds}\n"
+            + _CUDA_SRC + BLOCK_SUM_SRC + _KERNELS_SRC)
 
 
 def masked_transforms(imgs, scale, shift, mask, frac, tables: TransformTables, noise=None,
