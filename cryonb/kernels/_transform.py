@@ -51,6 +51,9 @@ _PIX_BITS = 18  # packed table: pixel + 1 in the low bits, shell + 1 above
 #: (``__launch_bounds__``'s second argument; 0: the compiler's choice, 80 registers a thread
 #: at 256 px, i.e. three blocks); ``benchmarks/transform_probe.py`` times the choices
 MIN_BLOCKS = 0
+#: ``cols_fft`` holds a column's table entries in registers for its images (80 registers a
+#: thread at 256 px); False: reads them again for each image (63 registers, four blocks)
+HOLD_TABLES = True
 
 
 class TransformTables(NamedTuple):
@@ -288,6 +291,7 @@ cols_fft(const float2* __restrict__ R, long long B, const float2* __restrict__ w
     for (int i = threadIdx.x; i < IMGS * WARPS * HALF; i += NT) (&acc[0][0][0])[i] = 0.0f;
     __syncthreads();
     for (int col = warp; col < HALF; col += WARPS) {
+#if HOLD_TABLES  // the column's table entries held in registers for its IMGS images
         int code[E];
         float2 cw[E];
 #pragma unroll
@@ -295,6 +299,7 @@ cols_fft(const float2* __restrict__ R, long long B, const float2* __restrict__ w
             code[j] = packed[col * NN + j * 32 + lane];
             cw[j] = has_bg ? C[col * NN + j * 32 + lane] : make_float2(0.0f, 0.0f);
         }
+#endif
         const float kxv = (float)col;
         for (int i = 0; i < IMGS; ++i) {
             const long long b = b0 + i;
@@ -308,14 +313,21 @@ cols_fft(const float2* __restrict__ R, long long B, const float2* __restrict__ w
             const float fx = frac[2 * b], fy = frac[2 * b + 1];
 #pragma unroll
             for (int j = 0; j < E; ++j) {
+#if HOLD_TABLES
+                const int cj = code[j];
+                const float2 e = cw[j];
+#else  // read again for each image (L1 hits): fewer registers, more resident warps
+                const int cj = packed[col * NN + j * 32 + lane];
+                const float2 e = has_bg ? C[col * NN + j * 32 + lane] : make_float2(0.0f, 0.0f);
+#endif
                 float2 X = v[j];
                 if (has_bg) {
-                    X = make_float2(__fadd_rn(X.x, __fmul_rn(g, cw[j].x)),
-                                    __fadd_rn(X.y, __fmul_rn(g, cw[j].y)));
+                    X = make_float2(__fadd_rn(X.x, __fmul_rn(g, e.x)),
+                                    __fadd_rn(X.y, __fmul_rn(g, e.y)));
                 }
-                const int s = code[j] >> PIX_BITS;
+                const int s = cj >> PIX_BITS;
                 if (s) atomicAdd(&acc[i][warp][s - 1], X.x * X.x + X.y * X.y);
-                const int p = code[j] & ((1 << PIX_BITS) - 1);
+                const int p = cj & ((1 << PIX_BITS) - 1);
                 if (p) {
                     const int k = rev_bits(j, LOGE) + E * rev5(lane);
                     const float kyv = (float)(k < NN / 2 ? k : k - NN);
@@ -341,11 +353,13 @@ cols_fft(const float2* __restrict__ R, long long B, const float2* __restrict__ w
 """
 
 
-def _source(n: int) -> str:
-    """The kernels' source for box ``n`` (and :data:`MIN_BLOCKS`)."""
-    bounds = f"NT, {MIN_BLOCKS}" if MIN_BLOCKS else "NT"
+def _source(n: int, hold_tables: bool | None = None, min_blocks: int | None = None) -> str:
+    """The kernels' source for box ``n`` (defaults: :data:`HOLD_TABLES`, :data:`MIN_BLOCKS`)."""
+    hold = HOLD_TABLES if hold_tables is None else hold_tables
+    blocks = MIN_BLOCKS if min_blocks is None else min_blocks
+    bounds = f"NT, {blocks}" if blocks else "NT"
     return (f"#define NN {n}\n#define IMGS {_COL_IMAGES}\n#define BOUNDS {bounds}\n"
-            + _CUDA_SRC + BLOCK_SUM_SRC + _KERNELS_SRC)
+            f"#define HOLD_TABLES {int(hold)}\n" + _CUDA_SRC + BLOCK_SUM_SRC + _KERNELS_SRC)
 
 
 def masked_transforms(imgs, scale, shift, mask, frac, tables: TransformTables, noise=None,

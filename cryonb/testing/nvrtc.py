@@ -117,6 +117,7 @@ def kernel_sources() -> list[tuple[str, str]]:
         for n in _transform.FUSED_BOXES:
             _cuda.cuda_function(_transform._source(n), "rows_fft")
             _cuda.cuda_function(_transform._source(n), "cols_fft")
+        _cuda.cuda_function(_transform._source(256, hold_tables=False, min_blocks=4), "cols_fft")
         _cuda.cuda_function(_select._CUDA_SRC, "significant_select")
         _cuda.cuda_function(_select._CUDA_SRC, "significant_compact")
     finally:

@@ -73,7 +73,8 @@ def test_every_kernel_source_compiles_with_nvrtc():
             "residual_sums_blocks", "sampled_dot_shifted", "scatter_shifted",
             "insert2d", "window_shift", "shell_power",
             "shell_sums", "significant_compact", "scatter_rows_init", "ctf_weights",
-            "row_counts", "row_order", "block_samples", "add_rows_runs"} <= names
+            "row_counts", "row_order", "block_samples", "add_rows_runs", "rows_fft",
+            "cols_fft"} <= names
     for src, name in sources:
         ok, log = compile_cuda(lib, src, f"{name}.cu")
         assert ok, f"{name}: {log}"
