@@ -239,7 +239,7 @@ class _Grid:
     trans_dev: object = None
     acc_data: object = None  # (K*R, 2P) float64 back-projection slices [Re | Im]
     acc_weight: object = None  # (K*R, P) float64
-    transforms: object = None  # TransformTables (masked_transforms; made on first use)
+    transforms: object = None  # TransformTables (masked_transforms; the fine grid's)
     ctf_feat: object = None  # the CTF's per-pixel factors (cryonb.ctf.ctf_features)
     stencil: object = None  # (2P, 4) float32: the pose refinement's shifts by +-tstep
     steps: object = None  # (4, 2) float64: those shifts (x, y), pixels
@@ -417,6 +417,12 @@ class EStepContext:
         self.full_shells = np.rint(np.sqrt(
             np.fft.fftfreq(N, 1.0 / N)[:, None] ** 2 + np.arange(N // 2 + 1)[None] ** 2)
         ).astype(np.int64).ravel()
+        # the fine pixels' tables for the images' transforms (masked_transforms), made with
+        # the context like the grids, not inside the first pool's E-step
+        self.fine.transforms = transform_tables(
+            N, self.fine.flat, self.fine.kx, self.fine.ky,
+            np.where(self.full_shells < self.nsh, self.full_shells, -1), self.nsh,
+            self.outside_ft, xp)
         self.sums = Class2DSums.zeros(self.K, N, config.pad, self.n_optics, self.n_groups, xp)
         self.sums.data = None  # filled by finish()
         self.sums.weight = None
@@ -611,10 +617,6 @@ class EStepContext:
                       else (self._upload(batch.images), None))
         self._mark("prepare: upload")
         f = self.fine
-        if f.transforms is None:
-            f.transforms = transform_tables(
-                N, f.flat, f.kx, f.ky, np.where(self.full_shells < self.nsh, self.full_shells, -1),
-                self.nsh, self.outside_ft, xp)
         # RELION origins centre the particle when it is shifted by +origin: content moves by
         # +r, out[y, x] = in[y - ry, x - rx] (circular; the mask hides the wrapped edge).
         # Outside the mask: with --zero_mask the image's own weighted background mean
