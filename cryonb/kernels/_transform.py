@@ -394,6 +394,17 @@ def masked_transforms(imgs, scale, shift, mask, frac, tables: TransformTables, n
     if noise is None and tables.outside is None:
         raise ValueError("masked_transforms: without noise, tables.outside (the transform "
                          "of 1 - mask) is needed")
+    # (the kernels index with the tables' box: other shapes would read out of bounds)
+    shapes = {"images": (tuple(imgs.shape[-2:]), (n, n)), "mask": (tuple(mask.shape), (n, n)),
+              "frac": (tuple(np.shape(frac)), (B, 2)), "shift": (tuple(np.shape(shift)), (B, 2))}
+    if noise is not None:
+        shapes["noise"] = (tuple(noise.shape), (B, n, n))
+    if scale is not None:
+        shapes["scale"] = (tuple(np.shape(scale)), (B,))
+    bad = [f"{k} {got} (expected {want})" for k, (got, want) in shapes.items() if got != want]
+    if bad:
+        raise ValueError(f"masked_transforms: the tables are for {B} images of {n} px; got "
+                         + ", ".join(bad))
     if not tables.fused or B == 0:
         from ..backend import fft_module
 

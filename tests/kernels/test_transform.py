@@ -80,3 +80,16 @@ def test_masked_transforms_need_the_outside_transform_without_noise():
     with pytest.raises(ValueError, match="1 - mask"):
         masked_transforms(np.zeros((1, N, N), np.float32), None, np.zeros((1, 2), int),
                           np.ones((N, N), np.float32), np.zeros((1, 2)), tables)
+
+
+def test_masked_transforms_check_the_shapes_against_the_tables():
+    N = 32
+    flat, kx, ky, _ = _pixels(N, 20)
+    tables = transform_tables(N, flat, kx, ky, np.zeros(N * (N // 2 + 1), int), 1,
+                              np.zeros(N * (N // 2 + 1), np.complex64))
+    imgs, mask = np.zeros((2, N, N), np.float32), np.ones((N, N), np.float32)
+    with pytest.raises(ValueError, match=r"images \(40, 40\) \(expected \(32, 32\)\)"):
+        masked_transforms(np.zeros((2, 40, 40), np.float32), None, np.zeros((2, 2), int), mask,
+                          np.zeros((2, 2)), tables)
+    with pytest.raises(ValueError, match=r"frac \(3, 2\)"):
+        masked_transforms(imgs, None, np.zeros((2, 2), int), mask, np.zeros((3, 2)), tables)
