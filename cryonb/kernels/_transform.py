@@ -4,7 +4,8 @@ images' power per shell, without the whole transforms written in between.
 :func:`masked_transforms` does what :func:`cryonb.kernels.mask_images_2d`, a real-to-complex
 FFT, :func:`cryonb.kernels.window_shift` and :func:`cryonb.kernels.shell_power` do one after
 the other (the CPU path, and the GPU path for boxes that are not a power of two). On the GPU,
-for boxes of 64 to 512 pixels (powers of two), it is two kernels with the FFT written out:
+for boxes of 64 to 512 pixels (powers of two), it is two kernels, with only the rows' transform
+written out between them:
 
 - ``rows_fft``: one block per image. A warp masks two rows (norm correction, integer centring,
   soft mask, the background's sum) and transforms them as one complex row
