@@ -419,10 +419,8 @@ class EStepContext:
         ).astype(np.int64).ravel()
         # the fine pixels' tables for the images' transforms (masked_transforms), made with
         # the context like the grids, not inside the first pool's E-step
-        self.fine.transforms = transform_tables(
-            N, self.fine.flat, self.fine.kx, self.fine.ky,
-            np.where(self.full_shells < self.nsh, self.full_shells, -1), self.nsh,
-            self.outside_ft, xp)
+        self.fine.transforms = transform_tables(N, self.fine.flat, self.fine.kx, self.fine.ky,
+                                                self.full_shells, self.nsh, self.outside_ft, xp)
         self.sums = Class2DSums.zeros(self.K, N, config.pad, self.n_optics, self.n_groups, xp)
         self.sums.data = None  # filled by finish()
         self.sums.weight = None
